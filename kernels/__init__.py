@@ -1,0 +1,30 @@
+"""Numba kernels: pure functions over arrays (no I/O, no configuration, no logging).
+
+Installed as ``qstrat.kernels``.  Numba has no float16/bfloat16 arrays, so 16-bit
+inputs reach the kernels as raw bits: ``uint16`` holds bfloat16, ``int16`` holds
+IEEE float16 (see :mod:`qstrat.kernels.decode`).  Wrappers in ``qstrat`` make those
+views; a user never has to.
+"""
+
+from qstrat.kernels.decode import BF16_BITS, F16_BITS
+from qstrat.kernels.q8k import (
+    BLOCK_BYTES,
+    BSUM_GROUP,
+    QK_K,
+    VARIANT_CODES,
+    dequantize_q8k_blocks,
+    first_nonfinite_index,
+    quantize_rows_q8k,
+)
+
+__all__ = [
+    "BF16_BITS",
+    "BLOCK_BYTES",
+    "BSUM_GROUP",
+    "F16_BITS",
+    "QK_K",
+    "VARIANT_CODES",
+    "dequantize_q8k_blocks",
+    "first_nonfinite_index",
+    "quantize_rows_q8k",
+]

@@ -1,0 +1,97 @@
+"""Array-level Q8K quantization: the numpy face of the kernels."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qstrat.errors import InputError, NonFiniteError
+from qstrat.kernels import (
+    BF16_BITS,
+    BLOCK_BYTES,
+    F16_BITS,
+    QK_K,
+    VARIANT_CODES,
+    dequantize_q8k_blocks,
+    first_nonfinite_index,
+    quantize_rows_q8k,
+)
+
+#: Names of the bit-exact rounding variants, default first.
+Q8K_VARIANTS: tuple[str, ...] = tuple(VARIANT_CODES)
+DEFAULT_VARIANT = "candle"
+
+#: safetensors dtype tag -> (numpy dtype of the stored bytes as the kernels read them)
+KERNEL_STORAGE = {"F32": np.dtype("<f4"), "BF16": np.dtype(BF16_BITS), "F16": np.dtype(F16_BITS)}
+
+
+def variant_code(variant: str) -> int:
+    """The kernel code of a variant name; unknown names are an error, never a fallback."""
+    try:
+        return VARIANT_CODES[variant]
+    except KeyError:
+        raise InputError(
+            f"unknown Q8K variant {variant!r}; choose one of {', '.join(Q8K_VARIANTS)}"
+        ) from None
+
+
+def as_kernel_storage(x: np.ndarray) -> np.ndarray:
+    """View float32 / float16 / bfloat16 (ml_dtypes) data as the kernels read it, without copying."""
+    dtype = np.dtype(x.dtype)
+    if dtype == np.float32:
+        return x.astype("<f4", copy=False)
+    if dtype == np.float16:
+        return x.view(F16_BITS)
+    if dtype.name == "bfloat16" and dtype.itemsize == 2:
+        return x.view(BF16_BITS)
+    raise InputError(f"cannot quantize dtype {dtype}; expected float32, float16 or bfloat16")
+
+
+def check_finite(rows: np.ndarray, tensor_name: str = "array") -> None:
+    """Raise NonFiniteError naming the first NaN/inf (rows: 2-D kernel storage)."""
+    flat = int(first_nonfinite_index(rows))
+    if flat >= 0:
+        index = np.unravel_index(flat, rows.shape)
+        raise NonFiniteError(
+            f"tensor {tensor_name!r} holds a non-finite value at index {tuple(int(i) for i in index)}; "
+            "Q8K cannot represent NaN or infinity"
+        )
+
+
+def quantize_rows(rows: np.ndarray, variant: str = DEFAULT_VARIANT, tensor_name: str = "array") -> np.ndarray:
+    """Quantize 2-D kernel storage (rows, k), k % 256 == 0, to (rows * k/256, 292) uint8 blocks."""
+    code = variant_code(variant)
+    if rows.ndim != 2 or rows.shape[1] % QK_K != 0:
+        raise InputError(
+            f"tensor {tensor_name!r} has shape {rows.shape}; Q8K needs 2-D data whose rows are a "
+            f"multiple of {QK_K} long"
+        )
+    check_finite(rows, tensor_name)
+    out = np.empty((rows.shape[0] * (rows.shape[1] // QK_K), BLOCK_BYTES), dtype=np.uint8)
+    quantize_rows_q8k(rows, code, out)
+    return out
+
+
+def quantize_blocks(x: np.ndarray, variant: str = DEFAULT_VARIANT) -> np.ndarray:
+    """Quantize ``x`` to Q8K blocks: uint8 of shape (n_blocks, 292).
+
+    ``x`` is float32, float16 or bfloat16 (``ml_dtypes.bfloat16``); its last dimension
+    must be a multiple of 256.  A 2-D array gives its rows' blocks in row-major order
+    (blocks never cross rows); a 1-D array is one row.
+    """
+    storage = as_kernel_storage(np.asarray(x))
+    if storage.ndim == 0 or storage.shape[-1] % QK_K != 0:
+        raise InputError(f"the last dimension of the array ({storage.shape}) must be a multiple of {QK_K}")
+    rows = np.ascontiguousarray(storage.reshape(-1, storage.shape[-1]))
+    return quantize_rows(rows, variant)
+
+
+def dequantize_blocks(blocks: np.ndarray) -> np.ndarray:
+    """Dequantize Q8K blocks (n, 292) uint8 to float32 values (n, 256): ``d * qs``."""
+    blocks = np.asarray(blocks)
+    if blocks.dtype != np.uint8 or blocks.ndim != 2 or blocks.shape[1] != BLOCK_BYTES:
+        raise InputError(
+            f"Q8K blocks must be uint8 of shape (n, {BLOCK_BYTES}); got {blocks.dtype} {blocks.shape}"
+        )
+    out = np.empty((blocks.shape[0], QK_K), dtype=np.float32)
+    dequantize_q8k_blocks(np.ascontiguousarray(blocks), out)
+    return out

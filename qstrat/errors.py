@@ -1,0 +1,51 @@
+"""One error hierarchy for everything a user can get wrong.
+
+Each class carries the process exit code the CLI uses for it, so the mapping lives
+in one place and scripts can tell failures apart (see the README's "Exit codes").
+"""
+
+from __future__ import annotations
+
+
+class QstratError(Exception):
+    """Base of every user-facing error; ``str(err)`` is a one-line message."""
+
+    exit_code = 2
+
+
+class InputError(QstratError):
+    """An input file, directory or tensor is missing, malformed or unsupported."""
+
+    exit_code = 2
+
+
+class FormatError(InputError):
+    """A file does not follow its format (safetensors, .q8k, .perm, manifest)."""
+
+
+class NonFiniteError(InputError):
+    """A tensor holds NaN or infinity and cannot be quantized."""
+
+
+class ConfigError(QstratError):
+    """A configuration value, flag or environment variable is invalid."""
+
+    exit_code = 2
+
+
+class OutputError(QstratError):
+    """The output cannot be written (permissions, disk full, busy, inconsistent)."""
+
+    exit_code = 3
+
+
+class ValidationFailed(QstratError):
+    """A quantized tensor fell below a configured quality threshold."""
+
+    exit_code = 4
+
+
+class Interrupted(QstratError):
+    """The run was stopped by a signal before it finished."""
+
+    exit_code = 130

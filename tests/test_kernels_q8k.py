@@ -1,0 +1,126 @@
+"""Bit-exactness of the Q8K kernels against the reference vectors and the real GGML library."""
+
+import numpy as np
+import pytest
+
+import qstrat
+from qstrat.blocks import quantize_rows
+from qstrat.errors import InputError, NonFiniteError
+from qstrat.reference import ggml_quantize_q8k
+
+VECTOR_KEYS = {"candle": "candle", "candle-0.9": "candle_0_9", "ggml": "ggml"}
+
+
+def f32_to_bf16_bits(x):
+    bits = np.asarray(x, dtype=np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def bf16_bits_to_f32(bits):
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def test_variant_names():
+    assert qstrat.Q8K_VARIANTS == ("candle", "candle-0.9", "ggml")
+
+
+@pytest.mark.parametrize("variant", list(VECTOR_KEYS))
+def test_reference_vectors_byte_identical(reference_vectors, variant):
+    x = reference_vectors["x"]
+    expected = reference_vectors[VECTOR_KEYS[variant]]
+    got = qstrat.quantize_blocks(x, variant=variant)
+    assert got.shape == expected.shape
+    mismatched = np.nonzero((got != expected).any(axis=1))[0]
+    assert mismatched.size == 0, f"{variant}: blocks {mismatched[:10]} differ"
+
+
+@pytest.mark.parametrize("variant", list(VECTOR_KEYS))
+def test_reference_vectors_as_rows(reference_vectors, variant):
+    # The same blocks laid out as rows of 4 blocks must give the same bytes in row-major order.
+    x = reference_vectors["x"][:2108]
+    expected = reference_vectors[VECTOR_KEYS[variant]][:2108]
+    got = qstrat.quantize_blocks(x.reshape(-1, 4 * 256), variant=variant)
+    assert np.array_equal(got, expected)
+
+
+def _random_blocks(rng, n_blocks):
+    """Blocks of several distributions over scales 1e-6..1e4, with exact-tie blocks."""
+    scale = 10.0 ** rng.uniform(-6, 4, size=(n_blocks, 1))
+    kind = rng.integers(0, 4, size=(n_blocks, 1))
+    normal = rng.standard_normal((n_blocks, 256))
+    heavy = rng.standard_t(2.5, size=(n_blocks, 256))
+    uniform = rng.uniform(-1, 1, size=(n_blocks, 256))
+    # integers of [-127, 127] with max 127: scaling by -127/max is exact, many .5 ties appear
+    ties = rng.integers(-254, 255, size=(n_blocks, 256)) / 2.0
+    ties[:, 0] = 127.0
+    x = np.select([kind == 0, kind == 1, kind == 2], [normal, heavy, uniform], ties) * scale
+    return x.astype(np.float32)
+
+
+def test_ggml_variant_matches_libggml_float32():
+    rng = np.random.default_rng(20261128)
+    x = _random_blocks(rng, 8192)  # 2.1 million values
+    assert np.array_equal(qstrat.quantize_blocks(x, "ggml"), ggml_quantize_q8k(x))
+
+
+def test_ggml_variant_matches_libggml_bf16_read_directly():
+    rng = np.random.default_rng(7)
+    bits = f32_to_bf16_bits(_random_blocks(rng, 8192))
+    got = quantize_rows(bits.reshape(-1, 256 * 4), "ggml")  # uint16 storage = bfloat16
+    assert np.array_equal(got, ggml_quantize_q8k(bf16_bits_to_f32(bits)))
+
+
+def test_ggml_variant_matches_libggml_f16_read_directly():
+    rng = np.random.default_rng(11)
+    x = _random_blocks(rng, 8192)
+    half = np.clip(x, -60000, 60000).astype(np.float16)
+    # include subnormal halves
+    half[:8] = (rng.standard_normal((8, 256)) * 1e-6).astype(np.float16)
+    got = qstrat.quantize_blocks(half.reshape(-1, 512), "ggml")
+    assert np.array_equal(got, ggml_quantize_q8k(half.astype(np.float32)))
+
+
+@pytest.mark.parametrize("variant", list(VECTOR_KEYS))
+def test_dequantize_within_half_step(variant):
+    rng = np.random.default_rng(3)
+    x = _random_blocks(rng, 512)
+    blocks = qstrat.quantize_blocks(x, variant)
+    y = qstrat.dequantize_blocks(blocks)
+    step = np.abs(blocks[:, :4].copy().view(np.float32))
+    # half a step per element, plus a few float32 roundings of d and of d * q
+    tolerance = 0.5 * step + 4 * np.finfo(np.float32).eps * np.abs(x)
+    within = np.abs(y - x) <= tolerance
+    if variant == "candle-0.9":
+        # -128/max maps the opposite-sign extreme to +128, clamped to 127: one full step, by design
+        clamped = x * np.sign(-x[np.arange(len(x)), np.abs(x).argmax(axis=1)])[:, None] / step > 127.5
+        assert clamped.any()
+        assert np.all(np.abs(y - x)[clamped] <= step.repeat(256, axis=1)[clamped] * 1.0001)
+        within |= clamped
+    assert within.all()
+
+
+def test_tiny_block_gives_zero_scale():
+    x = np.zeros((1, 256), dtype=np.float32)
+    x[0, 5] = 1e-38  # 127 / 1e-38 overflows float32
+    blocks = qstrat.quantize_blocks(x)
+    assert not blocks.any()
+    assert not qstrat.dequantize_blocks(blocks).any()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_refused_with_index(bad):
+    x = np.ones((3, 512), dtype=np.float32)
+    x[2, 300] = bad
+    with pytest.raises(NonFiniteError, match=r"index \(2, 300\)"):
+        qstrat.quantize_blocks(x)
+
+
+def test_bad_shapes_and_variants():
+    with pytest.raises(InputError, match="multiple of 256"):
+        qstrat.quantize_blocks(np.ones((2, 100), dtype=np.float32))
+    with pytest.raises(InputError, match="unknown Q8K variant"):
+        qstrat.quantize_blocks(np.ones((1, 256), dtype=np.float32), variant="q8_0")
+    with pytest.raises(InputError, match="cannot quantize dtype"):
+        qstrat.quantize_blocks(np.ones((1, 256), dtype=np.float64))
+    with pytest.raises(InputError, match=r"\(n, 292\)"):
+        qstrat.dequantize_blocks(np.zeros((1, 291), dtype=np.uint8))
