@@ -6,7 +6,9 @@ IEEE float16 (see :mod:`qstrat.kernels.decode`).  Wrappers in ``qstrat`` make th
 views; a user never has to.
 """
 
+from qstrat.kernels.columns import column_abs_max, column_sq_norms, gather_columns
 from qstrat.kernels.decode import BF16_BITS, F16_BITS
+from qstrat.kernels.metrics import q8k_error_sums
 from qstrat.kernels.q8k import (
     BLOCK_BYTES,
     BSUM_GROUP,
@@ -24,6 +26,10 @@ __all__ = [
     "F16_BITS",
     "QK_K",
     "VARIANT_CODES",
+    "column_abs_max",
+    "column_sq_norms",
+    "gather_columns",
+    "q8k_error_sums",
     "dequantize_q8k_blocks",
     "first_nonfinite_index",
     "quantize_rows_q8k",

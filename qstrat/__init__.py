@@ -1,8 +1,35 @@
-"""qstrat: quantize .safetensors weights to Q8K, with column-permutation strategies."""
+"""qstrat: quantize .safetensors weights to Q8K, with column-permutation strategies.
 
+The public API is what this module exports; see the README for an example.
+"""
+
+from qstrat._version import __version__
 from qstrat.blocks import Q8K_VARIANTS, dequantize_blocks, quantize_blocks
+from qstrat.config import QuantizationConfig, StrategyType
 from qstrat.errors import QstratError
+from qstrat.io.q8k import Q8KTensor, read_perm, read_q8k
+from qstrat.model import load_model
+from qstrat.quantize import TensorMetrics
+from qstrat.results import QuantizationResult, TensorRecord
+from qstrat.strategies import QuantizationStrategy, StrategyChain
+from qstrat.api import quantize_safetensors
 
-__version__ = "0.1.0"
-
-__all__ = ["Q8K_VARIANTS", "QstratError", "__version__", "dequantize_blocks", "quantize_blocks"]
+__all__ = [
+    "Q8KTensor",
+    "Q8K_VARIANTS",
+    "QstratError",
+    "QuantizationConfig",
+    "QuantizationResult",
+    "QuantizationStrategy",
+    "StrategyChain",
+    "StrategyType",
+    "TensorMetrics",
+    "TensorRecord",
+    "__version__",
+    "dequantize_blocks",
+    "load_model",
+    "quantize_blocks",
+    "quantize_safetensors",
+    "read_perm",
+    "read_q8k",
+]

@@ -1,0 +1,48 @@
+"""Column statistics and column gathers: the hot paths of the permutation strategies.
+
+Each column's statistic is accumulated by one thread in row order, so results do not
+depend on the number of threads.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from qstrat.kernels.decode import to_float32
+
+_COLUMN_TILE = 256
+
+
+@njit(parallel=True, cache=True)
+def column_sq_norms(x, out):
+    """Add each column's sum of squares (float64) of ``x`` (rows, k) into ``out`` (k,)."""
+    rows, k = x.shape
+    for tile in prange((k + _COLUMN_TILE - 1) // _COLUMN_TILE):
+        start = tile * _COLUMN_TILE
+        stop = min(start + _COLUMN_TILE, k)
+        for r in range(rows):
+            for j in range(start, stop):
+                v = np.float64(to_float32(x[r, j]))
+                out[j] += v * v
+
+
+@njit(parallel=True, cache=True)
+def column_abs_max(x, out):
+    """Raise each entry of ``out`` (k,) float32 to its column's largest |value| in ``x``."""
+    rows, k = x.shape
+    for tile in prange((k + _COLUMN_TILE - 1) // _COLUMN_TILE):
+        start = tile * _COLUMN_TILE
+        stop = min(start + _COLUMN_TILE, k)
+        for r in range(rows):
+            for j in range(start, stop):
+                a = abs(to_float32(x[r, j]))
+                if a > out[j]:
+                    out[j] = a
+
+
+@njit(parallel=True, cache=True)
+def gather_columns(x, perm, out):
+    """``out[r, j] = x[r, perm[j]]`` as float32, for ``x`` (rows, k) in any kernel storage."""
+    rows, k = x.shape
+    for r in prange(rows):
+        for j in range(k):
+            out[r, j] = to_float32(x[r, perm[j]])

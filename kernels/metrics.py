@@ -1,0 +1,46 @@
+"""Quantization error sums, computed straight from the source storage and the blocks."""
+
+import numpy as np
+from numba import njit, prange
+
+from qstrat.kernels.decode import to_float32
+from qstrat.kernels.q8k import QK_K, QS_OFFSET, _load_f32_le
+
+
+@njit(parallel=True, cache=True)
+def q8k_error_sums(x, perm, blocks, out):
+    """Error sums of ``blocks`` against ``x`` (rows, k) whose column ``perm[j]`` was stored at j.
+
+    An empty ``perm`` means the identity.  ``out`` (rows, 5) float64 receives, per row:
+    sum (w - w^)^2, sum w^2, max |w - w^|, sum w * w^, sum w^^2 — enough for MSE, SQNR,
+    relative error, max error and cosine similarity.
+    """
+    rows, k = x.shape
+    blocks_per_row = k // QK_K
+    identity = perm.shape[0] == 0
+    for r in prange(rows):
+        err2 = 0.0
+        ref2 = 0.0
+        worst = 0.0
+        cross = 0.0
+        deq2 = 0.0
+        for b in range(blocks_per_row):
+            block = blocks[r * blocks_per_row + b]
+            d = _load_f32_le(block, 0)
+            for j in range(QK_K):
+                col = b * QK_K + j
+                src = col if identity else perm[col]
+                w = np.float64(to_float32(x[r, src]))
+                q = np.float64(d * np.float32(np.int8(block[QS_OFFSET + j])))
+                e = w - q
+                err2 += e * e
+                ref2 += w * w
+                cross += w * q
+                deq2 += q * q
+                if abs(e) > worst:
+                    worst = abs(e)
+        out[r, 0] = err2
+        out[r, 1] = ref2
+        out[r, 2] = worst
+        out[r, 3] = cross
+        out[r, 4] = deq2

@@ -1,0 +1,22 @@
+"""The library entry point the original tool's README shows."""
+
+from __future__ import annotations
+
+import os
+
+from qstrat.config import QuantizationConfig
+from qstrat.results import QuantizationResult
+
+
+def quantize_safetensors(
+    input_path: str | os.PathLike, config: QuantizationConfig | None = None
+) -> QuantizationResult:
+    """Quantize a .safetensors file or model directory into ``config.output_dir``.
+
+    >>> config = QuantizationConfig(strategy_type=StrategyType.ATTENTION_AWARE, use_permutation=True)
+    >>> result = quantize_safetensors("model.safetensors", config)  # doctest: +SKIP
+    >>> print(f"Quantized {result.tensor_count} tensors with average MSE: {result.average_mse:.2e}")  # doctest: +SKIP
+    """
+    from qstrat.pipelines.run import quantize_model  # the pipeline builds on this package
+
+    return quantize_model(input_path, config or QuantizationConfig())

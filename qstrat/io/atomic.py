@@ -1,0 +1,83 @@
+"""Atomic file output: write to a hidden temporary name beside the target, fsync, rename.
+
+A reader therefore sees either no file or a complete one; an interrupted run leaves only
+``.<name>.tmp-<pid>`` files, which never look like outputs and are removed on the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from qstrat.errors import OutputError
+
+TEMP_MARKER = ".tmp-"
+
+
+def temp_path_for(path: Path) -> Path:
+    return path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}")
+
+
+class HashingWriter:
+    """A binary sink that hashes (sha256) and counts what passes through it."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self._hash.update(view)
+        self._raw.write(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+
+def describe_os_error(path: Path, err: OSError) -> str:
+    if err.errno == errno.ENOSPC:
+        return f"no space left on the device while writing {path}"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied writing {path}"
+    return f"cannot write {path}: {err.strerror or err}"
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path) -> Iterator[HashingWriter]:
+    """Yield a hashing writer whose content appears at ``path`` only if the block completes."""
+    path = Path(path)
+    tmp = temp_path_for(path)
+    try:
+        with open(tmp, "wb") as raw:
+            writer = HashingWriter(raw)
+            yield writer
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OutputError(describe_os_error(path, err)) from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def remove_stale_temporaries(directory: Path) -> int:
+    """Delete temporaries left by interrupted runs; returns how many were removed."""
+    removed = 0
+    for entry in Path(directory).glob(f".*{TEMP_MARKER}*"):
+        with contextlib.suppress(OSError):
+            entry.unlink()
+            removed += 1
+    return removed

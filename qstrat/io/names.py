@@ -1,0 +1,52 @@
+"""Tensor name -> output file name: safe, reversible, collision-free.
+
+Characters outside ``[A-Za-z0-9._-]`` are percent-encoded (UTF-8 bytes as ``%XX``), so a
+name can neither leave the output directory (``/``, ``\\``, NUL) nor look like ``..``.
+Names too long for a file system entry are cut and suffixed with ``~`` and a hash of the
+whole name (``~`` never appears in an encoded name, so this cannot collide with one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import urllib.parse
+
+SAFE_CHARACTERS = re.compile(r"[A-Za-z0-9._-]")
+MAX_FILE_NAME_BYTES = 255
+HASH_SUFFIX_CHARS = 16
+LONGEST_EXTENSION = 8  # room kept for ".q8k", ".perm", and a temporary prefix
+
+
+def encode_name(name: str) -> str:
+    """The file stem for a tensor name (extension not included)."""
+    encoded = "".join(ch if SAFE_CHARACTERS.fullmatch(ch) else urllib.parse.quote(ch, safe="") for ch in name)
+    if encoded in ("", ".", ".."):
+        encoded = urllib.parse.quote(encoded, safe="").replace(".", "%2E") or "%"
+    budget = MAX_FILE_NAME_BYTES - LONGEST_EXTENSION - 40  # 40: temp-file prefix and suffix
+    if len(encoded) > budget:
+        digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:HASH_SUFFIX_CHARS]
+        encoded = f"{encoded[: budget - HASH_SUFFIX_CHARS - 1]}~{digest}"
+    return encoded
+
+
+def decode_name(stem: str) -> str:
+    """The tensor name of a file stem written by the original tool or by :func:`encode_name`."""
+    return urllib.parse.unquote(stem)
+
+
+def assign_file_stems(names: list[str]) -> dict[str, str]:
+    """File stems for all tensors of a run, unique even on case-insensitive file systems.
+
+    Names are taken in sorted order, so the result does not depend on the input's order.
+    """
+    stems: dict[str, str] = {}
+    taken: set[str] = set()
+    for name in sorted(names):
+        stem = encode_name(name)
+        if stem.casefold() in taken:
+            digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:HASH_SUFFIX_CHARS]
+            stem = f"{stem[: MAX_FILE_NAME_BYTES - 90]}~{digest}"
+        taken.add(stem.casefold())
+        stems[name] = stem
+    return stems

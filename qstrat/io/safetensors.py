@@ -1,0 +1,306 @@
+"""The safetensors format: a strict reader over memory maps and a streaming writer.
+
+Layout: u64 little-endian header length N, N bytes of JSON (an object mapping tensor
+names to ``{"dtype", "shape", "data_offsets": [begin, end]}`` plus an optional
+``"__metadata__"`` object of strings), then the data section; offsets are relative to
+it, and the tensors tile it without holes or overlaps.  Everything is little-endian.
+
+numpy has no bfloat16, and the ``safetensors`` package cannot hand bf16 to numpy, so
+this module maps files itself; tensors come back as memory-mapped arrays (bf16 as its
+raw ``uint16`` bits), read lazily one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qstrat.errors import FormatError, InputError
+from qstrat.io.atomic import atomic_writer
+
+HEADER_LENGTH_BYTES = 8
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit of the reference implementation
+HEADER_ALIGNMENT = 8  # the JSON header is space-padded so that data starts 8-byte aligned
+METADATA_KEY = "__metadata__"
+INDEX_FILE = "model.safetensors.index.json"
+
+#: safetensors dtype tag -> numpy dtype of its stored bytes (bf16 and fp8 as raw bits)
+DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype("?"),
+    "U8": np.dtype("u1"),
+    "I8": np.dtype("i1"),
+    "F8_E5M2": np.dtype("u1"),
+    "F8_E4M3": np.dtype("u1"),
+    "I16": np.dtype("<i2"),
+    "U16": np.dtype("<u2"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),
+    "I32": np.dtype("<i4"),
+    "U32": np.dtype("<u4"),
+    "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
+    "I64": np.dtype("<i8"),
+    "U64": np.dtype("<u8"),
+}
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file, absolute byte offset and layout."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    path: Path
+    offset: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+
+def _reject_duplicates(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise FormatError(f"duplicate key {key!r} in the header")
+        seen[key] = value
+    return seen
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class SafetensorsFile:
+    """One .safetensors file, header validated on open; tensors mapped on demand."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        try:
+            self.size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                prefix = f.read(HEADER_LENGTH_BYTES)
+                if len(prefix) < HEADER_LENGTH_BYTES:
+                    raise self._error(f"file is {self.size} bytes, shorter than the 8-byte header length")
+                (header_len,) = struct.unpack("<Q", prefix)
+                if header_len > min(MAX_HEADER_BYTES, self.size - HEADER_LENGTH_BYTES):
+                    raise self._error(
+                        f"header length {header_len} exceeds the file ({self.size} bytes) or the "
+                        f"{MAX_HEADER_BYTES}-byte limit"
+                    )
+                raw_header = f.read(header_len)
+        except FileNotFoundError:
+            raise InputError(f"{self.path}: no such file") from None
+        except IsADirectoryError:
+            raise InputError(f"{self.path}: is a directory, not a .safetensors file") from None
+        except OSError as err:
+            raise InputError(f"{self.path}: cannot read: {err.strerror or err}") from None
+        self.data_start = HEADER_LENGTH_BYTES + header_len
+        self.metadata, self.tensors = self._parse_header(raw_header)
+
+    def _error(self, message: str) -> FormatError:
+        return FormatError(f"{self.path}: not a valid safetensors file: {message}")
+
+    def _parse_header(self, raw: bytes) -> tuple[dict[str, str], dict[str, TensorInfo]]:
+        try:
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+        except FormatError as err:
+            raise self._error(str(err)) from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            raise self._error(f"header is not JSON ({err})") from None
+        if not isinstance(header, dict):
+            raise self._error("header is not a JSON object")
+        metadata = header.pop(METADATA_KEY, {})
+        if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+        ):
+            raise self._error(f"{METADATA_KEY} must be an object of strings")
+        data_len = self.size - self.data_start
+        tensors: dict[str, TensorInfo] = {}
+        for name, entry in header.items():
+            tensors[name] = self._parse_entry(name, entry, data_len)
+        # The tensors must tile the data section exactly: sorted by offset, each begins where
+        # the previous ended, the last ends at the end of the file.
+        position = 0
+        for info in sorted(tensors.values(), key=lambda t: (t.offset, t.offset + t.nbytes)):
+            begin = info.offset - self.data_start
+            if begin != position:
+                what = "overlaps another tensor" if begin < position else "leaves a gap before it"
+                raise self._error(f"tensor {info.name!r} {what} (data offset {begin}, expected {position})")
+            position = begin + info.nbytes
+        if position != data_len:
+            raise self._error(
+                f"the data section is {data_len} bytes but the tensors cover {position} "
+                "(truncated file or trailing bytes)"
+            )
+        return metadata, tensors
+
+    def _parse_entry(self, name: str, entry, data_len: int) -> TensorInfo:
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise self._error(f"tensor {name!r}: entry must have exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in DTYPES:
+            raise self._error(f"tensor {name!r}: unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise self._error(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+            raise self._error(f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end]")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_len:
+            raise self._error(
+                f"tensor {name!r}: data_offsets [{begin}, {end}] outside the {data_len}-byte data section"
+            )
+        numel = 1
+        for d in shape:
+            numel *= d
+        expected = numel * DTYPES[dtype].itemsize
+        if end - begin != expected:
+            raise self._error(
+                f"tensor {name!r}: {end - begin} data bytes, but {dtype} x {shape} needs {expected}"
+            )
+        return TensorInfo(name, dtype, tuple(shape), self.path, self.data_start + begin, end - begin)
+
+
+def map_tensor(info: TensorInfo) -> np.ndarray:
+    """A read-only array over the tensor's bytes in its file (no copy; bf16 as uint16 bits)."""
+    dtype = DTYPES[info.dtype]
+    if info.nbytes == 0:
+        return np.zeros(info.shape, dtype=dtype)
+    try:
+        with open(info.path, "rb") as f:
+            # mmap needs a page-aligned offset: map from the page start, then slice.
+            page_start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
+            mapped = mmap.mmap(
+                f.fileno(), info.offset + info.nbytes - page_start, access=mmap.ACCESS_READ, offset=page_start
+            )
+    except (OSError, ValueError) as err:
+        raise InputError(f"{info.path}: cannot map tensor {info.name!r}: {err}") from None
+    buffer = np.frombuffer(mapped, dtype=np.uint8, count=info.nbytes, offset=info.offset - page_start)
+    return buffer.view(dtype).reshape(info.shape)
+
+
+def to_float32(info: TensorInfo, array: np.ndarray) -> np.ndarray:
+    """Exact float32 values of a float tensor (bf16 bits widened); other dtypes unchanged."""
+    if info.dtype == "BF16":
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    if info.dtype == "F16":
+        return array.astype(np.float32)
+    return array
+
+
+def _resolve_inside(directory: Path, relative: str, what: str) -> Path:
+    candidate = Path(relative)
+    if candidate.is_absolute() or ".." in candidate.parts:
+        raise InputError(f"{directory / INDEX_FILE}: {what} {relative!r} points outside the model directory")
+    return directory / candidate
+
+
+def _index_shards(directory: Path) -> tuple[list[Path], dict[str, str]] | None:
+    index_path = directory / INDEX_FILE
+    if not index_path.exists():
+        return None
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FormatError(f"{index_path}: not a valid index file: {err}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise FormatError(f"{index_path}: 'weight_map' must be an object of tensor name -> shard file")
+    shards = []
+    for shard in sorted(set(weight_map.values())):
+        path = _resolve_inside(directory, shard, "shard")
+        if not path.is_file():
+            raise InputError(f"{index_path}: shard {shard!r} named by the index is missing")
+        shards.append(path)
+    return shards, weight_map
+
+
+class SafetensorsModel:
+    """A model: one .safetensors file, or a directory of shards (honouring its index)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        try:
+            is_dir = self.path.is_dir()
+            exists = self.path.exists()
+        except OSError as err:
+            raise InputError(f"{self.path}: cannot read: {err.strerror or err}") from None
+        if not exists:
+            raise InputError(f"{self.path}: no such file or directory")
+        weight_map = None
+        if is_dir:
+            indexed = _index_shards(self.path)
+            if indexed is None:
+                shard_paths = sorted(p for p in self.path.glob("*.safetensors") if p.is_file())
+            else:
+                shard_paths, weight_map = indexed
+            if not shard_paths:
+                raise InputError(f"{self.path}: no .safetensors files in this directory")
+        else:
+            shard_paths = [self.path]
+        self.files = [SafetensorsFile(p) for p in shard_paths]
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in self.files:
+            for name, info in file.tensors.items():
+                if name in self.tensors:
+                    raise InputError(
+                        f"tensor {name!r} appears in both {self.tensors[name].path.name} and {file.path.name}"
+                    )
+                self.tensors[name] = info
+        if weight_map is not None:
+            for name, shard in weight_map.items():
+                info = self.tensors.get(name)
+                if info is None or info.path.name != Path(shard).name:
+                    raise InputError(f"{self.path / INDEX_FILE}: tensor {name!r} is not in shard {shard!r}")
+        self.metadata = {k: v for f in self.files for k, v in f.metadata.items()}
+
+    @property
+    def name(self) -> str:
+        return self.path.stem if self.path.is_file() else self.path.name
+
+    def __iter__(self) -> Iterator[TensorInfo]:
+        return iter(self.tensors.values())
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
+def write_safetensors(
+    path: Path,
+    tensors: Iterable[tuple[str, str, tuple[int, ...], np.ndarray]],
+    metadata: dict[str, str] | None = None,
+) -> tuple[int, str]:
+    """Write (name, dtype tag, shape, raw array) tensors atomically; returns (size, sha256).
+
+    Arrays are streamed one at a time in the given order (names sorted by the caller for a
+    deterministic file), so memory stays at the largest single tensor.
+    """
+    items = list(tensors)
+    header: dict[str, object] = {}
+    if metadata:
+        header[METADATA_KEY] = dict(metadata)
+    position = 0
+    for name, dtype, shape, array in items:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [position, position + array.nbytes]}
+        position += array.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % HEADER_ALIGNMENT)
+    with atomic_writer(path) as out:
+        out.write(struct.pack("<Q", len(encoded)))
+        out.write(encoded)
+        for _, _, _, array in items:
+            if array.nbytes:
+                out.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+    return out.size, out.sha256

@@ -1,0 +1,79 @@
+"""One matrix through the arithmetic: check, permute, quantize, measure.
+
+Pipelines call this per tensor; it knows arrays, not files.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from qstrat.blocks import check_finite, quantize_rows
+from qstrat.kernels import gather_columns, q8k_error_sums
+
+_NO_PERMUTATION = np.zeros(0, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class TensorMetrics:
+    """Weight error of one quantized tensor, in its original column order."""
+
+    mse: float
+    relative_error: float  # ||W - W^||_F / ||W||_F
+    sqnr_db: float  # 20 log10(||W|| / ||W - W^||); inf for an exact result
+    max_abs_error: float
+    cosine: float
+
+    @classmethod
+    def from_sums(cls, sums: np.ndarray, numel: int) -> TensorMetrics:
+        err2, ref2, deq2, cross = (float(sums[:, i].sum()) for i in (0, 1, 4, 3))
+        worst = float(sums[:, 2].max()) if len(sums) else 0.0
+        norm_ref, norm_err = math.sqrt(ref2), math.sqrt(err2)
+        if norm_err == 0.0:
+            sqnr = math.inf
+        elif norm_ref == 0.0:
+            sqnr = -math.inf
+        else:
+            sqnr = 20.0 * math.log10(norm_ref / norm_err)
+        denominator = math.sqrt(ref2 * deq2)
+        cosine = cross / denominator if denominator else (1.0 if err2 == 0.0 else 0.0)
+        return cls(
+            mse=err2 / numel if numel else 0.0,
+            relative_error=norm_err / norm_ref if norm_ref else (0.0 if err2 == 0.0 else math.inf),
+            sqnr_db=sqnr,
+            max_abs_error=worst,
+            cosine=cosine,
+        )
+
+    def as_dict(self) -> dict[str, float | None]:
+        # JSON has no infinity: an exact quantization is recorded as null SQNR
+        return {k: (v if math.isfinite(v) else None) for k, v in asdict(self).items()}
+
+
+def quantize_matrix(
+    storage: np.ndarray,
+    variant: str,
+    perm: np.ndarray | None = None,
+    *,
+    tensor_name: str = "array",
+    measure: bool = True,
+) -> tuple[np.ndarray, TensorMetrics | None]:
+    """Quantize kernel storage (rows, k) after an optional column gather ``perm``.
+
+    Returns the Q8K blocks (stored column j = original column ``perm[j]``) and, when
+    ``measure``, the weight error against the source.
+    """
+    check_finite(storage, tensor_name)
+    if perm is None:
+        source = storage
+    else:
+        source = np.empty(storage.shape, dtype=np.float32)
+        gather_columns(storage, perm, source)
+    blocks = quantize_rows(source, variant, tensor_name, finite_checked=True)
+    if not measure:
+        return blocks, None
+    sums = np.zeros((storage.shape[0], 5), dtype=np.float64)
+    q8k_error_sums(storage, _NO_PERMUTATION if perm is None else perm, blocks, sums)
+    return blocks, TensorMetrics.from_sums(sums, storage.size)

@@ -1,0 +1,84 @@
+"""What a run produced: one record per tensor, and the run's summary."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qstrat.io.q8k import WrittenFile
+from qstrat.quantize import TensorMetrics
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """One tensor of the output: where it went and how well it was quantized."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    storage: str  # "q8k" or "passthrough"
+    strategy: str | None = None
+    permutation: str = "none"  # "none" | "runtime" | "joint"
+    files: dict[str, WrittenFile] = field(default_factory=dict)
+    metrics: TensorMetrics | None = None
+    seconds: float = 0.0
+    reason: str | None = None  # why a tensor was passed through
+
+    def manifest_entry(self) -> dict[str, object]:
+        entry: dict[str, object] = {
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "storage": self.storage,
+            "files": {role: vars(f) for role, f in sorted(self.files.items())},
+        }
+        if self.storage == "q8k":
+            entry["strategy"] = self.strategy
+            entry["permutation"] = self.permutation
+            entry["metrics"] = self.metrics.as_dict() if self.metrics else None
+        else:
+            entry["reason"] = self.reason
+        return entry
+
+
+@dataclass
+class QuantizationResult:
+    """The summary of a run; ``tensors`` holds every tensor's record, sorted by name."""
+
+    output_dir: Path
+    tensors: list[TensorRecord]
+    elapsed_s: float
+    manifest_path: Path | None = None
+
+    @property
+    def quantized(self) -> list[TensorRecord]:
+        return [t for t in self.tensors if t.storage == "q8k"]
+
+    @property
+    def tensor_count(self) -> int:
+        """How many tensors were quantized to Q8K."""
+        return len(self.quantized)
+
+    @property
+    def skipped_count(self) -> int:
+        """How many tensors were passed through unchanged."""
+        return len(self.tensors) - self.tensor_count
+
+    @property
+    def average_mse(self) -> float:
+        """Mean over quantized tensors of their weight MSE (NaN when nothing was measured)."""
+        values = [t.metrics.mse for t in self.quantized if t.metrics is not None]
+        return sum(values) / len(values) if values else math.nan
+
+    # the original tool's names for the same figures
+    @property
+    def quantized_tensors(self) -> int:
+        return self.tensor_count
+
+    @property
+    def skipped_tensors(self) -> int:
+        return self.skipped_count
+
+    @property
+    def total_time_seconds(self) -> float:
+        return self.elapsed_s
