@@ -6,7 +6,7 @@ IEEE float16 (see :mod:`qstrat.kernels.decode`).  Wrappers in ``qstrat`` make th
 views; a user never has to.
 """
 
-from qstrat.kernels.columns import column_abs_max, column_sq_norms, gather_columns
+from qstrat.kernels.columns import column_abs_max, column_sq_norms
 from qstrat.kernels.decode import BF16_BITS, F16_BITS
 from qstrat.kernels.metrics import q8k_error_sums
 from qstrat.kernels.q8k import (
@@ -28,7 +28,6 @@ __all__ = [
     "VARIANT_CODES",
     "column_abs_max",
     "column_sq_norms",
-    "gather_columns",
     "q8k_error_sums",
     "dequantize_q8k_blocks",
     "first_nonfinite_index",

@@ -1,4 +1,4 @@
-"""Column statistics and column gathers: the hot paths of the permutation strategies.
+"""Column statistics: the hot path of the permutation strategies.
 
 Each column's statistic is accumulated by one thread in row order, so results do not
 depend on the number of threads.
@@ -37,12 +37,3 @@ def column_abs_max(x, out):
                 a = abs(to_float32(x[r, j]))
                 if a > out[j]:
                     out[j] = a
-
-
-@njit(parallel=True, cache=True)
-def gather_columns(x, perm, out):
-    """``out[r, j] = x[r, perm[j]]`` as float32, for ``x`` (rows, k) in any kernel storage."""
-    rows, k = x.shape
-    for r in prange(rows):
-        for j in range(k):
-            out[r, j] = to_float32(x[r, perm[j]])

@@ -45,3 +45,16 @@ def _to_float32_overload(value):
     if value == types.int16:
         return _f16_bits_to_float32
     return None
+
+
+def source_column(perm, column):  # pragma: no cover - replaced by the overload inside numba
+    """The source column of stored column ``column``: ``perm[column]``, or itself when perm is None."""
+    raise NotImplementedError("source_column is only callable from numba-compiled code")
+
+
+@overload(source_column, inline="always")
+def _source_column_overload(perm, column):
+    # Resolved at compile time: the identity path has no index load at all.
+    if isinstance(perm, types.NoneType):
+        return lambda perm, column: column
+    return lambda perm, column: perm[column]

@@ -3,7 +3,7 @@
 import numpy as np
 from numba import njit, prange
 
-from qstrat.kernels.decode import to_float32
+from qstrat.kernels.decode import source_column, to_float32
 from qstrat.kernels.q8k import QK_K, QS_OFFSET, _load_f32_le
 
 
@@ -11,13 +11,12 @@ from qstrat.kernels.q8k import QK_K, QS_OFFSET, _load_f32_le
 def q8k_error_sums(x, perm, blocks, out):
     """Error sums of ``blocks`` against ``x`` (rows, k) whose column ``perm[j]`` was stored at j.
 
-    An empty ``perm`` means the identity.  ``out`` (rows, 5) float64 receives, per row:
+    ``perm`` None means the identity.  ``out`` (rows, 5) float64 receives, per row:
     sum (w - w^)^2, sum w^2, max |w - w^|, sum w * w^, sum w^^2 — enough for MSE, SQNR,
     relative error, max error and cosine similarity.
     """
     rows, k = x.shape
     blocks_per_row = k // QK_K
-    identity = perm.shape[0] == 0
     for r in prange(rows):
         err2 = 0.0
         ref2 = 0.0
@@ -29,8 +28,7 @@ def q8k_error_sums(x, perm, blocks, out):
             d = _load_f32_le(block, 0)
             for j in range(QK_K):
                 col = b * QK_K + j
-                src = col if identity else perm[col]
-                w = np.float64(to_float32(x[r, src]))
+                w = np.float64(to_float32(x[r, source_column(perm, col)]))
                 q = np.float64(d * np.float32(np.int8(block[QS_OFFSET + j])))
                 e = w - q
                 err2 += e * e

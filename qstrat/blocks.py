@@ -58,11 +58,12 @@ def check_finite(rows: np.ndarray, tensor_name: str = "array") -> None:
 
 
 def quantize_rows(
-    rows: np.ndarray, variant: str = DEFAULT_VARIANT, tensor_name: str = "array", *, finite_checked: bool = False
+    rows: np.ndarray, variant: str = DEFAULT_VARIANT, tensor_name: str = "array", perm: np.ndarray | None = None
 ) -> np.ndarray:
     """Quantize 2-D kernel storage (rows, k), k % 256 == 0, to (rows * k/256, 292) uint8 blocks.
 
-    Non-finite values are refused first, unless the caller already checked (``finite_checked``).
+    With ``perm`` (a gather map), stored column j is ``rows[:, perm[j]]``.  Non-finite
+    values are refused first, with their index in ``rows``.
     """
     code = variant_code(variant)
     if rows.ndim != 2 or rows.shape[1] % QK_K != 0:
@@ -70,10 +71,9 @@ def quantize_rows(
             f"tensor {tensor_name!r} has shape {rows.shape}; Q8K needs 2-D data whose rows are a "
             f"multiple of {QK_K} long"
         )
-    if not finite_checked:
-        check_finite(rows, tensor_name)
+    check_finite(rows, tensor_name)
     out = np.empty((rows.shape[0] * (rows.shape[1] // QK_K), BLOCK_BYTES), dtype=np.uint8)
-    quantize_rows_q8k(rows, code, out)
+    quantize_rows_q8k(rows, None if perm is None else np.ascontiguousarray(perm, dtype=np.int64), code, out)
     return out
 
 

@@ -10,11 +10,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from qstrat.blocks import check_finite, quantize_rows
-from qstrat.kernels import gather_columns, q8k_error_sums
-
-_NO_PERMUTATION = np.zeros(0, dtype=np.int64)
-
+from qstrat.blocks import quantize_rows
+from qstrat.kernels import q8k_error_sums
 
 @dataclass(frozen=True)
 class TensorMetrics:
@@ -65,15 +62,9 @@ def quantize_matrix(
     Returns the Q8K blocks (stored column j = original column ``perm[j]``) and, when
     ``measure``, the weight error against the source.
     """
-    check_finite(storage, tensor_name)
-    if perm is None:
-        source = storage
-    else:
-        source = np.empty(storage.shape, dtype=np.float32)
-        gather_columns(storage, perm, source)
-    blocks = quantize_rows(source, variant, tensor_name, finite_checked=True)
+    blocks = quantize_rows(storage, variant, tensor_name, perm)
     if not measure:
         return blocks, None
     sums = np.zeros((storage.shape[0], 5), dtype=np.float64)
-    q8k_error_sums(storage, _NO_PERMUTATION if perm is None else perm, blocks, sums)
+    q8k_error_sums(storage, None if perm is None else np.ascontiguousarray(perm, dtype=np.int64), blocks, sums)
     return blocks, TensorMetrics.from_sums(sums, storage.size)

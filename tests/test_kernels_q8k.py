@@ -99,6 +99,18 @@ def test_dequantize_within_half_step(variant):
     assert within.all()
 
 
+@pytest.mark.parametrize("variant", list(VECTOR_KEYS))
+def test_fused_gather_equals_quantizing_the_permuted_copy(variant):
+    rng = np.random.default_rng(5)
+    x = _random_blocks(rng, 64).reshape(16, 1024)
+    perm = rng.permutation(1024)
+    expected = qstrat.quantize_blocks(np.ascontiguousarray(x[:, perm]), variant)
+    assert np.array_equal(quantize_rows(x, variant, perm=perm), expected)
+    bits = f32_to_bf16_bits(x)
+    expected = qstrat.quantize_blocks(np.ascontiguousarray(bf16_bits_to_f32(bits)[:, perm]), variant)
+    assert np.array_equal(quantize_rows(bits, variant, perm=perm), expected)
+
+
 def test_tiny_block_gives_zero_scale():
     x = np.zeros((1, 256), dtype=np.float32)
     x[0, 5] = 1e-38  # 127 / 1e-38 overflows float32
