@@ -47,14 +47,14 @@ def _to_float32_overload(value):
     return None
 
 
-def source_column(perm, column):  # pragma: no cover - replaced by the overload inside numba
-    """The source column of stored column ``column``: ``perm[column]``, or itself when perm is None."""
-    raise NotImplementedError("source_column is only callable from numba-compiled code")
+def source_index(perm, index):  # pragma: no cover - replaced by the overload inside numba
+    """The source row/column of stored index ``index``: ``perm[index]``, or itself when perm is None."""
+    raise NotImplementedError("source_index is only callable from numba-compiled code")
 
 
-@overload(source_column, inline="always")
-def _source_column_overload(perm, column):
+@overload(source_index, inline="always")
+def _source_index_overload(perm, index):
     # Resolved at compile time: the identity path has no index load at all.
     if isinstance(perm, types.NoneType):
-        return lambda perm, column: column
-    return lambda perm, column: perm[column]
+        return lambda perm, index: index
+    return lambda perm, index: perm[index]

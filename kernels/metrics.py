@@ -3,15 +3,15 @@
 import numpy as np
 from numba import njit, prange
 
-from qstrat.kernels.decode import source_column, to_float32
+from qstrat.kernels.decode import source_index, to_float32
 from qstrat.kernels.q8k import QK_K, QS_OFFSET, _load_f32_le
 
 
 @njit(parallel=True, cache=True)
-def q8k_error_sums(x, perm, blocks, out):
-    """Error sums of ``blocks`` against ``x`` (rows, k) whose column ``perm[j]`` was stored at j.
+def q8k_error_sums(x, row_perm, col_perm, blocks, out):
+    """Error sums of ``blocks`` against ``x`` (rows, k) stored as x[row_perm[i], col_perm[j]].
 
-    ``perm`` None means the identity.  ``out`` (rows, 5) float64 receives, per row:
+    A None permutation is the identity; sums are per stored row.  ``out`` (rows, 5) float64 receives, per row:
     sum (w - w^)^2, sum w^2, max |w - w^|, sum w * w^, sum w^^2 — enough for MSE, SQNR,
     relative error, max error and cosine similarity.
     """
@@ -28,7 +28,7 @@ def q8k_error_sums(x, perm, blocks, out):
             d = _load_f32_le(block, 0)
             for j in range(QK_K):
                 col = b * QK_K + j
-                w = np.float64(to_float32(x[r, source_column(perm, col)]))
+                w = np.float64(to_float32(x[source_index(row_perm, r), source_index(col_perm, col)]))
                 q = np.float64(d * np.float32(np.int8(block[QS_OFFSET + j])))
                 e = w - q
                 err2 += e * e

@@ -12,7 +12,7 @@ fused multiply-add is allowed (numba does not contract without ``fastmath``).
 import numpy as np
 from numba import njit, prange
 
-from qstrat.kernels.decode import source_column, to_float32
+from qstrat.kernels.decode import source_index, to_float32
 
 QK_K = 256
 BSUM_GROUP = 16
@@ -53,13 +53,13 @@ def _zero_block(block):
         block[i] = np.uint8(0)
 
 
-@njit(inline="always", cache=True)
+@njit(cache=True)
 def _quantize_block(row, perm, start, variant, block):
     # The extreme is the signed value of largest magnitude; strict '>' keeps the first on ties.
     amax = np.float32(0.0)
     extreme = np.float32(0.0)
     for j in range(QK_K):
-        v = to_float32(row[source_column(perm, start + j)])
+        v = to_float32(row[source_index(perm, start + j)])
         a = abs(v)
         if a > amax:
             amax = a
@@ -80,7 +80,7 @@ def _quantize_block(row, perm, start, variant, block):
         group_sum = 0
         for j in range(BSUM_GROUP):
             idx = g * BSUM_GROUP + j
-            scaled = iscale * to_float32(row[source_column(perm, start + idx)])
+            scaled = iscale * to_float32(row[source_index(perm, start + idx)])
             rounded = np.rint(scaled)  # ties to even: GGML's nearest_int
             if variant != VARIANT_GGML and abs(scaled - rounded) == half:
                 # Rust's f32::round rounds ties away from zero; scaled +- 0.5 is exact here.
@@ -102,19 +102,19 @@ def _quantize_block(row, perm, start, variant, block):
 
 
 @njit(parallel=True, cache=True)
-def quantize_rows_q8k(x, perm, variant, out):
+def quantize_rows_q8k(x, row_perm, col_perm, variant, out):
     """Quantize every row of ``x`` (rows, k) into ``out`` (rows * k // 256, 292) uint8.
 
     ``x`` is float32, or raw bfloat16 (uint16) / float16 (int16) bits; ``k % 256 == 0``.
-    ``perm`` is None, or a gather map applied on the fly: stored column j is x[:, perm[j]]
-    (no permuted or float32 copy of ``x`` is made).  Blocks never cross rows and come out
-    in row-major order.
+    ``row_perm`` and ``col_perm`` are None, or gather maps applied on the fly: stored
+    element (i, j) is x[row_perm[i], col_perm[j]] (no permuted or float32 copy of ``x`` is
+    made).  Blocks never cross rows and come out in row-major order.
     """
     rows, k = x.shape
     blocks_per_row = k // QK_K
     for b in prange(rows * blocks_per_row):
         r = b // blocks_per_row
-        _quantize_block(x[r], perm, (b - r * blocks_per_row) * QK_K, variant, out[b])
+        _quantize_block(x[source_index(row_perm, r)], col_perm, (b - r * blocks_per_row) * QK_K, variant, out[b])
 
 
 @njit(parallel=True, cache=True)

@@ -6,17 +6,21 @@ from dataclasses import dataclass
 
 from qstrat.config import QuantizationConfig
 from qstrat.io.names import assign_file_stems
-from qstrat.io.safetensors import FLOAT_DTYPES, SafetensorsModel, TensorInfo
+from qstrat.io.safetensors import FLOAT_DTYPES, SafetensorsModel, TensorInfo, read_model_config
 from qstrat.kernels import QK_K
-from qstrat.strategies import QuantizationStrategy
+from qstrat.strategies import Candidate, QuantizationStrategy
 
 
 @dataclass(frozen=True)
 class TensorJob:
-    """One tensor to quantize: where it is read from, and the stem of its output files."""
+    """One tensor of a group: where it is read from, and (if quantized) its file stem."""
 
     info: TensorInfo
-    stem: str
+    stem: str | None  # None: not quantized, only permuted with its group into the passthrough file
+
+    @property
+    def quantize(self) -> bool:
+        return self.stem is not None
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,7 @@ class GroupJob:
     """Tensors that one strategy permutes together; the unit of work a worker takes."""
 
     strategy: QuantizationStrategy
+    group_id: str
     members: tuple[TensorJob, ...]
 
     @property
@@ -44,7 +49,7 @@ class Plan:
 
     @property
     def quantized_names(self) -> list[str]:
-        return sorted(m.info.name for g in self.groups for m in g.members)
+        return sorted(m.info.name for g in self.groups for m in g.members if m.quantize)
 
 
 def passthrough_reason(info: TensorInfo, skip_patterns: tuple[str, ...]) -> str | None:
@@ -67,18 +72,25 @@ def passthrough_reason(info: TensorInfo, skip_patterns: tuple[str, ...]) -> str 
 
 
 def make_plan(model: SafetensorsModel, config: QuantizationConfig) -> Plan:
-    """Assign every tensor of ``model`` to a strategy group or to the passthrough file."""
-    passthrough = []
-    candidates: dict[str, TensorInfo] = {}
-    for info in model:
-        reason = passthrough_reason(info, tuple(config.skip_patterns))
-        if reason is None:
-            candidates[info.name] = info
-        else:
-            passthrough.append(PassthroughTensor(info, reason))
-    stems = assign_file_stems(list(candidates))
-    assignments = config.strategy_chain().assign({n: i.shape for n, i in candidates.items()})
+    """Assign every tensor of ``model`` to a strategy group and/or the passthrough file."""
+    reasons = {info.name: passthrough_reason(info, tuple(config.skip_patterns)) for info in model}
+    # joint groups may hold float tensors that are not quantized (biases), never other dtypes
+    candidates = {
+        name: Candidate(info.shape, reasons[name] is None)
+        for name, info in model.tensors.items()
+        if info.dtype in FLOAT_DTYPES
+    }
+    stems = assign_file_stems([n for n, r in reasons.items() if r is None])
+    assignments = config.strategy_chain().assign(candidates, read_model_config(model))
     groups = tuple(
-        GroupJob(a.strategy, tuple(TensorJob(candidates[n], stems[n]) for n in a.members)) for a in assignments
+        GroupJob(
+            a.strategy,
+            a.strategy.group_id(a.members),
+            tuple(TensorJob(model.tensors[n], stems.get(n)) for n in a.members),
+        )
+        for a in assignments
     )
-    return Plan(groups, tuple(sorted(passthrough, key=lambda p: p.info.name)))
+    passthrough = tuple(
+        PassthroughTensor(model.tensors[name], reason) for name, reason in sorted(reasons.items()) if reason is not None
+    )
+    return Plan(groups, passthrough)

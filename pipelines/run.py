@@ -5,20 +5,31 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from dataclasses import replace
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 from joblib import Parallel, delayed
 
 from qstrat._version import __version__
 from qstrat.config import QuantizationConfig
 from qstrat.errors import InputError, OutputError
 from qstrat.io.atomic import describe_os_error, remove_stale_temporaries
-from qstrat.io.manifest import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, PASSTHROUGH_NAME, read_manifest, write_manifest
+from qstrat.io.manifest import (
+    JOINT_PERMUTATIONS_NAME,
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    PASSTHROUGH_NAME,
+    read_manifest,
+    write_manifest,
+)
 from qstrat.io.q8k import WrittenFile
 from qstrat.io.safetensors import SafetensorsModel, map_tensor, write_safetensors
 from qstrat.results import QuantizationResult, TensorRecord
+from qstrat.strategies import Permutation
 from qstrat.pipelines.plan import Plan, make_plan
 from qstrat.pipelines.worker import quantize_group
 
@@ -62,15 +73,46 @@ def _remove_outdated_files(output_dir: Path, previous: dict | None, records: lis
                     (output_dir / file["path"]).unlink()
 
 
-def write_passthrough(output_dir: Path, plan: Plan, metadata: dict[str, str]) -> list[TensorRecord]:
-    """Copy every tensor that is not quantized, unchanged, into passthrough.safetensors."""
-    items = ((p.info.name, p.info.dtype, p.info.shape, map_tensor(p.info)) for p in plan.passthrough)
+def write_passthrough(
+    output_dir: Path, plan: Plan, metadata: dict[str, str], joint: dict[str, Permutation], groups: dict[str, str]
+) -> list[TensorRecord]:
+    """Copy every tensor that is not quantized into passthrough.safetensors, unchanged except
+    for the joint permutations of its group (so the saved model stays consistent)."""
+
+    def stored(info):
+        array = map_tensor(info)
+        permutation = joint.get(info.name)
+        return array if permutation is None else np.take(array, permutation.perm, axis=permutation.axis)
+
+    items = ((p.info.name, p.info.dtype, p.info.shape, stored(p.info)) for p in plan.passthrough)
     size, sha256 = write_safetensors(output_dir / PASSTHROUGH_NAME, items, metadata)
     file = WrittenFile(PASSTHROUGH_NAME, size, sha256)
-    return [
-        TensorRecord(p.info.name, p.info.shape, p.info.dtype, "passthrough", files={"safetensors": file}, reason=p.reason)
-        for p in plan.passthrough
-    ]
+    records = []
+    for p in plan.passthrough:
+        permutation = joint.get(p.info.name)
+        records.append(
+            TensorRecord(
+                p.info.name,
+                p.info.shape,
+                p.info.dtype,
+                "passthrough",
+                permutation="joint" if permutation is not None else "none",
+                joint_group=groups.get(p.info.name) if permutation is not None else None,
+                joint_axis=permutation.axis if permutation is not None else None,
+                files={"safetensors": file},
+                reason=p.reason,
+            )
+        )
+    return records
+
+
+def write_joint_permutations(output_dir: Path, joint: dict[str, Permutation]) -> WrittenFile | None:
+    """Store every joint permutation (int64 gather map per tensor) so that they can be undone."""
+    if not joint:
+        return None
+    items = [(name, "I64", joint[name].perm.shape, joint[name].perm.astype("<i8")) for name in sorted(joint)]
+    size, sha256 = write_safetensors(output_dir / JOINT_PERMUTATIONS_NAME, items)
+    return WrittenFile(JOINT_PERMUTATIONS_NAME, size, sha256)
 
 
 def quantize_model(
@@ -91,15 +133,21 @@ def quantize_model(
     jobs = sorted(plan.groups, key=lambda g: (-g.nbytes, g.members[0].info.name))
     tasks = (delayed(quantize_group)(job, config.variant, config.validation, out, threads) for job in jobs)
     records: list[TensorRecord] = []
+    joint: dict[str, Permutation] = {}
     parallel = Parallel(n_jobs=config.workers, backend="loky", return_as="generator_unordered")
-    for group_records in parallel(tasks):
-        records.extend(group_records)
+    for group_result in parallel(tasks):
+        records.extend(group_result.records)
+        joint.update(group_result.joint)
         if progress is not None:
-            progress(group_records)
-    passthrough = write_passthrough(out, plan, model.metadata)
+            progress(group_result.records)
+    group_of = {m.info.name: g.group_id for g in plan.groups for m in g.members}
+    passthrough = write_passthrough(out, plan, model.metadata, joint, group_of)
     if progress is not None and passthrough:
         progress(passthrough)
+    joint_file = write_joint_permutations(out, joint)
     records = sorted(records + passthrough, key=lambda r: r.name)
+    if joint_file is not None:
+        records = [r if r.joint_group is None else replace(r, files={**r.files, "joint_perm": joint_file}) for r in records]
     _remove_outdated_files(out, previous, records)
 
     manifest = {

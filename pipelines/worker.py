@@ -1,54 +1,87 @@
 """The work of one group in a worker process: map, permute, quantize, measure, write.
 
 Workers receive only file paths and offsets (a plan entry), never tensor data: each maps
-the input itself and writes its own output files.
+the input itself and writes its own output files.  What comes back is small: records,
+and the permutations of tensors that the main process stores permuted (passthrough).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numba
 
-from qstrat.blocks import KERNEL_STORAGE
-from qstrat.io.q8k import write_perm, write_q8k
+from qstrat.blocks import KERNEL_STORAGE, check_finite
+from qstrat.errors import QstratError
+from qstrat.io.q8k import check_permutation, write_perm, write_q8k
 from qstrat.io.safetensors import map_tensor
 from qstrat.quantize import quantize_matrix
 from qstrat.results import TensorRecord
+from qstrat.strategies import Permutation
 from qstrat.pipelines.plan import GroupJob
 
 
-def quantize_group(
-    job: GroupJob, variant: str, measure: bool, output_dir: Path, numba_threads: int
-) -> list[TensorRecord]:
-    """Quantize every member of ``job`` and write its .q8k (and .perm) files."""
+@dataclass
+class GroupResult:
+    records: list[TensorRecord]
+    #: joint permutations of every member (quantized or not), to record and to apply to passthrough
+    joint: dict[str, Permutation] = field(default_factory=dict)
+
+
+def _checked(job: GroupJob, name: str, permutation: Permutation | None, shape: tuple[int, ...]) -> Permutation | None:
+    if permutation is None:
+        return None
+    kind = job.strategy.permutation_kind
+    if permutation.axis not in (0, 1) or permutation.axis >= len(shape) or (kind == "runtime" and permutation.axis != 1):
+        raise QstratError(f"strategy {job.strategy.name} gave tensor {name!r} a permutation on an invalid axis")
+    check_permutation(permutation.perm, shape[permutation.axis], f"strategy {job.strategy.name}, tensor {name!r}")
+    return permutation
+
+
+def quantize_group(job: GroupJob, variant: str, measure: bool, output_dir: Path, numba_threads: int) -> GroupResult:
+    """Quantize the quantized members of ``job``, write their files, return records and joint maps."""
     numba.set_num_threads(numba_threads)
     started = time.perf_counter()
     arrays = {m.info.name: map_tensor(m.info).view(KERNEL_STORAGE[m.info.dtype]) for m in job.members}
-    permutations = job.strategy.column_permutations(arrays)
-    shared_seconds = (time.perf_counter() - started) / len(job.members)
-    records = []
     for member in job.members:
+        if member.quantize:
+            check_finite(arrays[member.info.name], member.info.name)
+    proposed = job.strategy.permutations(arrays, variant)
+    permutations = {m.info.name: _checked(job, m.info.name, proposed.get(m.info.name), m.info.shape) for m in job.members}
+    quantized = [m for m in job.members if m.quantize]
+    shared_seconds = (time.perf_counter() - started) / max(1, len(quantized))
+    kind = job.strategy.permutation_kind
+    result = GroupResult([])
+    if kind == "joint":
+        result.joint = {name: p for name, p in permutations.items() if p is not None}
+    for member in quantized:
         begin = time.perf_counter()
         info = member.info
-        perm = permutations[info.name]
-        blocks, metrics = quantize_matrix(arrays[info.name], variant, perm, tensor_name=info.name, measure=measure)
+        permutation = permutations[info.name]
+        row_perm = permutation.perm if permutation is not None and permutation.axis == 0 else None
+        col_perm = permutation.perm if permutation is not None and permutation.axis == 1 else None
+        blocks, metrics = quantize_matrix(
+            arrays[info.name], variant, row_perm, col_perm, tensor_name=info.name, measure=measure, finite_checked=True
+        )
         rows, k = info.shape
         files = {"q8k": write_q8k(output_dir / f"{member.stem}.q8k", blocks, rows, k)}
-        if perm is not None:
-            files["perm"] = write_perm(output_dir / f"{member.stem}.perm", perm)
-        records.append(
+        if kind == "runtime" and col_perm is not None:
+            files["perm"] = write_perm(output_dir / f"{member.stem}.perm", col_perm)
+        result.records.append(
             TensorRecord(
                 name=info.name,
                 shape=info.shape,
                 dtype=info.dtype,
                 storage="q8k",
                 strategy=job.strategy.name,
-                permutation=job.strategy.permutation_kind if perm is not None else "none",
+                permutation=kind if permutation is not None else "none",
+                joint_group=job.group_id if kind == "joint" and permutation is not None else None,
+                joint_axis=permutation.axis if kind == "joint" and permutation is not None else None,
                 files=files,
                 metrics=metrics,
                 seconds=time.perf_counter() - begin + shared_seconds,
             )
         )
-    return records
+    return result

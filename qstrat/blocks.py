@@ -57,13 +57,24 @@ def check_finite(rows: np.ndarray, tensor_name: str = "array") -> None:
         )
 
 
+def as_gather_map(perm: np.ndarray | None) -> np.ndarray | None:
+    return None if perm is None else np.ascontiguousarray(perm, dtype=np.int64)
+
+
 def quantize_rows(
-    rows: np.ndarray, variant: str = DEFAULT_VARIANT, tensor_name: str = "array", perm: np.ndarray | None = None
+    rows: np.ndarray,
+    variant: str = DEFAULT_VARIANT,
+    tensor_name: str = "array",
+    *,
+    row_perm: np.ndarray | None = None,
+    col_perm: np.ndarray | None = None,
+    finite_checked: bool = False,
 ) -> np.ndarray:
     """Quantize 2-D kernel storage (rows, k), k % 256 == 0, to (rows * k/256, 292) uint8 blocks.
 
-    With ``perm`` (a gather map), stored column j is ``rows[:, perm[j]]``.  Non-finite
-    values are refused first, with their index in ``rows``.
+    With gather maps, stored element (i, j) is ``rows[row_perm[i], col_perm[j]]``.
+    Non-finite values are refused first with their index in ``rows``, unless the caller
+    already checked (``finite_checked``).
     """
     code = variant_code(variant)
     if rows.ndim != 2 or rows.shape[1] % QK_K != 0:
@@ -71,9 +82,10 @@ def quantize_rows(
             f"tensor {tensor_name!r} has shape {rows.shape}; Q8K needs 2-D data whose rows are a "
             f"multiple of {QK_K} long"
         )
-    check_finite(rows, tensor_name)
+    if not finite_checked:
+        check_finite(rows, tensor_name)
     out = np.empty((rows.shape[0] * (rows.shape[1] // QK_K), BLOCK_BYTES), dtype=np.uint8)
-    quantize_rows_q8k(rows, None if perm is None else np.ascontiguousarray(perm, dtype=np.int64), code, out)
+    quantize_rows_q8k(rows, as_gather_map(row_perm), as_gather_map(col_perm), code, out)
     return out
 
 

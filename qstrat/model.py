@@ -8,16 +8,18 @@ from pathlib import Path
 import numpy as np
 
 from qstrat.errors import InputError
-from qstrat.io.manifest import PASSTHROUGH_NAME, read_manifest
+from qstrat.io.manifest import JOINT_PERMUTATIONS_NAME, PASSTHROUGH_NAME, read_manifest
 from qstrat.io.names import decode_name
-from qstrat.io.q8k import read_perm, read_q8k
+from qstrat.io.q8k import check_permutation, read_perm, read_q8k
 from qstrat.io.safetensors import SafetensorsFile, map_tensor, to_float32
 
 
-def unpermute_columns(stored: np.ndarray, perm: np.ndarray) -> np.ndarray:
-    """Undo a gather map: stored column j holds original column perm[j]."""
+def unpermute(stored: np.ndarray, perm: np.ndarray, axis: int = 1) -> np.ndarray:
+    """Undo a gather map along ``axis``: stored index i holds original index perm[i]."""
     original = np.empty_like(stored)
-    original[:, perm] = stored
+    index = [slice(None)] * stored.ndim
+    index[axis] = perm
+    original[tuple(index)] = stored
     return original
 
 
@@ -53,16 +55,26 @@ def load_model(output_dir: str | os.PathLike, original: bool = False) -> dict[st
         tensors.update(_load_passthrough(directory / PASSTHROUGH_NAME))
         return tensors
     passthrough = _load_passthrough(directory / PASSTHROUGH_NAME)
+    joint = _load_passthrough(directory / JOINT_PERMUTATIONS_NAME) if original else {}
     for name, entry in manifest["tensors"].items():
-        if entry["storage"] == "passthrough":
-            if name not in passthrough:
-                raise InputError(f"{directory / PASSTHROUGH_NAME}: tensor {name!r} named by the manifest is missing")
-            tensors[name] = passthrough[name]
-            continue
-        files = entry["files"]
-        perm_path = directory / files["perm"]["path"] if "perm" in files else None
-        tensors[name] = _load_q8k(directory / files["q8k"]["path"], perm_path)
+        tensors[name] = _load_entry(directory, name, entry, passthrough)
+        if original and "joint" in entry:
+            if name not in joint:
+                raise InputError(f"{directory / JOINT_PERMUTATIONS_NAME}: no joint permutation for tensor {name!r}")
+            axis = int(entry["joint"]["axis"])
+            check_permutation(joint[name], tensors[name].shape[axis], f"{directory / JOINT_PERMUTATIONS_NAME}: {name}")
+            tensors[name] = unpermute(tensors[name], joint[name], axis)
     return tensors
+
+
+def _load_entry(directory: Path, name: str, entry: dict, passthrough: dict[str, np.ndarray]) -> np.ndarray:
+    if entry["storage"] == "passthrough":
+        if name not in passthrough:
+            raise InputError(f"{directory / PASSTHROUGH_NAME}: tensor {name!r} named by the manifest is missing")
+        return passthrough[name]
+    files = entry["files"]
+    perm_path = directory / files["perm"]["path"] if "perm" in files else None
+    return _load_q8k(directory / files["q8k"]["path"], perm_path)
 
 
 def _load_q8k(path: Path, perm_path: Path | None) -> np.ndarray:
@@ -70,4 +82,4 @@ def _load_q8k(path: Path, perm_path: Path | None) -> np.ndarray:
     values = stored.dequantize()
     if perm_path is None:
         return values
-    return unpermute_columns(values, read_perm(perm_path, stored.k))
+    return unpermute(values, read_perm(perm_path, stored.k))

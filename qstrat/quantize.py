@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from qstrat.blocks import quantize_rows
+from qstrat.blocks import as_gather_map, quantize_rows
 from qstrat.kernels import q8k_error_sums
 
 @dataclass(frozen=True)
@@ -52,19 +52,35 @@ class TensorMetrics:
 def quantize_matrix(
     storage: np.ndarray,
     variant: str,
-    perm: np.ndarray | None = None,
+    row_perm: np.ndarray | None = None,
+    col_perm: np.ndarray | None = None,
     *,
     tensor_name: str = "array",
     measure: bool = True,
+    finite_checked: bool = False,
 ) -> tuple[np.ndarray, TensorMetrics | None]:
-    """Quantize kernel storage (rows, k) after an optional column gather ``perm``.
+    """Quantize kernel storage (rows, k) stored as ``storage[row_perm[i], col_perm[j]]``.
 
-    Returns the Q8K blocks (stored column j = original column ``perm[j]``) and, when
-    ``measure``, the weight error against the source.
+    Returns the Q8K blocks and, when ``measure``, the weight error against the source
+    (permutations move values, they do not change which value is compared with which).
     """
-    blocks = quantize_rows(storage, variant, tensor_name, perm)
+    blocks = quantize_rows(
+        storage, variant, tensor_name, row_perm=row_perm, col_perm=col_perm, finite_checked=finite_checked
+    )
     if not measure:
         return blocks, None
+    return blocks, TensorMetrics.from_sums(_error_sums(storage, blocks, row_perm, col_perm), storage.size)
+
+
+def _error_sums(storage, blocks, row_perm, col_perm) -> np.ndarray:
     sums = np.zeros((storage.shape[0], 5), dtype=np.float64)
-    q8k_error_sums(storage, None if perm is None else np.ascontiguousarray(perm, dtype=np.int64), blocks, sums)
-    return blocks, TensorMetrics.from_sums(sums, storage.size)
+    q8k_error_sums(storage, as_gather_map(row_perm), as_gather_map(col_perm), blocks, sums)
+    return sums
+
+
+def squared_error(
+    storage: np.ndarray, variant: str, row_perm: np.ndarray | None = None, col_perm: np.ndarray | None = None
+) -> float:
+    """Total squared Q8K error of ``storage`` under the given permutations (for choosing orders)."""
+    blocks = quantize_rows(storage, variant, row_perm=row_perm, col_perm=col_perm, finite_checked=True)
+    return float(_error_sums(storage, blocks, row_perm, col_perm)[:, 0].sum())

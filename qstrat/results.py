@@ -20,6 +20,8 @@ class TensorRecord:
     storage: str  # "q8k" or "passthrough"
     strategy: str | None = None
     permutation: str = "none"  # "none" | "runtime" | "joint"
+    joint_group: str | None = None  # for joint permutations: the group and the permuted axis
+    joint_axis: int | None = None
     files: dict[str, WrittenFile] = field(default_factory=dict)
     metrics: TensorMetrics | None = None
     seconds: float = 0.0
@@ -34,10 +36,12 @@ class TensorRecord:
         }
         if self.storage == "q8k":
             entry["strategy"] = self.strategy
-            entry["permutation"] = self.permutation
             entry["metrics"] = self.metrics.as_dict() if self.metrics else None
         else:
             entry["reason"] = self.reason
+        entry["permutation"] = self.permutation
+        if self.joint_group is not None:
+            entry["joint"] = {"group": self.joint_group, "axis": self.joint_axis}
         return entry
 
 

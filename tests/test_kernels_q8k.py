@@ -105,10 +105,18 @@ def test_fused_gather_equals_quantizing_the_permuted_copy(variant):
     x = _random_blocks(rng, 64).reshape(16, 1024)
     perm = rng.permutation(1024)
     expected = qstrat.quantize_blocks(np.ascontiguousarray(x[:, perm]), variant)
-    assert np.array_equal(quantize_rows(x, variant, perm=perm), expected)
+    assert np.array_equal(quantize_rows(x, variant, col_perm=perm), expected)
     bits = f32_to_bf16_bits(x)
     expected = qstrat.quantize_blocks(np.ascontiguousarray(bf16_bits_to_f32(bits)[:, perm]), variant)
-    assert np.array_equal(quantize_rows(bits, variant, perm=perm), expected)
+    assert np.array_equal(quantize_rows(bits, variant, col_perm=perm), expected)
+
+
+def test_fused_row_and_column_gather():
+    rng = np.random.default_rng(6)
+    x = _random_blocks(rng, 64).reshape(32, 512)
+    rows, cols = rng.permutation(32), rng.permutation(512)
+    expected = qstrat.quantize_blocks(np.ascontiguousarray(x[rows][:, cols]))
+    assert np.array_equal(quantize_rows(x, row_perm=rows, col_perm=cols), expected)
 
 
 def test_tiny_block_gives_zero_scale():

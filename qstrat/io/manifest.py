@@ -15,6 +15,7 @@ from qstrat.io.atomic import atomic_writer
 
 MANIFEST_NAME = "manifest.json"
 PASSTHROUGH_NAME = "passthrough.safetensors"
+JOINT_PERMUTATIONS_NAME = "joint_permutations.safetensors"
 MANIFEST_FORMAT = "qstrat-output"
 MANIFEST_VERSION = 1
 

@@ -304,3 +304,18 @@ def write_safetensors(
             if array.nbytes:
                 out.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
     return out.size, out.sha256
+
+
+def read_model_config(model: SafetensorsModel) -> dict[str, object]:
+    """The Hugging Face ``config.json`` beside the weights ({} when there is none)."""
+    directory = model.path if model.path.is_dir() else model.path.parent
+    path = directory / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FormatError(f"{path}: not a readable JSON model config: {err}") from None
+    if not isinstance(config, dict):
+        raise FormatError(f"{path}: a model config must be a JSON object")
+    return config

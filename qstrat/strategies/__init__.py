@@ -7,11 +7,28 @@ from dataclasses import dataclass
 
 from qstrat.errors import ConfigError
 from qstrat.strategies.attention import AttentionAwareStrategy
-from qstrat.strategies.base import PERMUTATION_KINDS, QuantizationStrategy, descending_order
+from qstrat.strategies.base import (
+    PERMUTATION_KINDS,
+    Candidate,
+    Permutation,
+    QuantizationStrategy,
+    descending_order,
+)
 from qstrat.strategies.columnwise import AbsMaxStrategy, IdentityStrategy, L2NormStrategy
+from qstrat.strategies.joint import HeadOrderStrategy, MlpJointStrategy
+from qstrat.strategies.qr import QrPivotStrategy
 
 STRATEGIES: dict[str, type[QuantizationStrategy]] = {
-    cls.name: cls for cls in (IdentityStrategy, L2NormStrategy, AbsMaxStrategy, AttentionAwareStrategy)
+    cls.name: cls
+    for cls in (
+        IdentityStrategy,
+        L2NormStrategy,
+        AbsMaxStrategy,
+        QrPivotStrategy,
+        AttentionAwareStrategy,
+        MlpJointStrategy,
+        HeadOrderStrategy,
+    )
 }
 
 
@@ -42,29 +59,42 @@ class Assignment:
 class StrategyChain:
     """An ordered list of strategies; each tensor goes to the first one that claims it.
 
-    Tensors no entry claims go to the last entry when it is a per-tensor strategy, else to
-    ``identity``.  A tensor claimed twice by one group strategy is an error at plan time.
+    Per-tensor strategies take the quantizable tensors still unclaimed; group strategies
+    claim whole groups (joint ones may include tensors that are not quantized, such as
+    biases, which are then stored permuted), and a group that overlaps an earlier claim is
+    an error at plan time.  Quantizable tensors nobody claims go to the last entry when it
+    is a per-tensor strategy, else to ``identity``.
     """
 
     def __init__(self, entries: Sequence[str | Mapping[str, object] | QuantizationStrategy] = ()) -> None:
         self.strategies = [make_strategy(e) for e in entries] or [IdentityStrategy()]
 
-    def assign(self, shapes: Mapping[str, tuple[int, ...]]) -> list[Assignment]:
-        remaining = dict(shapes)
+    def assign(
+        self, candidates: Mapping[str, Candidate], model_config: Mapping[str, object] | None = None
+    ) -> list[Assignment]:
+        model_config = model_config or {}
+        owner: dict[str, str] = {}
         assignments: list[Assignment] = []
         for strategy in self.strategies:
-            claimed: set[str] = set()
-            for members in strategy.claim(remaining):
+            offered = (
+                {n: c for n, c in candidates.items() if n not in owner} if strategy.per_tensor else candidates
+            )
+            for members in strategy.claim(offered, model_config):
                 for member in members:
-                    if member in claimed:
-                        raise ConfigError(f"strategy {strategy.name} claims tensor {member!r} in two groups")
-                    claimed.add(member)
+                    if member in owner:
+                        raise ConfigError(
+                            f"tensor {member!r} is claimed by both {owner[member]} and {strategy.name}; "
+                            "a tensor can belong to one group only: reorder or narrow the strategy chain"
+                        )
+                    owner[member] = strategy.name
                 assignments.append(Assignment(strategy, tuple(members)))
-            for member in claimed:
-                remaining.pop(member)
         last = self.strategies[-1]
         fallback = last if last.per_tensor else IdentityStrategy()
-        assignments.extend(Assignment(fallback, (name,)) for name in sorted(remaining))
+        assignments.extend(
+            Assignment(fallback, (name,))
+            for name in sorted(candidates)
+            if name not in owner and candidates[name].quantizable
+        )
         return assignments
 
     def describe(self) -> list[dict[str, object]]:
@@ -77,6 +107,11 @@ __all__ = [
     "AbsMaxStrategy",
     "Assignment",
     "AttentionAwareStrategy",
+    "Candidate",
+    "HeadOrderStrategy",
+    "MlpJointStrategy",
+    "Permutation",
+    "QrPivotStrategy",
     "IdentityStrategy",
     "L2NormStrategy",
     "QuantizationStrategy",

@@ -8,14 +8,19 @@ unpermuted, as the original tool did.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from qstrat.errors import ConfigError
 from qstrat.kernels import column_sq_norms
-from qstrat.strategies.base import QuantizationStrategy, common_width, descending_order
+from qstrat.strategies.base import (
+    Candidate,
+    Permutation,
+    QuantizationStrategy,
+    common_width,
+    compile_patterns,
+    descending_order,
+)
 
 #: Each pattern names the attention block (``block``) and the projection's ``role``:
 #: q/k/v share a permutation, qkv (fused) gets its own, o stays unpermuted.
@@ -41,16 +46,7 @@ class AttentionAwareStrategy(QuantizationStrategy):
     def __init__(self, match: str | None = None, patterns: Sequence[str] | None = None) -> None:
         super().__init__(match)
         self.pattern_sources = tuple(patterns) if patterns else DEFAULT_PATTERNS
-        try:
-            self.patterns = [re.compile(p) for p in self.pattern_sources]
-        except re.error as err:
-            raise ConfigError(f"strategy attention_aware: invalid pattern: {err}") from None
-        for pattern in self.patterns:
-            if not {"block", "role"} <= set(pattern.groupindex):
-                raise ConfigError(
-                    f"strategy attention_aware: pattern {pattern.pattern!r} needs the named groups "
-                    "'block' and 'role'"
-                )
+        self.patterns = compile_patterns(self.pattern_sources, "strategy attention_aware: patterns", {"block", "role"})
 
     def _recognise(self, name: str) -> tuple[str, str] | None:
         for pattern in self.patterns:
@@ -59,11 +55,13 @@ class AttentionAwareStrategy(QuantizationStrategy):
                 return found.group("block"), found.group("role")
         return None
 
-    def claim(self, shapes: Mapping[str, tuple[int, ...]]) -> list[tuple[str, ...]]:
+    def claim(
+        self, candidates: Mapping[str, Candidate], model_config: Mapping[str, object]
+    ) -> list[tuple[str, ...]]:
         shared: dict[tuple[str, int], list[str]] = {}
         groups: list[tuple[str, ...]] = []
-        for name in sorted(shapes):
-            if not self.matches(name):
+        for name in sorted(candidates):
+            if not candidates[name].quantizable or not self.matches(name):
                 continue
             recognised = self._recognise(name)
             if recognised is None:
@@ -71,21 +69,21 @@ class AttentionAwareStrategy(QuantizationStrategy):
             block, role = recognised
             if role in _SHARED_ROLES:
                 # only projections of equal input width can share a gather
-                shared.setdefault((block, shapes[name][-1]), []).append(name)
+                shared.setdefault((block, candidates[name].shape[-1]), []).append(name)
             else:
                 groups.append((name,))
         groups.extend(tuple(members) for members in shared.values())
         return sorted(groups)
 
-    def column_permutations(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray | None]:
+    def permutations(self, tensors: Mapping[str, np.ndarray], variant: str) -> dict[str, Permutation | None]:
         names = sorted(tensors)
         if len(names) == 1 and self._role(names[0]) in _OUTPUT_ROLES:
             return {names[0]: None}
         norms = np.zeros(common_width(tensors, self.name), dtype=np.float64)
         for name in names:  # sorted: the float64 sum is the same whatever the offer order
             column_sq_norms(tensors[name], norms)
-        perm = descending_order(norms)
-        return {name: perm for name in names}
+        shared = Permutation(descending_order(norms), 1)
+        return {name: shared for name in names}
 
     def _role(self, name: str) -> str | None:
         recognised = self._recognise(name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -15,36 +16,55 @@ from qstrat.errors import ConfigError
 PERMUTATION_KINDS = ("none", "runtime", "joint")
 
 
-class QuantizationStrategy(ABC):
-    """A named way of choosing column permutations before Q8K quantization.
+@dataclass(frozen=True)
+class Candidate:
+    """What a strategy may know of a tensor at plan time."""
 
-    ``claim`` runs at plan time on names and shapes only; ``column_permutations`` runs in a
-    worker on the mapped tensors of one claimed group and must be a pure function of them,
-    so that results never depend on tensor order, worker count or earlier runs.
+    shape: tuple[int, ...]
+    quantizable: bool
+
+
+@dataclass(frozen=True)
+class Permutation:
+    """A gather map along one axis: stored index i holds source index ``perm[i]``."""
+
+    perm: np.ndarray
+    axis: int  # 0: rows (output features), 1: columns (input features)
+
+
+class QuantizationStrategy(ABC):
+    """A named way of choosing permutations before Q8K quantization.
+
+    ``claim`` runs at plan time on names and shapes only; ``permutations`` runs in a worker
+    on the mapped tensors of one claimed group and must be a pure function of them, so that
+    results never depend on tensor order, worker count or earlier runs.
     """
 
     name: ClassVar[str]
     permutation_kind: ClassVar[str]
-    #: per-tensor strategies can take any tensor; group strategies only what they recognise
+    #: per-tensor strategies take any quantizable tensor left; group strategies only what they recognise
     per_tensor: ClassVar[bool] = True
 
     def __init__(self, match: str | None = None) -> None:
-        try:
-            self.match = re.compile(match) if match else None
-        except re.error as err:
-            raise ConfigError(f"strategy {self.name}: invalid match regex {match!r}: {err}") from None
+        self.match = compile_regex(match, f"strategy {self.name}: match") if match else None
         self.match_source = match
 
     def matches(self, tensor_name: str) -> bool:
         return self.match is None or self.match.search(tensor_name) is not None
 
-    def claim(self, shapes: Mapping[str, tuple[int, ...]]) -> list[tuple[str, ...]]:
-        """Groups of tensor names this strategy takes, from the still unclaimed ``shapes``."""
-        return [(name,) for name in sorted(shapes) if self.matches(name)]
+    def claim(
+        self, candidates: Mapping[str, Candidate], model_config: Mapping[str, object]
+    ) -> list[tuple[str, ...]]:
+        """Groups of tensor names this strategy takes (per-tensor: one group per tensor)."""
+        return [(name,) for name in sorted(candidates) if candidates[name].quantizable and self.matches(name)]
 
     @abstractmethod
-    def column_permutations(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray | None]:
-        """Per member of a claimed group, its gather map (stored j <- original perm[j]) or None."""
+    def permutations(self, tensors: Mapping[str, np.ndarray], variant: str) -> dict[str, Permutation | None]:
+        """Per member of a claimed group (kernel storage arrays), its permutation or None."""
+
+    def group_id(self, members: Sequence[str]) -> str:
+        """A stable name for a claimed group (joint permutations are stored under it)."""
+        return members[0]
 
     def describe(self) -> dict[str, object]:
         spec: dict[str, object] = {"name": self.name}
@@ -54,6 +74,21 @@ class QuantizationStrategy(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.describe()})"
+
+
+def compile_regex(source: str, where: str) -> re.Pattern[str]:
+    try:
+        return re.compile(source)
+    except re.error as err:
+        raise ConfigError(f"{where}: invalid regex {source!r}: {err}") from None
+
+
+def compile_patterns(sources: Sequence[str], where: str, groups: set[str]) -> list[re.Pattern[str]]:
+    patterns = [compile_regex(p, where) for p in sources]
+    for pattern in patterns:
+        if not groups <= set(pattern.groupindex):
+            raise ConfigError(f"{where}: pattern {pattern.pattern!r} needs the named groups {sorted(groups)}")
+    return patterns
 
 
 def descending_order(scores: np.ndarray) -> np.ndarray:
@@ -66,9 +101,3 @@ def common_width(tensors: Mapping[str, np.ndarray], strategy: str) -> int:
     if len(widths) != 1:
         raise ConfigError(f"strategy {strategy}: members of one group differ in width: {sorted(widths)}")
     return widths.pop()
-
-
-def validate_chain_names(names: Sequence[str], known: Sequence[str]) -> None:
-    for name in names:
-        if name not in known:
-            raise ConfigError(f"unknown strategy {name!r}; choose one of {', '.join(known)}")

@@ -7,7 +7,19 @@ from collections.abc import Mapping
 import numpy as np
 
 from qstrat.kernels import column_abs_max, column_sq_norms
-from qstrat.strategies.base import QuantizationStrategy, descending_order
+from qstrat.strategies.base import Permutation, QuantizationStrategy, descending_order
+
+
+def column_l2_order(array: np.ndarray) -> np.ndarray:
+    norms = np.zeros(array.shape[1], dtype=np.float64)
+    column_sq_norms(array, norms)
+    return descending_order(norms)
+
+
+def column_amax_order(array: np.ndarray) -> np.ndarray:
+    amax = np.zeros(array.shape[1], dtype=np.float32)
+    column_abs_max(array, amax)
+    return descending_order(amax)
 
 
 class IdentityStrategy(QuantizationStrategy):
@@ -16,7 +28,7 @@ class IdentityStrategy(QuantizationStrategy):
     name = "identity"
     permutation_kind = "none"
 
-    def column_permutations(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray | None]:
+    def permutations(self, tensors: Mapping[str, np.ndarray], variant: str) -> dict[str, Permutation | None]:
         return {name: None for name in tensors}
 
 
@@ -26,13 +38,8 @@ class L2NormStrategy(QuantizationStrategy):
     name = "l2_norm"
     permutation_kind = "runtime"
 
-    def column_permutations(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray | None]:
-        result: dict[str, np.ndarray | None] = {}
-        for name, array in tensors.items():
-            norms = np.zeros(array.shape[1], dtype=np.float64)
-            column_sq_norms(array, norms)
-            result[name] = descending_order(norms)
-        return result
+    def permutations(self, tensors: Mapping[str, np.ndarray], variant: str) -> dict[str, Permutation | None]:
+        return {name: Permutation(column_l2_order(array), 1) for name, array in tensors.items()}
 
 
 class AbsMaxStrategy(QuantizationStrategy):
@@ -41,10 +48,5 @@ class AbsMaxStrategy(QuantizationStrategy):
     name = "amax"
     permutation_kind = "runtime"
 
-    def column_permutations(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray | None]:
-        result: dict[str, np.ndarray | None] = {}
-        for name, array in tensors.items():
-            amax = np.zeros(array.shape[1], dtype=np.float32)
-            column_abs_max(array, amax)
-            result[name] = descending_order(amax)
-        return result
+    def permutations(self, tensors: Mapping[str, np.ndarray], variant: str) -> dict[str, Permutation | None]:
+        return {name: Permutation(column_amax_order(array), 1) for name, array in tensors.items()}

@@ -1,0 +1,223 @@
+"""Function-preserving joint permutations: no gather at run time, no ``.perm`` file.
+
+Permuting a hidden dimension consistently on both sides leaves the model's function
+unchanged: the rows of the tensors that produce it and the columns of the tensor that
+consumes it move together.  Only the consumer's blocks change (a row permutation moves
+whole rows, and blocks never cross rows), so the order is chosen to minimise the
+consumer's actual Q8K error among a few candidate orders, identity included: a joint
+permutation never makes the model's quantization worse than none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from qstrat.errors import ConfigError
+from qstrat.kernels import column_abs_max, column_sq_norms
+from qstrat.quantize import squared_error
+from qstrat.strategies.base import Candidate, Permutation, QuantizationStrategy, compile_patterns, descending_order
+
+
+def best_order(consumer: np.ndarray, candidates: Sequence[np.ndarray | None], variant: str) -> np.ndarray | None:
+    """The candidate column order with the least Q8K error of ``consumer`` (first on ties)."""
+    errors = [squared_error(consumer, variant, col_perm=order) for order in candidates]
+    return candidates[int(np.argmin(errors))]
+
+
+# -- mlp_joint ---------------------------------------------------------------------------------
+
+#: (block, role, param) patterns; roles: producers of the intermediate dimension, and its consumer
+MLP_PATTERNS: tuple[str, ...] = (
+    r"^(?P<block>.+\.mlp)\.(?P<role>gate_proj|up_proj|down_proj)\.(?P<param>weight|bias)$",  # Llama, Mistral, Qwen
+    r"^(?P<block>.+\.layer\.\d+)\.(?P<role>intermediate)\.dense\.(?P<param>weight|bias)$",  # BERT
+    r"^(?P<block>.+\.layer\.\d+)\.(?P<role>output)\.dense\.(?P<param>weight)$",  # BERT (bias is hidden-sized)
+    r"^(?P<block>.+\.mlp)\.(?P<role>fc1|fc2|dense_h_to_4h|dense_4h_to_h)\.(?P<param>weight|bias)$",  # Phi, NeoX
+)
+_PRODUCERS = {"gate_proj", "up_proj", "intermediate", "fc1", "dense_h_to_4h"}
+_CONSUMERS = {"down_proj", "output", "fc2", "dense_4h_to_h"}
+
+
+class MlpJointStrategy(QuantizationStrategy):
+    """Permute an MLP's intermediate dimension: rows of gate/up (and biases), columns of down."""
+
+    name = "mlp_joint"
+    permutation_kind = "joint"
+    per_tensor = False
+
+    def __init__(self, match: str | None = None, patterns: Sequence[str] | None = None) -> None:
+        super().__init__(match)
+        self.pattern_sources = tuple(patterns) if patterns else MLP_PATTERNS
+        self.patterns = compile_patterns(self.pattern_sources, "strategy mlp_joint: patterns", {"block", "role", "param"})
+
+    def _recognise(self, name: str):
+        for pattern in self.patterns:
+            found = pattern.match(name)
+            if found and found.group("role") in _PRODUCERS | _CONSUMERS:
+                return found.group("block"), found.group("role"), found.group("param")
+        return None
+
+    def claim(self, candidates: Mapping[str, Candidate], model_config: Mapping[str, object]) -> list[tuple[str, ...]]:
+        blocks: dict[str, list[tuple[str, str, str]]] = {}
+        for name in sorted(candidates):
+            recognised = self._recognise(name) if self.matches(name) else None
+            if recognised:
+                block, role, param = recognised
+                if role in _CONSUMERS and param != "weight":
+                    continue  # the consumer's bias lives in the outer dimension
+                blocks.setdefault(block, []).append((name, role, param))
+        groups = []
+        for members in blocks.values():
+            consumers = [n for n, role, p in members if role in _CONSUMERS]
+            producers = [n for n, role, p in members if role in _PRODUCERS and p == "weight"]
+            if len(consumers) != 1 or not producers or not candidates[consumers[0]].quantizable:
+                continue  # nothing to gain, or not an MLP we understand
+            width = candidates[consumers[0]].shape[1]
+            if any(len(candidates[n].shape) < 1 or candidates[n].shape[0] != width for n, role, p in members if role in _PRODUCERS):
+                continue
+            groups.append(tuple(sorted(n for n, _, _ in members)))
+        return sorted(groups)
+
+    def group_id(self, members: Sequence[str]) -> str:
+        return self._recognise(members[0])[0]
+
+    def permutations(self, tensors: Mapping[str, np.ndarray], variant: str) -> dict[str, Permutation | None]:
+        roles = {name: self._recognise(name)[1] for name in tensors}
+        consumer_name = next(n for n, role in roles.items() if role in _CONSUMERS)
+        consumer = tensors[consumer_name]
+        norms = np.zeros(consumer.shape[1], dtype=np.float64)
+        column_sq_norms(consumer, norms)
+        amax = np.zeros(consumer.shape[1], dtype=np.float32)
+        column_abs_max(consumer, amax)
+        order = best_order(consumer, [None, descending_order(norms), descending_order(amax)], variant)
+        if order is None:
+            return {name: None for name in tensors}
+        return {name: Permutation(order, 1 if name == consumer_name else 0) for name in tensors}
+
+
+# -- head_order --------------------------------------------------------------------------------
+
+HEAD_PATTERNS: tuple[str, ...] = (
+    r"^(?P<block>.+\.self_attn)\.(?P<role>q|k|v)_proj\.(?P<param>weight|bias)$",  # Llama, Mistral, Qwen
+    r"^(?P<block>.+\.self_attn)\.(?P<role>o)_proj\.(?P<param>weight)$",
+    r"^(?P<block>.+\.attention)\.self\.(?P<role>query|key|value)\.(?P<param>weight|bias)$",  # BERT
+    r"^(?P<block>.+\.attention)\.(?P<role>output)\.dense\.(?P<param>weight)$",
+)
+_ROLE = {"q": "q", "query": "q", "k": "k", "key": "k", "v": "v", "value": "v", "o": "o", "output": "o"}
+
+
+class HeadOrderStrategy(QuantizationStrategy):
+    """Reorder whole attention heads: rows of q/k/v (and biases) by head, columns of o by head.
+
+    Under grouped-query attention a key/value head moves with the query heads that read it
+    (groups are reordered, and query heads within a group).  Nothing moves inside a head:
+    RoPE pairs dimensions within a head, so a within-head permutation would change the function.
+    Head geometry comes from the options or from the model's config.json.
+    """
+
+    name = "head_order"
+    permutation_kind = "joint"
+    per_tensor = False
+
+    def __init__(
+        self,
+        match: str | None = None,
+        patterns: Sequence[str] | None = None,
+        num_heads: int | None = None,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+    ) -> None:
+        super().__init__(match)
+        self.pattern_sources = tuple(patterns) if patterns else HEAD_PATTERNS
+        self.patterns = compile_patterns(self.pattern_sources, "strategy head_order: patterns", {"block", "role", "param"})
+        self.geometry_options = (num_heads, num_kv_heads, head_dim)
+        self.geometry: tuple[int, int, int] | None = None
+
+    def _recognise(self, name: str):
+        for pattern in self.patterns:
+            found = pattern.match(name)
+            if found and found.group("role") in _ROLE:
+                return found.group("block"), _ROLE[found.group("role")], found.group("param")
+        return None
+
+    def _resolve_geometry(self, model_config: Mapping[str, object], hidden: int) -> tuple[int, int, int]:
+        heads, kv_heads, head_dim = self.geometry_options
+        heads = heads or model_config.get("num_attention_heads") or model_config.get("n_head")
+        if not isinstance(heads, int) or heads < 1:
+            raise ConfigError(
+                "strategy head_order: the number of attention heads is unknown; put the model's config.json "
+                "beside its weights or set the strategy's num_heads option"
+            )
+        kv_heads = kv_heads or model_config.get("num_key_value_heads") or heads
+        head_dim = head_dim or model_config.get("head_dim") or hidden // heads
+        if not all(isinstance(v, int) and v > 0 for v in (kv_heads, head_dim)) or heads % kv_heads:
+            raise ConfigError(f"strategy head_order: {heads} heads cannot share {kv_heads} key/value heads")
+        return heads, kv_heads, head_dim
+
+    def claim(self, candidates: Mapping[str, Candidate], model_config: Mapping[str, object]) -> list[tuple[str, ...]]:
+        blocks: dict[str, dict[tuple[str, str], str]] = {}
+        for name in sorted(candidates):
+            recognised = self._recognise(name) if self.matches(name) else None
+            if recognised:
+                block, role, param = recognised
+                blocks.setdefault(block, {})[(role, param)] = name
+        groups = []
+        for members in blocks.values():
+            if not {("q", "weight"), ("k", "weight"), ("v", "weight"), ("o", "weight")} <= set(members):
+                continue
+            o_name = members[("o", "weight")]
+            if not candidates[o_name].quantizable:
+                continue  # head order only changes the output projection's blocks
+            geometry = self._resolve_geometry(model_config, candidates[members[("q", "weight")]].shape[-1])
+            if self.geometry not in (None, geometry):
+                raise ConfigError("strategy head_order: layers of different head geometry are not supported")
+            self.geometry = geometry
+            heads, kv_heads, head_dim = geometry
+            expected = {"q": heads * head_dim, "k": kv_heads * head_dim, "v": kv_heads * head_dim}
+            for (role, _), name in members.items():
+                size = candidates[name].shape[1] if role == "o" else candidates[name].shape[0]
+                if size != expected.get(role, heads * head_dim):
+                    raise ConfigError(
+                        f"strategy head_order: tensor {name!r} has shape {candidates[name].shape}, which does not "
+                        f"fit {heads} heads / {kv_heads} key-value heads of size {head_dim}"
+                    )
+            groups.append(tuple(sorted(members.values())))
+        return sorted(groups)
+
+    def group_id(self, members: Sequence[str]) -> str:
+        return self._recognise(members[0])[0]
+
+    def _head_order(self, scores: np.ndarray) -> np.ndarray:
+        """Query heads in the new order: groups by descending total score, heads within by score."""
+        heads, kv_heads, _ = self.geometry
+        per_group = heads // kv_heads
+        grouped = scores.reshape(kv_heads, per_group)
+        order = []
+        for group in descending_order(grouped.sum(axis=1)):
+            order.extend(group * per_group + descending_order(grouped[group]))
+        return np.asarray(order, dtype=np.int64)
+
+    def permutations(self, tensors: Mapping[str, np.ndarray], variant: str) -> dict[str, Permutation | None]:
+        heads, kv_heads, head_dim = self.geometry
+        roles = {name: self._recognise(name)[1] for name in tensors}
+        o_name = next(n for n, role in roles.items() if role == "o")
+        o = tensors[o_name]
+        norms = np.zeros(o.shape[1], dtype=np.float64)
+        column_sq_norms(o, norms)
+        amax = np.zeros(o.shape[1], dtype=np.float32)
+        column_abs_max(o, amax)
+        head_orders = [
+            self._head_order(norms.reshape(heads, head_dim).sum(axis=1)),
+            self._head_order(amax.reshape(heads, head_dim).max(axis=1).astype(np.float64)),
+        ]
+        expand = lambda order: (order[:, None] * head_dim + np.arange(head_dim)[None, :]).reshape(-1)  # noqa: E731
+        chosen = best_order(o, [None] + [expand(order) for order in head_orders], variant)
+        if chosen is None:
+            return {name: None for name in tensors}
+        query_heads = chosen[::head_dim] // head_dim
+        kv_order = expand(query_heads[:: heads // kv_heads] // (heads // kv_heads))
+        return {
+            name: Permutation(chosen, 1) if role == "o" else Permutation(chosen if role == "q" else kv_order, 0)
+            for name, role in roles.items()
+        }
