@@ -115,6 +115,36 @@ def write_joint_permutations(output_dir: Path, joint: dict[str, Permutation]) ->
     return WrittenFile(JOINT_PERMUTATIONS_NAME, size, sha256)
 
 
+def _run_groups(
+    plan: Plan, config: QuantizationConfig, out: Path | None, progress: ProgressCallback | None
+) -> tuple[list[TensorRecord], dict[str, Permutation]]:
+    threads = numba_threads_per_worker(config.workers)
+    # Largest groups first: with dynamic dispatch this balances work by bytes, not count.
+    jobs = sorted(plan.groups, key=lambda g: (-g.nbytes, g.members[0].info.name))
+    tasks = (delayed(quantize_group)(job, config.variant, config.validation, out, threads) for job in jobs)
+    records: list[TensorRecord] = []
+    joint: dict[str, Permutation] = {}
+    parallel = Parallel(n_jobs=config.workers, backend="loky", return_as="generator_unordered")
+    for group_result in parallel(tasks):
+        records.extend(group_result.records)
+        joint.update(group_result.joint)
+        if progress is not None:
+            progress(group_result.records)
+    return records, joint
+
+
+def evaluate_model(
+    input_path: str | os.PathLike, config: QuantizationConfig, progress: ProgressCallback | None = None
+) -> QuantizationResult:
+    """Quantize and measure every tensor in memory, writing nothing (for comparisons)."""
+    started = time.perf_counter()
+    model = SafetensorsModel(input_path)
+    plan = make_plan(model, replace(config, validation=True))
+    records, _ = _run_groups(plan, replace(config, validation=True), None, progress)
+    passthrough = [TensorRecord(p.info.name, p.info.shape, p.info.dtype, "passthrough", reason=p.reason) for p in plan.passthrough]
+    return QuantizationResult(None, sorted(records + passthrough, key=lambda r: r.name), time.perf_counter() - started)
+
+
 def quantize_model(
     input_path: str | os.PathLike,
     config: QuantizationConfig,
@@ -128,18 +158,7 @@ def quantize_model(
     out = Path(output_dir) if output_dir is not None else config.output_dir
     previous = prepare_output_dir(out, model)
 
-    threads = numba_threads_per_worker(config.workers)
-    # Largest groups first: with dynamic dispatch this balances work by bytes, not count.
-    jobs = sorted(plan.groups, key=lambda g: (-g.nbytes, g.members[0].info.name))
-    tasks = (delayed(quantize_group)(job, config.variant, config.validation, out, threads) for job in jobs)
-    records: list[TensorRecord] = []
-    joint: dict[str, Permutation] = {}
-    parallel = Parallel(n_jobs=config.workers, backend="loky", return_as="generator_unordered")
-    for group_result in parallel(tasks):
-        records.extend(group_result.records)
-        joint.update(group_result.joint)
-        if progress is not None:
-            progress(group_result.records)
+    records, joint = _run_groups(plan, config, out, progress)
     group_of = {m.info.name: g.group_id for g in plan.groups for m in g.members}
     passthrough = write_passthrough(out, plan, model.metadata, joint, group_of)
     if progress is not None and passthrough:

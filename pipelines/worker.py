@@ -40,8 +40,11 @@ def _checked(job: GroupJob, name: str, permutation: Permutation | None, shape: t
     return permutation
 
 
-def quantize_group(job: GroupJob, variant: str, measure: bool, output_dir: Path, numba_threads: int) -> GroupResult:
-    """Quantize the quantized members of ``job``, write their files, return records and joint maps."""
+def quantize_group(
+    job: GroupJob, variant: str, measure: bool, output_dir: Path | None, numba_threads: int
+) -> GroupResult:
+    """Quantize the quantized members of ``job``, write their files (unless ``output_dir`` is
+    None: an in-memory evaluation), return records and joint maps."""
     numba.set_num_threads(numba_threads)
     started = time.perf_counter()
     arrays = {m.info.name: map_tensor(m.info).view(KERNEL_STORAGE[m.info.dtype]) for m in job.members}
@@ -66,9 +69,11 @@ def quantize_group(job: GroupJob, variant: str, measure: bool, output_dir: Path,
             arrays[info.name], variant, row_perm, col_perm, tensor_name=info.name, measure=measure, finite_checked=True
         )
         rows, k = info.shape
-        files = {"q8k": write_q8k(output_dir / f"{member.stem}.q8k", blocks, rows, k)}
-        if kind == "runtime" and col_perm is not None:
-            files["perm"] = write_perm(output_dir / f"{member.stem}.perm", col_perm)
+        files = {}
+        if output_dir is not None:
+            files["q8k"] = write_q8k(output_dir / f"{member.stem}.q8k", blocks, rows, k)
+            if kind == "runtime" and col_perm is not None:
+                files["perm"] = write_perm(output_dir / f"{member.stem}.perm", col_perm)
         result.records.append(
             TensorRecord(
                 name=info.name,

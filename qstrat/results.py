@@ -49,7 +49,7 @@ class TensorRecord:
 class QuantizationResult:
     """The summary of a run; ``tensors`` holds every tensor's record, sorted by name."""
 
-    output_dir: Path
+    output_dir: Path | None  # None for an in-memory evaluation
     tensors: list[TensorRecord]
     elapsed_s: float
     manifest_path: Path | None = None
