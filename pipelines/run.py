@@ -1,12 +1,16 @@
-"""A whole run: plan -> quantize groups over joblib workers -> passthrough -> manifest."""
+"""A whole run: plan -> quantize groups over joblib workers -> passthrough -> manifest.
+
+Safe to interrupt and to rerun: the output directory is locked for the run, finished
+groups are journaled, and a rerun with the same config and input skips what is intact.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import time
-from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,12 +32,13 @@ from qstrat.io.manifest import (
 )
 from qstrat.io.q8k import WrittenFile
 from qstrat.io.safetensors import SafetensorsModel, map_tensor, write_safetensors
-from qstrat.results import QuantizationResult, TensorRecord
+from qstrat.results import QuantizationResult, TensorRecord, ThresholdFailure
 from qstrat.strategies import Permutation
-from qstrat.pipelines.plan import Plan, make_plan
+from qstrat.pipelines.journal import Journal, group_key, output_lock, run_fingerprint
+from qstrat.pipelines.plan import GroupJob, Plan, make_plan
 from qstrat.pipelines.worker import quantize_group
 
-ProgressCallback = Callable[[list[TensorRecord]], None]
+ProgressCallback = Callable[[list[TensorRecord], int], None]  # records, bytes of input done
 
 
 def numba_threads_per_worker(workers: int) -> int:
@@ -42,23 +47,12 @@ def numba_threads_per_worker(workers: int) -> int:
     return max(1, cores // workers)
 
 
-def prepare_output_dir(output_dir: Path, model: SafetensorsModel) -> dict | None:
-    """Create the output directory and retire the previous run's manifest; returns it."""
+def check_output_dir(output_dir: Path, model: SafetensorsModel) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise OutputError(f"output {output_dir} exists and is not a directory")
     inputs = {f.path.resolve() for f in model.files}
     if output_dir.resolve() in inputs or model.path.resolve() == output_dir.resolve():
         raise InputError(f"output directory {output_dir} is the input; choose another")
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        previous = read_manifest(output_dir)
-        # Until the new manifest lands, the directory must not look complete.
-        with contextlib.suppress(FileNotFoundError):
-            (output_dir / MANIFEST_NAME).unlink()
-        remove_stale_temporaries(output_dir)
-    except OSError as err:
-        raise OutputError(describe_os_error(output_dir, err)) from None
-    return previous
 
 
 def _remove_outdated_files(output_dir: Path, previous: dict | None, records: list[TensorRecord]) -> None:
@@ -116,21 +110,20 @@ def write_joint_permutations(output_dir: Path, joint: dict[str, Permutation]) ->
 
 
 def _run_groups(
-    plan: Plan, config: QuantizationConfig, out: Path | None, progress: ProgressCallback | None
-) -> tuple[list[TensorRecord], dict[str, Permutation]]:
+    jobs: list[GroupJob],
+    config: QuantizationConfig,
+    out: Path | None,
+    on_done: Callable[[GroupJob, list[TensorRecord], dict[str, Permutation]], None],
+) -> None:
+    if not jobs:
+        return
     threads = numba_threads_per_worker(config.workers)
     # Largest groups first: with dynamic dispatch this balances work by bytes, not count.
-    jobs = sorted(plan.groups, key=lambda g: (-g.nbytes, g.members[0].info.name))
-    tasks = (delayed(quantize_group)(job, config.variant, config.validation, out, threads) for job in jobs)
-    records: list[TensorRecord] = []
-    joint: dict[str, Permutation] = {}
-    parallel = Parallel(n_jobs=config.workers, backend="loky", return_as="generator_unordered")
-    for group_result in parallel(tasks):
-        records.extend(group_result.records)
-        joint.update(group_result.joint)
-        if progress is not None:
-            progress(group_result.records)
-    return records, joint
+    ordered = sorted(jobs, key=lambda g: (-g.nbytes, g.members[0].info.name))
+    tasks = (delayed(quantize_group)(job, config.variant, config.validation, out, threads) for job in ordered)
+    parallel = Parallel(n_jobs=min(config.workers, len(ordered)), backend="loky", return_as="generator")
+    for job, group_result in zip(ordered, parallel(tasks)):
+        on_done(job, group_result.records, group_result.joint)
 
 
 def evaluate_model(
@@ -138,11 +131,36 @@ def evaluate_model(
 ) -> QuantizationResult:
     """Quantize and measure every tensor in memory, writing nothing (for comparisons)."""
     started = time.perf_counter()
+    config = replace(config, validation=True)
     model = SafetensorsModel(input_path)
-    plan = make_plan(model, replace(config, validation=True))
-    records, _ = _run_groups(plan, replace(config, validation=True), None, progress)
+    plan = make_plan(model, config)
+    records: list[TensorRecord] = []
+
+    def done(job, group_records, joint):
+        records.extend(group_records)
+        if progress is not None:
+            progress(group_records, job.nbytes)
+
+    _run_groups(list(plan.groups), config, None, done)
     passthrough = [TensorRecord(p.info.name, p.info.shape, p.info.dtype, "passthrough", reason=p.reason) for p in plan.passthrough]
     return QuantizationResult(None, sorted(records + passthrough, key=lambda r: r.name), time.perf_counter() - started)
+
+
+def threshold_failures(records: list[TensorRecord], thresholds) -> list[ThresholdFailure]:
+    failures = []
+    if thresholds is None:
+        return failures
+    for record in records:
+        m = record.metrics
+        if record.storage != "q8k" or m is None:
+            continue
+        if thresholds.min_sqnr_db is not None and m.sqnr_db < thresholds.min_sqnr_db:
+            failures.append(ThresholdFailure(record.name, "sqnr_db", m.sqnr_db, thresholds.min_sqnr_db))
+        if thresholds.max_mse is not None and m.mse > thresholds.max_mse:
+            failures.append(ThresholdFailure(record.name, "mse", m.mse, thresholds.max_mse))
+        if thresholds.min_cosine is not None and m.cosine < thresholds.min_cosine:
+            failures.append(ThresholdFailure(record.name, "cosine", m.cosine, thresholds.min_cosine))
+    return failures
 
 
 def quantize_model(
@@ -150,34 +168,129 @@ def quantize_model(
     config: QuantizationConfig,
     output_dir: str | os.PathLike | None = None,
     progress: ProgressCallback | None = None,
+    *,
+    force: bool | None = None,
+    thresholds=None,
+    settings: dict[str, object] | None = None,
 ) -> QuantizationResult:
-    """Quantize a .safetensors file or model directory into an output directory."""
+    """Quantize a .safetensors file or model directory into an output directory.
+
+    Reruns resume: groups whose files are intact are kept.  Output of a different config
+    or input is refused unless ``force`` (default: ``config.force``).
+    """
     started = time.perf_counter()
+    force = config.force if force is None else force
     model = SafetensorsModel(input_path)
     plan = make_plan(model, config)
     out = Path(output_dir) if output_dir is not None else config.output_dir
-    previous = prepare_output_dir(out, model)
+    check_output_dir(out, model)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(describe_os_error(out, err)) from None
+    settings = dict(settings or {}, **config.describe())
+    fingerprint = run_fingerprint(settings, model)
+    with output_lock(out):
+        return _quantize_locked(model, plan, config, out, progress, force, thresholds, settings, fingerprint, started)
 
-    records, joint = _run_groups(plan, config, out, progress)
+
+def _quantize_locked(model, plan, config, out, progress, force, thresholds, settings, fingerprint, started):
+    previous = read_manifest_lenient(out)
+    journal = Journal(out, fingerprint)
+    earlier = journal.previous_fingerprint() or (previous or {}).get("fingerprint")
+    mixed = earlier is not None and earlier != fingerprint
+    if mixed and not force:
+        raise OutputError(
+            f"output {out} holds results of a different config or input; rerun with --force to replace them"
+        )
+    if not mixed:
+        journal.load()
+    try:
+        # Until the new manifest lands, the directory must not look complete.
+        with contextlib.suppress(FileNotFoundError):
+            (out / MANIFEST_NAME).unlink()
+        remove_stale_temporaries(out)
+    except OSError as err:
+        raise OutputError(describe_os_error(out, err)) from None
+    journal.open(fresh=mixed or not journal.done)
+
+    records: list[TensorRecord] = []
+    joint: dict[str, Permutation] = {}
+    pending = []
+    for job in plan.groups:
+        reused = journal.reusable(group_key(job.strategy.name, [m.info.name for m in job.members]), out)
+        if reused is None:
+            pending.append(job)
+            continue
+        records.extend(reused[0])
+        joint.update(reused[1])
+        if progress is not None:
+            progress(reused[0], job.nbytes)
+
+    def done(job, group_records, group_joint):
+        journal.record(group_key(job.strategy.name, [m.info.name for m in job.members]), group_records, group_joint)
+        records.extend(group_records)
+        joint.update(group_joint)
+        if progress is not None:
+            progress(group_records, job.nbytes)
+
+    try:
+        _run_groups(pending, config, out, done)
+    finally:
+        journal.close()
     group_of = {m.info.name: g.group_id for g in plan.groups for m in g.members}
     passthrough = write_passthrough(out, plan, model.metadata, joint, group_of)
     if progress is not None and passthrough:
-        progress(passthrough)
+        progress(passthrough, sum(p.info.nbytes for p in plan.passthrough))
     joint_file = write_joint_permutations(out, joint)
     records = sorted(records + passthrough, key=lambda r: r.name)
     if joint_file is not None:
         records = [r if r.joint_group is None else replace(r, files={**r.files, "joint_perm": joint_file}) for r in records]
     _remove_outdated_files(out, previous, records)
+    failures = threshold_failures(records, thresholds)
 
     manifest = {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_VERSION,
         "tool": {"name": "qstrat", "version": __version__},
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "fingerprint": fingerprint,
         "source": {"path": str(model.path), "files": sorted(f.path.name for f in model.files)},
-        "config": config.describe(),
+        "config": settings,
         "variant": config.variant,
         "tensors": {r.name: r.manifest_entry() for r in records},
+        "validation": {"failed": [f.as_dict() for f in failures]},
     }
     manifest_path = write_manifest(out, manifest)
-    return QuantizationResult(out, records, time.perf_counter() - started, manifest_path)
+    return QuantizationResult(out, records, time.perf_counter() - started, manifest_path, failures)
+
+
+def read_manifest_lenient(directory: Path) -> dict | None:
+    """The previous manifest, or None if it is missing or unreadable (it is rewritten anyway)."""
+    try:
+        return read_manifest(directory)
+    except (InputError, OSError):
+        return None
+
+
+def describe_plan(plan: Plan) -> dict[str, object]:
+    """What a run would do, for --dry-run: tensors, strategies, skips, estimated output size."""
+    from qstrat.kernels import BLOCK_BYTES, QK_K
+
+    quantized, size = [], 0
+    for group in plan.groups:
+        for member in group.members:
+            if member.quantize:
+                rows, k = member.info.shape
+                q8k_bytes = 24 + rows * (k // QK_K) * BLOCK_BYTES
+                size += q8k_bytes + (8 + 4 * k if group.strategy.permutation_kind == "runtime" else 0)
+                quantized.append(
+                    {"name": member.info.name, "shape": list(member.info.shape), "dtype": member.info.dtype,
+                     "strategy": group.strategy.name, "permutation": group.strategy.permutation_kind}
+                )
+    passthrough = [{"name": p.info.name, "shape": list(p.info.shape), "dtype": p.info.dtype, "reason": p.reason} for p in plan.passthrough]
+    size += sum(p.info.nbytes for p in plan.passthrough)
+    return {"quantized": sorted(quantized, key=lambda q: q["name"]), "passthrough": passthrough, "estimated_output_bytes": size}
+
+
+__all__ = ["describe_plan", "evaluate_model", "quantize_model"]

@@ -80,7 +80,7 @@ def quantize(
         config = QuantizationConfig(
             strategies=strategy, variant=variant, workers=workers, validation=validation, output_dir=output_dir
         )
-        print_summary(quantize_model(input_path, config, progress=lambda rs: [print_record(r) for r in rs]))
+        print_summary(quantize_model(input_path, config, progress=lambda rs, _: [print_record(r) for r in rs]))
 
 
 @app.command()

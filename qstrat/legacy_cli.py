@@ -29,13 +29,14 @@ def quantize_q8k(
     from qstrat.pipelines.run import quantize_model
 
     with user_errors():
-        config = QuantizationConfig(output_dir=output_dir).with_environment()
+        # like the original tool, replace whatever an earlier run left (an identical rerun still resumes)
+        config = QuantizationConfig(output_dir=output_dir, force=True).with_environment()
         print(f"Input   : {input_path}")
         print(f"Output  : {output_dir}")
         print(f"Permute : {'on' if config.use_permutation else 'off'}")
         print(f"Strategy: {', '.join(e if isinstance(e, str) else str(e) for e in config.chain_entries())}")
         print(f"Variant : {config.variant}", flush=True)
-        print_summary(quantize_model(input_path, config, progress=lambda records: [print_record(r) for r in records]))
+        print_summary(quantize_model(input_path, config, progress=lambda records, _: [print_record(r) for r in records]))
 
 
 def main() -> None:

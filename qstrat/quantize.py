@@ -44,6 +44,12 @@ class TensorMetrics:
             cosine=cosine,
         )
 
+    @classmethod
+    def from_dict(cls, values: dict[str, float | None]) -> TensorMetrics:
+        """Inverse of :meth:`as_dict` (a null SQNR is an exact result)."""
+        restored = {k: (v if v is not None else (math.inf if k == "sqnr_db" else math.nan)) for k, v in values.items()}
+        return cls(**restored)
+
     def as_dict(self) -> dict[str, float | None]:
         # JSON has no infinity: an exact quantization is recorded as null SQNR
         return {k: (v if math.isfinite(v) else None) for k, v in asdict(self).items()}

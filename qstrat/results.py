@@ -27,6 +27,25 @@ class TensorRecord:
     seconds: float = 0.0
     reason: str | None = None  # why a tensor was passed through
 
+    @classmethod
+    def from_manifest_entry(cls, name: str, entry: dict) -> TensorRecord:
+        """The record a manifest (or journal) entry was made from."""
+        joint = entry.get("joint")
+        metrics = entry.get("metrics")
+        return cls(
+            name=name,
+            shape=tuple(entry["shape"]),
+            dtype=entry["dtype"],
+            storage=entry["storage"],
+            strategy=entry.get("strategy"),
+            permutation=entry.get("permutation", "none"),
+            joint_group=joint["group"] if joint else None,
+            joint_axis=joint["axis"] if joint else None,
+            files={role: WrittenFile(**f) for role, f in entry.get("files", {}).items()},
+            metrics=TensorMetrics.from_dict(metrics) if metrics else None,
+            reason=entry.get("reason"),
+        )
+
     def manifest_entry(self) -> dict[str, object]:
         entry: dict[str, object] = {
             "shape": list(self.shape),
@@ -45,6 +64,23 @@ class TensorRecord:
         return entry
 
 
+@dataclass(frozen=True)
+class ThresholdFailure:
+    """A tensor whose metric fell on the wrong side of a configured threshold."""
+
+    name: str
+    metric: str
+    value: float
+    limit: float
+
+    def as_dict(self) -> dict[str, object]:
+        value = self.value if math.isfinite(self.value) else None
+        return {"tensor": self.name, "metric": self.metric, "value": value, "limit": self.limit}
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.metric} = {self.value:.4g} (limit {self.limit:g})"
+
+
 @dataclass
 class QuantizationResult:
     """The summary of a run; ``tensors`` holds every tensor's record, sorted by name."""
@@ -53,6 +89,7 @@ class QuantizationResult:
     tensors: list[TensorRecord]
     elapsed_s: float
     manifest_path: Path | None = None
+    failures: list[ThresholdFailure] = field(default_factory=list)
 
     @property
     def quantized(self) -> list[TensorRecord]:

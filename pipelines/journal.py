@@ -1,0 +1,167 @@
+"""Resumable runs: a journal of finished groups, and a lock on the output directory.
+
+The journal (``.qstrat-journal.jsonl``) starts with the run's fingerprint (config and input
+identity) and gains one line per finished group, flushed to disk before the next is
+recorded.  A rerun with the same fingerprint skips every group whose files still exist with
+the recorded sha256; anything else is redone.  Because each file is written atomically and
+the manifest last, a run killed at any moment and rerun ends byte-identical to one that was
+never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from qstrat.errors import OutputError
+from qstrat.io.atomic import describe_os_error
+from qstrat.io.safetensors import HEADER_LENGTH_BYTES, SafetensorsModel
+from qstrat.results import TensorRecord
+from qstrat.strategies import Permutation
+
+JOURNAL_NAME = ".qstrat-journal.jsonl"
+LOCK_NAME = ".qstrat.lock"
+HASH_CHUNK = 1 << 22
+
+
+def file_sha256(path: Path) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(HASH_CHUNK):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def input_identity(model: SafetensorsModel) -> list[dict[str, object]]:
+    """Each input file's name, size and header hash: changes when the weights change."""
+    identity = []
+    for file in model.files:
+        with open(file.path, "rb") as f:
+            header = f.read(file.data_start)
+        identity.append(
+            {"file": file.path.name, "size": file.size, "header_sha256": hashlib.sha256(header[HEADER_LENGTH_BYTES:]).hexdigest()}
+        )
+    return identity
+
+
+def run_fingerprint(settings: dict[str, object], model: SafetensorsModel) -> str:
+    document = json.dumps({"settings": settings, "inputs": input_identity(model)}, sort_keys=True)
+    return hashlib.sha256(document.encode()).hexdigest()
+
+
+def group_key(strategy: str, members: list[str]) -> str:
+    return json.dumps([strategy, sorted(members)])
+
+
+class Journal:
+    """Finished groups of one fingerprint, read on start and appended as groups finish."""
+
+    def __init__(self, directory: Path, fingerprint: str) -> None:
+        self.path = directory / JOURNAL_NAME
+        self.fingerprint = fingerprint
+        self.done: dict[str, dict] = {}
+        self._file = None
+
+    def previous_fingerprint(self) -> str | None:
+        try:
+            first = self.path.read_text(encoding="utf-8").split("\n", 1)[0]
+            return json.loads(first).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def load(self) -> None:
+        """Read finished groups (a torn last line from a killed run is ignored)."""
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return
+        for line in lines[1:]:
+            try:
+                entry = json.loads(line)
+                self.done[entry["group"]] = entry
+            except (ValueError, KeyError, TypeError):
+                break
+
+    def open(self, fresh: bool) -> None:
+        try:
+            if fresh or not self.path.exists():
+                with open(self.path, "w", encoding="utf-8") as f:
+                    f.write(json.dumps({"fingerprint": self.fingerprint}) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            self._file = open(self.path, "a", encoding="utf-8")
+        except OSError as err:
+            raise OutputError(describe_os_error(self.path, err)) from None
+
+    def reusable(self, key: str, directory: Path) -> tuple[list[TensorRecord], dict[str, Permutation]] | None:
+        """The records of a finished group whose files are intact, else None."""
+        entry = self.done.get(key)
+        if entry is None:
+            return None
+        records = [TensorRecord.from_manifest_entry(name, e) for name, e in entry["records"].items()]
+        for record in records:
+            for file in record.files.values():
+                if file_sha256(directory / file.path) != file.sha256:
+                    return None
+        joint = {name: Permutation(np.asarray(j["perm"], dtype=np.int64), int(j["axis"])) for name, j in entry["joint"].items()}
+        return records, joint
+
+    def record(self, key: str, records: list[TensorRecord], joint: dict[str, Permutation]) -> None:
+        entry = {
+            "group": key,
+            "records": {r.name: r.manifest_entry() for r in records},
+            "joint": {n: {"axis": p.axis, "perm": p.perm.tolist()} for n, p in sorted(joint.items())},
+        }
+        try:
+            self._file.write(json.dumps(entry, sort_keys=True, allow_nan=False) + "\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as err:
+            raise OutputError(describe_os_error(self.path, err)) from None
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+@contextlib.contextmanager
+def output_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the output directory for the whole run.
+
+    An OS file lock (flock): it is released when the process dies, however it dies, so a
+    lock left by a killed run never blocks the next one.
+    """
+    path = directory / LOCK_NAME
+    try:
+        handle = open(path, "a+", encoding="utf-8")
+    except OSError as err:
+        raise OutputError(describe_os_error(path, err)) from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise OutputError(f"output {directory} is in use by {holder}; wait for it to finish") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)  # released: an empty lock file names nobody
+    finally:
+        handle.close()

@@ -1,0 +1,316 @@
+"""The YAML run configuration: schema, line-numbered errors, and the precedence of overrides.
+
+Precedence, lowest first: built-in defaults < the YAML file < ``CANDLE_Q8K_*`` environment
+variables < command-line flags (``--input``, ``--output``, ``--set key.path=value``).
+Relative paths in the file are relative to the file's own directory (so a cron job can run
+it from anywhere); paths given as flags are relative to the current directory.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from qstrat.blocks import Q8K_VARIANTS
+from qstrat.config import SEED_CHAINS, QuantizationConfig, StrategyType, parse_bool, parse_positive_int
+from qstrat.errors import ConfigError
+from qstrat.strategies import STRATEGIES, make_strategy
+
+VALIDATION_STAGES = ("weight_error",)
+OUTPUT_FORMATS = ("q8k",)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StrategyEntry(BaseModel):
+    """``{name: l2_norm, match: "mlp", ...options}``; options are checked by the strategy."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    match: str | None = None
+
+
+class Thresholds(_Strict):
+    min_sqnr_db: float | None = None
+    max_mse: float | None = Field(default=None, ge=0)
+    min_cosine: float | None = Field(default=None, ge=-1, le=1)
+
+    @field_validator("min_sqnr_db", "max_mse", "min_cosine", mode="before")
+    @classmethod
+    def _numbers(cls, value):
+        # YAML reads 1e-3 as a string: accept numbers written that way, but nothing else
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise ValueError(f"expected a number, got {value!r}") from None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return value
+
+
+class ValidationSection(_Strict):
+    enabled: bool = True
+    stages: list[Literal[VALIDATION_STAGES]] = Field(default_factory=lambda: list(VALIDATION_STAGES))  # type: ignore[valid-type]
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+
+
+class ParallelSection(_Strict):
+    workers: int = Field(default=1, ge=1)
+    backend: Literal["loky"] = "loky"
+
+
+class RunSchema(_Strict):
+    input: Union[str, list[str]]
+    output: str
+    variant: Literal[Q8K_VARIANTS] = "candle"  # type: ignore[valid-type]
+    strategies: list[Union[str, StrategyEntry]] = Field(default_factory=lambda: ["identity"], min_length=1)
+    skip_patterns: list[str] = Field(default_factory=lambda: ["embed_tokens", "norm"])
+    validation: ValidationSection = Field(default_factory=ValidationSection)
+    outputs: list[Literal[OUTPUT_FORMATS]] = Field(default_factory=lambda: ["q8k"], min_length=1)  # type: ignore[valid-type]
+    parallel: ParallelSection = Field(default_factory=ParallelSection)
+
+
+@dataclass(frozen=True)
+class ModelJob:
+    """One model of a run: where it is read, where it is written."""
+
+    name: str
+    input: Path
+    output: Path
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A validated run: the models and the quantization settings they share."""
+
+    models: tuple[ModelJob, ...]
+    config: QuantizationConfig
+    thresholds: Thresholds
+    source: Path | None
+    raw: dict[str, Any]
+
+
+# -- YAML with line numbers ----------------------------------------------------------------------
+
+
+class _NoDuplicatesLoader(yaml.SafeLoader):
+    """Safe loading only (no object construction); duplicate keys are errors."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_NoDuplicatesLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _line_index(node, path=(), index=None) -> dict[tuple, int]:
+    """Key path -> 1-based line, for every node of a composed YAML document."""
+    index = {} if index is None else index
+    index[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            child = path + (key.value,)
+            index[child] = key.start_mark.line + 1
+            _line_index(value, child, index)
+            index[child] = key.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _line_index(item, path + (i,), index)
+    return index
+
+
+def _parse_yaml(text: str, where: str) -> tuple[dict, dict[tuple, int]]:
+    try:
+        node = yaml.compose(text, Loader=_NoDuplicatesLoader)
+        data = yaml.load(text, Loader=_NoDuplicatesLoader)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        position = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{where}: {position}{err.problem or err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {err}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of settings")
+    return data, (_line_index(node) if node is not None else {})
+
+
+# -- overrides -----------------------------------------------------------------------------------
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    target = data
+    for key in keys[:-1]:
+        child = target.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {key!r} is not a section")
+        target = child
+    target[keys[-1]] = value
+
+
+def parse_set_option(option: str) -> tuple[str, Any]:
+    """``key.path=value``, the value read as a YAML scalar or flow collection."""
+    key, sep, text = option.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {option!r}: expected key.path=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {option!r}: the value is not valid YAML") from None
+    return key.strip(), value
+
+
+def apply_environment(data: dict, environ: Mapping[str, str]) -> None:
+    """The original tool's variables, mapped onto the config (they override the file)."""
+    if "CANDLE_Q8K_THREADS" in environ:
+        _set_path(data, "parallel.workers", parse_positive_int(environ["CANDLE_Q8K_THREADS"], "CANDLE_Q8K_THREADS"))
+    if "CANDLE_Q8K_VALIDATION" in environ:
+        _set_path(data, "validation.enabled", parse_bool(environ["CANDLE_Q8K_VALIDATION"], "CANDLE_Q8K_VALIDATION"))
+    if "CANDLE_Q8K_VARIANT" in environ:
+        data["variant"] = environ["CANDLE_Q8K_VARIANT"]
+    permute = environ.get("CANDLE_Q8K_PERMUTE")
+    strategy = environ.get("CANDLE_Q8K_STRATEGY")
+    if permute is not None and not parse_bool(permute, "CANDLE_Q8K_PERMUTE"):
+        data["strategies"] = ["identity"]
+    elif permute is not None or strategy is not None:
+        kind = StrategyType.parse(strategy or "l2_norm", "CANDLE_Q8K_STRATEGY")
+        data["strategies"] = list(SEED_CHAINS[kind])
+
+
+# -- loading -------------------------------------------------------------------------------------
+
+
+def _format_errors(err: ValidationError, lines: dict[tuple, int], where: str) -> str:
+    messages = []
+    for problem in err.errors():
+        location = tuple(p for p in problem["loc"] if not (isinstance(p, str) and p.startswith(("str", "list[", "StrategyEntry"))))
+        key = ".".join(str(p) for p in location) or "(top level)"
+        line = next((lines[location[:n]] for n in range(len(location), -1, -1) if location[:n] in lines), None)
+        at = f"line {line}: " if line else ""
+        text = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            text = "unknown key"
+        elif problem["type"] == "missing":
+            text = "required key is missing"
+        messages.append(f"{at}{key}: {text}")
+    unique = list(dict.fromkeys(messages))
+    return f"{where}: " + "; ".join(unique[:5])
+
+
+def _resolve(path_text: str, base: Path) -> Path:
+    path = Path(os.path.expanduser(path_text))
+    return path if path.is_absolute() else base / path
+
+
+def _model_inputs(patterns: Sequence[str], base: Path, from_file: bool) -> list[Path]:
+    inputs: list[Path] = []
+    for pattern in patterns:
+        resolved = _resolve(pattern, base if from_file else Path.cwd())
+        if glob.has_magic(str(resolved)):
+            matches = sorted(Path(p) for p in glob.glob(str(resolved)))
+            if not matches:
+                raise ConfigError(f"input: the pattern {pattern!r} matches nothing")
+            inputs.extend(matches)
+        else:
+            inputs.append(resolved)
+    return inputs
+
+
+def _model_name(path: Path) -> str:
+    return path.stem if path.suffix == ".safetensors" else path.name
+
+
+def load_run_config(
+    config_path: str | os.PathLike | None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    input_override: Sequence[str] | None = None,
+    output_override: str | None = None,
+    sets: Sequence[str] = (),
+) -> RunSpec:
+    """Read, overlay and validate a run configuration; every error names the key (and line)."""
+    environ = os.environ if environ is None else environ
+    where = str(config_path) if config_path else "configuration"
+    base = Path.cwd()
+    data: dict[str, Any] = {}
+    lines: dict[tuple, int] = {}
+    if config_path is not None:
+        path = Path(config_path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: cannot read: {err}") from None
+        data, lines = _parse_yaml(text, where)
+        base = path.resolve().parent
+    input_from_file = "input" in data
+    output_from_file = "output" in data
+    apply_environment(data, environ)
+    if input_override:
+        data["input"] = list(input_override)
+        input_from_file = False
+    if output_override is not None:
+        data["output"] = output_override
+        output_from_file = False
+    for option in sets:
+        key, value = parse_set_option(option)
+        _set_path(data, key, value)
+        if key == "input":
+            input_from_file = False
+        if key == "output":
+            output_from_file = False
+    try:
+        schema = RunSchema.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, lines, where)) from None
+    chain = [e if isinstance(e, str) else e.model_dump(exclude_none=True) for e in schema.strategies]
+    for entry in chain:
+        make_strategy(entry)  # unknown names and options fail here, before anything runs
+    config = QuantizationConfig(
+        strategies=chain,
+        variant=schema.variant,
+        skip_patterns=tuple(schema.skip_patterns),
+        validation=schema.validation.enabled,
+        workers=schema.parallel.workers,
+    )
+    inputs = _model_inputs([schema.input] if isinstance(schema.input, str) else schema.input, base, input_from_file)
+    output_template = str(_resolve(schema.output, base if output_from_file else Path.cwd()))
+    if len(inputs) > 1 and "{model}" not in output_template:
+        raise ConfigError(f"{where}: output must contain {{model}} when the input names several models")
+    models = []
+    for model_path in inputs:
+        name = _model_name(model_path)
+        try:
+            output = Path(output_template.format(model=name))
+        except (KeyError, IndexError, ValueError) as err:
+            raise ConfigError(f"{where}: output template {schema.output!r}: only {{model}} may be used ({err})") from None
+        models.append(ModelJob(name, model_path, output))
+    names = [m.output for m in models]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: two input models would write to the same output directory")
+    return RunSpec(tuple(models), config, schema.validation.thresholds, Path(config_path) if config_path else None, schema.model_dump())
+
+
+__all__ = ["STRATEGIES", "ModelJob", "RunSpec", "load_run_config", "parse_set_option"]
