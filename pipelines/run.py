@@ -78,7 +78,7 @@ def write_passthrough(
         permutation = joint.get(info.name)
         return array if permutation is None else np.take(array, permutation.perm, axis=permutation.axis)
 
-    items = ((p.info.name, p.info.dtype, p.info.shape, stored(p.info)) for p in plan.passthrough)
+    items = ((p.info.name, p.info.dtype, p.info.shape, lambda info=p.info: stored(info)) for p in plan.passthrough)
     size, sha256 = write_safetensors(output_dir / PASSTHROUGH_NAME, items, metadata)
     file = WrittenFile(PASSTHROUGH_NAME, size, sha256)
     records = []

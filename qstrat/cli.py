@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,26 +15,34 @@ import typer
 from qstrat._version import __version__
 from qstrat.blocks import Q8K_VARIANTS
 from qstrat.config import QuantizationConfig
-from qstrat.errors import Interrupted, QstratError
+from qstrat.errors import Interrupted, OutputError, QstratError, ValidationFailed
 from qstrat.results import QuantizationResult, TensorRecord
 from qstrat.strategies import STRATEGIES
 
+EXIT_OK = 0
+EXIT_BATCH_PARTIAL = 5
 EXIT_CODES_HELP = (
-    "Exit codes: 0 success; 2 bad input, configuration or usage; 3 output not writable; "
-    "4 a tensor failed a validation threshold; 130 interrupted."
+    "Exit codes: 0 success; 2 bad input, configuration or usage; 3 output not writable or in use; "
+    "4 a tensor failed a validation threshold; 5 some models of a batch failed; 130 interrupted."
 )
 
 app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     no_args_is_help=True,
+    rich_markup_mode=None,
     help=f"Quantize .safetensors models to Q8K (Candle / GGML), with column-permutation strategies.\n\n{EXIT_CODES_HELP}",
 )
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn library errors and Ctrl-C into a one-line message and the documented exit code."""
+    """Turn library errors, Ctrl-C and SIGTERM into a one-line message and the documented exit code."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         yield
     except QstratError as err:
@@ -41,25 +51,160 @@ def user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         raise typer.Exit(Interrupted.exit_code) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
-def print_record(record: TensorRecord) -> None:
+def format_record(record: TensorRecord) -> str:
     shape = "x".join(str(d) for d in record.shape)
     if record.storage == "q8k":
         quality = ""
         if record.metrics is not None:
             quality = f" mse={record.metrics.mse:.3e} sqnr={record.metrics.sqnr_db:.1f}dB"
-        print(f"  q8k   {record.name} [{shape}] {record.strategy} perm={record.permutation}{quality}", flush=True)
-    else:
-        print(f"  pass  {record.name} [{shape}] {record.dtype}: {record.reason}", flush=True)
+        return f"  q8k   {record.name} [{shape}] {record.strategy} perm={record.permutation}{quality}"
+    return f"  pass  {record.name} [{shape}] {record.dtype}: {record.reason}"
 
 
-def print_summary(result: QuantizationResult) -> None:
+def print_record(record: TensorRecord) -> None:
+    print(format_record(record), flush=True)
+
+
+def summary_line(result: QuantizationResult) -> str:
     mse = "n/a" if math.isnan(result.average_mse) else f"{result.average_mse:.3e}"
-    print(
+    return (
         f"Done in {result.elapsed_s:.2f}s. Quantized: {result.tensor_count}, skipped: {result.skipped_count}, "
         f"average MSE: {mse}. Output: {result.output_dir}"
     )
+
+
+def print_summary(result: QuantizationResult) -> None:
+    print(summary_line(result), flush=True)
+
+
+class Reporter:
+    """Progress for one model: a bar on a terminal, plain lines otherwise (cron), or nothing."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode  # "bar" | "lines" | "quiet"
+        self._progress = None
+
+    @contextlib.contextmanager
+    def model(self, name: str, total_bytes: int) -> Iterator[None]:
+        if self.mode != "bar":
+            if self.mode == "lines":
+                print(f"{name}: quantizing", flush=True)
+            yield
+            return
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TextColumn("{task.fields[tensors]} tensors"),
+            TimeRemainingColumn(), transient=False,
+        ) as progress:
+            self._progress = progress
+            self._task = progress.add_task(name, total=total_bytes, tensors=0)
+            try:
+                yield
+            finally:
+                self._progress = None
+
+    def __call__(self, records: list[TensorRecord], nbytes: int) -> None:
+        if self.mode == "lines":
+            for record in records:
+                print(format_record(record), flush=True)
+        elif self._progress is not None:
+            done = self._progress.tasks[0].fields["tensors"] + len(records)
+            self._progress.update(self._task, advance=nbytes, tensors=done)
+
+
+def _print_plan(name: str, output: Path, description: dict) -> None:
+    print(f"{name} -> {output}")
+    for q in description["quantized"]:
+        shape = "x".join(map(str, q["shape"]))
+        print(f"  q8k   {q['name']} [{shape}] {q['dtype']} {q['strategy']} ({q['permutation']})")
+    for p in description["passthrough"]:
+        shape = "x".join(map(str, p["shape"]))
+        print(f"  pass  {p['name']} [{shape}] {p['dtype']}: {p['reason']}")
+    mb = description["estimated_output_bytes"] / 1e6
+    print(f"  {len(description['quantized'])} to quantize, {len(description['passthrough'])} passed through, about {mb:.1f} MB of output")
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="YAML run configuration (see configs/)"),
+    input: list[str] = typer.Option(None, "--input", "-i", help="input model(s), replacing the config's (repeatable; globs allowed)"),
+    output: str = typer.Option(None, "--output", "-o", help="output directory, or template with {model}"),
+    set_: list[str] = typer.Option(None, "--set", help="override a config value: key.path=value (repeatable)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and write nothing"),
+    force: bool = typer.Option(False, "--force", help="replace results of a different config or input"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="print nothing but errors"),
+    json_output: bool = typer.Option(False, "--json", help="print one machine-readable summary line"),
+) -> None:
+    """Run the quantization a YAML config describes, over one model or a batch of models.
+
+    Precedence: built-in defaults < the YAML file < CANDLE_Q8K_* environment < flags.
+    A rerun resumes: tensors whose files are intact are kept.
+    """
+    from qstrat.io.safetensors import SafetensorsModel
+    from qstrat.pipelines.plan import make_plan
+    from qstrat.pipelines.run import describe_plan, quantize_model
+    from qstrat.runconfig import load_run_config
+
+    with user_errors():
+        spec = load_run_config(config, input_override=input or None, output_override=output, sets=set_ or ())
+        if dry_run:
+            plans = {}
+            for job in spec.models:
+                description = describe_plan(make_plan(SafetensorsModel(job.input), spec.config))
+                plans[job.name] = {"output": str(job.output), **description}
+                if not json_output:
+                    _print_plan(job.name, job.output, description)
+            if json_output:
+                print(json.dumps({"dry_run": True, "models": plans}))
+            return
+        mode = "quiet" if quiet or json_output else ("bar" if sys.stdout.isatty() else "lines")
+        reporter = Reporter(mode)
+        batch = len(spec.models) > 1
+        outcomes, exit_code = [], EXIT_OK
+        for job in spec.models:
+            outcome = {"model": job.name, "input": str(job.input), "output": str(job.output)}
+            try:
+                model = SafetensorsModel(job.input)
+                with reporter.model(job.name, sum(t.nbytes for t in model)):
+                    result = quantize_model(
+                        job.input, spec.config, job.output, reporter, force=force, thresholds=spec.thresholds,
+                        settings={"thresholds": spec.raw["validation"]["thresholds"]},
+                    )
+            except QstratError as err:
+                if not batch:
+                    raise
+                outcome.update(status="failed", error=str(err))
+                exit_code = EXIT_BATCH_PARTIAL
+                if not json_output:
+                    print(f"error: {job.name}: {err}", file=sys.stderr)
+            else:
+                outcome.update(
+                    status="threshold_failed" if result.failures else "ok",
+                    tensor_count=result.tensor_count,
+                    skipped_count=result.skipped_count,
+                    average_mse=None if math.isnan(result.average_mse) else result.average_mse,
+                    failures=[f.as_dict() for f in result.failures],
+                    elapsed_s=round(result.elapsed_s, 3),
+                )
+                if result.failures and exit_code == EXIT_OK:
+                    exit_code = ValidationFailed.exit_code
+                if mode != "quiet":
+                    print(summary_line(result), flush=True)
+                    for failure in result.failures:
+                        print(f"  below threshold: {failure}", flush=True)
+            outcomes.append(outcome)
+        if json_output:
+            print(json.dumps({"models": outcomes, "exit_code": exit_code}))
+        elif batch and mode != "quiet":
+            failed = [o["model"] for o in outcomes if o["status"] != "ok"]
+            print(f"Batch: {len(outcomes) - len(failed)} of {len(outcomes)} models ok" + (f"; not ok: {', '.join(failed)}" if failed else ""))
+        if exit_code:
+            raise typer.Exit(exit_code)
 
 
 @app.command()
@@ -72,15 +217,80 @@ def quantize(
     variant: str = typer.Option("candle", help=f"Q8K rounding variant: {', '.join(Q8K_VARIANTS)}"),
     workers: int = typer.Option(1, help="worker processes"),
     validation: bool = typer.Option(True, help="measure each tensor's weight error"),
+    force: bool = typer.Option(False, "--force", help="replace results of a different config or input"),
 ) -> None:
-    """Quantize INPUT into OUTPUT_DIR with the given strategy chain."""
+    """Quantize INPUT into OUTPUT_DIR with the given strategy chain (no config file)."""
     from qstrat.pipelines.run import quantize_model
 
     with user_errors():
         config = QuantizationConfig(
-            strategies=strategy, variant=variant, workers=workers, validation=validation, output_dir=output_dir
+            strategies=strategy, variant=variant, workers=workers, validation=validation, output_dir=output_dir, force=force
         )
         print_summary(quantize_model(input_path, config, progress=lambda rs, _: [print_record(r) for r in rs]))
+
+
+@app.command()
+def inspect(path: Path = typer.Argument(..., help=".safetensors file, model directory or output directory")) -> None:
+    """Print a table of the tensors of a model or of a quantized output directory."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from qstrat.io.manifest import MANIFEST_NAME, read_manifest
+    from qstrat.io.safetensors import SafetensorsModel
+
+    with user_errors():
+        console = Console(width=max(120, Console().width))
+        manifest = read_manifest(path) if path.is_dir() and (path / MANIFEST_NAME).exists() else None
+        if manifest is not None:
+            table = Table(title=f"{path} (qstrat output, variant {manifest['variant']})")
+            for column in ("tensor", "shape", "dtype", "storage", "strategy", "permutation", "SQNR dB", "MSE"):
+                table.add_column(column)
+            for name, e in sorted(manifest["tensors"].items()):
+                metrics = e.get("metrics") or {}
+                sqnr = metrics.get("sqnr_db")
+                table.add_row(
+                    name, "x".join(map(str, e["shape"])), e["dtype"], e["storage"], e.get("strategy") or "",
+                    e.get("permutation", "none"), "exact" if metrics and sqnr is None else (f"{sqnr:.1f}" if sqnr is not None else ""),
+                    f"{metrics['mse']:.2e}" if metrics.get("mse") is not None else "",
+                )
+        else:
+            model = SafetensorsModel(path)
+            table = Table(title=f"{path} ({len(model)} tensors in {len(model.files)} file(s))")
+            for column in ("tensor", "shape", "dtype", "bytes", "file"):
+                table.add_column(column)
+            for info in sorted(model, key=lambda i: i.name):
+                table.add_row(info.name, "x".join(map(str, info.shape)), info.dtype, str(info.nbytes), info.path.name)
+        console.print(table)
+
+
+@app.command()
+def verify(output_dir: Path = typer.Argument(..., help="output directory to check")) -> None:
+    """Check every file of an output directory against its manifest; exit 0 only if all is intact."""
+    from qstrat.verify import verify_output
+
+    with user_errors():
+        problems = verify_output(output_dir)
+        if problems:
+            for problem in problems:
+                print(f"error: {problem}", file=sys.stderr)
+            raise OutputError(f"{output_dir}: {len(problems)} problem(s) found")
+        print(f"{output_dir}: intact")
+
+
+@app.command()
+def dequantize(
+    output_dir: Path = typer.Argument(..., help="quantized output directory"),
+    target: Path = typer.Argument(..., metavar="OUT.safetensors", help="file to write"),
+    function_layout: bool = typer.Option(
+        False, "--function-layout", help="keep joint permutations folded in (default: the original layout)"
+    ),
+) -> None:
+    """Write the whole model back to one .safetensors file (quantized tensors as F32)."""
+    from qstrat.export import dequantize_to_safetensors
+
+    with user_errors():
+        count = dequantize_to_safetensors(output_dir, target, original=not function_layout)
+        print(f"wrote {count} tensors to {target}")
 
 
 @app.command()

@@ -1,8 +1,9 @@
-"""Read a whole quantized model back into numpy."""
+"""Read a quantized model back: one tensor at a time, or the whole model into numpy."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from qstrat.errors import InputError
 from qstrat.io.manifest import JOINT_PERMUTATIONS_NAME, PASSTHROUGH_NAME, read_manifest
 from qstrat.io.names import decode_name
 from qstrat.io.q8k import check_permutation, read_perm, read_q8k
-from qstrat.io.safetensors import SafetensorsFile, map_tensor, to_float32
+from qstrat.io.safetensors import SafetensorsFile, TensorInfo, map_tensor, to_float32
 
 
 def unpermute(stored: np.ndarray, perm: np.ndarray, axis: int = 1) -> np.ndarray:
@@ -23,63 +24,89 @@ def unpermute(stored: np.ndarray, perm: np.ndarray, axis: int = 1) -> np.ndarray
     return original
 
 
-def _load_passthrough(path: Path) -> dict[str, np.ndarray]:
-    if not path.exists():
-        return {}
-    file = SafetensorsFile(path)
-    # bfloat16 has no numpy dtype: it comes back as exactly equal float32 values
-    return {name: np.array(to_float32(info, map_tensor(info))) for name, info in file.tensors.items()}
+class QuantizedModel:
+    """An output directory (or one written by the original Rust tool), read lazily."""
+
+    def __init__(self, output_dir: str | os.PathLike) -> None:
+        self.directory = Path(output_dir)
+        if not self.directory.is_dir():
+            raise InputError(f"{self.directory}: not an output directory")
+        self.manifest = read_manifest(self.directory)
+        passthrough_path = self.directory / PASSTHROUGH_NAME
+        self._passthrough = SafetensorsFile(passthrough_path) if passthrough_path.exists() else None
+        if self.manifest is None:
+            self.entries = self._seed_entries()
+        else:
+            self.entries = self.manifest["tensors"]
+        self._joint: SafetensorsFile | None = None
+
+    def _seed_entries(self) -> dict[str, dict]:
+        """Entries for a directory without manifest: .q8k (+ .perm) files and any passthrough."""
+        q8k_files = sorted(self.directory.glob("*.q8k"))
+        if not q8k_files:
+            raise InputError(f"{self.directory}: no manifest.json and no .q8k files; not a quantized model")
+        entries: dict[str, dict] = {}
+        for path in q8k_files:
+            files = {"q8k": {"path": path.name}}
+            if path.with_suffix(".perm").exists():
+                files["perm"] = {"path": path.with_suffix(".perm").name}
+            entries[decode_name(path.stem)] = {"storage": "q8k", "files": files}
+        if self._passthrough is not None:
+            for name in self._passthrough.tensors:
+                entries.setdefault(name, {"storage": "passthrough", "files": {}})
+        return entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self.entries))
+
+    def passthrough_info(self, name: str) -> TensorInfo:
+        if self._passthrough is None or name not in self._passthrough.tensors:
+            raise InputError(f"{self.directory / PASSTHROUGH_NAME}: tensor {name!r} named by the manifest is missing")
+        return self._passthrough.tensors[name]
+
+    def joint_permutation(self, name: str) -> tuple[np.ndarray, int] | None:
+        """The joint permutation of a tensor and its axis, if it has one."""
+        joint = self.entries[name].get("joint")
+        if joint is None:
+            return None
+        if self._joint is None:
+            self._joint = SafetensorsFile(self.directory / JOINT_PERMUTATIONS_NAME)
+        if name not in self._joint.tensors:
+            raise InputError(f"{self.directory / JOINT_PERMUTATIONS_NAME}: no joint permutation for tensor {name!r}")
+        return np.asarray(map_tensor(self._joint.tensors[name]), dtype=np.int64), int(joint["axis"])
+
+    def undo_joint(self, name: str, array: np.ndarray) -> np.ndarray:
+        joint = self.joint_permutation(name)
+        if joint is None:
+            return array
+        perm, axis = joint
+        check_permutation(perm, array.shape[axis], f"{self.directory / JOINT_PERMUTATIONS_NAME}: {name}")
+        return unpermute(array, perm, axis)
+
+    def tensor(self, name: str, original: bool = False) -> np.ndarray:
+        """One tensor: dequantized float32 (run-time permutation undone) or as passed through
+        (bfloat16 as exactly equal float32); ``original`` also undoes joint permutations."""
+        entry = self.entries[name]
+        if entry["storage"] == "passthrough":
+            info = self.passthrough_info(name)
+            array = np.array(to_float32(info, map_tensor(info)))
+        else:
+            files = entry["files"]
+            stored = read_q8k(self.directory / files["q8k"]["path"])
+            array = stored.dequantize()
+            if "perm" in files:
+                array = unpermute(array, read_perm(self.directory / files["perm"]["path"], stored.k))
+        return self.undo_joint(name, array) if original else array
 
 
 def load_model(output_dir: str | os.PathLike, original: bool = False) -> dict[str, np.ndarray]:
     """Every tensor of a quantized model as numpy arrays, by name.
 
     Quantized tensors are dequantized to float32 with any run-time permutation (``.perm``)
-    undone; passed-through tensors come back as stored (bfloat16 as float32, exactly).
+    undone; passed-through tensors come back as stored (bfloat16 as exactly equal float32).
     ``original=True`` also undoes function-preserving joint permutations, so every tensor
     is in its source layout.  A directory written by the original Rust tool (``.q8k`` and
     ``.perm`` files, no manifest) loads too.
     """
-    directory = Path(output_dir)
-    if not directory.is_dir():
-        raise InputError(f"{directory}: not an output directory")
-    manifest = read_manifest(directory)
-    tensors: dict[str, np.ndarray] = {}
-    if manifest is None:
-        q8k_files = sorted(directory.glob("*.q8k"))
-        if not q8k_files:
-            raise InputError(f"{directory}: no manifest.json and no .q8k files; not a quantized model")
-        for path in q8k_files:
-            perm_path = path.with_suffix(".perm")
-            tensors[decode_name(path.stem)] = _load_q8k(path, perm_path if perm_path.exists() else None)
-        tensors.update(_load_passthrough(directory / PASSTHROUGH_NAME))
-        return tensors
-    passthrough = _load_passthrough(directory / PASSTHROUGH_NAME)
-    joint = _load_passthrough(directory / JOINT_PERMUTATIONS_NAME) if original else {}
-    for name, entry in manifest["tensors"].items():
-        tensors[name] = _load_entry(directory, name, entry, passthrough)
-        if original and "joint" in entry:
-            if name not in joint:
-                raise InputError(f"{directory / JOINT_PERMUTATIONS_NAME}: no joint permutation for tensor {name!r}")
-            axis = int(entry["joint"]["axis"])
-            check_permutation(joint[name], tensors[name].shape[axis], f"{directory / JOINT_PERMUTATIONS_NAME}: {name}")
-            tensors[name] = unpermute(tensors[name], joint[name], axis)
-    return tensors
-
-
-def _load_entry(directory: Path, name: str, entry: dict, passthrough: dict[str, np.ndarray]) -> np.ndarray:
-    if entry["storage"] == "passthrough":
-        if name not in passthrough:
-            raise InputError(f"{directory / PASSTHROUGH_NAME}: tensor {name!r} named by the manifest is missing")
-        return passthrough[name]
-    files = entry["files"]
-    perm_path = directory / files["perm"]["path"] if "perm" in files else None
-    return _load_q8k(directory / files["q8k"]["path"], perm_path)
-
-
-def _load_q8k(path: Path, perm_path: Path | None) -> np.ndarray:
-    stored = read_q8k(path)
-    values = stored.dequantize()
-    if perm_path is None:
-        return values
-    return unpermute(values, read_perm(perm_path, stored.k))
+    model = QuantizedModel(output_dir)
+    return {name: model.tensor(name, original) for name in model}

@@ -220,7 +220,7 @@ def _format_errors(err: ValidationError, lines: dict[tuple, int], where: str) ->
 
 def _resolve(path_text: str, base: Path) -> Path:
     path = Path(os.path.expanduser(path_text))
-    return path if path.is_absolute() else base / path
+    return Path(os.path.normpath(path if path.is_absolute() else base / path))
 
 
 def _model_inputs(patterns: Sequence[str], base: Path, from_file: bool) -> list[Path]:
@@ -286,8 +286,12 @@ def load_run_config(
     except ValidationError as err:
         raise ConfigError(_format_errors(err, lines, where)) from None
     chain = [e if isinstance(e, str) else e.model_dump(exclude_none=True) for e in schema.strategies]
-    for entry in chain:
-        make_strategy(entry)  # unknown names and options fail here, before anything runs
+    for i, entry in enumerate(chain):
+        try:
+            make_strategy(entry)  # unknown names and options fail here, before anything runs
+        except ConfigError as err:
+            line = lines.get(("strategies", i))
+            raise ConfigError(f"{where}: {f'line {line}: ' if line else ''}strategies.{i}: {err}") from None
     config = QuantizationConfig(
         strategies=chain,
         variant=schema.variant,

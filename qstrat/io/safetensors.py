@@ -16,7 +16,7 @@ import json
 import mmap
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -279,28 +279,34 @@ class SafetensorsModel:
 
 def write_safetensors(
     path: Path,
-    tensors: Iterable[tuple[str, str, tuple[int, ...], np.ndarray]],
+    tensors: Iterable[tuple[str, str, tuple[int, ...], np.ndarray | Callable[[], np.ndarray]]],
     metadata: dict[str, str] | None = None,
 ) -> tuple[int, str]:
-    """Write (name, dtype tag, shape, raw array) tensors atomically; returns (size, sha256).
+    """Write (name, dtype tag, shape, raw array or a function making it) tensors atomically.
 
-    Arrays are streamed one at a time in the given order (names sorted by the caller for a
-    deterministic file), so memory stays at the largest single tensor.
+    The header is built from dtypes and shapes alone; each array is produced and streamed
+    only when its turn comes, so memory stays at the largest single tensor.  Returns
+    (size, sha256).  Names are written in the given order (sort them for a deterministic file).
     """
     items = list(tensors)
     header: dict[str, object] = {}
     if metadata:
         header[METADATA_KEY] = dict(metadata)
     position = 0
-    for name, dtype, shape, array in items:
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [position, position + array.nbytes]}
-        position += array.nbytes
+    for name, dtype, shape, _ in items:
+        nbytes = DTYPES[dtype].itemsize * int(np.prod(shape, dtype=np.int64))
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [position, position + nbytes]}
+        position += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % HEADER_ALIGNMENT)
     with atomic_writer(path) as out:
         out.write(struct.pack("<Q", len(encoded)))
         out.write(encoded)
-        for _, _, _, array in items:
+        for name, dtype, shape, source in items:
+            array = source() if callable(source) else source
+            expected = header[name]["data_offsets"]
+            if array.nbytes != expected[1] - expected[0]:
+                raise InputError(f"{path}: tensor {name!r} has {array.nbytes} bytes, its {dtype} x {list(shape)} needs {expected[1] - expected[0]}")
             if array.nbytes:
                 out.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
     return out.size, out.sha256

@@ -1,0 +1,5 @@
+"""``python -m qstrat``: the same as the ``qstrat`` command."""
+
+from qstrat.cli import main
+
+main()

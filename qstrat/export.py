@@ -1,0 +1,42 @@
+"""Write a quantized model back to one .safetensors file (``qstrat dequantize``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from qstrat.io.safetensors import map_tensor, write_safetensors
+from qstrat.model import QuantizedModel
+
+
+def dequantize_to_safetensors(output_dir: str | os.PathLike, target: str | os.PathLike, original: bool = True) -> int:
+    """Dequantized tensors as F32, passed-through ones in their own dtype, one tensor at a time.
+
+    ``original`` (default) restores the source layout; otherwise joint permutations stay
+    folded in (the function-equivalent layout).  Returns how many tensors were written.
+    """
+    model = QuantizedModel(output_dir)
+    items = []
+    for name in model:
+        entry = model.entries[name]
+        if entry["storage"] == "passthrough":
+            info = model.passthrough_info(name)
+
+            def raw(info=info, name=name):
+                array = map_tensor(info)
+                return model.undo_joint(name, np.asarray(array)) if original else array
+
+            items.append((name, info.dtype, info.shape, raw))
+        else:
+            shape = tuple(entry["shape"]) if "shape" in entry else _q8k_shape(model, name)
+            items.append((name, "F32", shape, lambda name=name: model.tensor(name, original)))
+    write_safetensors(Path(target), items, {"format": "pt", "qstrat": "dequantized"})
+    return len(items)
+
+
+def _q8k_shape(model: QuantizedModel, name: str) -> tuple[int, int]:
+    from qstrat.io.q8k import read_q8k
+
+    return read_q8k(model.directory / model.entries[name]["files"]["q8k"]["path"]).shape

@@ -1,0 +1,63 @@
+"""``qstrat verify``: is an output directory exactly what its manifest says?"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from qstrat.errors import QstratError
+from qstrat.io.manifest import MANIFEST_NAME, PASSTHROUGH_NAME, read_manifest
+from qstrat.io.q8k import check_permutation, read_perm, read_q8k
+from qstrat.model import QuantizedModel
+from qstrat.pipelines.journal import file_sha256
+
+
+def verify_output(output_dir: str | os.PathLike) -> list[str]:
+    """Every problem found (empty when the directory is intact), each naming its file.
+
+    Checks each file's size and sha256 against the manifest, each .q8k/.perm against its
+    format and the tensor's shape, the passthrough file's contents, and every permutation.
+    """
+    directory = Path(output_dir)
+    try:
+        manifest = read_manifest(directory)
+    except QstratError as err:
+        return [str(err)]
+    if manifest is None:
+        return [f"{directory / MANIFEST_NAME}: missing (the run did not finish, or this is not an output directory)"]
+    problems: list[str] = []
+    checked: set[str] = set()
+    for name, entry in sorted(manifest["tensors"].items()):
+        for file in entry.get("files", {}).values():
+            if file["path"] in checked:
+                continue
+            checked.add(file["path"])
+            path = directory / file["path"]
+            if not path.is_file():
+                problems.append(f"{path}: missing")
+            elif path.stat().st_size != file["size"]:
+                problems.append(f"{path}: {path.stat().st_size} bytes, the manifest says {file['size']}")
+            elif file_sha256(path) != file["sha256"]:
+                problems.append(f"{path}: sha256 differs from the manifest (the file was changed or corrupted)")
+    if problems:
+        return problems
+    model = QuantizedModel(directory)
+    for name, entry in sorted(manifest["tensors"].items()):
+        try:
+            if entry["storage"] == "q8k":
+                stored = read_q8k(directory / entry["files"]["q8k"]["path"])
+                if list(stored.shape) != list(entry["shape"]):
+                    problems.append(f"{directory / entry['files']['q8k']['path']}: shape {stored.shape}, manifest {entry['shape']}")
+                if "perm" in entry["files"]:
+                    read_perm(directory / entry["files"]["perm"]["path"], stored.k)
+            else:
+                info = model.passthrough_info(name)
+                if list(info.shape) != list(entry["shape"]) or info.dtype != entry["dtype"]:
+                    problems.append(f"{directory / PASSTHROUGH_NAME}: tensor {name!r} differs from the manifest")
+            joint = model.joint_permutation(name)
+            if joint is not None:
+                check_permutation(joint[0], entry["shape"][joint[1]], f"{directory}: joint permutation of {name!r}")
+        except QstratError as err:
+            problems.append(str(err))
+    return problems
+

@@ -1,0 +1,253 @@
+"""`qstrat run` with YAML configs, and inspect / verify / dequantize, through the CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+import qstrat
+from qstrat.synthetic import LlamaShape, llama_tensors, write_model
+from tests.conftest import REPO
+from tests.helpers import assert_clean_failure, make_llama_dir, run_cli
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def _manifest(out):
+    return json.loads((out / "manifest.json").read_text())
+
+
+def _same_dirs(a: Path, b: Path):
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        if name == "manifest.json":
+            strip = lambda m: {k: v for k, v in m.items() if k != "created_utc"}  # noqa: E731
+            assert strip(_manifest(a)) == strip(_manifest(b))
+        else:
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_shipped_configs_run_as_shipped(tmp_path, config):
+    result = run_cli("qstrat", "run", str(config), "--output", str(tmp_path / "{model}"), "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [m["status"] for m in summary["models"]] == ["ok"]
+    out = tmp_path / "tiny-llama"
+    assert run_cli("qstrat", "verify", str(out)).returncode == 0
+    if config.stem == "function_preserving":
+        assert not list(out.glob("*.perm"))
+        assert (out / "joint_permutations.safetensors").exists()
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path):
+    (tmp_path / "cfg").mkdir()
+    make_llama_dir(tmp_path / "models" / "m1", shards=1)
+    (tmp_path / "cfg" / "c.yaml").write_text("input: ../models/m1\noutput: ../out/{model}\n")
+    result = subprocess.run([sys.executable, "-m", "qstrat", "run", str(tmp_path / "cfg" / "c.yaml"), "-q"], cwd="/", capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "m1" / "manifest.json").exists()
+
+
+def test_precedence_defaults_yaml_environment_flags(tmp_path):
+    model = make_llama_dir(tmp_path / "m", shards=1)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"input: {model}\noutput: {tmp_path}/o1\nvariant: ggml\n")
+    assert run_cli("qstrat", "run", str(config), "-q").returncode == 0
+    assert _manifest(tmp_path / "o1")["variant"] == "ggml"  # YAML over default
+    env = {"CANDLE_Q8K_VARIANT": "candle-0.9", "CANDLE_Q8K_PERMUTE": "1"}
+    assert run_cli("qstrat", "run", str(config), "-q", "-o", str(tmp_path / "o2"), env=env).returncode == 0
+    manifest = _manifest(tmp_path / "o2")
+    assert manifest["variant"] == "candle-0.9"  # environment over YAML
+    assert manifest["config"]["strategies"] == [{"name": "l2_norm"}]
+    result = run_cli("qstrat", "run", str(config), "-q", "-o", str(tmp_path / "o3"), "--set", "variant=candle", env=env)
+    assert result.returncode == 0, result.stderr
+    assert _manifest(tmp_path / "o3")["variant"] == "candle"  # flag over environment
+    # default: identity chain when the YAML says nothing
+    assert _manifest(tmp_path / "o1")["config"]["strategies"] == [{"name": "identity"}]
+
+
+@pytest.mark.parametrize(
+    "text, fragments",
+    [
+        ("input: x\noutput: y\nvarient: ggml\n", ["line 3", "varient", "unknown key"]),
+        ("input: x\noutput: y\nparallel:\n  workers: two\n", ["line 4", "parallel.workers"]),
+        ("input: x\noutput: y\nvariant: q4k\n", ["line 3", "variant"]),
+        ("input: x\noutput: y\nstrategies: [l3_norm]\n", ["unknown strategy 'l3_norm'"]),
+        ("input: x\noutput: y\nstrategies:\n  - {name: l2_norm, colour: red}\n", ["l2_norm", "colour"]),
+        ("input: [x\noutput: y\n", ["line", "column"]),
+        ("input: !!python/object/apply:os.system ['echo hacked']\noutput: y\n", ["line 1"]),
+        ("output: y\n", ["input", "missing"]),
+        ("input: x\ninput: z\noutput: y\n", ["line 2", "duplicate key 'input'"]),
+        ("input: x\noutput: y\nvalidation:\n  thresholds: {min_sqnr_db: lots}\n", ["line 4", "min_sqnr_db"]),
+    ],
+)
+def test_config_errors_name_key_and_line(tmp_path, text, fragments):
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    result = run_cli("qstrat", "run", str(config))
+    assert_clean_failure(result, "bad.yaml", *fragments)
+    assert result.returncode == 2
+    assert "hacked" not in result.stdout
+
+
+def test_dry_run_writes_nothing(tmp_path):
+    result = run_cli("qstrat", "run", str(REPO / "configs" / "attention_aware.yaml"), "-o", str(tmp_path / "o"), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "model.layers.0.self_attn.q_proj.weight [512x512] BF16 attention_aware (runtime)" in result.stdout
+    assert "matches skip pattern 'embed_tokens'" in result.stdout
+    assert "MB of output" in result.stdout
+    assert not (tmp_path / "o").exists()
+
+
+def test_verify_catches_every_corruption(tmp_path):
+    out = tmp_path / "o"
+    result = run_cli("qstrat", "run", str(REPO / "configs" / "function_preserving.yaml"), "-o", str(out), "-q")
+    assert result.returncode == 0, result.stderr
+    ok = run_cli("qstrat", "verify", str(out))
+    assert ok.returncode == 0 and "intact" in ok.stdout
+    for path in sorted(p for p in out.iterdir() if not p.name.startswith(".") and p.name != "manifest.json"):
+        original = path.read_bytes()
+        corrupted = bytearray(original)
+        corrupted[len(corrupted) // 2] ^= 0x01
+        path.write_bytes(bytes(corrupted))
+        assert_clean_failure(run_cli("qstrat", "verify", str(out)), path.name)
+        path.write_bytes(original)
+    (out / "model.layers.0.mlp.up_proj.weight.q8k").unlink()
+    assert_clean_failure(run_cli("qstrat", "verify", str(out)), "up_proj.weight.q8k", "missing")
+
+
+def test_dequantize_and_inspect(tmp_path):
+    out = tmp_path / "o"
+    assert run_cli("qstrat", "run", str(REPO / "configs" / "function_preserving.yaml"), "-o", str(out), "-q").returncode == 0
+    for flag in ([], ["--function-layout"]):
+        target = tmp_path / f"back{len(flag)}.safetensors"
+        result = run_cli("qstrat", "dequantize", str(out), str(target), *flag)
+        assert result.returncode == 0, result.stderr
+        with safe_open(target, framework="numpy") as f:
+            names = set(f.keys())
+        loaded = qstrat.load_model(out, original=not flag)
+        assert names == set(loaded)
+        with safe_open(target, framework="numpy") as f:
+            assert np.array_equal(f.get_tensor("model.layers.0.mlp.down_proj.weight"), loaded["model.layers.0.mlp.down_proj.weight"])
+    for path in (REPO / "examples" / "tiny-llama", REPO / "examples" / "tiny-llama" / "model.safetensors", out):
+        result = run_cli("qstrat", "inspect", str(path))
+        assert result.returncode == 0, result.stderr
+        assert "model.layers.1.mlp.down_proj.weight" in result.stdout
+
+
+def _many_tensor_model(path: Path, count: int = 120) -> Path:
+    rng = np.random.default_rng(0)
+    tensors = {f"blocks.{i}.proj.weight": rng.standard_normal((512, 2048)).astype(np.float32) for i in range(count)}
+    return write_model(path, tensors, dtype="BF16")
+
+
+def _journal_lines(out: Path) -> int:
+    try:
+        return len((out / ".qstrat-journal.jsonl").read_text().splitlines())
+    except OSError:
+        return 0
+
+
+def _start(config, out, *extra):
+    script = Path(sys.executable).with_name("qstrat")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CANDLE_Q8K_")}
+    return subprocess.Popen([str(script), "run", str(config), "-o", str(out), "-q", *extra], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_kill_9_then_rerun_is_identical_and_lock_is_exclusive(tmp_path):
+    model = _many_tensor_model(tmp_path / "big")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"input: {model}\noutput: unused\nstrategies: [l2_norm]\n")
+    reference = tmp_path / "reference"
+    assert run_cli("qstrat", "run", str(config), "-o", str(reference), "-q").returncode == 0
+    out = tmp_path / "o"
+    for kill_after in (3, 40, 90):
+        process = _start(config, out)
+        deadline = time.time() + 120
+        while _journal_lines(out) < kill_after and process.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        if kill_after == 40:
+            # a second run on the same output fails at once, naming the holder
+            second = run_cli("qstrat", "run", str(config), "-o", str(out), "-q")
+            assert_clean_failure(second, "in use by pid")
+            assert second.returncode == 3
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        assert not (out / "manifest.json").exists()
+    result = run_cli("qstrat", "run", str(config), "-o", str(out), "-q")
+    assert result.returncode == 0, result.stderr
+    assert run_cli("qstrat", "verify", str(out)).returncode == 0
+    _same_dirs(out, reference)
+
+
+def test_sigterm_stops_cleanly(tmp_path):
+    model = _many_tensor_model(tmp_path / "big", count=60)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"input: {model}\noutput: unused\nparallel: {{workers: 2}}\n")
+    out = tmp_path / "o"
+    process = _start(config, out)
+    while _journal_lines(out) < 5 and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert not list(out.glob(".*.tmp-*"))
+    assert (out / ".qstrat.lock").read_text() == ""
+    assert run_cli("qstrat", "run", str(config), "-o", str(out), "-q").returncode == 0
+
+
+def test_changed_config_is_refused_without_force(tmp_path):
+    model = make_llama_dir(tmp_path / "m", shards=1)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"input: {model}\noutput: {tmp_path}/o\n")
+    assert run_cli("qstrat", "run", str(config), "-q").returncode == 0
+    changed = run_cli("qstrat", "run", str(config), "-q", "--set", "strategies=[l2_norm]")
+    assert_clean_failure(changed, "different config or input", "--force")
+    assert run_cli("qstrat", "run", str(config), "-q", "--set", "strategies=[l2_norm]", "--force").returncode == 0
+    assert list((tmp_path / "o").glob("*.perm"))
+
+
+def test_batch_goes_on_past_a_failing_model(tmp_path):
+    good = make_llama_dir(tmp_path / "models" / "good", shards=1)
+    bad = tmp_path / "models" / "bad"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes()[:1000])
+    config = tmp_path / "batch.yaml"
+    config.write_text(f"input: ['{tmp_path}/models/*']\noutput: {tmp_path}/out/{{model}}\n")
+    result = run_cli("qstrat", "run", str(config), "--json")
+    assert result.returncode == 5
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    status = {m["model"]: m["status"] for m in summary["models"]}
+    assert status == {"bad": "failed", "good": "ok"}
+    assert "bad" in next(m["error"] for m in summary["models"] if m["model"] == "bad")
+    assert (tmp_path / "out" / "good" / "manifest.json").exists()
+
+
+def test_threshold_failure_writes_everything_then_exits_4(tmp_path):
+    out = tmp_path / "o"
+    result = run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-o", str(out),
+                     "--set", "validation.thresholds.min_sqnr_db=33")
+    assert result.returncode == 4, result.stderr
+    assert "below threshold" in result.stdout
+    manifest = _manifest(out)
+    failed = {f["tensor"] for f in manifest["validation"]["failed"]}
+    assert failed and failed < set(manifest["tensors"])
+    assert run_cli("qstrat", "verify", str(out)).returncode == 0
+
+
+def test_progress_lines_when_not_a_terminal(tmp_path):
+    result = run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-o", str(tmp_path / "o"))
+    assert result.returncode == 0
+    assert "tiny-llama: quantizing" in result.stdout
+    assert "q8k   model.layers.0.mlp.up_proj.weight [768x512] identity" in result.stdout
