@@ -8,7 +8,7 @@ views; a user never has to.
 
 from qstrat.kernels.columns import column_abs_max, column_sq_norms
 from qstrat.kernels.decode import BF16_BITS, F16_BITS
-from qstrat.kernels.metrics import q8k_error_sums
+from qstrat.kernels.metrics import q8k_error_sums, q8k_probe_products, q8k_q8k_row_dots
 from qstrat.kernels.q8k import (
     BLOCK_BYTES,
     BSUM_GROUP,
@@ -29,6 +29,8 @@ __all__ = [
     "column_abs_max",
     "column_sq_norms",
     "q8k_error_sums",
+    "q8k_probe_products",
+    "q8k_q8k_row_dots",
     "dequantize_q8k_blocks",
     "first_nonfinite_index",
     "quantize_rows_q8k",

@@ -42,3 +42,44 @@ def q8k_error_sums(x, row_perm, col_perm, blocks, out):
         out[r, 2] = worst
         out[r, 3] = cross
         out[r, 4] = deq2
+
+
+@njit(parallel=True, cache=True)
+def q8k_probe_products(x, row_perm, col_perm, blocks, probe, out):
+    """Per stored row r: out[r, 0] = W'[r] . probe and out[r, 1] = W^[r] . probe (float64).
+
+    W' is ``x`` in the stored layout (x[row_perm[i], col_perm[j]]), W^ the dequantized blocks:
+    the original tool's matrix-vector validation, with exact dequantized weights.
+    """
+    rows, k = x.shape
+    blocks_per_row = k // QK_K
+    for r in prange(rows):
+        exact = 0.0
+        quantized = 0.0
+        for b in range(blocks_per_row):
+            block = blocks[r * blocks_per_row + b]
+            d = _load_f32_le(block, 0)
+            for j in range(QK_K):
+                col = b * QK_K + j
+                p = np.float64(probe[col])
+                exact += np.float64(to_float32(x[source_index(row_perm, r), source_index(col_perm, col)])) * p
+                quantized += np.float64(d * np.float32(np.int8(block[QS_OFFSET + j]))) * p
+        out[r, 0] = exact
+        out[r, 1] = quantized
+
+
+@njit(parallel=True, cache=True)
+def q8k_q8k_row_dots(blocks, probe_blocks, out):
+    """Per row, the dot product of Q8K weights with a Q8K-quantized vector, as Candle computes it:
+    an int32 sum of qs products per block, scaled by both blocks' d in float32."""
+    blocks_per_row = probe_blocks.shape[0]
+    for r in prange(out.shape[0]):
+        total = np.float32(0.0)
+        for b in range(blocks_per_row):
+            block = blocks[r * blocks_per_row + b]
+            other = probe_blocks[b]
+            isum = 0
+            for j in range(QK_K):
+                isum += np.int32(np.int8(block[QS_OFFSET + j])) * np.int32(np.int8(other[QS_OFFSET + j]))
+            total += np.float32(isum) * _load_f32_le(block, 0) * _load_f32_le(other, 0)
+        out[r] = total

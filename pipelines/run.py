@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from joblib import Parallel, delayed
+from joblib.externals.loky import get_reusable_executor
 
 from qstrat._version import __version__
 from qstrat.config import QuantizationConfig
@@ -120,7 +121,8 @@ def _run_groups(
     threads = numba_threads_per_worker(config.workers)
     # Largest groups first: with dynamic dispatch this balances work by bytes, not count.
     ordered = sorted(jobs, key=lambda g: (-g.nbytes, g.members[0].info.name))
-    tasks = (delayed(quantize_group)(job, config.variant, config.validation, out, threads) for job in ordered)
+    settings = config.validation_settings()
+    tasks = (delayed(quantize_group)(job, config.variant, settings, out, threads) for job in ordered)
     parallel = Parallel(n_jobs=min(config.workers, len(ordered)), backend="loky", return_as="generator")
     for job, group_result in zip(ordered, parallel(tasks)):
         on_done(job, group_result.records, group_result.joint)
@@ -154,12 +156,16 @@ def threshold_failures(records: list[TensorRecord], thresholds) -> list[Threshol
         m = record.metrics
         if record.storage != "q8k" or m is None:
             continue
-        if thresholds.min_sqnr_db is not None and m.sqnr_db < thresholds.min_sqnr_db:
-            failures.append(ThresholdFailure(record.name, "sqnr_db", m.sqnr_db, thresholds.min_sqnr_db))
-        if thresholds.max_mse is not None and m.mse > thresholds.max_mse:
-            failures.append(ThresholdFailure(record.name, "mse", m.mse, thresholds.max_mse))
-        if thresholds.min_cosine is not None and m.cosine < thresholds.min_cosine:
-            failures.append(ThresholdFailure(record.name, "cosine", m.cosine, thresholds.min_cosine))
+        for metric, limit, worse in (
+            ("sqnr_db", thresholds.min_sqnr_db, lambda v, t: v < t),
+            ("mse", thresholds.max_mse, lambda v, t: v > t),
+            ("cosine", thresholds.min_cosine, lambda v, t: v < t),
+            ("sum_test_mse", thresholds.max_sum_test_mse, lambda v, t: v > t),
+            ("gradient_test_mse", thresholds.max_gradient_test_mse, lambda v, t: v > t),
+        ):
+            value = getattr(m, metric)
+            if limit is not None and value is not None and worse(value, limit):
+                failures.append(ThresholdFailure(record.name, metric, value, limit))
     return failures
 
 
@@ -236,6 +242,11 @@ def _quantize_locked(model, plan, config, out, progress, force, thresholds, sett
 
     try:
         _run_groups(pending, config, out, done)
+    except KeyboardInterrupt:
+        # Stop every worker before removing temporaries, so none is written after the cleanup.
+        get_reusable_executor().shutdown(wait=True, kill_workers=True)
+        remove_stale_temporaries(out)
+        raise
     finally:
         journal.close()
     group_of = {m.info.name: g.group_id for g in plan.groups for m in g.members}

@@ -8,7 +8,7 @@ and the permutations of tensors that the main process stores permuted (passthrou
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numba
@@ -17,9 +17,10 @@ from qstrat.blocks import KERNEL_STORAGE, check_finite
 from qstrat.errors import QstratError
 from qstrat.io.q8k import check_permutation, write_perm, write_q8k
 from qstrat.io.safetensors import map_tensor
-from qstrat.quantize import quantize_matrix
+from qstrat.quantize import TensorMetrics, quantize_matrix
 from qstrat.results import TensorRecord
 from qstrat.strategies import Permutation
+from qstrat.validation import ValidationSettings, check_roundtrip, matvec_mse, probe_vector
 from qstrat.pipelines.plan import GroupJob
 
 
@@ -41,7 +42,7 @@ def _checked(job: GroupJob, name: str, permutation: Permutation | None, shape: t
 
 
 def quantize_group(
-    job: GroupJob, variant: str, measure: bool, output_dir: Path | None, numba_threads: int
+    job: GroupJob, variant: str, validation: ValidationSettings | None, output_dir: Path | None, numba_threads: int
 ) -> GroupResult:
     """Quantize the quantized members of ``job``, write their files (unless ``output_dir`` is
     None: an in-memory evaluation), return records and joint maps."""
@@ -65,15 +66,28 @@ def quantize_group(
         permutation = permutations[info.name]
         row_perm = permutation.perm if permutation is not None and permutation.axis == 0 else None
         col_perm = permutation.perm if permutation is not None and permutation.axis == 1 else None
+        stages = validation.stages if validation is not None else ()
+        storage = arrays[info.name]
         blocks, metrics = quantize_matrix(
-            arrays[info.name], variant, row_perm, col_perm, tensor_name=info.name, measure=measure, finite_checked=True
+            storage, variant, row_perm, col_perm, tensor_name=info.name, measure="weight_error" in stages, finite_checked=True
         )
+        if "sum_test" in stages or "gradient_test" in stages:
+            probes = {
+                f"{stage}_mse": matvec_mse(storage, blocks, probe_vector(stage, info.shape[1]), validation.product, variant, row_perm, col_perm)
+                for stage in ("sum_test", "gradient_test")
+                if stage in stages
+            }
+            metrics = replace(metrics or TensorMetrics.empty(), **probes)
         rows, k = info.shape
         files = {}
         if output_dir is not None:
             files["q8k"] = write_q8k(output_dir / f"{member.stem}.q8k", blocks, rows, k)
-            if kind == "runtime" and col_perm is not None:
-                files["perm"] = write_perm(output_dir / f"{member.stem}.perm", col_perm)
+            runtime_perm = col_perm if kind == "runtime" else None
+            if runtime_perm is not None:
+                files["perm"] = write_perm(output_dir / f"{member.stem}.perm", runtime_perm)
+            if "roundtrip" in stages:
+                perm_path = output_dir / files["perm"].path if "perm" in files else None
+                check_roundtrip(output_dir / files["q8k"].path, blocks, perm_path, runtime_perm)
         result.records.append(
             TensorRecord(
                 name=info.name,

@@ -59,8 +59,11 @@ def format_record(record: TensorRecord) -> str:
     shape = "x".join(str(d) for d in record.shape)
     if record.storage == "q8k":
         quality = ""
-        if record.metrics is not None:
-            quality = f" mse={record.metrics.mse:.3e} sqnr={record.metrics.sqnr_db:.1f}dB"
+        m = record.metrics
+        if m is not None and m.mse is not None:
+            quality = f" mse={m.mse:.3e} sqnr={m.sqnr_db:.1f}dB"
+        if m is not None and m.gradient_test_mse is not None:
+            quality += f" gradient_test={m.gradient_test_mse:.3e}"
         return f"  q8k   {record.name} [{shape}] {record.strategy} perm={record.permutation}{quality}"
     return f"  pass  {record.name} [{shape}] {record.dtype}: {record.reason}"
 
@@ -250,7 +253,7 @@ def inspect(path: Path = typer.Argument(..., help=".safetensors file, model dire
                 sqnr = metrics.get("sqnr_db")
                 table.add_row(
                     name, "x".join(map(str, e["shape"])), e["dtype"], e["storage"], e.get("strategy") or "",
-                    e.get("permutation", "none"), "exact" if metrics and sqnr is None else (f"{sqnr:.1f}" if sqnr is not None else ""),
+                    e.get("permutation", "none"), "exact" if sqnr == "inf" else (f"{sqnr:.1f}" if sqnr is not None else ""),
                     f"{metrics['mse']:.2e}" if metrics.get("mse") is not None else "",
                 )
         else:

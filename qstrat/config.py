@@ -15,6 +15,7 @@ from pathlib import Path
 from qstrat.blocks import DEFAULT_VARIANT, Q8K_VARIANTS
 from qstrat.errors import ConfigError
 from qstrat.strategies import StrategyChain
+from qstrat.validation import PRODUCTS, STAGES, ValidationSettings
 
 
 class StrategyType(str, Enum):
@@ -63,6 +64,8 @@ class QuantizationConfig:
     variant: str = DEFAULT_VARIANT
     strategies: Sequence[str | Mapping[str, object]] | None = None
     validation: bool = True
+    validation_stages: Sequence[str] = STAGES
+    validation_product: str = "exact"  # or "candle": the input vector quantized to Q8K too
     workers: int = 1
     force: bool = False
 
@@ -70,10 +73,20 @@ class QuantizationConfig:
         self.strategy_type = StrategyType.parse(self.strategy_type, "strategy_type")
         self.output_dir = Path(self.output_dir)
         self.skip_patterns = tuple(self.skip_patterns)
+        self.validation_stages = tuple(self.validation_stages)
+        unknown = [s for s in self.validation_stages if s not in STAGES]
+        if unknown:
+            raise ConfigError(f"validation.stages: unknown stage {unknown[0]!r}; choose from {', '.join(STAGES)}")
+        if self.validation_product not in PRODUCTS:
+            raise ConfigError(f"validation.product: {self.validation_product!r} is not one of {', '.join(PRODUCTS)}")
         if self.variant not in Q8K_VARIANTS:
             raise ConfigError(f"variant: unknown Q8K variant {self.variant!r}; choose one of {', '.join(Q8K_VARIANTS)}")
         if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 1:
             raise ConfigError(f"workers: must be a positive integer, got {self.workers!r}")
+
+    def validation_settings(self) -> ValidationSettings | None:
+        """The stages a worker runs (None when validation is off)."""
+        return ValidationSettings(self.validation_stages, self.validation_product) if self.validation else None
 
     def chain_entries(self) -> list[str | Mapping[str, object]]:
         """The strategy chain this config selects, as entries for :class:`StrategyChain`."""
@@ -93,7 +106,11 @@ class QuantizationConfig:
             "variant": self.variant,
             "strategies": self.strategy_chain().describe(),
             "skip_patterns": list(self.skip_patterns),
-            "validation": self.validation,
+            "validation": {
+                "enabled": self.validation,
+                "stages": list(self.validation_stages) if self.validation else [],
+                "product": self.validation_product,
+            },
         }
 
     def with_environment(self, environ: Mapping[str, str] | None = None) -> QuantizationConfig:

@@ -17,11 +17,13 @@ from qstrat.kernels import q8k_error_sums
 class TensorMetrics:
     """Weight error of one quantized tensor, in its original column order."""
 
-    mse: float
-    relative_error: float  # ||W - W^||_F / ||W||_F
-    sqnr_db: float  # 20 log10(||W|| / ||W - W^||); inf for an exact result
-    max_abs_error: float
-    cosine: float
+    mse: float | None
+    relative_error: float | None  # ||W - W^||_F / ||W||_F
+    sqnr_db: float | None  # 20 log10(||W|| / ||W - W^||); inf for an exact result
+    max_abs_error: float | None
+    cosine: float | None
+    sum_test_mse: float | None = None  # the original tool's Method 1
+    gradient_test_mse: float | None = None  # Method 2
 
     @classmethod
     def from_sums(cls, sums: np.ndarray, numel: int) -> TensorMetrics:
@@ -45,14 +47,16 @@ class TensorMetrics:
         )
 
     @classmethod
-    def from_dict(cls, values: dict[str, float | None]) -> TensorMetrics:
-        """Inverse of :meth:`as_dict` (a null SQNR is an exact result)."""
-        restored = {k: (v if v is not None else (math.inf if k == "sqnr_db" else math.nan)) for k, v in values.items()}
-        return cls(**restored)
+    def empty(cls) -> TensorMetrics:
+        return cls(None, None, None, None, None)
 
-    def as_dict(self) -> dict[str, float | None]:
-        # JSON has no infinity: an exact quantization is recorded as null SQNR
-        return {k: (v if math.isfinite(v) else None) for k, v in asdict(self).items()}
+    @classmethod
+    def from_dict(cls, values: dict[str, float | None]) -> TensorMetrics:
+        """Inverse of :meth:`as_dict` (JSON has no infinity: an exact SQNR is stored as "inf")."""
+        return cls(**{k: (math.inf if v == "inf" else v) for k, v in values.items()})
+
+    def as_dict(self) -> dict[str, float | str | None]:
+        return {k: ("inf" if v == math.inf else v) for k, v in asdict(self).items()}
 
 
 def quantize_matrix(

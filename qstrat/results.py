@@ -108,7 +108,7 @@ class QuantizationResult:
     @property
     def average_mse(self) -> float:
         """Mean over quantized tensors of their weight MSE (NaN when nothing was measured)."""
-        values = [t.metrics.mse for t in self.quantized if t.metrics is not None]
+        values = [t.metrics.mse for t in self.quantized if t.metrics is not None and t.metrics.mse is not None]
         return sum(values) / len(values) if values else math.nan
 
     # the original tool's names for the same figures

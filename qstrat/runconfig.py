@@ -22,8 +22,9 @@ from qstrat.blocks import Q8K_VARIANTS
 from qstrat.config import SEED_CHAINS, QuantizationConfig, StrategyType, parse_bool, parse_positive_int
 from qstrat.errors import ConfigError
 from qstrat.strategies import STRATEGIES, make_strategy
+from qstrat.validation import PRODUCTS, STAGES
 
-VALIDATION_STAGES = ("weight_error",)
+VALIDATION_STAGES = STAGES
 OUTPUT_FORMATS = ("q8k",)
 
 
@@ -43,8 +44,10 @@ class Thresholds(_Strict):
     min_sqnr_db: float | None = None
     max_mse: float | None = Field(default=None, ge=0)
     min_cosine: float | None = Field(default=None, ge=-1, le=1)
+    max_sum_test_mse: float | None = Field(default=None, ge=0)
+    max_gradient_test_mse: float | None = Field(default=None, ge=0)
 
-    @field_validator("min_sqnr_db", "max_mse", "min_cosine", mode="before")
+    @field_validator("min_sqnr_db", "max_mse", "min_cosine", "max_sum_test_mse", "max_gradient_test_mse", mode="before")
     @classmethod
     def _numbers(cls, value):
         # YAML reads 1e-3 as a string: accept numbers written that way, but nothing else
@@ -61,6 +64,7 @@ class Thresholds(_Strict):
 class ValidationSection(_Strict):
     enabled: bool = True
     stages: list[Literal[VALIDATION_STAGES]] = Field(default_factory=lambda: list(VALIDATION_STAGES))  # type: ignore[valid-type]
+    product: Literal[PRODUCTS] = "exact"  # type: ignore[valid-type]
     thresholds: Thresholds = Field(default_factory=Thresholds)
 
 
@@ -297,6 +301,8 @@ def load_run_config(
         variant=schema.variant,
         skip_patterns=tuple(schema.skip_patterns),
         validation=schema.validation.enabled,
+        validation_stages=tuple(schema.validation.stages),
+        validation_product=schema.validation.product,
         workers=schema.parallel.workers,
     )
     inputs = _model_inputs([schema.input] if isinstance(schema.input, str) else schema.input, base, input_from_file)
