@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from qstrat.bert import encoder_layers
 from qstrat.synthetic import LlamaShape
 
 
@@ -57,37 +58,9 @@ def llama_forward(t: dict[str, np.ndarray], shape: LlamaShape, tokens: np.ndarra
     return x @ t["lm_head.weight"].T
 
 
-def _layer_norm(x, w, b, eps=1e-12):
-    mean = x.mean(axis=-1, keepdims=True)
-    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
-    return (x - mean) / np.sqrt(var + eps) * w + b
-
-
-def _gelu(x):
-    return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
-
-
-def bert_encoder(t: dict[str, np.ndarray], x: np.ndarray, layers: int, heads: int, prefix: str = "encoder.layer") -> np.ndarray:
+def bert_encoder(t: dict[str, np.ndarray], x: np.ndarray, layers: int, heads: int) -> np.ndarray:
     """BERT encoder layers (post-LN, GELU) applied to hidden states ``x`` (seq, hidden)."""
-    x = x.astype(np.float64)
-    seq, hidden = x.shape
-    hd = hidden // heads
-    for i in range(layers):
-        p = f"{prefix}.{i}"
-        a = f"{p}.attention"
-
-        def lin(h, name):
-            return h @ t[f"{name}.weight"].T + t[f"{name}.bias"]
-
-        q = lin(x, f"{a}.self.query").reshape(seq, heads, hd)
-        k = lin(x, f"{a}.self.key").reshape(seq, heads, hd)
-        v = lin(x, f"{a}.self.value").reshape(seq, heads, hd)
-        scores = np.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd)
-        context = np.einsum("hqk,khd->qhd", _softmax(scores), v).reshape(seq, hidden)
-        x = _layer_norm(x + lin(context, f"{a}.output.dense"), t[f"{a}.output.LayerNorm.weight"], t[f"{a}.output.LayerNorm.bias"])
-        inner = _gelu(lin(x, f"{p}.intermediate.dense"))
-        x = _layer_norm(x + lin(inner, f"{p}.output.dense"), t[f"{p}.output.LayerNorm.weight"], t[f"{p}.output.LayerNorm.bias"])
-    return x
+    return encoder_layers(t, x.astype(np.float64)[None], layers, heads)[0]
 
 
 def bert_tensors(hidden: int = 512, intermediate: int = 1024, layers: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
