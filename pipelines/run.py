@@ -33,6 +33,7 @@ from qstrat.io.manifest import (
 )
 from qstrat.io.q8k import WrittenFile
 from qstrat.io.safetensors import SafetensorsModel, map_tensor, write_safetensors
+from qstrat.report import write_reports
 from qstrat.results import QuantizationResult, TensorRecord, ThresholdFailure
 from qstrat.strategies import Permutation
 from qstrat.pipelines.journal import Journal, group_key, output_lock, run_fingerprint
@@ -272,8 +273,10 @@ def _quantize_locked(model, plan, config, out, progress, force, thresholds, sett
         "tensors": {r.name: r.manifest_entry() for r in records},
         "validation": {"failed": [f.as_dict() for f in failures]},
     }
-    manifest_path = write_manifest(out, manifest)
-    return QuantizationResult(out, records, time.perf_counter() - started, manifest_path, failures)
+    result = QuantizationResult(out, records, time.perf_counter() - started, None, failures)
+    manifest["reports"] = {f.path: {"path": f.path, "size": f.size, "sha256": f.sha256} for f in write_reports(result, model.name, settings, out)}
+    result.manifest_path = write_manifest(out, manifest)
+    return result
 
 
 def read_manifest_lenient(directory: Path) -> dict | None:

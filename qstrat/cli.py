@@ -232,6 +232,59 @@ def quantize(
         print_summary(quantize_model(input_path, config, progress=lambda rs, _: [print_record(r) for r in rs]))
 
 
+NAMED_CHAINS = {
+    "attention_aware": ["attention_aware", "l2_norm"],  # as the original tool
+    "function_preserving": ["mlp_joint", "head_order", "identity"],
+}
+
+
+def parse_chains(text: str) -> dict[str, list[str]]:
+    """``a,b+c``: chains separated by commas, strategies of one chain joined by '+'."""
+    chains = {}
+    for item in (part.strip() for part in text.split(",")):
+        if item:
+            chains[item] = NAMED_CHAINS.get(item) or [s.strip() for s in item.split("+")]
+    return chains
+
+
+@app.command()
+def compare(
+    model: Path = typer.Argument(..., help=".safetensors file or model directory"),
+    strategies: str = typer.Option(
+        "identity,l2_norm,amax,attention_aware,function_preserving", "--strategies", "-s",
+        help="chains to compare, comma-separated; join a chain's strategies with '+' (attention_aware "
+        "means attention_aware+l2_norm, function_preserving means mlp_joint+head_order+identity)",
+    ),
+    variant: str = typer.Option("candle", help=f"Q8K rounding variant: {', '.join(Q8K_VARIANTS)}"),
+    workers: int = typer.Option(1, help="worker processes"),
+    output: Path = typer.Option(None, "--output", "-o", help="also write compare.json, compare.md and compare.png here"),
+    json_output: bool = typer.Option(False, "--json", help="print the table as one JSON line"),
+) -> None:
+    """Quantize MODEL in memory with each strategy chain and compare the error; writes no model files."""
+    from qstrat.io.atomic import atomic_writer
+    from qstrat.io.safetensors import SafetensorsModel
+    from qstrat.pipelines.run import evaluate_model
+    from qstrat.report import comparison_table, plot_sqnr, render_comparison, sqnr_series
+
+    with user_errors():
+        chains = parse_chains(strategies)
+        name = SafetensorsModel(model).name
+        results = {
+            label: evaluate_model(model, QuantizationConfig(strategies=chain, variant=variant, workers=workers))
+            for label, chain in chains.items()
+        }
+        rows = comparison_table(results)
+        table = render_comparison(name, rows)
+        print(json.dumps({"model": name, "chains": rows}) if json_output else table, end="" if not json_output else "\n")
+        if output is not None:
+            output.mkdir(parents=True, exist_ok=True)
+            with atomic_writer(output / "compare.json") as out:
+                out.write(json.dumps({"model": name, "chains": rows}, indent=1).encode())
+            with atomic_writer(output / "compare.md") as out:
+                out.write(table.encode())
+            plot_sqnr({label: sqnr_series(r) for label, r in results.items()}, output / "compare.png", f"{name}: SQNR per tensor and strategy")
+
+
 @app.command()
 def inspect(path: Path = typer.Argument(..., help=".safetensors file, model directory or output directory")) -> None:
     """Print a table of the tensors of a model or of a quantized output directory."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qstrat.io.q8k import WrittenFile
+from qstrat.io.safetensors import DTYPES
 from qstrat.quantize import TensorMetrics
 
 
@@ -26,6 +27,14 @@ class TensorRecord:
     metrics: TensorMetrics | None = None
     seconds: float = 0.0
     reason: str | None = None  # why a tensor was passed through
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the source tensor."""
+        count = 1
+        for d in self.shape:
+            count *= d
+        return count * DTYPES[self.dtype].itemsize
 
     @classmethod
     def from_manifest_entry(cls, name: str, entry: dict) -> TensorRecord:

@@ -27,18 +27,19 @@ def verify_output(output_dir: str | os.PathLike) -> list[str]:
         return [f"{directory / MANIFEST_NAME}: missing (the run did not finish, or this is not an output directory)"]
     problems: list[str] = []
     checked: set[str] = set()
-    for name, entry in sorted(manifest["tensors"].items()):
-        for file in entry.get("files", {}).values():
-            if file["path"] in checked:
-                continue
-            checked.add(file["path"])
-            path = directory / file["path"]
-            if not path.is_file():
-                problems.append(f"{path}: missing")
-            elif path.stat().st_size != file["size"]:
-                problems.append(f"{path}: {path.stat().st_size} bytes, the manifest says {file['size']}")
-            elif file_sha256(path) != file["sha256"]:
-                problems.append(f"{path}: sha256 differs from the manifest (the file was changed or corrupted)")
+    listed = [file for entry in manifest["tensors"].values() for file in entry.get("files", {}).values()]
+    listed += list(manifest.get("reports", {}).values())
+    for file in listed:
+        if file["path"] in checked:
+            continue
+        checked.add(file["path"])
+        path = directory / file["path"]
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != file["size"]:
+            problems.append(f"{path}: {path.stat().st_size} bytes, the manifest says {file['size']}")
+        elif file_sha256(path) != file["sha256"]:
+            problems.append(f"{path}: sha256 differs from the manifest (the file was changed or corrupted)")
     if problems:
         return problems
     model = QuantizedModel(directory)

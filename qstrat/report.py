@@ -1,0 +1,181 @@
+"""Reports of a run: ``report.json``, a readable ``report.md`` and, with the ``plot`` extra, a PNG.
+
+The report holds timings, so unlike the manifest it differs between identical runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from qstrat.io.atomic import atomic_writer
+from qstrat.io.q8k import WrittenFile
+from qstrat.results import QuantizationResult
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+REPORT_PNG = "report.png"
+
+
+def _mean(values):
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(values) / len(values) if values else None
+
+
+def summarize(result: QuantizationResult) -> dict[str, object]:
+    """Per-model figures: counts, averages and extremes of the metrics, sizes, time."""
+    metrics = [r.metrics for r in result.quantized if r.metrics is not None]
+    sqnr = [m.sqnr_db for m in metrics if m.sqnr_db is not None]
+    stored = sum(f.size for r in result.quantized for role, f in r.files.items() if role in ("q8k", "perm"))
+    source = sum(r.nbytes for r in result.quantized)
+    return {
+        "tensor_count": result.tensor_count,
+        "skipped_count": result.skipped_count,
+        "average_mse": None if math.isnan(result.average_mse) else result.average_mse,
+        "mean_sqnr_db": _mean(sqnr),
+        "worst_sqnr_db": min(sqnr) if sqnr else None,
+        "average_sum_test_mse": _mean([m.sum_test_mse for m in metrics]),
+        "average_gradient_test_mse": _mean([m.gradient_test_mse for m in metrics]),
+        "quantized_source_bytes": source,
+        "quantized_output_bytes": stored,
+        "runtime_permutations": sum(r.permutation == "runtime" for r in result.quantized),
+        "joint_permutations": sum(r.permutation == "joint" for r in result.tensors),
+        "threshold_failures": [f.as_dict() for f in result.failures],
+        "elapsed_s": round(result.elapsed_s, 3),
+    }
+
+
+def build_report(result: QuantizationResult, model: str, settings: Mapping[str, object]) -> dict[str, object]:
+    tensors = {}
+    failed = {f.name for f in result.failures}
+    for r in result.tensors:
+        entry = r.manifest_entry()
+        entry.pop("files", None)
+        entry["seconds"] = round(r.seconds, 4)
+        if r.storage == "q8k":
+            entry["threshold_failed"] = r.name in failed
+        tensors[r.name] = entry
+    return {"model": model, "settings": dict(settings), "summary": summarize(result), "tensors": tensors}
+
+
+def _fmt(value, spec):
+    if value is None:
+        return "—"
+    if value == "inf" or value == math.inf:
+        return "exact"
+    return format(value, spec)
+
+
+def render_markdown(report: Mapping[str, object]) -> str:
+    s = report["summary"]
+    validation = report["settings"].get("validation", {})
+    lines = [
+        f"# Quantization report: {report['model']}",
+        "",
+        f"Variant `{report['settings'].get('variant')}`; strategies "
+        f"{', '.join(e['name'] for e in report['settings'].get('strategies', []))}; validation stages "
+        f"{', '.join(validation.get('stages', [])) or 'off'}, matrix-vector product computed "
+        f"{'as Candle does (input quantized to Q8K)' if validation.get('product') == 'candle' else 'with exact dequantized weights'}.",
+        "",
+        f"- {s['tensor_count']} tensors quantized, {s['skipped_count']} passed through, in {s['elapsed_s']} s",
+        f"- weight MSE (mean) {_fmt(s['average_mse'], '.3e')}, SQNR mean {_fmt(s['mean_sqnr_db'], '.2f')} dB, "
+        f"worst {_fmt(s['worst_sqnr_db'], '.2f')} dB",
+        f"- sum test MSE (mean) {_fmt(s['average_sum_test_mse'], '.3e')}, gradient test MSE (mean) "
+        f"{_fmt(s['average_gradient_test_mse'], '.3e')}",
+        f"- quantized tensors: {s['quantized_source_bytes']:,} bytes in, {s['quantized_output_bytes']:,} bytes out",
+        f"- {len(s['threshold_failures'])} tensor(s) below a threshold",
+        "",
+        "| tensor | shape | strategy | permutation | SQNR dB | MSE | max abs err | cosine | sum test | gradient test | |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, t in report["tensors"].items():
+        if t["storage"] != "q8k":
+            continue
+        m = t.get("metrics") or {}
+        lines.append(
+            f"| {name} | {'x'.join(map(str, t['shape']))} | {t['strategy']} | {t['permutation']} | "
+            f"{_fmt(m.get('sqnr_db'), '.2f')} | {_fmt(m.get('mse'), '.2e')} | {_fmt(m.get('max_abs_error'), '.2e')} | "
+            f"{_fmt(m.get('cosine'), '.6f')} | {_fmt(m.get('sum_test_mse'), '.2e')} | {_fmt(m.get('gradient_test_mse'), '.2e')} | "
+            f"{'**below threshold**' if t.get('threshold_failed') else ''} |"
+        )
+    passed = [n for n, t in report["tensors"].items() if t["storage"] != "q8k"]
+    lines += ["", f"Passed through unchanged: {len(passed)} tensors (see manifest.json for why each)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_sqnr(series: Mapping[str, Mapping[str, float]], target: Path, title: str) -> WrittenFile | None:
+    """Per-tensor SQNR, one marker series per strategy chain; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    names = sorted({n for values in series.values() for n in values})
+    figure, axis = plt.subplots(figsize=(max(8, 0.35 * len(names) + 3), 5))
+    for label, values in series.items():
+        axis.plot(range(len(names)), [values.get(n, math.nan) for n in names], marker="o", linestyle="-", label=label)
+    axis.set_xticks(range(len(names)))
+    axis.set_xticklabels([n.replace("model.layers.", "L").replace(".weight", "") for n in names], rotation=75, ha="right", fontsize=7)
+    axis.set_ylabel("weight SQNR (dB), higher is better")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    with atomic_writer(target) as out:
+        figure.savefig(out, format="png", dpi=110)
+    plt.close(figure)
+    return WrittenFile(target.name, out.size, out.sha256)
+
+
+def sqnr_series(result: QuantizationResult) -> dict[str, float]:
+    return {
+        r.name: r.metrics.sqnr_db
+        for r in result.quantized
+        if r.metrics is not None and r.metrics.sqnr_db is not None and math.isfinite(r.metrics.sqnr_db)
+    }
+
+
+def _write(path: Path, data: bytes) -> WrittenFile:
+    with atomic_writer(path) as out:
+        out.write(data)
+    return WrittenFile(path.name, out.size, out.sha256)
+
+
+def write_reports(
+    result: QuantizationResult, model: str, settings: Mapping[str, object], directory: Path
+) -> list[WrittenFile]:
+    """report.json, report.md and (if matplotlib is installed) report.png into ``directory``."""
+    report = build_report(result, model, settings)
+    written = [
+        _write(directory / REPORT_JSON, json.dumps(report, indent=1, sort_keys=True, allow_nan=False).encode() + b"\n"),
+        _write(directory / REPORT_MD, render_markdown(report).encode()),
+    ]
+    chain = "+".join(e["name"] for e in settings.get("strategies", []))
+    png = plot_sqnr({chain: sqnr_series(result)}, directory / REPORT_PNG, f"{model}: SQNR per tensor")
+    if png is not None:
+        written.append(png)
+    return written
+
+
+def comparison_table(results: Mapping[str, QuantizationResult]) -> list[dict[str, object]]:
+    return [{"chain": name, **summarize(result)} for name, result in results.items()]
+
+
+def render_comparison(model: str, rows: Sequence[Mapping[str, object]]) -> str:
+    lines = [
+        f"# Strategy comparison: {model}",
+        "",
+        "| chain | quantized | mean SQNR dB | worst SQNR dB | mean MSE | sum test MSE | gradient test MSE | runtime perms | joint perms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['chain']} | {r['tensor_count']} | {_fmt(r['mean_sqnr_db'], '.2f')} | {_fmt(r['worst_sqnr_db'], '.2f')} | "
+            f"{_fmt(r['average_mse'], '.3e')} | {_fmt(r['average_sum_test_mse'], '.3e')} | "
+            f"{_fmt(r['average_gradient_test_mse'], '.3e')} | {r['runtime_permutations']} | {r['joint_permutations']} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,139 @@
+"""Validation stages on known answers, thresholds, reports and `qstrat compare`."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+import qstrat
+from qstrat.errors import OutputError
+from qstrat.io.q8k import write_q8k
+from qstrat.quantize import TensorMetrics, quantize_matrix
+from qstrat.pipelines.run import threshold_failures
+from qstrat.results import TensorRecord
+from qstrat.runconfig import Thresholds
+from qstrat.validation import check_roundtrip, matvec_mse, probe_vector
+from tests.conftest import REPO
+from tests.helpers import run_cli
+
+
+def _exact_matrix(rows=4, k=512, seed=0):
+    """Values q * 2^-7 with |q| <= 127 and a 127 in each block: Q8K represents them exactly."""
+    q = np.random.default_rng(seed).integers(-127, 128, size=(rows, k))
+    q[:, ::256] = 127
+    return (q / 128.0).astype(np.float32)
+
+
+def test_exact_matrix_has_no_error():
+    x = _exact_matrix()
+    blocks, metrics = quantize_matrix(x, "ggml")
+    assert metrics.mse == 0 and metrics.max_abs_error == 0 and metrics.sqnr_db == math.inf and metrics.cosine == 1
+    for stage in ("sum_test", "gradient_test"):
+        assert matvec_mse(x, blocks, probe_vector(stage, 512), "exact", "ggml") == 0
+
+
+def test_weight_error_known_answer():
+    # one block: 127 and a value exactly 0.25 step off the grid: error 0.25 * step
+    x = np.zeros((1, 256), dtype=np.float32)
+    x[0, 0], x[0, 1] = 127.0, 10.25
+    _, m = quantize_matrix(x, "candle")
+    assert m.max_abs_error == pytest.approx(0.25)
+    assert m.mse == pytest.approx(0.0625 / 256)
+    assert m.sqnr_db == pytest.approx(20 * math.log10(math.hypot(127, 10.25) / 0.25))
+
+
+def test_probe_vectors_and_products():
+    assert np.array_equal(probe_vector("sum_test", 4), np.ones(4, np.float32))
+    assert np.allclose(probe_vector("gradient_test", 4), [0.25, 0.5, 0.75, 1.0])
+    x = np.random.default_rng(1).standard_normal((8, 512)).astype(np.float32)
+    blocks, _ = quantize_matrix(x, "candle")
+    probe = probe_vector("gradient_test", 512)
+    deq = qstrat.dequantize_blocks(blocks).reshape(8, 512).astype(np.float64)
+    expected = np.mean((x.astype(np.float64) @ probe - deq @ probe) ** 2)
+    assert matvec_mse(x, blocks, probe, "exact", "candle") == pytest.approx(expected, rel=1e-9)
+    # Candle's way: the probe is quantized too, so the error includes the probe's rounding
+    probe_deq = qstrat.dequantize_blocks(qstrat.quantize_blocks(probe[None, :])).reshape(-1).astype(np.float64)
+    candle_expected = np.mean((x.astype(np.float64) @ probe - deq @ probe_deq) ** 2)
+    assert matvec_mse(x, blocks, probe, "candle", "candle") == pytest.approx(candle_expected, rel=1e-3)
+
+
+def test_gradient_test_sees_the_permutation_sum_test_does_not():
+    x = np.random.default_rng(2).standard_normal((16, 512)).astype(np.float32)
+    perm = np.random.default_rng(3).permutation(512)
+    plain, _ = quantize_matrix(x, "candle")
+    permuted, _ = quantize_matrix(x, "candle", col_perm=perm)
+    ones = probe_vector("sum_test", 512)
+    ramp = probe_vector("gradient_test", 512)
+    # W' is the stored (permuted) float matrix: with the permutation, both sides move together
+    baseline = matvec_mse(x, plain, ramp, "exact", "candle")
+    assert matvec_mse(x, permuted, ramp, "exact", "candle", col_perm=perm) < 2 * baseline
+    # a consumer that forgot the gather is caught by the gradient test, not by the sum test
+    wrong = matvec_mse(x, permuted, ramp, "exact", "candle")
+    assert wrong > 100 * baseline
+    assert matvec_mse(x, permuted, ones, "exact", "candle", col_perm=perm) == pytest.approx(
+        matvec_mse(x[:, perm], permuted, ones, "exact", "candle"), rel=1e-9)
+
+
+def test_corrupted_quantization_fails_its_thresholds():
+    x = np.random.default_rng(4).standard_normal((8, 512)).astype(np.float32)
+    blocks, good = quantize_matrix(x, "candle")
+    corrupted = blocks.copy()
+    corrupted[3, 4:260] = 0  # one block's quants lost
+    from qstrat.quantize import _error_sums
+
+    bad = TensorMetrics.from_sums(_error_sums(x, corrupted, None, None), x.size)
+    thresholds = Thresholds(min_sqnr_db=30, max_mse=1e-4, min_cosine=0.999)
+    records = [TensorRecord("good", x.shape, "F32", "q8k", metrics=good), TensorRecord("bad", x.shape, "F32", "q8k", metrics=bad)]
+    failures = threshold_failures(records, thresholds)
+    assert {f.name for f in failures} == {"bad"}
+    assert {f.metric for f in failures} == {"sqnr_db", "mse", "cosine"}
+
+
+def test_roundtrip_catches_a_changed_file(tmp_path):
+    x = np.random.default_rng(5).standard_normal((2, 256)).astype(np.float32)
+    blocks, _ = quantize_matrix(x, "candle")
+    written = write_q8k(tmp_path / "w.q8k", blocks, 2, 256)
+    check_roundtrip(tmp_path / written.path, blocks, None, None)
+    other = blocks.copy()
+    other[0, 10] ^= 1
+    with pytest.raises(OutputError, match="roundtrip"):
+        check_roundtrip(tmp_path / written.path, other, None, None)
+
+
+def test_run_reports_agree_with_the_result(tmp_path):
+    out = tmp_path / "o"
+    result = run_cli("qstrat", "run", str(REPO / "configs" / "attention_aware.yaml"), "-o", str(out), "-q")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
+    quantized = [e for e in manifest["tensors"].values() if e["storage"] == "q8k"]
+    assert report["summary"]["tensor_count"] == len(quantized) == 15
+    assert report["summary"]["average_mse"] == pytest.approx(sum(e["metrics"]["mse"] for e in quantized) / 15)
+    for entry in quantized:
+        m = entry["metrics"]
+        assert m["sum_test_mse"] is not None and m["gradient_test_mse"] is not None
+    assert "| model.layers.0.self_attn.q_proj.weight | 512x512 | attention_aware | runtime |" in (out / "report.md").read_text()
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "exact dequantized weights" in (out / "report.md").read_text()
+
+
+def test_candle_product_and_validation_off(tmp_path):
+    config = REPO / "configs" / "identity.yaml"
+    result = run_cli("qstrat", "run", str(config), "-o", str(tmp_path / "c"), "-q", "--set", "validation.product=candle")
+    assert result.returncode == 0, result.stderr
+    assert "as Candle does" in (tmp_path / "c" / "report.md").read_text()
+    result = run_cli("qstrat", "run", str(config), "-o", str(tmp_path / "off"), "-q", env={"CANDLE_Q8K_VALIDATION": "0"})
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "off" / "manifest.json").read_text())
+    assert all(e.get("metrics") is None for e in manifest["tensors"].values())
+
+
+def test_compare_writes_no_model_files(tmp_path):
+    result = run_cli("qstrat", "compare", str(REPO / "examples" / "tiny-llama"), "-s", "identity,l2_norm,attention_aware+l2_norm",
+                     "-o", str(tmp_path / "cmp"), "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {r["chain"]: r for r in json.loads(result.stdout)["chains"]}
+    assert set(rows) == {"identity", "l2_norm", "attention_aware+l2_norm"}
+    assert rows["l2_norm"]["mean_sqnr_db"] > rows["identity"]["mean_sqnr_db"]
+    assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["compare.json", "compare.md", "compare.png"]
