@@ -32,11 +32,14 @@ from qstrat.io.manifest import (
     write_manifest,
 )
 from qstrat.io.q8k import WrittenFile
-from qstrat.io.safetensors import SafetensorsModel, map_tensor, write_safetensors
+from qstrat.io.gguf import write_gguf
+from qstrat.io.safetensors import SafetensorsModel, map_tensor, read_model_config, write_safetensors
+from qstrat.convert import gguf_metadata
+from qstrat.model import QuantizedModel
 from qstrat.report import write_reports
 from qstrat.results import QuantizationResult, TensorRecord, ThresholdFailure
 from qstrat.strategies import Permutation
-from qstrat.pipelines.journal import Journal, group_key, output_lock, run_fingerprint
+from qstrat.pipelines.journal import Journal, file_sha256, group_key, output_lock, run_fingerprint
 from qstrat.pipelines.plan import GroupJob, Plan, make_plan
 from qstrat.pipelines.worker import quantize_group
 
@@ -179,6 +182,7 @@ def quantize_model(
     force: bool | None = None,
     thresholds=None,
     settings: dict[str, object] | None = None,
+    outputs: tuple[str, ...] = ("q8k",),
 ) -> QuantizationResult:
     """Quantize a .safetensors file or model directory into an output directory.
 
@@ -195,13 +199,13 @@ def quantize_model(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OutputError(describe_os_error(out, err)) from None
-    settings = dict(settings or {}, **config.describe())
+    settings = dict(settings or {}, **config.describe(), outputs=list(outputs))
     fingerprint = run_fingerprint(settings, model)
     with output_lock(out):
-        return _quantize_locked(model, plan, config, out, progress, force, thresholds, settings, fingerprint, started)
+        return _quantize_locked(model, plan, config, out, progress, force, thresholds, settings, fingerprint, started, outputs)
 
 
-def _quantize_locked(model, plan, config, out, progress, force, thresholds, settings, fingerprint, started):
+def _quantize_locked(model, plan, config, out, progress, force, thresholds, settings, fingerprint, started, outputs):
     previous = read_manifest_lenient(out)
     journal = Journal(out, fingerprint)
     earlier = journal.previous_fingerprint() or (previous or {}).get("fingerprint")
@@ -267,12 +271,22 @@ def _quantize_locked(model, plan, config, out, progress, force, thresholds, sett
         "tool": {"name": "qstrat", "version": __version__},
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "fingerprint": fingerprint,
-        "source": {"path": str(model.path), "files": sorted(f.path.name for f in model.files)},
+        "source": {
+            "path": str(model.path),
+            "name": model.name,
+            "architecture": read_model_config(model).get("model_type"),
+            "files": sorted(f.path.name for f in model.files),
+        },
         "config": settings,
         "variant": config.variant,
         "tensors": {r.name: r.manifest_entry() for r in records},
         "validation": {"failed": [f.as_dict() for f in failures]},
     }
+    if "gguf" in outputs:
+        # assembled from the files just written, so its Q8_K bytes are the .q8k files' bytes
+        written = QuantizedModel(out, manifest)
+        container = write_gguf(written, out / f"{model.name}.gguf", gguf_metadata(written))
+        manifest["containers"] = {container.name: {"path": container.name, "size": container.stat().st_size, "sha256": file_sha256(container)}}
     result = QuantizationResult(out, records, time.perf_counter() - started, None, failures)
     manifest["reports"] = {f.path: {"path": f.path, "size": f.size, "sha256": f.sha256} for f in write_reports(result, model.name, settings, out)}
     result.manifest_path = write_manifest(out, manifest)

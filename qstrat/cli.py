@@ -15,7 +15,7 @@ import typer
 from qstrat._version import __version__
 from qstrat.blocks import Q8K_VARIANTS
 from qstrat.config import QuantizationConfig
-from qstrat.errors import Interrupted, OutputError, QstratError, ValidationFailed
+from qstrat.errors import InputError, Interrupted, OutputError, QstratError, ValidationFailed
 from qstrat.results import QuantizationResult, TensorRecord
 from qstrat.strategies import STRATEGIES
 
@@ -176,7 +176,7 @@ def run(
                 with reporter.model(job.name, sum(t.nbytes for t in model)):
                     result = quantize_model(
                         job.input, spec.config, job.output, reporter, force=force, thresholds=spec.thresholds,
-                        settings={"thresholds": spec.raw["validation"]["thresholds"]},
+                        settings={"thresholds": spec.raw["validation"]["thresholds"]}, outputs=spec.outputs,
                     )
             except QstratError as err:
                 if not batch:
@@ -294,9 +294,11 @@ def inspect(path: Path = typer.Argument(..., help=".safetensors file, model dire
     from qstrat.io.manifest import MANIFEST_NAME, read_manifest
     from qstrat.io.safetensors import SafetensorsModel
 
-    with user_errors():
+    from qstrat.model import as_directory
+
+    with user_errors(), as_directory(path) as directory:
         console = Console(width=max(120, Console().width))
-        manifest = read_manifest(path) if path.is_dir() and (path / MANIFEST_NAME).exists() else None
+        manifest = read_manifest(directory) if directory.is_dir() and (directory / MANIFEST_NAME).exists() else None
         if manifest is not None:
             table = Table(title=f"{path} (qstrat output, variant {manifest['variant']})")
             for column in ("tensor", "shape", "dtype", "storage", "strategy", "permutation", "SQNR dB", "MSE"):
@@ -320,12 +322,30 @@ def inspect(path: Path = typer.Argument(..., help=".safetensors file, model dire
 
 
 @app.command()
-def verify(output_dir: Path = typer.Argument(..., help="output directory to check")) -> None:
-    """Check every file of an output directory against its manifest; exit 0 only if all is intact."""
-    from qstrat.verify import verify_output
+def convert(
+    source: Path = typer.Argument(..., help="an output directory (qstrat's or the original tool's), or a .gguf file"),
+    target: Path = typer.Argument(..., help="the .gguf file to write, or the output directory to write"),
+) -> None:
+    """Convert an output directory to one GGUF file, or a qstrat GGUF file back to a directory (no re-quantization)."""
+    from qstrat.convert import directory_to_gguf, gguf_to_directory
 
     with user_errors():
-        problems = verify_output(output_dir)
+        if source.is_dir():
+            print(f"wrote {directory_to_gguf(source, target)}")
+        elif source.suffix == ".gguf" or source.is_file():
+            print(f"wrote {gguf_to_directory(source, target)}")
+        else:
+            raise InputError(f"{source}: no such file or directory")
+
+
+@app.command()
+def verify(output_dir: Path = typer.Argument(..., help="output directory to check")) -> None:
+    """Check every file of an output directory against its manifest; exit 0 only if all is intact."""
+    from qstrat.model import as_directory
+    from qstrat.verify import verify_output
+
+    with user_errors(), as_directory(output_dir) as directory:
+        problems = verify_output(directory)
         if problems:
             for problem in problems:
                 print(f"error: {problem}", file=sys.stderr)
@@ -343,9 +363,10 @@ def dequantize(
 ) -> None:
     """Write the whole model back to one .safetensors file (quantized tensors as F32)."""
     from qstrat.export import dequantize_to_safetensors
+    from qstrat.model import as_directory
 
-    with user_errors():
-        count = dequantize_to_safetensors(output_dir, target, original=not function_layout)
+    with user_errors(), as_directory(output_dir) as directory:
+        count = dequantize_to_safetensors(directory, target, original=not function_layout)
         print(f"wrote {count} tensors to {target}")
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,11 +29,11 @@ def unpermute(stored: np.ndarray, perm: np.ndarray, axis: int = 1) -> np.ndarray
 class QuantizedModel:
     """An output directory (or one written by the original Rust tool), read lazily."""
 
-    def __init__(self, output_dir: str | os.PathLike) -> None:
+    def __init__(self, output_dir: str | os.PathLike, manifest: dict | None = None) -> None:
         self.directory = Path(output_dir)
         if not self.directory.is_dir():
             raise InputError(f"{self.directory}: not an output directory")
-        self.manifest = read_manifest(self.directory)
+        self.manifest = manifest if manifest is not None else read_manifest(self.directory)
         passthrough_path = self.directory / PASSTHROUGH_NAME
         self._passthrough = SafetensorsFile(passthrough_path) if passthrough_path.exists() else None
         if self.manifest is None:
@@ -99,6 +101,19 @@ class QuantizedModel:
         return self.undo_joint(name, array) if original else array
 
 
+@contextlib.contextmanager
+def as_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """An output directory for ``path``: itself, or a GGUF file unpacked into a temporary one."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        from qstrat.convert import gguf_to_directory
+
+        with tempfile.TemporaryDirectory(prefix="qstrat-gguf-") as tmp:
+            yield gguf_to_directory(path, Path(tmp) / "model")
+    else:
+        yield path
+
+
 def load_model(output_dir: str | os.PathLike, original: bool = False) -> dict[str, np.ndarray]:
     """Every tensor of a quantized model as numpy arrays, by name.
 
@@ -106,7 +121,8 @@ def load_model(output_dir: str | os.PathLike, original: bool = False) -> dict[st
     undone; passed-through tensors come back as stored (bfloat16 as exactly equal float32).
     ``original=True`` also undoes function-preserving joint permutations, so every tensor
     is in its source layout.  A directory written by the original Rust tool (``.q8k`` and
-    ``.perm`` files, no manifest) loads too.
+    ``.perm`` files, no manifest) loads too, and so does a qstrat ``.gguf`` file.
     """
-    model = QuantizedModel(output_dir)
-    return {name: model.tensor(name, original) for name in model}
+    with as_directory(output_dir) as directory:
+        model = QuantizedModel(directory)
+        return {name: model.tensor(name, original) for name in model}

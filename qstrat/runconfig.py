@@ -25,7 +25,7 @@ from qstrat.strategies import STRATEGIES, make_strategy
 from qstrat.validation import PRODUCTS, STAGES
 
 VALIDATION_STAGES = STAGES
-OUTPUT_FORMATS = ("q8k",)
+OUTPUT_FORMATS = ("q8k", "gguf")
 
 
 class _Strict(BaseModel):
@@ -102,6 +102,10 @@ class RunSpec:
     thresholds: Thresholds
     source: Path | None
     raw: dict[str, Any]
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return tuple(self.raw["outputs"])
 
 
 # -- YAML with line numbers ----------------------------------------------------------------------

@@ -28,7 +28,7 @@ def verify_output(output_dir: str | os.PathLike) -> list[str]:
     problems: list[str] = []
     checked: set[str] = set()
     listed = [file for entry in manifest["tensors"].values() for file in entry.get("files", {}).values()]
-    listed += list(manifest.get("reports", {}).values())
+    listed += list(manifest.get("reports", {}).values()) + list(manifest.get("containers", {}).values())
     for file in listed:
         if file["path"] in checked:
             continue

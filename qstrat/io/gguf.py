@@ -1,0 +1,177 @@
+"""GGUF v3 containers: a whole quantized model in one file, written with the ``gguf`` package.
+
+Quantized tensors are stored as GGML type Q8_K (id 15) with exactly the bytes of their
+``.q8k`` files; other tensors keep their dtype (F32/F16/BF16/F64/I8..I64).  A run-time
+gather map is a companion I32 tensor ``<name>.perm``; joint permutations (needed only to
+restore the original layout) are companions ``<name>.joint_perm`` (I32).  GGML limits
+names to 63 bytes: a longer name is cut and suffixed with ``~`` and 16 hex digits of its
+SHA-256, and the metadata maps it back.  Written streaming (tensor infos first, then one
+tensor at a time) to a temporary name, then renamed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from qstrat._version import __version__
+from qstrat.errors import FormatError, OutputError
+from qstrat.io.atomic import describe_os_error, temp_path_for
+
+GGML_MAX_NAME_BYTES = 63
+QUANTIZATION_VERSION = 2
+PERM_SUFFIX = ".perm"
+JOINT_SUFFIX = ".joint_perm"
+KEY_PREFIX = "qstrat."
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:  # pragma: no cover - a core dependency
+        raise OutputError("GGUF output needs the package gguf") from None
+    return gguf
+
+
+def gguf_name(name: str) -> str:
+    """The name a tensor gets in GGUF: itself, or cut with a hash suffix if too long."""
+    if len(name.encode("utf-8")) <= GGML_MAX_NAME_BYTES:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:16]
+    head = name.encode("utf-8")[: GGML_MAX_NAME_BYTES - 17].decode("utf-8", "ignore")
+    return f"{head}~{digest}"
+
+
+def _storage_type(dtype_tag: str):
+    T = _gguf().GGMLQuantizationType
+    table = {
+        "F32": (T.F32, np.float32), "F16": (T.F16, np.float16), "BF16": (T.BF16, np.uint16), "F64": (T.F64, np.float64),
+        "I8": (T.I8, np.int8), "I16": (T.I16, np.int16), "I32": (T.I32, np.int32), "I64": (T.I64, np.int64),
+    }
+    if dtype_tag not in table:
+        raise OutputError(f"GGUF has no type for {dtype_tag} tensors")
+    return table[dtype_tag]
+
+
+def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) -> Path:
+    """Write a :class:`qstrat.model.QuantizedModel` as one GGUF file (atomically)."""
+    gguf = _gguf()
+    from qstrat.io.q8k import read_perm, read_q8k
+    from qstrat.io.safetensors import map_tensor
+
+    target = Path(target)
+    entries = []  # (gguf name, original name, role, producer of the numpy payload, dtype, raw_dtype, shape)
+    perm_names, joint_names, joint_axes = [], [], []
+    for name in model:
+        entry = model.entries[name]
+        if entry["storage"] == "q8k":
+            files = entry["files"]
+            stored = read_q8k(model.directory / files["q8k"]["path"])
+            payload = np.asarray(stored.blocks).reshape(stored.rows, -1)
+            entries.append((name, lambda p=payload: p, np.uint8, gguf.GGMLQuantizationType.Q8_K, payload.shape, payload.nbytes))
+            if "perm" in files:
+                perm = read_perm(model.directory / files["perm"]["path"], stored.k).astype(np.int32)
+                entries.append((name + PERM_SUFFIX, lambda p=perm: p, np.int32, None, perm.shape, perm.nbytes))
+                perm_names.append(name + PERM_SUFFIX)
+        else:
+            info = model.passthrough_info(name)
+            raw_dtype, np_dtype = _storage_type(info.dtype)
+            raw = None if info.dtype in ("F32", "F16", "F64", "I8", "I16", "I32", "I64") else raw_dtype
+            entries.append((name, lambda info=info, t=np_dtype: np.asarray(map_tensor(info)).view(t), np.dtype(np_dtype), raw, info.shape, info.nbytes))
+        joint = model.joint_permutation(name)
+        if joint is not None:
+            perm = joint[0].astype(np.int32)
+            entries.append((name + JOINT_SUFFIX, lambda p=perm: p, np.int32, None, perm.shape, perm.nbytes))
+            joint_names.append(name + JOINT_SUFFIX)
+            joint_axes.append(joint[1])
+    renamed = {n: gguf_name(n) for n, *_ in entries if gguf_name(n) != n}
+    if len({gguf_name(n) for n, *_ in entries}) != len(entries):
+        raise OutputError(f"{target}: two tensor names collide in GGUF's 63-byte limit")
+    tmp = temp_path_for(target)
+    try:
+        writer = gguf.GGUFWriter(tmp, str(metadata.get("architecture") or "qstrat"))
+        writer.add_uint32("general.quantization_version", QUANTIZATION_VERSION)
+        if metadata.get("name"):
+            writer.add_name(str(metadata["name"]))
+        writer.add_string(KEY_PREFIX + "version", __version__)
+        writer.add_string(KEY_PREFIX + "variant", str(metadata.get("variant") or "unknown"))
+        writer.add_string(KEY_PREFIX + "config", json.dumps(metadata.get("config") or {}, sort_keys=True))
+        for key, values in (("perm_tensors", perm_names), ("joint_perm_tensors", joint_names)):
+            if values:
+                writer.add_array(KEY_PREFIX + key, values)
+        if joint_axes:
+            writer.add_array(KEY_PREFIX + "joint_perm_axes", joint_axes)
+        if renamed:
+            writer.add_array(KEY_PREFIX + "renamed.gguf", list(renamed.values()))
+            writer.add_array(KEY_PREFIX + "renamed.original", list(renamed))
+        for name, _, dtype, raw, shape, nbytes in entries:
+            writer.add_tensor_info(gguf_name(name), shape, np.dtype(dtype), nbytes, raw_dtype=raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for _, produce, *_ in entries:
+            writer.write_tensor_data(produce())  # one tensor in memory at a time
+        writer.close()
+        os.replace(tmp, target)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OutputError(describe_os_error(target, err)) from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return target
+
+
+class GGUFModel:
+    """A qstrat GGUF file read back: tensors by original name, with their roles."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        gguf = _gguf()
+        self.path = Path(path)
+        try:
+            self.reader = gguf.GGUFReader(self.path)
+        except (OSError, ValueError, KeyError, IndexError, struct.error) as err:
+            raise FormatError(f"{self.path}: not a readable GGUF file: {err}") from None
+        renamed = dict(zip(self._strings("renamed.gguf"), self._strings("renamed.original")))
+        self.tensors = {renamed.get(t.name, t.name): t for t in self.reader.tensors}
+        self.perm_names = set(self._strings("perm_tensors"))
+        joint_names = self._strings("joint_perm_tensors")
+        field = self.reader.get_field(KEY_PREFIX + "joint_perm_axes")
+        axes = [int(v) for v in field.contents()] if field is not None else []
+        if len(axes) != len(joint_names):
+            raise FormatError(f"{self.path}: joint permutation metadata is inconsistent")
+        self.joint_axes = dict(zip(joint_names, axes))
+        self.variant = self._string("variant")
+        config = self._string("config")
+        try:
+            self.config = json.loads(config) if config else {}
+        except ValueError:
+            raise FormatError(f"{self.path}: {KEY_PREFIX}config is not JSON") from None
+        self.architecture = self._string("architecture", prefix="general.")
+        self.name = self._string("name", prefix="general.")
+        for companion in list(self.perm_names) + list(self.joint_axes):
+            if companion not in self.tensors:
+                raise FormatError(f"{self.path}: companion tensor {companion!r} is missing")
+
+    def _string(self, key: str, prefix: str = KEY_PREFIX) -> str | None:
+        field = self.reader.get_field(prefix + key)
+        return None if field is None else str(field.contents())
+
+    def _strings(self, key: str) -> list[str]:
+        field = self.reader.get_field(KEY_PREFIX + key)
+        return [] if field is None else [str(v) for v in field.contents()]
+
+    def model_tensors(self) -> list[str]:
+        """Names of the model's own tensors (companions excluded), sorted."""
+        return sorted(n for n in self.tensors if n not in self.perm_names and n not in self.joint_axes)
+
+
+__all__ = ["GGUFModel", "gguf_name", "write_gguf"]

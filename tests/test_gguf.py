@@ -1,0 +1,118 @@
+"""GGUF output and conversion: readable by the gguf package, bit-exact with the .q8k files."""
+
+import json
+import shutil
+import tracemalloc
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, GGUFReader
+
+import qstrat
+from qstrat.convert import directory_to_gguf, gguf_to_directory
+from qstrat.io.gguf import GGML_MAX_NAME_BYTES
+from qstrat.io.safetensors import SafetensorsModel, map_tensor
+from qstrat.synthetic import write_model
+from tests.conftest import REPO
+from tests.helpers import assert_clean_failure, run_cli
+
+TYPES = {"F32": GGMLQuantizationType.F32, "BF16": GGMLQuantizationType.BF16, "F16": GGMLQuantizationType.F16}
+
+
+@pytest.mark.parametrize("variant", qstrat.Q8K_VARIANTS)
+def test_run_writes_gguf_with_the_q8k_bytes(tmp_path, variant):
+    out = tmp_path / "o"
+    result = run_cli("qstrat", "run", str(REPO / "configs" / "attention_aware.yaml"), "-o", str(out), "-q",
+                     "--set", "outputs=[q8k, gguf]", "--set", f"variant={variant}")
+    assert result.returncode == 0, result.stderr
+    reader = GGUFReader(out / "tiny-llama.gguf")
+    assert bytes(reader.get_field("general.architecture").contents(), "utf-8") == b"llama"
+    assert reader.get_field("general.quantization_version").contents() == 2
+    assert reader.get_field("qstrat.variant").contents() == variant
+    manifest = json.loads((out / "manifest.json").read_text())
+    source = SafetensorsModel(REPO / "examples" / "tiny-llama")
+    tensors = {t.name: t for t in reader.tensors}
+    for name, entry in manifest["tensors"].items():
+        t = tensors[name]
+        assert list(t.shape) == list(reversed(entry["shape"]))  # ne[0] is the row length
+        if entry["storage"] == "q8k":
+            assert t.tensor_type == GGMLQuantizationType.Q8_K
+            q8k = (out / entry["files"]["q8k"]["path"]).read_bytes()
+            assert t.n_bytes == len(q8k) - 24 and np.asarray(t.data).tobytes() == q8k[24:]
+            if "perm" in entry["files"]:
+                companion = tensors[name + ".perm"]
+                assert companion.tensor_type == GGMLQuantizationType.I32
+                assert np.array_equal(companion.data, qstrat.read_perm(out / entry["files"]["perm"]["path"]))
+        else:
+            assert t.tensor_type == TYPES[entry["dtype"]]
+            assert np.asarray(t.data).tobytes() == np.asarray(map_tensor(source.tensors[name])).tobytes()
+    assert run_cli("qstrat", "verify", str(out)).returncode == 0
+
+
+def test_gguf_directory_gguf_roundtrip_and_loading(tmp_path):
+    out = tmp_path / "o"
+    assert run_cli("qstrat", "run", str(REPO / "configs" / "function_preserving.yaml"), "-o", str(out), "-q").returncode == 0
+    first = directory_to_gguf(out, tmp_path / "a.gguf")
+    back = gguf_to_directory(first, tmp_path / "back")
+    second = directory_to_gguf(back, tmp_path / "b.gguf")
+    assert first.read_bytes() == second.read_bytes()
+    for original in (False, True):
+        expected = qstrat.load_model(out, original=original)
+        for loaded in (qstrat.load_model(first, original=original), qstrat.load_model(back, original=original)):
+            assert set(loaded) == set(expected)
+            assert all(np.array_equal(loaded[n], expected[n]) for n in expected)
+    for command in (("verify", str(first)), ("inspect", str(first)), ("dequantize", str(first), str(tmp_path / "d.safetensors"))):
+        result = run_cli("qstrat", *command)
+        assert result.returncode == 0, result.stderr
+
+
+def test_original_tool_directory_converts(tmp_path):
+    out = tmp_path / "o"
+    result = run_cli("quantize_q8k", str(REPO / "examples" / "tiny-llama"), str(out), env={"CANDLE_Q8K_PERMUTE": "1"})
+    assert result.returncode == 0, result.stderr
+    seed = tmp_path / "seed"  # what the Rust tool leaves: .q8k and .perm files only
+    seed.mkdir()
+    for path in list(out.glob("*.q8k")) + list(out.glob("*.perm")):
+        shutil.copy(path, seed / path.name)
+    result = run_cli("qstrat", "convert", str(seed), str(tmp_path / "seed.gguf"))
+    assert result.returncode == 0, result.stderr
+    reader = GGUFReader(tmp_path / "seed.gguf")
+    names = {t.name for t in reader.tensors}
+    assert "model.layers.0.mlp.up_proj.weight" in names and "model.layers.0.mlp.up_proj.weight.perm" in names
+    loaded, expected = qstrat.load_model(tmp_path / "seed.gguf"), qstrat.load_model(out)
+    assert all(np.array_equal(loaded[n], expected[n]) for n in loaded)
+
+
+def test_long_names_are_shortened_and_mapped_back(tmp_path):
+    long_name = "model.layers.0.a_really_long_module_path.that_goes_on_and_on.proj.weight"
+    assert len(long_name) > GGML_MAX_NAME_BYTES
+    rng = np.random.default_rng(0)
+    model = write_model(tmp_path / "m", {long_name: rng.standard_normal((4, 512)).astype(np.float32)}, dtype="F32")
+    out = tmp_path / "o"
+    qstrat.quantize_safetensors(model, qstrat.QuantizationConfig(strategies=["l2_norm"], output_dir=out))
+    target = directory_to_gguf(out, tmp_path / "m.gguf")
+    assert all(len(t.name.encode()) <= GGML_MAX_NAME_BYTES for t in GGUFReader(target).tensors)
+    loaded = qstrat.load_model(target)
+    assert list(loaded) == [long_name]
+    assert np.array_equal(loaded[long_name], qstrat.load_model(out)[long_name])
+
+
+def test_writing_gguf_keeps_one_tensor_in_memory(tmp_path):
+    rng = np.random.default_rng(0)
+    tensors = {f"l.{i}.weight": rng.standard_normal((1024, 1024)).astype(np.float32) for i in range(24)}
+    model = write_model(tmp_path / "m", tensors, dtype="F32")
+    out = tmp_path / "o"
+    qstrat.quantize_safetensors(model, qstrat.QuantizationConfig(strategies=["l2_norm"], output_dir=out, validation=False))
+    largest = 1024 * 1024 * 4
+    tracemalloc.start()
+    directory_to_gguf(out, tmp_path / "m.gguf")
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    total = sum(a.nbytes for a in tensors.values())
+    assert peak < 2 * largest, (peak, largest, total)
+
+
+def test_bad_gguf_is_a_clean_error(tmp_path):
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 40)
+    assert_clean_failure(run_cli("qstrat", "verify", str(tmp_path / "bad.gguf")), "bad.gguf")
+    assert_clean_failure(run_cli("qstrat", "convert", str(tmp_path / "bad.gguf"), str(tmp_path / "o")), "bad.gguf")
