@@ -53,20 +53,30 @@ def _zero_block(block):
         block[i] = np.uint8(0)
 
 
+@njit(cache=True, fastmath={"nnan", "ninf"})
+def _block_abs_max(row, perm, start):
+    # Inputs are checked finite before any kernel runs, so the no-NaN/no-Inf flags are exact
+    # here; they let LLVM vectorise the max reduction (max is associative, nothing is rounded).
+    amax = np.float32(0.0)
+    for j in range(QK_K):
+        a = abs(to_float32(row[source_index(perm, start + j)]))
+        amax = a if a > amax else amax
+    return amax
+
+
 @njit(cache=True)
 def _quantize_block(row, perm, start, variant, block):
-    # The extreme is the signed value of largest magnitude; strict '>' keeps the first on ties.
-    amax = np.float32(0.0)
-    extreme = np.float32(0.0)
-    for j in range(QK_K):
-        v = to_float32(row[source_index(perm, start + j)])
-        a = abs(v)
-        if a > amax:
-            amax = a
-            extreme = v
+    amax = _block_abs_max(row, perm, start)
     if amax == np.float32(0.0):
         _zero_block(block)
         return
+    # The extreme is the signed value of largest magnitude; the first one wins a tie.
+    extreme = np.float32(0.0)
+    for j in range(QK_K):
+        v = to_float32(row[source_index(perm, start + j)])
+        if abs(v) == amax:
+            extreme = v
+            break
     if variant == VARIANT_CANDLE_0_9:
         iscale = np.float32(-128.0) / extreme
     else:
@@ -75,30 +85,35 @@ def _quantize_block(row, perm, start, variant, block):
         # |max| below ~3.7e-37: no meaningful quants exist; the block dequantizes to zeros.
         _zero_block(block)
         return
-    half = np.float32(0.5)
+    if variant == VARIANT_GGML:
+        _store_quants(row, perm, start, iscale, False, block)
+    else:
+        _store_quants(row, perm, start, iscale, True, block)
     for g in range(QK_K // BSUM_GROUP):
         group_sum = 0
         for j in range(BSUM_GROUP):
-            idx = g * BSUM_GROUP + j
-            scaled = iscale * to_float32(row[source_index(perm, start + idx)])
-            rounded = np.rint(scaled)  # ties to even: GGML's nearest_int
-            if variant != VARIANT_GGML and abs(scaled - rounded) == half:
-                # Rust's f32::round rounds ties away from zero; scaled +- 0.5 is exact here.
-                rounded = scaled + half if scaled > 0 else scaled - half
-            q = np.int32(rounded)
-            # |scaled| <= 128 by construction, so one clamp is each variant's own clamp
-            # (ggml: min(127, v); candle: clamp(-128, 127); candle 0.9: min(127) + saturating cast).
-            if q > 127:
-                q = 127
-            elif q < -128:
-                q = -128
-            block[QS_OFFSET + idx] = np.uint8(q & 0xFF)
-            group_sum += q
+            group_sum += np.int32(np.int8(block[QS_OFFSET + g * BSUM_GROUP + j]))
         s = np.uint32(group_sum & 0xFFFF)
         block[BSUMS_OFFSET + 2 * g] = np.uint8(s & np.uint32(0xFF))
         block[BSUMS_OFFSET + 2 * g + 1] = np.uint8(s >> np.uint32(8))
     d = np.float32(1.0) / iscale
     _store_u32_le(block, D_OFFSET, np.float32(d).view(np.uint32))
+
+
+@njit(cache=True)
+def _store_quants(row, perm, start, iscale, ties_away, block):
+    half = np.float32(0.5)
+    for j in range(QK_K):
+        scaled = iscale * to_float32(row[source_index(perm, start + j)])
+        rounded = np.rint(scaled)  # ties to even: GGML's nearest_int
+        # Rust's f32::round rounds ties away from zero; scaled +- 0.5 is exact here.  Written
+        # as a select, not a branch, so that the loop vectorises.
+        away = scaled + np.copysign(half, scaled)
+        rounded = away if ties_away and abs(scaled - rounded) == half else rounded
+        # |scaled| <= 128 by construction, so one clamp is each variant's own clamp
+        # (ggml: min(127, v); candle: clamp(-128, 127); candle 0.9: min(127) + saturating cast).
+        rounded = min(max(rounded, np.float32(-128.0)), np.float32(127.0))
+        block[QS_OFFSET + j] = np.uint8(np.int32(rounded) & 0xFF)
 
 
 @njit(parallel=True, cache=True)
