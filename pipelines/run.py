@@ -31,7 +31,8 @@ from qstrat.io.manifest import (
     read_manifest,
     write_manifest,
 )
-from qstrat.io.q8k import WrittenFile
+from qstrat.io.q8k import Q8K_HEADER, PERM_HEADER, WrittenFile
+from qstrat.kernels import BLOCK_BYTES, QK_K
 from qstrat.io.gguf import write_gguf
 from qstrat.io.safetensors import SafetensorsModel, map_tensor, read_model_config, write_safetensors
 from qstrat.convert import gguf_metadata
@@ -303,15 +304,13 @@ def read_manifest_lenient(directory: Path) -> dict | None:
 
 def describe_plan(plan: Plan) -> dict[str, object]:
     """What a run would do, for --dry-run: tensors, strategies, skips, estimated output size."""
-    from qstrat.kernels import BLOCK_BYTES, QK_K
-
     quantized, size = [], 0
     for group in plan.groups:
         for member in group.members:
             if member.quantize:
                 rows, k = member.info.shape
-                q8k_bytes = 24 + rows * (k // QK_K) * BLOCK_BYTES
-                size += q8k_bytes + (8 + 4 * k if group.strategy.permutation_kind == "runtime" else 0)
+                q8k_bytes = Q8K_HEADER.size + rows * (k // QK_K) * BLOCK_BYTES
+                size += q8k_bytes + (PERM_HEADER.size + 4 * k if group.strategy.permutation_kind == "runtime" else 0)
                 quantized.append(
                     {"name": member.info.name, "shape": list(member.info.shape), "dtype": member.info.dtype,
                      "strategy": group.strategy.name, "permutation": group.strategy.permutation_kind}

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from qstrat.blocks import Q8K_VARIANTS
 from qstrat.config import SEED_CHAINS, QuantizationConfig, StrategyType, parse_bool, parse_positive_int
 from qstrat.errors import ConfigError
-from qstrat.strategies import STRATEGIES, make_strategy
+from qstrat.strategies import make_strategy
 from qstrat.validation import PRODUCTS, STAGES
 
 VALIDATION_STAGES = STAGES
@@ -327,4 +327,4 @@ def load_run_config(
     return RunSpec(tuple(models), config, schema.validation.thresholds, Path(config_path) if config_path else None, schema.model_dump())
 
 
-__all__ = ["STRATEGIES", "ModelJob", "RunSpec", "load_run_config", "parse_set_option"]
+__all__ = ["ModelJob", "RunSpec", "load_run_config", "parse_set_option"]

@@ -13,7 +13,7 @@ import pytest
 from safetensors import safe_open
 
 import qstrat
-from qstrat.synthetic import LlamaShape, llama_tensors, write_model
+from qstrat.synthetic import write_model
 from tests.conftest import REPO
 from tests.helpers import assert_clean_failure, make_llama_dir, run_cli
 

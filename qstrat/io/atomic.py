@@ -52,16 +52,16 @@ def describe_os_error(path: Path, err: OSError) -> str:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: Path) -> Iterator[HashingWriter]:
-    """Yield a hashing writer whose content appears at ``path`` only if the block completes."""
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; renamed onto it if the block completes, removed if not.
+
+    For writers that open the file themselves (the GGUF writer); whatever they write must be
+    flushed and closed when the block ends.
+    """
     path = Path(path)
     tmp = temp_path_for(path)
     try:
-        with open(tmp, "wb") as raw:
-            writer = HashingWriter(raw)
-            yield writer
-            raw.flush()
-            os.fsync(raw.fileno())
+        yield tmp
         os.replace(tmp, path)
     except OSError as err:
         with contextlib.suppress(OSError):
@@ -71,6 +71,21 @@ def atomic_writer(path: Path) -> Iterator[HashingWriter]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path) -> Iterator[HashingWriter]:
+    """Yield a hashing writer whose content appears at ``path`` only if the block completes."""
+    with atomic_path(path) as tmp:
+        try:
+            raw = open(tmp, "wb")
+        except OSError as err:
+            raise OutputError(describe_os_error(Path(path), err)) from None
+        with raw:
+            writer = HashingWriter(raw)
+            yield writer
+            raw.flush()
+            os.fsync(raw.fileno())
 
 
 def remove_stale_temporaries(directory: Path) -> int:

@@ -11,7 +11,6 @@ tensor at a time) to a temporary name, then renamed.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -22,7 +21,7 @@ import numpy as np
 
 from qstrat._version import __version__
 from qstrat.errors import FormatError, OutputError
-from qstrat.io.atomic import describe_os_error, temp_path_for
+from qstrat.io.atomic import atomic_path
 
 GGML_MAX_NAME_BYTES = 63
 QUANTIZATION_VERSION = 2
@@ -66,7 +65,7 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
     from qstrat.io.safetensors import map_tensor
 
     target = Path(target)
-    entries = []  # (gguf name, original name, role, producer of the numpy payload, dtype, raw_dtype, shape)
+    entries = []  # (name, producer of the numpy payload, numpy dtype, GGML raw type or None, shape, nbytes)
     perm_names, joint_names, joint_axes = [], [], []
     for name in model:
         entry = model.entries[name]
@@ -93,8 +92,7 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
     renamed = {n: gguf_name(n) for n, *_ in entries if gguf_name(n) != n}
     if len({gguf_name(n) for n, *_ in entries}) != len(entries):
         raise OutputError(f"{target}: two tensor names collide in GGUF's 63-byte limit")
-    tmp = temp_path_for(target)
-    try:
+    with atomic_path(target) as tmp:
         writer = gguf.GGUFWriter(tmp, str(metadata.get("architecture") or "qstrat"))
         writer.add_uint32("general.quantization_version", QUANTIZATION_VERSION)
         if metadata.get("name"):
@@ -118,15 +116,6 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
         for _, produce, *_ in entries:
             writer.write_tensor_data(produce())  # one tensor in memory at a time
         writer.close()
-        os.replace(tmp, target)
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise OutputError(describe_os_error(target, err)) from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
     return target
 
 

@@ -1,6 +1,5 @@
 """Faults between and during runs: damaged outputs are repaired, a full disk is a clear error."""
 
-import json
 import subprocess
 import uuid
 

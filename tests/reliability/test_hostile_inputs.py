@@ -1,6 +1,5 @@
 """Hostile and broken inputs through the CLI: one clear line, a documented exit code, nothing escapes."""
 
-import json
 import os
 import struct
 
