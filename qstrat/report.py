@@ -17,6 +17,7 @@ from qstrat.results import QuantizationResult
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 REPORT_PNG = "report.png"
+MAX_LABELLED_TENSORS = 80
 
 
 def _mean(values):
@@ -115,11 +116,16 @@ def plot_sqnr(series: Mapping[str, Mapping[str, float]], target: Path, title: st
     except ImportError:
         return None
     names = sorted({n for values in series.values() for n in values})
-    figure, axis = plt.subplots(figsize=(max(8, 0.35 * len(names) + 3), 5))
+    labelled = len(names) <= MAX_LABELLED_TENSORS  # beyond that, a readable axis is the tensor index
+    figure, axis = plt.subplots(figsize=(max(8, 0.35 * len(names) + 3) if labelled else 14, 5))
     for label, values in series.items():
-        axis.plot(range(len(names)), [values.get(n, math.nan) for n in names], marker="o", linestyle="-", label=label)
-    axis.set_xticks(range(len(names)))
-    axis.set_xticklabels([n.replace("model.layers.", "L").replace(".weight", "") for n in names], rotation=75, ha="right", fontsize=7)
+        axis.plot(range(len(names)), [values.get(n, math.nan) for n in names], marker="o" if labelled else "",
+                  linestyle="-", label=label)
+    if labelled:
+        axis.set_xticks(range(len(names)))
+        axis.set_xticklabels([n.replace("model.layers.", "L").replace(".weight", "") for n in names], rotation=75, ha="right", fontsize=7)
+    else:
+        axis.set_xlabel(f"tensor (index in name order, {len(names)} tensors)")
     axis.set_ylabel("weight SQNR (dB), higher is better")
     axis.set_title(title)
     axis.grid(alpha=0.3)
