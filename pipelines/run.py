@@ -41,16 +41,11 @@ from qstrat.report import write_reports
 from qstrat.results import QuantizationResult, TensorRecord, ThresholdFailure
 from qstrat.strategies import Permutation
 from qstrat.pipelines.journal import Journal, file_sha256, group_key, output_lock, run_fingerprint
+from qstrat.pipelines.backends import execution_backend
 from qstrat.pipelines.plan import GroupJob, Plan, make_plan
 from qstrat.pipelines.worker import quantize_group
 
 ProgressCallback = Callable[[list[TensorRecord], int], None]  # records, bytes of input done
-
-
-def numba_threads_per_worker(workers: int) -> int:
-    """Threads per worker so that workers x threads never exceeds the cores."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // workers)
 
 
 def check_output_dir(output_dir: Path, model: SafetensorsModel) -> None:
@@ -123,14 +118,14 @@ def _run_groups(
 ) -> None:
     if not jobs:
         return
-    threads = numba_threads_per_worker(config.workers)
     # Largest groups first: with dynamic dispatch this balances work by bytes, not count.
     ordered = sorted(jobs, key=lambda g: (-g.nbytes, g.members[0].info.name))
     settings = config.validation_settings()
-    tasks = (delayed(quantize_group)(job, config.variant, settings, out, threads) for job in ordered)
-    parallel = Parallel(n_jobs=min(config.workers, len(ordered)), backend="loky", return_as="generator")
-    for job, group_result in zip(ordered, parallel(tasks)):
-        on_done(job, group_result.records, group_result.joint)
+    with execution_backend(config, ordered, out) as (n_jobs, threads):
+        tasks = (delayed(quantize_group)(job, config.variant, settings, out, threads) for job in ordered)
+        parallel = Parallel(n_jobs=n_jobs, return_as="generator")
+        for job, group_result in zip(ordered, parallel(tasks)):
+            on_done(job, group_result.records, group_result.joint)
 
 
 def evaluate_model(

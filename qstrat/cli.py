@@ -20,9 +20,10 @@ from qstrat.results import QuantizationResult, TensorRecord
 from qstrat.strategies import STRATEGIES
 
 EXIT_OK = 0
+EXIT_INTERNAL = 1
 EXIT_BATCH_PARTIAL = 5
 EXIT_CODES_HELP = (
-    "Exit codes: 0 success; 2 bad input, configuration or usage; 3 output not writable or in use; "
+    "Exit codes: 0 success; 1 unexpected internal error; 2 bad input, configuration or usage; 3 output not writable or in use; "
     "4 a tensor failed a validation threshold; 5 some models of a batch failed; 130 interrupted."
 )
 
@@ -51,6 +52,11 @@ def user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         raise typer.Exit(Interrupted.exit_code) from None
+    except (typer.Exit, typer.Abort, SystemExit):
+        raise
+    except Exception as err:  # a bug, or a library failing in a way we did not foresee
+        print(f"error: unexpected {type(err).__name__}: {err} (please report this)", file=sys.stderr)
+        raise typer.Exit(EXIT_INTERNAL) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
 

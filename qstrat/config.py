@@ -67,6 +67,8 @@ class QuantizationConfig:
     validation_stages: Sequence[str] = STAGES
     validation_product: str = "exact"  # or "candle": the input vector quantized to Q8K too
     workers: int = 1
+    backend: str = "loky"  # or "dask": the groups run on the Dask cluster at ``address``
+    address: str | None = None
     force: bool = False
 
     def __post_init__(self) -> None:
@@ -81,6 +83,8 @@ class QuantizationConfig:
             raise ConfigError(f"validation.product: {self.validation_product!r} is not one of {', '.join(PRODUCTS)}")
         if self.variant not in Q8K_VARIANTS:
             raise ConfigError(f"variant: unknown Q8K variant {self.variant!r}; choose one of {', '.join(Q8K_VARIANTS)}")
+        if self.backend not in ("loky", "dask"):
+            raise ConfigError(f"parallel.backend: {self.backend!r} is not one of loky, dask")
         if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 1:
             raise ConfigError(f"workers: must be a positive integer, got {self.workers!r}")
 

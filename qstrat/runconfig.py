@@ -70,7 +70,8 @@ class ValidationSection(_Strict):
 
 class ParallelSection(_Strict):
     workers: int = Field(default=1, ge=1)
-    backend: Literal["loky"] = "loky"
+    backend: Literal["loky", "dask"] = "loky"
+    address: str | None = None  # tcp://host:port of a Dask scheduler
 
 
 class RunSchema(_Strict):
@@ -308,6 +309,8 @@ def load_run_config(
         validation_stages=tuple(schema.validation.stages),
         validation_product=schema.validation.product,
         workers=schema.parallel.workers,
+        backend=schema.parallel.backend,
+        address=schema.parallel.address,
     )
     inputs = _model_inputs([schema.input] if isinstance(schema.input, str) else schema.input, base, input_from_file)
     output_template = str(_resolve(schema.output, base if output_from_file else Path.cwd()))

@@ -1,0 +1,79 @@
+"""Where the groups run: local worker processes (joblib's loky) or a Dask cluster.
+
+The pipeline is the same on both: joblib dispatches the same tasks, and each task maps its
+input and writes its output itself, so a Dask worker must see the same paths as the client
+(a shared filesystem); that is checked on every worker before any work is sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from joblib import parallel_config
+
+from qstrat.config import QuantizationConfig
+from qstrat.errors import ConfigError, InputError
+
+
+def local_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def numba_threads_per_worker(workers: int, cores: int | None = None) -> int:
+    """Threads per worker so that workers x threads never exceeds the cores."""
+    return max(1, (cores or local_cores()) // workers)
+
+
+def _paths_visible(paths: list[str], output: str | None) -> str | None:
+    """Run on a worker: the first path it cannot read, or the output it cannot write (None if all fine)."""
+    for path in paths:
+        if not os.access(path, os.R_OK):
+            return f"cannot read {path}"
+    if output is not None:
+        probe = Path(output)
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not os.access(probe, os.W_OK):
+            return f"cannot write {output}"
+    return None
+
+
+def _worker_cores() -> int:
+    return local_cores()
+
+
+@contextlib.contextmanager
+def execution_backend(config: QuantizationConfig, jobs, output: Path | None) -> Iterator[tuple[int, int]]:
+    """Yield (joblib n_jobs, numba threads per task) with the configured backend active."""
+    if config.backend == "loky":
+        workers = min(config.workers, len(jobs))
+        with parallel_config(backend="loky"):
+            yield workers, numba_threads_per_worker(workers)
+        return
+    try:
+        from distributed import Client
+    except ImportError:
+        raise ConfigError("parallel.backend: dask needs the dask extra (pip install 'qstrat[dask]')") from None
+    if not config.address:
+        raise ConfigError("parallel.address: the dask backend needs a scheduler address such as tcp://host:8786")
+    try:
+        client = Client(config.address, timeout="10s", set_as_default=False)
+    except (OSError, TimeoutError) as err:
+        raise ConfigError(f"parallel.address: cannot reach the Dask scheduler at {config.address}: {err}") from None
+    try:
+        inputs = sorted({str(m.info.path) for job in jobs for m in job.members})
+        problems = client.run(_paths_visible, inputs, str(output) if output is not None else None)
+        for worker, problem in sorted(problems.items()):
+            if problem:
+                raise InputError(f"Dask worker {worker} {problem}: workers must share the client's filesystem")
+        # numba threads x task threads on a worker never exceed that worker's cores
+        threads = client.nthreads()
+        cores = client.run(_worker_cores)
+        per_task = min(max(1, cores[w] // max(1, n)) for w, n in threads.items()) if threads else 1
+        with parallel_config(backend="dask", client=client, wait_for_workers_timeout=30):
+            yield max(1, sum(threads.values())), per_task
+    finally:
+        client.close()
