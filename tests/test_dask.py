@@ -79,6 +79,19 @@ def test_dask_output_equals_loky_and_survives_a_killed_worker(tmp_path, cluster)
     result = run_cli("qstrat", "run", str(config), "-o", str(out), "-q", *dask_flags)
     assert result.returncode == 0, result.stderr
     assert _tensor_files(out) == _tensor_files(reference)
+    # the workers loaded the kernels from numba's on-disk cache: nothing was compiled per task
+    from distributed import Client
+
+    def _kernel_cache_stats():  # nested, so that it travels to the workers by value
+        from qstrat.kernels import quantize_rows_q8k
+
+        stats = quantize_rows_q8k.stats
+        return sum(stats.cache_hits.values()), sum(stats.cache_misses.values())
+
+    with Client(address, timeout="10s") as client:
+        stats = client.run(_kernel_cache_stats)
+    for worker, (hits, misses) in stats.items():
+        assert hits > 0 and misses == 0, (worker, hits, misses)
     # kill one worker mid-run: Dask reschedules its tasks, or the run fails clearly; a rerun completes
     killed = tmp_path / "killed"
     script = Path(sys.executable).with_name("qstrat")

@@ -253,3 +253,13 @@ def test_progress_lines_when_not_a_terminal(tmp_path):
     assert result.returncode == 0
     assert "tiny-llama: quantizing" in result.stdout
     assert "q8k   model.layers.0.mlp.up_proj.weight [768x512] identity" in result.stdout
+
+
+def test_progress_bar_on_a_terminal(tmp_path):
+    # `script` gives the command a pseudo-terminal, as a user's shell would
+    command = f"{Path(sys.executable).with_name('qstrat')} run {REPO / 'configs' / 'identity.yaml'} -o {tmp_path / 'o'}"
+    result = subprocess.run(["script", "-qec", command, "/dev/null"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "COLUMNS": "120", "TERM": "xterm"})
+    assert result.returncode == 0, result.stdout
+    assert "tiny-llama" in result.stdout and "tensors" in result.stdout and "MB" in result.stdout
+    assert "q8k   model.layers" not in result.stdout  # the bar replaces the per-tensor lines

@@ -147,6 +147,10 @@ def test_bert_joint_permutations_preserve_the_function(tmp_path):
     assert _rel(bert_encoder(loaded, x, 2, 8), bert_encoder(qstrat.load_model(out, original=True), x, 2, 8)) < 1e-6
     # the permuted biases were stored permuted, beside the quantized weights
     assert np.array_equal(loaded["encoder.layer.0.intermediate.dense.bias"], permuted["encoder.layer.0.intermediate.dense.bias"])
+    # and the quantized model is at least as close to the original as quantizing without permutation
+    quantize_safetensors(model, QuantizationConfig(skip_patterns=("LayerNorm",), output_dir=tmp_path / "plain"))
+    plain = bert_encoder(qstrat.load_model(tmp_path / "plain"), x, 2, 8)
+    assert np.abs(bert_encoder(loaded, x, 2, 8) - reference).mean() <= np.abs(plain - reference).mean() * 1.001
 
 
 def _write_in_order(path, tensors, reverse):
