@@ -282,7 +282,17 @@ def _quantize_locked(model, plan, config, out, progress, force, thresholds, sett
         # assembled from the files just written, so its Q8_K bytes are the .q8k files' bytes
         written = QuantizedModel(out, manifest)
         container = write_gguf(written, out / f"{model.name}.gguf", gguf_metadata(written))
-        manifest["containers"] = {container.name: {"path": container.name, "size": container.stat().st_size, "sha256": file_sha256(container)}}
+        entry = {"path": container.name, "size": container.stat().st_size, "sha256": file_sha256(container)}
+        manifest["containers"] = {container.name: entry}
+        if "q8k" not in outputs:
+            # GGUF instead of per-tensor files: the container now holds every tensor; the files it was
+            # assembled from go (a rerun redoes them, so a killed run still ends complete)
+            for record in records:
+                for file in record.files.values():
+                    with contextlib.suppress(FileNotFoundError):
+                        (out / file.path).unlink()
+            for tensor in manifest["tensors"].values():
+                tensor["files"] = {"gguf": entry}
     result = QuantizationResult(out, records, time.perf_counter() - started, None, failures)
     manifest["reports"] = {f.path: {"path": f.path, "size": f.size, "sha256": f.sha256} for f in write_reports(result, model.name, settings, out)}
     result.manifest_path = write_manifest(out, manifest)

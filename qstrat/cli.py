@@ -350,7 +350,7 @@ def verify(output_dir: Path = typer.Argument(..., help="output directory to chec
     from qstrat.model import as_directory
     from qstrat.verify import verify_output
 
-    with user_errors(), as_directory(output_dir) as directory:
+    with user_errors(), as_directory(output_dir, follow_container=False) as directory:
         problems = verify_output(directory)
         if problems:
             for problem in problems:

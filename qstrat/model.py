@@ -102,9 +102,17 @@ class QuantizedModel:
 
 
 @contextlib.contextmanager
-def as_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """An output directory for ``path``: itself, or a GGUF file unpacked into a temporary one."""
+def as_directory(path: str | os.PathLike, follow_container: bool = True) -> Iterator[Path]:
+    """An output directory for ``path``: itself, or a GGUF file unpacked into a temporary one.
+
+    A directory written with ``outputs: [gguf]`` keeps the model in its GGUF container only;
+    with ``follow_container`` that container is unpacked.
+    """
     path = Path(path)
+    if path.is_dir() and follow_container:
+        manifest = read_manifest(path)
+        if manifest is not None and manifest.get("containers") and "q8k" not in manifest.get("config", {}).get("outputs", ["q8k"]):
+            path = path / next(iter(manifest["containers"]))
     if path.is_file() and path.suffix == ".gguf":
         from qstrat.convert import gguf_to_directory
 

@@ -42,6 +42,14 @@ def verify_output(output_dir: str | os.PathLike) -> list[str]:
             problems.append(f"{path}: sha256 differs from the manifest (the file was changed or corrupted)")
     if problems:
         return problems
+    if manifest.get("containers") and "q8k" not in manifest.get("config", {}).get("outputs", ["q8k"]):
+        # GGUF only: the container's checksum matched; its tensors must be the manifest's
+        from qstrat.model import as_directory
+
+        with as_directory(directory) as unpacked:
+            loaded = QuantizedModel(unpacked)
+            missing = sorted(set(manifest["tensors"]) - set(loaded.entries))
+            return [f"{directory}: tensor {name!r} is missing from the GGUF container" for name in missing]
     model = QuantizedModel(directory)
     for name, entry in sorted(manifest["tensors"].items()):
         try:

@@ -116,3 +116,23 @@ def test_bad_gguf_is_a_clean_error(tmp_path):
     (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 40)
     assert_clean_failure(run_cli("qstrat", "verify", str(tmp_path / "bad.gguf")), "bad.gguf")
     assert_clean_failure(run_cli("qstrat", "convert", str(tmp_path / "bad.gguf"), str(tmp_path / "o")), "bad.gguf")
+
+
+def test_gguf_instead_of_q8k_files(tmp_path):
+    out = tmp_path / "o"
+    result = run_cli("qstrat", "run", str(REPO / "configs" / "attention_aware.yaml"), "-o", str(out), "-q", "--set", "outputs=[gguf]")
+    assert result.returncode == 0, result.stderr
+    assert not list(out.glob("*.q8k")) and not list(out.glob("*.perm")) and not (out / "passthrough.safetensors").exists()
+    assert (out / "tiny-llama.gguf").exists()
+    assert run_cli("qstrat", "verify", str(out)).returncode == 0
+    reference = tmp_path / "ref"
+    assert run_cli("qstrat", "run", str(REPO / "configs" / "attention_aware.yaml"), "-o", str(reference), "-q").returncode == 0
+    loaded, expected = qstrat.load_model(out), qstrat.load_model(reference)
+    assert set(loaded) == set(expected) and all(np.array_equal(loaded[n], expected[n]) for n in expected)
+    data = bytearray((out / "tiny-llama.gguf").read_bytes())
+    data[len(data) // 2] ^= 1
+    (out / "tiny-llama.gguf").write_bytes(bytes(data))
+    assert_clean_failure(run_cli("qstrat", "verify", str(out)), "tiny-llama.gguf")
+    # a rerun repairs it
+    assert run_cli("qstrat", "run", str(REPO / "configs" / "attention_aware.yaml"), "-o", str(out), "-q", "--set", "outputs=[gguf]").returncode == 0
+    assert run_cli("qstrat", "verify", str(out)).returncode == 0
