@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 from joblib import Parallel, delayed
 from joblib.externals.loky import get_reusable_executor
+from joblib.externals.loky.process_executor import TerminatedWorkerError
 
 from qstrat._version import __version__
 from qstrat.config import QuantizationConfig
-from qstrat.errors import InputError, OutputError
+from qstrat.errors import InputError, OutputError, WorkerLost
 from qstrat.io.atomic import describe_os_error, remove_stale_temporaries
 from qstrat.io.manifest import (
     JOINT_PERMUTATIONS_NAME,
@@ -124,8 +125,11 @@ def _run_groups(
     with execution_backend(config, ordered, out) as (n_jobs, threads):
         tasks = (delayed(quantize_group)(job, config.variant, settings, out, threads) for job in ordered)
         parallel = Parallel(n_jobs=n_jobs, return_as="generator")
-        for job, group_result in zip(ordered, parallel(tasks)):
-            on_done(job, group_result.records, group_result.joint)
+        try:
+            for job, group_result in zip(ordered, parallel(tasks)):
+                on_done(job, group_result.records, group_result.joint)
+        except TerminatedWorkerError as err:
+            raise WorkerLost(f"a worker process died ({err.__class__.__name__}); rerun the same command to resume") from None
 
 
 def evaluate_model(

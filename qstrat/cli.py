@@ -24,7 +24,8 @@ EXIT_INTERNAL = 1
 EXIT_BATCH_PARTIAL = 5
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 1 unexpected internal error; 2 bad input, configuration or usage; 3 output not writable or in use; "
-    "4 a tensor failed a validation threshold; 5 some models of a batch failed; 130 interrupted."
+    "4 a tensor failed a validation threshold; 5 some models of a batch failed; 6 a worker process died "
+    "(rerun to resume); 130 interrupted."
 )
 
 app = typer.Typer(

@@ -45,6 +45,12 @@ class ValidationFailed(QstratError):
     exit_code = 4
 
 
+class WorkerLost(QstratError):
+    """A worker process died mid-run (killed, out of memory); a rerun resumes."""
+
+    exit_code = 6
+
+
 class Interrupted(QstratError):
     """The run was stopped by a signal before it finished."""
 
