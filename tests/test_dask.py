@@ -1,5 +1,6 @@
 """The same pipeline on a real Dask cluster (scheduler and workers on loopback)."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -51,7 +52,7 @@ def cluster(tmp_path):
             time.sleep(0.5)
     yield address, workers
     for process in workers + [scheduler]:
-        with __import__("contextlib").suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     logs.close()

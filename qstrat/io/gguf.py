@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -127,8 +126,10 @@ class GGUFModel:
         self.path = Path(path)
         try:
             self.reader = gguf.GGUFReader(self.path)
-        except (OSError, ValueError, KeyError, IndexError, struct.error) as err:
-            raise FormatError(f"{self.path}: not a readable GGUF file: {err}") from None
+        except FileNotFoundError:
+            raise FormatError(f"{self.path}: no such file") from None
+        except Exception as err:  # a third-party parser of untrusted bytes: any failure is a format error
+            raise FormatError(f"{self.path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
         renamed = dict(zip(self._strings("renamed.gguf"), self._strings("renamed.original")))
         self.tensors = {renamed.get(t.name, t.name): t for t in self.reader.tensors}
         self.perm_names = set(self._strings("perm_tensors"))

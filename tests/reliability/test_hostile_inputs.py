@@ -1,7 +1,13 @@
 """Hostile and broken inputs through the CLI: one clear line, a documented exit code, nothing escapes."""
 
+import json
 import os
+import signal
 import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +18,7 @@ import qstrat
 from qstrat.errors import QstratError
 from qstrat.io.manifest import read_manifest
 from qstrat.io.safetensors import SafetensorsFile, write_safetensors
+from qstrat.synthetic import write_model
 from tests.helpers import assert_clean_failure, make_llama_dir, raw_safetensors, run_cli
 
 HOSTILE_NAMES = [
@@ -68,6 +75,35 @@ def test_broken_safetensors_through_the_cli(tmp_path):
         assert read_manifest(tmp_path / f"out-{name}") is None if (tmp_path / f"out-{name}").exists() else True
 
 
+def test_index_outside_and_duplicate_shards_through_the_cli(tmp_path):
+    model = make_llama_dir(tmp_path / "m", shards=2)
+    index_path = model / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["lm_head.weight"] = "../../etc/passwd"
+    index_path.write_text(json.dumps(index))
+    assert_clean_failure(run_cli("quantize_q8k", str(model), str(tmp_path / "o")), "outside the model directory")
+    index_path.unlink()
+    shards = sorted(model.glob("*.safetensors"))
+    (model / "copy.safetensors").write_bytes(shards[0].read_bytes())
+    assert_clean_failure(run_cli("quantize_q8k", str(model), str(tmp_path / "o")), "appears in both")
+
+
+def test_sigint_stops_cleanly(tmp_path):
+    rng = np.random.default_rng(0)
+    tensors = {f"b.{i}.weight": rng.standard_normal((512, 1024)).astype(np.float32) for i in range(60)}
+    model = write_model(tmp_path / "big", tensors, dtype="BF16")
+    out = tmp_path / "o"
+    process = subprocess.Popen([str(Path(sys.executable).with_name("qstrat")), "quantize", str(model), str(out), "--workers", "2"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while process.poll() is None and len(list(out.glob("*.q8k"))) < 5:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert not list(out.glob(".*.tmp-*")) and not (out / "manifest.json").exists()
+
+
 def test_symlink_loop_and_missing_index_shard(tmp_path):
     loop = tmp_path / "loop"
     loop.mkdir()
@@ -111,11 +147,14 @@ def _valid_files(tmp_path_factory):
         _GOOD["q8k"] = (d / "o" / "lm_head.weight.q8k").read_bytes()
         _GOOD["perm"] = (d / "o" / "lm_head.weight.perm").read_bytes()
         _GOOD["manifest"] = (d / "o" / "manifest.json").read_bytes()
+        from qstrat.convert import directory_to_gguf
+
+        _GOOD["gguf"] = directory_to_gguf(d / "o", d / "m.gguf").read_bytes()[:200_000]
         _GOOD["dir"] = d
     return _GOOD
 
 
-@pytest.mark.parametrize("kind", ["q8k", "perm", "manifest", "safetensors"])
+@pytest.mark.parametrize("kind", ["q8k", "perm", "manifest", "safetensors", "gguf"])
 def test_fuzzed_files_give_qstrat_errors_only(tmp_path_factory, kind):
     files = _valid_files(tmp_path_factory)
     original = files[kind]
@@ -125,8 +164,9 @@ def test_fuzzed_files_give_qstrat_errors_only(tmp_path_factory, kind):
         "perm": lambda p: qstrat.read_perm(p),
         "manifest": lambda p: read_manifest(p.parent),
         "safetensors": lambda p: SafetensorsFile(p),
+        "gguf": lambda p: qstrat.load_model(p),
     }
-    name = {"q8k": "x.q8k", "perm": "x.perm", "manifest": "manifest.json", "safetensors": "x.safetensors"}[kind]
+    name = {"q8k": "x.q8k", "perm": "x.perm", "manifest": "manifest.json", "safetensors": "x.safetensors", "gguf": "x.gguf"}[kind]
 
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
     @given(st.lists(st.tuples(st.integers(0, len(original) - 1), st.integers(0, 255)), max_size=8),

@@ -1,5 +1,6 @@
 """kill -9 of the main process or of one worker at seeded points: a rerun ends identical."""
 
+import contextlib
 import os
 import random
 import signal
@@ -42,7 +43,7 @@ def _tensor_files(out):
     return {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith((".", "report.")) and p.name != "manifest.json"}
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(8))
 def test_kill_then_rerun_is_identical(tmp_path, model_and_reference, seed):
     config, reference = model_and_reference
     rng = random.Random(seed)
@@ -61,8 +62,7 @@ def test_kill_then_rerun_is_identical(tmp_path, model_and_reference, seed):
     assert "Traceback" not in stderr
     if target_worker and process.returncode not in (0, -9):
         assert process.returncode == 6 and "worker process died" in stderr, stderr
-    with_contextlib = __import__("contextlib")
-    with with_contextlib.suppress(ProcessLookupError):
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     rerun = run_cli("qstrat", "run", str(config), "-o", str(out), "-q")
     assert rerun.returncode == 0, rerun.stderr
