@@ -22,9 +22,15 @@ from pathlib import Path
 
 import numba
 import numpy as np
+from qstrat.kernels import (
+    BLOCK_BYTES,
+    QK_K,
+    column_sq_norms,
+    dequantize_q8k_blocks,
+    quantize_rows_q8k,
+)
 
 from qstrat.blocks import KERNEL_STORAGE
-from qstrat.kernels import BLOCK_BYTES, QK_K, column_sq_norms, dequantize_q8k_blocks, quantize_rows_q8k
 from qstrat.reference import ggml_quantize_q8k
 from qstrat.synthetic import float32_to_bf16_bits, write_model
 

@@ -6,7 +6,6 @@ depend on the number of threads.
 
 import numpy as np
 from numba import njit, prange
-
 from qstrat.kernels.decode import to_float32
 
 _COLUMN_TILE = 256

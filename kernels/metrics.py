@@ -2,7 +2,6 @@
 
 import numpy as np
 from numba import njit, prange
-
 from qstrat.kernels.decode import source_index, to_float32
 from qstrat.kernels.q8k import QK_K, QS_OFFSET, _load_f32_le
 

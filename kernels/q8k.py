@@ -11,7 +11,6 @@ fused multiply-add is allowed (numba does not contract without ``fastmath``).
 
 import numpy as np
 from numba import njit, prange
-
 from qstrat.kernels.decode import source_index, to_float32
 
 QK_K = 256

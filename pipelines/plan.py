@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qstrat.kernels import QK_K
+
 from qstrat.config import QuantizationConfig
 from qstrat.io.names import assign_file_stems
-from qstrat.io.safetensors import FLOAT_DTYPES, SafetensorsModel, TensorInfo, read_model_config
-from qstrat.kernels import QK_K
+from qstrat.io.safetensors import (
+    FLOAT_DTYPES,
+    SafetensorsModel,
+    TensorInfo,
+    read_model_config,
+)
 from qstrat.strategies import Candidate, QuantizationStrategy
 
 

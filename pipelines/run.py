@@ -18,11 +18,24 @@ import numpy as np
 from joblib import Parallel, delayed
 from joblib.externals.loky import get_reusable_executor
 from joblib.externals.loky.process_executor import TerminatedWorkerError
+from qstrat.kernels import BLOCK_BYTES, QK_K
+from qstrat.pipelines.backends import execution_backend
+from qstrat.pipelines.journal import (
+    Journal,
+    file_sha256,
+    group_key,
+    output_lock,
+    run_fingerprint,
+)
+from qstrat.pipelines.plan import GroupJob, Plan, make_plan
+from qstrat.pipelines.worker import quantize_group
 
 from qstrat._version import __version__
 from qstrat.config import QuantizationConfig
+from qstrat.convert import gguf_metadata
 from qstrat.errors import InputError, OutputError, WorkerLost
 from qstrat.io.atomic import describe_os_error, remove_stale_temporaries
+from qstrat.io.gguf import write_gguf
 from qstrat.io.manifest import (
     JOINT_PERMUTATIONS_NAME,
     MANIFEST_FORMAT,
@@ -32,19 +45,17 @@ from qstrat.io.manifest import (
     read_manifest,
     write_manifest,
 )
-from qstrat.io.q8k import Q8K_HEADER, PERM_HEADER, WrittenFile
-from qstrat.kernels import BLOCK_BYTES, QK_K
-from qstrat.io.gguf import write_gguf
-from qstrat.io.safetensors import SafetensorsModel, map_tensor, read_model_config, write_safetensors
-from qstrat.convert import gguf_metadata
+from qstrat.io.q8k import PERM_HEADER, Q8K_HEADER, WrittenFile
+from qstrat.io.safetensors import (
+    SafetensorsModel,
+    map_tensor,
+    read_model_config,
+    write_safetensors,
+)
 from qstrat.model import QuantizedModel
 from qstrat.report import write_reports
 from qstrat.results import QuantizationResult, TensorRecord, ThresholdFailure
 from qstrat.strategies import Permutation
-from qstrat.pipelines.journal import Journal, file_sha256, group_key, output_lock, run_fingerprint
-from qstrat.pipelines.backends import execution_backend
-from qstrat.pipelines.plan import GroupJob, Plan, make_plan
-from qstrat.pipelines.worker import quantize_group
 
 ProgressCallback = Callable[[list[TensorRecord], int], None]  # records, bytes of input done
 

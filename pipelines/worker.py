@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numba
+from qstrat.pipelines.plan import GroupJob
 
 from qstrat.blocks import KERNEL_STORAGE, check_finite
 from qstrat.errors import QstratError
@@ -20,8 +21,12 @@ from qstrat.io.safetensors import map_tensor
 from qstrat.quantize import TensorMetrics, quantize_matrix
 from qstrat.results import TensorRecord
 from qstrat.strategies import Permutation
-from qstrat.validation import ValidationSettings, check_roundtrip, matvec_mse, probe_vector
-from qstrat.pipelines.plan import GroupJob
+from qstrat.validation import (
+    ValidationSettings,
+    check_roundtrip,
+    matvec_mse,
+    probe_vector,
+)
 
 
 @dataclass

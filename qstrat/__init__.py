@@ -13,6 +13,7 @@ if _os.path.isfile(_os.path.join(_checkout, "kernels", "__init__.py")) and _chec
     __path__.append(_checkout)
 
 from qstrat._version import __version__
+from qstrat.api import quantize_safetensors
 from qstrat.blocks import Q8K_VARIANTS, dequantize_blocks, quantize_blocks
 from qstrat.config import QuantizationConfig, StrategyType
 from qstrat.errors import QstratError
@@ -21,7 +22,6 @@ from qstrat.model import load_model
 from qstrat.quantize import TensorMetrics
 from qstrat.results import QuantizationResult, TensorRecord
 from qstrat.strategies import QuantizationStrategy, StrategyChain
-from qstrat.api import quantize_safetensors
 
 __all__ = [
     "Q8KTensor",

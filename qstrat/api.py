@@ -17,6 +17,8 @@ def quantize_safetensors(
     >>> result = quantize_safetensors("model.safetensors", config)  # doctest: +SKIP
     >>> print(f"Quantized {result.tensor_count} tensors with average MSE: {result.average_mse:.2e}")  # doctest: +SKIP
     """
-    from qstrat.pipelines.run import quantize_model  # the pipeline builds on this package
+    from qstrat.pipelines.run import (
+        quantize_model,  # the pipeline builds on this package
+    )
 
     return quantize_model(input_path, config or QuantizationConfig())

@@ -15,7 +15,13 @@ import typer
 from qstrat._version import __version__
 from qstrat.blocks import Q8K_VARIANTS
 from qstrat.config import QuantizationConfig
-from qstrat.errors import InputError, Interrupted, OutputError, QstratError, ValidationFailed
+from qstrat.errors import (
+    InputError,
+    Interrupted,
+    OutputError,
+    QstratError,
+    ValidationFailed,
+)
 from qstrat.results import QuantizationResult, TensorRecord
 from qstrat.strategies import STRATEGIES
 
@@ -105,7 +111,13 @@ class Reporter:
                 print(f"{name}: quantizing", flush=True)
             yield
             return
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         with Progress(
             TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TextColumn("{task.fields[tensors]} tensors"),
@@ -271,7 +283,12 @@ def compare(
     from qstrat.io.atomic import atomic_writer
     from qstrat.io.safetensors import SafetensorsModel
     from qstrat.pipelines.run import evaluate_model
-    from qstrat.report import comparison_table, plot_sqnr, render_comparison, sqnr_series
+    from qstrat.report import (
+        comparison_table,
+        plot_sqnr,
+        render_comparison,
+        sqnr_series,
+    )
 
     with user_errors():
         chains = parse_chains(strategies)
@@ -300,7 +317,6 @@ def inspect(path: Path = typer.Argument(..., help=".safetensors file, model dire
 
     from qstrat.io.manifest import MANIFEST_NAME, read_manifest
     from qstrat.io.safetensors import SafetensorsModel
-
     from qstrat.model import as_directory
 
     with user_errors(), as_directory(path) as directory:

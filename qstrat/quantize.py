@@ -13,6 +13,7 @@ import numpy as np
 from qstrat.blocks import as_gather_map, quantize_rows
 from qstrat.kernels import q8k_error_sums
 
+
 @dataclass(frozen=True)
 class TensorMetrics:
     """Weight error of one quantized tensor, in its original column order."""

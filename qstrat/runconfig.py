@@ -19,7 +19,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from qstrat.blocks import Q8K_VARIANTS
-from qstrat.config import SEED_CHAINS, QuantizationConfig, StrategyType, parse_bool, parse_positive_int
+from qstrat.config import (
+    SEED_CHAINS,
+    QuantizationConfig,
+    StrategyType,
+    parse_bool,
+    parse_positive_int,
+)
 from qstrat.errors import ConfigError
 from qstrat.strategies import make_strategy
 from qstrat.validation import PRODUCTS, STAGES

@@ -13,8 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from qstrat import QuantizationConfig
 from qstrat.pipelines.run import evaluate_model
+
+from qstrat import QuantizationConfig
 from qstrat.reference import minilm_model_dir
 
 REPO = Path(__file__).resolve().parents[1]

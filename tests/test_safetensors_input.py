@@ -8,7 +8,13 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from qstrat.errors import FormatError, InputError
-from qstrat.io.safetensors import SafetensorsFile, SafetensorsModel, map_tensor, to_float32, write_safetensors
+from qstrat.io.safetensors import (
+    SafetensorsFile,
+    SafetensorsModel,
+    map_tensor,
+    to_float32,
+    write_safetensors,
+)
 from qstrat.synthetic import float32_to_bf16_bits
 from tests.helpers import bf16_bits_to_f32, make_llama_dir, raw_safetensors
 

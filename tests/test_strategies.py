@@ -11,7 +11,13 @@ from qstrat.errors import ConfigError
 from qstrat.io.safetensors import SafetensorsFile, map_tensor, write_safetensors
 from qstrat.strategies import Candidate, StrategyChain, make_strategy
 from qstrat.strategies.qr import qr_pivot_order
-from qstrat.synthetic import LlamaShape, float32_to_bf16_bits, hf_config, llama_tensors, write_model
+from qstrat.synthetic import (
+    LlamaShape,
+    float32_to_bf16_bits,
+    hf_config,
+    llama_tensors,
+    write_model,
+)
 from tests.forward import bert_encoder, bert_tensors, llama_forward
 
 GQA_SHAPE = LlamaShape(vocab_size=64, hidden_size=512, intermediate_size=768, num_hidden_layers=2,

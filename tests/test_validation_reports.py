@@ -5,12 +5,12 @@ import math
 
 import numpy as np
 import pytest
+from qstrat.pipelines.run import threshold_failures
 
 import qstrat
 from qstrat.errors import OutputError
 from qstrat.io.q8k import write_q8k
 from qstrat.quantize import TensorMetrics, quantize_matrix
-from qstrat.pipelines.run import threshold_failures
 from qstrat.results import TensorRecord
 from qstrat.runconfig import Thresholds
 from qstrat.validation import check_roundtrip, matvec_mse, probe_vector

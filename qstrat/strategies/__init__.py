@@ -14,7 +14,11 @@ from qstrat.strategies.base import (
     QuantizationStrategy,
     descending_order,
 )
-from qstrat.strategies.columnwise import AbsMaxStrategy, IdentityStrategy, L2NormStrategy
+from qstrat.strategies.columnwise import (
+    AbsMaxStrategy,
+    IdentityStrategy,
+    L2NormStrategy,
+)
 from qstrat.strategies.joint import HeadOrderStrategy, MlpJointStrategy
 from qstrat.strategies.qr import QrPivotStrategy
 

@@ -17,7 +17,13 @@ import numpy as np
 from qstrat.errors import ConfigError
 from qstrat.kernels import column_abs_max, column_sq_norms
 from qstrat.quantize import squared_error
-from qstrat.strategies.base import Candidate, Permutation, QuantizationStrategy, compile_patterns, descending_order
+from qstrat.strategies.base import (
+    Candidate,
+    Permutation,
+    QuantizationStrategy,
+    compile_patterns,
+    descending_order,
+)
 
 
 def best_order(consumer: np.ndarray, candidates: Sequence[np.ndarray | None], variant: str) -> np.ndarray | None:

@@ -9,9 +9,8 @@ import sys
 import numpy as np
 
 import qstrat
-from qstrat.synthetic import write_model
+from qstrat.synthetic import LlamaShape, write_model
 from tests.helpers import make_llama_dir, run_cli
-from qstrat.synthetic import LlamaShape
 
 
 def _open_descriptors() -> int:
