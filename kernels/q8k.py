@@ -52,27 +52,33 @@ def _zero_block(block):
         block[i] = np.uint8(0)
 
 
+# A block's values are src[source_index(idx, j)], j in 0..255: either a 256-long slice of the
+# row (idx None) or the whole row gathered through a 256-long slice of an unsigned permutation.
+# Indexing a slice with the loop counter (or with unsigned indices) spares numba's negative-index
+# wraparound check, which is what stops LLVM from vectorising these loops.
+
+
 @njit(cache=True, fastmath={"nnan", "ninf"})
-def _block_abs_max(row, perm, start):
+def _block_abs_max(src, idx):
     # Inputs are checked finite before any kernel runs, so the no-NaN/no-Inf flags are exact
     # here; they let LLVM vectorise the max reduction (max is associative, nothing is rounded).
     amax = np.float32(0.0)
     for j in range(QK_K):
-        a = abs(to_float32(row[source_index(perm, start + j)]))
+        a = abs(to_float32(src[source_index(idx, j)]))
         amax = a if a > amax else amax
     return amax
 
 
 @njit(cache=True)
-def _quantize_block(row, perm, start, variant, block):
-    amax = _block_abs_max(row, perm, start)
+def _quantize_block(src, idx, variant, block):
+    amax = _block_abs_max(src, idx)
     if amax == np.float32(0.0):
         _zero_block(block)
         return
     # The extreme is the signed value of largest magnitude; the first one wins a tie.
     extreme = np.float32(0.0)
     for j in range(QK_K):
-        v = to_float32(row[source_index(perm, start + j)])
+        v = to_float32(src[source_index(idx, j)])
         if abs(v) == amax:
             extreme = v
             break
@@ -84,10 +90,7 @@ def _quantize_block(row, perm, start, variant, block):
         # |max| below ~3.7e-37: no meaningful quants exist; the block dequantizes to zeros.
         _zero_block(block)
         return
-    if variant == VARIANT_GGML:
-        _store_quants(row, perm, start, iscale, False, block)
-    else:
-        _store_quants(row, perm, start, iscale, True, block)
+    _store_quants(src, idx, iscale, variant != VARIANT_GGML, block)
     for g in range(QK_K // BSUM_GROUP):
         group_sum = 0
         for j in range(BSUM_GROUP):
@@ -100,10 +103,11 @@ def _quantize_block(row, perm, start, variant, block):
 
 
 @njit(cache=True)
-def _store_quants(row, perm, start, iscale, ties_away, block):
+def _store_quants(src, idx, iscale, ties_away, block):
     half = np.float32(0.5)
+    qs = block[QS_OFFSET : QS_OFFSET + QK_K].view(np.int8)
     for j in range(QK_K):
-        scaled = iscale * to_float32(row[source_index(perm, start + j)])
+        scaled = iscale * to_float32(src[source_index(idx, j)])
         rounded = np.rint(scaled)  # ties to even: GGML's nearest_int
         # Rust's f32::round rounds ties away from zero; scaled +- 0.5 is exact here.  Written
         # as a select, not a branch, so that the loop vectorises.
@@ -112,7 +116,7 @@ def _store_quants(row, perm, start, iscale, ties_away, block):
         # |scaled| <= 128 by construction, so one clamp is each variant's own clamp
         # (ggml: min(127, v); candle: clamp(-128, 127); candle 0.9: min(127) + saturating cast).
         rounded = min(max(rounded, np.float32(-128.0)), np.float32(127.0))
-        block[QS_OFFSET + j] = np.uint8(np.int32(rounded) & 0xFF)
+        qs[j] = np.int8(np.int32(rounded))
 
 
 @njit(parallel=True, cache=True)
@@ -120,15 +124,20 @@ def quantize_rows_q8k(x, row_perm, col_perm, variant, out):
     """Quantize every row of ``x`` (rows, k) into ``out`` (rows * k // 256, 292) uint8.
 
     ``x`` is float32, or raw bfloat16 (uint16) / float16 (int16) bits; ``k % 256 == 0``.
-    ``row_perm`` and ``col_perm`` are None, or gather maps applied on the fly: stored
-    element (i, j) is x[row_perm[i], col_perm[j]] (no permuted or float32 copy of ``x`` is
-    made).  Blocks never cross rows and come out in row-major order.
+    ``row_perm`` and ``col_perm`` are None, or unsigned gather maps applied on the fly:
+    stored element (i, j) is x[row_perm[i], col_perm[j]] (no permuted or float32 copy of
+    ``x`` is made).  Blocks never cross rows and come out in row-major order.
     """
     rows, k = x.shape
     blocks_per_row = k // QK_K
     for b in prange(rows * blocks_per_row):
         r = b // blocks_per_row
-        _quantize_block(x[source_index(row_perm, r)], col_perm, (b - r * blocks_per_row) * QK_K, variant, out[b])
+        start = (b - r * blocks_per_row) * QK_K
+        row = x[source_index(row_perm, r)]
+        if col_perm is None:
+            _quantize_block(row[start : start + QK_K], None, variant, out[b])
+        else:
+            _quantize_block(row, col_perm[start : start + QK_K], variant, out[b])
 
 
 @njit(parallel=True, cache=True)

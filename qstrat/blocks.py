@@ -58,7 +58,8 @@ def check_finite(rows: np.ndarray, tensor_name: str = "array") -> None:
 
 
 def as_gather_map(perm: np.ndarray | None) -> np.ndarray | None:
-    return None if perm is None else np.ascontiguousarray(perm, dtype=np.int64)
+    """A permutation as the kernels take it: contiguous uint32 (unsigned indices need no wraparound check)."""
+    return None if perm is None else np.ascontiguousarray(perm, dtype=np.uint32)
 
 
 def quantize_rows(
