@@ -41,10 +41,6 @@ def _paths_visible(paths: list[str], output: str | None) -> str | None:
     return None
 
 
-def _worker_cores() -> int:
-    return local_cores()
-
-
 @contextlib.contextmanager
 def execution_backend(config: QuantizationConfig, jobs, output: Path | None) -> Iterator[tuple[int, int]]:
     """Yield (joblib n_jobs, numba threads per task) with the configured backend active."""
@@ -71,7 +67,7 @@ def execution_backend(config: QuantizationConfig, jobs, output: Path | None) -> 
                 raise InputError(f"Dask worker {worker} {problem}: workers must share the client's filesystem")
         # numba threads x task threads on a worker never exceed that worker's cores
         threads = client.nthreads()
-        cores = client.run(_worker_cores)
+        cores = client.run(local_cores)
         per_task = min(max(1, cores[w] // max(1, n)) for w, n in threads.items()) if threads else 1
         with parallel_config(backend="dask", client=client, wait_for_workers_timeout=30):
             yield max(1, sum(threads.values())), per_task

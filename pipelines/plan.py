@@ -53,10 +53,6 @@ class Plan:
     groups: tuple[GroupJob, ...]
     passthrough: tuple[PassthroughTensor, ...]
 
-    @property
-    def quantized_names(self) -> list[str]:
-        return sorted(m.info.name for g in self.groups for m in g.members if m.quantize)
-
 
 def passthrough_reason(info: TensorInfo, skip_patterns: tuple[str, ...]) -> str | None:
     """Why a tensor is not quantized, or None if it is (the original tool's rules)."""
