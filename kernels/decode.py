@@ -19,21 +19,22 @@ def to_float32(value):  # pragma: no cover - replaced by the overload inside num
     raise NotImplementedError("to_float32 is only callable from numba-compiled code")
 
 
+_F16_EXPONENT_MASK = np.uint32(0x7C00)
+# Shifted 13 bits up, binary16's exponent and mantissa read as a float32 are the value
+# times 2**-112, for normal and subnormal numbers alike; the product below is exact.
+_F16_REBIAS = np.float32(2.0**112)
+
+
 def _f16_bits_to_float32(value):
-    # the parameter name must match to_float32's for numba's overload
+    # the parameter name must match to_float32's for numba's overload.  Branch-free, so
+    # that loops decoding float16 vectorise.
     h = np.uint32(value) & np.uint32(0xFFFF)
-    sign = (h >> np.uint32(15)) << np.uint32(31)
-    exponent = (h >> np.uint32(10)) & np.uint32(0x1F)
-    mantissa = h & np.uint32(0x3FF)
-    if exponent == 0:
-        # zero or subnormal: mantissa * 2**-24 is exact in float32
-        magnitude = np.float32(mantissa) * np.float32(5.9604644775390625e-08)
-        return np.uint32(np.float32(magnitude).view(np.uint32) | sign).view(np.float32)
-    if exponent == 31:
-        return np.uint32(sign | np.uint32(0x7F800000) | (mantissa << np.uint32(13))).view(np.float32)
-    return np.uint32(
-        sign | ((exponent + np.uint32(112)) << np.uint32(23)) | (mantissa << np.uint32(13))
-    ).view(np.float32)
+    sign = (h & np.uint32(0x8000)) << np.uint32(16)
+    magnitude_bits = (h & np.uint32(0x7FFF)) << np.uint32(13)
+    finite = np.uint32(magnitude_bits).view(np.float32) * _F16_REBIAS
+    special = np.uint32(magnitude_bits | np.uint32(0x7F800000)).view(np.float32)  # inf, NaN
+    magnitude = special if (h & _F16_EXPONENT_MASK) == _F16_EXPONENT_MASK else finite
+    return np.uint32(np.float32(magnitude).view(np.uint32) | sign).view(np.float32)
 
 
 @overload(to_float32, inline="always")
@@ -58,3 +59,59 @@ def _source_index_overload(perm, index):
     if isinstance(perm, types.NoneType):
         return lambda perm, index: index
     return lambda perm, index: perm[index]
+
+
+def order_key(value):  # pragma: no cover - replaced by the overload inside numba
+    """A signed integer ordered like the stored element's (finite) value (numba only).
+
+    Min/max reductions over these keys are integer reductions, which LLVM vectorises in
+    numba (float ones it does not), and 16-bit inputs need no decoding for them:
+    float32 gives an int32 key, bfloat16 and float16 bits an int16 key.
+    """
+    raise NotImplementedError("order_key is only callable from numba-compiled code")
+
+
+def from_order_key(key, like):  # pragma: no cover - replaced by the overload inside numba
+    """The float32 value of a key made by ``order_key`` from an element of ``like``'s type."""
+    raise NotImplementedError("from_order_key is only callable from numba-compiled code")
+
+
+# Every format here is sign-magnitude: flipping the magnitude bits of negative values makes
+# the bits two's-complement ordered.  The map is its own inverse.
+@overload(order_key, inline="always")
+def _order_key_overload(value):
+    if value == types.float32:
+
+        def float32_key(value):
+            bits = np.float32(value).view(np.int32)
+            return bits ^ ((bits >> np.int32(31)) & np.int32(0x7FFFFFFF))
+
+        return float32_key
+    if value in (types.uint16, types.int16):
+
+        def half_key(value):
+            bits = np.int16(value)
+            return np.int16(bits ^ (np.int16(bits >> np.int16(15)) & np.int16(0x7FFF)))
+
+        return half_key
+    return None
+
+
+@overload(from_order_key, inline="always")
+def _from_order_key_overload(key, like):
+    if like == types.float32:
+
+        def float32_value(key, like):
+            bits = key ^ ((key >> np.int32(31)) & np.int32(0x7FFFFFFF))
+            return np.int32(bits).view(np.float32)
+
+        return float32_value
+    if like in (types.uint16, types.int16):
+        storage = like
+
+        def half_value(key, like):
+            bits = np.int16(key ^ (np.int16(key >> np.int16(15)) & np.int16(0x7FFF)))
+            return to_float32(storage(bits))
+
+        return half_value
+    return None

@@ -11,7 +11,7 @@ fused multiply-add is allowed (numba does not contract without ``fastmath``).
 
 import numpy as np
 from numba import njit, prange
-from qstrat.kernels.decode import source_index, to_float32
+from qstrat.kernels.decode import from_order_key, order_key, source_index, to_float32
 
 QK_K = 256
 BSUM_GROUP = 16
@@ -28,14 +28,6 @@ VARIANT_CODES = {"candle": VARIANT_CANDLE, "candle-0.9": VARIANT_CANDLE_0_9, "gg
 
 
 @njit(inline="always", cache=True)
-def _store_u32_le(dst, offset, value):
-    dst[offset] = np.uint8(value & np.uint32(0xFF))
-    dst[offset + 1] = np.uint8((value >> np.uint32(8)) & np.uint32(0xFF))
-    dst[offset + 2] = np.uint8((value >> np.uint32(16)) & np.uint32(0xFF))
-    dst[offset + 3] = np.uint8((value >> np.uint32(24)) & np.uint32(0xFF))
-
-
-@njit(inline="always", cache=True)
 def _load_f32_le(src, offset):
     bits = (
         np.uint32(src[offset])
@@ -46,77 +38,88 @@ def _load_f32_le(src, offset):
     return np.uint32(bits).view(np.float32)
 
 
-@njit(inline="always", cache=True)
-def _zero_block(block):
-    for i in range(BLOCK_BYTES):
-        block[i] = np.uint8(0)
-
-
-# A block's values are src[source_index(idx, j)], j in 0..255: either a 256-long slice of the
-# row (idx None) or the whole row gathered through a 256-long slice of an unsigned permutation.
-# Indexing a slice with the loop counter (or with unsigned indices) spares numba's negative-index
-# wraparound check, which is what stops LLVM from vectorising these loops.
-
-
-@njit(cache=True, fastmath={"nnan", "ninf"})
-def _block_abs_max(src, idx):
-    # Inputs are checked finite before any kernel runs, so the no-NaN/no-Inf flags are exact
-    # here; they let LLVM vectorise the max reduction (max is associative, nothing is rounded).
-    amax = np.float32(0.0)
-    for j in range(QK_K):
-        a = abs(to_float32(src[source_index(idx, j)]))
-        amax = a if a > amax else amax
-    return amax
+# Kernel-side indices are unsigned: numba adds a negative-index wraparound check to every
+# signed index, and that check is what stops LLVM from vectorising these loops.
+_U = np.uint64
+# Adding and subtracting 1.5 * 2**23 rounds a float32 of magnitude < 2**22 to the nearest
+# integer, ties to even (GGML's nearest_int); numba never reassociates without fastmath.
+_ROUND_MAGIC = np.float32(12582912.0)
 
 
 @njit(cache=True)
-def _quantize_block(src, idx, variant, block):
-    amax = _block_abs_max(src, idx)
-    if amax == np.float32(0.0):
-        _zero_block(block)
-        return
+def _block_extremes(row, perm, start):
+    """The smallest and largest value of the block row[source_index(perm, start + j)], j < 256."""
+    first = row[source_index(perm, start)]
+    key_max = order_key(first)
+    key_min = key_max
+    for j in range(_U(QK_K)):
+        key = order_key(row[source_index(perm, start + j)])
+        key_max = max(key_max, key)
+        key_min = min(key_min, key)
+    return from_order_key(key_min, first), from_order_key(key_max, first)
+
+
+@njit(cache=True, fastmath={"reassoc", "nsz", "nnan", "ninf"})
+def _add_small_integers(total, value):
+    # Every operand and partial sum is an integer below 2**24 in magnitude, so any order of
+    # summation gives the same exact result: reassociation only lets the sum vectorise.
+    return total + value
+
+
+@njit(cache=True)
+def _store_quants(row, perm, start, iscale, ties_away, out, b):
+    half = np.float32(0.5)
+    # One loop body serves every variant (a branch here gets the loop unswitched into a
+    # copy that LLVM vectorises badly): |x - rint(x)| is never -1, so ties never go away.
+    away_tie = half if ties_away else np.float32(-1.0)
+    for g in range(_U(QK_K // BSUM_GROUP)):
+        group_sum = np.float32(0.0)
+        for j in range(_U(BSUM_GROUP)):
+            scaled = iscale * to_float32(row[source_index(perm, start + g * _U(BSUM_GROUP) + j)])
+            rounded = (scaled + _ROUND_MAGIC) - _ROUND_MAGIC  # ties to even
+            # Rust's f32::round takes ties away from zero; scaled +- 0.5 is exact here.
+            away = scaled + np.copysign(half, scaled)
+            rounded = away if abs(scaled - rounded) == away_tie else rounded
+            # |scaled| <= 128 by construction, so one clamp is each variant's own clamp
+            # (ggml: min(127, v); candle: clamp(-128, 127); candle 0.9: min(127) + saturating cast).
+            rounded = min(max(rounded, np.float32(-128.0)), np.float32(127.0))
+            out[b, _U(QS_OFFSET) + g * _U(BSUM_GROUP) + j] = np.uint8(np.int32(rounded) & 0xFF)
+            group_sum = _add_small_integers(group_sum, rounded)
+        bits = np.int32(group_sum) & 0xFFFF
+        out[b, _U(BSUMS_OFFSET) + _U(2) * g] = np.uint8(bits & 0xFF)
+        out[b, _U(BSUMS_OFFSET + 1) + _U(2) * g] = np.uint8(bits >> 8)
+
+
+@njit(cache=True)
+def _quantize_block(row, perm, start, variant, out, b):
+    low, high = _block_extremes(row, perm, start)
     # The extreme is the signed value of largest magnitude; the first one wins a tie.
-    extreme = np.float32(0.0)
-    for j in range(QK_K):
-        v = to_float32(src[source_index(idx, j)])
-        if abs(v) == amax:
-            extreme = v
-            break
+    if high > -low:
+        extreme = high
+    elif -low > high:
+        extreme = low
+    elif high == np.float32(0.0):
+        out[b, :] = 0
+        return
+    else:  # both +m and -m occur: rare, so a scalar search is fine
+        extreme = high
+        for j in range(_U(QK_K)):
+            value = to_float32(row[source_index(perm, start + j)])
+            if abs(value) == high:
+                extreme = value
+                break
     if variant == VARIANT_CANDLE_0_9:
         iscale = np.float32(-128.0) / extreme
     else:
         iscale = np.float32(-127.0) / extreme
     if not np.isfinite(iscale):
         # |max| below ~3.7e-37: no meaningful quants exist; the block dequantizes to zeros.
-        _zero_block(block)
+        out[b, :] = 0
         return
-    _store_quants(src, idx, iscale, variant != VARIANT_GGML, block)
-    for g in range(QK_K // BSUM_GROUP):
-        group_sum = 0
-        for j in range(BSUM_GROUP):
-            group_sum += np.int32(np.int8(block[QS_OFFSET + g * BSUM_GROUP + j]))
-        s = np.uint32(group_sum & 0xFFFF)
-        block[BSUMS_OFFSET + 2 * g] = np.uint8(s & np.uint32(0xFF))
-        block[BSUMS_OFFSET + 2 * g + 1] = np.uint8(s >> np.uint32(8))
-    d = np.float32(1.0) / iscale
-    _store_u32_le(block, D_OFFSET, np.float32(d).view(np.uint32))
-
-
-@njit(cache=True)
-def _store_quants(src, idx, iscale, ties_away, block):
-    half = np.float32(0.5)
-    qs = block[QS_OFFSET : QS_OFFSET + QK_K].view(np.int8)
-    for j in range(QK_K):
-        scaled = iscale * to_float32(src[source_index(idx, j)])
-        rounded = np.rint(scaled)  # ties to even: GGML's nearest_int
-        # Rust's f32::round rounds ties away from zero; scaled +- 0.5 is exact here.  Written
-        # as a select, not a branch, so that the loop vectorises.
-        away = scaled + np.copysign(half, scaled)
-        rounded = away if ties_away and abs(scaled - rounded) == half else rounded
-        # |scaled| <= 128 by construction, so one clamp is each variant's own clamp
-        # (ggml: min(127, v); candle: clamp(-128, 127); candle 0.9: min(127) + saturating cast).
-        rounded = min(max(rounded, np.float32(-128.0)), np.float32(127.0))
-        qs[j] = np.int8(np.int32(rounded))
+    _store_quants(row, perm, start, iscale, variant != VARIANT_GGML, out, b)
+    d = np.float32(np.float32(1.0) / iscale).view(np.uint32)
+    for i in range(_U(4)):
+        out[b, _U(D_OFFSET) + i] = np.uint8((d >> np.uint32(8 * i)) & np.uint32(0xFF))
 
 
 @njit(parallel=True, cache=True)
@@ -130,14 +133,21 @@ def quantize_rows_q8k(x, row_perm, col_perm, variant, out):
     """
     rows, k = x.shape
     blocks_per_row = k // QK_K
-    for b in prange(rows * blocks_per_row):
-        r = b // blocks_per_row
-        start = (b - r * blocks_per_row) * QK_K
-        row = x[source_index(row_perm, r)]
-        if col_perm is None:
-            _quantize_block(row[start : start + QK_K], None, variant, out[b])
-        else:
-            _quantize_block(row, col_perm[start : start + QK_K], variant, out[b])
+    if col_perm is None:
+        for b in prange(rows * blocks_per_row):
+            r = b // blocks_per_row
+            start = _U((b - r * blocks_per_row) * QK_K)
+            _quantize_block(x[source_index(row_perm, r)], None, start, variant, out, _U(b))
+    else:
+        # Gathering a row once into a small contiguous buffer (it stays in cache) costs less
+        # than gathering every element twice inside the block passes.
+        for r in prange(rows):
+            row = x[source_index(row_perm, r)]
+            gathered = np.empty(k, dtype=x.dtype)
+            for j in range(_U(k)):
+                gathered[j] = row[col_perm[j]]
+            for block in range(blocks_per_row):
+                _quantize_block(gathered, None, _U(block * QK_K), variant, out, _U(r * blocks_per_row + block))
 
 
 @njit(parallel=True, cache=True)

@@ -52,7 +52,10 @@ def _random_blocks(rng, n_blocks):
     uniform = rng.uniform(-1, 1, size=(n_blocks, 256))
     # integers of [-127, 127] with max 127: scaling by -127/max is exact, many .5 ties appear
     ties = rng.integers(-254, 255, size=(n_blocks, 256)) / 2.0
-    ties[:, 0] = 127.0
+    # both +127 and -127 present, either first: the first of largest magnitude sets d's sign
+    first_sign = rng.choice([-1.0, 1.0], size=n_blocks)
+    ties[:, 0] = 127.0 * first_sign
+    ties[np.arange(n_blocks), rng.integers(1, 256, size=n_blocks)] = -127.0 * first_sign
     x = np.select([kind == 0, kind == 1, kind == 2], [normal, heavy, uniform], ties) * scale
     return x.astype(np.float32)
 
