@@ -8,11 +8,9 @@ views; a user never has to.
 
 from qstrat.kernels.columns import column_abs_max, column_sq_norms
 from qstrat.kernels.decode import BF16_BITS, F16_BITS
-from qstrat.kernels.metrics import q8k_error_sums, q8k_probe_products, q8k_q8k_row_dots
+from qstrat.kernels.layout import BLOCK_BYTES, BSUM_GROUP, QK_K
+from qstrat.kernels.metrics import measure_columns, q8k_q8k_row_dots
 from qstrat.kernels.q8k import (
-    BLOCK_BYTES,
-    BSUM_GROUP,
-    QK_K,
     VARIANT_CODES,
     dequantize_q8k_blocks,
     first_nonfinite_index,
@@ -28,8 +26,7 @@ __all__ = [
     "VARIANT_CODES",
     "column_abs_max",
     "column_sq_norms",
-    "q8k_error_sums",
-    "q8k_probe_products",
+    "measure_columns",
     "q8k_q8k_row_dots",
     "dequantize_q8k_blocks",
     "first_nonfinite_index",

@@ -26,15 +26,16 @@ _F16_REBIAS = np.float32(2.0**112)
 
 
 def _f16_bits_to_float32(value):
-    # the parameter name must match to_float32's for numba's overload.  Branch-free, so
-    # that loops decoding float16 vectorise.
+    # the parameter name must match to_float32's for numba's overload.  Branch-free (the
+    # infinity/NaN case is blended in with a mask), so that loops decoding float16 vectorise.
     h = np.uint32(value) & np.uint32(0xFFFF)
     sign = (h & np.uint32(0x8000)) << np.uint32(16)
     magnitude_bits = (h & np.uint32(0x7FFF)) << np.uint32(13)
-    finite = np.uint32(magnitude_bits).view(np.float32) * _F16_REBIAS
-    special = np.uint32(magnitude_bits | np.uint32(0x7F800000)).view(np.float32)  # inf, NaN
-    magnitude = special if (h & _F16_EXPONENT_MASK) == _F16_EXPONENT_MASK else finite
-    return np.uint32(np.float32(magnitude).view(np.uint32) | sign).view(np.float32)
+    finite = np.float32(np.uint32(magnitude_bits).view(np.float32) * _F16_REBIAS).view(np.uint32)
+    special = magnitude_bits | np.uint32(0x7F800000)  # infinity, NaN
+    is_special = np.uint32((h & _F16_EXPONENT_MASK) == _F16_EXPONENT_MASK)
+    mask = np.uint32(0) - is_special
+    return np.uint32((special & mask) | (finite & ~mask) | sign).view(np.float32)
 
 
 @overload(to_float32, inline="always")

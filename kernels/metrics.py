@@ -1,81 +1,69 @@
-"""Quantization error sums, computed straight from the source storage and the blocks."""
+"""Quantization error measures, computed from the source values and the finished blocks.
+
+``accumulate_block_measures`` runs inside the quantize kernel right after a block is made,
+while its 256 source values are still in cache: validation costs no second pass over the
+tensor.  Every sum is per block (a fixed order, whatever the threads), summed per tensor
+or per row by the caller.
+"""
 
 import numpy as np
 from numba import njit, prange
-from qstrat.kernels.decode import source_index, to_float32
-from qstrat.kernels.q8k import QK_K, QS_OFFSET, _load_f32_le
+from qstrat.kernels.decode import to_float32
+from qstrat.kernels.layout import QK_K, QS_OFFSET, U64, block_quant, block_scale
+
+# Columns of a block's measures (float64): weight-error sums, then for each probe vector p
+# the exact product W'.p and the dequantized product W^.p over the block's values.
+ERROR_SQUARES = 0  # sum (w - w^)^2
+REFERENCE_SQUARES = 1  # sum w^2
+MAX_ABS_ERROR = 2  # max |w - w^|
+CROSS = 3  # sum w * w^
+DEQUANTIZED_SQUARES = 4  # sum w^^2
+PROBE_COLUMNS = 5  # then exact, dequantized for each probe
+
+
+def measure_columns(n_probes: int) -> int:
+    """Width of the measures array for ``n_probes`` probe vectors."""
+    return PROBE_COLUMNS + 2 * n_probes
 
 
 @njit(cache=True, fastmath={"reassoc", "nnan", "ninf", "nsz"})
-def _block_error_sums(src, idx, block, sums):
-    # Sums of one block; reassociation lets LLVM vectorise them.  The order is fixed by the
-    # compiled code, not by threads, so results repeat exactly on a machine (they may differ
-    # in the last bits between CPUs of different vector widths).  Inputs are checked finite.
-    d = _load_f32_le(block, 0)
-    qs = block[QS_OFFSET : QS_OFFSET + QK_K].view(np.int8)
+def accumulate_block_measures(row, start, blocks, b, probes, measures):
+    """Measures of block ``b`` against row[start:start + 256] into ``measures[b]``.
+
+    Reassociation lets LLVM vectorise the sums; the order is fixed by the compiled code,
+    so results repeat exactly on a machine (they may differ in the last bits between CPUs
+    of different vector widths).  Inputs are finite (the quantize kernel checked them).
+    """
+    d = block_scale(blocks, b)
     err2 = 0.0
     ref2 = 0.0
     cross = 0.0
     deq2 = 0.0
-    worst = 0.0
-    for j in range(QK_K):
-        w = np.float64(to_float32(src[source_index(idx, j)]))
-        q = np.float64(d * np.float32(qs[j]))
+    worst_bits = np.int64(0)
+    for j in range(U64(QK_K)):
+        w = np.float64(to_float32(row[start + j]))
+        q = np.float64(d * np.float32(block_quant(blocks, b, j)))
         e = w - q
         err2 += e * e
         ref2 += w * w
         cross += w * q
         deq2 += q * q
-        worst = max(worst, abs(e))
-    sums[0] += err2
-    sums[1] += ref2
-    sums[2] = max(sums[2], worst)
-    sums[3] += cross
-    sums[4] += deq2
-
-
-@njit(parallel=True, cache=True)
-def q8k_error_sums(x, row_perm, col_perm, blocks, out):
-    """Error sums of ``blocks`` against ``x`` (rows, k) stored as x[row_perm[i], col_perm[j]].
-
-    A None permutation is the identity; sums are per stored row.  ``out`` (rows, 5) float64
-    (zeroed by the caller) receives, per row: sum (w - w^)^2, sum w^2, max |w - w^|,
-    sum w * w^, sum w^^2 — enough for MSE, SQNR, relative error, max error and cosine.
-    """
-    rows, k = x.shape
-    blocks_per_row = k // QK_K
-    for r in prange(rows):
-        row = x[source_index(row_perm, r)]
-        for b in range(blocks_per_row):
-            start = b * QK_K
-            if col_perm is None:
-                _block_error_sums(row[start : start + QK_K], None, blocks[r * blocks_per_row + b], out[r])
-            else:
-                _block_error_sums(row, col_perm[start : start + QK_K], blocks[r * blocks_per_row + b], out[r])
-
-
-@njit(parallel=True, cache=True)
-def q8k_probe_products(x, row_perm, col_perm, blocks, probe, out):
-    """Per stored row r: out[r, 0] = W'[r] . probe and out[r, 1] = W^[r] . probe (float64).
-
-    W' is ``x`` in the stored layout (x[row_perm[i], col_perm[j]]), W^ the dequantized blocks:
-    the original tool's matrix-vector validation, with exact dequantized weights.
-    """
-    rows, k = x.shape
-    blocks_per_row = k // QK_K
-    for r in prange(rows):
+        # non-negative float64s order like their bits: an integer max vectorises, a float one does not
+        worst_bits = max(worst_bits, np.float64(abs(e)).view(np.int64))
+    measures[b, ERROR_SQUARES] = err2
+    measures[b, REFERENCE_SQUARES] = ref2
+    measures[b, MAX_ABS_ERROR] = np.int64(worst_bits).view(np.float64)
+    measures[b, CROSS] = cross
+    measures[b, DEQUANTIZED_SQUARES] = deq2
+    for p in range(probes.shape[0]):
         exact = 0.0
         quantized = 0.0
-        for b in range(blocks_per_row):
-            block = blocks[r * blocks_per_row + b]
-            d = _load_f32_le(block, 0)
-            for j in range(QK_K):
-                col = b * QK_K + j
-                p = np.float64(probe[col])
-                exact += np.float64(to_float32(x[source_index(row_perm, r), source_index(col_perm, col)])) * p
-                quantized += np.float64(d * np.float32(np.int8(block[QS_OFFSET + j]))) * p
-        out[r, 0] = exact
-        out[r, 1] = quantized
+        for j in range(U64(QK_K)):
+            x = np.float64(probes[p, start + j])
+            exact += np.float64(to_float32(row[start + j])) * x
+            quantized += np.float64(d * np.float32(block_quant(blocks, b, j))) * x
+        measures[b, PROBE_COLUMNS + 2 * p] = exact
+        measures[b, PROBE_COLUMNS + 2 * p + 1] = quantized
 
 
 @njit(parallel=True, cache=True)
@@ -85,11 +73,10 @@ def q8k_q8k_row_dots(blocks, probe_blocks, out):
     blocks_per_row = probe_blocks.shape[0]
     for r in prange(out.shape[0]):
         total = np.float32(0.0)
-        for b in range(blocks_per_row):
-            block = blocks[r * blocks_per_row + b]
-            other = probe_blocks[b]
+        for i in range(blocks_per_row):
+            b = U64(r * blocks_per_row + i)
             isum = 0
-            for j in range(QK_K):
-                isum += np.int32(np.int8(block[QS_OFFSET + j])) * np.int32(np.int8(other[QS_OFFSET + j]))
-            total += np.float32(isum) * _load_f32_le(block, 0) * _load_f32_le(other, 0)
+            for j in range(U64(QK_K)):
+                isum += np.int32(block_quant(blocks, b, j)) * np.int32(block_quant(probe_blocks, U64(i), j))
+            total += np.float32(isum) * block_scale(blocks, b) * block_scale(probe_blocks, U64(i))
         out[r] = total

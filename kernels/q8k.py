@@ -1,8 +1,4 @@
-"""Q8K quantization kernels, bit-exact with GGML and Candle.
-
-A Q8K super-block holds ``QK_K`` = 256 consecutive values of one row and is stored in
-``BLOCK_BYTES`` = 292 little-endian bytes: ``d`` float32 (bytes 0..4), ``qs`` int8[256]
-(4..260), ``bsums`` int16[16] (260..292, the sum of each group of 16 ``qs``).
+"""Q8K quantization kernels, bit-exact with GGML and Candle (layout: ``layout.py``).
 
 Three rounding variants exist in the wild; they differ only in the inverse scale and
 in how ties round (see ``docs/formats.md``).  All arithmetic is float32 and no
@@ -12,13 +8,18 @@ fused multiply-add is allowed (numba does not contract without ``fastmath``).
 import numpy as np
 from numba import njit, prange
 from qstrat.kernels.decode import from_order_key, order_key, source_index, to_float32
-
-QK_K = 256
-BSUM_GROUP = 16
-D_OFFSET = 0
-QS_OFFSET = 4
-BSUMS_OFFSET = QS_OFFSET + QK_K
-BLOCK_BYTES = BSUMS_OFFSET + 2 * (QK_K // BSUM_GROUP)  # 292
+from qstrat.kernels.layout import (
+    BLOCK_BYTES,
+    BSUM_GROUP,
+    BSUMS_OFFSET,
+    D_OFFSET,
+    QK_K,
+    QS_OFFSET,
+    U64,
+    block_quant,
+    block_scale,
+)
+from qstrat.kernels.metrics import accumulate_block_measures
 
 # Integer codes the kernels take; the names are what users write.
 VARIANT_CANDLE = 0  # candle >= 0.11: iscale = -127/max, round half away from zero
@@ -27,20 +28,6 @@ VARIANT_GGML = 2  # ggml reference: iscale = -127/max, round half to even
 VARIANT_CODES = {"candle": VARIANT_CANDLE, "candle-0.9": VARIANT_CANDLE_0_9, "ggml": VARIANT_GGML}
 
 
-@njit(inline="always", cache=True)
-def _load_f32_le(src, offset):
-    bits = (
-        np.uint32(src[offset])
-        | (np.uint32(src[offset + 1]) << np.uint32(8))
-        | (np.uint32(src[offset + 2]) << np.uint32(16))
-        | (np.uint32(src[offset + 3]) << np.uint32(24))
-    )
-    return np.uint32(bits).view(np.float32)
-
-
-# Kernel-side indices are unsigned: numba adds a negative-index wraparound check to every
-# signed index, and that check is what stops LLVM from vectorising these loops.
-_U = np.uint64
 # Adding and subtracting 1.5 * 2**23 rounds a float32 of magnitude < 2**22 to the nearest
 # integer, ties to even (GGML's nearest_int); numba never reassociates without fastmath.
 _ROUND_MAGIC = np.float32(12582912.0)
@@ -52,7 +39,7 @@ def _block_extremes(row, perm, start):
     first = row[source_index(perm, start)]
     key_max = order_key(first)
     key_min = key_max
-    for j in range(_U(QK_K)):
+    for j in range(U64(QK_K)):
         key = order_key(row[source_index(perm, start + j)])
         key_max = max(key_max, key)
         key_min = min(key_min, key)
@@ -72,10 +59,10 @@ def _store_quants(row, perm, start, iscale, ties_away, out, b):
     # One loop body serves every variant (a branch here gets the loop unswitched into a
     # copy that LLVM vectorises badly): |x - rint(x)| is never -1, so ties never go away.
     away_tie = half if ties_away else np.float32(-1.0)
-    for g in range(_U(QK_K // BSUM_GROUP)):
+    for g in range(U64(QK_K // BSUM_GROUP)):
         group_sum = np.float32(0.0)
-        for j in range(_U(BSUM_GROUP)):
-            scaled = iscale * to_float32(row[source_index(perm, start + g * _U(BSUM_GROUP) + j)])
+        for j in range(U64(BSUM_GROUP)):
+            scaled = iscale * to_float32(row[source_index(perm, start + g * U64(BSUM_GROUP) + j)])
             rounded = (scaled + _ROUND_MAGIC) - _ROUND_MAGIC  # ties to even
             # Rust's f32::round takes ties away from zero; scaled +- 0.5 is exact here.
             away = scaled + np.copysign(half, scaled)
@@ -83,16 +70,20 @@ def _store_quants(row, perm, start, iscale, ties_away, out, b):
             # |scaled| <= 128 by construction, so one clamp is each variant's own clamp
             # (ggml: min(127, v); candle: clamp(-128, 127); candle 0.9: min(127) + saturating cast).
             rounded = min(max(rounded, np.float32(-128.0)), np.float32(127.0))
-            out[b, _U(QS_OFFSET) + g * _U(BSUM_GROUP) + j] = np.uint8(np.int32(rounded) & 0xFF)
+            out[b, U64(QS_OFFSET) + g * U64(BSUM_GROUP) + j] = np.uint8(np.int32(rounded) & 0xFF)
             group_sum = _add_small_integers(group_sum, rounded)
         bits = np.int32(group_sum) & 0xFFFF
-        out[b, _U(BSUMS_OFFSET) + _U(2) * g] = np.uint8(bits & 0xFF)
-        out[b, _U(BSUMS_OFFSET + 1) + _U(2) * g] = np.uint8(bits >> 8)
+        out[b, U64(BSUMS_OFFSET) + U64(2) * g] = np.uint8(bits & 0xFF)
+        out[b, U64(BSUMS_OFFSET + 1) + U64(2) * g] = np.uint8(bits >> 8)
 
 
 @njit(cache=True)
 def _quantize_block(row, perm, start, variant, out, b):
+    """Quantize one block into out[b]; return 1 if it holds a NaN or infinity (out[b] is then zeros)."""
     low, high = _block_extremes(row, perm, start)
+    if not (np.isfinite(low) and np.isfinite(high)):
+        out[b, :] = 0
+        return 1
     # The extreme is the signed value of largest magnitude; the first one wins a tie.
     if high > -low:
         extreme = high
@@ -100,10 +91,10 @@ def _quantize_block(row, perm, start, variant, out, b):
         extreme = low
     elif high == np.float32(0.0):
         out[b, :] = 0
-        return
+        return 0
     else:  # both +m and -m occur: rare, so a scalar search is fine
         extreme = high
-        for j in range(_U(QK_K)):
+        for j in range(U64(QK_K)):
             value = to_float32(row[source_index(perm, start + j)])
             if abs(value) == high:
                 extreme = value
@@ -115,49 +106,64 @@ def _quantize_block(row, perm, start, variant, out, b):
     if not np.isfinite(iscale):
         # |max| below ~3.7e-37: no meaningful quants exist; the block dequantizes to zeros.
         out[b, :] = 0
-        return
+        return 0
     _store_quants(row, perm, start, iscale, variant != VARIANT_GGML, out, b)
     d = np.float32(np.float32(1.0) / iscale).view(np.uint32)
-    for i in range(_U(4)):
-        out[b, _U(D_OFFSET) + i] = np.uint8((d >> np.uint32(8 * i)) & np.uint32(0xFF))
+    for i in range(U64(4)):
+        out[b, U64(D_OFFSET) + i] = np.uint8((d >> np.uint32(8 * i)) & np.uint32(0xFF))
+    return 0
 
 
 @njit(parallel=True, cache=True)
-def quantize_rows_q8k(x, row_perm, col_perm, variant, out):
+def quantize_rows_q8k(x, row_perm, col_perm, variant, out, probes=None, measures=None):
     """Quantize every row of ``x`` (rows, k) into ``out`` (rows * k // 256, 292) uint8.
 
     ``x`` is float32, or raw bfloat16 (uint16) / float16 (int16) bits; ``k % 256 == 0``.
     ``row_perm`` and ``col_perm`` are None, or unsigned gather maps applied on the fly:
     stored element (i, j) is x[row_perm[i], col_perm[j]] (no permuted or float32 copy of
     ``x`` is made).  Blocks never cross rows and come out in row-major order.
+
+    With ``measures`` (n_blocks, ``measure_columns(len(probes))``) float64, each block's
+    error measures against its source values are computed in the same pass (see
+    ``metrics.py``); ``probes`` (n_probes, k) float32 are vectors in stored column order.
+
+    Returns the number of blocks holding a NaN or infinity (zeroed; the caller refuses them).
     """
     rows, k = x.shape
     blocks_per_row = k // QK_K
+    non_finite = 0
     if col_perm is None:
         for b in prange(rows * blocks_per_row):
             r = b // blocks_per_row
-            start = _U((b - r * blocks_per_row) * QK_K)
-            _quantize_block(x[source_index(row_perm, r)], None, start, variant, out, _U(b))
+            row = x[source_index(row_perm, r)]
+            start = U64((b - r * blocks_per_row) * QK_K)
+            non_finite += _quantize_block(row, None, start, variant, out, U64(b))
+            if measures is not None:
+                accumulate_block_measures(row, start, out, U64(b), probes, measures)
     else:
         # Gathering a row once into a small contiguous buffer (it stays in cache) costs less
         # than gathering every element twice inside the block passes.
         for r in prange(rows):
             row = x[source_index(row_perm, r)]
             gathered = np.empty(k, dtype=x.dtype)
-            for j in range(_U(k)):
+            for j in range(U64(k)):
                 gathered[j] = row[col_perm[j]]
-            for block in range(blocks_per_row):
-                _quantize_block(gathered, None, _U(block * QK_K), variant, out, _U(r * blocks_per_row + block))
+            for i in range(blocks_per_row):
+                b = U64(r * blocks_per_row + i)
+                start = U64(i * QK_K)
+                non_finite += _quantize_block(gathered, None, start, variant, out, b)
+                if measures is not None:
+                    accumulate_block_measures(gathered, start, out, b, probes, measures)
+    return non_finite
 
 
 @njit(parallel=True, cache=True)
 def dequantize_q8k_blocks(blocks, out):
     """Dequantize ``blocks`` (n, 292) uint8 into ``out`` (n, 256) float32: ``d * qs``."""
     for b in prange(blocks.shape[0]):
-        d = _load_f32_le(blocks[b], D_OFFSET)
-        for j in range(QK_K):
-            q = np.int8(blocks[b, QS_OFFSET + j])
-            out[b, j] = d * np.float32(q)
+        d = block_scale(blocks, U64(b))
+        for j in range(U64(QK_K)):
+            out[b, j] = d * np.float32(block_quant(blocks, U64(b), j))
 
 
 @njit(parallel=True, cache=True)
@@ -166,8 +172,19 @@ def first_nonfinite_index(x):
     rows, k = x.shape
     first_in_row = np.full(rows, -1, dtype=np.int64)
     for r in prange(rows):
+        row = x[r]
+        # NaN and infinity lie beyond every finite value in key order: a vectorised min/max
+        # clears a row, and only a row that fails it is searched element by element.
+        key_low = order_key(row[0])
+        key_high = key_low
+        for j in range(U64(k)):
+            key = order_key(row[j])
+            key_high = max(key_high, key)
+            key_low = min(key_low, key)
+        if np.isfinite(from_order_key(key_low, row[0])) and np.isfinite(from_order_key(key_high, row[0])):
+            continue
         for j in range(k):
-            if not np.isfinite(to_float32(x[r, j])):
+            if not np.isfinite(to_float32(row[j])):
                 first_in_row[r] = r * k + j
                 break
     for r in range(rows):

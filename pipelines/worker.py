@@ -36,6 +36,11 @@ class GroupResult:
     joint: dict[str, Permutation] = field(default_factory=dict)
 
 
+def _strategy_reads_values(job: GroupJob) -> bool:
+    """Whether the group's strategy looks at the values (anything but identity does)."""
+    return job.strategy.permutation_kind != "none"
+
+
 def _checked(job: GroupJob, name: str, permutation: Permutation | None, shape: tuple[int, ...]) -> Permutation | None:
     if permutation is None:
         return None
@@ -54,9 +59,11 @@ def quantize_group(
     numba.set_num_threads(numba_threads)
     started = time.perf_counter()
     arrays = {m.info.name: map_tensor(m.info).view(KERNEL_STORAGE[m.info.dtype]) for m in job.members}
-    for member in job.members:
-        if member.quantize:
-            check_finite(arrays[member.info.name], member.info.name)
+    if _strategy_reads_values(job):
+        # strategies must see finite values; without one, the quantize kernel refuses them itself
+        for member in job.members:
+            if member.quantize:
+                check_finite(arrays[member.info.name], member.info.name)
     proposed = job.strategy.permutations(arrays, variant)
     permutations = {m.info.name: _checked(job, m.info.name, proposed.get(m.info.name), m.info.shape) for m in job.members}
     quantized = [m for m in job.members if m.quantize]
@@ -72,17 +79,17 @@ def quantize_group(
         row_perm = permutation.perm if permutation is not None and permutation.axis == 0 else None
         col_perm = permutation.perm if permutation is not None and permutation.axis == 1 else None
         stages = validation.stages if validation is not None else ()
-        storage = arrays[info.name]
-        blocks, metrics = quantize_matrix(
-            storage, variant, row_perm, col_perm, tensor_name=info.name, measure="weight_error" in stages, finite_checked=True
+        probes = {stage: probe_vector(stage, info.shape[1]) for stage in ("sum_test", "gradient_test") if stage in stages}
+        outcome = quantize_matrix(
+            arrays[info.name], variant, row_perm, col_perm, tensor_name=info.name, measure="weight_error" in stages, probes=probes
         )
-        if "sum_test" in stages or "gradient_test" in stages:
-            probes = {
-                f"{stage}_mse": matvec_mse(storage, blocks, probe_vector(stage, info.shape[1]), validation.product, variant, row_perm, col_perm)
-                for stage in ("sum_test", "gradient_test")
-                if stage in stages
+        blocks, metrics = outcome.blocks, outcome.metrics
+        if probes:
+            probe_mse = {
+                f"{stage}_mse": matvec_mse(outcome.probe_products[stage], blocks, probe, validation.product, variant)
+                for stage, probe in probes.items()
             }
-            metrics = replace(metrics or TensorMetrics.empty(), **probes)
+            metrics = replace(metrics or TensorMetrics.empty(), **probe_mse)
         rows, k = info.shape
         files = {}
         if output_dir is not None:

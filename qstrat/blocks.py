@@ -62,6 +62,26 @@ def as_gather_map(perm: np.ndarray | None) -> np.ndarray | None:
     return None if perm is None else np.ascontiguousarray(perm, dtype=np.uint32)
 
 
+def check_rows_shape(rows: np.ndarray, tensor_name: str) -> None:
+    if rows.ndim != 2 or rows.shape[1] % QK_K != 0:
+        raise InputError(
+            f"tensor {tensor_name!r} has shape {rows.shape}; Q8K needs 2-D data whose rows are a "
+            f"multiple of {QK_K} long"
+        )
+
+
+def empty_blocks(rows: np.ndarray) -> np.ndarray:
+    """Uninitialised output blocks for 2-D kernel storage ``rows``."""
+    return np.empty((rows.shape[0] * (rows.shape[1] // QK_K), BLOCK_BYTES), dtype=np.uint8)
+
+
+def refuse_non_finite(non_finite_blocks: int, rows: np.ndarray, tensor_name: str) -> None:
+    """After a kernel counted blocks with NaN/inf: raise naming the first such value."""
+    if non_finite_blocks:
+        check_finite(rows, tensor_name)
+        raise AssertionError("the kernel counted non-finite blocks that check_finite did not find")
+
+
 def quantize_rows(
     rows: np.ndarray,
     variant: str = DEFAULT_VARIANT,
@@ -69,24 +89,17 @@ def quantize_rows(
     *,
     row_perm: np.ndarray | None = None,
     col_perm: np.ndarray | None = None,
-    finite_checked: bool = False,
 ) -> np.ndarray:
     """Quantize 2-D kernel storage (rows, k), k % 256 == 0, to (rows * k/256, 292) uint8 blocks.
 
     With gather maps, stored element (i, j) is ``rows[row_perm[i], col_perm[j]]``.
-    Non-finite values are refused first with their index in ``rows``, unless the caller
-    already checked (``finite_checked``).
+    Non-finite values are refused with their index in ``rows`` (NonFiniteError).
     """
     code = variant_code(variant)
-    if rows.ndim != 2 or rows.shape[1] % QK_K != 0:
-        raise InputError(
-            f"tensor {tensor_name!r} has shape {rows.shape}; Q8K needs 2-D data whose rows are a "
-            f"multiple of {QK_K} long"
-        )
-    if not finite_checked:
-        check_finite(rows, tensor_name)
-    out = np.empty((rows.shape[0] * (rows.shape[1] // QK_K), BLOCK_BYTES), dtype=np.uint8)
-    quantize_rows_q8k(rows, as_gather_map(row_perm), as_gather_map(col_perm), code, out)
+    check_rows_shape(rows, tensor_name)
+    out = empty_blocks(rows)
+    non_finite = quantize_rows_q8k(rows, as_gather_map(row_perm), as_gather_map(col_perm), code, out)
+    refuse_non_finite(non_finite, rows, tensor_name)
     return out
 
 

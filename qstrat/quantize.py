@@ -6,12 +6,21 @@ Pipelines call this per tensor; it knows arrays, not files.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from qstrat.blocks import as_gather_map, quantize_rows
-from qstrat.kernels import q8k_error_sums
+from qstrat.blocks import as_gather_map, check_rows_shape, empty_blocks, refuse_non_finite, variant_code
+from qstrat.kernels import measure_columns, quantize_rows_q8k
+from qstrat.kernels.metrics import (
+    CROSS,
+    DEQUANTIZED_SQUARES,
+    ERROR_SQUARES,
+    MAX_ABS_ERROR,
+    PROBE_COLUMNS,
+    REFERENCE_SQUARES,
+)
 
 
 @dataclass(frozen=True)
@@ -27,9 +36,12 @@ class TensorMetrics:
     gradient_test_mse: float | None = None  # Method 2
 
     @classmethod
-    def from_sums(cls, sums: np.ndarray, numel: int) -> TensorMetrics:
-        err2, ref2, deq2, cross = (float(sums[:, i].sum()) for i in (0, 1, 4, 3))
-        worst = float(sums[:, 2].max()) if len(sums) else 0.0
+    def from_block_measures(cls, measures: np.ndarray, numel: int) -> TensorMetrics:
+        """Metrics from the per-block measures of the quantize kernel (see kernels/metrics.py)."""
+        err2, ref2, deq2, cross = (
+            float(measures[:, i].sum()) for i in (ERROR_SQUARES, REFERENCE_SQUARES, DEQUANTIZED_SQUARES, CROSS)
+        )
+        worst = float(measures[:, MAX_ABS_ERROR].max()) if len(measures) else 0.0
         norm_ref, norm_err = math.sqrt(ref2), math.sqrt(err2)
         if norm_err == 0.0:
             sqnr = math.inf
@@ -60,6 +72,16 @@ class TensorMetrics:
         return {k: ("inf" if v == math.inf else v) for k, v in asdict(self).items()}
 
 
+@dataclass(frozen=True)
+class QuantizedMatrix:
+    """A quantized matrix and what was measured while quantizing it."""
+
+    blocks: np.ndarray
+    metrics: TensorMetrics | None  # weight error (None when not measured)
+    #: probe name -> (rows, 2) float64: per stored row, W'.p and W^.p (exact dequantized weights)
+    probe_products: dict[str, np.ndarray]
+
+
 def quantize_matrix(
     storage: np.ndarray,
     variant: str,
@@ -68,30 +90,37 @@ def quantize_matrix(
     *,
     tensor_name: str = "array",
     measure: bool = True,
-    finite_checked: bool = False,
-) -> tuple[np.ndarray, TensorMetrics | None]:
+    probes: Mapping[str, np.ndarray] | None = None,
+) -> QuantizedMatrix:
     """Quantize kernel storage (rows, k) stored as ``storage[row_perm[i], col_perm[j]]``.
 
-    Returns the Q8K blocks and, when ``measure``, the weight error against the source
-    (permutations move values, they do not change which value is compared with which).
+    When ``measure``, the weight error against the source comes out of the same pass
+    (permutations move values, they do not change which value is compared with which), and
+    so do the products of the stored rows with each of ``probes`` (vectors of length k in
+    stored column order).
     """
-    blocks = quantize_rows(
-        storage, variant, tensor_name, row_perm=row_perm, col_perm=col_perm, finite_checked=finite_checked
-    )
-    if not measure:
-        return blocks, None
-    return blocks, TensorMetrics.from_sums(_error_sums(storage, blocks, row_perm, col_perm), storage.size)
-
-
-def _error_sums(storage, blocks, row_perm, col_perm) -> np.ndarray:
-    sums = np.zeros((storage.shape[0], 5), dtype=np.float64)
-    q8k_error_sums(storage, as_gather_map(row_perm), as_gather_map(col_perm), blocks, sums)
-    return sums
+    code = variant_code(variant)
+    check_rows_shape(storage, tensor_name)
+    probes = dict(probes or {})
+    blocks = empty_blocks(storage)
+    rows_g, cols_g = as_gather_map(row_perm), as_gather_map(col_perm)
+    if not measure and not probes:
+        refuse_non_finite(quantize_rows_q8k(storage, rows_g, cols_g, code, blocks), storage, tensor_name)
+        return QuantizedMatrix(blocks, None, {})
+    vectors = np.ascontiguousarray(np.array(list(probes.values()), dtype=np.float32).reshape(len(probes), storage.shape[1]))
+    measures = np.empty((len(blocks), measure_columns(len(probes))), dtype=np.float64)
+    refuse_non_finite(quantize_rows_q8k(storage, rows_g, cols_g, code, blocks, vectors, measures), storage, tensor_name)
+    per_row = measures.reshape(storage.shape[0], -1, measures.shape[1])
+    products = {
+        name: per_row[:, :, PROBE_COLUMNS + 2 * i : PROBE_COLUMNS + 2 * i + 2].sum(axis=1) for i, name in enumerate(probes)
+    }
+    metrics = TensorMetrics.from_block_measures(measures, storage.size) if measure else None
+    return QuantizedMatrix(blocks, metrics, products)
 
 
 def squared_error(
     storage: np.ndarray, variant: str, row_perm: np.ndarray | None = None, col_perm: np.ndarray | None = None
 ) -> float:
     """Total squared Q8K error of ``storage`` under the given permutations (for choosing orders)."""
-    blocks = quantize_rows(storage, variant, row_perm=row_perm, col_perm=col_perm, finite_checked=True)
-    return float(_error_sums(storage, blocks, row_perm, col_perm)[:, 0].sum())
+    metrics = quantize_matrix(storage, variant, row_perm, col_perm).metrics
+    return float(metrics.mse * storage.size)

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from qstrat.blocks import as_gather_map, quantize_rows
+from qstrat.blocks import quantize_rows
 from qstrat.errors import OutputError
 from qstrat.io.q8k import read_perm, read_q8k
-from qstrat.kernels import q8k_probe_products, q8k_q8k_row_dots
+from qstrat.kernels import q8k_q8k_row_dots
 
 STAGES = ("weight_error", "sum_test", "gradient_test", "roundtrip")
 PRODUCTS = ("exact", "candle")
@@ -39,24 +39,19 @@ def probe_vector(stage: str, k: int) -> np.ndarray:
     return ((np.arange(k, dtype=np.float64) + 1) / k).astype(np.float32)
 
 
-def matvec_mse(
-    storage: np.ndarray,
-    blocks: np.ndarray,
-    probe: np.ndarray,
-    product: str,
-    variant: str,
-    row_perm: np.ndarray | None = None,
-    col_perm: np.ndarray | None = None,
-) -> float:
-    """MSE over rows between W'x (float) and the quantized product, computed as ``product`` says."""
-    out = np.zeros((storage.shape[0], 2), dtype=np.float64)
-    q8k_probe_products(storage, as_gather_map(row_perm), as_gather_map(col_perm), blocks, probe, out)
+def matvec_mse(products: np.ndarray, blocks: np.ndarray, probe: np.ndarray, product: str, variant: str) -> float:
+    """MSE over rows between W'x (float) and the quantized product, computed as ``product`` says.
+
+    ``products`` (rows, 2) holds W'x and W^x per stored row, as the quantize kernel measured
+    them (``QuantizedMatrix.probe_products``); ``candle`` replaces W^x by Candle's Q8K x Q8K dots.
+    """
+    exact, quantized = products[:, 0], products[:, 1]
     if product == "candle":
         probe_blocks = quantize_rows(probe[None, :], variant)
-        dots = np.zeros(storage.shape[0], dtype=np.float32)
+        dots = np.zeros(len(products), dtype=np.float32)
         q8k_q8k_row_dots(blocks, probe_blocks, dots)
-        out[:, 1] = dots
-    return float(np.mean((out[:, 0] - out[:, 1]) ** 2)) if len(out) else 0.0
+        quantized = dots.astype(np.float64)
+    return float(np.mean((exact - quantized) ** 2)) if len(products) else 0.0
 
 
 def check_roundtrip(q8k_path: Path, blocks: np.ndarray, perm_path: Path | None, perm: np.ndarray | None) -> None:

@@ -131,11 +131,26 @@ def test_tiny_block_gives_zero_scale():
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_non_finite_refused_with_index(bad):
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, "bfloat16"])
+def test_non_finite_refused_with_index(bad, dtype):
     x = np.ones((3, 512), dtype=np.float32)
     x[2, 300] = bad
+    x[2, 301] = -bad  # the first one is named, whatever its sign
     with pytest.raises(NonFiniteError, match=r"index \(2, 300\)"):
-        qstrat.quantize_blocks(x)
+        if dtype == "bfloat16":
+            quantize_rows(f32_to_bf16_bits(x))  # uint16 storage = bfloat16
+        else:
+            qstrat.quantize_blocks(x.astype(dtype))
+
+
+def test_every_float16_value_decodes_exactly():
+    # all 63,488 finite binary16 bit patterns, subnormals included, in shuffled blocks
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    half = bits.view(np.float16)
+    half = half[np.isfinite(half)]
+    half = np.random.default_rng(3).permutation(np.concatenate([half, np.zeros(-half.size % 256, np.float16)]))
+    got = qstrat.quantize_blocks(half.reshape(-1, 256), "ggml")
+    assert np.array_equal(got, ggml_quantize_q8k(half.astype(np.float32).reshape(-1, 256)))
 
 
 def test_bad_shapes_and_variants():

@@ -25,19 +25,25 @@ def _exact_matrix(rows=4, k=512, seed=0):
     return (q / 128.0).astype(np.float32)
 
 
+def _probe_mse(x, probe, product, variant, col_perm=None):
+    """The matrix-vector MSE of x as the pipeline measures it: products from the quantize pass."""
+    q = quantize_matrix(x, variant, col_perm=col_perm, probes={"p": probe})
+    return matvec_mse(q.probe_products["p"], q.blocks, probe, product, variant)
+
+
 def test_exact_matrix_has_no_error():
     x = _exact_matrix()
-    blocks, metrics = quantize_matrix(x, "ggml")
+    metrics = quantize_matrix(x, "ggml").metrics
     assert metrics.mse == 0 and metrics.max_abs_error == 0 and metrics.sqnr_db == math.inf and metrics.cosine == 1
     for stage in ("sum_test", "gradient_test"):
-        assert matvec_mse(x, blocks, probe_vector(stage, 512), "exact", "ggml") == 0
+        assert _probe_mse(x, probe_vector(stage, 512), "exact", "ggml") == 0
 
 
 def test_weight_error_known_answer():
     # one block: 127 and a value exactly 0.25 step off the grid: error 0.25 * step
     x = np.zeros((1, 256), dtype=np.float32)
     x[0, 0], x[0, 1] = 127.0, 10.25
-    _, m = quantize_matrix(x, "candle")
+    m = quantize_matrix(x, "candle").metrics
     assert m.max_abs_error == pytest.approx(0.25)
     assert m.mse == pytest.approx(0.0625 / 256)
     assert m.sqnr_db == pytest.approx(20 * math.log10(math.hypot(127, 10.25) / 0.25))
@@ -47,42 +53,48 @@ def test_probe_vectors_and_products():
     assert np.array_equal(probe_vector("sum_test", 4), np.ones(4, np.float32))
     assert np.allclose(probe_vector("gradient_test", 4), [0.25, 0.5, 0.75, 1.0])
     x = np.random.default_rng(1).standard_normal((8, 512)).astype(np.float32)
-    blocks, _ = quantize_matrix(x, "candle")
+    blocks = quantize_matrix(x, "candle").blocks
     probe = probe_vector("gradient_test", 512)
     deq = qstrat.dequantize_blocks(blocks).reshape(8, 512).astype(np.float64)
     expected = np.mean((x.astype(np.float64) @ probe - deq @ probe) ** 2)
-    assert matvec_mse(x, blocks, probe, "exact", "candle") == pytest.approx(expected, rel=1e-9)
+    assert _probe_mse(x, probe, "exact", "candle") == pytest.approx(expected, rel=1e-9)
     # Candle's way: the probe is quantized too, so the error includes the probe's rounding
     probe_deq = qstrat.dequantize_blocks(qstrat.quantize_blocks(probe[None, :])).reshape(-1).astype(np.float64)
     candle_expected = np.mean((x.astype(np.float64) @ probe - deq @ probe_deq) ** 2)
-    assert matvec_mse(x, blocks, probe, "candle", "candle") == pytest.approx(candle_expected, rel=1e-3)
+    assert _probe_mse(x, probe, "candle", "candle") == pytest.approx(candle_expected, rel=1e-3)
 
 
 def test_gradient_test_sees_the_permutation_sum_test_does_not():
     x = np.random.default_rng(2).standard_normal((16, 512)).astype(np.float32)
     perm = np.random.default_rng(3).permutation(512)
-    plain, _ = quantize_matrix(x, "candle")
-    permuted, _ = quantize_matrix(x, "candle", col_perm=perm)
+    permuted = quantize_matrix(x, "candle", col_perm=perm).blocks
+    # the fused gather measures the same error as quantizing a permuted copy
+    assert quantize_matrix(x, "candle", col_perm=perm).metrics.mse == pytest.approx(
+        quantize_matrix(np.ascontiguousarray(x[:, perm]), "candle").metrics.mse, rel=1e-12)
     ones = probe_vector("sum_test", 512)
     ramp = probe_vector("gradient_test", 512)
     # W' is the stored (permuted) float matrix: with the permutation, both sides move together
-    baseline = matvec_mse(x, plain, ramp, "exact", "candle")
-    assert matvec_mse(x, permuted, ramp, "exact", "candle", col_perm=perm) < 2 * baseline
+    baseline = _probe_mse(x, ramp, "exact", "candle")
+    assert _probe_mse(x, ramp, "exact", "candle", col_perm=perm) < 2 * baseline
+    assert _probe_mse(x, ramp, "exact", "candle", col_perm=perm) == pytest.approx(
+        _probe_mse(np.ascontiguousarray(x[:, perm]), ramp, "exact", "candle"), rel=1e-9)
     # a consumer that forgot the gather is caught by the gradient test, not by the sum test
-    wrong = matvec_mse(x, permuted, ramp, "exact", "candle")
-    assert wrong > 100 * baseline
-    assert matvec_mse(x, permuted, ones, "exact", "candle", col_perm=perm) == pytest.approx(
-        matvec_mse(x[:, perm], permuted, ones, "exact", "candle"), rel=1e-9)
+    deq = qstrat.dequantize_blocks(permuted).reshape(x.shape).astype(np.float64)
+    forgot_gather = lambda probe: np.mean((x.astype(np.float64) @ probe - deq @ probe) ** 2)  # noqa: E731
+    assert forgot_gather(ramp) > 100 * baseline
+    assert forgot_gather(ones) == pytest.approx(_probe_mse(x, ones, "exact", "candle", col_perm=perm), rel=1e-6)
 
 
 def test_corrupted_quantization_fails_its_thresholds():
     x = np.random.default_rng(4).standard_normal((8, 512)).astype(np.float32)
-    blocks, good = quantize_matrix(x, "candle")
-    corrupted = blocks.copy()
-    corrupted[3, 4:260] = 0  # one block's quants lost
-    from qstrat.quantize import _error_sums
-
-    bad = TensorMetrics.from_sums(_error_sums(x, corrupted, None, None), x.size)
+    good = quantize_matrix(x, "candle").metrics
+    # one block's values lost: its measures as the kernel would give them for a zero block
+    lost = x.copy()
+    lost.reshape(-1, 256)[3] = 0
+    measures = np.zeros((x.size // 256, 5))
+    w, q = x.reshape(-1, 256).astype(np.float64), qstrat.dequantize_blocks(quantize_matrix(lost, "candle").blocks).astype(np.float64)
+    measures[:, :5] = np.stack([((w - q) ** 2).sum(1), (w**2).sum(1), abs(w - q).max(1), (w * q).sum(1), (q**2).sum(1)], axis=1)
+    bad = TensorMetrics.from_block_measures(measures, x.size)
     thresholds = Thresholds(min_sqnr_db=30, max_mse=1e-4, min_cosine=0.999)
     records = [TensorRecord("good", x.shape, "F32", "q8k", metrics=good), TensorRecord("bad", x.shape, "F32", "q8k", metrics=bad)]
     failures = threshold_failures(records, thresholds)
@@ -92,7 +104,7 @@ def test_corrupted_quantization_fails_its_thresholds():
 
 def test_roundtrip_catches_a_changed_file(tmp_path):
     x = np.random.default_rng(5).standard_normal((2, 256)).astype(np.float32)
-    blocks, _ = quantize_matrix(x, "candle")
+    blocks = quantize_matrix(x, "candle").blocks
     written = write_q8k(tmp_path / "w.q8k", blocks, 2, 256)
     check_roundtrip(tmp_path / written.path, blocks, None, None)
     other = blocks.copy()
