@@ -1,7 +1,7 @@
 """qstrat's performance table: every figure a ratio measured side by side in this run.
 
-    python benchmarks/bench.py              # kernels + a 2 GB end-to-end run (a few minutes)
-    python benchmarks/bench.py --quick      # smaller arrays, 256 MB end-to-end
+    python benchmarks/bench.py              # kernels, 2 GB end-to-end runs, 1 GB / 4 GB memory runs (~10 min)
+    python benchmarks/bench.py --quick      # smaller arrays and models (~2 min)
 
 Absolute GB/s are for information only (shared machines are noisy); read the ratios.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -27,6 +26,7 @@ from qstrat.kernels import (
     QK_K,
     column_sq_norms,
     dequantize_q8k_blocks,
+    measure_columns,
     quantize_rows_q8k,
 )
 
@@ -97,42 +97,117 @@ def kernels(values: int) -> None:
     row("dequantize", timed(lambda: dequantize_q8k_blocks(out, deq)), copy, x.nbytes, "np.copyto (target >= 0.7)")
     norms = np.zeros(k)
     row("column L2 norms", timed(lambda: column_sq_norms(x, norms)), copy, x.nbytes, "np.copyto")
-    perm = np.random.default_rng(1).permutation(k).astype(np.int64)
+    perm = np.random.default_rng(1).permutation(k).astype(np.uint32)
     row("quantize with fused column gather", timed(lambda: quantize_rows_q8k(x, None, perm, 0, out)), f32_time, x.nbytes,
         "quantize without permutation")
+    probes = np.ones((2, k), np.float32)
+    measures = np.empty((out.shape[0], measure_columns(2)))
+    row("quantize + weight error + 2 probe products (one pass)",
+        timed(lambda: quantize_rows_q8k(x, None, None, 0, out, probes, measures)), f32_time, x.nbytes, "quantize alone")
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants (0 once it is gone)."""
+    total, pending = 0, [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+            total += int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending.extend(int(c) for c in (task / "children").read_text().split())
+        except (OSError, StopIteration, ValueError):
+            continue
+    return total
+
+
+def run_measured(command: list[str]) -> tuple[float, int]:
+    """Wall seconds and the peak resident memory of the whole process tree (sampled every 10 ms)."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    peak = 0
+    while process.poll() is None:
+        peak = max(peak, tree_rss(process.pid))
+        time.sleep(0.01)
+    seconds = time.perf_counter() - start
+    if process.returncode != 0:
+        raise SystemExit(f"{command} failed with exit code {process.returncode}")
+    return seconds, peak
+
+
+def make_model(directory: Path, size_gb: float, rows: int, k: int) -> tuple[int, int]:
+    """A bf16 model directory of about ``size_gb`` of (rows, k) tensors; returns (bytes, tensor count)."""
+    count = max(1, round(size_gb * 1e9 / (rows * k * 2)))
+    base = np.random.default_rng(0).standard_normal((rows, k)).astype(np.float32)
+    tensors = {f"model.layers.{i}.mlp.proj.weight": base * np.float32(1 + 0.01 * i) for i in range(count)}
+    write_model(directory, tensors, dtype="BF16", shards=max(1, count // 8))
+    subprocess.run(["sync"], check=True)
+    return sum(p.stat().st_size for p in directory.glob("*.safetensors")), count
+
+
+QSTRAT = str(Path(sys.executable).with_name("qstrat"))
+
+
+def qstrat_run(workdir: Path, model: Path, workers: int) -> tuple[float, int]:
+    """One ``qstrat run`` with the default config (identity; every validation stage) and its output made durable."""
+    config = workdir / "run.yaml"
+    out = workdir / "out"
+    config.write_text(f"input: {model}\noutput: {out}\nparallel: {{workers: {workers}}}\n")
+    try:
+        return run_measured([QSTRAT, "run", str(config), "-q"])
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def copy_seconds(workdir: Path, model: Path, then_sync: bool) -> float:
+    target = workdir / "copy"
+    start = time.perf_counter()
+    subprocess.run(["cp", "-r", str(model), str(target)], check=True)
+    if then_sync:
+        subprocess.run(["sync"], check=True)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(target)
+    subprocess.run(["sync"], check=True)
+    return seconds
 
 
 def end_to_end(size_gb: float, workdir: Path) -> None:
-    model = workdir / "model"
+    print("\n### End to end: `qstrat run` (identity, validation on: every stage) against `cp -r`\n")
+    print("qstrat makes its outputs durable (fsync) before writing the manifest; `cp` alone leaves them in the page "
+          "cache, so `cp -r; sync` is the like-for-like yardstick.\n")
+    print("| model | run | seconds | GB/s | vs cp | vs cp + sync | tensors/s |\n| --- | --- | --- | --- | --- | --- | --- |")
+    for rows, k, gb in ((4096, 4096, size_gb), (4096, 14336, size_gb)):
+        model = workdir / f"model-{rows}x{k}"
+        size, count = make_model(model, gb, rows, k)
+        label = f"{size / 1e9:.2f} GB, {count} x ({rows}, {k}) bf16"
+        copy = min(copy_seconds(workdir, model, False) for _ in range(2))
+        synced = min(copy_seconds(workdir, model, True) for _ in range(2))
+        print(f"| {label} | cp -r | {copy:.2f} | {size / copy / 1e9:.2f} | 1.00x | — | — |")
+        print(f"| {label} | cp -r; sync | {synced:.2f} | {size / synced / 1e9:.2f} | — | 1.00x | — |")
+        for workers in (1, 2):
+            seconds, _ = qstrat_run(workdir, model, workers)
+            print(f"| {label} | qstrat, {workers} worker(s) | {seconds:.2f} | {size / seconds / 1e9:.2f} | "
+                  f"{copy / seconds:.2f}x | {synced / seconds:.2f}x | {count / seconds:.1f} |", flush=True)
+        shutil.rmtree(model)
+
+
+def memory_bound(sizes_gb: tuple[float, ...], workdir: Path) -> None:
     rows, k = 4096, 4096
-    count = max(1, int(size_gb * 1e9 / (rows * k * 2)))
-    rng = np.random.default_rng(0)
-    base = rng.standard_normal((rows, k)).astype(np.float32)
-    tensors = {f"model.layers.{i}.mlp.proj.weight": base * (1 + 0.01 * i) for i in range(count)}
-    write_model(model, tensors, dtype="BF16", shards=max(1, count // 8))
-    del tensors
-    size = sum(p.stat().st_size for p in model.glob("*.safetensors"))
-    print(f"\n### End to end ({size / 1e9:.2f} GB of bf16, {count} tensors of 4096x4096)\n")
-    print("| run | seconds | throughput | ratio to cp | tensors/s | peak RSS / largest tensor |\n| --- | --- | --- | --- | --- | --- |")
-    qstrat_bin = Path(sys.executable).with_name("qstrat")
-    config = workdir / "c.yaml"
-
-    def run(command):
-        start = time.perf_counter()
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-        return time.perf_counter() - start
-
-    cp_seconds = min(run(["cp", "-r", str(model), str(workdir / f"copy{i}")]) for i in range(2))
-    print(f"| cp -r | {cp_seconds:.2f} | {size / cp_seconds / 1e9:.2f} GB/s | 1.00x | — | — |")
-    for workers in (1, 2):
-        config.write_text(f"input: {model}\noutput: {workdir}/out-{workers}\nparallel: {{workers: {workers}}}\n")
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        seconds = run([str(qstrat_bin), "run", str(config), "-q"])
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-        note = f"{peak / (rows * k * 2):.1f}x" if peak > before * 1024 else "(below an earlier child's peak)"
-        print(f"| qstrat run, validation on, {workers} worker(s) | {seconds:.2f} | {size / seconds / 1e9:.2f} GB/s | "
-              f"{cp_seconds / seconds:.2f}x | {count / seconds:.1f} | {note} |", flush=True)
-        shutil.rmtree(workdir / f"out-{workers}")
+    tensor = rows * k * 2
+    idle = run_measured([sys.executable, "-c", "import time, qstrat.kernels; time.sleep(0.5)"])[1]
+    print(f"\n### Peak memory (all processes together) against the largest tensor ({tensor / 1e6:.0f} MB bf16)\n")
+    print(f"One idle Python process with qstrat's kernels imported holds {idle / 1e6:.0f} MB.\n")
+    print("| model | workers | peak RSS | peak / largest tensor | (peak - idle x processes) / largest tensor |\n"
+          "| --- | --- | --- | --- | --- |")
+    for gb in sizes_gb:
+        model = workdir / f"model-{gb}"
+        size, count = make_model(model, gb, rows, k)
+        for workers in (1, 2):
+            _, peak = qstrat_run(workdir, model, workers)
+            processes = 1 + (workers if workers > 1 else 0)
+            print(f"| {size / 1e9:.2f} GB ({count} tensors) | {workers} | {peak / 1e6:.0f} MB | {peak / tensor:.1f}x | "
+                  f"{max(0, peak - idle * processes) / tensor:.1f}x |", flush=True)
+        shutil.rmtree(model)
 
 
 def jit_cost(workdir: Path) -> None:
@@ -156,6 +231,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="qstrat-bench-", dir=os.environ.get("QSTRAT_BENCH_DIR")) as tmp:
         jit_cost(Path(tmp))
         end_to_end(args.size_gb or (0.25 if args.quick else 2.0), Path(tmp))
+        memory_bound((0.25, 1.0) if args.quick else (1.0, 4.0), Path(tmp))
     return 0
 
 

@@ -34,7 +34,7 @@ from qstrat._version import __version__
 from qstrat.config import QuantizationConfig
 from qstrat.convert import gguf_metadata
 from qstrat.errors import InputError, OutputError, WorkerLost
-from qstrat.io.atomic import describe_os_error, remove_stale_temporaries
+from qstrat.io.atomic import describe_os_error, make_durable, remove_stale_temporaries
 from qstrat.io.gguf import write_gguf
 from qstrat.io.manifest import (
     JOINT_PERMUTATIONS_NAME,
@@ -308,6 +308,9 @@ def _quantize_locked(model, plan, config, out, progress, force, thresholds, sett
                         (out / file.path).unlink()
             for tensor in manifest["tensors"].values():
                 tensor["files"] = {"gguf": entry}
+    # every tensor file is on disk before the manifest says the directory is complete
+    written = {out / f.path for r in records for f in r.files.values()} | {out / c for c in manifest.get("containers", {})}
+    make_durable(sorted(p for p in written if p.exists()), out)
     result = QuantizationResult(out, records, time.perf_counter() - started, None, failures)
     manifest["reports"] = {f.path: {"path": f.path, "size": f.size, "sha256": f.sha256} for f in write_reports(result, model.name, settings, out)}
     result.manifest_path = write_manifest(out, manifest)

@@ -93,10 +93,11 @@ def quantize_group(
         rows, k = info.shape
         files = {}
         if output_dir is not None:
-            files["q8k"] = write_q8k(output_dir / f"{member.stem}.q8k", blocks, rows, k)
+            # made durable all at once before the manifest (see qstrat.io.atomic)
+            files["q8k"] = write_q8k(output_dir / f"{member.stem}.q8k", blocks, rows, k, durable=False)
             runtime_perm = col_perm if kind == "runtime" else None
             if runtime_perm is not None:
-                files["perm"] = write_perm(output_dir / f"{member.stem}.perm", runtime_perm)
+                files["perm"] = write_perm(output_dir / f"{member.stem}.perm", runtime_perm, durable=False)
             if "roundtrip" in stages:
                 perm_path = output_dir / files["perm"].path if "perm" in files else None
                 check_roundtrip(output_dir / files["q8k"].path, blocks, perm_path, runtime_perm)

@@ -65,13 +65,13 @@ def q8k_header(rows: int, k: int) -> bytes:
     return Q8K_HEADER.pack(Q8K_MAGIC, Q8K_VERSION, rows, k, k // QK_K, Q8K_DTYPE_TAG)
 
 
-def write_q8k(path: str | os.PathLike, blocks: np.ndarray, rows: int, k: int) -> WrittenFile:
-    """Write ``blocks`` of a rows x k matrix as a .q8k file, atomically."""
+def write_q8k(path: str | os.PathLike, blocks: np.ndarray, rows: int, k: int, *, durable: bool = True) -> WrittenFile:
+    """Write ``blocks`` of a rows x k matrix as a .q8k file, atomically (see ``atomic_writer`` for ``durable``)."""
     path = Path(path)
     header = q8k_header(rows, k)
     if blocks.shape != (rows * (k // QK_K), BLOCK_BYTES) or blocks.dtype != np.uint8:
         raise InputError(f"{path}: blocks of shape {blocks.shape} do not fit a {rows} x {k} matrix")
-    with atomic_writer(path) as out:
+    with atomic_writer(path, durable) as out:
         out.write(header)
         out.write(np.ascontiguousarray(blocks))
     return WrittenFile(path.name, out.size, out.sha256)
@@ -118,7 +118,7 @@ def check_permutation(perm: np.ndarray, k: int, where: str) -> None:
         raise FormatError(f"{where}: not a permutation of 0..{k - 1} (an index is repeated or out of range)")
 
 
-def write_perm(path: str | os.PathLike, perm: np.ndarray) -> WrittenFile:
+def write_perm(path: str | os.PathLike, perm: np.ndarray, *, durable: bool = True) -> WrittenFile:
     """Write a gather map as a .perm file, atomically (validated first)."""
     path = Path(path)
     indices = np.asarray(perm)
@@ -128,7 +128,7 @@ def write_perm(path: str | os.PathLike, perm: np.ndarray) -> WrittenFile:
         raise InputError(f"{path}: not a permutation (negative index)")
     indices = indices.astype(PERM_INDEX_DTYPE)
     check_permutation(indices, indices.size, str(path))
-    with atomic_writer(path) as out:
+    with atomic_writer(path, durable) as out:
         out.write(PERM_HEADER.pack(PERM_MAGIC, indices.size))
         out.write(indices)
     return WrittenFile(path.name, out.size, out.sha256)

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-import scipy.linalg
 
 from qstrat.blocks import KERNEL_STORAGE
 from qstrat.io.q8k import check_permutation
@@ -28,6 +27,8 @@ def to_float32_array(storage: np.ndarray) -> np.ndarray:
 
 def qr_pivot_order(matrix: np.ndarray) -> np.ndarray:
     """Column order of QR with column pivoting of ``matrix`` (rows, k), as int64 (k,)."""
+    import scipy.linalg  # imported here, not by every run: it takes a tenth of a second
+
     values = to_float32_array(matrix).astype(np.float64)
     rows, k = values.shape
     if rows > k:
