@@ -35,8 +35,9 @@ def summarize(result: QuantizationResult) -> dict[str, object]:
         "tensor_count": result.tensor_count,
         "skipped_count": result.skipped_count,
         "average_mse": None if math.isnan(result.average_mse) else result.average_mse,
-        "mean_sqnr_db": _mean(sqnr),
-        "worst_sqnr_db": min(sqnr) if sqnr else None,
+        # exact tensors (infinite SQNR) are left out of the mean; JSON has no infinity: "inf"
+        "mean_sqnr_db": "inf" if sqnr and min(sqnr) == math.inf else _mean(sqnr),
+        "worst_sqnr_db": ("inf" if min(sqnr) == math.inf else min(sqnr)) if sqnr else None,
         "average_sum_test_mse": _mean([m.sum_test_mse for m in metrics]),
         "average_gradient_test_mse": _mean([m.gradient_test_mse for m in metrics]),
         "quantized_source_bytes": source,

@@ -130,6 +130,19 @@ def test_run_reports_agree_with_the_result(tmp_path):
     assert "exact dequantized weights" in (out / "report.md").read_text()
 
 
+def test_model_quantized_exactly_reports_exact(tmp_path):
+    # every value on its block's grid: zero error, infinite SQNR, which JSON cannot hold as a number
+    from qstrat.synthetic import write_model
+
+    write_model(tmp_path / "m", {f"model.layers.{i}.mlp.up_proj.weight": _exact_matrix(seed=i) for i in range(2)}, dtype="F32")
+    (tmp_path / "c.yaml").write_text(f"input: {tmp_path / 'm'}\noutput: {tmp_path / 'o'}\n")
+    result = run_cli("qstrat", "run", str(tmp_path / "c.yaml"), "-q")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "o" / "report.json").read_text())["summary"]
+    assert summary["worst_sqnr_db"] == summary["mean_sqnr_db"] == "inf"
+    assert "SQNR mean exact dB, worst exact dB" in (tmp_path / "o" / "report.md").read_text()
+
+
 def test_candle_product_and_validation_off(tmp_path):
     config = REPO / "configs" / "identity.yaml"
     result = run_cli("qstrat", "run", str(config), "-o", str(tmp_path / "c"), "-q", "--set", "validation.product=candle")
