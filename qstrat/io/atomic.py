@@ -16,6 +16,7 @@ import errno
 import hashlib
 import os
 import sys
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -23,6 +24,7 @@ from typing import BinaryIO
 from qstrat.errors import OutputError
 
 TEMP_MARKER = ".tmp-"
+_OVERLAP_BYTES = 4 << 20  # below this, a thread costs more than it saves
 
 
 def temp_path_for(path: Path) -> Path:
@@ -39,8 +41,17 @@ class HashingWriter:
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
-        self._hash.update(view)
-        self._raw.write(view)
+        if view.nbytes >= _OVERLAP_BYTES:
+            # hashing and writing both release the GIL: hash on a second thread meanwhile
+            hasher = threading.Thread(target=self._hash.update, args=(view,), name="qstrat-sha256")
+            hasher.start()
+            try:
+                self._raw.write(view)
+            finally:
+                hasher.join()
+        else:
+            self._hash.update(view)
+            self._raw.write(view)
         self.size += view.nbytes
         return view.nbytes
 
