@@ -56,10 +56,11 @@ def accumulate_block_measures(row, start, blocks, b, probes, measures):
     measures[b, CROSS] = cross
     measures[b, DEQUANTIZED_SQUARES] = deq2
     for p in range(probes.shape[0]):
+        probe = probes[p]
         exact = 0.0
         quantized = 0.0
         for j in range(U64(QK_K)):
-            x = np.float64(probes[p, start + j])
+            x = np.float64(probe[start + j])
             exact += np.float64(to_float32(row[start + j])) * x
             quantized += np.float64(d * np.float32(block_quant(blocks, b, j))) * x
         measures[b, PROBE_COLUMNS + 2 * p] = exact
