@@ -9,7 +9,7 @@ or per row by the caller.
 import numpy as np
 from numba import njit, prange
 from qstrat.kernels.decode import to_float32
-from qstrat.kernels.layout import QK_K, QS_OFFSET, U64, block_quant, block_scale
+from qstrat.kernels.layout import QK_K, U64, block_quant, block_scale
 
 # Columns of a block's measures (float64): weight-error sums, then for each probe vector p
 # the exact product W'.p and the dequantized product W^.p over the block's values.

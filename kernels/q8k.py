@@ -9,7 +9,6 @@ import numpy as np
 from numba import njit, prange
 from qstrat.kernels.decode import from_order_key, order_key, source_index, to_float32
 from qstrat.kernels.layout import (
-    BLOCK_BYTES,
     BSUM_GROUP,
     BSUMS_OFFSET,
     D_OFFSET,
