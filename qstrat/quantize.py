@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from qstrat.blocks import as_gather_map, check_rows_shape, empty_blocks, refuse_non_finite, variant_code
-from qstrat.kernels import measure_columns, quantize_rows_q8k
+from qstrat.kernels import QK_K, measure_columns, quantize_rows_q8k
 from qstrat.kernels.metrics import (
     CROSS,
     DEQUANTIZED_SQUARES,
@@ -110,10 +110,10 @@ def quantize_matrix(
     vectors = np.ascontiguousarray(np.array(list(probes.values()), dtype=np.float32).reshape(len(probes), storage.shape[1]))
     measures = np.empty((len(blocks), measure_columns(len(probes))), dtype=np.float64)
     refuse_non_finite(quantize_rows_q8k(storage, rows_g, cols_g, code, blocks, vectors, measures), storage, tensor_name)
-    per_row = measures.reshape(storage.shape[0], -1, measures.shape[1])
-    products = {
-        name: per_row[:, :, PROBE_COLUMNS + 2 * i : PROBE_COLUMNS + 2 * i + 2].sum(axis=1) for i, name in enumerate(probes)
-    }
+    # per stored row: a contiguous copy first, since summing a strided column view is slow
+    block_products = np.ascontiguousarray(measures[:, PROBE_COLUMNS:])
+    per_row = block_products.reshape(storage.shape[0], storage.shape[1] // QK_K, block_products.shape[1]).sum(axis=1)
+    products = {name: per_row[:, 2 * i : 2 * i + 2] for i, name in enumerate(probes)}
     metrics = TensorMetrics.from_block_measures(measures, storage.size) if measure else None
     return QuantizedMatrix(blocks, metrics, products)
 

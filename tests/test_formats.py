@@ -8,7 +8,8 @@ import pytest
 import qstrat
 from qstrat.errors import FormatError, InputError
 from qstrat.io.names import assign_file_stems, decode_name, encode_name
-from qstrat.io.q8k import write_perm, write_q8k
+from qstrat.io.q8k import q8k_file_holds, write_perm, write_q8k
+from qstrat.kernels import BLOCK_BYTES
 
 
 def _blocks(rows=3, k=512, seed=0):
@@ -111,3 +112,14 @@ def test_long_and_case_colliding_names_get_distinct_stems():
     assert len({s.casefold() for s in stems.values()}) == 4
     assert all(len(s.encode()) + 8 <= 255 for s in stems.values())
     assert stems == assign_file_stems(["w.weight", long_b, "W.weight", long_a])
+
+
+def test_q8k_file_holds_compares_every_chunk(tmp_path):
+    # more than one 1 MiB read chunk; a difference in the last block must be seen
+    blocks = np.random.default_rng(9).integers(0, 256, size=(4096, BLOCK_BYTES), dtype=np.uint8)
+    written = write_q8k(tmp_path / "big.q8k", blocks, 4096, 256)
+    assert q8k_file_holds(tmp_path / written.path, blocks)
+    changed = blocks.copy()
+    changed[-1, -1] ^= 0x40
+    assert not q8k_file_holds(tmp_path / written.path, changed)
+    assert not q8k_file_holds(tmp_path / written.path, blocks[:-1])

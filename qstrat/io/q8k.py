@@ -88,8 +88,8 @@ def _read_exact(path: Path) -> tuple[bytes, int]:
         raise InputError(f"{path}: cannot read: {err.strerror or err}") from None
 
 
-def read_q8k(path: str | os.PathLike) -> Q8KTensor:
-    """Read and validate a .q8k file; the blocks are memory-mapped, not copied."""
+def read_q8k_shape(path: str | os.PathLike) -> tuple[int, int]:
+    """Validate a .q8k file's header and size; return its (rows, k)."""
     path = Path(path)
     head, size = _read_exact(path)
     if len(head) < Q8K_HEADER.size:
@@ -106,8 +106,42 @@ def read_q8k(path: str | os.PathLike) -> Q8KTensor:
     expected = Q8K_HEADER.size + rows * blocks_per_row * BLOCK_BYTES
     if size != expected:
         raise FormatError(f"{path}: {size} bytes, but a {rows} x {k} Q8K matrix takes {expected}")
+    return rows, k
+
+
+def read_q8k(path: str | os.PathLike) -> Q8KTensor:
+    """Read and validate a .q8k file; the blocks are memory-mapped, not copied."""
+    rows, k = read_q8k_shape(path)
+    blocks_per_row = k // QK_K
     blocks = np.memmap(path, dtype=np.uint8, mode="r", offset=Q8K_HEADER.size, shape=(rows * blocks_per_row, BLOCK_BYTES)) if rows else np.zeros((0, BLOCK_BYTES), np.uint8)
     return Q8KTensor(rows, k, blocks)
+
+
+_COMPARE_CHUNK = 1 << 20
+
+
+def q8k_file_holds(path: str | os.PathLike, blocks: np.ndarray) -> bool:
+    """Whether the .q8k file at ``path`` (header validated) stores exactly ``blocks``.
+
+    The payload is read in small chunks into one buffer and compared chunk by chunk:
+    mapping a file that was just written costs more than reading it.
+    """
+    rows, k = read_q8k_shape(path)
+    if (rows * (k // QK_K), BLOCK_BYTES) != blocks.shape:
+        return False
+    expected = np.ascontiguousarray(blocks).reshape(-1)
+    chunk = np.empty(min(_COMPARE_CHUNK, expected.size), dtype=np.uint8)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            f.seek(Q8K_HEADER.size)
+            for start in range(0, expected.size, chunk.size):
+                wanted = min(chunk.size, expected.size - start)
+                got = f.readinto(memoryview(chunk)[:wanted])
+                if got != wanted or not np.array_equal(chunk[:wanted], expected[start : start + wanted]):
+                    return False
+    except OSError as err:
+        raise InputError(f"{path}: cannot read: {err.strerror or err}") from None
+    return True
 
 
 def check_permutation(perm: np.ndarray, k: int, where: str) -> None:
