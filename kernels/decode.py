@@ -49,6 +49,26 @@ def _to_float32_overload(value):
     return None
 
 
+def finite_to_float32(value):  # pragma: no cover - replaced by the overload inside numba
+    """``to_float32`` for an element known to be finite: float16 skips the infinity/NaN case."""
+    raise NotImplementedError("finite_to_float32 is only callable from numba-compiled code")
+
+
+def _finite_f16_bits_to_float32(value):
+    h = np.uint32(value) & np.uint32(0xFFFF)
+    magnitude = np.uint32((h & np.uint32(0x7FFF)) << np.uint32(13)).view(np.float32) * _F16_REBIAS
+    return np.uint32(np.float32(magnitude).view(np.uint32) | ((h & np.uint32(0x8000)) << np.uint32(16))).view(np.float32)
+
+
+@overload(finite_to_float32, inline="always")
+def _finite_to_float32_overload(value):
+    if value == types.int16:
+        return _finite_f16_bits_to_float32
+    if value in (types.float32, types.uint16):
+        return lambda value: to_float32(value)
+    return None
+
+
 def source_index(perm, index):  # pragma: no cover - replaced by the overload inside numba
     """The source row/column of stored index ``index``: ``perm[index]``, or itself when perm is None."""
     raise NotImplementedError("source_index is only callable from numba-compiled code")

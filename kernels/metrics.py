@@ -8,7 +8,7 @@ or per row by the caller.
 
 import numpy as np
 from numba import njit, prange
-from qstrat.kernels.decode import to_float32
+from qstrat.kernels.decode import finite_to_float32
 from qstrat.kernels.layout import QK_K, U64, block_quant, block_scale
 
 # Columns of a block's measures (float64): weight-error sums, then for each probe vector p
@@ -41,7 +41,7 @@ def accumulate_block_measures(row, start, blocks, b, probes, measures):
     deq2 = 0.0
     worst_bits = np.int64(0)
     for j in range(U64(QK_K)):
-        w = np.float64(to_float32(row[start + j]))
+        w = np.float64(finite_to_float32(row[start + j]))
         q = np.float64(d * np.float32(block_quant(blocks, b, j)))
         e = w - q
         err2 += e * e
@@ -61,7 +61,7 @@ def accumulate_block_measures(row, start, blocks, b, probes, measures):
         quantized = 0.0
         for j in range(U64(QK_K)):
             x = np.float64(probe[start + j])
-            exact += np.float64(to_float32(row[start + j])) * x
+            exact += np.float64(finite_to_float32(row[start + j])) * x
             quantized += np.float64(d * np.float32(block_quant(blocks, b, j))) * x
         measures[b, PROBE_COLUMNS + 2 * p] = exact
         measures[b, PROBE_COLUMNS + 2 * p + 1] = quantized

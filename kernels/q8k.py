@@ -7,7 +7,7 @@ fused multiply-add is allowed (numba does not contract without ``fastmath``).
 
 import numpy as np
 from numba import njit, prange
-from qstrat.kernels.decode import from_order_key, order_key, source_index, to_float32
+from qstrat.kernels.decode import finite_to_float32, from_order_key, order_key, source_index, to_float32
 from qstrat.kernels.layout import (
     BSUM_GROUP,
     BSUMS_OFFSET,
@@ -61,7 +61,7 @@ def _store_quants(row, perm, start, iscale, ties_away, out, b):
     for g in range(U64(QK_K // BSUM_GROUP)):
         group_sum = np.float32(0.0)
         for j in range(U64(BSUM_GROUP)):
-            scaled = iscale * to_float32(row[source_index(perm, start + g * U64(BSUM_GROUP) + j)])
+            scaled = iscale * finite_to_float32(row[source_index(perm, start + g * U64(BSUM_GROUP) + j)])
             rounded = (scaled + _ROUND_MAGIC) - _ROUND_MAGIC  # ties to even
             # Rust's f32::round takes ties away from zero; scaled +- 0.5 is exact here.
             away = scaled + np.copysign(half, scaled)
