@@ -130,14 +130,17 @@ def q8k_file_holds(path: str | os.PathLike, blocks: np.ndarray) -> bool:
     if (rows * (k // QK_K), BLOCK_BYTES) != blocks.shape:
         return False
     expected = np.ascontiguousarray(blocks).reshape(-1)
+    # both buffers are reused for every chunk: fresh temporaries would cost a page fault per page
     chunk = np.empty(min(_COMPARE_CHUNK, expected.size), dtype=np.uint8)
+    differs = np.empty(chunk.size, dtype=bool)
     try:
         with open(path, "rb", buffering=0) as f:
             f.seek(Q8K_HEADER.size)
             for start in range(0, expected.size, chunk.size):
                 wanted = min(chunk.size, expected.size - start)
-                got = f.readinto(memoryview(chunk)[:wanted])
-                if got != wanted or not np.array_equal(chunk[:wanted], expected[start : start + wanted]):
+                if f.readinto(memoryview(chunk)[:wanted]) != wanted:
+                    return False
+                if np.not_equal(chunk[:wanted], expected[start : start + wanted], out=differs[:wanted]).any():
                     return False
     except OSError as err:
         raise InputError(f"{path}: cannot read: {err.strerror or err}") from None
