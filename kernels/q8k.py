@@ -113,7 +113,7 @@ def _quantize_block(row, perm, start, variant, out, b):
     return 0
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)  # nogil: a worker writes files meanwhile
 def quantize_rows_q8k(x, row_perm, col_perm, variant, out, probes=None, measures=None):
     """Quantize every row of ``x`` (rows, k) into ``out`` (rows * k // 256, 292) uint8.
 

@@ -28,7 +28,7 @@ from qstrat.pipelines.journal import (
     run_fingerprint,
 )
 from qstrat.pipelines.plan import GroupJob, Plan, make_plan
-from qstrat.pipelines.worker import quantize_group
+from qstrat.pipelines.worker import quantize_groups
 
 from qstrat._version import __version__
 from qstrat.config import QuantizationConfig
@@ -122,6 +122,29 @@ def write_joint_permutations(output_dir: Path, joint: dict[str, Permutation]) ->
     return WrittenFile(JOINT_PERMUTATIONS_NAME, size, sha256)
 
 
+#: A task carries groups up to this many input bytes (at least one group), so that a worker
+#: writes one group's files while it computes the next, ...
+TASK_BYTES = 256 << 20
+#: ... and at most this many groups, so that progress and the journal advance steadily.
+TASK_GROUPS = 8
+
+
+def task_batches(ordered: list[GroupJob], workers: int) -> list[list[GroupJob]]:
+    """Consecutive groups cut into tasks, with at least two tasks per worker while groups last
+    (so that dynamic dispatch still balances the workers)."""
+    total = sum(job.nbytes for job in ordered)
+    limit = max(1, min(TASK_BYTES, total // max(1, 2 * workers)))
+    batches: list[list[GroupJob]] = []
+    size = 0
+    for job in ordered:
+        if not batches or size + job.nbytes > limit or len(batches[-1]) >= TASK_GROUPS:
+            batches.append([])
+            size = 0
+        batches[-1].append(job)
+        size += job.nbytes
+    return batches
+
+
 def _run_groups(
     jobs: list[GroupJob],
     config: QuantizationConfig,
@@ -134,11 +157,13 @@ def _run_groups(
     ordered = sorted(jobs, key=lambda g: (-g.nbytes, g.members[0].info.name))
     settings = config.validation_settings()
     with execution_backend(config, ordered, out) as (n_jobs, threads):
-        tasks = (delayed(quantize_group)(job, config.variant, settings, out, threads) for job in ordered)
+        batches = task_batches(ordered, n_jobs)
+        tasks = (delayed(quantize_groups)(batch, config.variant, settings, out, threads) for batch in batches)
         parallel = Parallel(n_jobs=n_jobs, return_as="generator")
         try:
-            for job, group_result in zip(ordered, parallel(tasks)):
-                on_done(job, group_result.records, group_result.joint)
+            for batch, results in zip(batches, parallel(tasks)):
+                for job, group_result in zip(batch, results):
+                    on_done(job, group_result.records, group_result.joint)
         except TerminatedWorkerError as err:
             raise WorkerLost(f"a worker process died ({err.__class__.__name__}); rerun the same command to resume") from None
 

@@ -1,4 +1,4 @@
-"""The work of one group in a worker process: map, permute, quantize, measure, write.
+"""The work of groups in a worker process: map, permute, quantize, measure, write.
 
 Workers receive only file paths and offsets (a plan entry), never tensor data: each maps
 the input itself and writes its own output files.  What comes back is small: records,
@@ -8,10 +8,13 @@ and the permutations of tensors that the main process stores permuted (passthrou
 from __future__ import annotations
 
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numba
+import numpy as np
 from qstrat.pipelines.plan import GroupJob
 
 from qstrat.blocks import KERNEL_STORAGE, check_finite
@@ -51,12 +54,20 @@ def _checked(job: GroupJob, name: str, permutation: Permutation | None, shape: t
     return permutation
 
 
-def quantize_group(
-    job: GroupJob, variant: str, validation: ValidationSettings | None, output_dir: Path | None, numba_threads: int
-) -> GroupResult:
-    """Quantize the quantized members of ``job``, write their files (unless ``output_dir`` is
-    None: an in-memory evaluation), return records and joint maps."""
-    numba.set_num_threads(numba_threads)
+@dataclass
+class _QuantizedMember:
+    """A member computed in memory, waiting for its files."""
+
+    stem: str
+    record: TensorRecord  # files filled in by _write_member
+    blocks: np.ndarray
+    runtime_perm: np.ndarray | None
+
+
+def _quantize_members(
+    job: GroupJob, variant: str, validation: ValidationSettings | None
+) -> tuple[list[_QuantizedMember], dict[str, Permutation]]:
+    """The arithmetic of one group: map, permutations, quantize and measure each quantized member."""
     started = time.perf_counter()
     arrays = {m.info.name: map_tensor(m.info).view(KERNEL_STORAGE[m.info.dtype]) for m in job.members}
     if _strategy_reads_values(job):
@@ -69,51 +80,86 @@ def quantize_group(
     quantized = [m for m in job.members if m.quantize]
     shared_seconds = (time.perf_counter() - started) / max(1, len(quantized))
     kind = job.strategy.permutation_kind
-    result = GroupResult([])
-    if kind == "joint":
-        result.joint = {name: p for name, p in permutations.items() if p is not None}
+    stages = validation.stages if validation is not None else ()
+    computed = []
     for member in quantized:
         begin = time.perf_counter()
         info = member.info
         permutation = permutations[info.name]
         row_perm = permutation.perm if permutation is not None and permutation.axis == 0 else None
         col_perm = permutation.perm if permutation is not None and permutation.axis == 1 else None
-        stages = validation.stages if validation is not None else ()
         probes = {stage: probe_vector(stage, info.shape[1]) for stage in ("sum_test", "gradient_test") if stage in stages}
         outcome = quantize_matrix(
             arrays[info.name], variant, row_perm, col_perm, tensor_name=info.name, measure="weight_error" in stages, probes=probes
         )
-        blocks, metrics = outcome.blocks, outcome.metrics
+        metrics = outcome.metrics
         if probes:
             probe_mse = {
-                f"{stage}_mse": matvec_mse(outcome.probe_products[stage], blocks, probe, validation.product, variant)
+                f"{stage}_mse": matvec_mse(outcome.probe_products[stage], outcome.blocks, probe, validation.product, variant)
                 for stage, probe in probes.items()
             }
             metrics = replace(metrics or TensorMetrics.empty(), **probe_mse)
-        rows, k = info.shape
-        files = {}
-        if output_dir is not None:
-            # made durable all at once before the manifest (see qstrat.io.atomic)
-            files["q8k"] = write_q8k(output_dir / f"{member.stem}.q8k", blocks, rows, k, durable=False)
-            runtime_perm = col_perm if kind == "runtime" else None
-            if runtime_perm is not None:
-                files["perm"] = write_perm(output_dir / f"{member.stem}.perm", runtime_perm, durable=False)
-            if "roundtrip" in stages:
-                perm_path = output_dir / files["perm"].path if "perm" in files else None
-                check_roundtrip(output_dir / files["q8k"].path, blocks, perm_path, runtime_perm)
-        result.records.append(
-            TensorRecord(
-                name=info.name,
-                shape=info.shape,
-                dtype=info.dtype,
-                storage="q8k",
-                strategy=job.strategy.name,
-                permutation=kind if permutation is not None else "none",
-                joint_group=job.group_id if kind == "joint" and permutation is not None else None,
-                joint_axis=permutation.axis if kind == "joint" and permutation is not None else None,
-                files=files,
-                metrics=metrics,
-                seconds=time.perf_counter() - begin + shared_seconds,
-            )
+        record = TensorRecord(
+            name=info.name,
+            shape=info.shape,
+            dtype=info.dtype,
+            storage="q8k",
+            strategy=job.strategy.name,
+            permutation=kind if permutation is not None else "none",
+            joint_group=job.group_id if kind == "joint" and permutation is not None else None,
+            joint_axis=permutation.axis if kind == "joint" and permutation is not None else None,
+            files={},
+            metrics=metrics,
+            seconds=time.perf_counter() - begin + shared_seconds,
         )
-    return result
+        computed.append(_QuantizedMember(member.stem, record, outcome.blocks, col_perm if kind == "runtime" else None))
+    joint = {name: p for name, p in permutations.items() if p is not None} if kind == "joint" else {}
+    return computed, joint
+
+
+def _write_member(member: _QuantizedMember, output_dir: Path, roundtrip: bool) -> TensorRecord:
+    """Write one member's files (made durable all at once before the manifest, see qstrat.io.atomic)."""
+    begin = time.perf_counter()
+    rows, k = member.record.shape
+    files = {"q8k": write_q8k(output_dir / f"{member.stem}.q8k", member.blocks, rows, k, durable=False)}
+    if member.runtime_perm is not None:
+        files["perm"] = write_perm(output_dir / f"{member.stem}.perm", member.runtime_perm, durable=False)
+    if roundtrip:
+        perm_path = output_dir / files["perm"].path if "perm" in files else None
+        check_roundtrip(output_dir / files["q8k"].path, member.blocks, perm_path, member.runtime_perm)
+    return replace(member.record, files=files, seconds=member.record.seconds + time.perf_counter() - begin)
+
+
+#: Files of at most this many members are being written while the next ones are computed.
+_WRITES_IN_FLIGHT = 2
+
+
+def quantize_groups(
+    jobs: list[GroupJob], variant: str, validation: ValidationSettings | None, output_dir: Path | None, numba_threads: int
+) -> list[GroupResult]:
+    """Quantize the quantized members of each of ``jobs`` and write their files (unless
+    ``output_dir`` is None: an in-memory evaluation); one result per job, in order.
+
+    A member's files are written on a second thread while the next members are computed
+    (kernels release the GIL), at most ``_WRITES_IN_FLIGHT`` at a time so that memory stays
+    bounded; every write has finished, or failed, before this returns.
+    """
+    numba.set_num_threads(numba_threads)
+    roundtrip = validation is not None and "roundtrip" in validation.stages
+    results: list[tuple[list[TensorRecord | Future], dict[str, Permutation]]] = []
+    with ThreadPoolExecutor(1, thread_name_prefix="qstrat-write") as writer:
+        in_flight: deque[Future] = deque()
+        for job in jobs:
+            computed, joint = _quantize_members(job, variant, validation)
+            records: list[TensorRecord | Future] = []
+            for member in computed:
+                if output_dir is None:
+                    records.append(member.record)
+                    continue
+                while len(in_flight) >= _WRITES_IN_FLIGHT:
+                    in_flight.popleft().result()
+                in_flight.append(writer.submit(_write_member, member, output_dir, roundtrip))
+                records.append(in_flight[-1])
+            results.append((records, joint))
+    return [GroupResult([r.result() if isinstance(r, Future) else r for r in records], joint) for records, joint in results]
+
