@@ -53,7 +53,7 @@ from qstrat.io.safetensors import (
     write_safetensors,
 )
 from qstrat.model import QuantizedModel
-from qstrat.report import write_reports
+from qstrat.report import preload_plotting, write_reports
 from qstrat.results import QuantizationResult, TensorRecord, ThresholdFailure
 from qstrat.strategies import Permutation
 
@@ -242,6 +242,7 @@ def quantize_model(
 
 
 def _quantize_locked(model, plan, config, out, progress, force, thresholds, settings, fingerprint, started, outputs):
+    preload_plotting()
     previous = read_manifest_lenient(out)
     journal = Journal(out, fingerprint)
     earlier = journal.previous_fingerprint() or (previous or {}).get("fingerprint")

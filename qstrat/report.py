@@ -5,8 +5,10 @@ The report holds timings, so unlike the manifest it differs between identical ru
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -105,6 +107,19 @@ def render_markdown(report: Mapping[str, object]) -> str:
     passed = [n for n, t in report["tensors"].items() if t["storage"] != "q8k"]
     lines += ["", f"Passed through unchanged: {len(passed)} tensors (see manifest.json for why each)."]
     return "\n".join(lines) + "\n"
+
+
+def preload_plotting() -> threading.Thread:
+    """Import matplotlib on a background thread (a third of a second), so that the report
+    plot at the end of a run does not wait for it; the kernels release the GIL meanwhile."""
+
+    def load() -> None:
+        with contextlib.suppress(ImportError):
+            import matplotlib.figure  # noqa: F401
+
+    thread = threading.Thread(target=load, name="qstrat-preload-matplotlib", daemon=True)
+    thread.start()
+    return thread
 
 
 def plot_sqnr(series: Mapping[str, Mapping[str, float]], target: Path, title: str) -> WrittenFile | None:
