@@ -12,8 +12,6 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from joblib import parallel_config
-
 from qstrat.config import QuantizationConfig
 from qstrat.errors import ConfigError, InputError
 
@@ -43,9 +41,17 @@ def _paths_visible(paths: list[str], output: str | None) -> str | None:
 
 @contextlib.contextmanager
 def execution_backend(config: QuantizationConfig, jobs, output: Path | None) -> Iterator[tuple[int, int]]:
-    """Yield (joblib n_jobs, numba threads per task) with the configured backend active."""
+    """Yield (joblib n_jobs, numba threads per task) with the configured backend active.
+
+    One local worker is this process itself: joblib is then not even imported.
+    """
     if config.backend == "loky":
         workers = min(config.workers, len(jobs))
+        if workers <= 1:
+            yield 1, numba_threads_per_worker(1)
+            return
+        from joblib import parallel_config
+
         with parallel_config(backend="loky"):
             yield workers, numba_threads_per_worker(workers)
         return
@@ -69,6 +75,8 @@ def execution_backend(config: QuantizationConfig, jobs, output: Path | None) -> 
         threads = client.nthreads()
         cores = client.run(local_cores)
         per_task = min(max(1, cores[w] // max(1, n)) for w, n in threads.items()) if threads else 1
+        from joblib import parallel_config
+
         with parallel_config(backend="dask", client=client, wait_for_workers_timeout=30):
             yield max(1, sum(threads.values())), per_task
     finally:

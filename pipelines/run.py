@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -15,9 +16,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from joblib import Parallel, delayed
-from joblib.externals.loky import get_reusable_executor
-from joblib.externals.loky.process_executor import TerminatedWorkerError
 from qstrat.kernels import BLOCK_BYTES, QK_K
 from qstrat.pipelines.backends import execution_backend
 from qstrat.pipelines.journal import (
@@ -158,6 +156,15 @@ def _run_groups(
     settings = config.validation_settings()
     with execution_backend(config, ordered, out) as (n_jobs, threads):
         batches = task_batches(ordered, n_jobs)
+        if n_jobs == 1 and config.backend == "loky":
+            outcomes = (quantize_groups(batch, config.variant, settings, out, threads) for batch in batches)
+            for batch, results in zip(batches, outcomes):
+                for job, group_result in zip(batch, results):
+                    on_done(job, group_result.records, group_result.joint)
+            return
+        from joblib import Parallel, delayed
+        from joblib.externals.loky.process_executor import TerminatedWorkerError
+
         tasks = (delayed(quantize_groups)(batch, config.variant, settings, out, threads) for batch in batches)
         parallel = Parallel(n_jobs=n_jobs, return_as="generator")
         try:
@@ -286,7 +293,10 @@ def _quantize_locked(model, plan, config, out, progress, force, thresholds, sett
         _run_groups(pending, config, out, done)
     except KeyboardInterrupt:
         # Stop every worker before removing temporaries, so none is written after the cleanup.
-        get_reusable_executor().shutdown(wait=True, kill_workers=True)
+        if "joblib" in sys.modules:  # local workers exist only if joblib ran them
+            from joblib.externals.loky import get_reusable_executor
+
+            get_reusable_executor().shutdown(wait=True, kill_workers=True)
         remove_stale_temporaries(out)
         raise
     finally:
