@@ -162,4 +162,3 @@ def quantize_groups(
                 records.append(in_flight[-1])
             results.append((records, joint))
     return [GroupResult([r.result() if isinstance(r, Future) else r for r in records], joint) for records, joint in results]
-

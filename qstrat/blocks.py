@@ -63,6 +63,7 @@ def as_gather_map(perm: np.ndarray | None) -> np.ndarray | None:
 
 
 def check_rows_shape(rows: np.ndarray, tensor_name: str) -> None:
+    """Raise InputError unless ``rows`` is 2-D with rows a multiple of 256 long."""
     if rows.ndim != 2 or rows.shape[1] % QK_K != 0:
         raise InputError(
             f"tensor {tensor_name!r} has shape {rows.shape}; Q8K needs 2-D data whose rows are a "
