@@ -263,3 +263,14 @@ def test_progress_bar_on_a_terminal(tmp_path):
     assert result.returncode == 0, result.stdout
     assert "tiny-llama" in result.stdout and "tensors" in result.stdout and "MB" in result.stdout
     assert "q8k   model.layers" not in result.stdout  # the bar replaces the per-tensor lines
+
+
+def test_commands_quiet_openmp_threads_unless_the_user_chose(monkeypatch):
+    from qstrat.cli import quiet_openmp_threads
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    quiet_openmp_threads()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    quiet_openmp_threads()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
