@@ -178,6 +178,9 @@ def test_kill_9_then_rerun_is_identical_and_lock_is_exclusive(tmp_path):
         deadline = time.time() + 120
         while _journal_lines(out) < kill_after and process.poll() is None and time.time() < deadline:
             time.sleep(0.01)
+        # frozen at this point (it keeps its lock), so that it cannot finish while we look
+        os.killpg(process.pid, signal.SIGSTOP)
+        assert process.poll() is None, f"the run ended before {kill_after} groups were journaled"
         if kill_after == 40:
             # a second run on the same output fails at once, naming the holder
             second = run_cli("qstrat", "run", str(config), "-o", str(out), "-q")
@@ -193,7 +196,7 @@ def test_kill_9_then_rerun_is_identical_and_lock_is_exclusive(tmp_path):
 
 
 def test_sigterm_stops_cleanly(tmp_path):
-    model = _many_tensor_model(tmp_path / "big", count=60)
+    model = _many_tensor_model(tmp_path / "big")
     config = tmp_path / "c.yaml"
     config.write_text(f"input: {model}\noutput: unused\nparallel: {{workers: 2}}\n")
     out = tmp_path / "o"
