@@ -1,7 +1,7 @@
 """qstrat's performance table: every figure a ratio measured side by side in this run.
 
     python benchmarks/bench.py              # kernels, 2 GB end-to-end runs, 1 GB / 4 GB memory runs (~10 min)
-    python benchmarks/bench.py --quick      # smaller arrays and models (~2 min)
+    python benchmarks/bench.py --quick      # smaller arrays and models (~1 min)
 
 Absolute GB/s are for information only (shared machines are noisy); read the ratios.
 """
