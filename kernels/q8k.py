@@ -170,6 +170,8 @@ def first_nonfinite_index(x):
     """Flat row-major index of the first NaN or infinity in ``x`` (rows, k), or -1."""
     rows, k = x.shape
     first_in_row = np.full(rows, -1, dtype=np.int64)
+    if k == 0:
+        return -1
     for r in prange(rows):
         row = x[r]
         # NaN and infinity lie beyond every finite value in key order: a vectorised min/max

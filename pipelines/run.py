@@ -165,7 +165,7 @@ def _run_groups(
         from joblib import Parallel, delayed
         from joblib.externals.loky.process_executor import TerminatedWorkerError
 
-        tasks = (delayed(quantize_groups)(batch, config.variant, settings, out, threads) for batch in batches)
+        tasks = (delayed(quantize_groups)(batch, config.variant, settings, out, threads, config.backend == "dask") for batch in batches)
         parallel = Parallel(n_jobs=n_jobs, return_as="generator")
         try:
             for batch, results in zip(batches, parallel(tasks)):

@@ -117,13 +117,14 @@ def _quantize_members(
     return computed, joint
 
 
-def _write_member(member: _QuantizedMember, output_dir: Path, roundtrip: bool) -> TensorRecord:
-    """Write one member's files (made durable all at once before the manifest, see qstrat.io.atomic)."""
+def _write_member(member: _QuantizedMember, output_dir: Path, roundtrip: bool, durable: bool) -> TensorRecord:
+    """Write one member's files; unless ``durable``, the run makes them durable all at once before
+    its manifest (see qstrat.io.atomic)."""
     begin = time.perf_counter()
     rows, k = member.record.shape
-    files = {"q8k": write_q8k(output_dir / f"{member.stem}.q8k", member.blocks, rows, k, durable=False)}
+    files = {"q8k": write_q8k(output_dir / f"{member.stem}.q8k", member.blocks, rows, k, durable=durable)}
     if member.runtime_perm is not None:
-        files["perm"] = write_perm(output_dir / f"{member.stem}.perm", member.runtime_perm, durable=False)
+        files["perm"] = write_perm(output_dir / f"{member.stem}.perm", member.runtime_perm, durable=durable)
     if roundtrip:
         perm_path = output_dir / files["perm"].path if "perm" in files else None
         check_roundtrip(output_dir / files["q8k"].path, member.blocks, perm_path, member.runtime_perm)
@@ -135,14 +136,20 @@ _WRITES_IN_FLIGHT = 2
 
 
 def quantize_groups(
-    jobs: list[GroupJob], variant: str, validation: ValidationSettings | None, output_dir: Path | None, numba_threads: int
+    jobs: list[GroupJob],
+    variant: str,
+    validation: ValidationSettings | None,
+    output_dir: Path | None,
+    numba_threads: int,
+    durable: bool = False,
 ) -> list[GroupResult]:
     """Quantize the quantized members of each of ``jobs`` and write their files (unless
     ``output_dir`` is None: an in-memory evaluation); one result per job, in order.
 
     A member's files are written on a second thread while the next members are computed
     (kernels release the GIL), at most ``_WRITES_IN_FLIGHT`` at a time so that memory stays
-    bounded; every write has finished, or failed, before this returns.
+    bounded; every write has finished, or failed, before this returns.  ``durable`` fsyncs each
+    file here: for workers on other hosts, whose writes the main process cannot flush.
     """
     numba.set_num_threads(numba_threads)
     roundtrip = validation is not None and "roundtrip" in validation.stages
@@ -152,13 +159,16 @@ def quantize_groups(
         for job in jobs:
             computed, joint = _quantize_members(job, variant, validation)
             records: list[TensorRecord | Future] = []
-            for member in computed:
+            while computed:
+                # handed over one by one, so that only the writer keeps a member's blocks alive
+                member = computed.pop(0)
                 if output_dir is None:
                     records.append(member.record)
                     continue
                 while len(in_flight) >= _WRITES_IN_FLIGHT:
                     in_flight.popleft().result()
-                in_flight.append(writer.submit(_write_member, member, output_dir, roundtrip))
+                in_flight.append(writer.submit(_write_member, member, output_dir, roundtrip, durable))
                 records.append(in_flight[-1])
+            member = None  # the last one too: only the writer holds it now
             results.append((records, joint))
     return [GroupResult([r.result() if isinstance(r, Future) else r for r in records], joint) for records, joint in results]

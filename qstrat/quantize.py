@@ -80,6 +80,7 @@ class QuantizedMatrix:
     metrics: TensorMetrics | None  # weight error (None when not measured)
     #: probe name -> (rows, 2) float64: per stored row, W'.p and W^.p (exact dequantized weights)
     probe_products: dict[str, np.ndarray]
+    error_squares: float | None = None  # sum (w - w^)^2, exact as summed (when measured)
 
 
 def quantize_matrix(
@@ -115,12 +116,12 @@ def quantize_matrix(
     per_row = block_products.reshape(storage.shape[0], storage.shape[1] // QK_K, block_products.shape[1]).sum(axis=1)
     products = {name: per_row[:, 2 * i : 2 * i + 2] for i, name in enumerate(probes)}
     metrics = TensorMetrics.from_block_measures(measures, storage.size) if measure else None
-    return QuantizedMatrix(blocks, metrics, products)
+    error_squares = float(measures[:, ERROR_SQUARES].sum()) if measure else None
+    return QuantizedMatrix(blocks, metrics, products, error_squares)
 
 
 def squared_error(
     storage: np.ndarray, variant: str, row_perm: np.ndarray | None = None, col_perm: np.ndarray | None = None
 ) -> float:
     """Total squared Q8K error of ``storage`` under the given permutations (for choosing orders)."""
-    metrics = quantize_matrix(storage, variant, row_perm, col_perm).metrics
-    return float(metrics.mse * storage.size)
+    return quantize_matrix(storage, variant, row_perm, col_perm).error_squares
