@@ -158,20 +158,20 @@ def _run_groups(
         batches = task_batches(ordered, n_jobs)
         if n_jobs == 1 and config.backend == "loky":
             outcomes = (quantize_groups(batch, config.variant, settings, out, threads) for batch in batches)
+            worker_lost: tuple[type[BaseException], ...] = ()  # no worker process to lose
+        else:
+            from joblib import Parallel, delayed
+            from joblib.externals.loky.process_executor import TerminatedWorkerError
+
+            durable = config.backend == "dask"
+            tasks = (delayed(quantize_groups)(batch, config.variant, settings, out, threads, durable) for batch in batches)
+            outcomes = Parallel(n_jobs=n_jobs, return_as="generator")(tasks)
+            worker_lost = (TerminatedWorkerError,)
+        try:
             for batch, results in zip(batches, outcomes):
                 for job, group_result in zip(batch, results):
                     on_done(job, group_result.records, group_result.joint)
-            return
-        from joblib import Parallel, delayed
-        from joblib.externals.loky.process_executor import TerminatedWorkerError
-
-        tasks = (delayed(quantize_groups)(batch, config.variant, settings, out, threads, config.backend == "dask") for batch in batches)
-        parallel = Parallel(n_jobs=n_jobs, return_as="generator")
-        try:
-            for batch, results in zip(batches, parallel(tasks)):
-                for job, group_result in zip(batch, results):
-                    on_done(job, group_result.records, group_result.joint)
-        except TerminatedWorkerError as err:
+        except worker_lost as err:
             raise WorkerLost(f"a worker process died ({err.__class__.__name__}); rerun the same command to resume") from None
 
 
