@@ -33,13 +33,13 @@ _ROUND_MAGIC = np.float32(12582912.0)
 
 
 @njit(cache=True)
-def _block_extremes(row, perm, start):
-    """The smallest and largest value of the block row[source_index(perm, start + j)], j < 256."""
-    first = row[source_index(perm, start)]
+def _block_extremes(row, start):
+    """The smallest and largest value of the block row[start:start + 256]."""
+    first = row[start]
     key_max = order_key(first)
     key_min = key_max
     for j in range(U64(QK_K)):
-        key = order_key(row[source_index(perm, start + j)])
+        key = order_key(row[start + j])
         key_max = max(key_max, key)
         key_min = min(key_min, key)
     return from_order_key(key_min, first), from_order_key(key_max, first)
@@ -53,7 +53,7 @@ def _add_small_integers(total, value):
 
 
 @njit(cache=True)
-def _store_quants(row, perm, start, iscale, ties_away, out, b):
+def _store_quants(row, start, iscale, ties_away, out, b):
     half = np.float32(0.5)
     # One loop body serves every variant (a branch here gets the loop unswitched into a
     # copy that LLVM vectorises badly): |x - rint(x)| is never -1, so ties never go away.
@@ -61,7 +61,7 @@ def _store_quants(row, perm, start, iscale, ties_away, out, b):
     for g in range(U64(QK_K // BSUM_GROUP)):
         group_sum = np.float32(0.0)
         for j in range(U64(BSUM_GROUP)):
-            scaled = iscale * finite_to_float32(row[source_index(perm, start + g * U64(BSUM_GROUP) + j)])
+            scaled = iscale * finite_to_float32(row[start + g * U64(BSUM_GROUP) + j])
             rounded = (scaled + _ROUND_MAGIC) - _ROUND_MAGIC  # ties to even
             # Rust's f32::round takes ties away from zero; scaled +- 0.5 is exact here.
             away = scaled + np.copysign(half, scaled)
@@ -77,9 +77,10 @@ def _store_quants(row, perm, start, iscale, ties_away, out, b):
 
 
 @njit(cache=True)
-def _quantize_block(row, perm, start, variant, out, b):
-    """Quantize one block into out[b]; return 1 if it holds a NaN or infinity (out[b] is then zeros)."""
-    low, high = _block_extremes(row, perm, start)
+def _quantize_block(row, start, variant, out, b):
+    """Quantize row[start:start + 256] into out[b]; return 1 if it holds a NaN or infinity (out[b]
+    is then zeros).  ``row`` is contiguous: a permuted row is gathered before."""
+    low, high = _block_extremes(row, start)
     if not (np.isfinite(low) and np.isfinite(high)):
         out[b, :] = 0
         return 1
@@ -94,7 +95,7 @@ def _quantize_block(row, perm, start, variant, out, b):
     else:  # both +m and -m occur: rare, so a scalar search is fine
         extreme = high
         for j in range(U64(QK_K)):
-            value = to_float32(row[source_index(perm, start + j)])
+            value = to_float32(row[start + j])
             if abs(value) == high:
                 extreme = value
                 break
@@ -106,7 +107,7 @@ def _quantize_block(row, perm, start, variant, out, b):
         # |max| below ~3.7e-37: no meaningful quants exist; the block dequantizes to zeros.
         out[b, :] = 0
         return 0
-    _store_quants(row, perm, start, iscale, variant != VARIANT_GGML, out, b)
+    _store_quants(row, start, iscale, variant != VARIANT_GGML, out, b)
     d = np.float32(np.float32(1.0) / iscale).view(np.uint32)
     for i in range(U64(4)):
         out[b, U64(D_OFFSET) + i] = np.uint8((d >> np.uint32(8 * i)) & np.uint32(0xFF))
@@ -136,7 +137,7 @@ def quantize_rows_q8k(x, row_perm, col_perm, variant, out, probes=None, measures
             r = b // blocks_per_row
             row = x[source_index(row_perm, r)]
             start = U64((b - r * blocks_per_row) * QK_K)
-            non_finite += _quantize_block(row, None, start, variant, out, U64(b))
+            non_finite += _quantize_block(row, start, variant, out, U64(b))
             if measures is not None:
                 accumulate_block_measures(row, start, out, U64(b), probes, measures)
     else:
@@ -150,7 +151,7 @@ def quantize_rows_q8k(x, row_perm, col_perm, variant, out, probes=None, measures
             for i in range(blocks_per_row):
                 b = U64(r * blocks_per_row + i)
                 start = U64(i * QK_K)
-                non_finite += _quantize_block(gathered, None, start, variant, out, b)
+                non_finite += _quantize_block(gathered, start, variant, out, b)
                 if measures is not None:
                     accumulate_block_measures(gathered, start, out, b, probes, measures)
     return non_finite
