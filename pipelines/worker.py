@@ -1,7 +1,7 @@
 """The work of groups in a worker process: map, permute, quantize, measure, write.
 
-Workers receive only file paths and offsets (a plan entry), never tensor data: each maps
-the input itself and writes its own output files.  What comes back is small: records,
+Workers receive only file paths and offsets (a plan entry), never tensor data: each reads
+the input itself, into buffers it reuses from group to group, and writes its own output files.  What comes back is small: records,
 and the permutations of tensors that the main process stores permuted (passthrough).
 """
 
@@ -20,7 +20,7 @@ from qstrat.pipelines.plan import GroupJob
 from qstrat.blocks import KERNEL_STORAGE, check_finite
 from qstrat.errors import QstratError
 from qstrat.io.q8k import check_permutation, write_perm, write_q8k
-from qstrat.io.safetensors import map_tensor
+from qstrat.io.safetensors import read_tensor
 from qstrat.quantize import TensorMetrics, quantize_matrix
 from qstrat.results import TensorRecord
 from qstrat.strategies import Permutation
@@ -64,12 +64,26 @@ class _QuantizedMember:
     runtime_perm: np.ndarray | None
 
 
+def _read_members(job: GroupJob, buffers: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """The members the group's work reads, in kernel storage, each read into ``buffers[i]``
+    (grown as needed; the caller keeps them for the next group)."""
+    needed = [m for m in job.members if m.quantize or _strategy_reads_values(job)]
+    arrays = {}
+    for i, member in enumerate(needed):
+        if i == len(buffers):
+            buffers.append(np.empty(0, dtype=np.uint8))
+        if buffers[i].nbytes < member.info.nbytes:
+            buffers[i] = np.empty(member.info.nbytes, dtype=np.uint8)
+        arrays[member.info.name] = read_tensor(member.info, buffers[i]).view(KERNEL_STORAGE[member.info.dtype])
+    return arrays
+
+
 def _quantize_members(
-    job: GroupJob, variant: str, validation: ValidationSettings | None
+    job: GroupJob, variant: str, validation: ValidationSettings | None, buffers: list[np.ndarray]
 ) -> tuple[list[_QuantizedMember], dict[str, Permutation]]:
-    """The arithmetic of one group: map, permutations, quantize and measure each quantized member."""
+    """The arithmetic of one group: read, permutations, quantize and measure each quantized member."""
     started = time.perf_counter()
-    arrays = {m.info.name: map_tensor(m.info).view(KERNEL_STORAGE[m.info.dtype]) for m in job.members}
+    arrays = _read_members(job, buffers)
     if _strategy_reads_values(job):
         # strategies must see finite values; without one, the quantize kernel refuses them itself
         for member in job.members:
@@ -153,11 +167,12 @@ def quantize_groups(
     """
     numba.set_num_threads(numba_threads)
     roundtrip = validation is not None and "roundtrip" in validation.stages
+    buffers: list[np.ndarray] = []  # the input of the group at hand; reused by the next
     results: list[tuple[list[TensorRecord | Future], dict[str, Permutation]]] = []
     with ThreadPoolExecutor(1, thread_name_prefix="qstrat-write") as writer:
         in_flight: deque[Future] = deque()
         for job in jobs:
-            computed, joint = _quantize_members(job, variant, validation)
+            computed, joint = _quantize_members(job, variant, validation, buffers)
             records: list[TensorRecord | Future] = []
             while computed:
                 # handed over one by one, so that only the writer keeps a member's blocks alive

@@ -12,6 +12,7 @@ from qstrat.io.safetensors import (
     SafetensorsFile,
     SafetensorsModel,
     map_tensor,
+    read_tensor,
     to_float32,
     write_safetensors,
 )
@@ -26,6 +27,20 @@ def test_reads_files_written_by_the_safetensors_package(tmp_path):
     assert file.metadata == {"format": "np"}
     for name, value in tensors.items():
         assert np.array_equal(map_tensor(file.tensors[name]), value)
+
+
+def test_read_into_a_reused_buffer_and_a_file_truncated_meanwhile(tmp_path):
+    tensors = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones((2, 2), np.float16)}
+    save_file(tensors, tmp_path / "m.safetensors")
+    file = SafetensorsFile(tmp_path / "m.safetensors")
+    buffer = np.empty(64, dtype=np.uint8)
+    for name, value in tensors.items():
+        read = read_tensor(file.tensors[name], buffer)
+        assert read.dtype == value.dtype and np.array_equal(read, value)
+    with open(tmp_path / "m.safetensors", "r+b") as f:  # cut inside "b", the last tensor
+        f.truncate(file.tensors["b"].offset + 3)
+    with pytest.raises(InputError, match=r"m\.safetensors.*ends inside tensor 'b'"):
+        read_tensor(file.tensors["b"], buffer)
 
 
 def test_written_files_are_read_by_the_safetensors_package(tmp_path):

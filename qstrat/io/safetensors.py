@@ -7,7 +7,8 @@ it, and the tensors tile it without holes or overlaps.  Everything is little-end
 
 numpy has no bfloat16, and the ``safetensors`` package cannot hand bf16 to numpy, so
 this module maps files itself; tensors come back as memory-mapped arrays (bf16 as its
-raw ``uint16`` bits), read lazily one at a time.
+raw ``uint16`` bits), read lazily one at a time, or are read into a caller's buffer
+(``read_tensor``) when every value is about to be used once.
 """
 
 from __future__ import annotations
@@ -187,6 +188,29 @@ def map_tensor(info: TensorInfo) -> np.ndarray:
         raise InputError(f"{info.path}: cannot map tensor {info.name!r}: {err}") from None
     buffer = np.frombuffer(mapped, dtype=np.uint8, count=info.nbytes, offset=info.offset - page_start)
     return buffer.view(dtype).reshape(info.shape)
+
+
+def read_tensor(info: TensorInfo, buffer: np.ndarray) -> np.ndarray:
+    """The tensor read into ``buffer`` (a contiguous uint8 array of at least ``info.nbytes``), as
+    ``map_tensor`` would show it.
+
+    For a pass that reads every value once, ``read()`` into a reused buffer costs a fraction of
+    first touches of a fresh mapping (each faults its pages in) and of unmapping it after.
+    """
+    if buffer.nbytes < info.nbytes or buffer.dtype != np.uint8 or not buffer.flags.c_contiguous:
+        raise ValueError("read_tensor needs a contiguous uint8 buffer of at least the tensor's size")
+    target = memoryview(buffer[: info.nbytes])
+    done = 0
+    try:
+        with open(info.path, "rb", buffering=0) as f:
+            while done < info.nbytes:
+                count = os.preadv(f.fileno(), [target[done:]], info.offset + done)
+                if count == 0:
+                    raise InputError(f"{info.path}: the file ends inside tensor {info.name!r} (was it truncated?)")
+                done += count
+    except OSError as err:
+        raise InputError(f"{info.path}: cannot read tensor {info.name!r}: {err.strerror or err}") from None
+    return buffer[: info.nbytes].view(DTYPES[info.dtype]).reshape(info.shape)
 
 
 def to_float32(info: TensorInfo, array: np.ndarray) -> np.ndarray:
