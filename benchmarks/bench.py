@@ -101,7 +101,7 @@ def kernels(values: int) -> None:
     row("quantize with fused column gather", timed(lambda: quantize_rows_q8k(x, None, perm, 0, out)), f32_time, x.nbytes,
         "quantize without permutation")
     probes = np.ones((2, k), np.float32)
-    measures = np.empty((out.shape[0], measure_columns(2)))
+    measures = np.zeros((x.shape[0], measure_columns(2)))
     row("quantize + weight error + 2 probe products (one pass)",
         timed(lambda: quantize_rows_q8k(x, None, None, 0, out, probes, measures)), f32_time, x.nbytes, "quantize alone")
 

@@ -114,6 +114,21 @@ def _quantize_block(row, start, variant, out, b):
     return 0
 
 
+@njit(cache=True)
+def _quantize_row(row, r, variant, out, probes, measures):
+    """Quantize one contiguous row into its blocks of ``out``; measure them unless ``measures``
+    is None.  Returns the number of non-finite blocks."""
+    blocks_per_row = row.shape[0] // QK_K
+    non_finite = 0
+    for i in range(blocks_per_row):
+        b = U64(r * blocks_per_row + i)
+        start = U64(i * QK_K)
+        non_finite += _quantize_block(row, start, variant, out, b)
+        if measures is not None:
+            accumulate_block_measures(row, start, out, b, probes, measures[r])
+    return non_finite
+
+
 @njit(parallel=True, cache=True, nogil=True)  # nogil: a worker writes files meanwhile
 def quantize_rows_q8k(x, row_perm, col_perm, variant, out, probes=None, measures=None):
     """Quantize every row of ``x`` (rows, k) into ``out`` (rows * k // 256, 292) uint8.
@@ -123,8 +138,8 @@ def quantize_rows_q8k(x, row_perm, col_perm, variant, out, probes=None, measures
     stored element (i, j) is x[row_perm[i], col_perm[j]] (no permuted or float32 copy of
     ``x`` is made).  Blocks never cross rows and come out in row-major order.
 
-    With ``measures`` (n_blocks, ``measure_columns(len(probes))``) float64, each block's
-    error measures against its source values are computed in the same pass (see
+    With ``measures`` (rows, ``measure_columns(len(probes))``) float64, zeroed, each stored
+    row's error measures against its source values are computed in the same pass (see
     ``metrics.py``); ``probes`` (n_probes, k) float32 are vectors in stored column order.
 
     Returns the number of blocks holding a NaN or infinity (zeroed; the caller refuses them).
@@ -132,14 +147,15 @@ def quantize_rows_q8k(x, row_perm, col_perm, variant, out, probes=None, measures
     rows, k = x.shape
     blocks_per_row = k // QK_K
     non_finite = 0
-    if col_perm is None:
+    if col_perm is None and measures is None:
+        # block by block: parallel even for a tensor of a few long rows
         for b in prange(rows * blocks_per_row):
             r = b // blocks_per_row
             row = x[source_index(row_perm, r)]
-            start = U64((b - r * blocks_per_row) * QK_K)
-            non_finite += _quantize_block(row, start, variant, out, U64(b))
-            if measures is not None:
-                accumulate_block_measures(row, start, out, U64(b), probes, measures)
+            non_finite += _quantize_block(row, U64((b - r * blocks_per_row) * QK_K), variant, out, U64(b))
+    elif col_perm is None:
+        for r in prange(rows):  # row by row: each row's measures are summed by one thread
+            non_finite += _quantize_row(x[source_index(row_perm, r)], r, variant, out, probes, measures)
     else:
         # Gathering a row once into a small contiguous buffer (it stays in cache) costs less
         # than gathering every element twice inside the block passes.
@@ -148,12 +164,7 @@ def quantize_rows_q8k(x, row_perm, col_perm, variant, out, probes=None, measures
             gathered = np.empty(k, dtype=x.dtype)
             for j in range(U64(k)):
                 gathered[j] = row[col_perm[j]]
-            for i in range(blocks_per_row):
-                b = U64(r * blocks_per_row + i)
-                start = U64(i * QK_K)
-                non_finite += _quantize_block(gathered, start, variant, out, b)
-                if measures is not None:
-                    accumulate_block_measures(gathered, start, out, b, probes, measures)
+            non_finite += _quantize_row(gathered, r, variant, out, probes, measures)
     return non_finite
 
 

@@ -12,9 +12,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from qstrat.blocks import as_gather_map, check_rows_shape, empty_blocks, refuse_non_finite, variant_code
-from qstrat.kernels import QK_K, measure_columns, quantize_rows_q8k
+from qstrat.kernels import measure_columns, quantize_rows_q8k
 from qstrat.kernels.metrics import (
-    CROSS,
     DEQUANTIZED_SQUARES,
     ERROR_SQUARES,
     MAX_ABS_ERROR,
@@ -36,21 +35,24 @@ class TensorMetrics:
     gradient_test_mse: float | None = None  # Method 2
 
     @classmethod
-    def from_block_measures(cls, measures: np.ndarray, numel: int) -> TensorMetrics:
-        """Metrics from the per-block measures of the quantize kernel (see kernels/metrics.py)."""
-        err2, ref2, deq2, cross = (
-            float(measures[:, i].sum()) for i in (ERROR_SQUARES, REFERENCE_SQUARES, DEQUANTIZED_SQUARES, CROSS)
-        )
+    def from_row_measures(cls, measures: np.ndarray, numel: int) -> TensorMetrics:
+        """Metrics from the per-row measures of the quantize kernel (see kernels/metrics.py)."""
+        err2, ref2, deq2 = (float(measures[:, i].sum()) for i in (ERROR_SQUARES, REFERENCE_SQUARES, DEQUANTIZED_SQUARES))
         worst = float(measures[:, MAX_ABS_ERROR].max()) if len(measures) else 0.0
-        norm_ref, norm_err = math.sqrt(ref2), math.sqrt(err2)
+        norm_ref, norm_err, norm_deq = math.sqrt(ref2), math.sqrt(err2), math.sqrt(deq2)
         if norm_err == 0.0:
             sqnr = math.inf
         elif norm_ref == 0.0:
             sqnr = -math.inf
         else:
             sqnr = 20.0 * math.log10(norm_ref / norm_err)
-        denominator = math.sqrt(ref2 * deq2)
-        cosine = cross / denominator if denominator else (1.0 if err2 == 0.0 else 0.0)
+        # From |w - w^|^2 = |w|^2 + |w^|^2 - 2 w.w^: 1 - cos = (|w - w^|^2 - (|w| - |w^|)^2) / (2 |w| |w^|),
+        # which keeps the digits that w.w^ / (|w| |w^|) computed directly would lose near 1.
+        if norm_ref and norm_deq:
+            cosine = 1.0 - (err2 - (norm_ref - norm_deq) ** 2) / (2.0 * norm_ref * norm_deq)
+            cosine = min(1.0, max(-1.0, cosine))
+        else:
+            cosine = 1.0 if err2 == 0.0 else 0.0
         return cls(
             mse=err2 / numel if numel else 0.0,
             relative_error=norm_err / norm_ref if norm_ref else (0.0 if err2 == 0.0 else math.inf),
@@ -78,7 +80,7 @@ class QuantizedMatrix:
 
     blocks: np.ndarray
     metrics: TensorMetrics | None  # weight error (None when not measured)
-    #: probe name -> (rows, 2) float64: per stored row, W'.p and W^.p (exact dequantized weights)
+    #: probe name -> (rows, 2) float64: per stored row, W'.p and W'.p - W^.p (exact dequantized weights)
     probe_products: dict[str, np.ndarray]
     error_squares: float | None = None  # sum (w - w^)^2, exact as summed (when measured)
 
@@ -109,13 +111,10 @@ def quantize_matrix(
         refuse_non_finite(quantize_rows_q8k(storage, rows_g, cols_g, code, blocks), storage, tensor_name)
         return QuantizedMatrix(blocks, None, {})
     vectors = np.ascontiguousarray(np.array(list(probes.values()), dtype=np.float32).reshape(len(probes), storage.shape[1]))
-    measures = np.empty((len(blocks), measure_columns(len(probes))), dtype=np.float64)
+    measures = np.zeros((storage.shape[0], measure_columns(len(probes))), dtype=np.float64)
     refuse_non_finite(quantize_rows_q8k(storage, rows_g, cols_g, code, blocks, vectors, measures), storage, tensor_name)
-    # per stored row: a contiguous copy first, since summing a strided column view is slow
-    block_products = np.ascontiguousarray(measures[:, PROBE_COLUMNS:])
-    per_row = block_products.reshape(storage.shape[0], storage.shape[1] // QK_K, block_products.shape[1]).sum(axis=1)
-    products = {name: per_row[:, 2 * i : 2 * i + 2] for i, name in enumerate(probes)}
-    metrics = TensorMetrics.from_block_measures(measures, storage.size) if measure else None
+    products = {name: measures[:, PROBE_COLUMNS + 2 * i : PROBE_COLUMNS + 2 * i + 2] for i, name in enumerate(probes)}
+    metrics = TensorMetrics.from_row_measures(measures, storage.size) if measure else None
     error_squares = float(measures[:, ERROR_SQUARES].sum()) if measure else None
     return QuantizedMatrix(blocks, metrics, products, error_squares)
 

@@ -42,16 +42,20 @@ def probe_vector(stage: str, k: int) -> np.ndarray:
 def matvec_mse(products: np.ndarray, blocks: np.ndarray, probe: np.ndarray, product: str, variant: str) -> float:
     """MSE over rows between W'x (float) and the quantized product, computed as ``product`` says.
 
-    ``products`` (rows, 2) holds W'x and W^x per stored row, as the quantize kernel measured
-    them (``QuantizedMatrix.probe_products``); ``candle`` replaces W^x by Candle's Q8K x Q8K dots.
+    ``products`` (rows, 2) holds W'x and W'x - W^x per stored row, as the quantize kernel
+    measured them (``QuantizedMatrix.probe_products``); ``candle`` compares W'x with Candle's
+    Q8K x Q8K dots instead.
     """
-    exact, quantized = products[:, 0], products[:, 1]
+    if not len(products):
+        return 0.0
     if product == "candle":
         probe_blocks = quantize_rows(probe[None, :], variant)
         dots = np.zeros(len(products), dtype=np.float32)
         q8k_q8k_row_dots(blocks, probe_blocks, dots)
-        quantized = dots.astype(np.float64)
-    return float(np.mean((exact - quantized) ** 2)) if len(products) else 0.0
+        errors = products[:, 0] - dots.astype(np.float64)
+    else:
+        errors = products[:, 1]
+    return float(np.mean(errors**2))
 
 
 def check_roundtrip(q8k_path: Path, blocks: np.ndarray, perm_path: Path | None, perm: np.ndarray | None) -> None:

@@ -57,11 +57,31 @@ def test_probe_vectors_and_products():
     probe = probe_vector("gradient_test", 512)
     deq = qstrat.dequantize_blocks(blocks).reshape(8, 512).astype(np.float64)
     expected = np.mean((x.astype(np.float64) @ probe - deq @ probe) ** 2)
-    assert _probe_mse(x, probe, "exact", "candle") == pytest.approx(expected, rel=1e-9)
+    # float32 sums within a block, float64 across (kernels/metrics.py)
+    assert _probe_mse(x, probe, "exact", "candle") == pytest.approx(expected, rel=1e-6)
     # Candle's way: the probe is quantized too, so the error includes the probe's rounding
     probe_deq = qstrat.dequantize_blocks(qstrat.quantize_blocks(probe[None, :])).reshape(-1).astype(np.float64)
     candle_expected = np.mean((x.astype(np.float64) @ probe - deq @ probe_deq) ** 2)
     assert _probe_mse(x, probe, "candle", "candle") == pytest.approx(candle_expected, rel=1e-3)
+
+
+@pytest.mark.parametrize("magnitude", [1.0, 3.0e38, 1e-30, 1e-40], ids=["normal", "near-max", "tiny", "below-scale"])
+def test_measures_match_float64_at_any_magnitude(magnitude):
+    # float32 block sums must neither overflow (3e38 squared) nor underflow (1e-40 blocks are stored
+    # as zeros, so their whole value is error): every measure against a float64 computation
+    x = (np.random.default_rng(6).uniform(-1, 1, size=(6, 512)) * magnitude).astype(np.float32)
+    probe = probe_vector("gradient_test", 512)
+    q = quantize_matrix(x, "candle", probes={"p": probe})
+    w = x.astype(np.float64)
+    deq = qstrat.dequantize_blocks(q.blocks).reshape(x.shape).astype(np.float64)
+    m = q.metrics
+    assert m.mse == pytest.approx(np.mean((w - deq) ** 2), rel=1e-5)
+    assert m.max_abs_error == pytest.approx(np.abs(w - deq).max(), rel=1e-6)
+    assert m.relative_error == pytest.approx(np.linalg.norm(w - deq) / np.linalg.norm(w), rel=1e-5)
+    cosine = (w * deq).sum() / (np.linalg.norm(w) * np.linalg.norm(deq)) if deq.any() else 0.0
+    assert m.cosine == pytest.approx(cosine, abs=1e-9)
+    assert q.probe_products["p"][:, 0] == pytest.approx(w @ probe, rel=1e-5)
+    assert q.probe_products["p"][:, 1] == pytest.approx(w @ probe - deq @ probe, rel=1e-4)
 
 
 def test_gradient_test_sees_the_permutation_sum_test_does_not():
@@ -91,10 +111,10 @@ def test_corrupted_quantization_fails_its_thresholds():
     # one block's values lost: its measures as the kernel would give them for a zero block
     lost = x.copy()
     lost.reshape(-1, 256)[3] = 0
-    measures = np.zeros((x.size // 256, 5))
-    w, q = x.reshape(-1, 256).astype(np.float64), qstrat.dequantize_blocks(quantize_matrix(lost, "candle").blocks).astype(np.float64)
-    measures[:, :5] = np.stack([((w - q) ** 2).sum(1), (w**2).sum(1), abs(w - q).max(1), (w * q).sum(1), (q**2).sum(1)], axis=1)
-    bad = TensorMetrics.from_block_measures(measures, x.size)
+    w = x.astype(np.float64)
+    q = qstrat.dequantize_blocks(quantize_matrix(lost, "candle").blocks).reshape(x.shape).astype(np.float64)
+    measures = np.stack([((w - q) ** 2).sum(1), (w**2).sum(1), (q**2).sum(1), abs(w - q).max(1)], axis=1)
+    bad = TensorMetrics.from_row_measures(measures, x.size)
     thresholds = Thresholds(min_sqnr_db=30, max_mse=1e-4, min_cosine=0.999)
     records = [TensorRecord("good", x.shape, "F32", "q8k", metrics=good), TensorRecord("bad", x.shape, "F32", "q8k", metrics=bad)]
     failures = threshold_failures(records, thresholds)
