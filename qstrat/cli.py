@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -407,6 +408,19 @@ def quiet_openmp_threads() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def main() -> None:
+def run_command(app: typer.Typer) -> None:
+    """Run a command line app as a process: quiet OpenMP threads, and a quick exit.
+
+    Numba's compiler leaves hundreds of thousands of objects behind, and the garbage
+    collections of interpreter shutdown walked them all (about 0.2 s per command).
+    Freezing them first skips only that walk: atexit handlers, flushes and destructors run.
+    """
     quiet_openmp_threads()
-    app()
+    try:
+        app()
+    finally:
+        gc.freeze()
+
+
+def main() -> None:
+    run_command(app)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from qstrat.cli import EXIT_CODES_HELP, print_record, print_summary, quiet_openmp_threads, user_errors
+from qstrat.cli import EXIT_CODES_HELP, print_record, print_summary, run_command, user_errors
 from qstrat.config import QuantizationConfig
 
 HELP = """Quantize a .safetensors file or model directory to Q8K files (original tool compatible).
@@ -40,7 +40,6 @@ def quantize_q8k(
 
 
 def main() -> None:
-    quiet_openmp_threads()
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command(help=HELP + EXIT_CODES_HELP)(quantize_q8k)
-    app()
+    run_command(app)
