@@ -153,6 +153,33 @@ def test_every_float16_value_decodes_exactly():
     assert np.array_equal(got, ggml_quantize_q8k(half.astype(np.float32).reshape(-1, 256)))
 
 
+@pytest.mark.parametrize("decoder", ["_f16_by_instruction", "_f16_bits_to_float32", "_finite_f16_bits_to_float32"])
+def test_both_float16_decoders_on_every_bit_pattern(decoder):
+    # kernels take the CPU's conversion where it exists and the bit arithmetic elsewhere:
+    # whichever this machine uses, both are checked here
+    import numba
+
+    from qstrat.kernels import decode
+
+    if decoder == "_f16_by_instruction" and decode._F16_DECODE is not decode._f16_by_instruction:
+        pytest.skip("this CPU has no float16 conversion instruction")
+    convert = numba.njit(getattr(decode, decoder))
+
+    @numba.njit
+    def decode_all(bits, out):
+        for i in range(bits.size):
+            out[i] = convert(bits[i])
+
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.int16)
+    out = np.empty(bits.size, np.float32)
+    decode_all(bits, out)
+    expected = bits.view(np.float16).astype(np.float32)
+    finite = np.isfinite(expected)
+    assert np.array_equal(out[finite].view(np.uint32), expected[finite].view(np.uint32))
+    if decoder != "_finite_f16_bits_to_float32":  # the finite-only decode may do anything else
+        assert np.array_equal(np.isnan(out), np.isnan(expected)) and np.array_equal(out[np.isinf(expected)], expected[np.isinf(expected)])
+
+
 def test_bad_shapes_and_variants():
     with pytest.raises(InputError, match="multiple of 256"):
         qstrat.quantize_blocks(np.ones((2, 100), dtype=np.float32))
