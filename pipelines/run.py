@@ -249,7 +249,6 @@ def quantize_model(
 
 
 def _quantize_locked(model, plan, config, out, progress, force, thresholds, settings, fingerprint, started, outputs):
-    preload_plotting()
     previous = read_manifest_lenient(out)
     journal = Journal(out, fingerprint)
     earlier = journal.previous_fingerprint() or (previous or {}).get("fingerprint")
@@ -282,7 +281,12 @@ def _quantize_locked(model, plan, config, out, progress, force, thresholds, sett
         if progress is not None:
             progress(reused[0], job.nbytes)
 
+    plotting = []
+
     def done(job, group_records, group_joint):
+        if not plotting:
+            # after the first group: until then numba's own start-up in this process wants the GIL
+            plotting.append(preload_plotting())
         journal.record(group_key(job.strategy.name, [m.info.name for m in job.members]), group_records, group_joint)
         records.extend(group_records)
         joint.update(group_joint)
