@@ -1,6 +1,6 @@
 """qstrat's performance table: every figure a ratio measured side by side in this run.
 
-    python benchmarks/bench.py              # kernels, 2 GB end-to-end runs, 1 GB / 4 GB memory runs (~10 min)
+    python benchmarks/bench.py              # kernels, 2 GB and 8 GB end-to-end runs, 1 GB / 4 GB memory runs (~12 min)
     python benchmarks/bench.py --quick      # smaller arrays and models (~1 min)
 
 Absolute GB/s are for information only (shared machines are noisy); read the ratios.
@@ -174,9 +174,15 @@ def copy_seconds(workdir: Path, model: Path, then_sync: bool) -> float:
 def end_to_end(size_gb: float, workdir: Path) -> None:
     print("\n### End to end: `qstrat run` (identity, validation on: every stage) against `cp -r`\n")
     print("qstrat makes its outputs durable (fsync) before writing the manifest; `cp` alone leaves them in the page "
-          "cache, so `cp -r; sync` is the like-for-like yardstick.\n")
+          "cache, so `cp -r; sync` is the like-for-like yardstick.")
+    tiny = workdir / "model-tiny"
+    make_model(tiny, 0, 4096, 4096)  # one tensor: what every run pays whatever the model
+    fixed = min(qstrat_run(workdir, tiny, 1)[0] for _ in range(3))
+    shutil.rmtree(tiny)
+    print(f"A run's fixed cost (interpreter, imports, numba's start-up, reports), measured as a run over one "
+          f"(4096, 4096) tensor: {fixed:.2f} s.\n")
     print("| model | run | seconds | GB/s | vs cp | vs cp + sync | tensors/s |\n| --- | --- | --- | --- | --- | --- | --- |")
-    for rows, k, gb in ((4096, 4096, size_gb), (4096, 14336, size_gb)):
+    for rows, k, gb, worker_counts in ((4096, 4096, size_gb, (1, 2)), (4096, 14336, size_gb, (1, 2)), (4096, 4096, 4 * size_gb, (1,))):
         model = workdir / f"model-{rows}x{k}"
         size, count = make_model(model, gb, rows, k)
         label = f"{size / 1e9:.2f} GB, {count} x ({rows}, {k}) bf16"
@@ -184,7 +190,7 @@ def end_to_end(size_gb: float, workdir: Path) -> None:
         synced = min(copy_seconds(workdir, model, True) for _ in range(2))
         print(f"| {label} | cp -r | {copy:.2f} | {size / copy / 1e9:.2f} | 1.00x | — | — |")
         print(f"| {label} | cp -r; sync | {synced:.2f} | {size / synced / 1e9:.2f} | — | 1.00x | — |")
-        for workers in (1, 2):
+        for workers in worker_counts:
             seconds = min(qstrat_run(workdir, model, workers)[0] for _ in range(2))  # best of two, as for cp
             print(f"| {label} | qstrat, {workers} worker(s) | {seconds:.2f} | {size / seconds / 1e9:.2f} | "
                   f"{copy / seconds:.2f}x | {synced / seconds:.2f}x | {count / seconds:.1f} |", flush=True)
