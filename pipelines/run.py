@@ -10,7 +10,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,7 +26,7 @@ from qstrat.pipelines.journal import (
     run_fingerprint,
 )
 from qstrat.pipelines.plan import GroupJob, Plan, make_plan
-from qstrat.pipelines.worker import quantize_groups
+from qstrat.pipelines.worker import quantize_groups, quantized_groups
 
 from qstrat._version import __version__
 from qstrat.config import QuantizationConfig
@@ -155,24 +155,30 @@ def _run_groups(
     ordered = sorted(jobs, key=lambda g: (-g.nbytes, g.members[0].info.name))
     settings = config.validation_settings()
     with execution_backend(config, ordered, out) as (n_jobs, threads):
-        batches = task_batches(ordered, n_jobs)
         if n_jobs == 1 and config.backend == "loky":
-            outcomes = (quantize_groups(batch, config.variant, settings, out, threads) for batch in batches)
+            # in this process, one stream over every group: writes overlap the computing throughout
+            stream = quantized_groups(ordered, config.variant, settings, out, threads)
+            tasks: Iterable[tuple[list[GroupJob], Iterable]] = [(ordered, stream)]
             worker_lost: tuple[type[BaseException], ...] = ()  # no worker process to lose
         else:
             from joblib import Parallel, delayed
             from joblib.externals.loky.process_executor import TerminatedWorkerError
 
             durable = config.backend == "dask"
-            tasks = (delayed(quantize_groups)(batch, config.variant, settings, out, threads, durable) for batch in batches)
-            outcomes = Parallel(n_jobs=n_jobs, return_as="generator")(tasks)
+            batches = task_batches(ordered, n_jobs)
+            calls = (delayed(quantize_groups)(batch, config.variant, settings, out, threads, durable) for batch in batches)
+            stream = None
+            tasks = zip(batches, Parallel(n_jobs=n_jobs, return_as="generator")(calls))
             worker_lost = (TerminatedWorkerError,)
         try:
-            for batch, results in zip(batches, outcomes):
+            for batch, results in tasks:
                 for job, group_result in zip(batch, results):
                     on_done(job, group_result.records, group_result.joint)
         except worker_lost as err:
             raise WorkerLost(f"a worker process died ({err.__class__.__name__}); rerun the same command to resume") from None
+        finally:
+            if stream is not None:
+                stream.close()  # if on_done failed: the writes under way finish before any cleanup
 
 
 def evaluate_model(
@@ -281,12 +287,14 @@ def _quantize_locked(model, plan, config, out, progress, force, thresholds, sett
         if progress is not None:
             progress(reused[0], job.nbytes)
 
-    plotting = []
+    plotting_preloaded = False
 
     def done(job, group_records, group_joint):
-        if not plotting:
+        nonlocal plotting_preloaded
+        if not plotting_preloaded:
             # after the first group: until then numba's own start-up in this process wants the GIL
-            plotting.append(preload_plotting())
+            preload_plotting()
+            plotting_preloaded = True
         journal.record(group_key(job.strategy.name, [m.info.name for m in job.members]), group_records, group_joint)
         records.extend(group_records)
         joint.update(group_joint)

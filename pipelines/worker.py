@@ -1,14 +1,16 @@
-"""The work of groups in a worker process: map, permute, quantize, measure, write.
+"""The work of groups in a worker process: read, permute, quantize, measure, write.
 
 Workers receive only file paths and offsets (a plan entry), never tensor data: each reads
-the input itself, into buffers it reuses from group to group, and writes its own output files.  What comes back is small: records,
-and the permutations of tensors that the main process stores permuted (passthrough).
+the input itself, into a buffer it reuses from group to group, and writes its own output
+files.  What comes back is small: records, and the permutations of tensors that the main
+process stores permuted (passthrough).
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -64,26 +66,31 @@ class _QuantizedMember:
     runtime_perm: np.ndarray | None
 
 
-def _read_members(job: GroupJob, buffers: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """The members the group's work reads, in kernel storage, each read into ``buffers[i]``
-    (grown as needed; the caller keeps them for the next group)."""
+_ALIGNMENT = 64  # each member starts on a cache line of the group's buffer
+
+
+def _read_members(job: GroupJob, buffer: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """The members the group's work reads, in kernel storage, read into one buffer
+    (``buffer[0]``, grown to the largest group so far; the caller keeps it for the next group)."""
     needed = [m for m in job.members if m.quantize or _strategy_reads_values(job)]
-    arrays = {}
-    for i, member in enumerate(needed):
-        if i == len(buffers):
-            buffers.append(np.empty(0, dtype=np.uint8))
-        if buffers[i].nbytes < member.info.nbytes:
-            buffers[i] = np.empty(member.info.nbytes, dtype=np.uint8)
-        arrays[member.info.name] = read_tensor(member.info, buffers[i]).view(KERNEL_STORAGE[member.info.dtype])
-    return arrays
+    offsets, total = [], 0
+    for member in needed:
+        offsets.append(total)
+        total += -(-member.info.nbytes // _ALIGNMENT) * _ALIGNMENT
+    if not buffer or buffer[0].nbytes < total:
+        buffer[:] = [np.empty(total, dtype=np.uint8)]
+    return {
+        member.info.name: read_tensor(member.info, buffer[0][start:]).view(KERNEL_STORAGE[member.info.dtype])
+        for member, start in zip(needed, offsets)
+    }
 
 
 def _quantize_members(
-    job: GroupJob, variant: str, validation: ValidationSettings | None, buffers: list[np.ndarray]
+    job: GroupJob, variant: str, validation: ValidationSettings | None, buffer: list[np.ndarray]
 ) -> tuple[list[_QuantizedMember], dict[str, Permutation]]:
     """The arithmetic of one group: read, permutations, quantize and measure each quantized member."""
     started = time.perf_counter()
-    arrays = _read_members(job, buffers)
+    arrays = _read_members(job, buffer)
     if _strategy_reads_values(job):
         # strategies must see finite values; without one, the quantize kernel refuses them itself
         for member in job.members:
@@ -149,30 +156,36 @@ def _write_member(member: _QuantizedMember, output_dir: Path, roundtrip: bool, d
 _WRITES_IN_FLIGHT = 2
 
 
-def quantize_groups(
-    jobs: list[GroupJob],
+def quantized_groups(
+    jobs: Iterable[GroupJob],
     variant: str,
     validation: ValidationSettings | None,
     output_dir: Path | None,
     numba_threads: int,
     durable: bool = False,
-) -> list[GroupResult]:
+) -> Iterator[GroupResult]:
     """Quantize the quantized members of each of ``jobs`` and write their files (unless
-    ``output_dir`` is None: an in-memory evaluation); one result per job, in order.
+    ``output_dir`` is None: an in-memory evaluation); yield one result per job, in order, as
+    soon as its files are written.
 
     A member's files are written on a second thread while the next members are computed
     (kernels release the GIL), at most ``_WRITES_IN_FLIGHT`` at a time so that memory stays
-    bounded; every write has finished, or failed, before this returns.  ``durable`` fsyncs each
-    file here: for workers on other hosts, whose writes the main process cannot flush.
+    bounded; a job's result comes once every write of it has finished (a failed write raises
+    here).  ``durable`` fsyncs each file here: for workers on other hosts, whose writes the main
+    process cannot flush.  Closing the generator early waits for the writes under way.
     """
     numba.set_num_threads(numba_threads)
     roundtrip = validation is not None and "roundtrip" in validation.stages
-    buffers: list[np.ndarray] = []  # the input of the group at hand; reused by the next
-    results: list[tuple[list[TensorRecord | Future], dict[str, Permutation]]] = []
+    buffer: list[np.ndarray] = []  # the input of the group at hand; reused by the next
+    pending: deque[tuple[list[TensorRecord | Future], dict[str, Permutation]]] = deque()
+
+    def finished(records: list[TensorRecord | Future], joint: dict[str, Permutation]) -> GroupResult:
+        return GroupResult([r.result() if isinstance(r, Future) else r for r in records], joint)
+
     with ThreadPoolExecutor(1, thread_name_prefix="qstrat-write") as writer:
         in_flight: deque[Future] = deque()
         for job in jobs:
-            computed, joint = _quantize_members(job, variant, validation, buffers)
+            computed, joint = _quantize_members(job, variant, validation, buffer)
             records: list[TensorRecord | Future] = []
             while computed:
                 # handed over one by one, so that only the writer keeps a member's blocks alive
@@ -185,5 +198,20 @@ def quantize_groups(
                 in_flight.append(writer.submit(_write_member, member, output_dir, roundtrip, durable))
                 records.append(in_flight[-1])
             member = None  # the last one too: only the writer holds it now
-            results.append((records, joint))
-    return [GroupResult([r.result() if isinstance(r, Future) else r for r in records], joint) for records, joint in results]
+            pending.append((records, joint))
+            while pending and all(r.done() for r in pending[0][0] if isinstance(r, Future)):
+                yield finished(*pending.popleft())
+        while pending:
+            yield finished(*pending.popleft())
+
+
+def quantize_groups(
+    jobs: list[GroupJob],
+    variant: str,
+    validation: ValidationSettings | None,
+    output_dir: Path | None,
+    numba_threads: int,
+    durable: bool = False,
+) -> list[GroupResult]:
+    """:func:`quantized_groups` as one task of a worker process: every result at once."""
+    return list(quantized_groups(jobs, variant, validation, output_dir, numba_threads, durable))
