@@ -12,6 +12,7 @@ import llvmlite.binding
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core import config as numba_config
 from numba.extending import intrinsic, overload
 
 BF16_BITS = np.uint16
@@ -43,17 +44,25 @@ def _f16_bits_to_float32(value):
 
 
 def _host_converts_half() -> bool:
-    """Whether the CPU converts binary16 to float32 in one (vectorisable) instruction:
-    F16C on x86-64 (every CPU since 2012), always on 64-bit ARM."""
+    """Whether the CPU numba compiles for converts binary16 to float32 in one (vectorisable)
+    instruction: F16C on x86-64 (most CPUs since 2012), always on 64-bit ARM.
+
+    Numba's own target is asked, not the host: with ``NUMBA_CPU_NAME=generic`` or explicit
+    ``NUMBA_CPU_FEATURES`` (caches shared between machines), LLVM would otherwise emit a call
+    to a conversion routine the JIT cannot resolve.
+    """
     machine = platform.machine().lower()
     if machine in ("aarch64", "arm64"):
         return True
     if machine not in ("x86_64", "amd64"):
         return False
-    try:
-        return bool(llvmlite.binding.get_host_cpu_features().get("f16c"))
-    except RuntimeError:  # features unknown: take the portable decode
-        return False
+    features = numba_config.CPU_FEATURES
+    if features is None:
+        try:
+            features = llvmlite.binding.get_host_cpu_features().flatten()
+        except RuntimeError:  # features unknown: take the portable decode
+            return False
+    return "+f16c" in features.split(",")
 
 
 @intrinsic

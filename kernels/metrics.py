@@ -10,6 +10,7 @@ rather than as two nearly equal products.
 
 import numpy as np
 from numba import njit, prange
+from numba.extending import register_jitable
 from qstrat.kernels.decode import finite_to_float32
 from qstrat.kernels.layout import QK_K, U64, block_quant, block_scale
 
@@ -22,6 +23,7 @@ MAX_ABS_ERROR = 3  # max |w - w^|
 PROBE_COLUMNS = 4  # then exact product, product error for each probe
 
 
+@register_jitable  # plain Python, and callable from kernels too
 def measure_columns(n_probes: int) -> int:
     """Width of the measures array for ``n_probes`` probe vectors."""
     return PROBE_COLUMNS + 2 * n_probes
@@ -30,24 +32,34 @@ def measure_columns(n_probes: int) -> int:
 @njit(cache=True)
 def _power_of_two_near_inverse(d):
     """2**n (float32) with d * 2**n in [1, 2) for a normal ``d`` > 0, and within float32's normal
-    range for every other positive ``d``: scaling by it is exact."""
+    range for a subnormal one: scaling by it is exact.  (|d| <= FLT_MAX / 127 keeps the
+    exponent at most 248: the upper clamp never acts.)"""
     exponent = np.int32((np.float32(d).view(np.uint32) >> np.uint32(23)) & np.uint32(0xFF))
     n = 127 - min(max(exponent, np.int32(1)), np.int32(253))
     return np.uint32((n + 127) << 23).view(np.float32)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath={"reassoc", "nnan", "ninf", "nsz"})
 def _accumulate_zeroed_block(row, start, probes, totals):
-    """Measures of a block stored as zeros whose values are not all zero (they are all below
-    ~3.7e-37, so no float32 scale could hold them): rare, summed in float64."""
+    """Measures of a block stored as zeros (d = 0: all its values are zero, or all below
+    ~3.7e-37, where no scale exists): every value is its own error.  Summed in float64,
+    which holds such values without any scaling."""
+    ref2 = 0.0
+    worst_bits = np.int64(0)
     for j in range(U64(QK_K)):
         w = np.float64(finite_to_float32(row[start + j]))
-        totals[ERROR_SQUARES] += w * w
-        totals[REFERENCE_SQUARES] += w * w
-        totals[MAX_ABS_ERROR] = max(totals[MAX_ABS_ERROR], abs(w))
-        for p in range(probes.shape[0]):
-            totals[PROBE_COLUMNS + 2 * p] += w * np.float64(probes[p, start + j])
-            totals[PROBE_COLUMNS + 2 * p + 1] += w * np.float64(probes[p, start + j])
+        ref2 += w * w
+        worst_bits = max(worst_bits, np.float64(abs(w)).view(np.int64))
+    totals[ERROR_SQUARES] += ref2
+    totals[REFERENCE_SQUARES] += ref2
+    totals[MAX_ABS_ERROR] = max(totals[MAX_ABS_ERROR], np.int64(worst_bits).view(np.float64))
+    for p in range(probes.shape[0]):
+        probe = probes[p]
+        product = 0.0
+        for j in range(U64(QK_K)):
+            product += np.float64(finite_to_float32(row[start + j])) * np.float64(probe[start + j])
+        totals[PROBE_COLUMNS + 2 * p] += product
+        totals[PROBE_COLUMNS + 2 * p + 1] += product
 
 
 @njit(cache=True, fastmath={"reassoc", "nnan", "ninf", "nsz"})
@@ -65,14 +77,16 @@ def accumulate_block_measures(row, start, blocks, b, probes, totals):
         _accumulate_zeroed_block(row, start, probes, totals)
         return
     scale = _power_of_two_near_inverse(d)
-    scaled_d = d * scale  # (d * qs) * scale == (d * scale) * qs: both exact scalings
+    # (d * qs) * scale == (d * scale) * qs for a normal d (both scalings exact); for a subnormal
+    # d the dequantizer's d * qs rounds coarser, by at most half a subnormal ulp per value
+    scaled_d = d * scale
     err2 = np.float32(0.0)
     ref2 = np.float32(0.0)
     deq2 = np.float32(0.0)
     worst_bits = np.int32(0)
     for j in range(U64(QK_K)):
         w = finite_to_float32(row[start + j]) * scale
-        q = scaled_d * np.float32(block_quant(blocks, b, j))  # as every dequantizer computes it, scaled
+        q = scaled_d * np.float32(block_quant(blocks, b, j))  # d * qs as dequantizers compute it, scaled
         e = w - q
         err2 += e * e
         ref2 += w * w

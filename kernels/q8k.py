@@ -18,7 +18,7 @@ from qstrat.kernels.layout import (
     block_quant,
     block_scale,
 )
-from qstrat.kernels.metrics import accumulate_block_measures
+from qstrat.kernels.metrics import accumulate_block_measures, measure_columns
 
 # Integer codes the kernels take; the names are what users write.
 VARIANT_CANDLE = 0  # candle >= 0.11: iscale = -127/max, round half away from zero
@@ -146,6 +146,8 @@ def quantize_rows_q8k(x, row_perm, col_perm, variant, out, probes=None, measures
     """
     rows, k = x.shape
     blocks_per_row = k // QK_K
+    if measures is not None and (measures.shape[0] != rows or measures.shape[1] != measure_columns(probes.shape[0])):
+        raise ValueError("measures must be (rows, measure_columns(len(probes))), zeroed: the kernel adds to it")
     non_finite = 0
     if col_perm is None and measures is None:
         # block by block: parallel even for a tensor of a few long rows
@@ -154,7 +156,9 @@ def quantize_rows_q8k(x, row_perm, col_perm, variant, out, probes=None, measures
             row = x[source_index(row_perm, r)]
             non_finite += _quantize_block(row, U64((b - r * blocks_per_row) * QK_K), variant, out, U64(b))
     elif col_perm is None:
-        for r in prange(rows):  # row by row: each row's measures are summed by one thread
+        # row by row, so that each row's measures are summed by one thread (a tensor with fewer
+        # rows than threads leaves some idle: no weight matrix is that short)
+        for r in prange(rows):
             non_finite += _quantize_row(x[source_index(row_perm, r)], r, variant, out, probes, measures)
     else:
         # Gathering a row once into a small contiguous buffer (it stays in cache) costs less

@@ -82,7 +82,7 @@ class QuantizedMatrix:
     metrics: TensorMetrics | None  # weight error (None when not measured)
     #: probe name -> (rows, 2) float64: per stored row, W'.p and W'.p - W^.p (exact dequantized weights)
     probe_products: dict[str, np.ndarray]
-    error_squares: float | None = None  # sum (w - w^)^2, exact as summed (when measured)
+    error_squares: float | None = None  # sum (w - w^)^2 as the kernel summed it (when measured)
 
 
 def quantize_matrix(

@@ -180,6 +180,19 @@ def test_both_float16_decoders_on_every_bit_pattern(decoder):
         assert np.array_equal(np.isnan(out), np.isnan(expected)) and np.array_equal(out[np.isinf(expected)], expected[np.isinf(expected)])
 
 
+def test_float16_decode_follows_numbas_target_not_the_host():
+    # a generic target (caches shared between machines) has no F16C: the instruction would
+    # become a call the JIT cannot resolve, so the bit decode must be chosen
+    import os
+    import subprocess
+    import sys
+
+    check = "from qstrat.kernels import decode; print(decode._F16_DECODE.__name__)"
+    env = {**os.environ, "NUMBA_CPU_NAME": "generic"}
+    chosen = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, check=True)
+    assert chosen.stdout.strip() == "_f16_bits_to_float32"
+
+
 def test_bad_shapes_and_variants():
     with pytest.raises(InputError, match="multiple of 256"):
         qstrat.quantize_blocks(np.ones((2, 100), dtype=np.float32))

@@ -65,7 +65,9 @@ def test_probe_vectors_and_products():
     assert _probe_mse(x, probe, "candle", "candle") == pytest.approx(candle_expected, rel=1e-3)
 
 
-@pytest.mark.parametrize("magnitude", [1.0, 3.0e38, 1e-30, 1e-40], ids=["normal", "near-max", "tiny", "below-scale"])
+@pytest.mark.parametrize(
+    "magnitude", [1.0, 3.0e38, 1e-30, 1e-36, 1e-40], ids=["normal", "near-max", "tiny", "subnormal-scale", "below-scale"]
+)
 def test_measures_match_float64_at_any_magnitude(magnitude):
     # float32 block sums must neither overflow (3e38 squared) nor underflow (1e-40 blocks are stored
     # as zeros, so their whole value is error): every measure against a float64 computation

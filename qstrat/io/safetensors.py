@@ -190,9 +190,12 @@ def map_tensor(info: TensorInfo) -> np.ndarray:
     return buffer.view(dtype).reshape(info.shape)
 
 
+_READ_CHUNK = 1 << 30  # bytes per read() call: some systems refuse single reads of 2 GiB or more
+
+
 def read_tensor(info: TensorInfo, buffer: np.ndarray) -> np.ndarray:
     """The tensor read into ``buffer`` (a contiguous uint8 array of at least ``info.nbytes``), as
-    ``map_tensor`` would show it.
+    ``map_tensor`` would show it: read-only, bf16 as its bits.
 
     For a pass that reads every value once, ``read()`` into a reused buffer costs a fraction of
     first touches of a fresh mapping (each faults its pages in) and of unmapping it after.
@@ -203,14 +206,17 @@ def read_tensor(info: TensorInfo, buffer: np.ndarray) -> np.ndarray:
     done = 0
     try:
         with open(info.path, "rb", buffering=0) as f:
+            f.seek(info.offset)
             while done < info.nbytes:
-                count = os.preadv(f.fileno(), [target[done:]], info.offset + done)
-                if count == 0:
+                count = f.readinto(target[done : done + _READ_CHUNK])
+                if not count:
                     raise InputError(f"{info.path}: the file ends inside tensor {info.name!r} (was it truncated?)")
                 done += count
     except OSError as err:
         raise InputError(f"{info.path}: cannot read tensor {info.name!r}: {err.strerror or err}") from None
-    return buffer[: info.nbytes].view(DTYPES[info.dtype]).reshape(info.shape)
+    array = buffer[: info.nbytes].view(DTYPES[info.dtype]).reshape(info.shape)
+    array.flags.writeable = False  # as a mapping is: strategies must not change what gets quantized
+    return array
 
 
 def to_float32(info: TensorInfo, array: np.ndarray) -> np.ndarray:
