@@ -149,7 +149,9 @@ def _order_key_overload(value):
 
         def float32_key(value):
             bits = np.float32(value).view(np.int32)
-            return bits ^ ((bits >> np.int32(31)) & np.int32(0x7FFFFFFF))
+            # numba computes int32 arithmetic in int64: narrowing the key back keeps the
+            # min/max reductions at 16 lanes per AVX-512 vector instead of 8
+            return np.int32(bits ^ ((bits >> np.int32(31)) & np.int32(0x7FFFFFFF)))
 
         return float32_key
     if value in (types.uint16, types.int16):
