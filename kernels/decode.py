@@ -78,8 +78,9 @@ def _f16_by_instruction(value):
     return _half_bits_to_float32(np.int16(value))
 
 
-#: the float16 decode kernels use: the CPU's conversion when it has one, else the bit arithmetic
-_F16_DECODE = _f16_by_instruction if _host_converts_half() else _f16_bits_to_float32
+#: kernels decode float16 with the CPU's conversion when it has one, else with the bit arithmetic
+_CONVERTS_HALF = _host_converts_half()
+_F16_DECODE = _f16_by_instruction if _CONVERTS_HALF else _f16_bits_to_float32
 
 
 @overload(to_float32, inline="always")
@@ -107,7 +108,7 @@ def _finite_f16_bits_to_float32(value):
 @overload(finite_to_float32, inline="always")
 def _finite_to_float32_overload(value):
     if value == types.int16:
-        return _f16_by_instruction if _F16_DECODE is _f16_by_instruction else _finite_f16_bits_to_float32
+        return _f16_by_instruction if _CONVERTS_HALF else _finite_f16_bits_to_float32
     if value in (types.float32, types.uint16):
         return lambda value: to_float32(value)
     return None
