@@ -39,7 +39,11 @@ def _power_of_two_near_inverse(d):
     return np.uint32((n + 127) << 23).view(np.float32)
 
 
-@njit(cache=True, fastmath={"reassoc", "nnan", "ninf", "nsz"})
+# finite inputs; reassociation lets the sums vectorise
+_SUMMING = {"reassoc", "nnan", "ninf", "nsz"}
+
+
+@njit(cache=True, fastmath=_SUMMING)
 def _accumulate_zeroed_block(row, start, probes, totals):
     """Measures of a block stored as zeros (d = 0: all its values are zero, or all below
     ~3.7e-37, where no scale exists): every value is its own error.  Summed in float64,
@@ -62,7 +66,59 @@ def _accumulate_zeroed_block(row, start, probes, totals):
         totals[PROBE_COLUMNS + 2 * p + 1] += product
 
 
-@njit(cache=True, fastmath={"reassoc", "nnan", "ninf", "nsz"})
+#: Probe vectors summed in the same loop as the weight error; any further ones take a loop each.
+FUSED_PROBES = 2
+
+
+@njit(cache=True, fastmath=_SUMMING)
+def _scaled_block_sums(row, start, scale, scaled_d, blocks, b, probe_a, probe_b):
+    """One pass over a block's values (scaled by ``scale``) and its dequantized values:
+    float32 sums of e^2, w^2, w^^2, the largest |e| (e = w - w^), and w.p, e.p for each of
+    ``probe_a`` and ``probe_b`` that is not None.  Numba compiles one specialisation per
+    None-pattern, so absent probes cost nothing and the one loop vectorises in each."""
+    err2 = np.float32(0.0)
+    ref2 = np.float32(0.0)
+    deq2 = np.float32(0.0)
+    worst_bits = np.int32(0)
+    exact_a = np.float32(0.0)
+    error_a = np.float32(0.0)
+    exact_b = np.float32(0.0)
+    error_b = np.float32(0.0)
+    for j in range(U64(QK_K)):
+        w = finite_to_float32(row[start + j]) * scale
+        q = scaled_d * np.float32(block_quant(blocks, b, j))  # d * qs as dequantizers compute it, scaled
+        e = w - q
+        err2 += e * e
+        ref2 += w * w
+        deq2 += q * q
+        # non-negative floats order like their bits: an integer max vectorises, a float one does not
+        worst_bits = max(worst_bits, np.float32(abs(e)).view(np.int32))
+        if probe_a is not None:
+            x = probe_a[start + j]
+            exact_a += w * x
+            error_a += e * x
+        if probe_b is not None:
+            x = probe_b[start + j]
+            exact_b += w * x
+            error_b += e * x
+    worst = np.int32(worst_bits).view(np.float32)
+    return err2, ref2, deq2, worst, exact_a, error_a, exact_b, error_b
+
+
+@njit(cache=True, fastmath=_SUMMING)
+def _scaled_probe_sums(row, start, scale, scaled_d, blocks, b, probe):
+    """w.p and e.p over one block, for probes beyond the fused ones."""
+    exact = np.float32(0.0)
+    error = np.float32(0.0)
+    for j in range(U64(QK_K)):
+        x = probe[start + j]
+        w = finite_to_float32(row[start + j]) * scale
+        exact += w * x
+        error += (w - scaled_d * np.float32(block_quant(blocks, b, j))) * x
+    return exact, error
+
+
+@njit(cache=True)
 def accumulate_block_measures(row, start, blocks, b, probes, totals):
     """Add the measures of block ``b`` against row[start:start + 256] to ``totals`` (one row's).
 
@@ -80,35 +136,28 @@ def accumulate_block_measures(row, start, blocks, b, probes, totals):
     # (d * qs) * scale == (d * scale) * qs for a normal d (both scalings exact); for a subnormal
     # d the dequantizer's d * qs rounds coarser, by at most half a subnormal ulp per value
     scaled_d = d * scale
-    err2 = np.float32(0.0)
-    ref2 = np.float32(0.0)
-    deq2 = np.float32(0.0)
-    worst_bits = np.int32(0)
-    for j in range(U64(QK_K)):
-        w = finite_to_float32(row[start + j]) * scale
-        q = scaled_d * np.float32(block_quant(blocks, b, j))  # d * qs as dequantizers compute it, scaled
-        e = w - q
-        err2 += e * e
-        ref2 += w * w
-        deq2 += q * q
-        # non-negative floats order like their bits: an integer max vectorises, a float one does not
-        worst_bits = max(worst_bits, np.float32(abs(e)).view(np.int32))
+    n_probes = probes.shape[0]
+    if n_probes == 0:
+        sums = _scaled_block_sums(row, start, scale, scaled_d, blocks, b, None, None)
+    elif n_probes == 1:
+        sums = _scaled_block_sums(row, start, scale, scaled_d, blocks, b, probes[0], None)
+    else:
+        sums = _scaled_block_sums(row, start, scale, scaled_d, blocks, b, probes[0], probes[1])
+    err2, ref2, deq2, worst, exact_a, error_a, exact_b, error_b = sums
     unscale = np.float64(1.0) / np.float64(scale)
     unscale2 = unscale * unscale
     totals[ERROR_SQUARES] += np.float64(err2) * unscale2
     totals[REFERENCE_SQUARES] += np.float64(ref2) * unscale2
     totals[DEQUANTIZED_SQUARES] += np.float64(deq2) * unscale2
-    worst = np.float64(np.int32(worst_bits).view(np.float32)) * unscale
-    totals[MAX_ABS_ERROR] = max(totals[MAX_ABS_ERROR], worst)
-    for p in range(probes.shape[0]):
-        probe = probes[p]
-        exact = np.float32(0.0)
-        error = np.float32(0.0)
-        for j in range(U64(QK_K)):
-            x = probe[start + j]
-            w = finite_to_float32(row[start + j]) * scale
-            exact += w * x
-            error += (w - scaled_d * np.float32(block_quant(blocks, b, j))) * x
+    totals[MAX_ABS_ERROR] = max(totals[MAX_ABS_ERROR], np.float64(worst) * unscale)
+    if n_probes >= 1:
+        totals[PROBE_COLUMNS] += np.float64(exact_a) * unscale
+        totals[PROBE_COLUMNS + 1] += np.float64(error_a) * unscale
+    if n_probes >= 2:
+        totals[PROBE_COLUMNS + 2] += np.float64(exact_b) * unscale
+        totals[PROBE_COLUMNS + 3] += np.float64(error_b) * unscale
+    for p in range(FUSED_PROBES, n_probes):
+        exact, error = _scaled_probe_sums(row, start, scale, scaled_d, blocks, b, probes[p])
         totals[PROBE_COLUMNS + 2 * p] += np.float64(exact) * unscale
         totals[PROBE_COLUMNS + 2 * p + 1] += np.float64(error) * unscale
 

@@ -114,18 +114,38 @@ def _quantize_block(row, start, variant, out, b):
     return 0
 
 
+#: With probe vectors, each task of the row-wise paths walks this many rows together, block
+#: column by block column: each probe slice is then read from L1 by every row, instead of
+#: all of each probe being streamed through L1 once per row (twice as slow at k = 4096).
+#: Without probes, one row at a time streams best.
+PROBED_CHUNK_ROWS = 8
+#: Chunks shrink so that a short matrix still splits into this many tasks (no thread idles).
+_TASKS_WANTED = 64
+
+
 @njit(cache=True)
-def _quantize_row(row, r, variant, out, probes, measures):
-    """Quantize one contiguous row into its blocks of ``out``; measure them unless ``measures``
-    is None.  Returns the number of non-finite blocks."""
-    blocks_per_row = row.shape[0] // QK_K
+def _chunk_rows(rows, probes):
+    """Rows per task of the row-wise paths (see PROBED_CHUNK_ROWS)."""
+    if probes is None or probes.shape[0] == 0:
+        return 1
+    return max(1, min(PROBED_CHUNK_ROWS, rows // _TASKS_WANTED))
+
+
+@njit(cache=True)
+def _quantize_rows_blockwise(source, row_perm, offset, first, count, variant, out, probes, measures):
+    """Quantize stored rows first .. first + count - 1, block column by block column; stored
+    row r is source[source_index(row_perm, r) - offset] (contiguous).  Measure them unless
+    ``measures`` is None.  Returns the number of non-finite blocks."""
+    blocks_per_row = source.shape[1] // QK_K
     non_finite = 0
     for i in range(blocks_per_row):
-        b = U64(r * blocks_per_row + i)
         start = U64(i * QK_K)
-        non_finite += _quantize_block(row, start, variant, out, b)
-        if measures is not None:
-            accumulate_block_measures(row, start, out, b, probes, measures[r])
+        for r in range(first, first + count):
+            row = source[source_index(row_perm, r) - offset]
+            b = U64(r * blocks_per_row + i)
+            non_finite += _quantize_block(row, start, variant, out, b)
+            if measures is not None:
+                accumulate_block_measures(row, start, out, b, probes, measures[r])
     return non_finite
 
 
@@ -155,20 +175,23 @@ def quantize_rows_q8k(x, row_perm, col_perm, variant, out, probes=None, measures
             r = b // blocks_per_row
             row = x[source_index(row_perm, r)]
             non_finite += _quantize_block(row, U64((b - r * blocks_per_row) * QK_K), variant, out, U64(b))
-    elif col_perm is None:
-        # row by row, so that each row's measures are summed by one thread (a tensor with fewer
-        # rows than threads leaves some idle: no weight matrix is that short)
-        for r in prange(rows):
-            non_finite += _quantize_row(x[source_index(row_perm, r)], r, variant, out, probes, measures)
     else:
-        # Gathering a row once into a small contiguous buffer (it stays in cache) costs less
-        # than gathering every element twice inside the block passes.
-        for r in prange(rows):
-            row = x[source_index(row_perm, r)]
-            gathered = np.empty(k, dtype=x.dtype)
-            for j in range(U64(k)):
-                gathered[j] = row[col_perm[j]]
-            non_finite += _quantize_row(gathered, r, variant, out, probes, measures)
+        # by chunks of rows, so that each row's measures are summed by one thread, in block order
+        chunk = _chunk_rows(rows, probes)
+        for c in prange((rows + chunk - 1) // chunk):
+            first = c * chunk
+            count = min(chunk, rows - first)
+            if col_perm is None:
+                non_finite += _quantize_rows_blockwise(x, row_perm, 0, first, count, variant, out, probes, measures)
+                continue
+            # Gathering the rows once into a small contiguous buffer (it stays in cache) costs
+            # less than gathering every element in each block pass.
+            gathered = np.empty((count, k), dtype=x.dtype)
+            for g in range(count):
+                row = x[source_index(row_perm, first + g)]
+                for j in range(U64(k)):
+                    gathered[g, j] = row[col_perm[j]]
+            non_finite += _quantize_rows_blockwise(gathered, None, first, first, count, variant, out, probes, measures)
     return non_finite
 
 

@@ -86,6 +86,37 @@ def test_measures_match_float64_at_any_magnitude(magnitude):
     assert q.probe_products["p"][:, 1] == pytest.approx(w @ probe - deq @ probe, rel=1e-4)
 
 
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+@pytest.mark.parametrize("gather", ["none", "rows", "columns", "both"])
+def test_measures_of_each_row_match_float64_on_every_kernel_path(storage, gather):
+    # 203 rows: the kernel walks them in chunks of rows with probes (the last chunk shorter);
+    # three probes: two summed in the weight-error loop, the third in its own
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((203, 768)) * 10.0 ** rng.uniform(-3, 3, size=(203, 1))).astype(np.float32)
+    if storage == "bfloat16":
+        bits = ((x.view(np.uint32) + 0x8000) >> 16).astype(np.uint16)
+        x, source = (bits.astype(np.uint32) << 16).view(np.float32), bits
+    else:
+        source = x
+    row_perm = rng.permutation(203) if gather in ("rows", "both") else None
+    col_perm = rng.permutation(768) if gather in ("columns", "both") else None
+    probes = {"ones": probe_vector("sum_test", 768), "ramp": probe_vector("gradient_test", 768),
+              "noise": rng.standard_normal(768).astype(np.float32)}
+    q = quantize_matrix(source, "candle", row_perm, col_perm, probes=probes)
+    stored = x[row_perm if row_perm is not None else slice(None)][:, col_perm if col_perm is not None else slice(None)]
+    # the measured pass stores exactly what the unmeasured one does
+    assert np.array_equal(q.blocks, quantize_matrix(source, "candle", row_perm, col_perm, measure=False).blocks)
+    w = stored.astype(np.float64)
+    deq = qstrat.dequantize_blocks(q.blocks).reshape(w.shape).astype(np.float64)
+    assert q.error_squares == pytest.approx(((w - deq) ** 2).sum(), rel=1e-5)
+    assert q.metrics.max_abs_error == pytest.approx(np.abs(w - deq).max(), rel=1e-6)
+    for name, probe in probes.items():
+        exact, error = w @ probe, w @ probe - deq @ probe
+        scale = np.abs(w).sum(1) * np.abs(probe).max()  # what the sums' rounding is relative to
+        assert np.abs(q.probe_products[name][:, 0] - exact).max() <= 1e-5 * scale.max(), name
+        assert np.all(np.abs(q.probe_products[name][:, 1] - error) <= 1e-5 * scale), name
+
+
 def test_gradient_test_sees_the_permutation_sum_test_does_not():
     x = np.random.default_rng(2).standard_normal((16, 512)).astype(np.float32)
     perm = np.random.default_rng(3).permutation(512)
