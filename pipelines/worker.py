@@ -152,7 +152,9 @@ def _write_member(member: _QuantizedMember, output_dir: Path, roundtrip: bool, d
     return replace(member.record, files=files, seconds=member.record.seconds + time.perf_counter() - begin)
 
 
-#: Files of at most this many members are being written while the next ones are computed.
+#: Files of at most this many members are being written (each on its own thread) while the
+#: next ones are computed.  One writer thread was the bottleneck: its write, sha256 and
+#: read-back ran one member after another while the kernels waited.
 _WRITES_IN_FLIGHT = 2
 
 
@@ -168,7 +170,7 @@ def quantized_groups(
     ``output_dir`` is None: an in-memory evaluation); yield one result per job, in order, as
     soon as its files are written.
 
-    A member's files are written on a second thread while the next members are computed
+    Members' files are written on other threads while the next members are computed
     (kernels release the GIL), at most ``_WRITES_IN_FLIGHT`` at a time so that memory stays
     bounded; a job's result comes once every write of it has finished (a failed write raises
     here).  ``durable`` fsyncs each file here: for workers on other hosts, whose writes the main
@@ -182,7 +184,7 @@ def quantized_groups(
     def finished(records: list[TensorRecord | Future], joint: dict[str, Permutation]) -> GroupResult:
         return GroupResult([r.result() if isinstance(r, Future) else r for r in records], joint)
 
-    with ThreadPoolExecutor(1, thread_name_prefix="qstrat-write") as writer:
+    with ThreadPoolExecutor(_WRITES_IN_FLIGHT, thread_name_prefix="qstrat-write") as writer:
         in_flight: deque[Future] = deque()
         for job in jobs:
             computed, joint = _quantize_members(job, variant, validation, buffer)
