@@ -6,7 +6,10 @@ A Q8K super-block holds ``QK_K`` = 256 consecutive values of one row and is stor
 """
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 QK_K = 256
 BSUM_GROUP = 16
@@ -33,3 +36,31 @@ def block_scale(blocks, b):
 def block_quant(blocks, b, j):
     """qs[j] of block ``b`` as an int8."""
     return np.int8(blocks[b, U64(QS_OFFSET) + j])
+
+
+@intrinsic
+def group_quant_sum(typingctx, blocks, b, g):
+    """The sum of the ``BSUM_GROUP`` = 16 ``qs`` of group ``g`` of block ``b`` (its bsum), as
+    int32; indices unchecked.  Generic LLVM vector code: the 16 bytes, sign bit flipped (as
+    unsigned, q + 128), added as one vector reduction, which x86 computes with a single
+    ``psadbw``; numba's own loop for this sum stays scalar, four times slower."""
+    if not (isinstance(blocks, types.Array) and blocks.dtype == types.uint8 and blocks.ndim == 2 and blocks.layout == "C"):
+        return None
+    group_bytes = ir.VectorType(ir.IntType(8), BSUM_GROUP)
+    widened = ir.VectorType(ir.IntType(32), BSUM_GROUP)
+    int32 = ir.IntType(32)
+
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        offset = builder.add(ir.Constant(ir.IntType(64), QS_OFFSET), builder.mul(args[2], ir.Constant(ir.IntType(64), BSUM_GROUP)))
+        pointer = cgutils.get_item_pointer2(
+            context, builder, data=array.data, shape=cgutils.unpack_tuple(builder, array.shape),
+            strides=cgutils.unpack_tuple(builder, array.strides), layout="C", inds=[args[1], offset],
+            wraparound=False, boundscheck=False,
+        )
+        quants = builder.load(builder.bitcast(pointer, group_bytes.as_pointer()), align=1)
+        biased = builder.zext(builder.xor(quants, ir.Constant(group_bytes, [0x80] * BSUM_GROUP)), widened)
+        reduce_add = cgutils.get_or_insert_function(builder.module, ir.FunctionType(int32, [widened]), "llvm.vector.reduce.add.v16i32")
+        return builder.sub(builder.call(reduce_add, [biased]), ir.Constant(int32, 128 * BSUM_GROUP))
+
+    return types.int32(blocks, types.uint64, types.uint64), codegen

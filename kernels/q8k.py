@@ -17,6 +17,7 @@ from qstrat.kernels.layout import (
     U64,
     block_quant,
     block_scale,
+    group_quant_sum,
 )
 from qstrat.kernels.metrics import accumulate_block_measures, measure_columns
 
@@ -45,33 +46,26 @@ def _block_extremes(row, start):
     return from_order_key(key_min, first), from_order_key(key_max, first)
 
 
-@njit(cache=True, fastmath={"reassoc", "nsz", "nnan", "ninf"})
-def _add_small_integers(total, value):
-    # Every operand and partial sum is an integer below 2**24 in magnitude, so any order of
-    # summation gives the same exact result: reassociation only lets the sum vectorise.
-    return total + value
-
-
 @njit(cache=True)
 def _store_quants(row, start, iscale, ties_away, out, b):
     half = np.float32(0.5)
     # One loop body serves every variant (a branch here gets the loop unswitched into a
     # copy that LLVM vectorises badly): |x - rint(x)| is never -1, so ties never go away.
     away_tie = half if ties_away else np.float32(-1.0)
+    for j in range(U64(QK_K)):
+        scaled = iscale * finite_to_float32(row[start + j])
+        rounded = (scaled + _ROUND_MAGIC) - _ROUND_MAGIC  # ties to even
+        # Rust's f32::round takes ties away from zero; scaled +- 0.5 is exact here.
+        away = scaled + np.copysign(half, scaled)
+        rounded = away if abs(scaled - rounded) == away_tie else rounded
+        # |scaled| <= 128 by construction, so one clamp is each variant's own clamp
+        # (ggml: min(127, v); candle: clamp(-128, 127); candle 0.9: min(127) + saturating cast).
+        rounded = min(max(rounded, np.float32(-128.0)), np.float32(127.0))
+        out[b, U64(QS_OFFSET) + j] = np.uint8(np.int32(rounded) & 0xFF)
+    # bsums from the stored bytes: a horizontal float sum per group in the loop above cost
+    # almost as much as quantizing the group
     for g in range(U64(QK_K // BSUM_GROUP)):
-        group_sum = np.float32(0.0)
-        for j in range(U64(BSUM_GROUP)):
-            scaled = iscale * finite_to_float32(row[start + g * U64(BSUM_GROUP) + j])
-            rounded = (scaled + _ROUND_MAGIC) - _ROUND_MAGIC  # ties to even
-            # Rust's f32::round takes ties away from zero; scaled +- 0.5 is exact here.
-            away = scaled + np.copysign(half, scaled)
-            rounded = away if abs(scaled - rounded) == away_tie else rounded
-            # |scaled| <= 128 by construction, so one clamp is each variant's own clamp
-            # (ggml: min(127, v); candle: clamp(-128, 127); candle 0.9: min(127) + saturating cast).
-            rounded = min(max(rounded, np.float32(-128.0)), np.float32(127.0))
-            out[b, U64(QS_OFFSET) + g * U64(BSUM_GROUP) + j] = np.uint8(np.int32(rounded) & 0xFF)
-            group_sum = _add_small_integers(group_sum, rounded)
-        bits = np.int32(group_sum) & 0xFFFF
+        bits = group_quant_sum(out, b, g) & 0xFFFF
         out[b, U64(BSUMS_OFFSET) + U64(2) * g] = np.uint8(bits & 0xFF)
         out[b, U64(BSUMS_OFFSET + 1) + U64(2) * g] = np.uint8(bits >> 8)
 
