@@ -41,10 +41,12 @@ def block_quant(blocks, b, j):
 @intrinsic
 def group_quant_sum(typingctx, blocks, b, g):
     """The sum of the ``BSUM_GROUP`` = 16 ``qs`` of group ``g`` of block ``b`` (its bsum), as
-    int32; indices unchecked.  Generic LLVM vector code: the 16 bytes, sign bit flipped (as
-    unsigned, q + 128), added as one vector reduction, which x86 computes with a single
-    ``psadbw``; numba's own loop for this sum stays scalar, four times slower."""
-    if not (isinstance(blocks, types.Array) and blocks.dtype == types.uint8 and blocks.ndim == 2 and blocks.layout == "C"):
+    int32; indices unchecked (even under NUMBA_BOUNDSCHECK): callers pass b < len(blocks) and
+    g < 16.  Generic LLVM vector code: the 16 bytes, sign bit flipped (as unsigned, q + 128),
+    added as one vector reduction, which LLVM lowers to a single ``psadbw`` on x86; numba's own
+    loop for this sum stays scalar, four times slower."""
+    array_ok = isinstance(blocks, types.Array) and blocks.dtype == types.uint8 and blocks.ndim == 2 and blocks.layout == "C"
+    if not (array_ok and isinstance(b, types.Integer) and isinstance(g, types.Integer)):
         return None
     group_bytes = ir.VectorType(ir.IntType(8), BSUM_GROUP)
     widened = ir.VectorType(ir.IntType(32), BSUM_GROUP)

@@ -66,8 +66,9 @@ def _accumulate_zeroed_block(row, start, probes, totals):
         totals[PROBE_COLUMNS + 2 * p + 1] += product
 
 
-#: Probe vectors summed in the same loop as the weight error; any further ones take a loop each.
-FUSED_PROBES = 2
+# Probe vectors summed in the same loop as the weight error (accumulate_block_measures spells
+# out the specialisations for 0, 1 and 2); any further ones take a loop each.
+_FUSED_PROBES = 2
 
 
 @njit(cache=True, fastmath=_SUMMING)
@@ -156,7 +157,7 @@ def accumulate_block_measures(row, start, blocks, b, probes, totals):
     if n_probes >= 2:
         totals[PROBE_COLUMNS + 2] += np.float64(exact_b) * unscale
         totals[PROBE_COLUMNS + 3] += np.float64(error_b) * unscale
-    for p in range(FUSED_PROBES, n_probes):
+    for p in range(_FUSED_PROBES, n_probes):
         exact, error = _scaled_probe_sums(row, start, scale, scaled_d, blocks, b, probes[p])
         totals[PROBE_COLUMNS + 2 * p] += np.float64(exact) * unscale
         totals[PROBE_COLUMNS + 2 * p + 1] += np.float64(error) * unscale

@@ -108,13 +108,14 @@ def _quantize_block(row, start, variant, out, b):
     return 0
 
 
-#: With probe vectors, each task of the row-wise paths walks this many rows together, block
-#: column by block column: each probe slice is then read from L1 by every row, instead of
-#: all of each probe being streamed through L1 once per row (twice as slow at k = 4096).
+#: With probe vectors, each task of the row-wise paths walks up to this many rows together,
+#: block column by block column: each probe slice is then read from L1 by every row, instead
+#: of all of each probe being streamed through L1 once per row (twice as slow at k = 4096).
 #: Without probes, one row at a time streams best.
 PROBED_CHUNK_ROWS = 8
-#: Chunks shrink so that a short matrix still splits into this many tasks (no thread idles).
-_TASKS_WANTED = 64
+#: Chunks shrink so that a matrix still splits into at least this many tasks: enough for the
+#: threads of a large machine (the thread count itself would keep numba from caching the kernel).
+_TASKS_WANTED = 256
 
 
 @njit(cache=True)
@@ -145,7 +146,7 @@ def _quantize_rows_blockwise(source, row_perm, offset, first, count, variant, ou
 
 @njit(parallel=True, cache=True, nogil=True)  # nogil: a worker writes files meanwhile
 def quantize_rows_q8k(x, row_perm, col_perm, variant, out, probes=None, measures=None):
-    """Quantize every row of ``x`` (rows, k) into ``out`` (rows * k // 256, 292) uint8.
+    """Quantize every row of ``x`` (rows, k) into ``out`` (rows * k // 256, 292) uint8, C-contiguous.
 
     ``x`` is float32, or raw bfloat16 (uint16) / float16 (int16) bits; ``k % 256 == 0``.
     ``row_perm`` and ``col_perm`` are None, or unsigned gather maps applied on the fly:
@@ -179,8 +180,9 @@ def quantize_rows_q8k(x, row_perm, col_perm, variant, out, probes=None, measures
                 non_finite += _quantize_rows_blockwise(x, row_perm, 0, first, count, variant, out, probes, measures)
                 continue
             # Gathering the rows once into a small contiguous buffer (it stays in cache) costs
-            # less than gathering every element in each block pass.
-            gathered = np.empty((count, k), dtype=x.dtype)
+            # less than gathering every element in each block pass.  Its shape does not depend
+            # on the task, so numba allocates it once per thread, not once per task.
+            gathered = np.empty((chunk, k), dtype=x.dtype)
             for g in range(count):
                 row = x[source_index(row_perm, first + g)]
                 for j in range(U64(k)):

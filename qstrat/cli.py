@@ -402,8 +402,8 @@ def version() -> None:
 
 
 def quiet_openmp_threads() -> None:
-    """Numba's OpenMP threads otherwise spin between kernel calls, taking a core from the thread
-    that writes files meanwhile (a run took 10 % longer). A user's own setting wins; worker
+    """Numba's OpenMP threads otherwise spin between kernel calls, taking a core from the threads
+    that write files meanwhile (a run took 10 % longer). A user's own setting wins; worker
     processes inherit it. Only the commands set it: the library leaves a host program's OpenMP alone."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -9,6 +9,8 @@ from qstrat.pipelines.run import threshold_failures
 
 import qstrat
 from qstrat.errors import OutputError
+from qstrat.kernels import BLOCK_BYTES, measure_columns, quantize_rows_q8k
+from qstrat.kernels.metrics import DEQUANTIZED_SQUARES, ERROR_SQUARES, MAX_ABS_ERROR, PROBE_COLUMNS, REFERENCE_SQUARES
 from qstrat.io.q8k import write_q8k
 from qstrat.quantize import TensorMetrics, quantize_matrix
 from qstrat.results import TensorRecord
@@ -89,32 +91,53 @@ def test_measures_match_float64_at_any_magnitude(magnitude):
 @pytest.mark.parametrize("storage", ["float32", "bfloat16"])
 @pytest.mark.parametrize("gather", ["none", "rows", "columns", "both"])
 def test_measures_of_each_row_match_float64_on_every_kernel_path(storage, gather):
-    # 203 rows: the kernel walks them in chunks of rows with probes (the last chunk shorter);
-    # three probes: two summed in the weight-error loop, the third in its own
+    # 2051 rows: with probes the kernel walks chunks of 8 rows (the last one shorter); three
+    # probes: two summed in the weight-error loop, the third in its own; rows of magnitudes
+    # 1e-3..1e3, a block of zeros and a block too small for any scale (stored as zeros)
+    rows, k = 2051, 512
     rng = np.random.default_rng(7)
-    x = (rng.standard_normal((203, 768)) * 10.0 ** rng.uniform(-3, 3, size=(203, 1))).astype(np.float32)
+    x = (rng.standard_normal((rows, k)) * 10.0 ** rng.uniform(-3, 3, size=(rows, 1))).astype(np.float32)
+    x[5, :256] = 0
+    x[9, 256:] *= np.float32(1e-41) / np.abs(x[9, 256:]).max()
     if storage == "bfloat16":
         bits = ((x.view(np.uint32) + 0x8000) >> 16).astype(np.uint16)
         x, source = (bits.astype(np.uint32) << 16).view(np.float32), bits
     else:
         source = x
-    row_perm = rng.permutation(203) if gather in ("rows", "both") else None
-    col_perm = rng.permutation(768) if gather in ("columns", "both") else None
-    probes = {"ones": probe_vector("sum_test", 768), "ramp": probe_vector("gradient_test", 768),
-              "noise": rng.standard_normal(768).astype(np.float32)}
-    q = quantize_matrix(source, "candle", row_perm, col_perm, probes=probes)
+    row_perm = rng.permutation(rows).astype(np.uint32) if gather in ("rows", "both") else None
+    col_perm = rng.permutation(k).astype(np.uint32) if gather in ("columns", "both") else None
+    probes = np.stack([probe_vector("sum_test", k), probe_vector("gradient_test", k), rng.standard_normal(k).astype(np.float32)])
+    blocks = np.empty((rows * k // 256, BLOCK_BYTES), np.uint8)
+    measures = np.zeros((rows, measure_columns(3)))
+    assert quantize_rows_q8k(source, row_perm, col_perm, 0, blocks, probes, measures) == 0
     stored = x[row_perm if row_perm is not None else slice(None)][:, col_perm if col_perm is not None else slice(None)]
     # the measured pass stores exactly what the unmeasured one does
-    assert np.array_equal(q.blocks, quantize_matrix(source, "candle", row_perm, col_perm, measure=False).blocks)
+    unmeasured = np.empty_like(blocks)
+    quantize_rows_q8k(source, row_perm, col_perm, 0, unmeasured)
+    assert np.array_equal(blocks, unmeasured)
     w = stored.astype(np.float64)
-    deq = qstrat.dequantize_blocks(q.blocks).reshape(w.shape).astype(np.float64)
-    assert q.error_squares == pytest.approx(((w - deq) ** 2).sum(), rel=1e-5)
-    assert q.metrics.max_abs_error == pytest.approx(np.abs(w - deq).max(), rel=1e-6)
-    for name, probe in probes.items():
-        exact, error = w @ probe, w @ probe - deq @ probe
-        scale = np.abs(w).sum(1) * np.abs(probe).max()  # what the sums' rounding is relative to
-        assert np.abs(q.probe_products[name][:, 0] - exact).max() <= 1e-5 * scale.max(), name
-        assert np.all(np.abs(q.probe_products[name][:, 1] - error) <= 1e-5 * scale), name
+    deq = qstrat.dequantize_blocks(blocks).reshape(w.shape).astype(np.float64)
+    expected = {ERROR_SQUARES: ((w - deq) ** 2).sum(1), REFERENCE_SQUARES: (w**2).sum(1), DEQUANTIZED_SQUARES: (deq**2).sum(1)}
+    for column, values in expected.items():
+        assert measures[:, column] == pytest.approx(values, rel=1e-5, abs=1e-300), column
+    assert measures[:, MAX_ABS_ERROR] == pytest.approx(np.abs(w - deq).max(1), rel=1e-6, abs=1e-300)
+    assert measures[5, ERROR_SQUARES] > 0 and measures[9, MAX_ABS_ERROR] > 0  # zero block, and one stored as zeros
+    for p, probe in enumerate(probes.astype(np.float64)):
+        rounding = 1e-5 * (np.abs(w) @ np.abs(probe))  # what a row's float32 sums are relative to
+        exact = measures[:, PROBE_COLUMNS + 2 * p]
+        error = measures[:, PROBE_COLUMNS + 2 * p + 1]
+        assert np.all(np.abs(exact - w @ probe) <= rounding), p
+        assert np.all(np.abs(error - (w @ probe - deq @ probe)) <= rounding), p
+
+
+def test_measured_gather_counts_non_finite_blocks():
+    x = np.random.default_rng(8).standard_normal((40, 512)).astype(np.float32)
+    x[3, 7] = np.nan
+    x[30, 500] = np.inf
+    blocks = np.empty((80, BLOCK_BYTES), np.uint8)
+    perm = np.random.default_rng(9).permutation(512).astype(np.uint32)
+    measures = np.zeros((40, measure_columns(2)))
+    assert quantize_rows_q8k(x, None, perm, 0, blocks, np.ones((2, 512), np.float32), measures) == 2
 
 
 def test_gradient_test_sees_the_permutation_sum_test_does_not():
