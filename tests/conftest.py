@@ -6,6 +6,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Every Python process a test starts prints its threads' stacks on a fatal signal: a hung
+# command is sent SIGABRT (tests/helpers.communicate_or_dump_stacks), and the failure shows where.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+
 
 def _vectors_path() -> Path:
     # ../shared/vectors beside the clone, locally and in CI; QSTRAT_VECTORS overrides.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -33,7 +34,20 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
     full_env.update(env or {})
     script = Path(sys.executable).with_name(args[0])
     command = [str(script)] if script.exists() else [args[0]]
-    return subprocess.run(command + list(args[1:]), capture_output=True, text=True, env=full_env, timeout=timeout)
+    process = subprocess.Popen(command + list(args[1:]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
+    stdout, stderr = communicate_or_dump_stacks(process, timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def communicate_or_dump_stacks(process: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """``process.communicate(timeout)``; if the process hangs instead, fail with the stacks of
+    its threads: conftest sets PYTHONFAULTHANDLER, so SIGABRT makes Python print them."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        _, stderr = process.communicate()
+        raise AssertionError(f"{process.args} still running after {timeout} s; its threads:\n{stderr[-20000:]}") from None
 
 
 def assert_clean_failure(result: subprocess.CompletedProcess, *fragments: str) -> None:

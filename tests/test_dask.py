@@ -14,7 +14,7 @@ import pytest
 
 from qstrat.synthetic import write_model
 from tests.conftest import REPO
-from tests.helpers import assert_clean_failure, run_cli
+from tests.helpers import assert_clean_failure, communicate_or_dump_stacks, run_cli
 
 DASK = Path(sys.executable).with_name("dask")
 
@@ -102,7 +102,7 @@ def test_dask_output_equals_loky_and_survives_a_killed_worker(tmp_path, cluster)
     while run.poll() is None and (not journal.exists() or len(journal.read_text().splitlines()) < 5):
         time.sleep(0.01)
     os.killpg(workers[0].pid, signal.SIGKILL)
-    _, stderr = run.communicate(timeout=300)
+    _, stderr = communicate_or_dump_stacks(run, 300)
     assert "Traceback" not in stderr
     if run.returncode != 0:
         rerun = run_cli("qstrat", "run", str(config), "-o", str(killed), "-q", *dask_flags)

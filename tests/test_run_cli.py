@@ -15,7 +15,7 @@ from safetensors import safe_open
 import qstrat
 from qstrat.synthetic import write_model
 from tests.conftest import REPO
-from tests.helpers import assert_clean_failure, make_llama_dir, run_cli
+from tests.helpers import assert_clean_failure, communicate_or_dump_stacks, make_llama_dir, run_cli
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -204,7 +204,7 @@ def test_sigterm_stops_cleanly(tmp_path):
     while _journal_lines(out) < 5 and process.poll() is None:
         time.sleep(0.01)
     process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=60)
+    _, stderr = communicate_or_dump_stacks(process, 60)
     assert process.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert not list(out.glob(".*.tmp-*"))

@@ -19,7 +19,7 @@ from qstrat.errors import QstratError
 from qstrat.io.manifest import read_manifest
 from qstrat.io.safetensors import SafetensorsFile, write_safetensors
 from qstrat.synthetic import write_model
-from tests.helpers import assert_clean_failure, make_llama_dir, raw_safetensors, run_cli
+from tests.helpers import assert_clean_failure, communicate_or_dump_stacks, make_llama_dir, raw_safetensors, run_cli
 
 HOSTILE_NAMES = [
     "../../escape.weight", "/abs/path.weight", "a/b.weight", "a\\b.weight", "nul\0byte.weight", "new\nline.weight",
@@ -98,7 +98,7 @@ def test_sigint_stops_cleanly(tmp_path):
     while process.poll() is None and len(list(out.glob("*.q8k"))) < 5:
         time.sleep(0.01)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
+    _, stderr = communicate_or_dump_stacks(process, 120)
     assert process.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert not list(out.glob(".*.tmp-*")) and not (out / "manifest.json").exists()

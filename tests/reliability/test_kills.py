@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from qstrat.synthetic import write_model
-from tests.helpers import run_cli
+from tests.helpers import communicate_or_dump_stacks, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_kill_then_rerun_is_identical(tmp_path, model_and_reference, seed):
             os.kill(victims[-1], signal.SIGKILL)
         else:  # the main process, with its workers, as `kill -9 -PGID` (or the OOM killer's cgroup) would
             os.killpg(process.pid, signal.SIGKILL)
-    _, stderr = process.communicate(timeout=300)
+    _, stderr = communicate_or_dump_stacks(process, 300)
     assert "Traceback" not in stderr
     if target_worker and process.returncode not in (0, -9):
         assert process.returncode == 6 and "worker process died" in stderr, stderr
