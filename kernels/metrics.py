@@ -67,7 +67,7 @@ def _accumulate_zeroed_block(row, start, probes, totals):
 
 
 # Probe vectors summed in the same loop as the weight error (accumulate_block_measures spells
-# out the specialisations for 0, 1 and 2); any further ones take a loop each.
+# out the specialisations for 0, 1 and 2); any further ones take a pass each.
 _FUSED_PROBES = 2
 
 
@@ -104,19 +104,6 @@ def _scaled_block_sums(row, start, scale, scaled_d, blocks, b, probe_a, probe_b)
             error_b += e * x
     worst = np.int32(worst_bits).view(np.float32)
     return err2, ref2, deq2, worst, exact_a, error_a, exact_b, error_b
-
-
-@njit(cache=True, fastmath=_SUMMING)
-def _scaled_probe_sums(row, start, scale, scaled_d, blocks, b, probe):
-    """w.p and e.p over one block, for probes beyond the fused ones."""
-    exact = np.float32(0.0)
-    error = np.float32(0.0)
-    for j in range(U64(QK_K)):
-        x = probe[start + j]
-        w = finite_to_float32(row[start + j]) * scale
-        exact += w * x
-        error += (w - scaled_d * np.float32(block_quant(blocks, b, j))) * x
-    return exact, error
 
 
 @njit(cache=True)
@@ -158,7 +145,8 @@ def accumulate_block_measures(row, start, blocks, b, probes, totals):
         totals[PROBE_COLUMNS + 2] += np.float64(exact_b) * unscale
         totals[PROBE_COLUMNS + 3] += np.float64(error_b) * unscale
     for p in range(_FUSED_PROBES, n_probes):
-        exact, error = _scaled_probe_sums(row, start, scale, scaled_d, blocks, b, probes[p])
+        # rare (validation uses two): the weight sums of this pass are computed again, unused
+        exact, error = _scaled_block_sums(row, start, scale, scaled_d, blocks, b, probes[p], None)[4:6]
         totals[PROBE_COLUMNS + 2 * p] += np.float64(exact) * unscale
         totals[PROBE_COLUMNS + 2 * p + 1] += np.float64(error) * unscale
 
