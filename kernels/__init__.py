@@ -6,6 +6,10 @@ IEEE float16 (see :mod:`qstrat.kernels.decode`).  Wrappers in ``qstrat`` make th
 views; a user never has to.
 """
 
+from qstrat.kernels import _jit_cache
+
+_jit_cache.install()  # before any kernel is compiled or loaded from a cache
+
 from qstrat.kernels.columns import column_abs_max, column_sq_norms
 from qstrat.kernels.decode import BF16_BITS, F16_BITS
 from qstrat.kernels.layout import BLOCK_BYTES, BSUM_GROUP, QK_K

@@ -3,15 +3,6 @@
 The public API is what this module exports; see the README for an example.
 """
 
-import os as _os
-
-# Installed, kernels/ and pipelines/ are the subpackages qstrat.kernels and qstrat.pipelines.
-# In a source checkout they sit beside qstrat/; let `python -c "import qstrat"` run from the
-# checkout's root (where this directory shadows the installed package) find them too.
-_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if _os.path.isfile(_os.path.join(_checkout, "kernels", "__init__.py")) and _checkout not in __path__:
-    __path__.append(_checkout)
-
 from qstrat._version import __version__
 from qstrat.api import quantize_safetensors
 from qstrat.blocks import Q8K_VARIANTS, dequantize_blocks, quantize_blocks

@@ -99,6 +99,19 @@ def print_summary(result: QuantizationResult) -> None:
     print(summary_line(result), flush=True)
 
 
+def announce_first_compile() -> None:
+    """Say once, on a cold kernel cache, why this run starts slowly (on stderr: stdout may be parsed)."""
+    from qstrat.kernels._jit_cache import kernel_cache_dir, kernels_compiled
+
+    if not kernels_compiled():
+        print(
+            f"qstrat: compiling the kernels for this machine (first run only, about half a minute); "
+            f"later runs load them from {kernel_cache_dir()}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 class Reporter:
     """Progress for one model: a bar on a terminal, plain lines otherwise (cron), or nothing."""
 
@@ -187,6 +200,8 @@ def run(
                 print(json.dumps({"dry_run": True, "models": plans}))
             return
         mode = "quiet" if quiet or json_output else ("bar" if sys.stdout.isatty() else "lines")
+        if mode != "quiet":
+            announce_first_compile()
         reporter = Reporter(mode)
         batch = len(spec.models) > 1
         outcomes, exit_code = [], EXIT_OK
@@ -247,6 +262,7 @@ def quantize(
     from qstrat.pipelines.run import quantize_model
 
     with user_errors():
+        announce_first_compile()
         config = QuantizationConfig(
             strategies=strategy, variant=variant, workers=workers, validation=validation, output_dir=output_dir, force=force
         )
@@ -293,6 +309,8 @@ def compare(
     )
 
     with user_errors():
+        if not json_output:
+            announce_first_compile()
         chains = parse_chains(strategies)
         name = SafetensorsModel(model).name
         results = {

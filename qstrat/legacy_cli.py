@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from qstrat.cli import EXIT_CODES_HELP, print_record, print_summary, run_command, user_errors
+from qstrat.cli import EXIT_CODES_HELP, announce_first_compile, print_record, print_summary, run_command, user_errors
 from qstrat.config import QuantizationConfig
 
 HELP = """Quantize a .safetensors file or model directory to Q8K files (original tool compatible).
@@ -36,6 +36,7 @@ def quantize_q8k(
         print(f"Permute : {'on' if config.use_permutation else 'off'}")
         print(f"Strategy: {', '.join(e if isinstance(e, str) else str(e) for e in config.chain_entries())}")
         print(f"Variant : {config.variant}", flush=True)
+        announce_first_compile()
         print_summary(quantize_model(input_path, config, progress=lambda records, _: [print_record(r) for r in records]))
 
 

@@ -1,0 +1,75 @@
+"""Where numba keeps the compiled kernels: a per-user cache directory, never the package's own.
+
+Numba's default writes ``__pycache__`` beside the kernels' source.  Inside an installed
+package that is ``site-packages/qstrat/kernels/__pycache__``, which pip's uninstall does not
+know about: after ``pip install .`` then ``pip install -e .``, the leftover ``qstrat/``
+directory became a namespace package that shadowed the editable install.  A read-only
+install could not cache at all.  So qstrat's kernels are cached under the user's cache
+directory (``$XDG_CACHE_HOME/qstrat`` or ``~/.cache/qstrat`` on Linux), or under
+``NUMBA_CACHE_DIR`` when the user set it (numba's own locator, which comes first).
+Entries are keyed by the source file's location and content, so installs never mix.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from numba.core import caching, config
+from numba.misc.appdirs import AppDirs
+
+# numba < 0.61 spells these with a leading underscore
+_UserWideLocator = getattr(caching, "UserWideCacheLocator", None) or caching._UserWideCacheLocator
+_CacheImpl = getattr(caching, "CacheImpl", None) or caching._CacheImpl
+_UserProvidedLocator = getattr(caching, "UserProvidedCacheLocator", None) or caching._UserProvidedCacheLocator
+
+# as numba sees the kernels' files (through the qstrat/kernels link in a checkout)
+_KERNELS_DIR = Path(os.path.abspath(__file__)).parent
+
+
+def cache_root() -> Path:
+    """The directory under which qstrat's compiled kernels are kept."""
+    if config.CACHE_DIR:
+        return Path(config.CACHE_DIR)
+    try:
+        return Path(AppDirs(appname="qstrat", appauthor=False).user_cache_dir)
+    except (KeyError, RuntimeError):  # no home directory to be found
+        return Path(tempfile.gettempdir()) / f"qstrat-cache-{os.getuid()}"
+
+
+def kernel_cache_dir() -> Path:
+    """The directory holding the compiled kernels of this installation of qstrat."""
+    return cache_root() / _UserWideLocator.get_suitable_cache_subpath(str(_KERNELS_DIR / "q8k.py"))
+
+
+class _KernelCacheLocator(_UserWideLocator):
+    """Claims the functions defined in this package's files; numba's own locators take the rest."""
+
+    def __init__(self, py_func, py_file):
+        self._py_file = py_file
+        self._lineno = py_func.__code__.co_firstlineno
+        self._cache_path = str(cache_root() / self.get_suitable_cache_subpath(py_file))
+
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        if Path(py_file).resolve().parent != _KERNELS_DIR.resolve():
+            return None
+        return super().from_function(py_func, py_file)
+
+
+def install() -> None:
+    """Put the locator right after numba's NUMBA_CACHE_DIR one (idempotent)."""
+    locators = _CacheImpl._locator_classes
+    if _KernelCacheLocator not in locators:
+        after_user_provided = locators.index(_UserProvidedLocator) + 1 if _UserProvidedLocator in locators else 0
+        locators.insert(after_user_provided, _KernelCacheLocator)
+
+
+def kernels_compiled() -> bool:
+    """Whether the main quantize kernel has been compiled and cached here before (a cold cache
+    makes the first run compile for tens of seconds)."""
+    try:
+        return any(kernel_cache_dir().glob("q8k.quantize_rows_q8k-*.nbi"))
+    except OSError:
+        return False

@@ -1,0 +1,43 @@
+"""Compiled kernels are cached per user, never inside the installed package (whose leftover
+``__pycache__`` once shadowed a later editable install), and a cold cache is announced once."""
+
+from pathlib import Path
+
+import numpy as np
+
+import qstrat.kernels
+from qstrat.synthetic import write_model
+from tests.helpers import run_cli
+
+PACKAGE_DIR = Path(qstrat.kernels.__file__).resolve().parent
+
+
+def _package_cache_files() -> set[Path]:
+    return {p for p in PACKAGE_DIR.rglob("*") if p.suffix in (".nbi", ".nbc")}
+
+
+def test_kernels_compile_into_the_user_cache_and_say_so_once(tmp_path):
+    model = write_model(tmp_path / "model", {"layer.weight": np.ones((4, 256), dtype=np.float32)}, dtype="F32")
+    cache_home = tmp_path / "cache"
+    env = {"XDG_CACHE_HOME": str(cache_home), "NUMBA_CACHE_DIR": ""}
+    before = _package_cache_files()
+
+    first = run_cli("qstrat", "quantize", str(model), str(tmp_path / "a"), "--no-validation", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "compiling the kernels for this machine (first run only" in first.stderr
+    cached = list((cache_home / "qstrat").rglob("q8k.quantize_rows_q8k-*.nbi"))
+    assert cached, f"no kernel index under {cache_home}"
+    assert _package_cache_files() == before, "numba wrote its cache inside the package"
+
+    second = run_cli("qstrat", "quantize", str(model), str(tmp_path / "b"), "--no-validation", env=env)
+    assert second.returncode == 0, second.stderr
+    assert "compiling" not in second.stderr
+
+
+def test_numba_cache_dir_is_honoured(tmp_path):
+    model = write_model(tmp_path / "model", {"layer.weight": np.ones((4, 256), dtype=np.float32)}, dtype="F32")
+    env = {"XDG_CACHE_HOME": str(tmp_path / "unused"), "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    result = run_cli("qstrat", "quantize", str(model), str(tmp_path / "a"), "--no-validation", env=env)
+    assert result.returncode == 0, result.stderr
+    assert list((tmp_path / "numba").rglob("q8k.quantize_rows_q8k-*.nbi"))
+    assert not (tmp_path / "unused" / "qstrat").exists()
