@@ -67,9 +67,9 @@ def install() -> None:
 
 
 def kernels_compiled() -> bool:
-    """Whether the main quantize kernel has been compiled and cached here before (a cold cache
+    """Whether a quantize kernel has been compiled and cached here before (a cold cache
     makes the first run compile for tens of seconds)."""
     try:
-        return any(kernel_cache_dir().glob("q8k.quantize_rows_q8k-*.nbi"))
+        return any(kernel_cache_dir().glob("q8k.*.nbi"))
     except OSError:
         return False

@@ -144,7 +144,6 @@ def _quantize_rows_blockwise(source, row_perm, offset, first, count, variant, ou
     return non_finite
 
 
-@njit(parallel=True, cache=True, nogil=True)  # nogil: a worker writes files meanwhile
 def quantize_rows_q8k(x, row_perm, col_perm, variant, out, probes=None, measures=None):
     """Quantize every row of ``x`` (rows, k) into ``out`` (rows * k // 256, 292) uint8, C-contiguous.
 
@@ -158,36 +157,63 @@ def quantize_rows_q8k(x, row_perm, col_perm, variant, out, probes=None, measures
     ``metrics.py``); ``probes`` (n_probes, k) float32 are vectors in stored column order.
 
     Returns the number of blocks holding a NaN or infinity (zeroed; the caller refuses them).
+
+    Each path is its own compiled kernel, so that a run compiles only the paths it takes
+    (compiling is most of a first run's time).
     """
+    if measures is not None and (measures.shape[0] != x.shape[0] or measures.shape[1] != measure_columns(probes.shape[0])):
+        raise ValueError("measures must be (rows, measure_columns(len(probes))), zeroed: the kernel adds to it")
+    if col_perm is not None:
+        return _quantize_rows_gathered(x, row_perm, col_perm, variant, out, probes, measures)
+    if measures is not None:
+        return _quantize_rows_measured(x, row_perm, variant, out, probes, measures)
+    return _quantize_blocks(x, row_perm, variant, out)
+
+
+@njit(parallel=True, cache=True, nogil=True)  # nogil: a worker writes files meanwhile
+def _quantize_blocks(x, row_perm, variant, out):
+    """Block by block: parallel even for a tensor of a few long rows."""
     rows, k = x.shape
     blocks_per_row = k // QK_K
-    if measures is not None and (measures.shape[0] != rows or measures.shape[1] != measure_columns(probes.shape[0])):
-        raise ValueError("measures must be (rows, measure_columns(len(probes))), zeroed: the kernel adds to it")
     non_finite = 0
-    if col_perm is None and measures is None:
-        # block by block: parallel even for a tensor of a few long rows
-        for b in prange(rows * blocks_per_row):
-            r = b // blocks_per_row
-            row = x[source_index(row_perm, r)]
-            non_finite += _quantize_block(row, U64((b - r * blocks_per_row) * QK_K), variant, out, U64(b))
-    else:
-        # by chunks of rows, so that each row's measures are summed by one thread, in block order
-        chunk = _chunk_rows(rows, probes)
-        for c in prange((rows + chunk - 1) // chunk):
-            first = c * chunk
-            count = min(chunk, rows - first)
-            if col_perm is None:
-                non_finite += _quantize_rows_blockwise(x, row_perm, 0, first, count, variant, out, probes, measures)
-                continue
-            # Gathering the rows once into a small contiguous buffer (it stays in cache) costs
-            # less than gathering every element in each block pass.  Its shape does not depend
-            # on the task, so numba allocates it once per thread, not once per task.
-            gathered = np.empty((chunk, k), dtype=x.dtype)
-            for g in range(count):
-                row = x[source_index(row_perm, first + g)]
-                for j in range(U64(k)):
-                    gathered[g, j] = row[col_perm[j]]
-            non_finite += _quantize_rows_blockwise(gathered, None, first, first, count, variant, out, probes, measures)
+    for b in prange(rows * blocks_per_row):
+        r = b // blocks_per_row
+        row = x[source_index(row_perm, r)]
+        non_finite += _quantize_block(row, U64((b - r * blocks_per_row) * QK_K), variant, out, U64(b))
+    return non_finite
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _quantize_rows_measured(x, row_perm, variant, out, probes, measures):
+    """By chunks of rows, so that each row's measures are summed by one thread, in block order."""
+    rows = x.shape[0]
+    chunk = _chunk_rows(rows, probes)
+    non_finite = 0
+    for c in prange((rows + chunk - 1) // chunk):
+        first = c * chunk
+        count = min(chunk, rows - first)
+        non_finite += _quantize_rows_blockwise(x, row_perm, 0, first, count, variant, out, probes, measures)
+    return non_finite
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _quantize_rows_gathered(x, row_perm, col_perm, variant, out, probes, measures):
+    """By chunks of rows, each gathered into a small contiguous buffer first."""
+    rows, k = x.shape
+    chunk = _chunk_rows(rows, probes)
+    non_finite = 0
+    for c in prange((rows + chunk - 1) // chunk):
+        first = c * chunk
+        count = min(chunk, rows - first)
+        # Gathering the rows once into a small contiguous buffer (it stays in cache) costs
+        # less than gathering every element in each block pass.  Its shape does not depend
+        # on the task, so numba allocates it once per thread, not once per task.
+        gathered = np.empty((chunk, k), dtype=x.dtype)
+        for g in range(count):
+            row = x[source_index(row_perm, first + g)]
+            for j in range(U64(k)):
+                gathered[g, j] = row[col_perm[j]]
+        non_finite += _quantize_rows_blockwise(gathered, None, first, first, count, variant, out, probes, measures)
     return non_finite
 
 
