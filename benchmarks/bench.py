@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py              # kernels, 2 GB and 8 GB end-to-end runs, 1 GB / 4 GB memory runs (~12 min)
     python benchmarks/bench.py --quick      # smaller arrays and models (~1 min)
+    python benchmarks/bench.py --ggml-types # only the GGUF block types against GGML, 1 thread
 
 Absolute GB/s are for information only (shared machines are noisy); read the ratios.
 """
@@ -104,6 +105,30 @@ def kernels(values: int) -> None:
     measures = np.zeros((x.shape[0], measure_columns(2)))
     row("quantize + weight error + 2 probe products (one pass)",
         timed(lambda: quantize_rows_q8k(x, None, None, 0, out, probes, measures)), f32_time, x.nbytes, "quantize alone")
+
+
+def ggml_types(values: int) -> None:
+    """Per GGUF block type: qstrat's kernel on one thread against ggml_quantize_chunk (single-
+    threaded by design) on the same float32 matrix, plain and with an importance vector."""
+    from qstrat.formats import FORMATS
+    from qstrat.reference import ggml_quantize_chunk
+
+    rows, k = max(1, values // 4096), 4096
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((rows, k)) * 0.02).astype(np.float32)
+    imatrix = rng.uniform(0.0, 3.0, k).astype(np.float32)
+    print(f"\n### GGUF block types against GGML ({x.nbytes / 1e6:.0f} MB of float32, 1 thread each)\n")
+    print("| type | importance vector | qstrat | GGML | ratio (target >= 1) |\n| --- | --- | --- | --- | --- |")
+    numba.set_num_threads(1)
+    for name, entry in FORMATS.items():
+        if name == "q8_k":  # ggml_quantize_chunk has no Q8_K: see the kernels section
+            continue
+        for weights in (None, imatrix) if entry.uses_imatrix else (None,):
+            ours = timed(lambda: entry.quantize_rows(x, weights), 3)
+            ggml = timed(lambda: ggml_quantize_chunk(int(entry.ggml_type), x, weights), 3)
+            print(f"| {name} | {'yes' if weights is not None else 'no'} | {x.nbytes / ours / 1e9:6.3f} GB/s "
+                  f"| {x.nbytes / ggml / 1e9:6.3f} GB/s | {ggml / ours:5.2f}x |", flush=True)
+    numba.set_num_threads(CORES)
 
 
 def tree_rss(pid: int) -> int:
@@ -240,8 +265,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--size-gb", type=float, default=None)
+    parser.add_argument("--ggml-types", action="store_true", help="only the GGUF block types against GGML")
     args = parser.parse_args()
+    if args.ggml_types:
+        ggml_types(4 * 1024 * 1024 if args.quick else 16 * 1024 * 1024)
+        return 0
     kernels(16 * 1024 * 1024 if args.quick else 64 * 1024 * 1024)
+    ggml_types(4 * 1024 * 1024 if args.quick else 16 * 1024 * 1024)
     with tempfile.TemporaryDirectory(prefix="qstrat-bench-", dir=os.environ.get("QSTRAT_BENCH_DIR")) as tmp:
         jit_cost(Path(tmp))
         end_to_end(args.size_gb or (0.25 if args.quick else 2.0), Path(tmp))

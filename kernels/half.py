@@ -1,0 +1,66 @@
+"""float32 -> binary16 / bfloat16 encoding, rounded exactly as GGML rounds.
+
+GGML stores every legacy block scale with ``GGML_FP32_TO_FP16``: round to nearest, ties to
+even, subnormal halves kept (not flushed), overflow to infinity, NaN to 0x7E00 with the sign
+kept.  ``ggml_compute_fp32_to_bf16`` rounds to nearest even on the bits.  Here both are
+integer arithmetic on the float32 bits, so no CPU conversion mode can change a result.
+"""
+
+import numpy as np
+from numba import njit, prange
+from qstrat.kernels.decode import to_float32
+from qstrat.kernels.layout import U64
+
+# float32 bits thresholds for binary16 (bias 15) seen from float32 (bias 127)
+_F16_INF_FROM = np.uint32(0x477FF000)  # 65520 = (65504 + 65536) / 2: a tie that rounds to the even infinity
+_F16_NORMAL_FROM = np.uint32(0x38800000)  # 2**-14, the smallest normal half
+_REBIAS = np.uint32((127 - 15) << 23)
+_TWO_24 = np.float32(2.0**24)  # a subnormal half counts units of 2**-24
+_ROUND_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: x + magic - magic rounds ties to even
+
+
+@njit(cache=True, inline="always")
+def float32_to_f16_bits(value):
+    """The binary16 bits (uint16) of float32 ``value`` as GGML_FP32_TO_FP16 gives them."""
+    bits = np.float32(value).view(np.uint32)
+    sign = np.uint32((bits >> np.uint32(16)) & np.uint32(0x8000))
+    magnitude = bits & np.uint32(0x7FFFFFFF)
+    if magnitude > np.uint32(0x7F800000):  # NaN: GGML's quiet NaN, sign kept
+        return np.uint16(sign | np.uint32(0x7E00))
+    if magnitude >= _F16_INF_FROM:
+        return np.uint16(sign | np.uint32(0x7C00))
+    if magnitude >= _F16_NORMAL_FROM:
+        # drop 13 mantissa bits, ties to even; a carry into the exponent is the right result
+        odd = (magnitude >> np.uint32(13)) & np.uint32(1)
+        rounded = (magnitude - _REBIAS + np.uint32(0xFFF) + odd) >> np.uint32(13)
+        return np.uint16(sign | rounded)
+    # subnormal half (or zero): the magnitude in units of 2**-24 is exact in float32 (< 1024),
+    # and the magic constant rounds it ties to even; 1024 is the smallest normal, as it should be
+    units = np.uint32(magnitude).view(np.float32) * _TWO_24
+    rounded_units = (units + _ROUND_MAGIC) - _ROUND_MAGIC
+    return np.uint16(sign | np.uint32(rounded_units))
+
+
+@njit(cache=True, inline="always")
+def float32_to_bf16_bits(value):
+    """The bfloat16 bits (uint16) of finite float32 ``value``: round to nearest even, as GGML."""
+    bits = np.float32(value).view(np.uint32)
+    return np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def encode_rows_f16(x, out):
+    """``out`` (rows, k) uint16 = binary16 bits of every (finite) element of ``x`` (rows, k)."""
+    rows, k = x.shape
+    for r in prange(rows):
+        for j in range(U64(k)):
+            out[r, j] = float32_to_f16_bits(to_float32(x[r, j]))
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def encode_rows_bf16(x, out):
+    """``out`` (rows, k) uint16 = bfloat16 bits of every (finite) element of ``x`` (rows, k)."""
+    rows, k = x.shape
+    for r in prange(rows):
+        for j in range(U64(k)):
+            out[r, j] = float32_to_bf16_bits(to_float32(x[r, j]))

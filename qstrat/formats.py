@@ -1,0 +1,230 @@
+"""GGUF block types by name: one registry, and ``quantize`` / ``dequantize`` mirroring gguf-py.
+
+Each type slots in with its ``gguf.GGMLQuantizationType``; block size and bytes per block come
+from ``gguf.GGML_QUANT_SIZES`` and are checked against the kernels' own layout constants when
+the type registers, so a layout can never silently disagree with GGUF.
+
+>>> blocks = quantize(weights, "q4_0")              # (rows, k / 32 * 18) uint8   # doctest: +SKIP
+>>> values = dequantize(blocks, "q4_0")             # (rows, k) float32           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import gguf
+import numpy as np
+
+from qstrat.blocks import as_kernel_storage, dequantize_blocks, quantize_rows
+from qstrat.errors import InputError, NonFiniteError
+from qstrat.kernels import BF16_BITS, BLOCK_BYTES as Q8K_BLOCK_BYTES, QK_K, first_nonfinite_index
+from qstrat.kernels import half, legacy
+
+QuantizationType = gguf.GGMLQuantizationType
+
+#: (kernel storage (rows, k), importance vector (k,) float32 or None) -> (rows, row bytes) uint8
+QuantizeRows = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
+#: (blocks (rows, row bytes) uint8, k) -> (rows, k) float32
+DequantizeRows = Callable[[np.ndarray, int], np.ndarray]
+
+
+@dataclass(frozen=True)
+class BlockType:
+    """One GGUF tensor type qstrat writes."""
+
+    name: str
+    ggml_type: QuantizationType
+    block_size: int  # values per block
+    type_size: int  # bytes per block
+    quantize_rows: QuantizeRows
+    dequantize_rows: DequantizeRows
+    uses_imatrix: bool  # whether an importance vector changes the bytes
+
+    def row_bytes(self, k: int) -> int:
+        return k // self.block_size * self.type_size
+
+
+#: name -> type, in registration order
+FORMATS: dict[str, BlockType] = {}
+
+
+def register(
+    ggml_type: QuantizationType,
+    quantize_rows: QuantizeRows,
+    dequantize_rows: DequantizeRows,
+    *,
+    uses_imatrix: bool,
+    kernel_layout: tuple[int, int] | None = None,
+) -> BlockType:
+    """Add a type under its lower-case GGUF name.  ``kernel_layout`` (block size, bytes per
+    block) is what the kernels were written for; it must equal GGUF's."""
+    block_size, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
+    if kernel_layout is not None and kernel_layout != (block_size, type_size):
+        raise AssertionError(f"{ggml_type.name}: kernel layout {kernel_layout} != GGUF's {(block_size, type_size)}")
+    entry = BlockType(ggml_type.name.lower(), ggml_type, block_size, type_size, quantize_rows, dequantize_rows, uses_imatrix)
+    FORMATS[entry.name] = entry
+    return entry
+
+
+# --- the legacy 32-value types (kernels/legacy.py)
+
+
+def _legacy(code: int) -> tuple[QuantizeRows, DequantizeRows]:
+    def quantize_legacy(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+        out = np.empty((rows.shape[0] * (rows.shape[1] // legacy.QK), legacy.BLOCK_BYTES[code]), dtype=np.uint8)
+        non_finite = legacy.quantize_rows_legacy(rows, code, out, imatrix)
+        if non_finite:  # the caller checked first: a kernel disagreeing with it is a bug
+            raise AssertionError("the kernel found non-finite values the input check did not")
+        return out.reshape(rows.shape[0], -1)
+
+    def dequantize_legacy(blocks: np.ndarray, k: int) -> np.ndarray:
+        out = np.empty((blocks.size // legacy.BLOCK_BYTES[code], legacy.QK), dtype=np.float32)
+        legacy.dequantize_blocks_legacy(blocks.reshape(-1, legacy.BLOCK_BYTES[code]), code, out)
+        return out.reshape(blocks.shape[0], k)
+
+    return quantize_legacy, dequantize_legacy
+
+
+for _type, _code, _weighted in (
+    (QuantizationType.Q8_0, legacy.Q8_0, False),  # GGML ignores the vector for Q8_0
+    (QuantizationType.Q4_0, legacy.Q4_0, True),
+    (QuantizationType.Q4_1, legacy.Q4_1, True),
+    (QuantizationType.Q5_0, legacy.Q5_0, True),
+    (QuantizationType.Q5_1, legacy.Q5_1, True),
+):
+    register(_type, *_legacy(_code), uses_imatrix=_weighted, kernel_layout=(legacy.QK, legacy.BLOCK_BYTES[_code]))
+
+
+# --- Q8_K: the existing kernel, GGML's rounding (quantize_row_q8_K_ref)
+
+
+def _quantize_q8k(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+    return quantize_rows(rows, "ggml").reshape(rows.shape[0], -1)
+
+
+def _dequantize_q8k(blocks: np.ndarray, k: int) -> np.ndarray:
+    return dequantize_blocks(blocks.reshape(-1, Q8K_BLOCK_BYTES)).reshape(blocks.shape[0], k)
+
+
+register(QuantizationType.Q8_K, _quantize_q8k, _dequantize_q8k, uses_imatrix=False, kernel_layout=(QK_K, Q8K_BLOCK_BYTES))
+
+
+# --- unquantized targets
+
+
+def _quantize_f32(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+    if rows.dtype == np.float32:
+        return rows.astype("<f4").view(np.uint8)
+    if rows.dtype == BF16_BITS:
+        return (rows.astype(np.uint32) << np.uint32(16)).view(np.uint8)
+    return rows.view(np.float16).astype("<f4").view(np.uint8)  # exact: every half is a float32
+
+
+def _encoder(kernel: Callable[[np.ndarray, np.ndarray], None]) -> QuantizeRows:
+    def quantize_16bit(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+        out = np.empty(rows.shape, dtype=np.uint16)
+        kernel(rows, out)
+        return out.view(np.uint8)
+
+    return quantize_16bit
+
+
+def _dequantize_f32(blocks: np.ndarray, k: int) -> np.ndarray:
+    return blocks.view("<f4").astype(np.float32)
+
+
+def _dequantize_f16(blocks: np.ndarray, k: int) -> np.ndarray:
+    return blocks.view("<f2").astype(np.float32)
+
+
+def _dequantize_bf16(blocks: np.ndarray, k: int) -> np.ndarray:
+    return (blocks.view("<u2").astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+register(QuantizationType.F32, _quantize_f32, _dequantize_f32, uses_imatrix=False, kernel_layout=(1, 4))
+register(QuantizationType.F16, _encoder(half.encode_rows_f16), _dequantize_f16, uses_imatrix=False, kernel_layout=(1, 2))
+register(QuantizationType.BF16, _encoder(half.encode_rows_bf16), _dequantize_bf16, uses_imatrix=False, kernel_layout=(1, 2))
+
+
+# --- public API
+
+
+def block_type(qtype: str | QuantizationType) -> BlockType:
+    """The registered type for a name ("q4_0", any case) or a ``gguf.GGMLQuantizationType``."""
+    if isinstance(qtype, QuantizationType):
+        name = qtype.name.lower()
+    elif isinstance(qtype, str):
+        name = qtype.strip().lower()
+    else:
+        raise InputError(f"a quantization type is a name or a gguf.GGMLQuantizationType; got {qtype!r}")
+    entry = FORMATS.get(name)
+    if entry is None:
+        raise InputError(f"unknown or unsupported quantization type {qtype!r}; choose one of {', '.join(FORMATS)}")
+    return entry
+
+
+def _index_in(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.unravel_index(flat, shape))
+
+
+def _check_imatrix(imatrix: object, k: int, entry: BlockType, shape: tuple[int, ...]) -> np.ndarray:
+    weights = np.asarray(imatrix)
+    if weights.shape != (k,) or not (np.issubdtype(weights.dtype, np.floating) or np.issubdtype(weights.dtype, np.integer)):
+        raise InputError(
+            f"importance vector of shape {weights.shape} and dtype {weights.dtype} for {entry.name} data of shape {shape}: "
+            f"expected ({k},) real numbers, one per column"
+        )
+    weights = np.ascontiguousarray(weights, dtype=np.float32)
+    bad = np.flatnonzero(~(np.isfinite(weights) & (weights >= 0)))
+    if bad.size:
+        raise InputError(
+            f"importance vector for {entry.name} data of shape {shape} holds {weights[bad[0]]} at index {int(bad[0])}; "
+            "its values must be finite and >= 0"
+        )
+    return weights
+
+
+def quantize(data: np.ndarray, qtype: str | QuantizationType, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """Quantize ``data`` to GGUF type ``qtype``, byte-identical with GGML's ``ggml_quantize_chunk``.
+
+    ``data`` is float32, float16 or bfloat16 (``ml_dtypes.bfloat16``); its last dimension is a
+    row, a multiple of the type's block size.  Returns uint8 of shape ``data.shape[:-1] +
+    (row bytes,)``, as ``gguf.quants.quantize``: (rows, row bytes) for a matrix.  ``imatrix``
+    is the importance vector (one finite value >= 0 per column) of llama-quantize; types that
+    do not use one (Q8_0, Q8_K, F32/F16/BF16) ignore it, as GGML does.
+    """
+    entry = block_type(qtype)
+    array = np.asarray(data)
+    storage = as_kernel_storage(array)
+    if storage.ndim == 0 or storage.shape[-1] % entry.block_size:
+        raise InputError(
+            f"data of shape {array.shape} cannot be quantized to {entry.name}: its rows (last dimension) "
+            f"must be a multiple of {entry.block_size} long"
+        )
+    k = storage.shape[-1]
+    rows = np.ascontiguousarray(storage.reshape(-1, k))
+    weights = None if imatrix is None else _check_imatrix(imatrix, k, entry, array.shape)
+    flat = int(first_nonfinite_index(rows)) if rows.size else -1
+    if flat >= 0:
+        raise NonFiniteError(
+            f"data of shape {array.shape} holds a non-finite value at index {_index_in(flat, array.shape)}; "
+            f"{entry.name} quantization refuses NaN and infinity"
+        )
+    out = entry.quantize_rows(rows, weights if entry.uses_imatrix else None)
+    return out.reshape(array.shape[:-1] + (entry.row_bytes(k),))
+
+
+def dequantize(data: np.ndarray, qtype: str | QuantizationType) -> np.ndarray:
+    """Dequantize GGUF type ``qtype`` bytes (uint8, last dimension whole blocks) to float32,
+    as GGML's ``dequantize_row_*``: shape ``data.shape[:-1] + (values per row,)``."""
+    entry = block_type(qtype)
+    array = np.asarray(data)
+    if array.dtype != np.uint8 or array.ndim == 0 or array.shape[-1] % entry.type_size:
+        raise InputError(
+            f"{entry.name} data must be uint8 whose last dimension is whole blocks of {entry.type_size} bytes; "
+            f"got {array.dtype} of shape {array.shape}"
+        )
+    k = array.shape[-1] // entry.type_size * entry.block_size
+    blocks = np.ascontiguousarray(array.reshape(-1, array.shape[-1]))
+    return entry.dequantize_rows(blocks, k).reshape(array.shape[:-1] + (k,))
