@@ -23,7 +23,7 @@ from qstrat.blocks import KERNEL_STORAGE, check_finite
 from qstrat.errors import QstratError
 from qstrat.io.q8k import check_permutation, write_perm, write_q8k
 from qstrat.io.safetensors import read_tensor
-from qstrat.quantize import TensorMetrics, quantize_matrix
+from qstrat.matrix import TensorMetrics, quantize_matrix
 from qstrat.results import TensorRecord
 from qstrat.strategies import Permutation
 from qstrat.validation import (

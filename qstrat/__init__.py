@@ -11,7 +11,7 @@ from qstrat.config import QuantizationConfig, StrategyType
 from qstrat.errors import QstratError
 from qstrat.io.q8k import Q8KTensor, read_perm, read_q8k
 from qstrat.model import load_model
-from qstrat.quantize import TensorMetrics
+from qstrat.matrix import TensorMetrics
 from qstrat.results import QuantizationResult, TensorRecord
 from qstrat.strategies import QuantizationStrategy, StrategyChain
 
@@ -36,11 +36,6 @@ __all__ = [
     "read_perm",
     "read_q8k",
 ]
-
-
-# ``qstrat.quantize`` is the GGUF-type function (as in gguf-py), not the submodule of that name
-# whose import above bound the attribute.
-del quantize
 
 
 def __getattr__(name: str):

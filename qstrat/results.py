@@ -8,7 +8,7 @@ from pathlib import Path
 
 from qstrat.io.q8k import WrittenFile
 from qstrat.io.safetensors import DTYPES
-from qstrat.quantize import TensorMetrics
+from qstrat.matrix import TensorMetrics
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from qstrat.errors import OutputError
 from qstrat.kernels import BLOCK_BYTES, measure_columns, quantize_rows_q8k
 from qstrat.kernels.metrics import DEQUANTIZED_SQUARES, ERROR_SQUARES, MAX_ABS_ERROR, PROBE_COLUMNS, REFERENCE_SQUARES
 from qstrat.io.q8k import write_q8k
-from qstrat.quantize import TensorMetrics, quantize_matrix
+from qstrat.matrix import TensorMetrics, quantize_matrix
 from qstrat.results import TensorRecord
 from qstrat.runconfig import Thresholds
 from qstrat.validation import check_roundtrip, matvec_mse, probe_vector

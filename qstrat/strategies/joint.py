@@ -16,7 +16,7 @@ import numpy as np
 
 from qstrat.errors import ConfigError
 from qstrat.kernels import column_abs_max, column_sq_norms
-from qstrat.quantize import squared_error
+from qstrat.matrix import squared_error
 from qstrat.strategies.base import (
     Candidate,
     Permutation,
