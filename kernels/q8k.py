@@ -217,6 +217,10 @@ def _quantize_rows_gathered(x, row_perm, col_perm, variant, out, probes, measure
     return non_finite
 
 
+#: the compiled kernels behind quantize_rows_q8k (for inspecting numba's cache statistics)
+QUANTIZE_KERNELS = (_quantize_blocks, _quantize_rows_measured, _quantize_rows_gathered)
+
+
 @njit(parallel=True, cache=True)
 def dequantize_q8k_blocks(blocks, out):
     """Dequantize ``blocks`` (n, 292) uint8 into ``out`` (n, 256) float32: ``d * qs``."""

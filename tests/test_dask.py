@@ -84,10 +84,10 @@ def test_dask_output_equals_loky_and_survives_a_killed_worker(tmp_path, cluster)
     from distributed import Client
 
     def _kernel_cache_stats():  # nested, so that it travels to the workers by value
-        from qstrat.kernels import quantize_rows_q8k
+        from qstrat.kernels.q8k import QUANTIZE_KERNELS
 
-        stats = quantize_rows_q8k.stats
-        return sum(stats.cache_hits.values()), sum(stats.cache_misses.values())
+        stats = [kernel.stats for kernel in QUANTIZE_KERNELS]
+        return sum(sum(s.cache_hits.values()) for s in stats), sum(sum(s.cache_misses.values()) for s in stats)
 
     with Client(address, timeout="10s") as client:
         stats = client.run(_kernel_cache_stats)
