@@ -36,6 +36,13 @@ _Q6_QH = 128
 _Q6_SCALES = 192
 _Q6_D = 208
 
+# Q4_K / Q5_K: d fp16, dmin fp16, scales u8[12] (eight 6-bit scales and mins), [Q5_K: qh u8[32]], qs
+_K4_DMIN = 2
+_K4_SCALES = 4
+_Q4_QS = 16
+_Q5_QH = 16
+_Q5_QS = 48
+
 _GROUP_MAX_EPS = np.float32(1e-15)  # GGML: a sub-block or block below this is all zeros
 _BLOCKS_PER_TASK = 16  # blocks one parallel task quantizes with one set of scratch arrays
 
@@ -56,6 +63,163 @@ def _signed_byte(i):
 def _half_value(out, b, offset):
     """The float32 value of the fp16 just stored at ``offset`` (GGML_FP16_TO_FP32 of y[i].d)."""
     return load_half(out, b, offset)
+
+
+@njit(cache=True)
+def _make_qkx_quants(x, weight, nmax, codes, aux, rmin, rdelta, nstep, use_mad):
+    """GGML's make_qkx2_quants, and make_qkx3_quants given weights (the same search): codes in
+    [0, nmax] and (scale, the_min), value ~ scale * code - the_min.  ``nstep + 1`` scales
+    ``(rmin + rdelta * step + nmax) / (max - min)`` are tried, each with a weighted least-squares
+    fit of scale and minimum (the minimum kept <= 0); the smallest weighted error (squared, or
+    absolute with ``use_mad``) wins, ties to the earlier."""
+    n = x.shape[0]
+    low = x[0]
+    high = x[0]
+    sum_w = weight[0]
+    sum_x = sum_w * x[0]
+    for i in range(1, n):
+        if x[i] < low:
+            low = x[i]
+        if x[i] > high:
+            high = x[i]
+        w = weight[i]
+        sum_w += w
+        sum_x += w * x[i]
+    if low > np.float32(0.0):
+        low = np.float32(0.0)
+    if high <= low:  # make_qkx2_quants tests max == min: the same once min <= max
+        for i in range(n):
+            codes[i] = 0
+        return np.float32(0.0), -low
+    fmax = np.float32(nmax)
+    iscale = fmax / (high - low)
+    scale = np.float32(1.0) / iscale
+    best_error = np.float32(0.0)
+    for i in range(n):
+        l = max(0, min(nmax, nearest_int(iscale * (x[i] - low))))
+        codes[i] = l
+        diff = scale * np.float32(l) + low - x[i]
+        diff = abs(diff) if use_mad else diff * diff
+        best_error += weight[i] * diff
+    for step in range(nstep + 1):
+        iscale = (rmin + rdelta * np.float32(step) + fmax) / (high - low)
+        sum_l = np.float32(0.0)
+        sum_l2 = np.float32(0.0)
+        sum_xl = np.float32(0.0)
+        for i in range(n):
+            l = max(0, min(nmax, nearest_int(iscale * (x[i] - low))))
+            aux[i] = l
+            w = weight[i]
+            fl = np.float32(l)
+            sum_l += w * fl
+            sum_l2 += w * fl * fl
+            sum_xl += w * fl * x[i]
+        det = sum_w * sum_l2 - sum_l * sum_l
+        if det > np.float32(0.0):
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+            if this_min > np.float32(0.0):
+                this_min = np.float32(0.0)
+                this_scale = sum_xl / sum_l2
+            error = np.float32(0.0)
+            for i in range(n):
+                diff = this_scale * np.float32(aux[i]) + this_min - x[i]
+                diff = abs(diff) if use_mad else diff * diff
+                error += weight[i] * diff
+            if error < best_error:
+                for i in range(n):
+                    codes[i] = aux[i]
+                best_error = error
+                scale = this_scale
+                low = this_min
+    return scale, -low
+
+
+@njit(cache=True)
+def _make_qp_quants(x, nmax, codes, quant_weights):
+    """GGML's make_qp_quants: codes (as the uint8_t GGML stores) of the non-negative ``x`` on
+    [0, nmax] and their scale: the best of nine inverse scales ``(nmax + 0.1 s) / max`` by
+    weighted squared error, then up to five passes moving single codes to the least-squares
+    optimum."""
+    n = x.shape[0]
+    top = np.float32(0.0)
+    for i in range(n):
+        top = top if top > x[i] else x[i]  # C's MAX(max, x[i])
+    if top < _GROUP_MAX_EPS:
+        for i in range(n):
+            codes[i] = 0
+        return np.float32(0.0)
+    fmax = np.float32(nmax)
+    iscale = fmax / top
+    for i in range(n):
+        codes[i] = _low_byte(nearest_int(iscale * x[i]))
+    scale = np.float32(1.0) / iscale
+    best_mse = np.float32(0.0)
+    for i in range(n):
+        diff = x[i] - scale * np.float32(codes[i])
+        best_mse += quant_weights[i] * diff * diff
+    for step in range(-4, 5):
+        if step == 0:
+            continue
+        iscale_step = (np.float32(0.1) * np.float32(step) + fmax) / top
+        scale_step = np.float32(1.0) / iscale_step
+        mse = np.float32(0.0)
+        for i in range(n):
+            l = min(nmax, nearest_int(iscale_step * x[i]))
+            diff = x[i] - scale_step * np.float32(l)
+            mse += quant_weights[i] * diff * diff
+        if mse < best_mse:
+            best_mse = mse
+            iscale = iscale_step
+    sumlx = np.float32(0.0)
+    suml2 = np.float32(0.0)
+    for i in range(n):
+        l = min(nmax, nearest_int(iscale * x[i]))
+        codes[i] = _low_byte(l)
+        fl = np.float32(l)  # the sums take the int, not the stored byte
+        sumlx += quant_weights[i] * x[i] * fl
+        suml2 += quant_weights[i] * fl * fl
+    for _ in range(5):
+        changed = 0
+        for i in range(n):
+            w = quant_weights[i]
+            li = np.float32(codes[i])
+            slx = sumlx - w * x[i] * li
+            sl2 = suml2 - w * li * li
+            if slx > np.float32(0.0) and sl2 > np.float32(0.0):
+                new_l = min(nmax, nearest_int(x[i] * sl2 / slx))
+                if new_l != codes[i]:
+                    fl = np.float32(new_l)
+                    slx += w * x[i] * fl
+                    sl2 += w * fl * fl
+                    if slx * slx * suml2 > sumlx * sumlx * sl2:
+                        codes[i] = _low_byte(new_l)
+                        sumlx = slx
+                        suml2 = sl2
+                        changed += 1
+        if not changed:
+            break
+    return sumlx / suml2 if suml2 > np.float32(0.0) else np.float32(0.0)
+
+
+@njit(cache=True)
+def _block_sum_x2(xb):
+    """sum(x**2) over a block, a sequential float32 sum as GGML's loop."""
+    sum_x2 = np.float32(0.0)
+    for j in range(QK_K):
+        sum_x2 += xb[j] * xb[j]
+    return sum_x2
+
+
+@njit(cache=True)
+def _importance_weights(x, qw, sigma2, weight):
+    """weight[l] = qw[l] * sqrtf(sigma2 + x[l]**2) (GGML's *_impl); returns their sequential sum."""
+    total = np.float32(0.0)
+    for l in range(x.shape[0]):
+        weight[l] = qw[l] * np.float32(np.sqrt(sigma2 + x[l] * x[l]))
+    for l in range(x.shape[0]):
+        total += weight[l]
+    return total
 
 
 # --- Q6_K: 16 sub-blocks of 16, int8 scales, 6-bit codes
@@ -132,13 +296,154 @@ def _dequantize_q6_k(blocks, b, y):
             y[base + l + 96] = d * np.float32(np.int8(blocks[b, s + 6])) * np.float32(q4)
 
 
+# --- Q4_K / Q5_K: 8 sub-blocks of 32, 6-bit scales and mins, 4- or 5-bit codes
+
+
+@njit(cache=True, inline="always")
+def _scale_min_k4(blocks, b, j):
+    """get_scale_min_k4: sub-block j's 6-bit scale and min from the 12 packed bytes."""
+    q = _K4_SCALES
+    if j < 4:
+        return np.int64(blocks[b, q + j]) & 63, np.int64(blocks[b, q + j + 4]) & 63
+    sc = (np.int64(blocks[b, q + j + 4]) & 0xF) | ((np.int64(blocks[b, q + j - 4]) >> 6) << 4)
+    m = (np.int64(blocks[b, q + j + 4]) >> 4) | ((np.int64(blocks[b, q + j]) >> 6) << 4)
+    return sc, m
+
+
+@njit(cache=True, inline="always")
+def _or_byte(out, b, offset, bits):
+    out[b, offset] = np.uint8(_low_byte(np.int64(out[b, offset]) | bits))
+
+
+@njit(cache=True)
+def _quantize_q45_k(xb, qw, nmax, out, b, codes, aux, weight, scales, mins, sw, ls, lm):
+    """quantize_row_q4_K_ref / q5_K_ref (qw None), quantize_row_q4_K_impl / q5_K_impl (nmax 15 / 31)."""
+    five = nmax == 31
+    if qw is None:
+        max_scale = np.float32(0.0)
+        max_min = np.float32(0.0)
+        for j in range(8):
+            x = xb[32 * j : 32 * j + 32]
+            sum_x2 = np.float32(0.0)
+            for l in range(32):
+                sum_x2 += x[l] * x[l]
+            av_x = np.float32(np.sqrt(sum_x2 / np.float32(32.0)))
+            for l in range(32):
+                weight[l] = av_x + abs(x[l])
+            if five:
+                scale, the_min = _make_qkx_quants(
+                    x, weight, 31, codes[32 * j : 32 * j + 32], aux, np.float32(-0.5), np.float32(0.1), 15, False
+                )
+            else:
+                scale, the_min = _make_qkx_quants(
+                    x, weight, 15, codes[32 * j : 32 * j + 32], aux, np.float32(-1.0), np.float32(0.1), 20, False
+                )
+            scales[j] = scale
+            mins[j] = the_min
+            if scale > max_scale:
+                max_scale = scale
+            if the_min > max_min:
+                max_min = the_min
+        inv_scale = np.float32(63.0) / max_scale if max_scale > np.float32(0.0) else np.float32(0.0)
+        inv_min = np.float32(63.0) / max_min if max_min > np.float32(0.0) else np.float32(0.0)
+        for j in range(8):
+            ls[j] = min(63, _low_byte(nearest_int(inv_scale * scales[j])))
+            lm[j] = min(63, _low_byte(nearest_int(inv_min * mins[j])))
+        d_block = max_scale / np.float32(63.0)
+        m_block = max_min / np.float32(63.0)
+    else:
+        sigma2 = np.float32(2.0) * _block_sum_x2(xb) / np.float32(QK_K)
+        for j in range(8):
+            x = xb[32 * j : 32 * j + 32]
+            sw[j] = _importance_weights(x, qw[32 * j : 32 * j + 32], sigma2, weight)
+            scale, the_min = _make_qkx_quants(
+                x, weight, nmax, codes[32 * j : 32 * j + 32], aux, np.float32(-0.9), np.float32(0.05), 36, False
+            )
+            scales[j] = scale
+            mins[j] = the_min
+        d_block = _make_qp_quants(scales[:8], 63, ls, sw[:8])
+        m_block = _make_qp_quants(mins[:8], 63, lm, sw[:8])
+        if five:  # quantize_row_q5_K_impl clamps again; q4_K_impl does not
+            for j in range(8):
+                ls[j] = min(63, ls[j])
+                lm[j] = min(63, lm[j])
+    for j in range(8):
+        if j < 4:
+            out[b, _K4_SCALES + j] = np.uint8(_low_byte(ls[j]))
+            out[b, _K4_SCALES + j + 4] = np.uint8(_low_byte(lm[j]))
+        else:
+            out[b, _K4_SCALES + j + 4] = np.uint8(_low_byte((ls[j] & 0xF) | ((lm[j] & 0xF) << 4)))
+            _or_byte(out, b, _K4_SCALES + j - 4, (ls[j] >> 4) << 6)
+            _or_byte(out, b, _K4_SCALES + j, (lm[j] >> 4) << 6)
+    store_half(out, b, 0, d_block)
+    store_half(out, b, _K4_DMIN, m_block)
+    d_all = _half_value(out, b, 0)
+    dmin_all = _half_value(out, b, _K4_DMIN)
+    for j in range(8):
+        sc, m = _scale_min_k4(out, b, j)
+        d = d_all * np.float32(sc)
+        if d == np.float32(0.0):
+            continue
+        dm = dmin_all * np.float32(m)
+        for ii in range(32):
+            l = nearest_int((xb[32 * j + ii] + dm) / d)
+            codes[32 * j + ii] = max(0, min(nmax, l))
+    if not five:
+        for n in range(4):
+            for l in range(32):
+                out[b, _Q4_QS + 32 * n + l] = np.uint8(_low_byte(codes[64 * n + l] | (codes[64 * n + l + 32] << 4)))
+        return
+    for l in range(32):
+        out[b, _Q5_QH + l] = 0
+    for n in range(4):
+        m1 = 1 << (2 * n)
+        for l in range(32):
+            l1 = codes[64 * n + l]
+            if l1 > 15:
+                l1 -= 16
+                _or_byte(out, b, _Q5_QH + l, m1)
+            l2 = codes[64 * n + l + 32]
+            if l2 > 15:
+                l2 -= 16
+                _or_byte(out, b, _Q5_QH + l, m1 << 1)
+            out[b, _Q5_QS + 32 * n + l] = np.uint8(_low_byte(l1 | (l2 << 4)))
+
+
+@njit(cache=True)
+def _dequantize_q45_k(blocks, b, five, y):
+    d = load_half(blocks, b, 0)
+    dmin = load_half(blocks, b, _K4_DMIN)
+    qs = _Q5_QS if five else _Q4_QS
+    for n in range(4):
+        sc1, m1 = _scale_min_k4(blocks, b, 2 * n)
+        sc2, m2 = _scale_min_k4(blocks, b, 2 * n + 1)
+        d1 = d * np.float32(sc1)
+        min1 = dmin * np.float32(m1)
+        d2 = d * np.float32(sc2)
+        min2 = dmin * np.float32(m2)
+        for l in range(32):
+            byte = np.int64(blocks[b, qs + 32 * n + l])
+            q1 = byte & 0xF
+            q2 = byte >> 4
+            if five:
+                h = np.int64(blocks[b, _Q5_QH + l])
+                q1 += 16 if (h >> (2 * n)) & 1 else 0
+                q2 += 16 if (h >> (2 * n + 1)) & 1 else 0
+            y[64 * n + l] = d1 * np.float32(q1) - min1
+            y[64 * n + l + 32] = d2 * np.float32(q2) - min2
+
+
 # --- driver
 
 
 @njit(cache=True)
-def _quantize_block(xb, qtype, qw, out, b, codes, weight, scales):
+def _quantize_block(xb, qtype, qw, out, b, codes, aux, weight, scales, mins, sw, ls, lm):
     if qtype == Q6_K:
         _quantize_q6_k(xb, qw, out, b, codes, weight, scales)
+    elif qtype == Q4_K:
+        _quantize_q45_k(xb, qw, 15, out, b, codes, aux, weight, scales, mins, sw, ls, lm)
+    elif qtype == Q5_K:
+        _quantize_q45_k(xb, qw, 31, out, b, codes, aux, weight, scales, mins, sw, ls, lm)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -157,8 +462,13 @@ def quantize_rows_kquants(x, qtype, out, quant_weights=None):
     for task in prange((n_blocks + _BLOCKS_PER_TASK - 1) // _BLOCKS_PER_TASK):
         xb = np.empty(QK_K, dtype=np.float32)
         codes = np.empty(QK_K, dtype=np.int64)
+        aux = np.empty(32, dtype=np.int64)
         weight = np.empty(32, dtype=np.float32)
         scales = np.empty(16, dtype=np.float32)
+        mins = np.empty(16, dtype=np.float32)
+        sw = np.empty(16, dtype=np.float32)
+        ls = np.empty(16, dtype=np.int64)
+        lm = np.empty(16, dtype=np.int64)
         for b in range(task * _BLOCKS_PER_TASK, min(n_blocks, (task + 1) * _BLOCKS_PER_TASK)):
             r = b // blocks_per_row
             start = (b - r * blocks_per_row) * QK_K
@@ -173,9 +483,11 @@ def quantize_rows_kquants(x, qtype, out, quant_weights=None):
             for j in range(QK_K):
                 xb[j] = finite_to_float32(x[r, start + j])
             if quant_weights is None:
-                _quantize_block(xb, qtype, None, out, b, codes, weight, scales)
+                _quantize_block(xb, qtype, None, out, b, codes, aux, weight, scales, mins, sw, ls, lm)
             else:
-                _quantize_block(xb, qtype, quant_weights[start : start + QK_K], out, b, codes, weight, scales)
+                _quantize_block(
+                    xb, qtype, quant_weights[start : start + QK_K], out, b, codes, aux, weight, scales, mins, sw, ls, lm
+                )
     return non_finite
 
 
@@ -186,3 +498,5 @@ def dequantize_blocks_kquants(blocks, qtype, out):
     for b in prange(blocks.shape[0]):
         if qtype == Q6_K:
             _dequantize_q6_k(blocks, b, out[b])
+        elif qtype == Q4_K or qtype == Q5_K:
+            _dequantize_q45_k(blocks, b, qtype == Q5_K, out[b])

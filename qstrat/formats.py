@@ -115,7 +115,11 @@ def _kquant(code: int) -> tuple[QuantizeRows, DequantizeRows]:
     return quantize_kquant, dequantize_kquant
 
 
-for _type, _code in ((QuantizationType.Q6_K, kquants.Q6_K),):
+for _type, _code in (
+    (QuantizationType.Q4_K, kquants.Q4_K),
+    (QuantizationType.Q5_K, kquants.Q5_K),
+    (QuantizationType.Q6_K, kquants.Q6_K),
+):
     register(_type, *_kquant(_code), uses_imatrix=True, kernel_layout=(QK_K, kquants.BLOCK_BYTES[_code]))
 
 

@@ -11,7 +11,7 @@ from qstrat.kernels import kquants
 from qstrat.reference import ggml_dequantize_row, ggml_quantize_chunk
 from tests.test_formats_ggml import bf16_bits_to_f32, edge_rows, f32_to_bf16_bits, importance
 
-KQUANTS = ["q6_k"]
+KQUANTS = ["q6_k", "q4_k", "q5_k"]
 K = 512  # two super-blocks per row
 
 
@@ -119,8 +119,16 @@ def _q6_k_sub_scales(blocks):
     return blocks[:, 192:208].view(np.int8)
 
 
-QK_SUB = {"q6_k": 16}
-SUB_SCALES = {"q6_k": _q6_k_sub_scales}
+def _k4_sub_scales(blocks):
+    # get_scale_min_k4's scales: the low 6 bits of bytes 4..8, then nibbles of 12..16 with bits 6-7 of 4..8
+    packed = blocks[:, 4:16].astype(np.int64)
+    low = packed[:, 0:4] & 63
+    high = (packed[:, 8:12] & 0xF) | ((packed[:, 0:4] >> 6) << 4)
+    return np.concatenate([low, high], axis=1)
+
+
+QK_SUB = {"q6_k": 16, "q4_k": 32, "q5_k": 32}
+SUB_SCALES = {"q6_k": _q6_k_sub_scales, "q4_k": _k4_sub_scales, "q5_k": _k4_sub_scales}
 
 
 def test_layout_constants_are_gguf_sizes():
