@@ -36,6 +36,14 @@ _Q6_QH = 128
 _Q6_SCALES = 192
 _Q6_D = 208
 
+# Q2_K: scales u8[16] (4-bit scale | 4-bit min << 4), qs u8[64] (2-bit codes), d fp16, dmin fp16
+_Q2_QS = 16
+_Q2_D = 80
+_Q2_DMIN = 82
+# Q3_K: hmask u8[32] (third bits), qs u8[64] (low two bits), scales u8[12] (sixteen 6-bit), d fp16
+_Q3_QS = 32
+_Q3_SCALES = 96
+_Q3_D = 108
 # Q4_K / Q5_K: d fp16, dmin fp16, scales u8[12] (eight 6-bit scales and mins), [Q5_K: qh u8[32]], qs
 _K4_DMIN = 2
 _K4_SCALES = 4
@@ -57,6 +65,12 @@ def _low_byte(i):
 def _signed_byte(i):
     """What a C store of the int ``i`` into an int8_t keeps."""
     return ((np.int64(i) & 0xFF) ^ 0x80) - 0x80
+
+
+@njit(cache=True, inline="always")
+def _or_byte(out, b, offset, bits):
+    """out[b, offset] |= bits, as a C `|=` on a uint8_t."""
+    out[b, offset] = np.uint8(_low_byte(np.int64(out[b, offset]) | bits))
 
 
 @njit(cache=True, inline="always")
@@ -296,6 +310,232 @@ def _dequantize_q6_k(blocks, b, y):
             y[base + l + 96] = d * np.float32(np.int8(blocks[b, s + 6])) * np.float32(q4)
 
 
+# --- Q2_K / Q3_K: 16 sub-blocks of 16, 2-bit codes (plus a third bit in Q3_K's hmask)
+
+
+@njit(cache=True)
+def _pack_2bit(out, b, qs, codes):
+    """qs[32h + l] holds the codes of values 128h + l + 32g at bits 2g (g = 0..3)."""
+    for h in range(2):
+        for l in range(32):
+            j = 128 * h + l
+            bits = codes[j] | (codes[j + 32] << 2) | (codes[j + 64] << 4) | (codes[j + 96] << 6)
+            out[b, qs + 32 * h + l] = np.uint8(_low_byte(bits))
+
+
+@njit(cache=True)
+def _make_q3_quants(x, nmax, codes):
+    """GGML's make_q3_quants with do_rmse: codes l + nmax, l in [-nmax, nmax - 1], weights x**2;
+    up to five passes move single codes to the weighted least-squares optimum.  An all-zero
+    sub-block (|max| < 1e-15) gets codes 0, not nmax, as in GGML."""
+    n = x.shape[0]
+    amax = np.float32(0.0)
+    extreme = np.float32(0.0)
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            extreme = x[i]
+    if amax < _GROUP_MAX_EPS:
+        for i in range(n):
+            codes[i] = 0
+        return np.float32(0.0)
+    iscale = np.float32(-nmax) / extreme
+    sumlx = np.float32(0.0)
+    suml2 = np.float32(0.0)
+    for i in range(n):
+        l = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
+        codes[i] = l
+        w = x[i] * x[i]
+        fl = np.float32(l)
+        sumlx += w * x[i] * fl
+        suml2 += w * fl * fl
+    for _ in range(5):
+        changed = 0
+        for i in range(n):
+            w = x[i] * x[i]
+            li = np.float32(codes[i])
+            slx = sumlx - w * x[i] * li
+            if slx > np.float32(0.0):
+                sl2 = suml2 - w * li * li
+                new_l = max(-nmax, min(nmax - 1, nearest_int(x[i] * sl2 / slx)))
+                if new_l != codes[i]:
+                    fl = np.float32(new_l)
+                    slx += w * x[i] * fl
+                    sl2 += w * fl * fl
+                    if sl2 > np.float32(0.0) and slx * slx * suml2 > sumlx * sumlx * sl2:
+                        codes[i] = new_l
+                        sumlx = slx
+                        suml2 = sl2
+                        changed += 1
+        if not changed:
+            break
+    for i in range(n):
+        codes[i] += nmax
+    return sumlx / suml2 if suml2 > np.float32(0.0) else np.float32(0.0)
+
+
+@njit(cache=True, inline="always")
+def _q3_scale(blocks, b, j):
+    """Sub-block j's 6-bit scale: a nibble of scales[j % 8] (low for j < 8) topped by two bits
+    of scales[8 + j % 4] at bit 2 * (j // 4)."""
+    q = _Q3_SCALES
+    low = np.int64(blocks[b, q + j]) & 0xF if j < 8 else np.int64(blocks[b, q + j - 8]) >> 4
+    return low | (((np.int64(blocks[b, q + 8 + j % 4]) >> (2 * (j // 4))) & 3) << 4)
+
+
+@njit(cache=True)
+def _quantize_q3_k(xb, qw, out, b, codes, weight, scales, sw, ls):
+    """quantize_row_q3_K_ref (qw None) / quantize_row_q3_K_impl."""
+    if qw is None:
+        max_scale = np.float32(0.0)
+        amax = np.float32(0.0)
+        for j in range(16):
+            scales[j] = _make_q3_quants(xb[16 * j : 16 * j + 16], 4, codes[16 * j : 16 * j + 16])
+            scale = abs(scales[j])
+            if scale > amax:
+                amax = scale
+                max_scale = scales[j]
+        for j in range(12):
+            out[b, _Q3_SCALES + j] = 0
+        if max_scale != np.float32(0.0):  # C's `if (max_scale)`: NaN goes on
+            iscale = np.float32(-32.0) / max_scale
+            for j in range(16):
+                ls[j] = max(-32, min(31, _signed_byte(nearest_int(iscale * scales[j])))) + 32
+            d_block = np.float32(1.0) / iscale
+        else:
+            for j in range(16):
+                ls[j] = 0
+            d_block = np.float32(0.0)
+    else:
+        sigma2 = np.float32(2.0) * _block_sum_x2(xb) / np.float32(QK_K)
+        for j in range(16):
+            x = xb[16 * j : 16 * j + 16]
+            sw[j] = _importance_weights(x, qw[16 * j : 16 * j + 16], sigma2, weight)
+            scales[j] = make_qx_quants(x, weight[:16], 4, codes[16 * j : 16 * j + 16])
+        for j in range(12):
+            out[b, _Q3_SCALES + j] = 0
+        d_block = make_qx_quants(scales, sw, 32, ls)
+    for j in range(16):  # GGML skips this when max_scale is 0: the codes 0 pack to the same zeros
+        l = ls[j]
+        if j < 8:
+            out[b, _Q3_SCALES + j] = np.uint8(l & 0xF)
+        else:
+            _or_byte(out, b, _Q3_SCALES + j - 8, (l & 0xF) << 4)
+        _or_byte(out, b, _Q3_SCALES + 8 + j % 4, (l >> 4) << (2 * (j // 4)))
+    store_half(out, b, _Q3_D, d_block)
+    d_all = _half_value(out, b, _Q3_D)
+    for j in range(16):
+        d = d_all * np.float32(_q3_scale(out, b, j) - 32)
+        if d == np.float32(0.0):
+            continue
+        for ii in range(16):
+            l = nearest_int(xb[16 * j + ii] / d)
+            codes[16 * j + ii] = max(-4, min(3, l)) + 4
+    for m in range(32):
+        out[b, m] = 0
+    for j in range(QK_K):
+        if codes[j] > 3:
+            _or_byte(out, b, j % 32, 1 << (j // 32))
+            codes[j] -= 4
+    _pack_2bit(out, b, _Q3_QS, codes)
+
+
+@njit(cache=True)
+def _quantize_q2_k(xb, qw, out, b, codes, aux, weight, scales, mins, sw, ls, lm):
+    """quantize_row_q2_K_ref (qw None) / quantize_row_q2_K_impl."""
+    if qw is None:
+        max_scale = np.float32(0.0)
+        max_min = np.float32(0.0)
+        for j in range(16):
+            x = xb[16 * j : 16 * j + 16]
+            for l in range(16):
+                weight[l] = abs(x[l])
+            scale, the_min = _make_qkx_quants(
+                x, weight[:16], 3, codes[16 * j : 16 * j + 16], aux, np.float32(-0.5), np.float32(0.1), 15, True
+            )
+            scales[j] = scale
+            mins[j] = the_min
+            if scale > max_scale:
+                max_scale = scale
+            if the_min > max_min:
+                max_min = the_min
+        if max_scale > np.float32(0.0):
+            iscale = np.float32(15.0) / max_scale
+            for j in range(16):
+                ls[j] = nearest_int(iscale * scales[j])
+            d_block = max_scale / np.float32(15.0)
+        else:
+            for j in range(16):
+                ls[j] = 0
+            d_block = np.float32(0.0)
+        if max_min > np.float32(0.0):
+            iscale = np.float32(15.0) / max_min
+            for j in range(16):
+                lm[j] = nearest_int(iscale * mins[j])
+            m_block = max_min / np.float32(15.0)
+        else:
+            for j in range(16):
+                lm[j] = 0
+            m_block = np.float32(0.0)
+    else:
+        sigma2 = _block_sum_x2(xb) / np.float32(QK_K)  # no factor 2 here, unlike q3_K..q5_K
+        for j in range(16):
+            x = xb[16 * j : 16 * j + 16]
+            sw[j] = _importance_weights(x, qw[16 * j : 16 * j + 16], sigma2, weight)
+            scale, the_min = _make_qkx_quants(
+                x, weight[:16], 3, codes[16 * j : 16 * j + 16], aux, np.float32(-0.9), np.float32(0.05), 36, False
+            )
+            scales[j] = scale
+            mins[j] = the_min
+        d_block = _make_qp_quants(scales, 15, ls, sw)
+        m_block = _make_qp_quants(mins, 15, lm, sw)
+    for j in range(16):
+        out[b, j] = np.uint8(_low_byte(_low_byte(ls[j]) | (lm[j] << 4)))
+    store_half(out, b, _Q2_D, d_block)
+    store_half(out, b, _Q2_DMIN, m_block)
+    d_all = _half_value(out, b, _Q2_D)
+    dmin_all = _half_value(out, b, _Q2_DMIN)
+    for j in range(16):
+        sc = np.int64(out[b, j])
+        d = d_all * np.float32(sc & 0xF)
+        if d == np.float32(0.0):
+            continue
+        dm = dmin_all * np.float32(sc >> 4)
+        for ii in range(16):
+            l = nearest_int((xb[16 * j + ii] + dm) / d)
+            codes[16 * j + ii] = max(0, min(3, l))
+    _pack_2bit(out, b, _Q2_QS, codes)
+
+
+@njit(cache=True)
+def _dequantize_q23_k(blocks, b, three, y):
+    """dequantize_row_q2_K: d * sc * q - dmin * m; dequantize_row_q3_K: d * (sc - 32) * (q - 4 * !bit)."""
+    d = load_half(blocks, b, _Q3_D if three else _Q2_D)
+    dmin = load_half(blocks, b, _Q2_DMIN) if not three else np.float32(0.0)
+    qs = _Q3_QS if three else _Q2_QS
+    for n in range(2):
+        for j in range(4):
+            shift = 2 * j
+            for half in range(2):
+                s = 8 * n + 2 * j + half  # GGML's running `is`
+                base = 128 * n + 32 * j + 16 * half
+                if three:
+                    dl = d * np.float32(_q3_scale(blocks, b, s) - 32)
+                    bit = 4 * n + j  # hmask bit, running over both halves of the block
+                    for l in range(16):
+                        q = (np.int64(blocks[b, qs + 32 * n + 16 * half + l]) >> shift) & 3
+                        q -= 0 if (np.int64(blocks[b, 16 * half + l]) >> bit) & 1 else 4
+                        y[base + l] = dl * np.float32(q)
+                else:
+                    sc = np.int64(blocks[b, s])
+                    dl = d * np.float32(sc & 0xF)
+                    ml = dmin * np.float32(sc >> 4)
+                    for l in range(16):
+                        q = (np.int64(blocks[b, qs + 32 * n + 16 * half + l]) >> shift) & 3
+                        y[base + l] = dl * np.float32(q) - ml
+
+
 # --- Q4_K / Q5_K: 8 sub-blocks of 32, 6-bit scales and mins, 4- or 5-bit codes
 
 
@@ -308,11 +548,6 @@ def _scale_min_k4(blocks, b, j):
     sc = (np.int64(blocks[b, q + j + 4]) & 0xF) | ((np.int64(blocks[b, q + j - 4]) >> 6) << 4)
     m = (np.int64(blocks[b, q + j + 4]) >> 4) | ((np.int64(blocks[b, q + j]) >> 6) << 4)
     return sc, m
-
-
-@njit(cache=True, inline="always")
-def _or_byte(out, b, offset, bits):
-    out[b, offset] = np.uint8(_low_byte(np.int64(out[b, offset]) | bits))
 
 
 @njit(cache=True)
@@ -440,6 +675,10 @@ def _dequantize_q45_k(blocks, b, five, y):
 def _quantize_block(xb, qtype, qw, out, b, codes, aux, weight, scales, mins, sw, ls, lm):
     if qtype == Q6_K:
         _quantize_q6_k(xb, qw, out, b, codes, weight, scales)
+    elif qtype == Q2_K:
+        _quantize_q2_k(xb, qw, out, b, codes, aux, weight, scales, mins, sw, ls, lm)
+    elif qtype == Q3_K:
+        _quantize_q3_k(xb, qw, out, b, codes, weight, scales, sw, ls)
     elif qtype == Q4_K:
         _quantize_q45_k(xb, qw, 15, out, b, codes, aux, weight, scales, mins, sw, ls, lm)
     elif qtype == Q5_K:
@@ -498,5 +737,7 @@ def dequantize_blocks_kquants(blocks, qtype, out):
     for b in prange(blocks.shape[0]):
         if qtype == Q6_K:
             _dequantize_q6_k(blocks, b, out[b])
+        elif qtype == Q2_K or qtype == Q3_K:
+            _dequantize_q23_k(blocks, b, qtype == Q3_K, out[b])
         elif qtype == Q4_K or qtype == Q5_K:
             _dequantize_q45_k(blocks, b, qtype == Q5_K, out[b])

@@ -116,6 +116,8 @@ def _kquant(code: int) -> tuple[QuantizeRows, DequantizeRows]:
 
 
 for _type, _code in (
+    (QuantizationType.Q2_K, kquants.Q2_K),
+    (QuantizationType.Q3_K, kquants.Q3_K),
     (QuantizationType.Q4_K, kquants.Q4_K),
     (QuantizationType.Q5_K, kquants.Q5_K),
     (QuantizationType.Q6_K, kquants.Q6_K),

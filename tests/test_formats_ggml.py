@@ -183,7 +183,7 @@ def test_edge_rows_exercise_what_they_claim():
 
 
 def test_registry_layouts_are_gguf_and_ggml_sizes():
-    assert set(FORMATS) == {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "q8_k", "f32", "f16", "bf16"}
+    assert set(FORMATS) == {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_k", "f32", "f16", "bf16"}
     for name, entry in FORMATS.items():
         assert entry.ggml_type.name.lower() == name
         assert (entry.block_size, entry.type_size) == gguf.GGML_QUANT_SIZES[entry.ggml_type]

@@ -11,7 +11,7 @@ from qstrat.kernels import kquants
 from qstrat.reference import ggml_dequantize_row, ggml_quantize_chunk
 from tests.test_formats_ggml import bf16_bits_to_f32, edge_rows, f32_to_bf16_bits, importance
 
-KQUANTS = ["q6_k", "q4_k", "q5_k"]
+KQUANTS = ["q6_k", "q4_k", "q5_k", "q3_k", "q2_k"]
 K = 512  # two super-blocks per row
 
 
@@ -127,8 +127,24 @@ def _k4_sub_scales(blocks):
     return np.concatenate([low, high], axis=1)
 
 
-QK_SUB = {"q6_k": 16, "q4_k": 32, "q5_k": 32}
-SUB_SCALES = {"q6_k": _q6_k_sub_scales, "q4_k": _k4_sub_scales, "q5_k": _k4_sub_scales}
+def _q3_k_sub_scales(blocks):
+    # 6-bit scales stored with a +32 offset: a zero d * (sc - 32) is sc == 32
+    packed = blocks[:, 96:108].astype(np.int64)
+    low = np.concatenate([packed[:, 0:8] & 0xF, packed[:, 0:8] >> 4], axis=1)
+    j = np.arange(16)
+    high = (packed[:, 8 + j % 4] >> (2 * (j // 4))) & 3
+    return (low | (high << 4)) - 32
+
+
+def _q2_k_sub_scales(blocks):
+    return blocks[:, 0:16] & 0xF
+
+
+QK_SUB = {"q6_k": 16, "q4_k": 32, "q5_k": 32, "q3_k": 16, "q2_k": 16}
+SUB_SCALES = {
+    "q6_k": _q6_k_sub_scales, "q4_k": _k4_sub_scales, "q5_k": _k4_sub_scales, "q3_k": _q3_k_sub_scales,
+    "q2_k": _q2_k_sub_scales,
+}
 
 
 def test_layout_constants_are_gguf_sizes():
