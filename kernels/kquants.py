@@ -17,8 +17,7 @@ sequential float32 sum stays sequential (numba neither contracts nor reassociate
 import numpy as np
 from numba import njit, prange
 from qstrat.kernels.decode import finite_to_float32, to_float32
-from qstrat.kernels.half import float32_to_f16_bits
-from qstrat.kernels.layout import QK_K, U64
+from qstrat.kernels.layout import QK_K
 from qstrat.kernels.legacy import load_half, make_qx_quants, nearest_int, store_half
 
 # Kernel codes of the types; the registry (qstrat.formats) maps names to them.
@@ -71,12 +70,6 @@ def _signed_byte(i):
 def _or_byte(out, b, offset, bits):
     """out[b, offset] |= bits, as a C `|=` on a uint8_t."""
     out[b, offset] = np.uint8(_low_byte(np.int64(out[b, offset]) | bits))
-
-
-@njit(cache=True, inline="always")
-def _half_value(out, b, offset):
-    """The float32 value of the fp16 just stored at ``offset`` (GGML_FP16_TO_FP32 of y[i].d)."""
-    return load_half(out, b, offset)
 
 
 @njit(cache=True)
@@ -262,7 +255,7 @@ def _quantize_q6_k(xb, qw, out, b, codes, weight, scales):
         return
     iscale = np.float32(-128.0) / max_scale
     store_half(out, b, _Q6_D, np.float32(1.0) / iscale)
-    d_all = _half_value(out, b, _Q6_D)
+    d_all = load_half(out, b, _Q6_D)
     for ib in range(16):
         out[b, _Q6_SCALES + ib] = np.uint8(_low_byte(min(127, nearest_int(iscale * scales[ib]))))
     for j in range(16):
@@ -424,7 +417,7 @@ def _quantize_q3_k(xb, qw, out, b, codes, weight, scales, sw, ls):
             _or_byte(out, b, _Q3_SCALES + j - 8, (l & 0xF) << 4)
         _or_byte(out, b, _Q3_SCALES + 8 + j % 4, (l >> 4) << (2 * (j // 4)))
     store_half(out, b, _Q3_D, d_block)
-    d_all = _half_value(out, b, _Q3_D)
+    d_all = load_half(out, b, _Q3_D)
     for j in range(16):
         d = d_all * np.float32(_q3_scale(out, b, j) - 32)
         if d == np.float32(0.0):
@@ -494,8 +487,8 @@ def _quantize_q2_k(xb, qw, out, b, codes, aux, weight, scales, mins, sw, ls, lm)
         out[b, j] = np.uint8(_low_byte(_low_byte(ls[j]) | (lm[j] << 4)))
     store_half(out, b, _Q2_D, d_block)
     store_half(out, b, _Q2_DMIN, m_block)
-    d_all = _half_value(out, b, _Q2_D)
-    dmin_all = _half_value(out, b, _Q2_DMIN)
+    d_all = load_half(out, b, _Q2_D)
+    dmin_all = load_half(out, b, _Q2_DMIN)
     for j in range(16):
         sc = np.int64(out[b, j])
         d = d_all * np.float32(sc & 0xF)
@@ -612,8 +605,8 @@ def _quantize_q45_k(xb, qw, nmax, out, b, codes, aux, weight, scales, mins, sw, 
             _or_byte(out, b, _K4_SCALES + j, (lm[j] >> 4) << 6)
     store_half(out, b, 0, d_block)
     store_half(out, b, _K4_DMIN, m_block)
-    d_all = _half_value(out, b, 0)
-    dmin_all = _half_value(out, b, _K4_DMIN)
+    d_all = load_half(out, b, 0)
+    dmin_all = load_half(out, b, _K4_DMIN)
     for j in range(8):
         sc, m = _scale_min_k4(out, b, j)
         d = d_all * np.float32(sc)
