@@ -78,7 +78,7 @@ def nearest_int(value):
 
 
 @njit(cache=True, inline="always")
-def _store_half(out, b, offset, value):
+def store_half(out, b, offset, value):
     h = float32_to_f16_bits(value)
     out[b, U64(offset)] = np.uint8(h & np.uint16(0xFF))
     out[b, U64(offset + 1)] = np.uint8(h >> np.uint16(8))
@@ -122,7 +122,7 @@ def _quantize_block_ref(row, start, qtype, out, b, codes):
             amax = max(amax, abs(finite_to_float32(row[start + j])))
         d = amax / np.float32(127.0)
         inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
-        _store_half(out, b, 0, d)
+        store_half(out, b, 0, d)
         for j in range(U64(QK)):
             q = _c_roundf_int(finite_to_float32(row[start + j]) * inv)
             out[b, U64(2) + j] = np.uint8(q & 0xFF)
@@ -140,7 +140,7 @@ def _quantize_block_ref(row, start, qtype, out, b, codes):
         top = 15 if qtype == Q4_0 else 31
         d = extreme / -levels
         inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
-        _store_half(out, b, 0, d)
+        store_half(out, b, 0, d)
         # GGML truncates x * id + 8.5 (16.5) to int8, then takes min with 15 (31)
         offset = levels + np.float32(0.5)
         for j in range(QK):
@@ -160,8 +160,8 @@ def _quantize_block_ref(row, start, qtype, out, b, codes):
     steps = np.float32(15.0) if qtype == Q4_1 else np.float32(31.0)
     d = (high - low) / steps
     inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
-    _store_half(out, b, 0, d)
-    _store_half(out, b, M_OFFSET[qtype], low)
+    store_half(out, b, 0, d)
+    store_half(out, b, M_OFFSET[qtype], low)
     for j in range(QK):
         x = (finite_to_float32(row[start + U64(j)]) - low) * inv
         c = _c_int(x + np.float32(0.5))
@@ -172,7 +172,7 @@ def _quantize_block_ref(row, start, qtype, out, b, codes):
 
 
 @njit(cache=True)
-def _make_qx_quants(xb, weight, nmax, codes):
+def make_qx_quants(xb, weight, nmax, codes):
     """GGML's make_qx_quants with weights (rmse_type 1): codes[i] = l + nmax; returns d."""
     n = xb.shape[0]
     amax = np.float32(0.0)
@@ -306,12 +306,12 @@ def _quantize_row_weighted(row, qtype, quant_weights, out, first_block, xb, weig
             xb[j] = v
             weight[j] = quant_weights[ib * QK + j] * np.float32(np.sqrt(sigma2 + v * v))
         if qtype == Q4_0 or qtype == Q5_0:
-            d = _make_qx_quants(xb, weight, 8 if qtype == Q4_0 else 16, codes)
-            _store_half(out, b, 0, d)
+            d = make_qx_quants(xb, weight, 8 if qtype == Q4_0 else 16, codes)
+            store_half(out, b, 0, d)
         else:
             d, low = _make_qkx3_quants(xb, weight, 15 if qtype == Q4_1 else 31, codes, aux)
-            _store_half(out, b, 0, d)
-            _store_half(out, b, M_OFFSET[qtype], low)
+            store_half(out, b, 0, d)
+            store_half(out, b, M_OFFSET[qtype], low)
         _store_nibbles(out, b, qtype, codes)
     return 0
 
@@ -345,7 +345,7 @@ def quantize_rows_legacy(x, qtype, out, quant_weights=None):
 
 
 @njit(cache=True, inline="always")
-def _load_half(blocks, b, offset):
+def load_half(blocks, b, offset):
     bits = np.uint16(blocks[b, U64(offset)]) | (np.uint16(blocks[b, U64(offset + 1)]) << np.uint16(8))
     return to_float32(np.int16(bits))
 
@@ -356,7 +356,7 @@ def dequantize_blocks_legacy(blocks, qtype, out):
     as GGML's dequantize_row_*: d * q (Q8_0), d * (q - 8) / (q - 16), d * q + m."""
     qs = U64(QS_OFFSET[qtype])
     for b in prange(blocks.shape[0]):
-        d = _load_half(blocks, b, 0)
+        d = load_half(blocks, b, 0)
         if qtype == Q8_0:
             for j in range(U64(QK)):
                 out[b, j] = np.float32(np.int8(blocks[b, qs + j])) * d
@@ -365,7 +365,7 @@ def dequantize_blocks_legacy(blocks, qtype, out):
         if QH_OFFSET[qtype] >= 0:
             for i in range(4):
                 qh |= np.uint32(blocks[b, U64(QH_OFFSET[qtype] + i)]) << np.uint32(8 * i)
-        m = _load_half(blocks, b, M_OFFSET[qtype]) if M_OFFSET[qtype] >= 0 else np.float32(0.0)
+        m = load_half(blocks, b, M_OFFSET[qtype]) if M_OFFSET[qtype] >= 0 else np.float32(0.0)
         bias = 8 if qtype == Q4_0 else (16 if qtype == Q5_0 else 0)
         for j in range(U64(HALF)):
             byte = np.int64(blocks[b, qs + j])

@@ -19,7 +19,7 @@ import numpy as np
 from qstrat.blocks import as_kernel_storage, dequantize_blocks, quantize_rows
 from qstrat.errors import InputError, NonFiniteError
 from qstrat.kernels import BF16_BITS, BLOCK_BYTES as Q8K_BLOCK_BYTES, QK_K, first_nonfinite_index
-from qstrat.kernels import half, legacy
+from qstrat.kernels import half, kquants, legacy
 
 QuantizationType = gguf.GGMLQuantizationType
 
@@ -94,6 +94,35 @@ for _type, _code, _weighted in (
     (QuantizationType.Q5_1, legacy.Q5_1, True),
 ):
     register(_type, *_legacy(_code), uses_imatrix=_weighted, kernel_layout=(legacy.QK, legacy.BLOCK_BYTES[_code]))
+
+
+# --- the K-quants: 256-value super-blocks (kernels/kquants.py)
+
+
+def _kquant(code: int) -> tuple[QuantizeRows, DequantizeRows]:
+    def quantize_kquant(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+        out = np.empty((rows.shape[0] * (rows.shape[1] // QK_K), kquants.BLOCK_BYTES[code]), dtype=np.uint8)
+        non_finite = kquants.quantize_rows_kquants(rows, code, out, imatrix)
+        if non_finite:  # the caller checked first: a kernel disagreeing with it is a bug
+            raise AssertionError("the kernel found non-finite values the input check did not")
+        return out.reshape(rows.shape[0], -1)
+
+    def dequantize_kquant(blocks: np.ndarray, k: int) -> np.ndarray:
+        out = np.empty((blocks.size // kquants.BLOCK_BYTES[code], QK_K), dtype=np.float32)
+        kquants.dequantize_blocks_kquants(blocks.reshape(-1, kquants.BLOCK_BYTES[code]), code, out)
+        return out.reshape(blocks.shape[0], k)
+
+    return quantize_kquant, dequantize_kquant
+
+
+for _type, _code in (
+    (QuantizationType.Q2_K, kquants.Q2_K),
+    (QuantizationType.Q3_K, kquants.Q3_K),
+    (QuantizationType.Q4_K, kquants.Q4_K),
+    (QuantizationType.Q5_K, kquants.Q5_K),
+    (QuantizationType.Q6_K, kquants.Q6_K),
+):
+    register(_type, *_kquant(_code), uses_imatrix=True, kernel_layout=(QK_K, kquants.BLOCK_BYTES[_code]))
 
 
 # --- Q8_K: the existing kernel, GGML's rounding (quantize_row_q8_K_ref)

@@ -183,7 +183,7 @@ def test_edge_rows_exercise_what_they_claim():
 
 
 def test_registry_layouts_are_gguf_and_ggml_sizes():
-    assert set(FORMATS) == {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q8_k", "f32", "f16", "bf16"}
+    assert set(FORMATS) == {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_k", "f32", "f16", "bf16"}
     for name, entry in FORMATS.items():
         assert entry.ggml_type.name.lower() == name
         assert (entry.block_size, entry.type_size) == gguf.GGML_QUANT_SIZES[entry.ggml_type]
@@ -199,10 +199,10 @@ def test_type_names_and_enums():
     assert qstrat.quantize(x[0], "q5_0").shape == (2 * 22,)  # 1-D: one row, as gguf-py
     assert qstrat.quantize(x.reshape(3, 1, 64), "q8_0").shape == (3, 1, 68)
     assert qstrat.dequantize(qstrat.quantize(x.reshape(3, 1, 64), "q8_0"), "q8_0").shape == (3, 1, 64)
-    with pytest.raises(InputError, match="unknown or unsupported quantization type 'q4_k'.*q8_0, q4_0"):
-        qstrat.quantize(x, "q4_k")
-    with pytest.raises(InputError, match="Q2_K"):
-        qstrat.quantize(x, T.Q2_K)
+    with pytest.raises(InputError, match="unknown or unsupported quantization type 'iq4_nl'.*q8_0, q4_0"):
+        qstrat.quantize(x, "iq4_nl")
+    with pytest.raises(InputError, match="IQ2_XXS"):
+        qstrat.quantize(x, T.IQ2_XXS)
     with pytest.raises(InputError, match="a name or a gguf"):
         qstrat.quantize(x, 8)
 

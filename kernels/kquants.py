@@ -1,0 +1,736 @@
+"""GGML's K-quant block types: quantize and dequantize kernels, byte-identical with
+``ggml_quantize_chunk`` and ``dequantize_row_*_K`` (layouts: ``docs/formats.md``).
+
+A super-block holds 256 consecutive values of one row (blocks never cross rows), cut into
+sub-blocks of 16 or 32 values whose scales (and minimums) are themselves quantized against one
+fp16 ``d`` (and ``dmin``).  Without an importance vector each block follows GGML's
+``quantize_row_*_K_ref``; with one (``quant_weights``, one float per column) it follows
+``quantize_row_*_K_impl``, whose weights are built from the block's own mean square.  Either way,
+once the scales are stored the values are quantized again against the rounded scales, except in
+sub-blocks whose rounded scale is zero: those keep the codes of the scale search, as in GGML.
+
+All arithmetic is float32 in GGML's evaluation order, without fused multiply-add, and every
+sequential float32 sum stays sequential (numba neither contracts nor reassociates without
+``fastmath``).  The C code's narrowing stores (int to ``uint8_t`` / ``int8_t``) keep the low byte.
+"""
+
+import numpy as np
+from numba import njit, prange
+from qstrat.kernels.decode import finite_to_float32, to_float32
+from qstrat.kernels.layout import QK_K
+from qstrat.kernels.legacy import load_half, make_qx_quants, nearest_int, store_half
+
+# Kernel codes of the types; the registry (qstrat.formats) maps names to them.
+Q2_K = 0
+Q3_K = 1
+Q4_K = 2
+Q5_K = 3
+Q6_K = 4
+
+#: bytes per 256-value block, by code
+BLOCK_BYTES = (84, 110, 144, 176, 210)
+
+# Q6_K: ql u8[128] (low nibbles), qh u8[64] (top two bits), scales i8[16], d fp16
+_Q6_QH = 128
+_Q6_SCALES = 192
+_Q6_D = 208
+
+# Q2_K: scales u8[16] (4-bit scale | 4-bit min << 4), qs u8[64] (2-bit codes), d fp16, dmin fp16
+_Q2_QS = 16
+_Q2_D = 80
+_Q2_DMIN = 82
+# Q3_K: hmask u8[32] (third bits), qs u8[64] (low two bits), scales u8[12] (sixteen 6-bit), d fp16
+_Q3_QS = 32
+_Q3_SCALES = 96
+_Q3_D = 108
+# Q4_K / Q5_K: d fp16, dmin fp16, scales u8[12] (eight 6-bit scales and mins), [Q5_K: qh u8[32]], qs
+_K4_DMIN = 2
+_K4_SCALES = 4
+_Q4_QS = 16
+_Q5_QH = 16
+_Q5_QS = 48
+
+_GROUP_MAX_EPS = np.float32(1e-15)  # GGML: a sub-block or block below this is all zeros
+_BLOCKS_PER_TASK = 16  # blocks one parallel task quantizes with one set of scratch arrays
+
+
+@njit(cache=True, inline="always")
+def _low_byte(i):
+    """What a C store of the int ``i`` into a uint8_t keeps."""
+    return np.int64(i) & 0xFF
+
+
+@njit(cache=True, inline="always")
+def _signed_byte(i):
+    """What a C store of the int ``i`` into an int8_t keeps."""
+    return ((np.int64(i) & 0xFF) ^ 0x80) - 0x80
+
+
+@njit(cache=True, inline="always")
+def _or_byte(out, b, offset, bits):
+    """out[b, offset] |= bits, as a C `|=` on a uint8_t."""
+    out[b, offset] = np.uint8(_low_byte(np.int64(out[b, offset]) | bits))
+
+
+@njit(cache=True)
+def _make_qkx_quants(x, weight, nmax, codes, aux, rmin, rdelta, nstep, use_mad):
+    """GGML's make_qkx2_quants, and make_qkx3_quants given weights (the same search): codes in
+    [0, nmax] and (scale, the_min), value ~ scale * code - the_min.  ``nstep + 1`` scales
+    ``(rmin + rdelta * step + nmax) / (max - min)`` are tried, each with a weighted least-squares
+    fit of scale and minimum (the minimum kept <= 0); the smallest weighted error (squared, or
+    absolute with ``use_mad``) wins, ties to the earlier."""
+    n = x.shape[0]
+    low = x[0]
+    high = x[0]
+    sum_w = weight[0]
+    sum_x = sum_w * x[0]
+    for i in range(1, n):
+        if x[i] < low:
+            low = x[i]
+        if x[i] > high:
+            high = x[i]
+        w = weight[i]
+        sum_w += w
+        sum_x += w * x[i]
+    if low > np.float32(0.0):
+        low = np.float32(0.0)
+    if high <= low:  # make_qkx2_quants tests max == min: the same once min <= max
+        for i in range(n):
+            codes[i] = 0
+        return np.float32(0.0), -low
+    fmax = np.float32(nmax)
+    iscale = fmax / (high - low)
+    scale = np.float32(1.0) / iscale
+    best_error = np.float32(0.0)
+    for i in range(n):
+        l = max(0, min(nmax, nearest_int(iscale * (x[i] - low))))
+        codes[i] = l
+        diff = scale * np.float32(l) + low - x[i]
+        diff = abs(diff) if use_mad else diff * diff
+        best_error += weight[i] * diff
+    for step in range(nstep + 1):
+        iscale = (rmin + rdelta * np.float32(step) + fmax) / (high - low)
+        sum_l = np.float32(0.0)
+        sum_l2 = np.float32(0.0)
+        sum_xl = np.float32(0.0)
+        for i in range(n):
+            l = max(0, min(nmax, nearest_int(iscale * (x[i] - low))))
+            aux[i] = l
+            w = weight[i]
+            fl = np.float32(l)
+            sum_l += w * fl
+            sum_l2 += w * fl * fl
+            sum_xl += w * fl * x[i]
+        det = sum_w * sum_l2 - sum_l * sum_l
+        if det > np.float32(0.0):
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+            if this_min > np.float32(0.0):
+                this_min = np.float32(0.0)
+                this_scale = sum_xl / sum_l2
+            error = np.float32(0.0)
+            for i in range(n):
+                diff = this_scale * np.float32(aux[i]) + this_min - x[i]
+                diff = abs(diff) if use_mad else diff * diff
+                error += weight[i] * diff
+            if error < best_error:
+                for i in range(n):
+                    codes[i] = aux[i]
+                best_error = error
+                scale = this_scale
+                low = this_min
+    return scale, -low
+
+
+@njit(cache=True)
+def _make_qp_quants(x, nmax, codes, quant_weights):
+    """GGML's make_qp_quants: codes (as the uint8_t GGML stores) of the non-negative ``x`` on
+    [0, nmax] and their scale: the best of nine inverse scales ``(nmax + 0.1 s) / max`` by
+    weighted squared error, then up to five passes moving single codes to the least-squares
+    optimum."""
+    n = x.shape[0]
+    top = np.float32(0.0)
+    for i in range(n):
+        top = top if top > x[i] else x[i]  # C's MAX(max, x[i])
+    if top < _GROUP_MAX_EPS:
+        for i in range(n):
+            codes[i] = 0
+        return np.float32(0.0)
+    fmax = np.float32(nmax)
+    iscale = fmax / top
+    for i in range(n):
+        codes[i] = _low_byte(nearest_int(iscale * x[i]))
+    scale = np.float32(1.0) / iscale
+    best_mse = np.float32(0.0)
+    for i in range(n):
+        diff = x[i] - scale * np.float32(codes[i])
+        best_mse += quant_weights[i] * diff * diff
+    for step in range(-4, 5):
+        if step == 0:
+            continue
+        iscale_step = (np.float32(0.1) * np.float32(step) + fmax) / top
+        scale_step = np.float32(1.0) / iscale_step
+        mse = np.float32(0.0)
+        for i in range(n):
+            l = min(nmax, nearest_int(iscale_step * x[i]))
+            diff = x[i] - scale_step * np.float32(l)
+            mse += quant_weights[i] * diff * diff
+        if mse < best_mse:
+            best_mse = mse
+            iscale = iscale_step
+    sumlx = np.float32(0.0)
+    suml2 = np.float32(0.0)
+    for i in range(n):
+        l = min(nmax, nearest_int(iscale * x[i]))
+        codes[i] = _low_byte(l)
+        fl = np.float32(l)  # the sums take the int, not the stored byte
+        sumlx += quant_weights[i] * x[i] * fl
+        suml2 += quant_weights[i] * fl * fl
+    for _ in range(5):
+        changed = 0
+        for i in range(n):
+            w = quant_weights[i]
+            li = np.float32(codes[i])
+            slx = sumlx - w * x[i] * li
+            sl2 = suml2 - w * li * li
+            if slx > np.float32(0.0) and sl2 > np.float32(0.0):
+                new_l = min(nmax, nearest_int(x[i] * sl2 / slx))
+                if new_l != codes[i]:
+                    fl = np.float32(new_l)
+                    slx += w * x[i] * fl
+                    sl2 += w * fl * fl
+                    if slx * slx * suml2 > sumlx * sumlx * sl2:
+                        codes[i] = _low_byte(new_l)
+                        sumlx = slx
+                        suml2 = sl2
+                        changed += 1
+        if not changed:
+            break
+    return sumlx / suml2 if suml2 > np.float32(0.0) else np.float32(0.0)
+
+
+@njit(cache=True)
+def _block_sum_x2(xb):
+    """sum(x**2) over a block, a sequential float32 sum as GGML's loop."""
+    sum_x2 = np.float32(0.0)
+    for j in range(QK_K):
+        sum_x2 += xb[j] * xb[j]
+    return sum_x2
+
+
+@njit(cache=True)
+def _importance_weights(x, qw, sigma2, weight):
+    """weight[l] = qw[l] * sqrtf(sigma2 + x[l]**2) (GGML's *_impl); returns their sequential sum."""
+    total = np.float32(0.0)
+    for l in range(x.shape[0]):
+        weight[l] = qw[l] * np.float32(np.sqrt(sigma2 + x[l] * x[l]))
+    for l in range(x.shape[0]):
+        total += weight[l]
+    return total
+
+
+# --- Q6_K: 16 sub-blocks of 16, int8 scales, 6-bit codes
+
+
+@njit(cache=True)
+def _quantize_q6_k(xb, qw, out, b, codes, weight, scales):
+    """quantize_row_q6_K_ref (qw None) / quantize_row_q6_K_impl (qw: the block's 256 weights)."""
+    max_scale = np.float32(0.0)
+    max_abs_scale = np.float32(0.0)
+    for ib in range(16):
+        x = xb[16 * ib : 16 * ib + 16]
+        if qw is None:  # make_qx_quants with rmse_type 1 and no weights: w = x * x
+            for j in range(16):
+                weight[j] = x[j] * x[j]
+            scale = make_qx_quants(x, weight[:16], 32, codes[16 * ib : 16 * ib + 16])
+        else:  # GGML passes the importance vector itself (its sigma2 weighting is commented out)
+            scale = make_qx_quants(x, qw[16 * ib : 16 * ib + 16], 32, codes[16 * ib : 16 * ib + 16])
+        scales[ib] = scale
+        abs_scale = abs(scale)
+        if abs_scale > max_abs_scale:
+            max_abs_scale = abs_scale
+            max_scale = scale
+    if max_abs_scale < _GROUP_MAX_EPS:
+        out[b, :] = 0
+        return
+    iscale = np.float32(-128.0) / max_scale
+    store_half(out, b, _Q6_D, np.float32(1.0) / iscale)
+    d_all = load_half(out, b, _Q6_D)
+    for ib in range(16):
+        out[b, _Q6_SCALES + ib] = np.uint8(_low_byte(min(127, nearest_int(iscale * scales[ib]))))
+    for j in range(16):
+        d = d_all * np.float32(_signed_byte(out[b, _Q6_SCALES + j]))
+        if d == np.float32(0.0):  # C's `if (!d) continue`: NaN goes on
+            continue
+        for ii in range(16):
+            l = nearest_int(xb[16 * j + ii] / d)
+            codes[16 * j + ii] = max(-32, min(31, l)) + 32
+    for half in range(2):
+        j = 128 * half
+        ql = 64 * half
+        qh = _Q6_QH + 32 * half
+        for l in range(32):
+            c1 = codes[j + l]
+            c2 = codes[j + l + 32]
+            c3 = codes[j + l + 64]
+            c4 = codes[j + l + 96]
+            out[b, ql + l] = np.uint8((c1 & 0xF) | ((c3 & 0xF) << 4))
+            out[b, ql + l + 32] = np.uint8((c2 & 0xF) | ((c4 & 0xF) << 4))
+            out[b, qh + l] = np.uint8(_low_byte((c1 >> 4) | ((c2 >> 4) << 2) | ((c3 >> 4) << 4) | ((c4 >> 4) << 6)))
+
+
+@njit(cache=True)
+def _dequantize_q6_k(blocks, b, y):
+    d = load_half(blocks, b, _Q6_D)
+    for half in range(2):
+        ql = 64 * half
+        qh = _Q6_QH + 32 * half
+        sc = _Q6_SCALES + 8 * half
+        base = 128 * half
+        for l in range(32):
+            s = sc + l // 16
+            h = np.int64(blocks[b, qh + l])
+            lo = np.int64(blocks[b, ql + l])
+            hi = np.int64(blocks[b, ql + l + 32])
+            q1 = ((lo & 0xF) | (((h >> 0) & 3) << 4)) - 32
+            q2 = ((hi & 0xF) | (((h >> 2) & 3) << 4)) - 32
+            q3 = ((lo >> 4) | (((h >> 4) & 3) << 4)) - 32
+            q4 = ((hi >> 4) | (((h >> 6) & 3) << 4)) - 32
+            # d * sc[is] * q, left to right
+            y[base + l] = d * np.float32(np.int8(blocks[b, s])) * np.float32(q1)
+            y[base + l + 32] = d * np.float32(np.int8(blocks[b, s + 2])) * np.float32(q2)
+            y[base + l + 64] = d * np.float32(np.int8(blocks[b, s + 4])) * np.float32(q3)
+            y[base + l + 96] = d * np.float32(np.int8(blocks[b, s + 6])) * np.float32(q4)
+
+
+# --- Q2_K / Q3_K: 16 sub-blocks of 16, 2-bit codes (plus a third bit in Q3_K's hmask)
+
+
+@njit(cache=True)
+def _pack_2bit(out, b, qs, codes):
+    """qs[32h + l] holds the codes of values 128h + l + 32g at bits 2g (g = 0..3)."""
+    for h in range(2):
+        for l in range(32):
+            j = 128 * h + l
+            bits = codes[j] | (codes[j + 32] << 2) | (codes[j + 64] << 4) | (codes[j + 96] << 6)
+            out[b, qs + 32 * h + l] = np.uint8(_low_byte(bits))
+
+
+@njit(cache=True)
+def _make_q3_quants(x, nmax, codes):
+    """GGML's make_q3_quants with do_rmse: codes l + nmax, l in [-nmax, nmax - 1], weights x**2;
+    up to five passes move single codes to the weighted least-squares optimum.  An all-zero
+    sub-block (|max| < 1e-15) gets codes 0, not nmax, as in GGML."""
+    n = x.shape[0]
+    amax = np.float32(0.0)
+    extreme = np.float32(0.0)
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            extreme = x[i]
+    if amax < _GROUP_MAX_EPS:
+        for i in range(n):
+            codes[i] = 0
+        return np.float32(0.0)
+    iscale = np.float32(-nmax) / extreme
+    sumlx = np.float32(0.0)
+    suml2 = np.float32(0.0)
+    for i in range(n):
+        l = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
+        codes[i] = l
+        w = x[i] * x[i]
+        fl = np.float32(l)
+        sumlx += w * x[i] * fl
+        suml2 += w * fl * fl
+    for _ in range(5):
+        changed = 0
+        for i in range(n):
+            w = x[i] * x[i]
+            li = np.float32(codes[i])
+            slx = sumlx - w * x[i] * li
+            if slx > np.float32(0.0):
+                sl2 = suml2 - w * li * li
+                new_l = max(-nmax, min(nmax - 1, nearest_int(x[i] * sl2 / slx)))
+                if new_l != codes[i]:
+                    fl = np.float32(new_l)
+                    slx += w * x[i] * fl
+                    sl2 += w * fl * fl
+                    if sl2 > np.float32(0.0) and slx * slx * suml2 > sumlx * sumlx * sl2:
+                        codes[i] = new_l
+                        sumlx = slx
+                        suml2 = sl2
+                        changed += 1
+        if not changed:
+            break
+    for i in range(n):
+        codes[i] += nmax
+    return sumlx / suml2 if suml2 > np.float32(0.0) else np.float32(0.0)
+
+
+@njit(cache=True, inline="always")
+def _q3_scale(blocks, b, j):
+    """Sub-block j's 6-bit scale: a nibble of scales[j % 8] (low for j < 8) topped by two bits
+    of scales[8 + j % 4] at bit 2 * (j // 4)."""
+    q = _Q3_SCALES
+    low = np.int64(blocks[b, q + j]) & 0xF if j < 8 else np.int64(blocks[b, q + j - 8]) >> 4
+    return low | (((np.int64(blocks[b, q + 8 + j % 4]) >> (2 * (j // 4))) & 3) << 4)
+
+
+@njit(cache=True)
+def _quantize_q3_k(xb, qw, out, b, codes, weight, scales, sw, ls):
+    """quantize_row_q3_K_ref (qw None) / quantize_row_q3_K_impl."""
+    if qw is None:
+        max_scale = np.float32(0.0)
+        amax = np.float32(0.0)
+        for j in range(16):
+            scales[j] = _make_q3_quants(xb[16 * j : 16 * j + 16], 4, codes[16 * j : 16 * j + 16])
+            scale = abs(scales[j])
+            if scale > amax:
+                amax = scale
+                max_scale = scales[j]
+        for j in range(12):
+            out[b, _Q3_SCALES + j] = 0
+        if max_scale != np.float32(0.0):  # C's `if (max_scale)`: NaN goes on
+            iscale = np.float32(-32.0) / max_scale
+            for j in range(16):
+                ls[j] = max(-32, min(31, _signed_byte(nearest_int(iscale * scales[j])))) + 32
+            d_block = np.float32(1.0) / iscale
+        else:
+            for j in range(16):
+                ls[j] = 0
+            d_block = np.float32(0.0)
+    else:
+        sigma2 = np.float32(2.0) * _block_sum_x2(xb) / np.float32(QK_K)
+        for j in range(16):
+            x = xb[16 * j : 16 * j + 16]
+            sw[j] = _importance_weights(x, qw[16 * j : 16 * j + 16], sigma2, weight)
+            scales[j] = make_qx_quants(x, weight[:16], 4, codes[16 * j : 16 * j + 16])
+        for j in range(12):
+            out[b, _Q3_SCALES + j] = 0
+        d_block = make_qx_quants(scales, sw, 32, ls)
+    for j in range(16):  # GGML skips this when max_scale is 0: the codes 0 pack to the same zeros
+        l = ls[j]
+        if j < 8:
+            out[b, _Q3_SCALES + j] = np.uint8(l & 0xF)
+        else:
+            _or_byte(out, b, _Q3_SCALES + j - 8, (l & 0xF) << 4)
+        _or_byte(out, b, _Q3_SCALES + 8 + j % 4, (l >> 4) << (2 * (j // 4)))
+    store_half(out, b, _Q3_D, d_block)
+    d_all = load_half(out, b, _Q3_D)
+    for j in range(16):
+        d = d_all * np.float32(_q3_scale(out, b, j) - 32)
+        if d == np.float32(0.0):
+            continue
+        for ii in range(16):
+            l = nearest_int(xb[16 * j + ii] / d)
+            codes[16 * j + ii] = max(-4, min(3, l)) + 4
+    for m in range(32):
+        out[b, m] = 0
+    for j in range(QK_K):
+        if codes[j] > 3:
+            _or_byte(out, b, j % 32, 1 << (j // 32))
+            codes[j] -= 4
+    _pack_2bit(out, b, _Q3_QS, codes)
+
+
+@njit(cache=True)
+def _quantize_q2_k(xb, qw, out, b, codes, aux, weight, scales, mins, sw, ls, lm):
+    """quantize_row_q2_K_ref (qw None) / quantize_row_q2_K_impl."""
+    if qw is None:
+        max_scale = np.float32(0.0)
+        max_min = np.float32(0.0)
+        for j in range(16):
+            x = xb[16 * j : 16 * j + 16]
+            for l in range(16):
+                weight[l] = abs(x[l])
+            scale, the_min = _make_qkx_quants(
+                x, weight[:16], 3, codes[16 * j : 16 * j + 16], aux, np.float32(-0.5), np.float32(0.1), 15, True
+            )
+            scales[j] = scale
+            mins[j] = the_min
+            if scale > max_scale:
+                max_scale = scale
+            if the_min > max_min:
+                max_min = the_min
+        if max_scale > np.float32(0.0):
+            iscale = np.float32(15.0) / max_scale
+            for j in range(16):
+                ls[j] = nearest_int(iscale * scales[j])
+            d_block = max_scale / np.float32(15.0)
+        else:
+            for j in range(16):
+                ls[j] = 0
+            d_block = np.float32(0.0)
+        if max_min > np.float32(0.0):
+            iscale = np.float32(15.0) / max_min
+            for j in range(16):
+                lm[j] = nearest_int(iscale * mins[j])
+            m_block = max_min / np.float32(15.0)
+        else:
+            for j in range(16):
+                lm[j] = 0
+            m_block = np.float32(0.0)
+    else:
+        sigma2 = _block_sum_x2(xb) / np.float32(QK_K)  # no factor 2 here, unlike q3_K..q5_K
+        for j in range(16):
+            x = xb[16 * j : 16 * j + 16]
+            sw[j] = _importance_weights(x, qw[16 * j : 16 * j + 16], sigma2, weight)
+            scale, the_min = _make_qkx_quants(
+                x, weight[:16], 3, codes[16 * j : 16 * j + 16], aux, np.float32(-0.9), np.float32(0.05), 36, False
+            )
+            scales[j] = scale
+            mins[j] = the_min
+        d_block = _make_qp_quants(scales, 15, ls, sw)
+        m_block = _make_qp_quants(mins, 15, lm, sw)
+    for j in range(16):
+        out[b, j] = np.uint8(_low_byte(_low_byte(ls[j]) | (lm[j] << 4)))
+    store_half(out, b, _Q2_D, d_block)
+    store_half(out, b, _Q2_DMIN, m_block)
+    d_all = load_half(out, b, _Q2_D)
+    dmin_all = load_half(out, b, _Q2_DMIN)
+    for j in range(16):
+        sc = np.int64(out[b, j])
+        d = d_all * np.float32(sc & 0xF)
+        if d == np.float32(0.0):
+            continue
+        dm = dmin_all * np.float32(sc >> 4)
+        for ii in range(16):
+            l = nearest_int((xb[16 * j + ii] + dm) / d)
+            codes[16 * j + ii] = max(0, min(3, l))
+    _pack_2bit(out, b, _Q2_QS, codes)
+
+
+@njit(cache=True)
+def _dequantize_q23_k(blocks, b, three, y):
+    """dequantize_row_q2_K: d * sc * q - dmin * m; dequantize_row_q3_K: d * (sc - 32) * (q - 4 * !bit)."""
+    d = load_half(blocks, b, _Q3_D if three else _Q2_D)
+    dmin = load_half(blocks, b, _Q2_DMIN) if not three else np.float32(0.0)
+    qs = _Q3_QS if three else _Q2_QS
+    for n in range(2):
+        for j in range(4):
+            shift = 2 * j
+            for half in range(2):
+                s = 8 * n + 2 * j + half  # GGML's running `is`
+                base = 128 * n + 32 * j + 16 * half
+                if three:
+                    dl = d * np.float32(_q3_scale(blocks, b, s) - 32)
+                    bit = 4 * n + j  # hmask bit, running over both halves of the block
+                    for l in range(16):
+                        q = (np.int64(blocks[b, qs + 32 * n + 16 * half + l]) >> shift) & 3
+                        q -= 0 if (np.int64(blocks[b, 16 * half + l]) >> bit) & 1 else 4
+                        y[base + l] = dl * np.float32(q)
+                else:
+                    sc = np.int64(blocks[b, s])
+                    dl = d * np.float32(sc & 0xF)
+                    ml = dmin * np.float32(sc >> 4)
+                    for l in range(16):
+                        q = (np.int64(blocks[b, qs + 32 * n + 16 * half + l]) >> shift) & 3
+                        y[base + l] = dl * np.float32(q) - ml
+
+
+# --- Q4_K / Q5_K: 8 sub-blocks of 32, 6-bit scales and mins, 4- or 5-bit codes
+
+
+@njit(cache=True, inline="always")
+def _scale_min_k4(blocks, b, j):
+    """get_scale_min_k4: sub-block j's 6-bit scale and min from the 12 packed bytes."""
+    q = _K4_SCALES
+    if j < 4:
+        return np.int64(blocks[b, q + j]) & 63, np.int64(blocks[b, q + j + 4]) & 63
+    sc = (np.int64(blocks[b, q + j + 4]) & 0xF) | ((np.int64(blocks[b, q + j - 4]) >> 6) << 4)
+    m = (np.int64(blocks[b, q + j + 4]) >> 4) | ((np.int64(blocks[b, q + j]) >> 6) << 4)
+    return sc, m
+
+
+@njit(cache=True)
+def _quantize_q45_k(xb, qw, nmax, out, b, codes, aux, weight, scales, mins, sw, ls, lm):
+    """quantize_row_q4_K_ref / q5_K_ref (qw None), quantize_row_q4_K_impl / q5_K_impl (nmax 15 / 31)."""
+    five = nmax == 31
+    if qw is None:
+        max_scale = np.float32(0.0)
+        max_min = np.float32(0.0)
+        for j in range(8):
+            x = xb[32 * j : 32 * j + 32]
+            sum_x2 = np.float32(0.0)
+            for l in range(32):
+                sum_x2 += x[l] * x[l]
+            av_x = np.float32(np.sqrt(sum_x2 / np.float32(32.0)))
+            for l in range(32):
+                weight[l] = av_x + abs(x[l])
+            if five:
+                scale, the_min = _make_qkx_quants(
+                    x, weight, 31, codes[32 * j : 32 * j + 32], aux, np.float32(-0.5), np.float32(0.1), 15, False
+                )
+            else:
+                scale, the_min = _make_qkx_quants(
+                    x, weight, 15, codes[32 * j : 32 * j + 32], aux, np.float32(-1.0), np.float32(0.1), 20, False
+                )
+            scales[j] = scale
+            mins[j] = the_min
+            if scale > max_scale:
+                max_scale = scale
+            if the_min > max_min:
+                max_min = the_min
+        inv_scale = np.float32(63.0) / max_scale if max_scale > np.float32(0.0) else np.float32(0.0)
+        inv_min = np.float32(63.0) / max_min if max_min > np.float32(0.0) else np.float32(0.0)
+        for j in range(8):
+            ls[j] = min(63, _low_byte(nearest_int(inv_scale * scales[j])))
+            lm[j] = min(63, _low_byte(nearest_int(inv_min * mins[j])))
+        d_block = max_scale / np.float32(63.0)
+        m_block = max_min / np.float32(63.0)
+    else:
+        sigma2 = np.float32(2.0) * _block_sum_x2(xb) / np.float32(QK_K)
+        for j in range(8):
+            x = xb[32 * j : 32 * j + 32]
+            sw[j] = _importance_weights(x, qw[32 * j : 32 * j + 32], sigma2, weight)
+            scale, the_min = _make_qkx_quants(
+                x, weight, nmax, codes[32 * j : 32 * j + 32], aux, np.float32(-0.9), np.float32(0.05), 36, False
+            )
+            scales[j] = scale
+            mins[j] = the_min
+        d_block = _make_qp_quants(scales[:8], 63, ls, sw[:8])
+        m_block = _make_qp_quants(mins[:8], 63, lm, sw[:8])
+        if five:  # quantize_row_q5_K_impl clamps again; q4_K_impl does not
+            for j in range(8):
+                ls[j] = min(63, ls[j])
+                lm[j] = min(63, lm[j])
+    for j in range(8):
+        if j < 4:
+            out[b, _K4_SCALES + j] = np.uint8(_low_byte(ls[j]))
+            out[b, _K4_SCALES + j + 4] = np.uint8(_low_byte(lm[j]))
+        else:
+            out[b, _K4_SCALES + j + 4] = np.uint8(_low_byte((ls[j] & 0xF) | ((lm[j] & 0xF) << 4)))
+            _or_byte(out, b, _K4_SCALES + j - 4, (ls[j] >> 4) << 6)
+            _or_byte(out, b, _K4_SCALES + j, (lm[j] >> 4) << 6)
+    store_half(out, b, 0, d_block)
+    store_half(out, b, _K4_DMIN, m_block)
+    d_all = load_half(out, b, 0)
+    dmin_all = load_half(out, b, _K4_DMIN)
+    for j in range(8):
+        sc, m = _scale_min_k4(out, b, j)
+        d = d_all * np.float32(sc)
+        if d == np.float32(0.0):
+            continue
+        dm = dmin_all * np.float32(m)
+        for ii in range(32):
+            l = nearest_int((xb[32 * j + ii] + dm) / d)
+            codes[32 * j + ii] = max(0, min(nmax, l))
+    if not five:
+        for n in range(4):
+            for l in range(32):
+                out[b, _Q4_QS + 32 * n + l] = np.uint8(_low_byte(codes[64 * n + l] | (codes[64 * n + l + 32] << 4)))
+        return
+    for l in range(32):
+        out[b, _Q5_QH + l] = 0
+    for n in range(4):
+        m1 = 1 << (2 * n)
+        for l in range(32):
+            l1 = codes[64 * n + l]
+            if l1 > 15:
+                l1 -= 16
+                _or_byte(out, b, _Q5_QH + l, m1)
+            l2 = codes[64 * n + l + 32]
+            if l2 > 15:
+                l2 -= 16
+                _or_byte(out, b, _Q5_QH + l, m1 << 1)
+            out[b, _Q5_QS + 32 * n + l] = np.uint8(_low_byte(l1 | (l2 << 4)))
+
+
+@njit(cache=True)
+def _dequantize_q45_k(blocks, b, five, y):
+    d = load_half(blocks, b, 0)
+    dmin = load_half(blocks, b, _K4_DMIN)
+    qs = _Q5_QS if five else _Q4_QS
+    for n in range(4):
+        sc1, m1 = _scale_min_k4(blocks, b, 2 * n)
+        sc2, m2 = _scale_min_k4(blocks, b, 2 * n + 1)
+        d1 = d * np.float32(sc1)
+        min1 = dmin * np.float32(m1)
+        d2 = d * np.float32(sc2)
+        min2 = dmin * np.float32(m2)
+        for l in range(32):
+            byte = np.int64(blocks[b, qs + 32 * n + l])
+            q1 = byte & 0xF
+            q2 = byte >> 4
+            if five:
+                h = np.int64(blocks[b, _Q5_QH + l])
+                q1 += 16 if (h >> (2 * n)) & 1 else 0
+                q2 += 16 if (h >> (2 * n + 1)) & 1 else 0
+            y[64 * n + l] = d1 * np.float32(q1) - min1
+            y[64 * n + l + 32] = d2 * np.float32(q2) - min2
+
+
+# --- driver
+
+
+@njit(cache=True)
+def _quantize_block(xb, qtype, qw, out, b, codes, aux, weight, scales, mins, sw, ls, lm):
+    if qtype == Q6_K:
+        _quantize_q6_k(xb, qw, out, b, codes, weight, scales)
+    elif qtype == Q2_K:
+        _quantize_q2_k(xb, qw, out, b, codes, aux, weight, scales, mins, sw, ls, lm)
+    elif qtype == Q3_K:
+        _quantize_q3_k(xb, qw, out, b, codes, weight, scales, sw, ls)
+    elif qtype == Q4_K:
+        _quantize_q45_k(xb, qw, 15, out, b, codes, aux, weight, scales, mins, sw, ls, lm)
+    elif qtype == Q5_K:
+        _quantize_q45_k(xb, qw, 31, out, b, codes, aux, weight, scales, mins, sw, ls, lm)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def quantize_rows_kquants(x, qtype, out, quant_weights=None):
+    """Quantize every row of ``x`` (rows, k), k % 256 == 0, to K-quant code ``qtype`` into
+    ``out`` (rows * k // 256, BLOCK_BYTES[qtype]) uint8, C-contiguous, blocks in row-major order.
+
+    ``x`` is float32, or raw bfloat16 (uint16) / float16 (int16) bits.  ``quant_weights`` (k,)
+    float32, finite and >= 0, selects GGML's weighted quantization.  Returns the number of
+    blocks holding a NaN or infinity (zeroed; the caller refuses them).
+    """
+    rows, k = x.shape
+    blocks_per_row = k // QK_K
+    n_blocks = rows * blocks_per_row
+    non_finite = 0
+    for task in prange((n_blocks + _BLOCKS_PER_TASK - 1) // _BLOCKS_PER_TASK):
+        xb = np.empty(QK_K, dtype=np.float32)
+        codes = np.empty(QK_K, dtype=np.int64)
+        aux = np.empty(32, dtype=np.int64)
+        weight = np.empty(32, dtype=np.float32)
+        scales = np.empty(16, dtype=np.float32)
+        mins = np.empty(16, dtype=np.float32)
+        sw = np.empty(16, dtype=np.float32)
+        ls = np.empty(16, dtype=np.int64)
+        lm = np.empty(16, dtype=np.int64)
+        for b in range(task * _BLOCKS_PER_TASK, min(n_blocks, (task + 1) * _BLOCKS_PER_TASK)):
+            r = b // blocks_per_row
+            start = (b - r * blocks_per_row) * QK_K
+            bad = np.uint32(0)
+            for j in range(QK_K):
+                bits = np.float32(to_float32(x[r, start + j])).view(np.uint32)
+                bad |= np.uint32((bits & np.uint32(0x7F800000)) == np.uint32(0x7F800000))
+            if bad:
+                out[b, :] = 0
+                non_finite += 1
+                continue
+            for j in range(QK_K):
+                xb[j] = finite_to_float32(x[r, start + j])
+            if quant_weights is None:
+                _quantize_block(xb, qtype, None, out, b, codes, aux, weight, scales, mins, sw, ls, lm)
+            else:
+                _quantize_block(
+                    xb, qtype, quant_weights[start : start + QK_K], out, b, codes, aux, weight, scales, mins, sw, ls, lm
+                )
+    return non_finite
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def dequantize_blocks_kquants(blocks, qtype, out):
+    """Dequantize ``blocks`` (n, BLOCK_BYTES[qtype]) uint8 into ``out`` (n, 256) float32, as
+    GGML's dequantize_row_*_K."""
+    for b in prange(blocks.shape[0]):
+        if qtype == Q6_K:
+            _dequantize_q6_k(blocks, b, out[b])
+        elif qtype == Q2_K or qtype == Q3_K:
+            _dequantize_q23_k(blocks, b, qtype == Q3_K, out[b])
+        elif qtype == Q4_K or qtype == Q5_K:
+            _dequantize_q45_k(blocks, b, qtype == Q5_K, out[b])
