@@ -280,11 +280,23 @@ def quantize_model(
     settings = dict(settings or {}, **config.describe(), outputs=list(outputs))
     fingerprint = run_fingerprint(settings, model)
     with output_lock(out):
-        return _quantize_locked(model, plan, config, out, progress, force, thresholds, settings, fingerprint, started, outputs)
+        previous = read_manifest_lenient(out)
+        journal = _open_journal(out, fingerprint, force, previous)
+        try:
+            records, joint = _reuse_or_quantize_groups(plan, config, out, journal, progress)
+        finally:
+            journal.close()
+        records = _write_passthrough_and_permutations(out, plan, model, records, joint, previous, progress)
+        failures = threshold_failures(records, thresholds)
+        manifest = _manifest(model, config.variant, settings, fingerprint, records, failures)
+        if "gguf" in outputs:
+            _write_container(out, model.name, manifest, records, keep_tensor_files="q8k" in outputs)
+        return _publish(out, model.name, manifest, records, failures, settings, started)
 
 
-def _quantize_locked(model, plan, config, out, progress, force, thresholds, settings, fingerprint, started, outputs):
-    previous = read_manifest_lenient(out)
+def _open_journal(out: Path, fingerprint: str, force: bool, previous: dict | None) -> Journal:
+    """The journal of this run, keeping the finished groups of an earlier run of the same
+    fingerprint; the directory no longer looks complete, and holds no temporaries."""
     journal = Journal(out, fingerprint)
     earlier = journal.previous_fingerprint() or (previous or {}).get("fingerprint")
     mixed = earlier is not None and earlier != fingerprint
@@ -302,7 +314,14 @@ def _quantize_locked(model, plan, config, out, progress, force, thresholds, sett
     except OSError as err:
         raise OutputError(describe_os_error(out, err)) from None
     journal.open(fresh=mixed or not journal.done)
+    return journal
 
+
+def _reuse_or_quantize_groups(
+    plan: Plan, config: QuantizationConfig, out: Path, journal: Journal, progress: ProgressCallback | None
+) -> tuple[list[TensorRecord], dict[str, Permutation]]:
+    """Every group's records and joint permutations: the journal's where its files are
+    intact, the others quantized now and journaled one by one."""
     records: list[TensorRecord] = []
     joint: dict[str, Permutation] = {}
     pending = []
@@ -335,8 +354,20 @@ def _quantize_locked(model, plan, config, out, progress, force, thresholds, sett
     except (KeyboardInterrupt, WorkerLost):
         remove_stale_temporaries(out)  # no worker is left to write one after this
         raise
-    finally:
-        journal.close()
+    return records, joint
+
+
+def _write_passthrough_and_permutations(
+    out: Path,
+    plan: Plan,
+    model: SafetensorsModel,
+    records: list[TensorRecord],
+    joint: dict[str, Permutation],
+    previous: dict | None,
+    progress: ProgressCallback | None,
+) -> list[TensorRecord]:
+    """Passthrough tensors and joint permutations written beside the quantized ones, files of
+    the previous run that this one did not write removed; every tensor's record, by name."""
     group_of = {m.info.name: g.group_id for g in plan.groups for m in g.members}
     passthrough = write_passthrough(out, plan, model.metadata, joint, group_of)
     if progress is not None and passthrough:
@@ -346,9 +377,18 @@ def _quantize_locked(model, plan, config, out, progress, force, thresholds, sett
     if joint_file is not None:
         records = [r if r.joint_group is None else replace(r, files={**r.files, "joint_perm": joint_file}) for r in records]
     _remove_outdated_files(out, previous, records)
-    failures = threshold_failures(records, thresholds)
+    return records
 
-    manifest = {
+
+def _manifest(
+    model: SafetensorsModel,
+    variant: str,
+    settings: dict[str, object],
+    fingerprint: str,
+    records: list[TensorRecord],
+    failures: list[ThresholdFailure],
+) -> dict:
+    return {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_VERSION,
         "tool": {"name": "qstrat", "version": __version__},
@@ -361,30 +401,44 @@ def _quantize_locked(model, plan, config, out, progress, force, thresholds, sett
             "files": sorted(f.path.name for f in model.files),
         },
         "config": settings,
-        "variant": config.variant,
+        "variant": variant,
         "tensors": {r.name: r.manifest_entry() for r in records},
         "validation": {"failed": [f.as_dict() for f in failures]},
     }
-    if "gguf" in outputs:
-        # assembled from the files just written, so its Q8_K bytes are the .q8k files' bytes
-        written = QuantizedModel(out, manifest)
-        container = write_gguf(written, out / f"{model.name}.gguf", gguf_metadata(written))
-        entry = {"path": container.name, "size": container.stat().st_size, "sha256": file_sha256(container)}
-        manifest["containers"] = {container.name: entry}
-        if "q8k" not in outputs:
-            # GGUF instead of per-tensor files: the container now holds every tensor; the files it was
-            # assembled from go (a rerun redoes them, so a killed run still ends complete)
-            for record in records:
-                for file in record.files.values():
-                    with contextlib.suppress(FileNotFoundError):
-                        (out / file.path).unlink()
-            for tensor in manifest["tensors"].values():
-                tensor["files"] = {"gguf": entry}
-    # every tensor file is on disk before the manifest says the directory is complete
+
+
+def _write_container(out: Path, name: str, manifest: dict, records: list[TensorRecord], keep_tensor_files: bool) -> None:
+    """The GGUF file, assembled from the files just written (so its Q8_K bytes are the .q8k
+    files' bytes), entered in ``manifest``."""
+    written = QuantizedModel(out, manifest)
+    container = write_gguf(written, out / f"{name}.gguf", gguf_metadata(written))
+    entry = {"path": container.name, "size": container.stat().st_size, "sha256": file_sha256(container)}
+    manifest["containers"] = {container.name: entry}
+    if not keep_tensor_files:
+        # GGUF instead of per-tensor files: the container now holds every tensor; the files it was
+        # assembled from go (a rerun redoes them, so a killed run still ends complete)
+        for record in records:
+            for file in record.files.values():
+                with contextlib.suppress(FileNotFoundError):
+                    (out / file.path).unlink()
+        for tensor in manifest["tensors"].values():
+            tensor["files"] = {"gguf": entry}
+
+
+def _publish(
+    out: Path,
+    name: str,
+    manifest: dict,
+    records: list[TensorRecord],
+    failures: list[ThresholdFailure],
+    settings: dict[str, object],
+    started: float,
+) -> QuantizationResult:
+    """Every file made durable, then the reports, then the manifest: the directory is complete."""
     written = {out / f.path for r in records for f in r.files.values()} | {out / c for c in manifest.get("containers", {})}
     make_durable(sorted(p for p in written if p.exists()), out)
     result = QuantizationResult(out, records, time.perf_counter() - started, None, failures)
-    manifest["reports"] = {f.path: {"path": f.path, "size": f.size, "sha256": f.sha256} for f in write_reports(result, model.name, settings, out)}
+    manifest["reports"] = {f.path: {"path": f.path, "size": f.size, "sha256": f.sha256} for f in write_reports(result, name, settings, out)}
     result.manifest_path = write_manifest(out, manifest)
     return result
 
