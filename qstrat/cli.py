@@ -23,7 +23,7 @@ from qstrat.errors import (
     QstratError,
     ValidationFailed,
 )
-from qstrat.interrupts import handle_stop_signals
+from qstrat.interrupts import handle_stop_signals, ignore_stop_signals
 from qstrat.results import QuantizationResult, TensorRecord
 from qstrat.strategies import STRATEGIES
 
@@ -415,6 +415,7 @@ def run_command(app: typer.Typer) -> None:
     try:
         app()
     finally:
+        ignore_stop_signals()
         gc.freeze()
 
 

@@ -43,6 +43,12 @@ def handle_stop_signals() -> None:
         signal.signal(signum, _on_stop_signal)
 
 
+def ignore_stop_signals() -> None:
+    """The command is over and its exit code decided: a signal while the interpreter exits
+    (joining the worker pool's threads) must not end it with a traceback."""
+    _state.requested = True
+
+
 def raise_if_stop_requested() -> None:
     if _state.requested:
         raise KeyboardInterrupt

@@ -62,6 +62,12 @@ def test_a_wait_in_a_result_loop_is_interrupted_and_no_request_is_lost(stop_hand
         raise AssertionError("the request was lost at the loop's end")
 
 
+def test_once_the_command_is_over_signals_are_ignored(stop_handlers):
+    interrupts.ignore_stop_signals()  # as the command line does before the interpreter exits
+    signal.raise_signal(signal.SIGTERM)
+    signal.raise_signal(signal.SIGINT)
+
+
 def _model(tmp_path, count=24):
     rng = np.random.default_rng(0)
     tensors = {f"blocks.{i}.proj.weight": rng.standard_normal((256, 1024)).astype(np.float32) for i in range(count)}
