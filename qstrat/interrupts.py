@@ -1,8 +1,8 @@
 """Ctrl-C and SIGTERM as a stop request, acted on where a run can stop cleanly.
 
 Python raises KeyboardInterrupt wherever the main thread happens to be.  In the loop that
-collects the workers' results that may be inside a result callback or a journal write,
-outside joblib's generator, where joblib's own abort never runs.  So the command line's
+collects the workers' results, that may be a result callback or a journal write, outside
+joblib's generator, so that joblib's own abort never runs.  So the command line's
 handler raises at once only outside such a loop, or while the loop waits inside joblib
 (which then aborts itself: no more dispatch, its workers killed).  Anywhere else in the loop
 it only records the request, and the loop stops after the result at hand.  Signals after the
