@@ -32,7 +32,7 @@ import numpy as np
 from qstrat.synthetic import write_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.helpers import group_members, loky_workers, wait_for  # noqa: E402
+from tests.helpers import group_members, journal_lines, loky_workers, wait_for  # noqa: E402
 
 EXIT_WITHIN_S = 10.0
 QSTRAT = str(Path(sys.executable).with_name("qstrat"))
@@ -50,13 +50,6 @@ def lock_is_free(out: Path) -> bool:
             return False
         handle.seek(0)
         return handle.read() == ""  # an empty lock file names nobody
-
-
-def journaled(out: Path) -> int:
-    try:
-        return max(0, len((out / ".qstrat-journal.jsonl").read_text().splitlines()) - 1)  # less the fingerprint line
-    except OSError:
-        return 0
 
 
 def run(config: Path, out: Path) -> subprocess.CompletedProcess:
@@ -112,7 +105,7 @@ def main() -> int:
             problems, landed = [], process.poll() is None
             if not landed and process.returncode != 0:
                 problems.append(f"the run failed (exit {process.returncode}) before the signal")
-            done_at_signal = journaled(out)
+            done_at_signal = max(0, journal_lines(out) - 1)  # less the fingerprint line
             signalled = time.perf_counter()
             process.send_signal(signal.SIGTERM)
             try:

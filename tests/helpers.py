@@ -51,6 +51,14 @@ def communicate_or_dump_stacks(process: subprocess.Popen, timeout: float) -> tup
         raise AssertionError(f"{process.args} still running after {timeout} s; its threads:\n{stderr[-20000:]}") from None
 
 
+def journal_lines(out: Path) -> int:
+    """Lines of a run's journal: its fingerprint, then one per finished group."""
+    try:
+        return len((out / ".qstrat-journal.jsonl").read_text().splitlines())
+    except OSError:
+        return 0
+
+
 def descendants(pid: int) -> list[int]:
     """Every live process under ``pid`` (children, their children, ...)."""
     found = []

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from qstrat.synthetic import write_model
-from tests.helpers import communicate_or_dump_stacks, group_members, loky_workers, run_cli, wait_for
+from tests.helpers import communicate_or_dump_stacks, group_members, journal_lines, loky_workers, run_cli, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -32,27 +32,20 @@ def _tensor_files(out):
     return {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith((".", "report.")) and p.name != "manifest.json"}
 
 
-def _journal_lines(out: Path) -> int:
-    try:
-        return len((out / ".qstrat-journal.jsonl").read_text().splitlines())
-    except OSError:
-        return 0
-
-
 @pytest.mark.parametrize("seed", range(8))
 def test_kill_then_rerun_is_identical(tmp_path, model_and_reference, seed):
     config, reference = model_and_reference
     rng = random.Random(seed)
     out = tmp_path / "o"
     target_worker = seed % 2 == 1  # odd seeds kill one worker, even seeds the main process
-    # a seeded moment: once a worker runs, and once that many groups of 120 are journaled (seeds 0, 1:
-    # none yet, while the first batches are dispatched), with most of the work still ahead
+    # a seeded moment: once a worker runs, and once that many of 120 groups are journaled (seeds 0, 1:
+    # as soon as a worker exists, while the first batches are dispatched), with most of the work ahead
     journaled = 0 if seed < 2 else rng.randrange(1, 30)
     process = subprocess.Popen([str(Path(sys.executable).with_name("qstrat")), "run", str(config), "-o", str(out), "-q"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        workers = wait_for(lambda: process.poll() is None and loky_workers(process.pid), 120, "a worker process")
-        wait_for(lambda: process.poll() is not None or _journal_lines(out) >= journaled, 120, f"{journaled} journaled groups")
+        wait_for(lambda: process.poll() is not None or loky_workers(process.pid), 120, "a worker process")
+        wait_for(lambda: process.poll() is not None or journal_lines(out) > journaled, 120, f"{journaled} journaled groups")
         os.killpg(process.pid, signal.SIGSTOP)  # nothing moves while the victim is picked
         assert process.poll() is None, f"the run ended before {journaled} groups were journaled"
         if target_worker:
