@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +28,13 @@ from qstrat.pipelines.journal import (
     run_fingerprint,
 )
 from qstrat.pipelines.plan import GroupJob, Plan, make_plan
-from qstrat.pipelines.worker import quantize_groups, quantized_groups
+from qstrat.pipelines.worker import GroupResult, quantize_batch, quantize_stream
 
 from qstrat._version import __version__
 from qstrat.config import QuantizationConfig
 from qstrat.convert import gguf_metadata
 from qstrat.errors import InputError, OutputError, WorkerLost
+from qstrat.interrupts import deferred_stops, interruptible_wait, raise_if_stop_requested
 from qstrat.io.atomic import describe_os_error, make_durable, remove_stale_temporaries
 from qstrat.io.gguf import write_gguf
 from qstrat.io.manifest import (
@@ -143,42 +146,68 @@ def task_batches(ordered: list[GroupJob], workers: int) -> list[list[GroupJob]]:
     return batches
 
 
+def _joblib_results(
+    batches: list[list[GroupJob]], n_jobs: int, task: Callable[[list[GroupJob]], list[GroupResult]]
+) -> Iterator[GroupResult]:
+    """Every group's result, in order, from ``task`` run on each batch by joblib's workers.
+
+    Closing this generator closes joblib's, and joblib aborts: it dispatches nothing more
+    and terminates the workers of the executor it uses (kill_workers).  Its warning that
+    results went unused says nothing to a run that is stopping."""
+    from joblib import Parallel, delayed
+
+    results = Parallel(n_jobs=n_jobs, return_as="generator")(delayed(task)(batch) for batch in batches)
+    try:
+        while True:
+            with interruptible_wait():
+                batch_results = next(results, None)
+            if batch_results is None:
+                return
+            yield from batch_results
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            results.close()
+
+
 def _run_groups(
     jobs: list[GroupJob],
     config: QuantizationConfig,
     out: Path | None,
     on_done: Callable[[GroupJob, list[TensorRecord], dict[str, Permutation]], None],
 ) -> None:
+    """Quantize ``jobs`` and call ``on_done`` with each one's result, in the main process.
+
+    A stop request (see qstrat.interrupts) is acted on between results.  However this ends,
+    no local worker is left with a task and no write of this process is under way."""
     if not jobs:
         return
     # Largest groups first: with dynamic dispatch this balances work by bytes, not count.
     ordered = sorted(jobs, key=lambda g: (-g.nbytes, g.members[0].info.name))
     settings = config.validation_settings()
-    with execution_backend(config, ordered, out) as (n_jobs, threads):
+    with execution_backend(config, ordered, out) as (n_jobs, threads), deferred_stops():
+        results: Iterator[GroupResult]
         if n_jobs == 1 and config.backend == "loky":
             # in this process, one stream over every group: writes overlap the computing throughout
-            stream = quantized_groups(ordered, config.variant, settings, out, threads)
-            tasks: Iterable[tuple[list[GroupJob], Iterable]] = [(ordered, stream)]
-            worker_lost: tuple[type[BaseException], ...] = ()  # no worker process to lose
+            results = quantize_stream(ordered, config.variant, settings, out, threads)
         else:
-            from joblib import Parallel, delayed
-            from joblib.externals.loky.process_executor import TerminatedWorkerError
-
             durable = config.backend == "dask"
-            batches = task_batches(ordered, n_jobs)
-            calls = (delayed(quantize_groups)(batch, config.variant, settings, out, threads, durable) for batch in batches)
-            stream = None
-            tasks = zip(batches, Parallel(n_jobs=n_jobs, return_as="generator")(calls))
-            worker_lost = (TerminatedWorkerError,)
+            task = partial(quantize_batch, variant=config.variant, validation=settings, output_dir=out,
+                           numba_threads=threads, durable=durable)
+            results = _joblib_results(task_batches(ordered, n_jobs), n_jobs, task)
         try:
-            for batch, results in tasks:
-                for job, group_result in zip(batch, results):
-                    on_done(job, group_result.records, group_result.joint)
-        except worker_lost as err:
+            # strict: after the last job, ``results`` ends too, so joblib's generator finishes
+            # and its idle workers are kept for the next run of this process
+            for job, result in zip(ordered, results, strict=True):
+                on_done(job, result.records, result.joint)
+                raise_if_stop_requested()
+        except BrokenProcessPool as err:
+            # whenever it is noticed, also while the first batches are dispatched
+            raise_if_stop_requested()  # Ctrl-C in a terminal reaches the workers too
             raise WorkerLost(f"a worker process died ({err.__class__.__name__}); rerun the same command to resume") from None
         finally:
-            if stream is not None:
-                stream.close()  # if on_done failed: the writes under way finish before any cleanup
+            # early: the stream's writes under way finish; joblib kills the workers that have tasks
+            results.close()
 
 
 def evaluate_model(
@@ -251,11 +280,23 @@ def quantize_model(
     settings = dict(settings or {}, **config.describe(), outputs=list(outputs))
     fingerprint = run_fingerprint(settings, model)
     with output_lock(out):
-        return _quantize_locked(model, plan, config, out, progress, force, thresholds, settings, fingerprint, started, outputs)
+        previous = read_manifest_lenient(out)
+        journal = _open_journal(out, fingerprint, force, previous)
+        try:
+            records, joint = _reuse_or_quantize_groups(plan, config, out, journal, progress)
+        finally:
+            journal.close()
+        records = _write_passthrough_and_permutations(out, plan, model, records, joint, previous, progress)
+        failures = threshold_failures(records, thresholds)
+        manifest = _manifest(model, config.variant, settings, fingerprint, records, failures)
+        if "gguf" in outputs:
+            _write_container(out, model.name, manifest, records, keep_tensor_files="q8k" in outputs)
+        return _publish(out, model.name, manifest, records, failures, settings, started)
 
 
-def _quantize_locked(model, plan, config, out, progress, force, thresholds, settings, fingerprint, started, outputs):
-    previous = read_manifest_lenient(out)
+def _open_journal(out: Path, fingerprint: str, force: bool, previous: dict | None) -> Journal:
+    """The journal of this run, keeping the finished groups of an earlier run of the same
+    fingerprint; the directory no longer looks complete, and holds no temporaries."""
     journal = Journal(out, fingerprint)
     earlier = journal.previous_fingerprint() or (previous or {}).get("fingerprint")
     mixed = earlier is not None and earlier != fingerprint
@@ -273,7 +314,14 @@ def _quantize_locked(model, plan, config, out, progress, force, thresholds, sett
     except OSError as err:
         raise OutputError(describe_os_error(out, err)) from None
     journal.open(fresh=mixed or not journal.done)
+    return journal
 
+
+def _reuse_or_quantize_groups(
+    plan: Plan, config: QuantizationConfig, out: Path, journal: Journal, progress: ProgressCallback | None
+) -> tuple[list[TensorRecord], dict[str, Permutation]]:
+    """Every group's records and joint permutations: the journal's where its files are
+    intact, the others quantized now and journaled one by one."""
     records: list[TensorRecord] = []
     joint: dict[str, Permutation] = {}
     pending = []
@@ -303,16 +351,23 @@ def _quantize_locked(model, plan, config, out, progress, force, thresholds, sett
 
     try:
         _run_groups(pending, config, out, done)
-    except KeyboardInterrupt:
-        # Stop every worker before removing temporaries, so none is written after the cleanup.
-        if "joblib" in sys.modules:  # local workers exist only if joblib ran them
-            from joblib.externals.loky import get_reusable_executor
-
-            get_reusable_executor().shutdown(wait=True, kill_workers=True)
-        remove_stale_temporaries(out)
+    except (KeyboardInterrupt, WorkerLost):
+        remove_stale_temporaries(out)  # no worker is left to write one after this
         raise
-    finally:
-        journal.close()
+    return records, joint
+
+
+def _write_passthrough_and_permutations(
+    out: Path,
+    plan: Plan,
+    model: SafetensorsModel,
+    records: list[TensorRecord],
+    joint: dict[str, Permutation],
+    previous: dict | None,
+    progress: ProgressCallback | None,
+) -> list[TensorRecord]:
+    """Passthrough tensors and joint permutations written beside the quantized ones, files of
+    the previous run that this one did not write removed; every tensor's record, by name."""
     group_of = {m.info.name: g.group_id for g in plan.groups for m in g.members}
     passthrough = write_passthrough(out, plan, model.metadata, joint, group_of)
     if progress is not None and passthrough:
@@ -322,9 +377,18 @@ def _quantize_locked(model, plan, config, out, progress, force, thresholds, sett
     if joint_file is not None:
         records = [r if r.joint_group is None else replace(r, files={**r.files, "joint_perm": joint_file}) for r in records]
     _remove_outdated_files(out, previous, records)
-    failures = threshold_failures(records, thresholds)
+    return records
 
-    manifest = {
+
+def _manifest(
+    model: SafetensorsModel,
+    variant: str,
+    settings: dict[str, object],
+    fingerprint: str,
+    records: list[TensorRecord],
+    failures: list[ThresholdFailure],
+) -> dict:
+    return {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_VERSION,
         "tool": {"name": "qstrat", "version": __version__},
@@ -337,30 +401,44 @@ def _quantize_locked(model, plan, config, out, progress, force, thresholds, sett
             "files": sorted(f.path.name for f in model.files),
         },
         "config": settings,
-        "variant": config.variant,
+        "variant": variant,
         "tensors": {r.name: r.manifest_entry() for r in records},
         "validation": {"failed": [f.as_dict() for f in failures]},
     }
-    if "gguf" in outputs:
-        # assembled from the files just written, so its Q8_K bytes are the .q8k files' bytes
-        written = QuantizedModel(out, manifest)
-        container = write_gguf(written, out / f"{model.name}.gguf", gguf_metadata(written))
-        entry = {"path": container.name, "size": container.stat().st_size, "sha256": file_sha256(container)}
-        manifest["containers"] = {container.name: entry}
-        if "q8k" not in outputs:
-            # GGUF instead of per-tensor files: the container now holds every tensor; the files it was
-            # assembled from go (a rerun redoes them, so a killed run still ends complete)
-            for record in records:
-                for file in record.files.values():
-                    with contextlib.suppress(FileNotFoundError):
-                        (out / file.path).unlink()
-            for tensor in manifest["tensors"].values():
-                tensor["files"] = {"gguf": entry}
-    # every tensor file is on disk before the manifest says the directory is complete
+
+
+def _write_container(out: Path, name: str, manifest: dict, records: list[TensorRecord], keep_tensor_files: bool) -> None:
+    """The GGUF file, assembled from the files just written (so its Q8_K bytes are the .q8k
+    files' bytes), entered in ``manifest``."""
+    written = QuantizedModel(out, manifest)
+    container = write_gguf(written, out / f"{name}.gguf", gguf_metadata(written))
+    entry = {"path": container.name, "size": container.stat().st_size, "sha256": file_sha256(container)}
+    manifest["containers"] = {container.name: entry}
+    if not keep_tensor_files:
+        # GGUF instead of per-tensor files: the container now holds every tensor; the files it was
+        # assembled from go (a rerun redoes them, so a killed run still ends complete)
+        for record in records:
+            for file in record.files.values():
+                with contextlib.suppress(FileNotFoundError):
+                    (out / file.path).unlink()
+        for tensor in manifest["tensors"].values():
+            tensor["files"] = {"gguf": entry}
+
+
+def _publish(
+    out: Path,
+    name: str,
+    manifest: dict,
+    records: list[TensorRecord],
+    failures: list[ThresholdFailure],
+    settings: dict[str, object],
+    started: float,
+) -> QuantizationResult:
+    """Every file made durable, then the reports, then the manifest: the directory is complete."""
     written = {out / f.path for r in records for f in r.files.values()} | {out / c for c in manifest.get("containers", {})}
     make_durable(sorted(p for p in written if p.exists()), out)
     result = QuantizationResult(out, records, time.perf_counter() - started, None, failures)
-    manifest["reports"] = {f.path: {"path": f.path, "size": f.size, "sha256": f.sha256} for f in write_reports(result, model.name, settings, out)}
+    manifest["reports"] = {f.path: {"path": f.path, "size": f.size, "sha256": f.sha256} for f in write_reports(result, name, settings, out)}
     result.manifest_path = write_manifest(out, manifest)
     return result
 

@@ -158,7 +158,7 @@ def _write_member(member: _QuantizedMember, output_dir: Path, roundtrip: bool, d
 _WRITES_IN_FLIGHT = 2
 
 
-def quantized_groups(
+def quantize_stream(
     jobs: Iterable[GroupJob],
     variant: str,
     validation: ValidationSettings | None,
@@ -207,7 +207,7 @@ def quantized_groups(
             yield finished(*pending.popleft())
 
 
-def quantize_groups(
+def quantize_batch(
     jobs: list[GroupJob],
     variant: str,
     validation: ValidationSettings | None,
@@ -215,5 +215,5 @@ def quantize_groups(
     numba_threads: int,
     durable: bool = False,
 ) -> list[GroupResult]:
-    """:func:`quantized_groups` as one task of a worker process: every result at once."""
-    return list(quantized_groups(jobs, variant, validation, output_dir, numba_threads, durable))
+    """:func:`quantize_stream` as one task of a worker process: every result at once."""
+    return list(quantize_stream(jobs, variant, validation, output_dir, numba_threads, durable))

@@ -7,7 +7,6 @@ import gc
 import json
 import math
 import os
-import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from qstrat.errors import (
     QstratError,
     ValidationFailed,
 )
+from qstrat.interrupts import handle_stop_signals, ignore_stop_signals
 from qstrat.results import QuantizationResult, TensorRecord
 from qstrat.strategies import STRATEGIES
 
@@ -45,14 +45,9 @@ app = typer.Typer(
 )
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn library errors, Ctrl-C and SIGTERM into a one-line message and the documented exit code."""
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         yield
     except QstratError as err:
@@ -66,8 +61,6 @@ def user_errors() -> Iterator[None]:
     except Exception as err:  # a bug, or a library failing in a way we did not foresee
         print(f"error: unexpected {type(err).__name__}: {err} (please report this)", file=sys.stderr)
         raise typer.Exit(EXIT_INTERNAL) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def format_record(record: TensorRecord) -> str:
@@ -427,7 +420,8 @@ def quiet_openmp_threads() -> None:
 
 
 def run_command(app: typer.Typer) -> None:
-    """Run a command line app as a process: quiet OpenMP threads, and a quick exit.
+    """Run a command line app as a process: quiet OpenMP threads, Ctrl-C and SIGTERM as a stop
+    request (qstrat.interrupts), and a quick exit.
 
     Numba's compiler leaves hundreds of thousands of objects behind, and the garbage
     collections of interpreter shutdown walked them all (about 0.2 s per command).
@@ -435,9 +429,11 @@ def run_command(app: typer.Typer) -> None:
     caught in reference cycles are no longer finalized (every output is closed explicitly).
     """
     quiet_openmp_threads()
+    handle_stop_signals()
     try:
         app()
     finally:
+        ignore_stop_signals()
         gc.freeze()
 
 

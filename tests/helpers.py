@@ -8,6 +8,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,60 @@ def communicate_or_dump_stacks(process: subprocess.Popen, timeout: float) -> tup
         process.send_signal(signal.SIGABRT)
         _, stderr = process.communicate()
         raise AssertionError(f"{process.args} still running after {timeout} s; its threads:\n{stderr[-20000:]}") from None
+
+
+def journal_lines(out: Path) -> int:
+    """Lines of a run's journal: its fingerprint, then one per finished group."""
+    try:
+        return len((out / ".qstrat-journal.jsonl").read_text().splitlines())
+    except OSError:
+        return 0
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process under ``pid`` (children, their children, ...)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found + [g for c in found for g in descendants(c)]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def loky_workers(pid: int) -> list[int]:
+    """The joblib (loky) worker processes under ``pid``: not its resource trackers."""
+    return [c for c in descendants(pid) if "loky.backend.popen_loky_posix" in _cmdline(c)]
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid``."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(stat.parent.name))
+    return members
+
+
+def wait_for(condition, timeout: float, what: str):
+    """Poll ``condition`` until it returns something true; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.005)
+    return value
 
 
 def assert_clean_failure(result: subprocess.CompletedProcess, *fragments: str) -> None:

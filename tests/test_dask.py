@@ -101,7 +101,10 @@ def test_dask_output_equals_loky_and_survives_a_killed_worker(tmp_path, cluster)
     journal = killed / ".qstrat-journal.jsonl"
     while run.poll() is None and (not journal.exists() or len(journal.read_text().splitlines()) < 5):
         time.sleep(0.01)
+    os.kill(run.pid, signal.SIGSTOP)  # the run cannot end while its worker is killed
+    assert run.poll() is None, "the run ended before a worker was killed"
     os.killpg(workers[0].pid, signal.SIGKILL)
+    os.kill(run.pid, signal.SIGCONT)
     _, stderr = communicate_or_dump_stacks(run, 300)
     assert "Traceback" not in stderr
     if run.returncode != 0:

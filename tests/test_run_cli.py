@@ -1,5 +1,6 @@
 """`qstrat run` with YAML configs, and inspect / verify / dequantize, through the CLI."""
 
+import contextlib
 import json
 import os
 import signal
@@ -15,7 +16,16 @@ from safetensors import safe_open
 import qstrat
 from qstrat.synthetic import write_model
 from tests.conftest import REPO
-from tests.helpers import assert_clean_failure, communicate_or_dump_stacks, make_llama_dir, run_cli
+from tests.helpers import (
+    assert_clean_failure,
+    communicate_or_dump_stacks,
+    group_members,
+    journal_lines,
+    loky_workers,
+    make_llama_dir,
+    run_cli,
+    wait_for,
+)
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -152,13 +162,6 @@ def _many_tensor_model(path: Path, count: int = 120) -> Path:
     return write_model(path, tensors, dtype="BF16")
 
 
-def _journal_lines(out: Path) -> int:
-    try:
-        return len((out / ".qstrat-journal.jsonl").read_text().splitlines())
-    except OSError:
-        return 0
-
-
 def _start(config, out, *extra):
     script = Path(sys.executable).with_name("qstrat")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CANDLE_Q8K_")}
@@ -176,7 +179,7 @@ def test_kill_9_then_rerun_is_identical_and_lock_is_exclusive(tmp_path):
     for kill_after in (3, 40, 90):
         process = _start(config, out)
         deadline = time.time() + 120
-        while _journal_lines(out) < kill_after and process.poll() is None and time.time() < deadline:
+        while journal_lines(out) < kill_after and process.poll() is None and time.time() < deadline:
             time.sleep(0.01)
         # frozen at this point (it keeps its lock), so that it cannot finish while we look
         os.killpg(process.pid, signal.SIGSTOP)
@@ -201,15 +204,24 @@ def test_sigterm_stops_cleanly(tmp_path):
     config.write_text(f"input: {model}\noutput: unused\nparallel: {{workers: 2}}\n")
     out = tmp_path / "o"
     process = _start(config, out)
-    while _journal_lines(out) < 5 and process.poll() is None:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = communicate_or_dump_stacks(process, 60)
-    assert process.returncode == 130, stderr
-    assert "interrupted" in stderr and "Traceback" not in stderr
+    try:
+        workers = wait_for(lambda: process.poll() is None and journal_lines(out) >= 5 and loky_workers(process.pid), 120,
+                           "a run with workers and 5 journaled groups")
+        os.killpg(process.pid, signal.SIGSTOP)  # so that the signal surely lands mid-run
+        assert process.poll() is None and journal_lines(out) < 120, "the run ended before the signal"
+        process.send_signal(signal.SIGTERM)
+        os.killpg(process.pid, signal.SIGCONT)
+        _, stderr = communicate_or_dump_stacks(process, 60)
+        assert process.returncode == 130, stderr
+        assert "interrupted" in stderr and "Traceback" not in stderr
+        wait_for(lambda: not group_members(process.pid), 10, f"no process of the run left ({workers})")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
     assert not list(out.glob(".*.tmp-*"))
     assert (out / ".qstrat.lock").read_text() == ""
     assert run_cli("qstrat", "run", str(config), "-o", str(out), "-q").returncode == 0
+    assert run_cli("qstrat", "verify", str(out)).returncode == 0
 
 
 def test_changed_config_is_refused_without_force(tmp_path):

@@ -66,7 +66,7 @@ def test_results_keep_job_order_when_a_later_write_finishes_first(tmp_path, monk
     monkeypatch.setattr(worker, "_write_member", write)
     out = tmp_path / "o"
     out.mkdir()
-    results = list(worker.quantized_groups(jobs, "candle", None, out, 1))
+    results = list(worker.quantize_stream(jobs, "candle", None, out, 1))
     assert [r.records[0].name for r in results] == [j.members[0].info.name for j in jobs]
     assert all((out / r.records[0].files["q8k"].path).exists() for r in results)
 
@@ -90,6 +90,6 @@ def test_a_failed_later_write_surfaces(tmp_path, monkeypatch):
     out.mkdir()
     names = []
     with pytest.raises(OutputError, match="simulated"):
-        for result in worker.quantized_groups(jobs, "candle", None, out, 1):
+        for result in worker.quantize_stream(jobs, "candle", None, out, 1):
             names.append(result.records[0].name)
     assert names == [jobs[0].members[0].info.name]  # nothing after the failed one is reported done

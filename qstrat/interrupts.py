@@ -1,0 +1,78 @@
+"""Ctrl-C and SIGTERM as a stop request, acted on where a run can stop cleanly.
+
+Python raises KeyboardInterrupt wherever the main thread happens to be.  In the loop that
+collects the workers' results, that may be a result callback or a journal write, outside
+joblib's generator, so that joblib's own abort never runs.  So the command line's
+handler raises at once only outside such a loop, or while the loop waits inside joblib
+(which then aborts itself: no more dispatch, its workers killed).  Anywhere else in the loop
+it only records the request, and the loop stops after the result at hand.  Signals after the
+first are ignored: the process is already on its way out, and its cleanup must run whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
+
+
+class _StopState:
+    requested = False
+    deferred = False  # inside a result loop: raise only while it waits
+    waiting = False
+
+
+_state = _StopState()
+
+
+def _on_stop_signal(signum: int, frame: object) -> None:
+    if _state.requested:
+        return
+    _state.requested = True
+    if not _state.deferred or _state.waiting:
+        raise KeyboardInterrupt
+
+
+def handle_stop_signals() -> None:
+    """SIGINT and SIGTERM stop the process's run as described above (main thread only).
+
+    For a command's whole process: the handlers stay, so that a second Ctrl-C cannot cut
+    the exit short either."""
+    _state.requested = False
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _on_stop_signal)
+
+
+def ignore_stop_signals() -> None:
+    """The command is over and its exit code decided: a signal while the interpreter exits
+    (joining the worker pool's threads) must not end it with a traceback."""
+    _state.requested = True
+
+
+def raise_if_stop_requested() -> None:
+    if _state.requested:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def deferred_stops() -> Iterator[None]:
+    """A result loop: a stop request raises only at :func:`raise_if_stop_requested`, within
+    :func:`interruptible_wait`, or on leaving the loop (none is lost)."""
+    outer = _state.deferred
+    _state.deferred = True
+    try:
+        yield
+    finally:
+        _state.deferred = outer
+    raise_if_stop_requested()
+
+
+@contextlib.contextmanager
+def interruptible_wait() -> Iterator[None]:
+    """A wait that a KeyboardInterrupt may end at any point (joblib aborts on it)."""
+    _state.waiting = True
+    try:
+        raise_if_stop_requested()  # a request that came before the wait began
+        yield
+    finally:
+        _state.waiting = False

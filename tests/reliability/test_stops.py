@@ -1,0 +1,112 @@
+"""Stop requests (Ctrl-C, SIGTERM) land where a run can stop; a worker death is exit 6 whenever noticed."""
+
+import signal
+
+import numpy as np
+import pytest
+
+from qstrat import interrupts
+from qstrat.config import QuantizationConfig
+from qstrat.errors import WorkerLost
+from qstrat.interrupts import deferred_stops, interruptible_wait, raise_if_stop_requested
+from qstrat.pipelines.run import quantize_model
+from qstrat.synthetic import write_model
+
+
+@pytest.fixture
+def stop_handlers():
+    """The command line's handlers in this process, for one test."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    interrupts.handle_stop_signals()
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        interrupts._state.requested = False
+
+
+def test_outside_a_result_loop_a_signal_interrupts_at_once(stop_handlers):
+    with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGTERM)
+        raise AssertionError("not interrupted")
+    signal.raise_signal(signal.SIGINT)  # a second one is ignored: cleanup runs whole
+
+
+def test_in_a_result_loop_a_signal_waits_for_a_stop_point(stop_handlers):
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_stops():
+            signal.raise_signal(signal.SIGTERM)
+            reached.append("after the signal")
+            signal.raise_signal(signal.SIGINT)
+            reached.append("after a second one")
+            raise_if_stop_requested()
+            reached.append("past the stop point")
+    assert reached == ["after the signal", "after a second one"]
+
+
+def test_a_wait_in_a_result_loop_is_interrupted_and_no_request_is_lost(stop_handlers):
+    with pytest.raises(KeyboardInterrupt), deferred_stops(), interruptible_wait():
+        signal.raise_signal(signal.SIGTERM)
+        raise AssertionError("not interrupted")
+    interrupts._state.requested = False
+    with pytest.raises(KeyboardInterrupt), deferred_stops():
+        signal.raise_signal(signal.SIGTERM)
+        with interruptible_wait():  # a request made before the wait ends it at once
+            raise AssertionError("waited")
+    interrupts._state.requested = False
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_stops():
+            signal.raise_signal(signal.SIGTERM)
+        raise AssertionError("the request was lost at the loop's end")
+
+
+def test_once_the_command_is_over_signals_are_ignored(stop_handlers):
+    interrupts.ignore_stop_signals()  # as the command line does before the interpreter exits
+    signal.raise_signal(signal.SIGTERM)
+    signal.raise_signal(signal.SIGINT)
+
+
+def _model(tmp_path, count=24):
+    rng = np.random.default_rng(0)
+    tensors = {f"blocks.{i}.proj.weight": rng.standard_normal((256, 1024)).astype(np.float32) for i in range(count)}
+    return write_model(tmp_path / "m", tensors, dtype="BF16")
+
+
+def test_sigterm_during_a_result_callback_stops_after_it(tmp_path, stop_handlers):
+    """The case of issue 15: the signal lands outside joblib's generator, among result callbacks
+    (that the workers are gone after the process is tested through the command line)."""
+    out = tmp_path / "o"
+    calls = []
+
+    def progress(records, nbytes):
+        calls.append("begun")
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGTERM)
+        calls[-1] = "ended"
+
+    model, config = _model(tmp_path), QuantizationConfig(strategies=["amax"], workers=2)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(model, config, out, progress)
+    assert calls == ["ended"] * 3  # the callback ran to its end, and no result was handled after it
+    assert not list(out.glob(".*.tmp-*"))
+    assert (out / ".qstrat.lock").read_text() == ""
+    assert not (out / "manifest.json").exists()
+    interrupts._state.requested = False  # as in a new process
+    quantize_model(model, config, out)  # a rerun completes
+    assert (out / "manifest.json").exists()
+
+
+def test_a_worker_death_noticed_while_dispatching_is_a_lost_worker(tmp_path, monkeypatch):
+    from joblib import Parallel
+    from joblib.externals.loky.process_executor import TerminatedWorkerError
+
+    def broken(self, iterable):
+        raise TerminatedWorkerError("A worker process managed by the executor was unexpectedly terminated.")
+
+    monkeypatch.setattr(Parallel, "__call__", broken)
+    out = tmp_path / "o"
+    with pytest.raises(WorkerLost, match="worker process died"):
+        quantize_model(_model(tmp_path), QuantizationConfig(strategies=["amax"], workers=2), out)
+    assert (out / ".qstrat.lock").read_text() == ""
