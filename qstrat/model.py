@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from qstrat.errors import InputError
+from qstrat.io.gguf import gguf_to_directory
 from qstrat.io.manifest import JOINT_PERMUTATIONS_NAME, PASSTHROUGH_NAME, read_manifest
 from qstrat.io.names import decode_name
 from qstrat.io.q8k import check_permutation, read_perm, read_q8k
@@ -114,8 +115,6 @@ def as_directory(path: str | os.PathLike, follow_container: bool = True) -> Iter
         if manifest is not None and manifest.get("containers") and "q8k" not in manifest.get("config", {}).get("outputs", ["q8k"]):
             path = path / next(iter(manifest["containers"]))
     if path.is_file() and path.suffix == ".gguf":
-        from qstrat.convert import gguf_to_directory
-
         with tempfile.TemporaryDirectory(prefix="qstrat-gguf-") as tmp:
             yield gguf_to_directory(path, Path(tmp) / "model")
     else:
