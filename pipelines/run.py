@@ -29,7 +29,7 @@ from qstrat.pipelines.plan import GroupJob, Plan, make_plan
 from qstrat.pipelines.worker import quantize_groups, quantized_groups
 
 from qstrat._version import __version__
-from qstrat.config import QuantizationConfig
+from qstrat.runconfig import RunConfig
 from qstrat.convert import gguf_metadata
 from qstrat.errors import InputError, OutputError, WorkerLost
 from qstrat.io.atomic import describe_os_error, make_durable, remove_stale_temporaries
@@ -145,7 +145,7 @@ def task_batches(ordered: list[GroupJob], workers: int) -> list[list[GroupJob]]:
 
 def _run_groups(
     jobs: list[GroupJob],
-    config: QuantizationConfig,
+    config: RunConfig,
     out: Path | None,
     on_done: Callable[[GroupJob, list[TensorRecord], dict[str, Permutation]], None],
 ) -> None:
@@ -155,7 +155,7 @@ def _run_groups(
     ordered = sorted(jobs, key=lambda g: (-g.nbytes, g.members[0].info.name))
     settings = config.validation_settings()
     with execution_backend(config, ordered, out) as (n_jobs, threads):
-        if n_jobs == 1 and config.backend == "loky":
+        if n_jobs == 1 and config.parallel.backend == "loky":
             # in this process, one stream over every group: writes overlap the computing throughout
             stream = quantized_groups(ordered, config.variant, settings, out, threads)
             tasks: Iterable[tuple[list[GroupJob], Iterable]] = [(ordered, stream)]
@@ -164,7 +164,7 @@ def _run_groups(
             from joblib import Parallel, delayed
             from joblib.externals.loky.process_executor import TerminatedWorkerError
 
-            durable = config.backend == "dask"
+            durable = config.parallel.backend == "dask"
             batches = task_batches(ordered, n_jobs)
             calls = (delayed(quantize_groups)(batch, config.variant, settings, out, threads, durable) for batch in batches)
             stream = None
@@ -182,11 +182,11 @@ def _run_groups(
 
 
 def evaluate_model(
-    input_path: str | os.PathLike, config: QuantizationConfig, progress: ProgressCallback | None = None
+    input_path: str | os.PathLike, config: RunConfig, progress: ProgressCallback | None = None
 ) -> QuantizationResult:
     """Quantize and measure every tensor in memory, writing nothing (for comparisons)."""
     started = time.perf_counter()
-    config = replace(config, validation=True)
+    config = config.evaluated()
     model = SafetensorsModel(input_path)
     plan = make_plan(model, config)
     records: list[TensorRecord] = []
@@ -224,7 +224,7 @@ def threshold_failures(records: list[TensorRecord], thresholds) -> list[Threshol
 
 def quantize_model(
     input_path: str | os.PathLike,
-    config: QuantizationConfig,
+    config: RunConfig,
     output_dir: str | os.PathLike | None = None,
     progress: ProgressCallback | None = None,
     *,
