@@ -12,7 +12,6 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,6 @@ from qstrat.pipelines.journal import (
 from qstrat.pipelines.plan import GroupJob, Plan, make_plan
 from qstrat.pipelines.worker import quantize_groups, quantized_groups
 
-from qstrat._version import __version__
 from qstrat.runconfig import RunConfig
 from qstrat.convert import gguf_metadata
 from qstrat.errors import InputError, OutputError, WorkerLost
@@ -36,10 +34,13 @@ from qstrat.io.atomic import describe_os_error, make_durable, remove_stale_tempo
 from qstrat.io.gguf import write_gguf
 from qstrat.io.manifest import (
     JOINT_PERMUTATIONS_NAME,
-    MANIFEST_FORMAT,
     MANIFEST_NAME,
-    MANIFEST_VERSION,
     PASSTHROUGH_NAME,
+    Failure,
+    FileEntry,
+    Manifest,
+    Source,
+    new_manifest,
     read_manifest,
     write_manifest,
 )
@@ -66,16 +67,16 @@ def check_output_dir(output_dir: Path, model: SafetensorsModel) -> None:
         raise InputError(f"output directory {output_dir} is the input; choose another")
 
 
-def _remove_outdated_files(output_dir: Path, previous: dict | None, records: list[TensorRecord]) -> None:
+def _remove_outdated_files(output_dir: Path, previous: Manifest | None, records: list[TensorRecord]) -> None:
     """Delete files the previous run wrote that this run did not (a stale .perm would be read)."""
     if previous is None:
         return
     current = {f.path for r in records for f in r.files.values()}
-    for entry in previous.get("tensors", {}).values():
-        for file in entry.get("files", {}).values():
-            if file["path"] not in current:
+    for entry in previous.tensors.values():
+        for file in entry.files.values():
+            if file.path not in current:
                 with contextlib.suppress(OSError):
-                    (output_dir / file["path"]).unlink()
+                    (output_dir / file.path).unlink()
 
 
 def write_passthrough(
@@ -257,7 +258,7 @@ def quantize_model(
 def _quantize_locked(model, plan, config, out, progress, force, thresholds, settings, fingerprint, started, outputs):
     previous = read_manifest_lenient(out)
     journal = Journal(out, fingerprint)
-    earlier = journal.previous_fingerprint() or (previous or {}).get("fingerprint")
+    earlier = journal.previous_fingerprint() or (previous.fingerprint if previous else None)
     mixed = earlier is not None and earlier != fingerprint
     if mixed and not force:
         raise OutputError(
@@ -324,29 +325,25 @@ def _quantize_locked(model, plan, config, out, progress, force, thresholds, sett
     _remove_outdated_files(out, previous, records)
     failures = threshold_failures(records, thresholds)
 
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "format_version": MANIFEST_VERSION,
-        "tool": {"name": "qstrat", "version": __version__},
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "fingerprint": fingerprint,
-        "source": {
-            "path": str(model.path),
-            "name": model.name,
-            "architecture": read_model_config(model).get("model_type"),
-            "files": sorted(f.path.name for f in model.files),
-        },
-        "config": settings,
-        "variant": config.variant,
-        "tensors": {r.name: r.manifest_entry() for r in records},
-        "validation": {"failed": [f.as_dict() for f in failures]},
-    }
+    manifest = new_manifest(
+        fingerprint=fingerprint,
+        source=Source(
+            path=str(model.path),
+            name=model.name,
+            architecture=read_model_config(model).get("model_type"),
+            files=sorted(f.path.name for f in model.files),
+        ),
+        config=settings,
+        variant=config.variant,
+        tensors={r.name: r.manifest_entry() for r in records},
+        failed=[Failure(**f.as_dict()) for f in failures],
+    )
     if "gguf" in outputs:
         # assembled from the files just written, so its Q8_K bytes are the .q8k files' bytes
         written = QuantizedModel(out, manifest)
         container = write_gguf(written, out / f"{model.name}.gguf", gguf_metadata(written))
-        entry = {"path": container.name, "size": container.stat().st_size, "sha256": file_sha256(container)}
-        manifest["containers"] = {container.name: entry}
+        entry = FileEntry(path=container.name, size=container.stat().st_size, sha256=file_sha256(container))
+        manifest.containers = {container.name: entry}
         if "q8k" not in outputs:
             # GGUF instead of per-tensor files: the container now holds every tensor; the files it was
             # assembled from go (a rerun redoes them, so a killed run still ends complete)
@@ -354,18 +351,18 @@ def _quantize_locked(model, plan, config, out, progress, force, thresholds, sett
                 for file in record.files.values():
                     with contextlib.suppress(FileNotFoundError):
                         (out / file.path).unlink()
-            for tensor in manifest["tensors"].values():
-                tensor["files"] = {"gguf": entry}
+            for tensor in manifest.tensors.values():
+                tensor.files = {"gguf": entry}
     # every tensor file is on disk before the manifest says the directory is complete
-    written = {out / f.path for r in records for f in r.files.values()} | {out / c for c in manifest.get("containers", {})}
+    written = {out / f.path for r in records for f in r.files.values()} | {out / c for c in manifest.containers or {}}
     make_durable(sorted(p for p in written if p.exists()), out)
     result = QuantizationResult(out, records, time.perf_counter() - started, None, failures)
-    manifest["reports"] = {f.path: {"path": f.path, "size": f.size, "sha256": f.sha256} for f in write_reports(result, model.name, settings, out)}
+    manifest.reports = {f.path: FileEntry(**vars(f)) for f in write_reports(result, model.name, settings, out)}
     result.manifest_path = write_manifest(out, manifest)
     return result
 
 
-def read_manifest_lenient(directory: Path) -> dict | None:
+def read_manifest_lenient(directory: Path) -> Manifest | None:
     """The previous manifest, or None if it is missing or unreadable (it is rewritten anyway)."""
     try:
         return read_manifest(directory)

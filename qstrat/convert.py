@@ -11,13 +11,12 @@ from qstrat.model import QuantizedModel
 
 
 def gguf_metadata(model: QuantizedModel) -> dict[str, object]:
-    manifest = model.manifest or {}
-    source = manifest.get("source", {})
+    manifest = model.manifest  # None for a directory of the original tool
     return {
-        "architecture": source.get("architecture") or "qstrat",
-        "name": source.get("name") or model.directory.name,
-        "variant": manifest.get("variant") or "unknown",
-        "config": manifest.get("config") or {},
+        "architecture": (manifest and manifest.source.architecture) or "qstrat",
+        "name": (manifest and manifest.source.name) or model.directory.name,
+        "variant": (manifest and manifest.variant) or "unknown",
+        "config": (manifest and manifest.config) or {},
     }
 
 

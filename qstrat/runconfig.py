@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from qstrat.blocks import DEFAULT_VARIANT, Q8K_VARIANTS
-from qstrat.errors import ConfigError
+from qstrat.errors import ConfigError, describe_validation_error
 from qstrat.legacy import environment_settings
 from qstrat.strategies import StrategyChain, make_strategy
 from qstrat.validation import PRODUCTS, STAGES, ValidationSettings
@@ -97,7 +97,7 @@ class RunConfig(_Strict):
         try:
             config = cls.model_validate(data)
         except ValidationError as err:
-            raise ConfigError(_format_errors(err, {}, where)) from None
+            raise ConfigError(describe_validation_error(err, where)) from None
         config._force = force
         return config
 
@@ -266,23 +266,6 @@ def apply_environment(data: dict, environ: Mapping[str, str]) -> None:
 # -- loading -------------------------------------------------------------------------------------
 
 
-def _format_errors(err: ValidationError, lines: dict[tuple, int], where: str) -> str:
-    messages = []
-    for problem in err.errors():
-        location = tuple(p for p in problem["loc"] if not (isinstance(p, str) and p.startswith(("str", "list[", "none", "StrategyEntry"))))
-        key = ".".join(str(p) for p in location) or "(top level)"
-        line = next((lines[location[:n]] for n in range(len(location), -1, -1) if location[:n] in lines), None)
-        at = f"line {line}: " if line else ""
-        text = problem["msg"]
-        if problem["type"] == "extra_forbidden":
-            text = "unknown key"
-        elif problem["type"] == "missing":
-            text = "required key is missing"
-        messages.append(f"{at}{key}: {text}")
-    unique = list(dict.fromkeys(messages))
-    return f"{where}: " + "; ".join(unique[:5])
-
-
 def _resolve(path_text: str, base: Path) -> Path:
     path = Path(os.path.expanduser(path_text))
     return Path(os.path.normpath(path if path.is_absolute() else base / path))
@@ -353,7 +336,7 @@ def load_run_config(
     try:
         schema = RunConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, lines, where)) from None
+        raise ConfigError(describe_validation_error(err, where, lines)) from None
     for i, entry in enumerate(schema.chain_entries()):
         try:
             make_strategy(entry)  # unknown names and options fail here, before anything runs

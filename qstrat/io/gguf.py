@@ -15,7 +15,6 @@ import functools
 import hashlib
 import json
 import os
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +24,13 @@ from qstrat.errors import FormatError, InputError, OutputError
 from qstrat.io.atomic import atomic_path, describe_os_error
 from qstrat.io.manifest import (
     JOINT_PERMUTATIONS_NAME,
-    MANIFEST_FORMAT,
-    MANIFEST_VERSION,
     PASSTHROUGH_NAME,
+    FileEntry,
+    Joint,
+    PassthroughEntry,
+    Q8KEntry,
+    Source,
+    new_manifest,
     write_manifest,
 )
 from qstrat.io.names import assign_file_stems
@@ -89,13 +92,13 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
     perm_names, joint_names, joint_axes = [], [], []
     for name in model:
         entry = model.entries[name]
-        if entry["storage"] == "q8k":
-            files = entry["files"]
-            stored = read_q8k(model.directory / files["q8k"]["path"])
+        if entry.quantized:
+            files = entry.files
+            stored = read_q8k(model.directory / files["q8k"])
             payload = np.asarray(stored.blocks).reshape(stored.rows, -1)
             entries.append((name, lambda p=payload: p, np.uint8, gguf.GGMLQuantizationType.Q8_K, payload.shape, payload.nbytes))
             if "perm" in files:
-                perm = read_perm(model.directory / files["perm"]["path"], stored.k).astype(np.int32)
+                perm = read_perm(model.directory / files["perm"], stored.k).astype(np.int32)
                 entries.append((name + PERM_SUFFIX, lambda p=perm: p, np.int32, None, perm.shape, perm.nbytes))
                 perm_names.append(name + PERM_SUFFIX)
         else:
@@ -202,11 +205,15 @@ def gguf_to_directory(source: str | os.PathLike, output_dir: str | os.PathLike) 
     q8_k = _gguf().GGMLQuantizationType.Q8_K
     quantized = [n for n in names if model.tensors[n].tensor_type == q8_k]
     stems = assign_file_stems(quantized)
-    entries: dict[str, dict] = {}
+    entries: dict[str, Q8KEntry | PassthroughEntry] = {}
     passthrough, joint = [], []
     for name in names:
         tensor = model.tensors[name]
         shape = [int(d) for d in reversed(tensor.shape.tolist())]
+        companion = name + JOINT_SUFFIX
+        axis = model.joint_axes.get(companion)
+        common = {"shape": shape, "permutation": "none" if axis is None else "joint",
+                  "joint": None if axis is None else Joint(group=None, axis=axis)}
         if name in stems:
             rows, k = shape
             if k % QK_K:
@@ -215,40 +222,28 @@ def gguf_to_directory(source: str | os.PathLike, output_dir: str | os.PathLike) 
             files = {"q8k": write_q8k(out / f"{stems[name]}.q8k", blocks, rows, k)}
             if name + PERM_SUFFIX in model.perm_names:
                 files["perm"] = write_perm(out / f"{stems[name]}.perm", np.asarray(model.tensors[name + PERM_SUFFIX].data))
-            entries[name] = {"storage": "q8k", "shape": shape, "dtype": "unknown", "strategy": None,
-                             "permutation": "runtime" if "perm" in files else "none", "files": files, "metrics": None}
+                if axis is None:
+                    common["permutation"] = "runtime"
+            files = {role: FileEntry(**vars(f)) for role, f in files.items()}
+            entries[name] = Q8KEntry(storage="q8k", dtype="unknown", strategy=None, metrics=None, files=files, **common)
         else:
             tag = passthrough_tag(int(tensor.tensor_type))
             if tag is None:
                 raise InputError(f"{model.path}: tensor {name!r} has GGML type {int(tensor.tensor_type)}, not one qstrat writes")
             raw = np.asarray(tensor.data).reshape(-1).view(np.uint8)
             passthrough.append((name, tag, tuple(shape), raw))
-            entries[name] = {"storage": "passthrough", "shape": shape, "dtype": tag, "permutation": "none", "reason": "from GGUF"}
-        companion = name + JOINT_SUFFIX
-        if companion in model.joint_axes:
+            entries[name] = PassthroughEntry(storage="passthrough", dtype=tag, reason="from GGUF", files={}, **common)
+        if axis is not None:
             joint.append((name, "I64", (len(model.tensors[companion].data),), np.asarray(model.tensors[companion].data).astype("<i8")))
-            entries[name]["permutation"] = "joint"
-            entries[name]["joint"] = {"group": None, "axis": model.joint_axes[companion]}
     size, sha = write_safetensors(out / PASSTHROUGH_NAME, passthrough)
     for name, *_ in passthrough:
-        entries[name]["files"] = {"safetensors": {"path": PASSTHROUGH_NAME, "size": size, "sha256": sha}}
+        entries[name].files = {"safetensors": FileEntry(path=PASSTHROUGH_NAME, size=size, sha256=sha)}
     if joint:
         jsize, jsha = write_safetensors(out / JOINT_PERMUTATIONS_NAME, joint)
         for name, *_ in joint:
-            entries[name]["files"]["joint_perm"] = {"path": JOINT_PERMUTATIONS_NAME, "size": jsize, "sha256": jsha}
-    for entry in entries.values():
-        entry["files"] = {role: (vars(f) if not isinstance(f, dict) else f) for role, f in entry["files"].items()}
-    write_manifest(out, {
-        "format": MANIFEST_FORMAT,
-        "format_version": MANIFEST_VERSION,
-        "tool": {"name": "qstrat", "version": __version__},
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": {"path": str(model.path), "architecture": model.architecture, "name": model.name, "files": [model.path.name]},
-        "config": model.config,
-        "variant": model.variant,
-        "tensors": entries,
-        "validation": {"failed": []},
-    })
+            entries[name].files["joint_perm"] = FileEntry(path=JOINT_PERMUTATIONS_NAME, size=jsize, sha256=jsha)
+    source = Source(path=str(model.path), architecture=model.architecture, name=model.name, files=[model.path.name])
+    write_manifest(out, new_manifest(source=source, config=model.config, variant=model.variant, tensors=entries, failed=[]))
     return out
 
 
