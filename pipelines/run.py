@@ -27,7 +27,6 @@ from qstrat.pipelines.journal import (
 from qstrat.pipelines.plan import GroupJob, Plan, make_plan
 from qstrat.pipelines.worker import quantize_groups, quantized_groups
 
-from qstrat.runconfig import RunConfig
 from qstrat.convert import gguf_metadata
 from qstrat.errors import InputError, OutputError, WorkerLost
 from qstrat.io.atomic import describe_os_error, make_durable, remove_stale_temporaries
@@ -54,6 +53,7 @@ from qstrat.io.safetensors import (
 from qstrat.model import QuantizedModel
 from qstrat.report import preload_plotting, write_reports
 from qstrat.results import QuantizationResult, TensorRecord, ThresholdFailure
+from qstrat.runconfig import RunConfig
 from qstrat.strategies import Permutation
 
 ProgressCallback = Callable[[list[TensorRecord], int], None]  # records, bytes of input done

@@ -2,10 +2,12 @@
 
 import json
 
+import numpy as np
 import pytest
 
 import qstrat
 from qstrat import QuantizationConfig, StrategyType
+from qstrat.io.safetensors import write_safetensors
 from qstrat.legacy import ENVIRONMENT, environment_settings, environment_table
 from qstrat.runconfig import RunConfig
 from tests.conftest import REPO
@@ -56,9 +58,6 @@ ENVIRONMENTS = [
 
 @pytest.mark.parametrize("env", ENVIRONMENTS, ids=lambda e: ",".join(f"{k[11:]}={v}" for k, v in e.items()))
 def test_environment_means_the_same_to_both_commands_and_the_library(tmp_path, env):
-    from qstrat.io.safetensors import write_safetensors
-    import numpy as np
-
     model = tmp_path / "m"
     model.mkdir()
     w = np.linspace(-1, 1, 4 * 512, dtype=np.float32).reshape(4, 512)
