@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from qstrat.config import QuantizationConfig
+from qstrat.runconfig import RunConfig
 from qstrat.errors import ConfigError, InputError
 
 
@@ -40,13 +40,14 @@ def _paths_visible(paths: list[str], output: str | None) -> str | None:
 
 
 @contextlib.contextmanager
-def execution_backend(config: QuantizationConfig, jobs, output: Path | None) -> Iterator[tuple[int, int]]:
+def execution_backend(config: RunConfig, jobs, output: Path | None) -> Iterator[tuple[int, int]]:
     """Yield (joblib n_jobs, numba threads per task) with the configured backend active.
 
     One local worker is this process itself: joblib is then not even imported.
     """
-    if config.backend == "loky":
-        workers = min(config.workers, len(jobs))
+    parallel = config.parallel
+    if parallel.backend == "loky":
+        workers = min(parallel.workers, len(jobs))
         if workers <= 1:
             yield 1, numba_threads_per_worker(1)
             return
@@ -59,12 +60,12 @@ def execution_backend(config: QuantizationConfig, jobs, output: Path | None) -> 
         from distributed import Client
     except ImportError:
         raise ConfigError("parallel.backend: dask needs the dask extra (pip install 'qstrat[dask]')") from None
-    if not config.address:
+    if not parallel.address:
         raise ConfigError("parallel.address: the dask backend needs a scheduler address such as tcp://host:8786")
     try:
-        client = Client(config.address, timeout="10s", set_as_default=False)
+        client = Client(parallel.address, timeout="10s", set_as_default=False)
     except (OSError, TimeoutError) as err:
-        raise ConfigError(f"parallel.address: cannot reach the Dask scheduler at {config.address}: {err}") from None
+        raise ConfigError(f"parallel.address: cannot reach the Dask scheduler at {parallel.address}: {err}") from None
     try:
         inputs = sorted({str(m.info.path) for job in jobs for m in job.members})
         problems = client.run(_paths_visible, inputs, str(output) if output is not None else None)

@@ -23,6 +23,7 @@ import numpy as np
 
 from qstrat.errors import OutputError
 from qstrat.io.atomic import describe_os_error
+from qstrat.io.manifest import tensor_entry
 from qstrat.io.safetensors import HEADER_LENGTH_BYTES, SafetensorsModel
 from qstrat.results import TensorRecord
 from qstrat.strategies import Permutation
@@ -107,7 +108,10 @@ class Journal:
         entry = self.done.get(key)
         if entry is None:
             return None
-        records = [TensorRecord.from_manifest_entry(name, e) for name, e in entry["records"].items()]
+        try:
+            records = [TensorRecord.from_manifest_entry(name, tensor_entry(e)) for name, e in entry["records"].items()]
+        except ValueError:  # a line of another version: the group is redone
+            return None
         for record in records:
             for file in record.files.values():
                 if file_sha256(directory / file.path) != file.sha256:
@@ -118,7 +122,7 @@ class Journal:
     def record(self, key: str, records: list[TensorRecord], joint: dict[str, Permutation]) -> None:
         entry = {
             "group": key,
-            "records": {r.name: r.manifest_entry() for r in records},
+            "records": {r.name: r.manifest_entry().model_dump() for r in records},
             "joint": {n: {"axis": p.axis, "perm": p.perm.tolist()} for n, p in sorted(joint.items())},
         }
         try:

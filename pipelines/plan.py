@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from qstrat.kernels import QK_K
 
-from qstrat.config import QuantizationConfig
+from qstrat.runconfig import RunConfig
 from qstrat.io.names import assign_file_stems
 from qstrat.io.safetensors import (
     FLOAT_DTYPES,
@@ -73,7 +73,7 @@ def passthrough_reason(info: TensorInfo, skip_patterns: tuple[str, ...]) -> str 
     return None
 
 
-def make_plan(model: SafetensorsModel, config: QuantizationConfig) -> Plan:
+def make_plan(model: SafetensorsModel, config: RunConfig) -> Plan:
     """Assign every tensor of ``model`` to a strategy group and/or the passthrough file."""
     reasons = {info.name: passthrough_reason(info, tuple(config.skip_patterns)) for info in model}
     # joint groups may hold float tensors that are not quantized (biases), never other dtypes

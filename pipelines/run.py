@@ -13,7 +13,6 @@ import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
-from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
@@ -30,8 +29,6 @@ from qstrat.pipelines.journal import (
 from qstrat.pipelines.plan import GroupJob, Plan, make_plan
 from qstrat.pipelines.worker import GroupResult, quantize_batch, quantize_stream
 
-from qstrat._version import __version__
-from qstrat.config import QuantizationConfig
 from qstrat.convert import gguf_metadata
 from qstrat.errors import InputError, OutputError, WorkerLost
 from qstrat.interrupts import deferred_stops, interruptible_wait, raise_if_stop_requested
@@ -39,10 +36,13 @@ from qstrat.io.atomic import describe_os_error, make_durable, remove_stale_tempo
 from qstrat.io.gguf import write_gguf
 from qstrat.io.manifest import (
     JOINT_PERMUTATIONS_NAME,
-    MANIFEST_FORMAT,
     MANIFEST_NAME,
-    MANIFEST_VERSION,
     PASSTHROUGH_NAME,
+    Failure,
+    FileEntry,
+    Manifest,
+    Source,
+    new_manifest,
     read_manifest,
     write_manifest,
 )
@@ -56,6 +56,7 @@ from qstrat.io.safetensors import (
 from qstrat.model import QuantizedModel
 from qstrat.report import preload_plotting, write_reports
 from qstrat.results import QuantizationResult, TensorRecord, ThresholdFailure
+from qstrat.runconfig import RunConfig
 from qstrat.strategies import Permutation
 
 ProgressCallback = Callable[[list[TensorRecord], int], None]  # records, bytes of input done
@@ -69,16 +70,16 @@ def check_output_dir(output_dir: Path, model: SafetensorsModel) -> None:
         raise InputError(f"output directory {output_dir} is the input; choose another")
 
 
-def _remove_outdated_files(output_dir: Path, previous: dict | None, records: list[TensorRecord]) -> None:
+def _remove_outdated_files(output_dir: Path, previous: Manifest | None, records: list[TensorRecord]) -> None:
     """Delete files the previous run wrote that this run did not (a stale .perm would be read)."""
     if previous is None:
         return
     current = {f.path for r in records for f in r.files.values()}
-    for entry in previous.get("tensors", {}).values():
-        for file in entry.get("files", {}).values():
-            if file["path"] not in current:
+    for entry in previous.tensors.values():
+        for file in entry.files.values():
+            if file.path not in current:
                 with contextlib.suppress(OSError):
-                    (output_dir / file["path"]).unlink()
+                    (output_dir / file.path).unlink()
 
 
 def write_passthrough(
@@ -172,7 +173,7 @@ def _joblib_results(
 
 def _run_groups(
     jobs: list[GroupJob],
-    config: QuantizationConfig,
+    config: RunConfig,
     out: Path | None,
     on_done: Callable[[GroupJob, list[TensorRecord], dict[str, Permutation]], None],
 ) -> None:
@@ -187,11 +188,11 @@ def _run_groups(
     settings = config.validation_settings()
     with execution_backend(config, ordered, out) as (n_jobs, threads), deferred_stops():
         results: Iterator[GroupResult]
-        if n_jobs == 1 and config.backend == "loky":
+        if n_jobs == 1 and config.parallel.backend == "loky":
             # in this process, one stream over every group: writes overlap the computing throughout
             results = quantize_stream(ordered, config.variant, settings, out, threads)
         else:
-            durable = config.backend == "dask"
+            durable = config.parallel.backend == "dask"
             task = partial(quantize_batch, variant=config.variant, validation=settings, output_dir=out,
                            numba_threads=threads, durable=durable)
             results = _joblib_results(task_batches(ordered, n_jobs), n_jobs, task)
@@ -211,11 +212,11 @@ def _run_groups(
 
 
 def evaluate_model(
-    input_path: str | os.PathLike, config: QuantizationConfig, progress: ProgressCallback | None = None
+    input_path: str | os.PathLike, config: RunConfig, progress: ProgressCallback | None = None
 ) -> QuantizationResult:
     """Quantize and measure every tensor in memory, writing nothing (for comparisons)."""
     started = time.perf_counter()
-    config = replace(config, validation=True)
+    config = config.evaluated()
     model = SafetensorsModel(input_path)
     plan = make_plan(model, config)
     records: list[TensorRecord] = []
@@ -253,7 +254,7 @@ def threshold_failures(records: list[TensorRecord], thresholds) -> list[Threshol
 
 def quantize_model(
     input_path: str | os.PathLike,
-    config: QuantizationConfig,
+    config: RunConfig,
     output_dir: str | os.PathLike | None = None,
     progress: ProgressCallback | None = None,
     *,
@@ -294,11 +295,11 @@ def quantize_model(
         return _publish(out, model.name, manifest, records, failures, settings, started)
 
 
-def _open_journal(out: Path, fingerprint: str, force: bool, previous: dict | None) -> Journal:
+def _open_journal(out: Path, fingerprint: str, force: bool, previous: Manifest | None) -> Journal:
     """The journal of this run, keeping the finished groups of an earlier run of the same
     fingerprint; the directory no longer looks complete, and holds no temporaries."""
     journal = Journal(out, fingerprint)
-    earlier = journal.previous_fingerprint() or (previous or {}).get("fingerprint")
+    earlier = journal.previous_fingerprint() or (previous.fingerprint if previous else None)
     mixed = earlier is not None and earlier != fingerprint
     if mixed and not force:
         raise OutputError(
@@ -318,7 +319,7 @@ def _open_journal(out: Path, fingerprint: str, force: bool, previous: dict | Non
 
 
 def _reuse_or_quantize_groups(
-    plan: Plan, config: QuantizationConfig, out: Path, journal: Journal, progress: ProgressCallback | None
+    plan: Plan, config: RunConfig, out: Path, journal: Journal, progress: ProgressCallback | None
 ) -> tuple[list[TensorRecord], dict[str, Permutation]]:
     """Every group's records and joint permutations: the journal's where its files are
     intact, the others quantized now and journaled one by one."""
@@ -363,7 +364,7 @@ def _write_passthrough_and_permutations(
     model: SafetensorsModel,
     records: list[TensorRecord],
     joint: dict[str, Permutation],
-    previous: dict | None,
+    previous: Manifest | None,
     progress: ProgressCallback | None,
 ) -> list[TensorRecord]:
     """Passthrough tensors and joint permutations written beside the quantized ones, files of
@@ -387,33 +388,29 @@ def _manifest(
     fingerprint: str,
     records: list[TensorRecord],
     failures: list[ThresholdFailure],
-) -> dict:
-    return {
-        "format": MANIFEST_FORMAT,
-        "format_version": MANIFEST_VERSION,
-        "tool": {"name": "qstrat", "version": __version__},
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "fingerprint": fingerprint,
-        "source": {
-            "path": str(model.path),
-            "name": model.name,
-            "architecture": read_model_config(model).get("model_type"),
-            "files": sorted(f.path.name for f in model.files),
-        },
-        "config": settings,
-        "variant": variant,
-        "tensors": {r.name: r.manifest_entry() for r in records},
-        "validation": {"failed": [f.as_dict() for f in failures]},
-    }
+) -> Manifest:
+    return new_manifest(
+        fingerprint=fingerprint,
+        source=Source(
+            path=str(model.path),
+            name=model.name,
+            architecture=read_model_config(model).get("model_type"),
+            files=sorted(f.path.name for f in model.files),
+        ),
+        config=settings,
+        variant=variant,
+        tensors={r.name: r.manifest_entry() for r in records},
+        failed=[Failure(**f.as_dict()) for f in failures],
+    )
 
 
-def _write_container(out: Path, name: str, manifest: dict, records: list[TensorRecord], keep_tensor_files: bool) -> None:
+def _write_container(out: Path, name: str, manifest: Manifest, records: list[TensorRecord], keep_tensor_files: bool) -> None:
     """The GGUF file, assembled from the files just written (so its Q8_K bytes are the .q8k
     files' bytes), entered in ``manifest``."""
     written = QuantizedModel(out, manifest)
     container = write_gguf(written, out / f"{name}.gguf", gguf_metadata(written))
-    entry = {"path": container.name, "size": container.stat().st_size, "sha256": file_sha256(container)}
-    manifest["containers"] = {container.name: entry}
+    entry = FileEntry(path=container.name, size=container.stat().st_size, sha256=file_sha256(container))
+    manifest.containers = {container.name: entry}
     if not keep_tensor_files:
         # GGUF instead of per-tensor files: the container now holds every tensor; the files it was
         # assembled from go (a rerun redoes them, so a killed run still ends complete)
@@ -421,29 +418,29 @@ def _write_container(out: Path, name: str, manifest: dict, records: list[TensorR
             for file in record.files.values():
                 with contextlib.suppress(FileNotFoundError):
                     (out / file.path).unlink()
-        for tensor in manifest["tensors"].values():
-            tensor["files"] = {"gguf": entry}
+        for tensor in manifest.tensors.values():
+            tensor.files = {"gguf": entry}
 
 
 def _publish(
     out: Path,
     name: str,
-    manifest: dict,
+    manifest: Manifest,
     records: list[TensorRecord],
     failures: list[ThresholdFailure],
     settings: dict[str, object],
     started: float,
 ) -> QuantizationResult:
     """Every file made durable, then the reports, then the manifest: the directory is complete."""
-    written = {out / f.path for r in records for f in r.files.values()} | {out / c for c in manifest.get("containers", {})}
+    written = {out / f.path for r in records for f in r.files.values()} | {out / c for c in manifest.containers or {}}
     make_durable(sorted(p for p in written if p.exists()), out)
     result = QuantizationResult(out, records, time.perf_counter() - started, None, failures)
-    manifest["reports"] = {f.path: {"path": f.path, "size": f.size, "sha256": f.sha256} for f in write_reports(result, name, settings, out)}
+    manifest.reports = {f.path: FileEntry(**vars(f)) for f in write_reports(result, name, settings, out)}
     result.manifest_path = write_manifest(out, manifest)
     return result
 
 
-def read_manifest_lenient(directory: Path) -> dict | None:
+def read_manifest_lenient(directory: Path) -> Manifest | None:
     """The previous manifest, or None if it is missing or unreadable (it is rewritten anyway)."""
     try:
         return read_manifest(directory)

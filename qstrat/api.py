@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from qstrat.config import QuantizationConfig
 from qstrat.results import QuantizationResult
 
+if TYPE_CHECKING:
+    from qstrat.runconfig import RunConfig
 
-def quantize_safetensors(
-    input_path: str | os.PathLike, config: QuantizationConfig | None = None
-) -> QuantizationResult:
+
+def quantize_safetensors(input_path: str | os.PathLike, config: RunConfig | None = None) -> QuantizationResult:
     """Quantize a .safetensors file or model directory into ``config.output_dir``.
 
     >>> config = QuantizationConfig(strategy_type=StrategyType.ATTENTION_AWARE, use_permutation=True)

@@ -336,16 +336,17 @@ def inspect(path: Path = typer.Argument(..., help=".safetensors file, model dire
         console = Console(width=max(120, Console().width))
         manifest = read_manifest(directory) if directory.is_dir() and (directory / MANIFEST_NAME).exists() else None
         if manifest is not None:
-            table = Table(title=f"{path} (qstrat output, variant {manifest['variant']})")
+            table = Table(title=f"{path} (qstrat output, variant {manifest.variant})")
             for column in ("tensor", "shape", "dtype", "storage", "strategy", "permutation", "SQNR dB", "MSE"):
                 table.add_column(column)
-            for name, e in sorted(manifest["tensors"].items()):
-                metrics = e.get("metrics") or {}
-                sqnr = metrics.get("sqnr_db")
+            for name, e in sorted(manifest.tensors.items()):
+                quantized = e.storage == "q8k"
+                sqnr = e.metrics.sqnr_db if quantized and e.metrics else None
+                mse = e.metrics.mse if quantized and e.metrics else None
                 table.add_row(
-                    name, "x".join(map(str, e["shape"])), e["dtype"], e["storage"], e.get("strategy") or "",
-                    e.get("permutation", "none"), "exact" if sqnr == "inf" else (f"{sqnr:.1f}" if sqnr is not None else ""),
-                    f"{metrics['mse']:.2e}" if metrics.get("mse") is not None else "",
+                    name, "x".join(map(str, e.shape)), e.dtype, e.storage, (e.strategy if quantized else None) or "",
+                    e.permutation, "exact" if sqnr == "inf" else (f"{sqnr:.1f}" if sqnr is not None else ""),
+                    f"{mse:.2e}" if mse is not None and mse != "inf" else "",
                 )
         else:
             model = SafetensorsModel(path)

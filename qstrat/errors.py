@@ -55,3 +55,23 @@ class Interrupted(QstratError):
     """The run was stopped by a signal before it finished."""
 
     exit_code = 130
+
+
+#: loc entries pydantic adds for the members of a union: not keys a user wrote
+_UNION_MEMBERS = {"str", "int", "float", "bool", "none", "StrategyEntry", "Q8KEntry", "PassthroughEntry"}
+
+
+def describe_validation_error(err, where: str, lines: dict[tuple, int] | None = None) -> str:
+    """One line for a pydantic ``ValidationError``: ``where``, then each problem's key (and line)."""
+    messages = []
+    for problem in err.errors():
+        location = tuple(
+            p for p in problem["loc"] if not (isinstance(p, str) and (p in _UNION_MEMBERS or p.startswith(("list[", "literal["))))
+        )
+        key = ".".join(str(p) for p in location) or "(top level)"
+        line = next((lines[location[:n]] for n in range(len(location), -1, -1) if location[:n] in lines), None) if lines else None
+        text = {"extra_forbidden": "unknown key", "missing": "required key is missing"}.get(problem["type"], problem["msg"])
+        text = text.removeprefix("Value error, ")
+        messages.append(f"{f'line {line}: ' if line else ''}{key}: {text}")
+    return f"{where}: " + "; ".join(list(dict.fromkeys(messages))[:5])
+

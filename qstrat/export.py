@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qstrat.io.q8k import read_q8k_shape
 from qstrat.io.safetensors import map_tensor, write_safetensors
 from qstrat.model import QuantizedModel
 
@@ -20,8 +21,7 @@ def dequantize_to_safetensors(output_dir: str | os.PathLike, target: str | os.Pa
     model = QuantizedModel(output_dir)
     items = []
     for name in model:
-        entry = model.entries[name]
-        if entry["storage"] == "passthrough":
+        if not model.entries[name].quantized:
             info = model.passthrough_info(name)
 
             def raw(info=info, name=name):
@@ -30,13 +30,8 @@ def dequantize_to_safetensors(output_dir: str | os.PathLike, target: str | os.Pa
 
             items.append((name, info.dtype, info.shape, raw))
         else:
-            shape = tuple(entry["shape"]) if "shape" in entry else _q8k_shape(model, name)
+            shape = read_q8k_shape(model.directory / model.entries[name].files["q8k"])
             items.append((name, "F32", shape, lambda name=name: model.tensor(name, original)))
     write_safetensors(Path(target), items, {"format": "pt", "qstrat": "dequantized"})
     return len(items)
 
-
-def _q8k_shape(model: QuantizedModel, name: str) -> tuple[int, int]:
-    from qstrat.io.q8k import read_q8k
-
-    return read_q8k(model.directory / model.entries[name]["files"]["q8k"]["path"]).shape

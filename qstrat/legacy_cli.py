@@ -8,16 +8,13 @@ import typer
 
 from qstrat.cli import EXIT_CODES_HELP, announce_first_compile, print_record, print_summary, run_command, user_errors
 from qstrat.config import QuantizationConfig
+from qstrat.legacy import environment_help
 
-HELP = """Quantize a .safetensors file or model directory to Q8K files (original tool compatible).
+HELP = f"""Quantize a .safetensors file or model directory to Q8K files (original tool compatible).
 
 \b
 Environment:
-  CANDLE_Q8K_PERMUTE=1          permute columns (default off)
-  CANDLE_Q8K_STRATEGY=l2_norm   identity | l2_norm | amax | attention_aware
-  CANDLE_Q8K_THREADS=N          worker processes (default 1)
-  CANDLE_Q8K_VALIDATION=0|1     measure the weight error (default 1)
-  CANDLE_Q8K_VARIANT=candle     candle | candle-0.9 | ggml
+{environment_help()}
 
 """
 
@@ -33,7 +30,7 @@ def quantize_q8k(
         config = QuantizationConfig(output_dir=output_dir, force=True).with_environment()
         print(f"Input   : {input_path}")
         print(f"Output  : {output_dir}")
-        print(f"Permute : {'on' if config.use_permutation else 'off'}")
+        print(f"Permute : {'off' if config.chain_entries() == ['identity'] else 'on'}")
         print(f"Strategy: {', '.join(e if isinstance(e, str) else str(e) for e in config.chain_entries())}")
         print(f"Variant : {config.variant}", flush=True)
         announce_first_compile()

@@ -6,15 +6,19 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from qstrat.errors import InputError
-from qstrat.io.manifest import JOINT_PERMUTATIONS_NAME, PASSTHROUGH_NAME, read_manifest
-from qstrat.io.names import decode_name
+from qstrat.io.names import JOINT_PERMUTATIONS_NAME, PASSTHROUGH_NAME, decode_name
 from qstrat.io.q8k import check_permutation, read_perm, read_q8k
 from qstrat.io.safetensors import SafetensorsFile, TensorInfo, map_tensor, to_float32
+
+if TYPE_CHECKING:
+    from qstrat.io.manifest import Manifest
 
 
 def unpermute(stored: np.ndarray, perm: np.ndarray, axis: int = 1) -> np.ndarray:
@@ -26,10 +30,22 @@ def unpermute(stored: np.ndarray, perm: np.ndarray, axis: int = 1) -> np.ndarray
     return original
 
 
+@dataclass(frozen=True)
+class StoredTensor:
+    """What reading needs of one tensor: its storage and its files, by role (``q8k``, ``perm``, ...)."""
+
+    quantized: bool
+    files: dict[str, str] = field(default_factory=dict)
+    joint_axis: int | None = None  # the axis of its joint permutation, if it has one
+
+
 class QuantizedModel:
     """An output directory (or one written by the original Rust tool), read lazily."""
 
-    def __init__(self, output_dir: str | os.PathLike, manifest: dict | None = None) -> None:
+    def __init__(self, output_dir: str | os.PathLike, manifest: Manifest | None = None) -> None:
+        # pydantic (the manifest's model) is imported on first use, not with `import qstrat`
+        from qstrat.io.manifest import read_manifest
+
         self.directory = Path(output_dir)
         if not self.directory.is_dir():
             raise InputError(f"{self.directory}: not an output directory")
@@ -39,23 +55,26 @@ class QuantizedModel:
         if self.manifest is None:
             self.entries = self._seed_entries()
         else:
-            self.entries = self.manifest["tensors"]
+            self.entries = {
+                name: StoredTensor(e.storage == "q8k", {role: f.path for role, f in e.files.items()}, e.joint.axis if e.joint else None)
+                for name, e in self.manifest.tensors.items()
+            }
         self._joint: SafetensorsFile | None = None
 
-    def _seed_entries(self) -> dict[str, dict]:
+    def _seed_entries(self) -> dict[str, StoredTensor]:
         """Entries for a directory without manifest: .q8k (+ .perm) files and any passthrough."""
         q8k_files = sorted(self.directory.glob("*.q8k"))
         if not q8k_files:
             raise InputError(f"{self.directory}: no manifest.json and no .q8k files; not a quantized model")
-        entries: dict[str, dict] = {}
+        entries: dict[str, StoredTensor] = {}
         for path in q8k_files:
-            files = {"q8k": {"path": path.name}}
+            files = {"q8k": path.name}
             if path.with_suffix(".perm").exists():
-                files["perm"] = {"path": path.with_suffix(".perm").name}
-            entries[decode_name(path.stem)] = {"storage": "q8k", "files": files}
+                files["perm"] = path.with_suffix(".perm").name
+            entries[decode_name(path.stem)] = StoredTensor(True, files)
         if self._passthrough is not None:
             for name in self._passthrough.tensors:
-                entries.setdefault(name, {"storage": "passthrough", "files": {}})
+                entries.setdefault(name, StoredTensor(False))
         return entries
 
     def __iter__(self) -> Iterator[str]:
@@ -68,14 +87,14 @@ class QuantizedModel:
 
     def joint_permutation(self, name: str) -> tuple[np.ndarray, int] | None:
         """The joint permutation of a tensor and its axis, if it has one."""
-        joint = self.entries[name].get("joint")
-        if joint is None:
+        axis = self.entries[name].joint_axis
+        if axis is None:
             return None
         if self._joint is None:
             self._joint = SafetensorsFile(self.directory / JOINT_PERMUTATIONS_NAME)
         if name not in self._joint.tensors:
             raise InputError(f"{self.directory / JOINT_PERMUTATIONS_NAME}: no joint permutation for tensor {name!r}")
-        return np.asarray(map_tensor(self._joint.tensors[name]), dtype=np.int64), int(joint["axis"])
+        return np.asarray(map_tensor(self._joint.tensors[name]), dtype=np.int64), axis
 
     def undo_joint(self, name: str, array: np.ndarray) -> np.ndarray:
         joint = self.joint_permutation(name)
@@ -89,15 +108,14 @@ class QuantizedModel:
         """One tensor: dequantized float32 (run-time permutation undone) or as passed through
         (bfloat16 as exactly equal float32); ``original`` also undoes joint permutations."""
         entry = self.entries[name]
-        if entry["storage"] == "passthrough":
+        if not entry.quantized:
             info = self.passthrough_info(name)
             array = np.array(to_float32(info, map_tensor(info)))
         else:
-            files = entry["files"]
-            stored = read_q8k(self.directory / files["q8k"]["path"])
+            stored = read_q8k(self.directory / entry.files["q8k"])
             array = stored.dequantize()
-            if "perm" in files:
-                array = unpermute(array, read_perm(self.directory / files["perm"]["path"], stored.k))
+            if "perm" in entry.files:
+                array = unpermute(array, read_perm(self.directory / entry.files["perm"], stored.k))
         return self.undo_joint(name, array) if original else array
 
 
@@ -108,14 +126,16 @@ def as_directory(path: str | os.PathLike, follow_container: bool = True) -> Iter
     A directory written with ``outputs: [gguf]`` keeps the model in its GGUF container only;
     with ``follow_container`` that container is unpacked.
     """
+    # pydantic and gguf are imported on first use, not with `import qstrat`
+    from qstrat.io.gguf import gguf_to_directory
+    from qstrat.io.manifest import read_manifest
+
     path = Path(path)
     if path.is_dir() and follow_container:
         manifest = read_manifest(path)
-        if manifest is not None and manifest.get("containers") and "q8k" not in manifest.get("config", {}).get("outputs", ["q8k"]):
-            path = path / next(iter(manifest["containers"]))
+        if manifest is not None and manifest.gguf_only:
+            path = path / next(iter(manifest.containers))
     if path.is_file() and path.suffix == ".gguf":
-        from qstrat.convert import gguf_to_directory
-
         with tempfile.TemporaryDirectory(prefix="qstrat-gguf-") as tmp:
             yield gguf_to_directory(path, Path(tmp) / "model")
     else:

@@ -55,8 +55,7 @@ def build_report(result: QuantizationResult, model: str, settings: Mapping[str, 
     tensors = {}
     failed = {f.name for f in result.failures}
     for r in result.tensors:
-        entry = r.manifest_entry()
-        entry.pop("files", None)
+        entry = r.manifest_entry().model_dump(exclude={"files"})
         entry["seconds"] = round(r.seconds, 4)
         if r.storage == "q8k":
             entry["threshold_failed"] = r.name in failed

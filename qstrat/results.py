@@ -5,10 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qstrat.io.q8k import WrittenFile
 from qstrat.io.safetensors import DTYPES
 from qstrat.matrix import TensorMetrics
+
+if TYPE_CHECKING:
+    from qstrat.io.manifest import TensorEntry
 
 
 @dataclass(frozen=True)
@@ -37,40 +41,38 @@ class TensorRecord:
         return count * DTYPES[self.dtype].itemsize
 
     @classmethod
-    def from_manifest_entry(cls, name: str, entry: dict) -> TensorRecord:
+    def from_manifest_entry(cls, name: str, entry: TensorEntry) -> TensorRecord:
         """The record a manifest (or journal) entry was made from."""
-        joint = entry.get("joint")
-        metrics = entry.get("metrics")
+        quantized = entry.storage == "q8k"
         return cls(
             name=name,
-            shape=tuple(entry["shape"]),
-            dtype=entry["dtype"],
-            storage=entry["storage"],
-            strategy=entry.get("strategy"),
-            permutation=entry.get("permutation", "none"),
-            joint_group=joint["group"] if joint else None,
-            joint_axis=joint["axis"] if joint else None,
-            files={role: WrittenFile(**f) for role, f in entry.get("files", {}).items()},
-            metrics=TensorMetrics.from_dict(metrics) if metrics else None,
-            reason=entry.get("reason"),
+            shape=tuple(entry.shape),
+            dtype=entry.dtype,
+            storage=entry.storage,
+            strategy=entry.strategy if quantized else None,
+            permutation=entry.permutation,
+            joint_group=entry.joint.group if entry.joint else None,
+            joint_axis=entry.joint.axis if entry.joint else None,
+            files={role: WrittenFile(**f.model_dump()) for role, f in entry.files.items()},
+            metrics=TensorMetrics.from_dict(entry.metrics.model_dump()) if quantized and entry.metrics else None,
+            reason=None if quantized else entry.reason,
         )
 
-    def manifest_entry(self) -> dict[str, object]:
-        entry: dict[str, object] = {
+    def manifest_entry(self) -> TensorEntry:
+        # pydantic is imported when a run writes, not with `import qstrat` (start-up time)
+        from qstrat.io.manifest import FileEntry, Joint, Metrics, PassthroughEntry, Q8KEntry
+
+        common = {
             "shape": list(self.shape),
             "dtype": self.dtype,
-            "storage": self.storage,
-            "files": {role: vars(f) for role, f in sorted(self.files.items())},
+            "permutation": self.permutation,
+            "files": {role: FileEntry(**vars(f)) for role, f in sorted(self.files.items())},
+            "joint": Joint(group=self.joint_group, axis=self.joint_axis) if self.joint_group is not None else None,
         }
         if self.storage == "q8k":
-            entry["strategy"] = self.strategy
-            entry["metrics"] = self.metrics.as_dict() if self.metrics else None
-        else:
-            entry["reason"] = self.reason
-        entry["permutation"] = self.permutation
-        if self.joint_group is not None:
-            entry["joint"] = {"group": self.joint_group, "axis": self.joint_axis}
-        return entry
+            metrics = Metrics(**self.metrics.as_dict()) if self.metrics else None
+            return Q8KEntry(storage="q8k", strategy=self.strategy, metrics=metrics, **common)
+        return PassthroughEntry(storage="passthrough", reason=self.reason, **common)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
-"""The YAML run configuration: schema, line-numbered errors, and the precedence of overrides.
+"""The one model of a run (:class:`RunConfig`: defaults and checks), its YAML file with
+line-numbered errors, and the precedence of overrides.
 
 Precedence, lowest first: built-in defaults < the YAML file < ``CANDLE_Q8K_*`` environment
-variables < command-line flags (``--input``, ``--output``, ``--set key.path=value``).
+variables (:data:`qstrat.legacy.ENVIRONMENT`) < command-line flags (``--input``, ``--output``,
+``--set key.path=value``).  ``qstrat.QuantizationConfig(...)`` builds the same model.
 Relative paths in the file are relative to the file's own directory (so a cron job can run
 it from anywhere); paths given as flags are relative to the current directory.
 """
@@ -16,19 +18,13 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from qstrat.blocks import Q8K_VARIANTS
-from qstrat.config import (
-    SEED_CHAINS,
-    QuantizationConfig,
-    StrategyType,
-    parse_bool,
-    parse_positive_int,
-)
-from qstrat.errors import ConfigError
-from qstrat.strategies import make_strategy
-from qstrat.validation import PRODUCTS, STAGES
+from qstrat.blocks import DEFAULT_VARIANT, Q8K_VARIANTS
+from qstrat.errors import ConfigError, describe_validation_error
+from qstrat.legacy import environment_settings
+from qstrat.strategies import StrategyChain, make_strategy
+from qstrat.validation import PRODUCTS, STAGES, ValidationSettings
 
 VALIDATION_STAGES = STAGES
 OUTPUT_FORMATS = ("q8k", "gguf")
@@ -80,15 +76,74 @@ class ParallelSection(_Strict):
     address: str | None = None  # tcp://host:port of a Dask scheduler
 
 
-class RunSchema(_Strict):
-    input: Union[str, list[str]]
-    output: str
-    variant: Literal[Q8K_VARIANTS] = "candle"  # type: ignore[valid-type]
+class RunConfig(_Strict):
+    """Everything a run needs, with its defaults: the YAML file's schema (where ``input`` and
+    ``output`` are required) and what ``QuantizationConfig(...)`` builds."""
+
+    input: Union[str, list[str], None] = None
+    output: Union[str, None] = None  # a directory; in a file, a template with {model}
+    variant: Literal[Q8K_VARIANTS] = DEFAULT_VARIANT  # type: ignore[valid-type]
     strategies: list[Union[str, StrategyEntry]] = Field(default_factory=lambda: ["identity"], min_length=1)
     skip_patterns: list[str] = Field(default_factory=lambda: ["embed_tokens", "norm"])
     validation: ValidationSection = Field(default_factory=ValidationSection)
     outputs: list[Literal[OUTPUT_FORMATS]] = Field(default_factory=lambda: ["q8k"], min_length=1)  # type: ignore[valid-type]
     parallel: ParallelSection = Field(default_factory=ParallelSection)
+    # replace output of another config or input (a command's flag, never a file's key)
+    _force: bool = PrivateAttr(default=False)
+
+    @classmethod
+    def build(cls, data: dict[str, Any], where: str, *, force: bool = False) -> RunConfig:
+        """Validated settings; errors name ``where`` and the key, as one ConfigError."""
+        try:
+            config = cls.model_validate(data)
+        except ValidationError as err:
+            raise ConfigError(describe_validation_error(err, where)) from None
+        config._force = force
+        return config
+
+    @property
+    def force(self) -> bool:
+        return self._force
+
+    @property
+    def output_dir(self) -> Path:
+        if self.output is None:
+            raise ConfigError("output: no output directory given")
+        return Path(self.output)
+
+    def validation_settings(self) -> ValidationSettings | None:
+        """The stages a worker runs (None when validation is off)."""
+        return ValidationSettings(tuple(self.validation.stages), self.validation.product) if self.validation.enabled else None
+
+    def chain_entries(self) -> list[str | dict[str, Any]]:
+        """The strategy chain, as entries for :class:`StrategyChain`."""
+        return [e if isinstance(e, str) else e.model_dump(exclude_none=True) for e in self.strategies]
+
+    def strategy_chain(self) -> StrategyChain:
+        return StrategyChain(self.chain_entries())
+
+    def describe(self) -> dict[str, object]:
+        """A JSON-ready record of the settings that shape the output (for the manifest)."""
+        return {
+            "variant": self.variant,
+            "strategies": self.strategy_chain().describe(),
+            "skip_patterns": list(self.skip_patterns),
+            "validation": {
+                "enabled": self.validation.enabled,
+                "stages": list(self.validation.stages) if self.validation.enabled else [],
+                "product": self.validation.product,
+            },
+        }
+
+    def with_environment(self, environ: Mapping[str, str] | None = None) -> RunConfig:
+        """These settings overridden by the ``CANDLE_Q8K_*`` variables, as ``qstrat run`` applies them."""
+        data = self.model_dump()
+        apply_environment(data, os.environ if environ is None else environ)
+        return RunConfig.build(data, "CANDLE_Q8K_* environment", force=self.force)
+
+    def evaluated(self) -> RunConfig:
+        """These settings with validation on (an in-memory comparison measures everything)."""
+        return self.model_copy(update={"validation": self.validation.model_copy(update={"enabled": True})})
 
 
 @dataclass(frozen=True)
@@ -105,14 +160,20 @@ class RunSpec:
     """A validated run: the models and the quantization settings they share."""
 
     models: tuple[ModelJob, ...]
-    config: QuantizationConfig
-    thresholds: Thresholds
+    config: RunConfig
     source: Path | None
-    raw: dict[str, Any]
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return self.config.validation.thresholds
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        return self.config.model_dump()
 
     @property
     def outputs(self) -> tuple[str, ...]:
-        return tuple(self.raw["outputs"])
+        return tuple(self.config.outputs)
 
 
 # -- YAML with line numbers ----------------------------------------------------------------------
@@ -197,40 +258,12 @@ def parse_set_option(option: str) -> tuple[str, Any]:
 
 
 def apply_environment(data: dict, environ: Mapping[str, str]) -> None:
-    """The original tool's variables, mapped onto the config (they override the file)."""
-    if "CANDLE_Q8K_THREADS" in environ:
-        _set_path(data, "parallel.workers", parse_positive_int(environ["CANDLE_Q8K_THREADS"], "CANDLE_Q8K_THREADS"))
-    if "CANDLE_Q8K_VALIDATION" in environ:
-        _set_path(data, "validation.enabled", parse_bool(environ["CANDLE_Q8K_VALIDATION"], "CANDLE_Q8K_VALIDATION"))
-    if "CANDLE_Q8K_VARIANT" in environ:
-        data["variant"] = environ["CANDLE_Q8K_VARIANT"]
-    permute = environ.get("CANDLE_Q8K_PERMUTE")
-    strategy = environ.get("CANDLE_Q8K_STRATEGY")
-    if permute is not None and not parse_bool(permute, "CANDLE_Q8K_PERMUTE"):
-        data["strategies"] = ["identity"]
-    elif permute is not None or strategy is not None:
-        kind = StrategyType.parse(strategy or "l2_norm", "CANDLE_Q8K_STRATEGY")
-        data["strategies"] = list(SEED_CHAINS[kind])
+    """The ``CANDLE_Q8K_*`` variables set in ``environ``, written over ``data`` (the raw config)."""
+    for key, value in environment_settings(environ).items():
+        _set_path(data, key, value)
 
 
 # -- loading -------------------------------------------------------------------------------------
-
-
-def _format_errors(err: ValidationError, lines: dict[tuple, int], where: str) -> str:
-    messages = []
-    for problem in err.errors():
-        location = tuple(p for p in problem["loc"] if not (isinstance(p, str) and p.startswith(("str", "list[", "StrategyEntry"))))
-        key = ".".join(str(p) for p in location) or "(top level)"
-        line = next((lines[location[:n]] for n in range(len(location), -1, -1) if location[:n] in lines), None)
-        at = f"line {line}: " if line else ""
-        text = problem["msg"]
-        if problem["type"] == "extra_forbidden":
-            text = "unknown key"
-        elif problem["type"] == "missing":
-            text = "required key is missing"
-        messages.append(f"{at}{key}: {text}")
-    unique = list(dict.fromkeys(messages))
-    return f"{where}: " + "; ".join(unique[:5])
 
 
 def _resolve(path_text: str, base: Path) -> Path:
@@ -296,28 +329,20 @@ def load_run_config(
             input_from_file = False
         if key == "output":
             output_from_file = False
+    for key in ("input", "output"):  # optional in the model (the library passes them otherwise), not in a file
+        if data.get(key) is None:
+            line = lines.get((key,))
+            raise ConfigError(f"{where}: {f'line {line}: ' if line else ''}{key}: " + ("must be set" if key in data else "required key is missing"))
     try:
-        schema = RunSchema.model_validate(data)
+        schema = RunConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, lines, where)) from None
-    chain = [e if isinstance(e, str) else e.model_dump(exclude_none=True) for e in schema.strategies]
-    for i, entry in enumerate(chain):
+        raise ConfigError(describe_validation_error(err, where, lines)) from None
+    for i, entry in enumerate(schema.chain_entries()):
         try:
             make_strategy(entry)  # unknown names and options fail here, before anything runs
         except ConfigError as err:
             line = lines.get(("strategies", i))
             raise ConfigError(f"{where}: {f'line {line}: ' if line else ''}strategies.{i}: {err}") from None
-    config = QuantizationConfig(
-        strategies=chain,
-        variant=schema.variant,
-        skip_patterns=tuple(schema.skip_patterns),
-        validation=schema.validation.enabled,
-        validation_stages=tuple(schema.validation.stages),
-        validation_product=schema.validation.product,
-        workers=schema.parallel.workers,
-        backend=schema.parallel.backend,
-        address=schema.parallel.address,
-    )
     inputs = _model_inputs([schema.input] if isinstance(schema.input, str) else schema.input, base, input_from_file)
     output_template = str(_resolve(schema.output, base if output_from_file else Path.cwd()))
     if len(inputs) > 1 and "{model}" not in output_template:
@@ -333,7 +358,7 @@ def load_run_config(
     names = [m.output for m in models]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: two input models would write to the same output directory")
-    return RunSpec(tuple(models), config, schema.validation.thresholds, Path(config_path) if config_path else None, schema.model_dump())
+    return RunSpec(tuple(models), schema, Path(config_path) if config_path else None)
 
 
-__all__ = ["ModelJob", "RunSpec", "load_run_config", "parse_set_option"]
+__all__ = ["ModelJob", "RunConfig", "RunSpec", "load_run_config", "parse_set_option"]

@@ -8,65 +8,59 @@ from pathlib import Path
 from qstrat.errors import QstratError
 from qstrat.io.manifest import MANIFEST_NAME, PASSTHROUGH_NAME, read_manifest
 from qstrat.io.q8k import check_permutation, read_perm, read_q8k
-from qstrat.model import QuantizedModel
+from qstrat.model import QuantizedModel, as_directory
 from qstrat.pipelines.journal import file_sha256
 
 
 def verify_output(output_dir: str | os.PathLike) -> list[str]:
-    """Every problem found (empty when the directory is intact), each naming its file.
+    """Every problem found (empty when the directory is intact), each naming its file; a
+    manifest that is not one raises :class:`qstrat.errors.FormatError`.
 
     Checks each file's size and sha256 against the manifest, each .q8k/.perm against its
     format and the tensor's shape, the passthrough file's contents, and every permutation.
     """
     directory = Path(output_dir)
-    try:
-        manifest = read_manifest(directory)
-    except QstratError as err:
-        return [str(err)]
+    manifest = read_manifest(directory)  # one that cannot be read is an error of its own (exit 2)
     if manifest is None:
         return [f"{directory / MANIFEST_NAME}: missing (the run did not finish, or this is not an output directory)"]
     problems: list[str] = []
     checked: set[str] = set()
-    listed = [file for entry in manifest["tensors"].values() for file in entry.get("files", {}).values()]
-    listed += list(manifest.get("reports", {}).values()) + list(manifest.get("containers", {}).values())
-    for file in listed:
-        if file["path"] in checked:
+    for file in manifest.files():
+        if file.path in checked:
             continue
-        checked.add(file["path"])
-        path = directory / file["path"]
+        checked.add(file.path)
+        path = directory / file.path
         if not path.is_file():
             problems.append(f"{path}: missing")
-        elif path.stat().st_size != file["size"]:
-            problems.append(f"{path}: {path.stat().st_size} bytes, the manifest says {file['size']}")
-        elif file_sha256(path) != file["sha256"]:
+        elif path.stat().st_size != file.size:
+            problems.append(f"{path}: {path.stat().st_size} bytes, the manifest says {file.size}")
+        elif file_sha256(path) != file.sha256:
             problems.append(f"{path}: sha256 differs from the manifest (the file was changed or corrupted)")
     if problems:
         return problems
-    if manifest.get("containers") and "q8k" not in manifest.get("config", {}).get("outputs", ["q8k"]):
+    if manifest.gguf_only:
         # GGUF only: the container's checksum matched; its tensors must be the manifest's
-        from qstrat.model import as_directory
-
         with as_directory(directory) as unpacked:
             loaded = QuantizedModel(unpacked)
-            missing = sorted(set(manifest["tensors"]) - set(loaded.entries))
+            missing = sorted(set(manifest.tensors) - set(loaded.entries))
             return [f"{directory}: tensor {name!r} is missing from the GGUF container" for name in missing]
-    model = QuantizedModel(directory)
-    for name, entry in sorted(manifest["tensors"].items()):
+    model = QuantizedModel(directory, manifest)
+    for name, entry in sorted(manifest.tensors.items()):
         try:
-            if entry["storage"] == "q8k":
-                stored = read_q8k(directory / entry["files"]["q8k"]["path"])
-                if list(stored.shape) != list(entry["shape"]):
-                    problems.append(f"{directory / entry['files']['q8k']['path']}: shape {stored.shape}, manifest {entry['shape']}")
-                if "perm" in entry["files"]:
-                    read_perm(directory / entry["files"]["perm"]["path"], stored.k)
+            if entry.storage == "q8k":
+                q8k = directory / entry.files["q8k"].path
+                stored = read_q8k(q8k)
+                if list(stored.shape) != entry.shape:
+                    problems.append(f"{q8k}: shape {stored.shape}, manifest {entry.shape}")
+                if "perm" in entry.files:
+                    read_perm(directory / entry.files["perm"].path, stored.k)
             else:
                 info = model.passthrough_info(name)
-                if list(info.shape) != list(entry["shape"]) or info.dtype != entry["dtype"]:
+                if list(info.shape) != entry.shape or info.dtype != entry.dtype:
                     problems.append(f"{directory / PASSTHROUGH_NAME}: tensor {name!r} differs from the manifest")
             joint = model.joint_permutation(name)
             if joint is not None:
-                check_permutation(joint[0], entry["shape"][joint[1]], f"{directory}: joint permutation of {name!r}")
+                check_permutation(joint[0], entry.shape[joint[1]], f"{directory}: joint permutation of {name!r}")
         except QstratError as err:
             problems.append(str(err))
     return problems
-

@@ -6,17 +6,28 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 
 import qstrat
 from qstrat.convert import directory_to_gguf, gguf_to_directory
-from qstrat.io.gguf import GGML_MAX_NAME_BYTES
+from qstrat.io.gguf import GGML_MAX_NAME_BYTES, PASSTHROUGH_TYPES, passthrough_tag
+from qstrat.kernels import BLOCK_BYTES, QK_K
 from qstrat.io.safetensors import SafetensorsModel, map_tensor
 from qstrat.synthetic import write_model
 from tests.conftest import REPO
 from tests.helpers import assert_clean_failure, run_cli
 
 TYPES = {"F32": GGMLQuantizationType.F32, "BF16": GGMLQuantizationType.BF16, "F16": GGMLQuantizationType.F16}
+
+
+def test_block_layout_and_types_are_ggmls():
+    assert GGML_QUANT_SIZES[GGMLQuantizationType.Q8_K] == (QK_K, BLOCK_BYTES)
+    for tag, dtype in PASSTHROUGH_TYPES.items():
+        ggml_type = GGMLQuantizationType[tag]
+        assert GGML_QUANT_SIZES[ggml_type] == (1, np.dtype(dtype).itemsize)
+        assert passthrough_tag(int(ggml_type)) == tag
+    assert passthrough_tag(int(GGMLQuantizationType.Q8_K)) is None
+    assert passthrough_tag(9999) is None
 
 
 @pytest.mark.parametrize("variant", qstrat.Q8K_VARIANTS)

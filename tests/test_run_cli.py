@@ -156,6 +156,46 @@ def test_dequantize_and_inspect(tmp_path):
         assert "model.layers.1.mlp.down_proj.weight" in result.stdout
 
 
+def _unknown_top_level_key(m):
+    m["colour"] = "red"
+
+
+def _missing_checksum(m):
+    del m["tensors"]["lm_head.weight"]["files"]["q8k"]["sha256"]
+
+
+def _unknown_tensor_key(m):
+    m["tensors"]["model.norm.weight"]["strategy"] = "l2_norm"  # a passthrough tensor has none
+
+
+def _unknown_storage(m):
+    m["tensors"]["lm_head.weight"]["storage"] = "fp8"
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        (_unknown_top_level_key, "colour: unknown key"),
+        (_missing_checksum, "tensors.lm_head.weight.files.q8k.sha256: required key is missing"),
+        (_unknown_tensor_key, "tensors.model.norm.weight.strategy: unknown key"),
+        (_unknown_storage, "tensors.lm_head.weight: 'storage' must be 'q8k' or 'passthrough'"),
+    ],
+)
+def test_a_manifest_with_unknown_or_missing_keys_is_refused(tmp_path_factory, change, key):
+    out = tmp_path_factory.mktemp("manifest") / "o"
+    model = tmp_path_factory.getbasetemp() / "manifest-model"
+    if not model.exists():
+        make_llama_dir(model, shards=1)
+    assert run_cli("qstrat", "quantize", str(model), str(out), "-s", "l2_norm").returncode == 0
+    manifest = _manifest(out)
+    change(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    for command in ("verify", "inspect"):
+        result = run_cli("qstrat", command, str(out))
+        assert_clean_failure(result, f"error: {out / 'manifest.json'}: {key}")
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def _many_tensor_model(path: Path, count: int = 120) -> Path:
     rng = np.random.default_rng(0)
     tensors = {f"blocks.{i}.proj.weight": rng.standard_normal((512, 2048)).astype(np.float32) for i in range(count)}

@@ -1,6 +1,6 @@
 """GGUF v3 containers: a whole quantized model in one file, written with the ``gguf`` package.
 
-Quantized tensors are stored as GGML type Q8_K (id 15) with exactly the bytes of their
+Quantized tensors are stored as GGML type Q8_K with exactly the bytes of their
 ``.q8k`` files; other tensors keep their dtype (F32/F16/BF16/F64/I8..I64).  A run-time
 gather map is a companion I32 tensor ``<name>.perm``; joint permutations (needed only to
 restore the original layout) are companions ``<name>.joint_perm`` (I32).  GGML limits
@@ -11,6 +11,7 @@ tensor at a time) to a temporary name, then renamed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -19,8 +20,23 @@ from pathlib import Path
 import numpy as np
 
 from qstrat._version import __version__
-from qstrat.errors import FormatError, OutputError
-from qstrat.io.atomic import atomic_path
+from qstrat.errors import FormatError, InputError, OutputError
+from qstrat.io.atomic import atomic_path, describe_os_error
+from qstrat.io.manifest import (
+    JOINT_PERMUTATIONS_NAME,
+    PASSTHROUGH_NAME,
+    FileEntry,
+    Joint,
+    PassthroughEntry,
+    Q8KEntry,
+    Source,
+    new_manifest,
+    write_manifest,
+)
+from qstrat.io.names import assign_file_stems
+from qstrat.io.q8k import read_perm, read_q8k, write_perm, write_q8k
+from qstrat.io.safetensors import map_tensor, write_safetensors
+from qstrat.kernels import BLOCK_BYTES, QK_K
 
 GGML_MAX_NAME_BYTES = 63
 QUANTIZATION_VERSION = 2
@@ -29,11 +45,24 @@ JOINT_SUFFIX = ".joint_perm"
 KEY_PREFIX = "qstrat."
 
 
+#: safetensors dtype tag of a passed-through tensor -> numpy dtype of its bytes; each tag is
+#: also the name of its GGML type (BF16 goes as raw bits: numpy has no bfloat16)
+PASSTHROUGH_TYPES = {
+    "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
+    "I8": np.int8, "I16": np.int16, "I32": np.int32, "I64": np.int64,
+}
+
+
+@functools.cache
 def _gguf():
     try:
         import gguf
     except ImportError:  # pragma: no cover - a core dependency
         raise OutputError("GGUF output needs the package gguf") from None
+    # the Q8_K layout is defined once, in kernels/layout.py; GGUF's must be the same
+    q8_k = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_K]
+    if q8_k != (QK_K, BLOCK_BYTES):  # pragma: no cover - a gguf release that changed Q8_K
+        raise FormatError(f"the gguf package's Q8_K block is {q8_k}, qstrat's ({QK_K}, {BLOCK_BYTES})")
     return gguf
 
 
@@ -46,41 +75,39 @@ def gguf_name(name: str) -> str:
     return f"{head}~{digest}"
 
 
-def _storage_type(dtype_tag: str):
-    T = _gguf().GGMLQuantizationType
-    table = {
-        "F32": (T.F32, np.float32), "F16": (T.F16, np.float16), "BF16": (T.BF16, np.uint16), "F64": (T.F64, np.float64),
-        "I8": (T.I8, np.int8), "I16": (T.I16, np.int16), "I32": (T.I32, np.int32), "I64": (T.I64, np.int64),
-    }
-    if dtype_tag not in table:
-        raise OutputError(f"GGUF has no type for {dtype_tag} tensors")
-    return table[dtype_tag]
+def passthrough_tag(ggml_type: int) -> str | None:
+    """The safetensors dtype tag of a GGML type qstrat passes through (None for any other)."""
+    try:
+        name = _gguf().GGMLQuantizationType(ggml_type).name
+    except ValueError:
+        return None
+    return name if name in PASSTHROUGH_TYPES else None
 
 
 def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) -> Path:
     """Write a :class:`qstrat.model.QuantizedModel` as one GGUF file (atomically)."""
     gguf = _gguf()
-    from qstrat.io.q8k import read_perm, read_q8k
-    from qstrat.io.safetensors import map_tensor
-
     target = Path(target)
     entries = []  # (name, producer of the numpy payload, numpy dtype, GGML raw type or None, shape, nbytes)
     perm_names, joint_names, joint_axes = [], [], []
     for name in model:
         entry = model.entries[name]
-        if entry["storage"] == "q8k":
-            files = entry["files"]
-            stored = read_q8k(model.directory / files["q8k"]["path"])
+        if entry.quantized:
+            files = entry.files
+            stored = read_q8k(model.directory / files["q8k"])
             payload = np.asarray(stored.blocks).reshape(stored.rows, -1)
             entries.append((name, lambda p=payload: p, np.uint8, gguf.GGMLQuantizationType.Q8_K, payload.shape, payload.nbytes))
             if "perm" in files:
-                perm = read_perm(model.directory / files["perm"]["path"], stored.k).astype(np.int32)
+                perm = read_perm(model.directory / files["perm"], stored.k).astype(np.int32)
                 entries.append((name + PERM_SUFFIX, lambda p=perm: p, np.int32, None, perm.shape, perm.nbytes))
                 perm_names.append(name + PERM_SUFFIX)
         else:
             info = model.passthrough_info(name)
-            raw_dtype, np_dtype = _storage_type(info.dtype)
-            raw = None if info.dtype in ("F32", "F16", "F64", "I8", "I16", "I32", "I64") else raw_dtype
+            if info.dtype not in PASSTHROUGH_TYPES:
+                raise OutputError(f"GGUF has no type for {info.dtype} tensors")
+            np_dtype = PASSTHROUGH_TYPES[info.dtype]
+            # the writer derives the type from the numpy dtype, except for bfloat16's raw bits
+            raw = gguf.GGMLQuantizationType.BF16 if info.dtype == "BF16" else None
             entries.append((name, lambda info=info, t=np_dtype: np.asarray(map_tensor(info)).view(t), np.dtype(np_dtype), raw, info.shape, info.nbytes))
         joint = model.joint_permutation(name)
         if joint is not None:
@@ -164,4 +191,60 @@ class GGUFModel:
         return sorted(n for n in self.tensors if n not in self.perm_names and n not in self.joint_axes)
 
 
-__all__ = ["GGUFModel", "gguf_name", "write_gguf"]
+def gguf_to_directory(source: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+    """An output directory (.q8k, .perm, passthrough, manifest) from a qstrat GGUF file."""
+    model = GGUFModel(source)
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(describe_os_error(out, err)) from None
+    names = model.model_tensors()
+    q8_k = _gguf().GGMLQuantizationType.Q8_K
+    quantized = [n for n in names if model.tensors[n].tensor_type == q8_k]
+    stems = assign_file_stems(quantized)
+    entries: dict[str, Q8KEntry | PassthroughEntry] = {}
+    passthrough, joint = [], []
+    for name in names:
+        tensor = model.tensors[name]
+        shape = [int(d) for d in reversed(tensor.shape.tolist())]
+        companion = name + JOINT_SUFFIX
+        axis = model.joint_axes.get(companion)
+        common = {"shape": shape, "permutation": "none" if axis is None else "joint",
+                  "joint": None if axis is None else Joint(group=None, axis=axis)}
+        if name in stems:
+            rows, k = shape
+            if k % QK_K:
+                raise InputError(f"{model.path}: Q8_K tensor {name!r} has row length {k}")
+            blocks = np.asarray(tensor.data).reshape(rows * (k // QK_K), BLOCK_BYTES)
+            files = {"q8k": write_q8k(out / f"{stems[name]}.q8k", blocks, rows, k)}
+            if name + PERM_SUFFIX in model.perm_names:
+                files["perm"] = write_perm(out / f"{stems[name]}.perm", np.asarray(model.tensors[name + PERM_SUFFIX].data))
+                if axis is None:
+                    common["permutation"] = "runtime"
+            files = {role: FileEntry(**vars(f)) for role, f in files.items()}
+            entries[name] = Q8KEntry(storage="q8k", dtype="unknown", strategy=None, metrics=None, files=files, **common)
+        else:
+            tag = passthrough_tag(int(tensor.tensor_type))
+            if tag is None:
+                raise InputError(f"{model.path}: tensor {name!r} has GGML type {int(tensor.tensor_type)}, not one qstrat writes")
+            raw = np.asarray(tensor.data).reshape(-1).view(np.uint8)
+            passthrough.append((name, tag, tuple(shape), raw))
+            entries[name] = PassthroughEntry(storage="passthrough", dtype=tag, reason="from GGUF", files={}, **common)
+        if axis is not None:
+            joint.append((name, "I64", (len(model.tensors[companion].data),), np.asarray(model.tensors[companion].data).astype("<i8")))
+    size, sha = write_safetensors(out / PASSTHROUGH_NAME, passthrough)
+    for name, *_ in passthrough:
+        entries[name].files = {"safetensors": FileEntry(path=PASSTHROUGH_NAME, size=size, sha256=sha)}
+    if joint:
+        jsize, jsha = write_safetensors(out / JOINT_PERMUTATIONS_NAME, joint)
+        for name, *_ in joint:
+            entries[name].files["joint_perm"] = FileEntry(path=JOINT_PERMUTATIONS_NAME, size=jsize, sha256=jsha)
+    source = Source(path=str(model.path), architecture=model.architecture, name=model.name, files=[model.path.name])
+    write_manifest(out, new_manifest(source=source, config=model.config, variant=model.variant, tensors=entries, failed=[]))
+    return out
+
+
+__all__ = ["GGUFModel", "gguf_name", "gguf_to_directory", "write_gguf"]

@@ -2,64 +2,224 @@
 
 Its presence means the directory is complete.  It records, per tensor, the files that
 hold it (name, size, sha256), its shape, source dtype, strategy and permutation kind,
-and its metrics; see ``docs/formats.md``.
+and its metrics; see ``docs/formats.md``.  :class:`Manifest` is the format: the run, ``convert``
+and the readers all go through it, and a key it does not know, or a missing one, is an
+error naming the file.
 """
 
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-from qstrat.errors import FormatError, InputError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
+
+from qstrat._version import __version__
+from qstrat.errors import FormatError, describe_validation_error
 from qstrat.io.atomic import atomic_writer
+from qstrat.io.names import JOINT_PERMUTATIONS_NAME, MANIFEST_NAME, PASSTHROUGH_NAME  # noqa: F401 - the format's names
 
-MANIFEST_NAME = "manifest.json"
-PASSTHROUGH_NAME = "passthrough.safetensors"
-JOINT_PERMUTATIONS_NAME = "joint_permutations.safetensors"
 MANIFEST_FORMAT = "qstrat-output"
 MANIFEST_VERSION = 1
 
 
-def write_manifest(directory: Path, manifest: dict) -> Path:
+class _Record(BaseModel):
+    """Exactly the keys declared; those in ``_OMITTED_WHEN_NONE`` are written only when set."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    _OMITTED_WHEN_NONE: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler):
+        data = handler(self)
+        for key in self._OMITTED_WHEN_NONE:
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
+
+
+class FileEntry(_Record):
+    """One file of the directory, by name (never a path leading elsewhere)."""
+
+    path: str
+    size: int
+    sha256: str
+
+    @field_validator("path")
+    @classmethod
+    def _inside(cls, path: str) -> str:
+        relative = Path(path)
+        if relative.is_absolute() or len(relative.parts) != 1 or relative.name in (".", ".."):
+            raise ValueError(f"file {path!r} is outside the output directory")
+        return path
+
+
+FileRole = Literal["q8k", "perm", "safetensors", "joint_perm", "gguf"]
+Metric = Union[float, Literal["inf"], None]  # JSON has no infinity: an exact result is "inf"
+
+
+class Metrics(_Record):
+    mse: Metric
+    relative_error: Metric
+    sqnr_db: Metric
+    max_abs_error: Metric
+    cosine: Metric
+    sum_test_mse: Metric
+    gradient_test_mse: Metric
+
+
+class Joint(_Record):
+    group: str | None  # None when read back from GGUF, which does not keep it
+    axis: int
+
+
+class _Entry(_Record):
+    _OMITTED_WHEN_NONE = ("joint",)
+    shape: list[int]
+    dtype: str
+    permutation: Literal["none", "runtime", "joint"]
+    files: dict[FileRole, FileEntry]
+    joint: Joint | None = None
+
+
+class Q8KEntry(_Entry):
+    storage: Literal["q8k"]
+    strategy: str | None
+    metrics: Metrics | None
+
+
+class PassthroughEntry(_Entry):
+    storage: Literal["passthrough"]
+    reason: str | None
+
+
+def _storage(entry: Any) -> str | None:
+    storage = entry.get("storage") if isinstance(entry, dict) else getattr(entry, "storage", None)
+    return {"q8k": "Q8KEntry", "passthrough": "PassthroughEntry"}.get(storage)
+
+
+TensorEntry = Annotated[
+    Union[Annotated[Q8KEntry, Tag("Q8KEntry")], Annotated[PassthroughEntry, Tag("PassthroughEntry")]],
+    Discriminator(_storage, custom_error_type="storage", custom_error_message="'storage' must be 'q8k' or 'passthrough'"),
+]
+
+
+class Tool(_Record):
+    name: str
+    version: str
+
+
+class Source(_Record):
+    path: str
+    name: str | None
+    architecture: str | None
+    files: list[str]
+
+
+class Failure(_Record):
+    tensor: str
+    metric: str
+    value: float | None
+    limit: float
+
+
+class Validation(_Record):
+    failed: list[Failure]
+
+
+class Manifest(_Record):
+    _OMITTED_WHEN_NONE = ("fingerprint", "reports", "containers")
+    format: Literal["qstrat-output"]
+    format_version: Literal[1]
+    tool: Tool
+    created_utc: str
+    fingerprint: str | None = None  # absent when made by ``convert`` (no run)
+    source: Source
+    config: dict[str, Any]  # the run's settings, as recorded for its fingerprint
+    variant: str | None
+    tensors: dict[str, TensorEntry]
+    validation: Validation
+    reports: dict[str, FileEntry] | None = None
+    containers: dict[str, FileEntry] | None = None  # with outputs [.., gguf]
+
+    @property
+    def gguf_only(self) -> bool:
+        """Whether the tensors are in the GGUF container only (``outputs: [gguf]``)."""
+        return bool(self.containers) and "q8k" not in self.config.get("outputs", ["q8k"])
+
+    def files(self) -> list[FileEntry]:
+        """Every file the manifest lists (a file shared by tensors once per tensor)."""
+        listed = [file for entry in self.tensors.values() for file in entry.files.values()]
+        return listed + list((self.reports or {}).values()) + list((self.containers or {}).values())
+
+
+def new_manifest(
+    *,
+    source: Source,
+    config: dict[str, Any],
+    variant: str | None,
+    tensors: dict[str, Q8KEntry | PassthroughEntry],
+    failed: list[Failure],
+    fingerprint: str | None = None,
+) -> Manifest:
+    """A manifest made now, by this version of qstrat."""
+    return Manifest(
+        format=MANIFEST_FORMAT,
+        format_version=MANIFEST_VERSION,
+        tool=Tool(name="qstrat", version=__version__),
+        created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        fingerprint=fingerprint,
+        source=source,
+        config=config,
+        variant=variant,
+        tensors=tensors,
+        validation=Validation(failed=failed),
+    )
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> Path:
     path = Path(directory) / MANIFEST_NAME
-    encoded = json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False).encode("utf-8") + b"\n"
+    encoded = json.dumps(manifest.model_dump(), indent=1, sort_keys=True, allow_nan=False).encode("utf-8") + b"\n"
     with atomic_writer(path) as out:
         out.write(encoded)
     return path
 
 
-def read_manifest(directory: Path) -> dict | None:
+def read_manifest(directory: Path) -> Manifest | None:
     """The manifest of an output directory, validated; None when the directory has none."""
     path = Path(directory) / MANIFEST_NAME
     if not path.exists():
         return None
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise FormatError(f"{path}: not a readable manifest: {err}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+    # the format's identity first: a file of another kind or version says so, not which keys differ
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         raise FormatError(f"{path}: not a qstrat manifest (format must be {MANIFEST_FORMAT!r})")
-    if manifest.get("format_version") != MANIFEST_VERSION:
-        raise FormatError(f"{path}: unsupported manifest version {manifest.get('format_version')!r}")
-    tensors = manifest.get("tensors")
-    if not isinstance(tensors, dict):
-        raise FormatError(f"{path}: 'tensors' must be an object")
-    for name, entry in tensors.items():
-        if not isinstance(entry, dict) or entry.get("storage") not in ("q8k", "passthrough"):
-            raise FormatError(f"{path}: tensor {name!r}: 'storage' must be 'q8k' or 'passthrough'")
-        for file in entry.get("files", {}).values():
-            _check_file_entry(path, name, file)
-    return manifest
+    if data.get("format_version") != MANIFEST_VERSION:
+        raise FormatError(f"{path}: unsupported manifest version {data.get('format_version')!r}")
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as err:
+        raise FormatError(describe_validation_error(err, str(path))) from None
 
 
-def _check_file_entry(path: Path, name: str, file) -> None:
-    if not (
-        isinstance(file, dict)
-        and isinstance(file.get("path"), str)
-        and isinstance(file.get("size"), int)
-        and isinstance(file.get("sha256"), str)
-    ):
-        raise FormatError(f"{path}: tensor {name!r}: each file needs path, size and sha256")
-    relative = Path(file["path"])
-    if relative.is_absolute() or len(relative.parts) != 1 or relative.name in (".", ".."):
-        raise InputError(f"{path}: tensor {name!r}: file {file['path']!r} is outside the output directory")
+_TENSOR_ENTRY: TypeAdapter = TypeAdapter(TensorEntry)
+
+
+def tensor_entry(data: Any) -> Q8KEntry | PassthroughEntry:
+    """A tensor's entry from its JSON form (a journal line); ValidationError if it is not one."""
+    return _TENSOR_ENTRY.validate_python(data)
+

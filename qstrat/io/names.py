@@ -12,6 +12,11 @@ import hashlib
 import re
 import urllib.parse
 
+#: the files of an output directory besides each tensor's own (see docs/formats.md)
+MANIFEST_NAME = "manifest.json"
+PASSTHROUGH_NAME = "passthrough.safetensors"
+JOINT_PERMUTATIONS_NAME = "joint_permutations.safetensors"
+
 SAFE_CHARACTERS = re.compile(r"[A-Za-z0-9._-]")
 MAX_FILE_NAME_BYTES = 255
 HASH_SUFFIX_CHARS = 16

@@ -1,0 +1,72 @@
+"""One run model: the original tool's constructor and environment, YAML, and the README's table."""
+
+import json
+
+import numpy as np
+import pytest
+
+import qstrat
+from qstrat import QuantizationConfig, StrategyType
+from qstrat.io.safetensors import write_safetensors
+from qstrat.legacy import ENVIRONMENT, environment_settings, environment_table
+from qstrat.runconfig import RunConfig
+from tests.conftest import REPO
+from tests.helpers import run_cli
+
+
+def test_readme_has_the_environment_table_of_the_code():
+    assert environment_table() in (REPO / "README.md").read_text()
+
+
+@pytest.mark.parametrize("var", [v for v in ENVIRONMENT if v.key != "strategies"], ids=lambda v: v.name)
+def test_documented_defaults_are_the_models(var):
+    value = RunConfig().model_dump()
+    for part in var.key.split("."):
+        value = value[part]
+    assert var.parse(var.default, var.name) == value
+
+
+def test_environment_pair_selects_the_original_tools_chain():
+    assert environment_settings({}) == {}
+    assert environment_settings({"CANDLE_Q8K_STRATEGY": "amax"}) == {"strategies": ["identity"]}
+    assert environment_settings({"CANDLE_Q8K_PERMUTE": "on"}) == {"strategies": ["l2_norm"]}
+    both = {"CANDLE_Q8K_PERMUTE": "1", "CANDLE_Q8K_STRATEGY": "attention_aware", "CANDLE_Q8K_THREADS": "3"}
+    assert environment_settings(both) == {"strategies": ["attention_aware", "l2_norm"], "parallel.workers": 3}
+    with pytest.raises(qstrat.QstratError, match="CANDLE_Q8K_STRATEGY: unknown strategy 'l3'"):
+        environment_settings({"CANDLE_Q8K_STRATEGY": "l3"})  # checked even where it changes nothing
+    with pytest.raises(qstrat.QstratError, match="CANDLE_Q8K_VARIANT: unknown Q8K variant"):
+        environment_settings({"CANDLE_Q8K_VARIANT": "q4k"})
+
+
+def test_seed_constructor_builds_the_run_model():
+    config = QuantizationConfig(StrategyType.AMAX, True, ("x",), "out", validation=False, workers=2)
+    assert isinstance(config, RunConfig)
+    assert config.strategies == ["amax"] and config.skip_patterns == ["x"] and config.output_dir.name == "out"
+    assert not config.validation.enabled and config.parallel.workers == 2 and not config.force
+    assert QuantizationConfig(StrategyType.AMAX).strategies == ["identity"]  # no permutation asked
+    assert QuantizationConfig(attention_aware=True, use_permutation=True).strategies == ["attention_aware", "l2_norm"]
+    assert QuantizationConfig(force=True).with_environment({"CANDLE_Q8K_PERMUTE": "1"}).force
+    assert QuantizationConfig().model_dump() == RunConfig(output="./quantized").model_dump()  # defaults: the model's
+
+
+ENVIRONMENTS = [
+    {"CANDLE_Q8K_STRATEGY": "amax"},
+    {"CANDLE_Q8K_PERMUTE": "1", "CANDLE_Q8K_STRATEGY": "attention_aware"},
+    {"CANDLE_Q8K_PERMUTE": "off", "CANDLE_Q8K_STRATEGY": "amax", "CANDLE_Q8K_VALIDATION": "0", "CANDLE_Q8K_VARIANT": "ggml"},
+]
+
+
+@pytest.mark.parametrize("env", ENVIRONMENTS, ids=lambda e: ",".join(f"{k[11:]}={v}" for k, v in e.items()))
+def test_environment_means_the_same_to_both_commands_and_the_library(tmp_path, env):
+    model = tmp_path / "m"
+    model.mkdir()
+    w = np.linspace(-1, 1, 4 * 512, dtype=np.float32).reshape(4, 512)
+    write_safetensors(model / "model.safetensors", [("q_proj.weight", "F32", w.shape, w)])
+    config = tmp_path / "c.yaml"
+    config.write_text(f"input: {model}\noutput: {tmp_path}/run\n")
+    assert run_cli("qstrat", "run", str(config), "-q", env=env).returncode == 0
+    assert run_cli("quantize_q8k", str(model), str(tmp_path / "legacy"), env=env).returncode == 0
+    settings = [json.loads((tmp_path / d / "manifest.json").read_text())["config"] for d in ("run", "legacy")]
+    library = QuantizationConfig().with_environment(env).describe()
+    for described in settings:
+        assert {k: described[k] for k in library} == library
