@@ -1,5 +1,5 @@
 """``python -m qstrat``: the same as the ``qstrat`` command."""
 
-from qstrat.cli import main
+from qstrat.entry import qstrat
 
-main()
+qstrat()

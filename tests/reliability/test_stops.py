@@ -1,6 +1,9 @@
 """Stop requests (Ctrl-C, SIGTERM) land where a run can stop; a worker death is exit 6 whenever noticed."""
 
+import os
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -110,3 +113,23 @@ def test_a_worker_death_noticed_while_dispatching_is_a_lost_worker(tmp_path, mon
     with pytest.raises(WorkerLost, match="worker process died"):
         quantize_model(_model(tmp_path), QuantizationConfig(strategies=["amax"], workers=2), out)
     assert (out / ".qstrat.lock").read_text() == ""
+
+
+def test_a_signal_while_the_command_loads_exits_130(tmp_path):
+    # A stand-in for the command's module that receives SIGTERM halfway through its import, as a
+    # process stopped while numba loads does: the handler must already be there.
+    (tmp_path / "signalled_while_loading.py").write_text(
+        "import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\nraise AssertionError('still loading')\n"
+    )
+    code = "from qstrat.entry import _start; _start('signalled_while_loading')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip() == "error: interrupted"
+
+
+def test_the_entry_points_take_signals_before_anything_heavy_loads():
+    code = "import sys, qstrat.entry; print(sorted(m for m in ('numba', 'numpy', 'typer') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
