@@ -102,13 +102,15 @@ def _store_nibbles(out, b, qtype, codes):
 
 
 @njit(cache=True, inline="always")
-def _block_extremes(row, start):
-    """The smallest and largest value of row[start:start + 32] (NaN/infinity among them if the
-    block holds one), by integer min/max over order keys (a float one does not vectorise)."""
+def _block_extremes(row, start, qk):
+    """The smallest and largest value of row[start:start + qk] (NaN/infinity among them if the
+    block holds one), by integer min/max over order keys (a float one does not vectorise).
+    ``qk`` (32) comes from the caller at run time: with a constant trip count LLVM unrolls the
+    loop into a scalar chain of compares instead of vectorising it."""
     first = row[start]
     key_max = order_key(first)
     key_min = key_max
-    for j in range(U64(QK)):
+    for j in range(qk):
         key = order_key(row[start + j])
         key_max = max(key_max, key)
         key_min = min(key_min, key)
@@ -127,12 +129,13 @@ def _first_zero(row, start):
 
 
 @njit(cache=True)
-def _quantize_block_ref(row, start, qtype, out, b):
-    """One block by GGML's quantize_row_*_ref arithmetic; return 1 if it holds NaN/inf.
+def _quantize_block_ref(row, start, qk, qtype, out, b):
+    """One block (``qk`` = 32 values) by GGML's quantize_row_*_ref arithmetic; return 1 if it
+    holds NaN/inf.
 
     Each quant loop has one body without branches, in int32 (``_c_int32``: cvttss2si; the
     int8_t / uint8_t casts: the low byte), so that LLVM vectorises it."""
-    low, high = _block_extremes(row, start)
+    low, high = _block_extremes(row, start, qk)
     if not (np.isfinite(low) and np.isfinite(high)):
         out[b, :] = 0
         return 1
@@ -382,9 +385,12 @@ def quantize_rows_legacy(x, qtype, out, quant_weights=None):
     blocks_per_row = k // QK
     non_finite = 0
     if quant_weights is None or qtype == Q8_0:
-        for b in prange(rows * blocks_per_row):
-            r = b // blocks_per_row
-            non_finite += _quantize_block_ref(x[r], U64((b - r * blocks_per_row) * QK), qtype, out, U64(b))
+        for r in prange(rows):
+            row = x[r]
+            first = U64(r * blocks_per_row)
+            qk = U64(k // max(blocks_per_row, 1))  # QK (k % 32 == 0), unknown to LLVM (see _block_extremes)
+            for i in range(U64(blocks_per_row)):
+                non_finite += _quantize_block_ref(row, i * qk, qk, qtype, out, first + i)
     else:
         for r in prange(rows):
             xb = np.empty(QK, dtype=np.float32)
