@@ -128,7 +128,7 @@ def _first_zero(row, start):
     return np.float32(0.0)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _quantize_block_ref(row, start, qk, qtype, out, b):
     """One block (``qk`` = 32 values) by GGML's quantize_row_*_ref arithmetic; return 1 if it
     holds NaN/inf.
