@@ -226,6 +226,19 @@ def _quantize_block_ref(row, start, qk, qtype, out, b):
     return 0
 
 
+@njit(cache=True, inline="always")
+def _qx_levels(xb, iscale, nmax, levels):
+    """levels[i] = float(MAX(-nmax, MIN(nmax - 1, nearest_int(iscale * xb[i])))), in int32 and
+    without branches: a vectorised pass, kept out of the sequential float sums (in one loop
+    with them, the scalar int -> float conversions cost more than twice the sums)."""
+    low = np.int32(-nmax)
+    high = np.int32(nmax - 1)
+    for i in range(xb.shape[0]):
+        bits = np.float32(iscale * xb[i] + _ROUND_MAGIC).view(np.int32)
+        l = np.int32(np.int32(bits & np.int32(0x007FFFFF)) - np.int32(0x00400000))
+        levels[i] = np.float32(max(low, min(high, l)))
+
+
 @njit(cache=True)
 def make_qx_quants(xb, weight, nmax, codes):
     """GGML's make_qx_quants with weights (rmse_type 1): codes[i] = l + nmax; returns d."""
@@ -241,14 +254,15 @@ def make_qx_quants(xb, weight, nmax, codes):
         for i in range(n):
             codes[i] = 0
         return np.float32(0.0)
+    levels = np.empty(n, dtype=np.float32)
     fmax = np.float32(nmax)
     iscale = -fmax / extreme
+    _qx_levels(xb, iscale, nmax, levels)
     sumlx = np.float32(0.0)
     suml2 = np.float32(0.0)
     for i in range(n):
-        l = max(-nmax, min(nmax - 1, nearest_int(iscale * xb[i])))
-        codes[i] = l + nmax
-        fl = np.float32(l)
+        fl = levels[i]
+        codes[i] = np.int64(fl) + nmax
         sumlx += weight[i] * xb[i] * fl
         suml2 += weight[i] * fl * fl
     scale = sumlx / suml2 if suml2 != np.float32(0.0) else np.float32(0.0)
@@ -257,15 +271,16 @@ def make_qx_quants(xb, weight, nmax, codes):
         if step == 0:
             continue
         iscale = -(fmax + np.float32(0.1) * np.float32(step)) / extreme
+        _qx_levels(xb, iscale, nmax, levels)
         sumlx = np.float32(0.0)
         suml2 = np.float32(0.0)
         for i in range(n):
-            fl = np.float32(max(-nmax, min(nmax - 1, nearest_int(iscale * xb[i]))))
+            fl = levels[i]
             sumlx += weight[i] * xb[i] * fl
             suml2 += weight[i] * fl * fl
         if suml2 > np.float32(0.0) and sumlx * sumlx > best * suml2:
             for i in range(n):
-                codes[i] = max(-nmax, min(nmax - 1, nearest_int(iscale * xb[i]))) + nmax
+                codes[i] = np.int64(levels[i]) + nmax
             scale = sumlx / suml2
             best = scale * sumlx
     return scale
