@@ -16,7 +16,7 @@ the low byte), so even blocks whose inverse scale overflows give GGML's bytes.
 
 import numpy as np
 from numba import njit, prange
-from qstrat.kernels.decode import finite_to_float32, to_float32
+from qstrat.kernels.decode import finite_to_float32, from_order_key, order_key, to_float32
 from qstrat.kernels.half import float32_to_f16_bits
 from qstrat.kernels.layout import U64
 
@@ -47,16 +47,11 @@ _GROUP_MAX_EPS = np.float32(1e-15)  # GGML: below this |max| a weighted block is
 
 
 @njit(cache=True, inline="always")
-def _c_int(value):
+def _c_int32(value):
     """C's float -> int conversion as x86-64 runs it (cvttss2si): truncation toward zero,
-    and INT_MIN for NaN, infinity or anything out of range (C leaves that undefined)."""
+    and INT_MIN for NaN, infinity or anything out of range (C leaves that undefined).  A
+    select in int32, no branch: the loops using it vectorise."""
     return np.int32(value) if abs(value) < _TWO_31 else _INT_MIN
-
-
-@njit(cache=True, inline="always")
-def _low_byte_signed(i):
-    """The int8 a C cast to int8_t keeps of the int32 ``i``."""
-    return ((np.int64(i) & 0xFF) ^ 0x80) - 0x80
 
 
 @njit(cache=True, inline="always")
@@ -106,14 +101,42 @@ def _store_nibbles(out, b, qtype, codes):
         _store_u32(out, b, QH_OFFSET[qtype], qh)
 
 
-@njit(cache=True)
-def _quantize_block_ref(row, start, qtype, out, b, codes):
-    """One block by GGML's quantize_row_*_ref arithmetic; return 1 if it holds NaN/inf."""
-    non_finite = np.uint32(0)
+@njit(cache=True, inline="always")
+def _block_extremes(row, start, qk):
+    """The smallest and largest value of row[start:start + qk] (NaN/infinity among them if the
+    block holds one), by integer min/max over order keys (a float one does not vectorise).
+    ``qk`` (32) comes from the caller at run time: with a constant trip count LLVM unrolls the
+    loop into a scalar chain of compares instead of vectorising it."""
+    first = row[start]
+    key_max = order_key(first)
+    key_min = key_max
+    for j in range(qk):
+        key = order_key(row[start + j])
+        key_max = max(key_max, key)
+        key_min = min(key_min, key)
+    return from_order_key(key_min, first), from_order_key(key_max, first)
+
+
+@njit(cache=True, inline="always")
+def _first_zero(row, start):
+    """The first zero of the block, with its sign: GGML's strict < and > keep the first of
+    +0 and -0 where the key order puts -0 first."""
     for j in range(U64(QK)):
-        bits = np.float32(to_float32(row[start + j])).view(np.uint32)
-        non_finite |= np.uint32((bits & np.uint32(0x7F800000)) == np.uint32(0x7F800000))
-    if non_finite:
+        v = finite_to_float32(row[start + j])
+        if v == np.float32(0.0):
+            return v
+    return np.float32(0.0)
+
+
+@njit(cache=True, inline="always")
+def _quantize_block_ref(row, start, qk, qtype, out, b):
+    """One block (``qk`` = 32 values) by GGML's quantize_row_*_ref arithmetic; return 1 if it
+    holds NaN/inf.
+
+    Each quant loop has one body without branches, in int32 (``_c_int32``: cvttss2si; the
+    int8_t / uint8_t casts: the low byte), so that LLVM vectorises it."""
+    low, high = _block_extremes(row, start, qk)
+    if not (np.isfinite(low) and np.isfinite(high)):
         out[b, :] = 0
         return 1
     if qtype == Q8_0:
@@ -127,48 +150,93 @@ def _quantize_block_ref(row, start, qtype, out, b, codes):
             q = _c_roundf_int(finite_to_float32(row[start + j]) * inv)
             out[b, U64(2) + j] = np.uint8(q & 0xFF)
         return 0
+    qs = U64(QS_OFFSET[qtype])
     if qtype == Q4_0 or qtype == Q5_0:
-        # the first value of largest magnitude, sign kept, maps to -8 (-16)
-        amax = np.float32(0.0)
-        extreme = np.float32(0.0)
-        for j in range(U64(QK)):
-            v = finite_to_float32(row[start + j])
-            if amax < abs(v):
-                amax = abs(v)
-                extreme = v
+        # GGML keeps the first value of largest magnitude, sign kept (+0 if all are zeros);
+        # it maps to -8 (-16)
+        if high > -low:
+            extreme = high
+        elif -low > high:
+            extreme = low
+        elif high == np.float32(0.0):
+            extreme = np.float32(0.0)
+        else:  # both +m and -m occur: rare
+            extreme = high
+            for j in range(U64(QK)):
+                v = finite_to_float32(row[start + j])
+                if abs(v) == high:
+                    extreme = v
+                    break
         levels = np.float32(8.0) if qtype == Q4_0 else np.float32(16.0)
-        top = 15 if qtype == Q4_0 else 31
         d = extreme / -levels
         inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
         store_half(out, b, 0, d)
         # GGML truncates x * id + 8.5 (16.5) to int8, then takes min with 15 (31)
         offset = levels + np.float32(0.5)
-        for j in range(QK):
-            x = finite_to_float32(row[start + U64(j)]) * inv
-            codes[j] = min(top, _low_byte_signed(_c_int(x + offset)))
-        _store_nibbles(out, b, qtype, codes)
+        if qtype == Q4_0:
+            for j in range(U64(HALF)):
+                x0 = finite_to_float32(row[start + j]) * inv
+                x1 = finite_to_float32(row[start + U64(HALF) + j]) * inv
+                c0 = min(np.int32(15), np.int32(np.int8(_c_int32(x0 + offset))))
+                c1 = min(np.int32(15), np.int32(np.int8(_c_int32(x1 + offset))))
+                out[b, qs + j] = np.uint8((c0 & np.int32(0x0F)) | ((c1 & np.int32(0x0F)) << np.int32(4)))
+            return 0
+        qh = np.uint32(0)
+        for j in range(U64(HALF)):
+            x0 = finite_to_float32(row[start + j]) * inv
+            x1 = finite_to_float32(row[start + U64(HALF) + j]) * inv
+            c0 = min(np.int32(31), np.int32(np.int8(_c_int32(x0 + offset))))
+            c1 = min(np.int32(31), np.int32(np.int8(_c_int32(x1 + offset))))
+            out[b, qs + j] = np.uint8((c0 & np.int32(0x0F)) | ((c1 & np.int32(0x0F)) << np.int32(4)))
+            qh |= (np.uint32((c0 & np.int32(0x10)) >> np.int32(4)) << np.uint32(j)) | (
+                np.uint32((c1 & np.int32(0x10)) >> np.int32(4)) << np.uint32(j + U64(HALF))
+            )
+        _store_u32(out, b, QH_OFFSET[qtype], qh)
         return 0
-    # Q4_1 / Q5_1: d = (max - min) / 15 (31), m = min
-    low = np.float32(3.4028234663852886e38)
-    high = np.float32(-3.4028234663852886e38)
-    for j in range(U64(QK)):
-        v = finite_to_float32(row[start + j])
-        if v < low:
-            low = v
-        if v > high:
-            high = v
+    # Q4_1 / Q5_1: d = (max - min) / 15 (31), m = min; of equal zeros GGML keeps the first
+    if low == np.float32(0.0):
+        low = _first_zero(row, start)
+    if high == np.float32(0.0):
+        high = _first_zero(row, start)
     steps = np.float32(15.0) if qtype == Q4_1 else np.float32(31.0)
     d = (high - low) / steps
     inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
     store_half(out, b, 0, d)
     store_half(out, b, M_OFFSET[qtype], low)
-    for j in range(QK):
-        x = (finite_to_float32(row[start + U64(j)]) - low) * inv
-        c = _c_int(x + np.float32(0.5))
-        # Q4_1: MIN(15, (int8_t)...); Q5_1: (uint8_t)... with no clamp
-        codes[j] = min(15, _low_byte_signed(c)) if qtype == Q4_1 else (np.int64(c) & 0xFF)
-    _store_nibbles(out, b, qtype, codes)
+    half = np.float32(0.5)
+    if qtype == Q4_1:  # MIN(15, (int8_t)...)
+        for j in range(U64(HALF)):
+            x0 = (finite_to_float32(row[start + j]) - low) * inv
+            x1 = (finite_to_float32(row[start + U64(HALF) + j]) - low) * inv
+            c0 = min(np.int32(15), np.int32(np.int8(_c_int32(x0 + half))))
+            c1 = min(np.int32(15), np.int32(np.int8(_c_int32(x1 + half))))
+            out[b, qs + j] = np.uint8((c0 & np.int32(0x0F)) | ((c1 & np.int32(0x0F)) << np.int32(4)))
+        return 0
+    qh = np.uint32(0)
+    for j in range(U64(HALF)):  # Q5_1: (uint8_t)... with no clamp
+        x0 = (finite_to_float32(row[start + j]) - low) * inv
+        x1 = (finite_to_float32(row[start + U64(HALF) + j]) - low) * inv
+        c0 = _c_int32(x0 + half)
+        c1 = _c_int32(x1 + half)
+        out[b, qs + j] = np.uint8((c0 & np.int32(0x0F)) | ((c1 & np.int32(0x0F)) << np.int32(4)))
+        qh |= (np.uint32((c0 & np.int32(0x10)) >> np.int32(4)) << np.uint32(j)) | (
+            np.uint32((c1 & np.int32(0x10)) >> np.int32(4)) << np.uint32(j + U64(HALF))
+        )
+    _store_u32(out, b, QH_OFFSET[qtype], qh)
     return 0
+
+
+@njit(cache=True, inline="always")
+def _qx_levels(xb, iscale, nmax, levels):
+    """levels[i] = float(MAX(-nmax, MIN(nmax - 1, nearest_int(iscale * xb[i])))), in int32 and
+    without branches: a vectorised pass, kept out of the sequential float sums (in one loop
+    with them, the scalar int -> float conversions cost more than twice the sums)."""
+    low = np.int32(-nmax)
+    high = np.int32(nmax - 1)
+    for i in range(xb.shape[0]):
+        bits = np.float32(iscale * xb[i] + _ROUND_MAGIC).view(np.int32)
+        l = np.int32(np.int32(bits & np.int32(0x007FFFFF)) - np.int32(0x00400000))
+        levels[i] = np.float32(max(low, min(high, l)))
 
 
 @njit(cache=True)
@@ -186,14 +254,15 @@ def make_qx_quants(xb, weight, nmax, codes):
         for i in range(n):
             codes[i] = 0
         return np.float32(0.0)
+    levels = np.empty(n, dtype=np.float32)
     fmax = np.float32(nmax)
     iscale = -fmax / extreme
+    _qx_levels(xb, iscale, nmax, levels)
     sumlx = np.float32(0.0)
     suml2 = np.float32(0.0)
     for i in range(n):
-        l = max(-nmax, min(nmax - 1, nearest_int(iscale * xb[i])))
-        codes[i] = l + nmax
-        fl = np.float32(l)
+        fl = levels[i]
+        codes[i] = np.int64(fl) + nmax
         sumlx += weight[i] * xb[i] * fl
         suml2 += weight[i] * fl * fl
     scale = sumlx / suml2 if suml2 != np.float32(0.0) else np.float32(0.0)
@@ -202,15 +271,16 @@ def make_qx_quants(xb, weight, nmax, codes):
         if step == 0:
             continue
         iscale = -(fmax + np.float32(0.1) * np.float32(step)) / extreme
+        _qx_levels(xb, iscale, nmax, levels)
         sumlx = np.float32(0.0)
         suml2 = np.float32(0.0)
         for i in range(n):
-            fl = np.float32(max(-nmax, min(nmax - 1, nearest_int(iscale * xb[i]))))
+            fl = levels[i]
             sumlx += weight[i] * xb[i] * fl
             suml2 += weight[i] * fl * fl
         if suml2 > np.float32(0.0) and sumlx * sumlx > best * suml2:
             for i in range(n):
-                codes[i] = max(-nmax, min(nmax - 1, nearest_int(iscale * xb[i]))) + nmax
+                codes[i] = np.int64(levels[i]) + nmax
             scale = sumlx / suml2
             best = scale * sumlx
     return scale
@@ -330,10 +400,12 @@ def quantize_rows_legacy(x, qtype, out, quant_weights=None):
     blocks_per_row = k // QK
     non_finite = 0
     if quant_weights is None or qtype == Q8_0:
-        for b in prange(rows * blocks_per_row):
-            r = b // blocks_per_row
-            codes = np.empty(QK, dtype=np.int64)
-            non_finite += _quantize_block_ref(x[r], U64((b - r * blocks_per_row) * QK), qtype, out, U64(b), codes)
+        for r in prange(rows):
+            row = x[r]
+            first = U64(r * blocks_per_row)
+            qk = U64(k // max(blocks_per_row, 1))  # QK (k % 32 == 0), unknown to LLVM (see _block_extremes)
+            for i in range(U64(blocks_per_row)):
+                non_finite += _quantize_block_ref(row, i * qk, qk, qtype, out, first + i)
     else:
         for r in prange(rows):
             xb = np.empty(QK, dtype=np.float32)
