@@ -34,6 +34,15 @@ def variant_code(variant: str) -> int:
         ) from None
 
 
+def storage_to_float32(storage: np.ndarray) -> np.ndarray:
+    """Exact float32 values of kernel storage (bf16 / f16 bits decoded); float32 is returned as it is."""
+    if storage.dtype == KERNEL_STORAGE["BF16"]:
+        return (storage.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    if storage.dtype == KERNEL_STORAGE["F16"]:
+        return storage.view(np.float16).astype(np.float32)
+    return storage
+
+
 def as_kernel_storage(x: np.ndarray) -> np.ndarray:
     """View float32 / float16 / bfloat16 (ml_dtypes) data as the kernels read it, without copying."""
     dtype = np.dtype(x.dtype)

@@ -16,9 +16,9 @@ from typing import Callable
 import gguf
 import numpy as np
 
-from qstrat.blocks import as_kernel_storage, dequantize_blocks, quantize_rows
+from qstrat.blocks import as_kernel_storage, dequantize_blocks, quantize_rows, storage_to_float32
 from qstrat.errors import InputError, NonFiniteError
-from qstrat.kernels import BF16_BITS, BLOCK_BYTES as Q8K_BLOCK_BYTES, QK_K, first_nonfinite_index
+from qstrat.kernels import BLOCK_BYTES as Q8K_BLOCK_BYTES, QK_K, first_nonfinite_index
 from qstrat.kernels import half, kquants, legacy
 
 QuantizationType = gguf.GGMLQuantizationType
@@ -74,11 +74,7 @@ def _as_float32(rows: np.ndarray) -> np.ndarray:
     """16-bit kernel storage decoded to float32 (exact) before the legacy and K-quant kernels, so
     that each of their kernels compiles for one input type, not three: their first compile is most
     of a cold run (and of the test suite); the extra pass costs far less than their quantizing."""
-    if rows.dtype == BF16_BITS:
-        return (rows.astype(np.uint32) << np.uint32(16)).view(np.float32)
-    if rows.dtype == np.int16:  # float16 bits
-        return rows.view(np.float16).astype(np.float32)
-    return rows
+    return storage_to_float32(rows)
 
 
 def _legacy(code: int) -> tuple[QuantizeRows, DequantizeRows]:
@@ -154,11 +150,7 @@ register(QuantizationType.Q8_K, _quantize_q8k, _dequantize_q8k, uses_imatrix=Fal
 
 
 def _quantize_f32(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-    if rows.dtype == np.float32:
-        return rows.astype("<f4").view(np.uint8)
-    if rows.dtype == BF16_BITS:
-        return (rows.astype(np.uint32) << np.uint32(16)).view(np.uint8)
-    return rows.view(np.float16).astype("<f4").view(np.uint8)  # exact: every half is a float32
+    return storage_to_float32(rows).astype("<f4").view(np.uint8)
 
 
 def _encoder(kernel: Callable[[np.ndarray, np.ndarray], None]) -> QuantizeRows:

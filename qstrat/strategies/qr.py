@@ -12,17 +12,15 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from qstrat.blocks import KERNEL_STORAGE
+from qstrat.blocks import storage_to_float32
 from qstrat.io.q8k import check_permutation
 from qstrat.strategies.base import Permutation, QuantizationStrategy
 
 
 def to_float32_array(storage: np.ndarray) -> np.ndarray:
-    if storage.dtype == KERNEL_STORAGE["BF16"]:
-        return (storage.astype(np.uint32) << 16).view(np.float32)
-    if storage.dtype == KERNEL_STORAGE["F16"]:
-        return storage.view(np.float16).astype(np.float32)
-    return np.array(storage, dtype=np.float32)
+    """A float32 copy of kernel storage that QR may overwrite."""
+    values = storage_to_float32(storage)
+    return values.copy() if values is storage else values
 
 
 def qr_pivot_order(matrix: np.ndarray) -> np.ndarray:
