@@ -31,6 +31,7 @@ from qstrat.pipelines.worker import GroupResult, quantize_batch, quantize_stream
 
 from qstrat.convert import gguf_metadata
 from qstrat.errors import InputError, OutputError, WorkerLost
+from qstrat.formats import block_type
 from qstrat.interrupts import deferred_stops, interruptible_wait, raise_if_stop_requested
 from qstrat.io.atomic import describe_os_error, make_durable, remove_stale_temporaries
 from qstrat.io.gguf import write_gguf
@@ -237,7 +238,7 @@ def threshold_failures(records: list[TensorRecord], thresholds) -> list[Threshol
         return failures
     for record in records:
         m = record.metrics
-        if record.storage != "q8k" or m is None:
+        if not record.quantized or m is None:
             continue
         for metric, limit, worse in (
             ("sqnr_db", thresholds.min_sqnr_db, lambda v, t: v < t),
@@ -261,14 +262,16 @@ def quantize_model(
     force: bool | None = None,
     thresholds=None,
     settings: dict[str, object] | None = None,
-    outputs: tuple[str, ...] = ("q8k",),
+    outputs: tuple[str, ...] | None = None,
 ) -> QuantizationResult:
     """Quantize a .safetensors file or model directory into an output directory.
 
     Reruns resume: groups whose files are intact are kept.  Output of a different config
-    or input is refused unless ``force`` (default: ``config.force``).
+    or input is refused unless ``force`` (default: ``config.force``).  ``outputs`` defaults
+    to the config's.
     """
     started = time.perf_counter()
+    outputs = config.output_kinds if outputs is None else tuple(outputs)
     force = config.force if force is None else force
     model = SafetensorsModel(input_path)
     plan = make_plan(model, config)
@@ -455,10 +458,16 @@ def describe_plan(plan: Plan) -> dict[str, object]:
         for member in group.members:
             if member.quantize:
                 rows, k = member.info.shape
-                q8k_bytes = Q8K_HEADER.size + rows * (k // QK_K) * BLOCK_BYTES
-                size += q8k_bytes + (PERM_HEADER.size + 4 * k if group.strategy.permutation_kind == "runtime" else 0)
+                choice = member.choice
+                if choice.q8k:
+                    size += Q8K_HEADER.size + rows * (k // QK_K) * BLOCK_BYTES
+                else:
+                    size += rows * block_type(choice.format).row_bytes(k)
+                size += PERM_HEADER.size + 4 * k if group.strategy.permutation_kind == "runtime" else 0
                 quantized.append(
                     {"name": member.info.name, "shape": list(member.info.shape), "dtype": member.info.dtype,
+                     "format": "q8k" if choice.q8k else choice.format,
+                     **({"fallback_from": choice.fallback_from} if choice.fallback_from else {}),
                      "strategy": group.strategy.name, "permutation": group.strategy.permutation_kind}
                 )
     passthrough = [{"name": p.info.name, "shape": list(p.info.shape), "dtype": p.info.dtype, "reason": p.reason} for p in plan.passthrough]

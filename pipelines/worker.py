@@ -17,15 +17,16 @@ from pathlib import Path
 
 import numba
 import numpy as np
-from qstrat.pipelines.plan import GroupJob
+from qstrat.pipelines.plan import GroupJob, TensorChoice
 
 from qstrat.blocks import KERNEL_STORAGE, check_finite
 from qstrat.errors import QstratError
 from qstrat.io.q8k import check_permutation, write_perm, write_q8k
+from qstrat.io.qblock import SUFFIX as QBLK_SUFFIX, write_blocks
 from qstrat.io.safetensors import read_tensor
-from qstrat.matrix import TensorMetrics, quantize_matrix
+from qstrat.matrix import QuantizedMatrix, TensorMetrics, quantize_matrix, quantize_matrix_as
 from qstrat.results import TensorRecord
-from qstrat.strategies import Permutation
+from qstrat.strategies import Permutation, SquaredError
 from qstrat.validation import (
     ValidationSettings,
     check_roundtrip,
@@ -54,6 +55,31 @@ def _checked(job: GroupJob, name: str, permutation: Permutation | None, shape: t
         raise QstratError(f"strategy {job.strategy.name} gave tensor {name!r} a permutation on an invalid axis")
     check_permutation(permutation.perm, shape[permutation.axis], f"strategy {job.strategy.name}, tensor {name!r}")
     return permutation
+
+
+def _quantized(
+    storage: np.ndarray,
+    choice: TensorChoice,
+    variant: str,
+    row_perm: np.ndarray | None = None,
+    col_perm: np.ndarray | None = None,
+    **measuring,
+) -> QuantizedMatrix:
+    """A member in its block type: the original tool's Q8K in the run's variant, or a GGUF type."""
+    if choice.q8k:
+        return quantize_matrix(storage, variant, row_perm, col_perm, **measuring)
+    return quantize_matrix_as(storage, choice.format, row_perm, col_perm, **measuring)
+
+
+def _error_measure(job: GroupJob, variant: str) -> SquaredError:
+    """How a strategy measures a member's error: in the type the member is written in."""
+    choices = {m.info.name: m.choice for m in job.members}
+
+    def squared_error(name: str, storage: np.ndarray, col_perm: np.ndarray | None) -> float:
+        choice = choices.get(name) or TensorChoice("q8_k")  # a member not quantized: as the original tool
+        return _quantized(storage, choice, variant, col_perm=col_perm, tensor_name=name).error_squares
+
+    return squared_error
 
 
 @dataclass
@@ -96,7 +122,7 @@ def _quantize_members(
         for member in job.members:
             if member.quantize:
                 check_finite(arrays[member.info.name], member.info.name)
-    proposed = job.strategy.permutations(arrays, variant)
+    proposed = job.strategy.permutations(arrays, _error_measure(job, variant))
     permutations = {m.info.name: _checked(job, m.info.name, proposed.get(m.info.name), m.info.shape) for m in job.members}
     quantized = [m for m in job.members if m.quantize]
     shared_seconds = (time.perf_counter() - started) / max(1, len(quantized))
@@ -110,8 +136,9 @@ def _quantize_members(
         row_perm = permutation.perm if permutation is not None and permutation.axis == 0 else None
         col_perm = permutation.perm if permutation is not None and permutation.axis == 1 else None
         probes = {stage: probe_vector(stage, info.shape[1]) for stage in ("sum_test", "gradient_test") if stage in stages}
-        outcome = quantize_matrix(
-            arrays[info.name], variant, row_perm, col_perm, tensor_name=info.name, measure="weight_error" in stages, probes=probes
+        outcome = _quantized(
+            arrays[info.name], member.choice, variant, row_perm, col_perm,
+            tensor_name=info.name, measure="weight_error" in stages, probes=probes,
         )
         metrics = outcome.metrics
         if probes:
@@ -124,7 +151,8 @@ def _quantize_members(
             name=info.name,
             shape=info.shape,
             dtype=info.dtype,
-            storage="q8k",
+            storage="q8k" if member.choice.q8k else member.choice.format,
+            fallback_from=member.choice.fallback_from,
             strategy=job.strategy.name,
             permutation=kind if permutation is not None else "none",
             joint_group=job.group_id if kind == "joint" and permutation is not None else None,
@@ -143,12 +171,16 @@ def _write_member(member: _QuantizedMember, output_dir: Path, roundtrip: bool, d
     its manifest (see qstrat.io.atomic)."""
     begin = time.perf_counter()
     rows, k = member.record.shape
-    files = {"q8k": write_q8k(output_dir / f"{member.stem}.q8k", member.blocks, rows, k, durable=durable)}
+    if member.record.storage == "q8k":
+        files = {"q8k": write_q8k(output_dir / f"{member.stem}.q8k", member.blocks, rows, k, durable=durable)}
+    else:
+        files = {"blocks": write_blocks(output_dir / f"{member.stem}{QBLK_SUFFIX}", member.blocks, member.record.storage, k, durable=durable)}
     if member.runtime_perm is not None:
         files["perm"] = write_perm(output_dir / f"{member.stem}.perm", member.runtime_perm, durable=durable)
     if roundtrip:
         perm_path = output_dir / files["perm"].path if "perm" in files else None
-        check_roundtrip(output_dir / files["q8k"].path, member.blocks, perm_path, member.runtime_perm)
+        tensor_file = files.get("q8k") or files["blocks"]
+        check_roundtrip(output_dir / tensor_file.path, member.blocks, perm_path, member.runtime_perm)
     return replace(member.record, files=files, seconds=member.record.seconds + time.perf_counter() - begin)
 
 

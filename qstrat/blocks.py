@@ -55,14 +55,14 @@ def as_kernel_storage(x: np.ndarray) -> np.ndarray:
     raise InputError(f"cannot quantize dtype {dtype}; expected float32, float16 or bfloat16")
 
 
-def check_finite(rows: np.ndarray, tensor_name: str = "array") -> None:
+def check_finite(rows: np.ndarray, tensor_name: str = "array", format_name: str = "Q8K") -> None:
     """Raise NonFiniteError naming the first NaN/inf (rows: 2-D kernel storage)."""
     flat = int(first_nonfinite_index(rows))
     if flat >= 0:
         index = np.unravel_index(flat, rows.shape)
         raise NonFiniteError(
             f"tensor {tensor_name!r} holds a non-finite value at index {tuple(int(i) for i in index)}; "
-            "Q8K cannot represent NaN or infinity"
+            f"{format_name} cannot represent NaN or infinity"
         )
 
 

@@ -24,6 +24,7 @@ from qstrat.errors import (
     ValidationFailed,
 )
 from qstrat.interrupts import handle_stop_signals, ignore_stop_signals
+from qstrat.report import describe_formats, summarize
 from qstrat.results import QuantizationResult, TensorRecord
 from qstrat.strategies import STRATEGIES
 
@@ -63,16 +64,24 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(EXIT_INTERNAL) from None
 
 
+def fallback_note(fallback_from: str | None, shape) -> str:
+    """How a tensor line says that the type asked for could not take the rows."""
+    if not fallback_from:
+        return ""
+    return f" (fallback: {fallback_from} cannot take rows of {shape[-1]}, as llama.cpp)"
+
+
 def format_record(record: TensorRecord) -> str:
     shape = "x".join(str(d) for d in record.shape)
-    if record.storage == "q8k":
+    if record.quantized:
         quality = ""
         m = record.metrics
         if m is not None and m.mse is not None:
             quality = f" mse={m.mse:.3e} sqnr={m.sqnr_db:.1f}dB"
         if m is not None and m.gradient_test_mse is not None:
             quality += f" gradient_test={m.gradient_test_mse:.3e}"
-        return f"  q8k   {record.name} [{shape}] {record.strategy} perm={record.permutation}{quality}"
+        fallback = fallback_note(record.fallback_from, record.shape)
+        return f"  {record.storage:<5} {record.name} [{shape}] {record.strategy} perm={record.permutation}{quality}{fallback}"
     return f"  pass  {record.name} [{shape}] {record.dtype}: {record.reason}"
 
 
@@ -82,8 +91,13 @@ def print_record(record: TensorRecord) -> None:
 
 def summary_line(result: QuantizationResult) -> str:
     mse = "n/a" if math.isnan(result.average_mse) else f"{result.average_mse:.3e}"
+    summary = summarize(result)
+    detail = ""
+    if set(summary["formats"]) - {"q8k"}:  # a Q8K run's line stays the original tool's
+        fallbacks = f"; {len(summary['fallbacks'])} by llama.cpp's fallback" if summary["fallbacks"] else ""
+        detail = f" ({describe_formats(summary['formats'])}{fallbacks})"
     return (
-        f"Done in {result.elapsed_s:.2f}s. Quantized: {result.tensor_count}, skipped: {result.skipped_count}, "
+        f"Done in {result.elapsed_s:.2f}s. Quantized: {result.tensor_count}{detail}, skipped: {result.skipped_count}, "
         f"average MSE: {mse}. Output: {result.output_dir}"
     )
 
@@ -151,7 +165,8 @@ def _print_plan(name: str, output: Path, description: dict) -> None:
     print(f"{name} -> {output}")
     for q in description["quantized"]:
         shape = "x".join(map(str, q["shape"]))
-        print(f"  q8k   {q['name']} [{shape}] {q['dtype']} {q['strategy']} ({q['permutation']})")
+        fallback = fallback_note(q.get("fallback_from"), q["shape"])
+        print(f"  {q['format']:<5} {q['name']} [{shape}] {q['dtype']} {q['strategy']} ({q['permutation']}){fallback}")
     for p in description["passthrough"]:
         shape = "x".join(map(str, p["shape"]))
         print(f"  pass  {p['name']} [{shape}] {p['dtype']}: {p['reason']}")
@@ -332,15 +347,18 @@ def inspect(path: Path = typer.Argument(..., help=".safetensors file, model dire
     from qstrat.io.safetensors import SafetensorsModel
     from qstrat.model import as_directory
 
-    with user_errors(), as_directory(path) as directory:
+    # an output directory's own manifest has the metrics, also when its tensors are in a GGUF container
+    with user_errors(), as_directory(path, follow_container=False) as directory:
         console = Console(width=max(120, Console().width))
         manifest = read_manifest(directory) if directory.is_dir() and (directory / MANIFEST_NAME).exists() else None
         if manifest is not None:
-            table = Table(title=f"{path} (qstrat output, variant {manifest.variant})")
+            stored = {e.storage for e in manifest.tensors.values()} - {"passthrough"}
+            kinds = ", ".join(f"Q8K variant {manifest.variant}" if s == "q8k" else s for s in sorted(stored)) or "nothing quantized"
+            table = Table(title=f"{path} (qstrat output: {kinds})")
             for column in ("tensor", "shape", "dtype", "storage", "strategy", "permutation", "SQNR dB", "MSE"):
                 table.add_column(column)
             for name, e in sorted(manifest.tensors.items()):
-                quantized = e.storage == "q8k"
+                quantized = e.storage != "passthrough"
                 sqnr = e.metrics.sqnr_db if quantized and e.metrics else None
                 mse = e.metrics.mse if quantized and e.metrics else None
                 table.add_row(

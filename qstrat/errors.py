@@ -58,7 +58,7 @@ class Interrupted(QstratError):
 
 
 #: loc entries pydantic adds for the members of a union: not keys a user wrote
-_UNION_MEMBERS = {"str", "int", "float", "bool", "none", "StrategyEntry", "Q8KEntry", "PassthroughEntry"}
+_UNION_MEMBERS = {"str", "int", "float", "bool", "none", "StrategyEntry", "QuantizedEntry", "PassthroughEntry"}
 
 
 def describe_validation_error(err, where: str, lines: dict[tuple, int] | None = None) -> str:

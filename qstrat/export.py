@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 
-from qstrat.io.q8k import read_q8k_shape
 from qstrat.io.safetensors import map_tensor, write_safetensors
 from qstrat.model import QuantizedModel
 
@@ -30,7 +29,7 @@ def dequantize_to_safetensors(output_dir: str | os.PathLike, target: str | os.Pa
 
             items.append((name, info.dtype, info.shape, raw))
         else:
-            shape = read_q8k_shape(model.directory / model.entries[name].files["q8k"])
+            shape = model.quantized_shape(name)
             items.append((name, "F32", shape, lambda name=name: model.tensor(name, original)))
     write_safetensors(Path(target), items, {"format": "pt", "qstrat": "dequantized"})
     return len(items)

@@ -11,7 +11,15 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from qstrat.blocks import as_gather_map, check_rows_shape, empty_blocks, refuse_non_finite, variant_code
+from qstrat.blocks import (
+    as_gather_map,
+    check_finite,
+    check_rows_shape,
+    empty_blocks,
+    refuse_non_finite,
+    storage_to_float32,
+    variant_code,
+)
 from qstrat.kernels import measure_columns, quantize_rows_q8k
 from qstrat.kernels.metrics import (
     DEQUANTIZED_SQUARES,
@@ -113,6 +121,57 @@ def quantize_matrix(
     vectors = np.ascontiguousarray(np.array(list(probes.values()), dtype=np.float32).reshape(len(probes), storage.shape[1]))
     measures = np.zeros((storage.shape[0], measure_columns(len(probes))), dtype=np.float64)
     refuse_non_finite(quantize_rows_q8k(storage, rows_g, cols_g, code, blocks, vectors, measures), storage, tensor_name)
+    products = {name: measures[:, PROBE_COLUMNS + 2 * i : PROBE_COLUMNS + 2 * i + 2] for i, name in enumerate(probes)}
+    metrics = TensorMetrics.from_row_measures(measures, storage.size) if measure else None
+    error_squares = float(measures[:, ERROR_SQUARES].sum()) if measure else None
+    return QuantizedMatrix(blocks, metrics, products, error_squares)
+
+
+#: rows measured at a time by :func:`quantize_matrix_as` (bounds its float64 temporaries)
+_MEASURED_ROWS = 256
+
+
+def quantize_matrix_as(
+    storage: np.ndarray,
+    type_name: str,
+    row_perm: np.ndarray | None = None,
+    col_perm: np.ndarray | None = None,
+    *,
+    tensor_name: str = "array",
+    measure: bool = True,
+    probes: Mapping[str, np.ndarray] | None = None,
+) -> QuantizedMatrix:
+    """:func:`quantize_matrix` for a GGUF block type of the registry (``qstrat.formats``):
+    blocks (rows, row bytes), and the same measures, from the blocks dequantized as GGML does."""
+    from qstrat.formats import block_type, quantize, dequantize
+
+    entry = block_type(type_name)
+    check_rows_shape(storage, tensor_name)
+    check_finite(storage, tensor_name, entry.name.upper())
+    stored = storage_to_float32(storage)
+    if row_perm is not None:
+        stored = np.take(stored, row_perm, axis=0)
+    if col_perm is not None:
+        stored = np.take(stored, col_perm, axis=1)
+    blocks = quantize(np.ascontiguousarray(stored), entry.name)
+    probes = dict(probes or {})
+    if not measure and not probes:
+        return QuantizedMatrix(blocks, None, {})
+    vectors = np.array(list(probes.values()), dtype=np.float64).reshape(len(probes), storage.shape[1])
+    measures = np.zeros((storage.shape[0], measure_columns(len(probes))), dtype=np.float64)
+    for start in range(0, stored.shape[0], _MEASURED_ROWS):
+        rows = slice(start, start + _MEASURED_ROWS)
+        source = stored[rows].astype(np.float64)
+        back = dequantize(blocks[rows], entry.name).astype(np.float64)
+        error = source - back
+        part = measures[rows]
+        part[:, ERROR_SQUARES] = np.einsum("ij,ij->i", error, error)
+        part[:, REFERENCE_SQUARES] = np.einsum("ij,ij->i", source, source)
+        part[:, DEQUANTIZED_SQUARES] = np.einsum("ij,ij->i", back, back)
+        part[:, MAX_ABS_ERROR] = np.abs(error).max(axis=1) if error.size else 0.0
+        for i, vector in enumerate(vectors):
+            part[:, PROBE_COLUMNS + 2 * i] = source @ vector
+            part[:, PROBE_COLUMNS + 2 * i + 1] = error @ vector
     products = {name: measures[:, PROBE_COLUMNS + 2 * i : PROBE_COLUMNS + 2 * i + 2] for i, name in enumerate(probes)}
     metrics = TensorMetrics.from_row_measures(measures, storage.size) if measure else None
     error_squares = float(measures[:, ERROR_SQUARES].sum()) if measure else None

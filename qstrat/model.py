@@ -14,7 +14,8 @@ import numpy as np
 
 from qstrat.errors import InputError
 from qstrat.io.names import JOINT_PERMUTATIONS_NAME, PASSTHROUGH_NAME, decode_name
-from qstrat.io.q8k import check_permutation, read_perm, read_q8k
+from qstrat.io.q8k import check_permutation, read_perm, read_q8k, read_q8k_shape
+from qstrat.io.qblock import read_blocks, read_blocks_header
 from qstrat.io.safetensors import SafetensorsFile, TensorInfo, map_tensor, to_float32
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ class QuantizedModel:
             self.entries = self._seed_entries()
         else:
             self.entries = {
-                name: StoredTensor(e.storage == "q8k", {role: f.path for role, f in e.files.items()}, e.joint.axis if e.joint else None)
+                name: StoredTensor(e.storage != "passthrough", {role: f.path for role, f in e.files.items()}, e.joint.axis if e.joint else None)
                 for name, e in self.manifest.tensors.items()
             }
         self._joint: SafetensorsFile | None = None
@@ -104,6 +105,13 @@ class QuantizedModel:
         check_permutation(perm, array.shape[axis], f"{self.directory / JOINT_PERMUTATIONS_NAME}: {name}")
         return unpermute(array, perm, axis)
 
+    def quantized_shape(self, name: str) -> tuple[int, int]:
+        """(rows, k) of a quantized tensor, from its file's header."""
+        files = self.entries[name].files
+        if "q8k" in files:
+            return read_q8k_shape(self.directory / files["q8k"])
+        return read_blocks_header(self.directory / files["blocks"])[1:]
+
     def tensor(self, name: str, original: bool = False) -> np.ndarray:
         """One tensor: dequantized float32 (run-time permutation undone) or as passed through
         (bfloat16 as exactly equal float32); ``original`` also undoes joint permutations."""
@@ -112,7 +120,7 @@ class QuantizedModel:
             info = self.passthrough_info(name)
             array = np.array(to_float32(info, map_tensor(info)))
         else:
-            stored = read_q8k(self.directory / entry.files["q8k"])
+            stored = read_q8k(self.directory / entry.files["q8k"]) if "q8k" in entry.files else read_blocks(self.directory / entry.files["blocks"])
             array = stored.dequantize()
             if "perm" in entry.files:
                 array = unpermute(array, read_perm(self.directory / entry.files["perm"], stored.k))

@@ -31,10 +31,19 @@ def summarize(result: QuantizationResult) -> dict[str, object]:
     """Per-model figures: counts, averages and extremes of the metrics, sizes, time."""
     metrics = [r.metrics for r in result.quantized if r.metrics is not None]
     sqnr = [m.sqnr_db for m in metrics if m.sqnr_db is not None]
-    stored = sum(f.size for r in result.quantized for role, f in r.files.items() if role in ("q8k", "perm"))
+    stored = sum(f.size for r in result.quantized for role, f in r.files.items() if role in ("q8k", "blocks", "perm"))
     source = sum(r.nbytes for r in result.quantized)
+    formats: dict[str, int] = {}
+    for r in result.quantized:
+        formats[r.storage] = formats.get(r.storage, 0) + 1
     return {
         "tensor_count": result.tensor_count,
+        "formats": dict(sorted(formats.items())),  # storage -> tensors: q8k (.q8k files) or a GGUF type
+        "fallbacks": [
+            {"tensor": r.name, "asked": r.fallback_from, "written": r.storage, "row_length": r.shape[-1]}
+            for r in result.quantized
+            if r.fallback_from
+        ],
         "skipped_count": result.skipped_count,
         "average_mse": None if math.isnan(result.average_mse) else result.average_mse,
         # exact tensors (infinite SQNR) are left out of the mean; JSON has no infinity: "inf"
@@ -57,10 +66,15 @@ def build_report(result: QuantizationResult, model: str, settings: Mapping[str, 
     for r in result.tensors:
         entry = r.manifest_entry().model_dump(exclude={"files"})
         entry["seconds"] = round(r.seconds, 4)
-        if r.storage == "q8k":
+        if r.quantized:
             entry["threshold_failed"] = r.name in failed
         tensors[r.name] = entry
     return {"model": model, "settings": dict(settings), "summary": summarize(result), "tensors": tensors}
+
+
+def describe_formats(formats: Mapping[str, int]) -> str:
+    """``q4_k 10, q6_k 2``: tensors per stored format."""
+    return ", ".join(f"{name} {count}" for name, count in formats.items()) or "none"
 
 
 def _fmt(value, spec):
@@ -82,7 +96,12 @@ def render_markdown(report: Mapping[str, object]) -> str:
         f"{', '.join(validation.get('stages', [])) or 'off'}, matrix-vector product computed "
         f"{'as Candle does (input quantized to Q8K)' if validation.get('product') == 'candle' else 'with exact dequantized weights'}.",
         "",
-        f"- {s['tensor_count']} tensors quantized, {s['skipped_count']} passed through, in {s['elapsed_s']} s",
+        f"- {s['tensor_count']} tensors quantized ({describe_formats(s['formats'])}), {s['skipped_count']} passed through, "
+        f"in {s['elapsed_s']} s",
+        *[
+            f"- fallback: {f['tensor']} is {f['written']}: {f['asked']} cannot take rows of {f['row_length']} (llama.cpp's rule)"
+            for f in s["fallbacks"]
+        ],
         f"- weight MSE (mean) {_fmt(s['average_mse'], '.3e')}, SQNR mean {_fmt(s['mean_sqnr_db'], '.2f')} dB, "
         f"worst {_fmt(s['worst_sqnr_db'], '.2f')} dB",
         f"- sum test MSE (mean) {_fmt(s['average_sum_test_mse'], '.3e')}, gradient test MSE (mean) "
@@ -90,20 +109,20 @@ def render_markdown(report: Mapping[str, object]) -> str:
         f"- quantized tensors: {s['quantized_source_bytes']:,} bytes in, {s['quantized_output_bytes']:,} bytes out",
         f"- {len(s['threshold_failures'])} tensor(s) below a threshold",
         "",
-        "| tensor | shape | strategy | permutation | SQNR dB | MSE | max abs err | cosine | sum test | gradient test | |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| tensor | shape | format | strategy | permutation | SQNR dB | MSE | max abs err | cosine | sum test | gradient test | |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, t in report["tensors"].items():
-        if t["storage"] != "q8k":
+        if t["storage"] == "passthrough":
             continue
         m = t.get("metrics") or {}
         lines.append(
-            f"| {name} | {'x'.join(map(str, t['shape']))} | {t['strategy']} | {t['permutation']} | "
+            f"| {name} | {'x'.join(map(str, t['shape']))} | {t['storage']} | {t['strategy']} | {t['permutation']} | "
             f"{_fmt(m.get('sqnr_db'), '.2f')} | {_fmt(m.get('mse'), '.2e')} | {_fmt(m.get('max_abs_error'), '.2e')} | "
             f"{_fmt(m.get('cosine'), '.6f')} | {_fmt(m.get('sum_test_mse'), '.2e')} | {_fmt(m.get('gradient_test_mse'), '.2e')} | "
             f"{'**below threshold**' if t.get('threshold_failed') else ''} |"
         )
-    passed = [n for n, t in report["tensors"].items() if t["storage"] != "q8k"]
+    passed = [n for n, t in report["tensors"].items() if t["storage"] == "passthrough"]
     lines += ["", f"Passed through unchanged: {len(passed)} tensors (see manifest.json for why each)."]
     return "\n".join(lines) + "\n"
 

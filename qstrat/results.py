@@ -22,7 +22,7 @@ class TensorRecord:
     name: str
     shape: tuple[int, ...]
     dtype: str
-    storage: str  # "q8k" or "passthrough"
+    storage: str  # "q8k" (a .q8k file), a GGUF block type ("q4_k", ...) or "passthrough"
     strategy: str | None = None
     permutation: str = "none"  # "none" | "runtime" | "joint"
     joint_group: str | None = None  # for joint permutations: the group and the permuted axis
@@ -31,6 +31,11 @@ class TensorRecord:
     metrics: TensorMetrics | None = None
     seconds: float = 0.0
     reason: str | None = None  # why a tensor was passed through
+    fallback_from: str | None = None  # the block type asked for, when it could not take the rows
+
+    @property
+    def quantized(self) -> bool:
+        return self.storage != "passthrough"
 
     @property
     def nbytes(self) -> int:
@@ -43,7 +48,7 @@ class TensorRecord:
     @classmethod
     def from_manifest_entry(cls, name: str, entry: TensorEntry) -> TensorRecord:
         """The record a manifest (or journal) entry was made from."""
-        quantized = entry.storage == "q8k"
+        quantized = entry.storage != "passthrough"
         return cls(
             name=name,
             shape=tuple(entry.shape),
@@ -56,11 +61,12 @@ class TensorRecord:
             files={role: WrittenFile(**f.model_dump()) for role, f in entry.files.items()},
             metrics=TensorMetrics.from_dict(entry.metrics.model_dump()) if quantized and entry.metrics else None,
             reason=None if quantized else entry.reason,
+            fallback_from=entry.fallback_from if quantized else None,
         )
 
     def manifest_entry(self) -> TensorEntry:
         # pydantic is imported when a run writes, not with `import qstrat` (start-up time)
-        from qstrat.io.manifest import FileEntry, Joint, Metrics, PassthroughEntry, Q8KEntry
+        from qstrat.io.manifest import FileEntry, Joint, Metrics, PassthroughEntry, QuantizedEntry
 
         common = {
             "shape": list(self.shape),
@@ -69,9 +75,9 @@ class TensorRecord:
             "files": {role: FileEntry(**vars(f)) for role, f in sorted(self.files.items())},
             "joint": Joint(group=self.joint_group, axis=self.joint_axis) if self.joint_group is not None else None,
         }
-        if self.storage == "q8k":
+        if self.quantized:
             metrics = Metrics(**self.metrics.as_dict()) if self.metrics else None
-            return Q8KEntry(storage="q8k", strategy=self.strategy, metrics=metrics, **common)
+            return QuantizedEntry(storage=self.storage, strategy=self.strategy, metrics=metrics, fallback_from=self.fallback_from, **common)
         return PassthroughEntry(storage="passthrough", reason=self.reason, **common)
 
 
@@ -104,11 +110,11 @@ class QuantizationResult:
 
     @property
     def quantized(self) -> list[TensorRecord]:
-        return [t for t in self.tensors if t.storage == "q8k"]
+        return [t for t in self.tensors if t.quantized]
 
     @property
     def tensor_count(self) -> int:
-        """How many tensors were quantized to Q8K."""
+        """How many tensors were quantized."""
         return len(self.quantized)
 
     @property

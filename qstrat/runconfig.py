@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator
 
 from qstrat.blocks import DEFAULT_VARIANT, Q8K_VARIANTS
 from qstrat.errors import ConfigError, describe_validation_error
@@ -28,6 +29,22 @@ from qstrat.validation import PRODUCTS, STAGES, ValidationSettings
 
 VALIDATION_STAGES = STAGES
 OUTPUT_FORMATS = ("q8k", "gguf")
+#: the block type of the original tool, written as .q8k files with the configured ``variant``
+DEFAULT_FORMAT = "q8_k"
+#: what the original tool never quantizes; other formats, like llama.cpp, quantize every matrix
+Q8K_SKIP_PATTERNS = ("embed_tokens", "norm")
+
+
+def _format_name(value: object) -> object:
+    """A block type of the registry, by its name in any case."""
+    if not isinstance(value, str):
+        return value
+    from qstrat.formats import FORMATS  # the registry loads the kernels: only when settings are built
+
+    name = value.strip().lower()
+    if name not in FORMATS:
+        raise ValueError(f"unknown format {value!r}; choose one of {', '.join(FORMATS)}")
+    return name
 
 
 class _Strict(BaseModel):
@@ -63,6 +80,24 @@ class Thresholds(_Strict):
         return value
 
 
+class FormatRule(_Strict):
+    """``{match: REGEX, format: q6_k}``: tensors whose name the regex matches (searched) get ``format``."""
+
+    match: str
+    format: str
+
+    @field_validator("match")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"not a valid regular expression: {err}") from None
+        return value
+
+    _format = field_validator("format")(classmethod(lambda cls, value: _format_name(value)))
+
+
 class ValidationSection(_Strict):
     enabled: bool = True
     stages: list[Literal[VALIDATION_STAGES]] = Field(default_factory=lambda: list(VALIDATION_STAGES))  # type: ignore[valid-type]
@@ -83,13 +118,52 @@ class RunConfig(_Strict):
     input: Union[str, list[str], None] = None
     output: Union[str, None] = None  # a directory; in a file, a template with {model}
     variant: Literal[Q8K_VARIANTS] = DEFAULT_VARIANT  # type: ignore[valid-type]
+    format: str = DEFAULT_FORMAT  # the block type of every quantized tensor (see format_rules)
+    format_rules: list[FormatRule] = Field(default_factory=list)  # the first rule matching a tensor wins
     strategies: list[Union[str, StrategyEntry]] = Field(default_factory=lambda: ["identity"], min_length=1)
-    skip_patterns: list[str] = Field(default_factory=lambda: ["embed_tokens", "norm"])
+    skip_patterns: Union[list[str], None] = None  # None: Q8K_SKIP_PATTERNS for Q8K only, else none
     validation: ValidationSection = Field(default_factory=ValidationSection)
-    outputs: list[Literal[OUTPUT_FORMATS]] = Field(default_factory=lambda: ["q8k"], min_length=1)  # type: ignore[valid-type]
+    outputs: Union[list[Literal[OUTPUT_FORMATS]], None] = Field(default=None, min_length=1)  # type: ignore[valid-type]
     parallel: ParallelSection = Field(default_factory=ParallelSection)
     # replace output of another config or input (a command's flag, never a file's key)
     _force: bool = PrivateAttr(default=False)
+
+    _format = field_validator("format")(classmethod(lambda cls, value: _format_name(value)))
+
+    @field_validator("validation")
+    @classmethod
+    def _product_fits_formats(cls, value: ValidationSection, info: ValidationInfo) -> ValidationSection:
+        if value.product == "candle" and _other_formats(info.data):
+            raise ValueError(f"product: candle multiplies Q8K blocks; format {_other_formats(info.data)[0]} needs product: exact")
+        return value
+
+    @field_validator("outputs")
+    @classmethod
+    def _outputs_fit_formats(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if value is not None and "q8k" in value and _other_formats(info.data):
+            raise ValueError(f".q8k files hold Q8K only; format {_other_formats(info.data)[0]} is written to GGUF: use [gguf]")
+        return value
+
+    @property
+    def skip_list(self) -> tuple[str, ...]:
+        """The skip patterns in force: the configured ones, or the default for the formats."""
+        if self.skip_patterns is not None:
+            return tuple(self.skip_patterns)
+        return Q8K_SKIP_PATTERNS if not _other_formats(self.__dict__) else ()
+
+    @property
+    def output_kinds(self) -> tuple[str, ...]:
+        """The outputs in force: the configured ones, or .q8k files for Q8K only, else GGUF."""
+        if self.outputs is not None:
+            return tuple(self.outputs)
+        return ("q8k",) if not _other_formats(self.__dict__) else ("gguf",)
+
+    def format_of(self, tensor_name: str) -> str:
+        """The block type asked for ``tensor_name``: the first matching rule's, else ``format``."""
+        for rule in self.format_rules:
+            if re.search(rule.match, tensor_name):
+                return rule.format
+        return self.format
 
     @classmethod
     def build(cls, data: dict[str, Any], where: str, *, force: bool = False) -> RunConfig:
@@ -126,8 +200,11 @@ class RunConfig(_Strict):
         """A JSON-ready record of the settings that shape the output (for the manifest)."""
         return {
             "variant": self.variant,
+            # recorded only when set, so that a Q8K run's record (and fingerprint) stays the original's
+            **({"format": self.format} if self.format != DEFAULT_FORMAT else {}),
+            **({"format_rules": [r.model_dump() for r in self.format_rules]} if self.format_rules else {}),
             "strategies": self.strategy_chain().describe(),
-            "skip_patterns": list(self.skip_patterns),
+            "skip_patterns": list(self.skip_list),
             "validation": {
                 "enabled": self.validation.enabled,
                 "stages": list(self.validation.stages) if self.validation.enabled else [],
@@ -144,6 +221,12 @@ class RunConfig(_Strict):
     def evaluated(self) -> RunConfig:
         """These settings with validation on (an in-memory comparison measures everything)."""
         return self.model_copy(update={"validation": self.validation.model_copy(update={"enabled": True})})
+
+
+def _other_formats(data: Mapping[str, Any]) -> list[str]:
+    """The formats other than Q8K that settings (validated so far) ask for."""
+    asked = [data.get("format", DEFAULT_FORMAT)] + [rule.format for rule in data.get("format_rules") or ()]
+    return [f for f in asked if f != DEFAULT_FORMAT]
 
 
 @dataclass(frozen=True)
@@ -173,7 +256,7 @@ class RunSpec:
 
     @property
     def outputs(self) -> tuple[str, ...]:
-        return tuple(self.config.outputs)
+        return self.config.output_kinds
 
 
 # -- YAML with line numbers ----------------------------------------------------------------------

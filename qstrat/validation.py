@@ -20,6 +20,7 @@ import numpy as np
 from qstrat.blocks import quantize_rows
 from qstrat.errors import OutputError
 from qstrat.io.q8k import q8k_file_holds, read_perm
+from qstrat.io.qblock import SUFFIX as QBLK_SUFFIX, blocks_file_holds
 from qstrat.kernels import q8k_q8k_row_dots
 
 STAGES = ("weight_error", "sum_test", "gradient_test", "roundtrip")
@@ -58,9 +59,10 @@ def matvec_mse(products: np.ndarray, blocks: np.ndarray, probe: np.ndarray, prod
     return float(np.mean(errors**2))
 
 
-def check_roundtrip(q8k_path: Path, blocks: np.ndarray, perm_path: Path | None, perm: np.ndarray | None) -> None:
-    """Read back what was written and compare it with the in-memory result."""
-    if not q8k_file_holds(q8k_path, blocks):
-        raise OutputError(f"{q8k_path}: the file read back differs from what was quantized (roundtrip)")
+def check_roundtrip(tensor_path: Path, blocks: np.ndarray, perm_path: Path | None, perm: np.ndarray | None) -> None:
+    """Read back what was written (a .q8k or .qblk file) and compare it with the in-memory result."""
+    holds = blocks_file_holds if tensor_path.suffix == QBLK_SUFFIX else q8k_file_holds
+    if not holds(tensor_path, blocks):
+        raise OutputError(f"{tensor_path}: the file read back differs from what was quantized (roundtrip)")
     if perm_path is not None and not np.array_equal(read_perm(perm_path, len(perm)), perm):
         raise OutputError(f"{perm_path}: the permutation read back differs from the one applied (roundtrip)")

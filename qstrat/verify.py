@@ -8,6 +8,7 @@ from pathlib import Path
 from qstrat.errors import QstratError
 from qstrat.io.manifest import MANIFEST_NAME, PASSTHROUGH_NAME, read_manifest
 from qstrat.io.q8k import check_permutation, read_perm, read_q8k
+from qstrat.io.qblock import read_blocks_header
 from qstrat.model import QuantizedModel, as_directory
 from qstrat.pipelines.journal import file_sha256
 
@@ -16,8 +17,8 @@ def verify_output(output_dir: str | os.PathLike) -> list[str]:
     """Every problem found (empty when the directory is intact), each naming its file; a
     manifest that is not one raises :class:`qstrat.errors.FormatError`.
 
-    Checks each file's size and sha256 against the manifest, each .q8k/.perm against its
-    format and the tensor's shape, the passthrough file's contents, and every permutation.
+    Checks each file's size and sha256 against the manifest, each .q8k/.qblk/.perm against its
+    format and the tensor's shape and type, the passthrough file's contents, and every permutation.
     """
     directory = Path(output_dir)
     manifest = read_manifest(directory)  # one that cannot be read is an error of its own (exit 2)
@@ -47,13 +48,18 @@ def verify_output(output_dir: str | os.PathLike) -> list[str]:
     model = QuantizedModel(directory, manifest)
     for name, entry in sorted(manifest.tensors.items()):
         try:
-            if entry.storage == "q8k":
-                q8k = directory / entry.files["q8k"].path
-                stored = read_q8k(q8k)
-                if list(stored.shape) != entry.shape:
-                    problems.append(f"{q8k}: shape {stored.shape}, manifest {entry.shape}")
+            if entry.storage != "passthrough":
+                if entry.storage == "q8k":
+                    path = directory / entry.files["q8k"].path
+                    shape, type_name = read_q8k(path).shape, "q8k"
+                else:
+                    path = directory / entry.files["blocks"].path
+                    type_name, *shape = read_blocks_header(path)
+                    shape = tuple(shape)
+                if list(shape) != entry.shape or type_name != entry.storage:
+                    problems.append(f"{path}: {type_name} of shape {shape}, manifest {entry.storage} of {entry.shape}")
                 if "perm" in entry.files:
-                    read_perm(directory / entry.files["perm"].path, stored.k)
+                    read_perm(directory / entry.files["perm"].path, shape[1])
             else:
                 info = model.passthrough_info(name)
                 if list(info.shape) != entry.shape or info.dtype != entry.dtype:

@@ -178,7 +178,7 @@ def _unknown_storage(m):
         (_unknown_top_level_key, "colour: unknown key"),
         (_missing_checksum, "tensors.lm_head.weight.files.q8k.sha256: required key is missing"),
         (_unknown_tensor_key, "tensors.model.norm.weight.strategy: unknown key"),
-        (_unknown_storage, "tensors.lm_head.weight: 'storage' must be 'q8k' or 'passthrough'"),
+        (_unknown_storage, "tensors.lm_head.weight.storage: storage 'fp8' is not 'q8k', 'passthrough' or a block type"),
     ],
 )
 def test_a_manifest_with_unknown_or_missing_keys_is_refused(tmp_path_factory, change, key):

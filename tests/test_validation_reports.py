@@ -201,7 +201,7 @@ def test_run_reports_agree_with_the_result(tmp_path):
     for entry in quantized:
         m = entry["metrics"]
         assert m["sum_test_mse"] is not None and m["gradient_test_mse"] is not None
-    assert "| model.layers.0.self_attn.q_proj.weight | 512x512 | attention_aware | runtime |" in (out / "report.md").read_text()
+    assert "| model.layers.0.self_attn.q_proj.weight | 512x512 | q8k | attention_aware | runtime |" in (out / "report.md").read_text()
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "exact dequantized weights" in (out / "report.md").read_text()
 

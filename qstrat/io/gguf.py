@@ -1,7 +1,7 @@
 """GGUF v3 containers: a whole quantized model in one file, written with the ``gguf`` package.
 
-Quantized tensors are stored as GGML type Q8_K with exactly the bytes of their
-``.q8k`` files; other tensors keep their dtype (F32/F16/BF16/F64/I8..I64).  A run-time
+Quantized tensors are stored in their block type with exactly the bytes of their ``.q8k``
+(GGML type Q8_K) or ``.qblk`` files; other tensors keep their dtype (F32/F16/BF16/F64/I8..I64).  A run-time
 gather map is a companion I32 tensor ``<name>.perm``; joint permutations (needed only to
 restore the original layout) are companions ``<name>.joint_perm`` (I32).  GGML limits
 names to 63 bytes: a longer name is cut and suffixed with ``~`` and 16 hex digits of its
@@ -28,13 +28,14 @@ from qstrat.io.manifest import (
     FileEntry,
     Joint,
     PassthroughEntry,
-    Q8KEntry,
+    QuantizedEntry,
     Source,
     new_manifest,
     write_manifest,
 )
 from qstrat.io.names import assign_file_stems
 from qstrat.io.q8k import read_perm, read_q8k, write_perm, write_q8k
+from qstrat.io.qblock import SUFFIX as QBLK_SUFFIX, read_blocks, write_blocks
 from qstrat.io.safetensors import map_tensor, write_safetensors
 from qstrat.kernels import BLOCK_BYTES, QK_K
 
@@ -94,9 +95,13 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
         entry = model.entries[name]
         if entry.quantized:
             files = entry.files
-            stored = read_q8k(model.directory / files["q8k"])
+            if "q8k" in files:
+                stored, ggml_type = read_q8k(model.directory / files["q8k"]), gguf.GGMLQuantizationType.Q8_K
+            else:
+                stored = read_blocks(model.directory / files["blocks"])
+                ggml_type = gguf.GGMLQuantizationType[stored.type_name.upper()]
             payload = np.asarray(stored.blocks).reshape(stored.rows, -1)
-            entries.append((name, lambda p=payload: p, np.uint8, gguf.GGMLQuantizationType.Q8_K, payload.shape, payload.nbytes))
+            entries.append((name, lambda p=payload: p, np.uint8, ggml_type, payload.shape, payload.nbytes))
             if "perm" in files:
                 perm = read_perm(model.directory / files["perm"], stored.k).astype(np.int32)
                 entries.append((name + PERM_SUFFIX, lambda p=perm: p, np.int32, None, perm.shape, perm.nbytes))
@@ -191,6 +196,17 @@ class GGUFModel:
         return sorted(n for n in self.tensors if n not in self.perm_names and n not in self.joint_axes)
 
 
+def block_type_of(tensor) -> str | None:
+    """The registry's name of a GGUF tensor's block type, None for a type kept as a passthrough
+    tensor (F32/F16/BF16 and integers: what a run passes through comes back as it was)."""
+    ggml_type = _gguf().GGMLQuantizationType(int(tensor.tensor_type))
+    if ggml_type.name in PASSTHROUGH_TYPES:
+        return None
+    from qstrat.formats import block_type  # the registry loads the kernels: only when a file has quantized tensors
+
+    return block_type(ggml_type).name
+
+
 def gguf_to_directory(source: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
     """An output directory (.q8k, .perm, passthrough, manifest) from a qstrat GGUF file."""
     model = GGUFModel(source)
@@ -202,10 +218,15 @@ def gguf_to_directory(source: str | os.PathLike, output_dir: str | os.PathLike) 
     except OSError as err:
         raise OutputError(describe_os_error(out, err)) from None
     names = model.model_tensors()
-    q8_k = _gguf().GGMLQuantizationType.Q8_K
-    quantized = [n for n in names if model.tensors[n].tensor_type == q8_k]
+    types = {}
+    for name in names:
+        try:
+            types[name] = block_type_of(model.tensors[name])
+        except (InputError, ValueError):
+            raise InputError(f"{model.path}: tensor {name!r} has GGML type {int(model.tensors[name].tensor_type)}, not one qstrat reads") from None
+    quantized = [n for n in names if types[n] is not None]
     stems = assign_file_stems(quantized)
-    entries: dict[str, Q8KEntry | PassthroughEntry] = {}
+    entries: dict[str, QuantizedEntry | PassthroughEntry] = {}
     passthrough, joint = [], []
     for name in names:
         tensor = model.tensors[name]
@@ -215,17 +236,25 @@ def gguf_to_directory(source: str | os.PathLike, output_dir: str | os.PathLike) 
         common = {"shape": shape, "permutation": "none" if axis is None else "joint",
                   "joint": None if axis is None else Joint(group=None, axis=axis)}
         if name in stems:
+            type_name = types[name]
+            if len(shape) != 2:
+                raise InputError(f"{model.path}: {type_name} tensor {name!r} has shape {shape}; qstrat reads 2-D ones")
             rows, k = shape
-            if k % QK_K:
-                raise InputError(f"{model.path}: Q8_K tensor {name!r} has row length {k}")
-            blocks = np.asarray(tensor.data).reshape(rows * (k // QK_K), BLOCK_BYTES)
-            files = {"q8k": write_q8k(out / f"{stems[name]}.q8k", blocks, rows, k)}
+            if type_name == "q8_k":
+                if k % QK_K:
+                    raise InputError(f"{model.path}: Q8_K tensor {name!r} has row length {k}")
+                blocks = np.asarray(tensor.data).reshape(rows * (k // QK_K), BLOCK_BYTES)
+                files = {"q8k": write_q8k(out / f"{stems[name]}.q8k", blocks, rows, k)}
+            else:
+                blocks = np.asarray(tensor.data).view(np.uint8).reshape(rows, -1)
+                files = {"blocks": write_blocks(out / f"{stems[name]}{QBLK_SUFFIX}", blocks, type_name, k)}
             if name + PERM_SUFFIX in model.perm_names:
                 files["perm"] = write_perm(out / f"{stems[name]}.perm", np.asarray(model.tensors[name + PERM_SUFFIX].data))
                 if axis is None:
                     common["permutation"] = "runtime"
             files = {role: FileEntry(**vars(f)) for role, f in files.items()}
-            entries[name] = Q8KEntry(storage="q8k", dtype="unknown", strategy=None, metrics=None, files=files, **common)
+            storage = "q8k" if type_name == "q8_k" else type_name
+            entries[name] = QuantizedEntry(storage=storage, dtype="unknown", strategy=None, metrics=None, files=files, **common)
         else:
             tag = passthrough_tag(int(tensor.tensor_type))
             if tag is None:

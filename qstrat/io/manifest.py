@@ -65,7 +65,7 @@ class FileEntry(_Record):
         return path
 
 
-FileRole = Literal["q8k", "perm", "safetensors", "joint_perm", "gguf"]
+FileRole = Literal["q8k", "blocks", "perm", "safetensors", "joint_perm", "gguf"]
 Metric = Union[float, Literal["inf"], None]  # JSON has no infinity: an exact result is "inf"
 
 
@@ -93,10 +93,24 @@ class _Entry(_Record):
     joint: Joint | None = None
 
 
-class Q8KEntry(_Entry):
-    storage: Literal["q8k"]
+class QuantizedEntry(_Entry):
+    """A quantized tensor: ``storage`` is ``q8k`` (the original tool's .q8k file) or the GGUF
+    block type it is stored in (``q4_k``, ...; a .qblk file or the GGUF container)."""
+
+    _OMITTED_WHEN_NONE = ("joint", "fallback_from")
+    storage: str
     strategy: str | None
     metrics: Metrics | None
+    fallback_from: str | None = None  # the type asked for, when it could not take the rows (llama.cpp's fallback)
+
+    @field_validator("storage")
+    @classmethod
+    def _known(cls, storage: str) -> str:
+        from qstrat.formats import FORMATS  # the registry loads the kernels: only when a manifest is read
+
+        if storage != "q8k" and (storage not in FORMATS or storage == "q8_k"):
+            raise ValueError(f"storage {storage!r} is not 'q8k', 'passthrough' or a block type qstrat writes")
+        return storage
 
 
 class PassthroughEntry(_Entry):
@@ -106,12 +120,14 @@ class PassthroughEntry(_Entry):
 
 def _storage(entry: Any) -> str | None:
     storage = entry.get("storage") if isinstance(entry, dict) else getattr(entry, "storage", None)
-    return {"q8k": "Q8KEntry", "passthrough": "PassthroughEntry"}.get(storage)
+    if not isinstance(storage, str):
+        return None
+    return "PassthroughEntry" if storage == "passthrough" else "QuantizedEntry"
 
 
 TensorEntry = Annotated[
-    Union[Annotated[Q8KEntry, Tag("Q8KEntry")], Annotated[PassthroughEntry, Tag("PassthroughEntry")]],
-    Discriminator(_storage, custom_error_type="storage", custom_error_message="'storage' must be 'q8k' or 'passthrough'"),
+    Union[Annotated[QuantizedEntry, Tag("QuantizedEntry")], Annotated[PassthroughEntry, Tag("PassthroughEntry")]],
+    Discriminator(_storage, custom_error_type="storage", custom_error_message="'storage' must be a block type or 'passthrough'"),
 ]
 
 
@@ -169,7 +185,7 @@ def new_manifest(
     source: Source,
     config: dict[str, Any],
     variant: str | None,
-    tensors: dict[str, Q8KEntry | PassthroughEntry],
+    tensors: dict[str, QuantizedEntry | PassthroughEntry],
     failed: list[Failure],
     fingerprint: str | None = None,
 ) -> Manifest:
@@ -219,7 +235,7 @@ def read_manifest(directory: Path) -> Manifest | None:
 _TENSOR_ENTRY: TypeAdapter = TypeAdapter(TensorEntry)
 
 
-def tensor_entry(data: Any) -> Q8KEntry | PassthroughEntry:
+def tensor_entry(data: Any) -> QuantizedEntry | PassthroughEntry:
     """A tensor's entry from its JSON form (a journal line); ValidationError if it is not one."""
     return _TENSOR_ENTRY.validate_python(data)
 

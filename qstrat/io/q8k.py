@@ -120,22 +120,22 @@ def read_q8k(path: str | os.PathLike) -> Q8KTensor:
 _COMPARE_CHUNK = 1 << 20
 
 
-def q8k_file_holds(path: str | os.PathLike, blocks: np.ndarray) -> bool:
-    """Whether the .q8k file at ``path`` (header validated) stores exactly ``blocks``.
+def payload_equals(path: str | os.PathLike, offset: int, expected: np.ndarray) -> bool:
+    """Whether the bytes of ``path`` from ``offset`` to its end are exactly ``expected``.
 
-    The payload is read in small chunks into one buffer and compared chunk by chunk:
-    mapping a file that was just written costs more than reading it.
+    Read in small chunks into one buffer and compared chunk by chunk: mapping a file that was
+    just written costs more than reading it.
     """
-    rows, k = read_q8k_shape(path)
-    if (rows * (k // QK_K), BLOCK_BYTES) != blocks.shape:
-        return False
-    expected = np.ascontiguousarray(blocks).reshape(-1)
+    expected = np.ascontiguousarray(expected).reshape(-1).view(np.uint8)
+    path = Path(path)
     # both buffers are reused for every chunk: fresh temporaries would cost a page fault per page
-    chunk = np.empty(min(_COMPARE_CHUNK, expected.size), dtype=np.uint8)
+    chunk = np.empty(max(1, min(_COMPARE_CHUNK, expected.size)), dtype=np.uint8)
     differs = np.empty(chunk.size, dtype=bool)
     try:
+        if path.stat().st_size != offset + expected.size:
+            return False
         with open(path, "rb", buffering=0) as f:
-            f.seek(Q8K_HEADER.size)
+            f.seek(offset)
             for start in range(0, expected.size, chunk.size):
                 wanted = min(chunk.size, expected.size - start)
                 if f.readinto(memoryview(chunk)[:wanted]) != wanted:
@@ -145,6 +145,14 @@ def q8k_file_holds(path: str | os.PathLike, blocks: np.ndarray) -> bool:
     except OSError as err:
         raise InputError(f"{path}: cannot read: {err.strerror or err}") from None
     return True
+
+
+def q8k_file_holds(path: str | os.PathLike, blocks: np.ndarray) -> bool:
+    """Whether the .q8k file at ``path`` (header validated) stores exactly ``blocks``."""
+    rows, k = read_q8k_shape(path)
+    if (rows * (k // QK_K), BLOCK_BYTES) != blocks.shape:
+        return False
+    return payload_equals(path, Q8K_HEADER.size, blocks)
 
 
 def check_permutation(perm: np.ndarray, k: int, where: str) -> None:

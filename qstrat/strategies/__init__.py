@@ -12,6 +12,7 @@ from qstrat.strategies.base import (
     Candidate,
     Permutation,
     QuantizationStrategy,
+    SquaredError,
     descending_order,
 )
 from qstrat.strategies.columnwise import (
@@ -119,6 +120,7 @@ __all__ = [
     "IdentityStrategy",
     "L2NormStrategy",
     "QuantizationStrategy",
+    "SquaredError",
     "StrategyChain",
     "descending_order",
     "make_strategy",

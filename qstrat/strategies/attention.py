@@ -17,6 +17,7 @@ from qstrat.strategies.base import (
     Candidate,
     Permutation,
     QuantizationStrategy,
+    SquaredError,
     common_width,
     compile_patterns,
     descending_order,
@@ -75,7 +76,7 @@ class AttentionAwareStrategy(QuantizationStrategy):
         groups.extend(tuple(members) for members in shared.values())
         return sorted(groups)
 
-    def permutations(self, tensors: Mapping[str, np.ndarray], variant: str) -> dict[str, Permutation | None]:
+    def permutations(self, tensors: Mapping[str, np.ndarray], error: SquaredError) -> dict[str, Permutation | None]:
         names = sorted(tensors)
         if len(names) == 1 and self._role(names[0]) in _OUTPUT_ROLES:
             return {names[0]: None}

@@ -6,7 +6,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import numpy as np
 
@@ -24,6 +24,11 @@ class Candidate:
     quantizable: bool
 
 
+#: (member name, its kernel storage, a column order or None) -> the member's total squared
+#: quantization error in the type it is written in, with its columns in that order
+SquaredError = Callable[[str, np.ndarray, "np.ndarray | None"], float]
+
+
 @dataclass(frozen=True)
 class Permutation:
     """A gather map along one axis: stored index i holds source index ``perm[i]``."""
@@ -33,7 +38,7 @@ class Permutation:
 
 
 class QuantizationStrategy(ABC):
-    """A named way of choosing permutations before Q8K quantization.
+    """A named way of choosing permutations before quantization.
 
     ``claim`` runs at plan time on names and shapes only; ``permutations`` runs in a worker
     on the mapped tensors of one claimed group and must be a pure function of them, so that
@@ -59,8 +64,9 @@ class QuantizationStrategy(ABC):
         return [(name,) for name in sorted(candidates) if candidates[name].quantizable and self.matches(name)]
 
     @abstractmethod
-    def permutations(self, tensors: Mapping[str, np.ndarray], variant: str) -> dict[str, Permutation | None]:
-        """Per member of a claimed group (kernel storage arrays), its permutation or None."""
+    def permutations(self, tensors: Mapping[str, np.ndarray], error: SquaredError) -> dict[str, Permutation | None]:
+        """Per member of a claimed group (kernel storage arrays), its permutation or None;
+        ``error`` measures a member's actual quantization error under a column order."""
 
     def group_id(self, members: Sequence[str]) -> str:
         """A stable name for a claimed group (joint permutations are stored under it)."""

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from qstrat.kernels import column_abs_max, column_sq_norms
-from qstrat.strategies.base import Permutation, QuantizationStrategy, descending_order
+from qstrat.strategies.base import Permutation, QuantizationStrategy, SquaredError, descending_order
 
 
 def column_l2_order(array: np.ndarray) -> np.ndarray:
@@ -28,7 +28,7 @@ class IdentityStrategy(QuantizationStrategy):
     name = "identity"
     permutation_kind = "none"
 
-    def permutations(self, tensors: Mapping[str, np.ndarray], variant: str) -> dict[str, Permutation | None]:
+    def permutations(self, tensors: Mapping[str, np.ndarray], error: SquaredError) -> dict[str, Permutation | None]:
         return {name: None for name in tensors}
 
 
@@ -38,7 +38,7 @@ class L2NormStrategy(QuantizationStrategy):
     name = "l2_norm"
     permutation_kind = "runtime"
 
-    def permutations(self, tensors: Mapping[str, np.ndarray], variant: str) -> dict[str, Permutation | None]:
+    def permutations(self, tensors: Mapping[str, np.ndarray], error: SquaredError) -> dict[str, Permutation | None]:
         return {name: Permutation(column_l2_order(array), 1) for name, array in tensors.items()}
 
 
@@ -48,5 +48,5 @@ class AbsMaxStrategy(QuantizationStrategy):
     name = "amax"
     permutation_kind = "runtime"
 
-    def permutations(self, tensors: Mapping[str, np.ndarray], variant: str) -> dict[str, Permutation | None]:
+    def permutations(self, tensors: Mapping[str, np.ndarray], error: SquaredError) -> dict[str, Permutation | None]:
         return {name: Permutation(column_amax_order(array), 1) for name, array in tensors.items()}

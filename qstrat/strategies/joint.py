@@ -16,19 +16,21 @@ import numpy as np
 
 from qstrat.errors import ConfigError
 from qstrat.kernels import column_abs_max, column_sq_norms
-from qstrat.matrix import squared_error
 from qstrat.strategies.base import (
     Candidate,
     Permutation,
     QuantizationStrategy,
+    SquaredError,
     compile_patterns,
     descending_order,
 )
 
 
-def best_order(consumer: np.ndarray, candidates: Sequence[np.ndarray | None], variant: str) -> np.ndarray | None:
-    """The candidate column order with the least Q8K error of ``consumer`` (first on ties)."""
-    errors = [squared_error(consumer, variant, col_perm=order) for order in candidates]
+def best_order(
+    name: str, consumer: np.ndarray, candidates: Sequence[np.ndarray | None], error: SquaredError
+) -> np.ndarray | None:
+    """The candidate column order with the least actual quantization error of ``consumer`` (first on ties)."""
+    errors = [error(name, consumer, order) for order in candidates]
     return candidates[int(np.argmin(errors))]
 
 
@@ -88,7 +90,7 @@ class MlpJointStrategy(QuantizationStrategy):
     def group_id(self, members: Sequence[str]) -> str:
         return self._recognise(members[0])[0]
 
-    def permutations(self, tensors: Mapping[str, np.ndarray], variant: str) -> dict[str, Permutation | None]:
+    def permutations(self, tensors: Mapping[str, np.ndarray], error: SquaredError) -> dict[str, Permutation | None]:
         roles = {name: self._recognise(name)[1] for name in tensors}
         consumer_name = next(n for n, role in roles.items() if role in _CONSUMERS)
         consumer = tensors[consumer_name]
@@ -96,7 +98,7 @@ class MlpJointStrategy(QuantizationStrategy):
         column_sq_norms(consumer, norms)
         amax = np.zeros(consumer.shape[1], dtype=np.float32)
         column_abs_max(consumer, amax)
-        order = best_order(consumer, [None, descending_order(norms), descending_order(amax)], variant)
+        order = best_order(consumer_name, consumer, [None, descending_order(norms), descending_order(amax)], error)
         if order is None:
             return {name: None for name in tensors}
         return {name: Permutation(order, 1 if name == consumer_name else 0) for name in tensors}
@@ -204,7 +206,7 @@ class HeadOrderStrategy(QuantizationStrategy):
             order.extend(group * per_group + descending_order(grouped[group]))
         return np.asarray(order, dtype=np.int64)
 
-    def permutations(self, tensors: Mapping[str, np.ndarray], variant: str) -> dict[str, Permutation | None]:
+    def permutations(self, tensors: Mapping[str, np.ndarray], error: SquaredError) -> dict[str, Permutation | None]:
         heads, kv_heads, head_dim = self.geometry
         roles = {name: self._recognise(name)[1] for name in tensors}
         o_name = next(n for n, role in roles.items() if role == "o")
@@ -218,7 +220,7 @@ class HeadOrderStrategy(QuantizationStrategy):
             self._head_order(amax.reshape(heads, head_dim).max(axis=1).astype(np.float64)),
         ]
         expand = lambda order: (order[:, None] * head_dim + np.arange(head_dim)[None, :]).reshape(-1)  # noqa: E731
-        chosen = best_order(o, [None] + [expand(order) for order in head_orders], variant)
+        chosen = best_order(o_name, o, [None] + [expand(order) for order in head_orders], error)
         if chosen is None:
             return {name: None for name in tensors}
         query_heads = chosen[::head_dim] // head_dim

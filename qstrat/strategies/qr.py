@@ -14,7 +14,7 @@ import numpy as np
 
 from qstrat.blocks import storage_to_float32
 from qstrat.io.q8k import check_permutation
-from qstrat.strategies.base import Permutation, QuantizationStrategy
+from qstrat.strategies.base import Permutation, QuantizationStrategy, SquaredError
 
 
 def to_float32_array(storage: np.ndarray) -> np.ndarray:
@@ -41,5 +41,5 @@ class QrPivotStrategy(QuantizationStrategy):
     name = "qr_pivot"
     permutation_kind = "runtime"
 
-    def permutations(self, tensors: Mapping[str, np.ndarray], variant: str) -> dict[str, Permutation | None]:
+    def permutations(self, tensors: Mapping[str, np.ndarray], error: SquaredError) -> dict[str, Permutation | None]:
         return {name: Permutation(qr_pivot_order(array), 1) for name, array in tensors.items()}
