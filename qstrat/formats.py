@@ -19,7 +19,7 @@ import numpy as np
 from qstrat.blocks import as_kernel_storage, dequantize_blocks, quantize_rows, storage_to_float32
 from qstrat.errors import InputError, NonFiniteError
 from qstrat.kernels import BLOCK_BYTES as Q8K_BLOCK_BYTES, QK_K, first_nonfinite_index
-from qstrat.kernels import half, kquants, legacy
+from qstrat.kernels import half, iq4nl, kquants, legacy
 
 QuantizationType = gguf.GGMLQuantizationType
 
@@ -130,6 +130,32 @@ for _type, _code in (
     (QuantizationType.Q6_K, kquants.Q6_K),
 ):
     register(_type, *_kquant(_code), uses_imatrix=True, kernel_layout=(QK_K, kquants.BLOCK_BYTES[_code]))
+
+
+# --- IQ4_NL: 32-value blocks of indices into a non-linear table (kernels/iq4nl.py); llama.cpp's
+# type for Q2_K / Q3_K tensors whose rows are not a multiple of 256 long
+
+_NO_IMPORTANCE = np.empty(0, dtype=np.float32)  # the kernel's "no vector" (one compiled signature)
+
+
+def _quantize_iq4nl(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+    out = np.empty((rows.shape[0] * (rows.shape[1] // legacy.QK), iq4nl.BLOCK_BYTES), dtype=np.uint8)
+    weights = _NO_IMPORTANCE if imatrix is None else imatrix
+    if iq4nl.quantize_rows_iq4nl(_as_float32(rows), out, weights):  # the caller checked first
+        raise AssertionError("the kernel found non-finite values the input check did not")
+    return out.reshape(rows.shape[0], -1)
+
+
+def _dequantize_iq4nl(blocks: np.ndarray, k: int) -> np.ndarray:
+    out = np.empty((blocks.size // iq4nl.BLOCK_BYTES, legacy.QK), dtype=np.float32)
+    iq4nl.dequantize_blocks_iq4nl(blocks.reshape(-1, iq4nl.BLOCK_BYTES), out)
+    return out.reshape(blocks.shape[0], k)
+
+
+register(
+    QuantizationType.IQ4_NL, _quantize_iq4nl, _dequantize_iq4nl,
+    uses_imatrix=True, kernel_layout=(legacy.QK, iq4nl.BLOCK_BYTES),
+)
 
 
 # --- Q8_K: the existing kernel, GGML's rounding (quantize_row_q8_K_ref)

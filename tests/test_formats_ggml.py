@@ -8,11 +8,12 @@ from gguf import GGMLQuantizationType as T
 import qstrat
 from qstrat.errors import InputError, NonFiniteError, QstratError
 from qstrat.formats import FORMATS, block_type
-from qstrat.kernels import legacy
+from qstrat.kernels import iq4nl, legacy
 from qstrat.kernels.half import encode_rows_f16
 from qstrat.reference import ggml_dequantize_row, ggml_quantize_chunk, ggml_quantize_q8k
 
 LEGACY = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
+BLOCK32 = LEGACY + ["iq4_nl"]  # every 32-value type
 K = 512
 
 
@@ -76,7 +77,7 @@ def _assert_rows_equal(got, expected, names=NAMES):
 
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "imatrix"])
-@pytest.mark.parametrize("name", LEGACY)
+@pytest.mark.parametrize("name", BLOCK32)
 def test_quantize_matches_ggml_quantize_chunk(name, weighted):
     imatrix = importance() if weighted else None
     expected = ggml_quantize_chunk(int(block_type(name).ggml_type), ROWS, imatrix)
@@ -84,7 +85,7 @@ def test_quantize_matches_ggml_quantize_chunk(name, weighted):
 
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "imatrix"])
-@pytest.mark.parametrize("name", LEGACY)
+@pytest.mark.parametrize("name", BLOCK32)
 def test_quantize_matches_ggml_on_many_blocks(name, weighted):
     # rows over eleven decades of scale; a quarter rounded to multiples of 1/4 (many ties)
     rng = np.random.default_rng(2)
@@ -97,7 +98,7 @@ def test_quantize_matches_ggml_on_many_blocks(name, weighted):
 
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "imatrix"])
-@pytest.mark.parametrize("name", LEGACY)
+@pytest.mark.parametrize("name", BLOCK32)
 def test_16bit_inputs_give_the_bytes_of_their_float32_values(name, weighted):
     imatrix = importance() if weighted else None
     ggml_type = int(block_type(name).ggml_type)
@@ -109,7 +110,7 @@ def test_16bit_inputs_give_the_bytes_of_their_float32_values(name, weighted):
     _assert_rows_equal(got, ggml_quantize_chunk(ggml_type, bf16_bits_to_f32(bits), imatrix))
 
 
-@pytest.mark.parametrize("name", LEGACY)
+@pytest.mark.parametrize("name", BLOCK32)
 def test_dequantize_matches_ggml_and_gguf_py(name):
     ggml_type = block_type(name).ggml_type
     blocks = np.concatenate([ggml_quantize_chunk(int(ggml_type), ROWS, w) for w in (None, importance())])
@@ -125,6 +126,41 @@ def test_dequantize_matches_ggml_and_gguf_py(name):
         noise[:, high_byte :: block_type(name).type_size] &= 0xFB
     expected = ggml_dequantize_row(name, noise, K)
     assert np.array_equal(qstrat.dequantize(noise, ggml_type).view(np.uint32), expected.view(np.uint32))
+
+
+def test_iq4_nl_edge_blocks_and_both_scale_signs():
+    # rows of a length that is not a multiple of 256: what llama.cpp quantizes to IQ4_NL instead of Q2_K/Q3_K
+    x = np.random.default_rng(5).standard_normal((5, 96)).astype(np.float32)
+    assert np.array_equal(qstrat.quantize(x, "iq4_nl"), ggml_quantize_chunk(int(T.IQ4_NL), x))
+    weights = importance(96)
+    weights[32:64] = 0.0  # a block the importance vector ignores entirely: d = 0, as in GGML
+    got = qstrat.quantize(x, "iq4_nl", imatrix=weights)
+    assert np.array_equal(got, ggml_quantize_chunk(int(T.IQ4_NL), x, weights))
+    assert np.all(got.reshape(5, 3, 18)[:, 1] == [0, 0] + [0x88] * 16)
+    for weighted in (None, importance()):
+        blocks = qstrat.quantize(ROWS, "iq4_nl", imatrix=weighted).reshape(len(NAMES), -1, 18)
+        d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+        # a block whose |max| is below 1e-15 has d = +0 and every index 8, the level nearest 0
+        # (GGML's best_index_int8 of 0 * x)
+        for name in ("zeros", "1e-30", "inverse scale overflows"):
+            assert np.all(blocks[NAMES.index(name)] == [0, 0] + [0x88] * 16)
+        assert np.all(blocks[NAMES.index("zero block inside"), 2] == [0, 0] + [0x88] * 16)
+        assert np.all(blocks[NAMES.index("tiny block inside"), 3] == [0, 0] + [0x88] * 16)
+        # the first trial scale (max / 127) and the 15 of the other sign ((itry - 127) / max) both win
+        # somewhere, so a wrong sign in either would change bytes
+        blocks32 = ROWS.reshape(len(NAMES), -1, 32)
+        extreme = np.take_along_axis(blocks32, np.abs(blocks32).argmax(axis=2)[..., None], 2)[..., 0]
+        assert np.any(d * extreme > 0) and np.any(d * extreme < 0)
+    # x**2 overflows in the 1e30 block: GGML's sums give inf / inf, a NaN d, kept as GGML keeps it
+    plain = qstrat.quantize(ROWS, "iq4_nl").reshape(len(NAMES), -1, 18)
+    assert np.isnan(plain[NAMES.index("one huge value"), 1, :2].copy().view(np.float16)[0])
+    # the kernel zeroes and counts blocks holding NaN or infinity (the registry refuses them first)
+    bad = x.copy()
+    bad[1, 40] = np.inf
+    out = np.empty((15, iq4nl.BLOCK_BYTES), np.uint8)
+    assert iq4nl.quantize_rows_iq4nl(bad, out, np.empty(0, np.float32)) == 1
+    good = qstrat.quantize(x, "iq4_nl").reshape(15, 18)
+    assert not out[4].any() and np.array_equal(np.delete(out, 4, axis=0), np.delete(good, 4, axis=0))
 
 
 def test_q8_k_is_ggmls_reference_rounding():
@@ -183,7 +219,10 @@ def test_edge_rows_exercise_what_they_claim():
 
 
 def test_registry_layouts_are_gguf_and_ggml_sizes():
-    assert set(FORMATS) == {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_k", "f32", "f16", "bf16"}
+    assert set(FORMATS) == {
+        "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "q8_k",
+        "f32", "f16", "bf16",
+    }
     for name, entry in FORMATS.items():
         assert entry.ggml_type.name.lower() == name
         assert (entry.block_size, entry.type_size) == gguf.GGML_QUANT_SIZES[entry.ggml_type]
@@ -191,6 +230,8 @@ def test_registry_layouts_are_gguf_and_ggml_sizes():
     for code, name in enumerate(LEGACY):
         assert getattr(legacy, name.upper()) == code
         assert (legacy.QK, legacy.BLOCK_BYTES[code]) == gguf.GGML_QUANT_SIZES[block_type(name).ggml_type]
+    assert (legacy.QK, iq4nl.BLOCK_BYTES) == gguf.GGML_QUANT_SIZES[T.IQ4_NL]
+    assert block_type("iq4_nl").uses_imatrix
 
 
 def test_type_names_and_enums():
@@ -199,8 +240,8 @@ def test_type_names_and_enums():
     assert qstrat.quantize(x[0], "q5_0").shape == (2 * 22,)  # 1-D: one row, as gguf-py
     assert qstrat.quantize(x.reshape(3, 1, 64), "q8_0").shape == (3, 1, 68)
     assert qstrat.dequantize(qstrat.quantize(x.reshape(3, 1, 64), "q8_0"), "q8_0").shape == (3, 1, 64)
-    with pytest.raises(InputError, match="unknown or unsupported quantization type 'iq4_nl'.*q8_0, q4_0"):
-        qstrat.quantize(x, "iq4_nl")
+    with pytest.raises(InputError, match="unknown or unsupported quantization type 'iq2_xxs'.*q8_0, q4_0"):
+        qstrat.quantize(x, "iq2_xxs")
     with pytest.raises(InputError, match="IQ2_XXS"):
         qstrat.quantize(x, T.IQ2_XXS)
     with pytest.raises(InputError, match="a name or a gguf"):
@@ -217,7 +258,7 @@ def test_errors_name_shape_type_and_index():
     x[2, 37] = np.nan
     x[2, 40] = np.inf
     for data in (x, x.astype(np.float16)):
-        for name in ("q5_1", "f16"):
+        for name in ("q5_1", "iq4_nl", "f16"):
             with pytest.raises(NonFiniteError, match=rf"shape \(3, 64\).*index \(2, 37\).*{name}"):
                 qstrat.quantize(data, name, imatrix=np.ones(64))
     with pytest.raises(NonFiniteError, match=r"index \(1, 0, 37\)"):
