@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qstrat.formats import block_type, fitting_type
+from qstrat.errors import InputError
+from qstrat.formats import block_type
+from qstrat.presets import PresetError, TensorChoice, choose_types, fallback_type, gguf_arch, gguf_tensor_names
 from qstrat.runconfig import DEFAULT_FORMAT, RunConfig
 from qstrat.io.names import assign_file_stems
 from qstrat.io.safetensors import (
@@ -16,17 +18,9 @@ from qstrat.io.safetensors import (
 from qstrat.strategies import Candidate, QuantizationStrategy
 
 
-@dataclass(frozen=True)
-class TensorChoice:
-    """The block type a quantized tensor gets, and the one asked for when that could not take its rows."""
-
-    format: str
-    fallback_from: str | None = None
-
-    @property
-    def q8k(self) -> bool:
-        """Whether it is the original tool's Q8K, written as a .q8k file in the run's variant."""
-        return self.format == DEFAULT_FORMAT
+def writes_q8k(choice: TensorChoice) -> bool:
+    """Whether a tensor is the original tool's Q8K, written as a .q8k file in the run's variant."""
+    return choice.type_name == DEFAULT_FORMAT
 
 
 @dataclass(frozen=True)
@@ -67,9 +61,10 @@ class Plan:
     passthrough: tuple[PassthroughTensor, ...]
 
 
-def tensor_choice(info: TensorInfo, config: RunConfig) -> TensorChoice | str:
-    """The block type of a tensor, or why it is not quantized (the original tool's rules, and
-    llama.cpp's fallback where a type's blocks do not divide the rows)."""
+def tensor_choice(info: TensorInfo, config: RunConfig, preset_types: dict[str, TensorChoice]) -> TensorChoice | str:
+    """The block type of a tensor, or why it is not quantized: the original tool's rules, then
+    ``format_rules``, the preset's type (``preset_types``) or ``format``, with llama.cpp's
+    fallback where a type's blocks do not divide the rows."""
     if info.dtype not in FLOAT_DTYPES:
         return f"dtype {info.dtype} is not quantizable"
     if len(info.shape) != 2:
@@ -80,18 +75,50 @@ def tensor_choice(info: TensorInfo, config: RunConfig) -> TensorChoice | str:
         if pattern in info.name:
             return f"matches skip pattern {pattern!r}"
     rows, k = info.shape
-    asked = config.format_of(info.name)
-    fitting = fitting_type(asked, k) if k else None
-    if fitting is None:
-        return f"row length {k} is not a multiple of {block_type(asked).block_size}"
-    if rows == 0:
-        return "has no rows"
+    if rows == 0 or k == 0:
+        return "has no rows" if k else "row length 0"
+    asked = config.rule_format(info.name)
+    if asked is None and config.preset is not None:
+        chosen = preset_types.get(info.name)
+        return chosen if chosen is not None else f"llama.cpp's {config.preset} does not quantize it"
+    asked = asked or config.format
+    if asked == DEFAULT_FORMAT:
+        # the original tool's Q8K has no fallback: such a tensor passes through, as there
+        block = block_type(asked).block_size
+        return TensorChoice(asked, None) if k % block == 0 else f"row length {k} is not a multiple of {block}"
+    fitting = fallback_type(asked, k)
     return TensorChoice(fitting, None if fitting == asked else asked)
+
+
+def preset_types(model: SafetensorsModel, config: RunConfig) -> dict[str, TensorChoice]:
+    """Each tensor's type under ``config.preset``, by llama.cpp's rules (qstrat.presets), which
+    need the model's llama.cpp tensor names and its config.json."""
+    if config.preset is None:
+        return {}
+    hf = read_model_config(model)
+    where = f"{model.path}: preset {config.preset}"
+    try:
+        arch = gguf_arch(str(hf.get("model_type")))
+        n_layer, n_head = int(hf["num_hidden_layers"]), int(hf["num_attention_heads"])
+        n_head_kv = int(hf.get("num_key_value_heads") or n_head)
+        n_expert = int(hf.get("num_local_experts") or 0)
+    except KeyError as err:
+        raise InputError(f"{where} needs config.json's {err.args[0]}") from None
+    except (PresetError, TypeError, ValueError) as err:
+        raise InputError(f"{where}: {err}") from None
+    names = gguf_tensor_names(list(model.tensors), arch, n_layer)
+    listed = [(gguf_name, model.tensors[name].shape) for name, gguf_name in names.items() if gguf_name is not None]
+    try:
+        chosen = choose_types(config.preset, listed, n_head=n_head, n_head_kv=n_head_kv, n_layer=n_layer, n_expert=n_expert, arch=arch)
+    except PresetError as err:
+        raise InputError(f"{where}: {err}") from None
+    return {name: chosen[gguf_name] for name, gguf_name in names.items() if gguf_name in chosen}
 
 
 def make_plan(model: SafetensorsModel, config: RunConfig) -> Plan:
     """Assign every tensor of ``model`` to a strategy group and/or the passthrough file."""
-    choices = {info.name: tensor_choice(info, config) for info in model}
+    by_preset = preset_types(model, config)
+    choices = {info.name: tensor_choice(info, config, by_preset) for info in model}
     reasons = {name: c for name, c in choices.items() if isinstance(c, str)}
     # joint groups may hold float tensors that are not quantized (biases), never other dtypes
     candidates = {

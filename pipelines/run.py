@@ -26,7 +26,7 @@ from qstrat.pipelines.journal import (
     output_lock,
     run_fingerprint,
 )
-from qstrat.pipelines.plan import GroupJob, Plan, make_plan
+from qstrat.pipelines.plan import GroupJob, Plan, make_plan, writes_q8k
 from qstrat.pipelines.worker import GroupResult, quantize_batch, quantize_stream
 
 from qstrat.convert import gguf_metadata
@@ -459,14 +459,14 @@ def describe_plan(plan: Plan) -> dict[str, object]:
             if member.quantize:
                 rows, k = member.info.shape
                 choice = member.choice
-                if choice.q8k:
+                if writes_q8k(choice):
                     size += Q8K_HEADER.size + rows * (k // QK_K) * BLOCK_BYTES
                 else:
-                    size += rows * block_type(choice.format).row_bytes(k)
+                    size += rows * block_type(choice.type_name).row_bytes(k)
                 size += PERM_HEADER.size + 4 * k if group.strategy.permutation_kind == "runtime" else 0
                 quantized.append(
                     {"name": member.info.name, "shape": list(member.info.shape), "dtype": member.info.dtype,
-                     "format": "q8k" if choice.q8k else choice.format,
+                     "format": "q8k" if writes_q8k(choice) else choice.type_name,
                      **({"fallback_from": choice.fallback_from} if choice.fallback_from else {}),
                      "strategy": group.strategy.name, "permutation": group.strategy.permutation_kind}
                 )

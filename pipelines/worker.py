@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numba
 import numpy as np
-from qstrat.pipelines.plan import GroupJob, TensorChoice
+from qstrat.pipelines.plan import GroupJob, TensorChoice, writes_q8k
 
 from qstrat.blocks import KERNEL_STORAGE, check_finite
 from qstrat.errors import QstratError
@@ -66,9 +66,9 @@ def _quantized(
     **measuring,
 ) -> QuantizedMatrix:
     """A member in its block type: the original tool's Q8K in the run's variant, or a GGUF type."""
-    if choice.q8k:
+    if writes_q8k(choice):
         return quantize_matrix(storage, variant, row_perm, col_perm, **measuring)
-    return quantize_matrix_as(storage, choice.format, row_perm, col_perm, **measuring)
+    return quantize_matrix_as(storage, choice.type_name, row_perm, col_perm, **measuring)
 
 
 def _error_measure(job: GroupJob, variant: str) -> SquaredError:
@@ -76,7 +76,7 @@ def _error_measure(job: GroupJob, variant: str) -> SquaredError:
     choices = {m.info.name: m.choice for m in job.members}
 
     def squared_error(name: str, storage: np.ndarray, col_perm: np.ndarray | None) -> float:
-        choice = choices.get(name) or TensorChoice("q8_k")  # a member not quantized: as the original tool
+        choice = choices.get(name) or TensorChoice("q8_k", None)  # a member not quantized: as the original tool
         return _quantized(storage, choice, variant, col_perm=col_perm, tensor_name=name).error_squares
 
     return squared_error
@@ -151,7 +151,7 @@ def _quantize_members(
             name=info.name,
             shape=info.shape,
             dtype=info.dtype,
-            storage="q8k" if member.choice.q8k else member.choice.format,
+            storage="q8k" if writes_q8k(member.choice) else member.choice.type_name,
             fallback_from=member.choice.fallback_from,
             strategy=job.strategy.name,
             permutation=kind if permutation is not None else "none",

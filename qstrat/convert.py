@@ -8,11 +8,14 @@ from pathlib import Path
 
 from qstrat.io.gguf import gguf_to_directory, write_gguf
 from qstrat.model import QuantizedModel
+from qstrat.presets import file_type
 
 
 def gguf_metadata(model: QuantizedModel) -> dict[str, object]:
     manifest = model.manifest  # None for a directory of the original tool
+    preset = manifest.config.get("preset") if manifest else None
     return {
+        "file_type": file_type(preset) if preset else None,
         "architecture": (manifest and manifest.source.architecture) or "qstrat",
         "name": (manifest and manifest.source.name) or model.directory.name,
         "variant": (manifest and manifest.variant) or "unknown",

@@ -69,7 +69,7 @@ def describe_validation_error(err, where: str, lines: dict[tuple, int] | None = 
             p for p in problem["loc"] if not (isinstance(p, str) and (p in _UNION_MEMBERS or p.startswith(("list[", "literal["))))
         )
         key = ".".join(str(p) for p in location) or "(top level)"
-        line = next((lines[location[:n]] for n in range(len(location), -1, -1) if location[:n] in lines), None) if lines else None
+        line = next((lines[location[:n]] for n in range(len(location), 0, -1) if location[:n] in lines), None) if lines else None
         text = {"extra_forbidden": "unknown key", "missing": "required key is missing"}.get(problem["type"], problem["msg"])
         text = text.removeprefix("Value error, ")
         messages.append(f"{f'line {line}: ' if line else ''}{key}: {text}")

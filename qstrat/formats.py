@@ -222,25 +222,6 @@ def block_type(qtype: str | QuantizationType) -> BlockType:
     return entry
 
 
-#: llama.cpp's replacement for a K-quant whose rows are not a multiple of 256 (``llama-quant.cpp``,
-#: ``convert_incompatible_tensor``); where even the replacement cannot take the rows, F16
-LLAMA_FALLBACK = {"q2_k": "iq4_nl", "q3_k": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
-
-
-def fitting_type(name: str, k: int) -> str | None:
-    """The type a tensor of row length ``k`` gets when ``name`` is asked for: ``name`` itself if
-    its blocks divide the rows, else llama.cpp's fallback (then F16); None when only the
-    unquantized source can hold it (a 32-value type asked for rows it cannot take: llama.cpp
-    has no fallback for those)."""
-    entry = block_type(name)
-    if k % entry.block_size == 0:
-        return entry.name
-    fallback = LLAMA_FALLBACK.get(entry.name)
-    if fallback is None:
-        return None
-    return fallback if k % block_type(fallback).block_size == 0 else "f16"
-
-
 def _index_in(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(int(i) for i in np.unravel_index(flat, shape))
 

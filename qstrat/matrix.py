@@ -20,6 +20,7 @@ from qstrat.blocks import (
     storage_to_float32,
     variant_code,
 )
+from qstrat.errors import InputError
 from qstrat.kernels import measure_columns, quantize_rows_q8k
 from qstrat.kernels.metrics import (
     DEQUANTIZED_SQUARES,
@@ -146,7 +147,8 @@ def quantize_matrix_as(
     from qstrat.formats import block_type, quantize, dequantize
 
     entry = block_type(type_name)
-    check_rows_shape(storage, tensor_name)
+    if storage.ndim != 2 or storage.shape[1] % entry.block_size:
+        raise InputError(f"tensor {tensor_name!r} has shape {storage.shape}; {entry.name} needs 2-D data whose rows are a multiple of {entry.block_size} long")
     check_finite(storage, tensor_name, entry.name.upper())
     stored = storage_to_float32(storage)
     if row_perm is not None:

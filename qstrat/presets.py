@@ -551,6 +551,12 @@ def _fallback(target: _T, ncols: int) -> _T:
     return result
 
 
+def fallback_type(type_name: str, ncols: int) -> str:
+    """The type a tensor with rows of ``ncols`` values gets when ``type_name`` is asked for:
+    itself if its blocks divide the rows, else llama.cpp's fallback (``tensor_type_fallback``)."""
+    return _type_name(_fallback(_T[type_name.upper()], ncols))
+
+
 def _requires_imatrix(name: str, t: _T, ftype: str) -> bool:
     """tensor_requires_imatrix"""
     if tensor_category(name) in (TOKEN_EMBD, OUTPUT):  # token_embd, per_layer_token_embd, output

@@ -41,9 +41,25 @@ def _format_name(value: object) -> object:
         return value
     from qstrat.formats import FORMATS  # the registry loads the kernels: only when settings are built
 
+    from qstrat.presets import is_preset
+
     name = value.strip().lower()
     if name not in FORMATS:
+        if is_preset(name):
+            raise ValueError(f"{value!r} is a llama.cpp file type, not a block type: write preset: {name}")
         raise ValueError(f"unknown format {value!r}; choose one of {', '.join(FORMATS)}")
+    return name
+
+
+def _preset_name(value: object) -> object:
+    """One of llama.cpp's file types that qstrat can write, by its name in any case."""
+    if not isinstance(value, str):
+        return value
+    from qstrat.presets import is_preset, preset_names
+
+    name = value.strip().lower()
+    if not is_preset(name):
+        raise ValueError(f"unknown preset {value!r}; choose one of {', '.join(preset_names())}")
     return name
 
 
@@ -119,6 +135,7 @@ class RunConfig(_Strict):
     output: Union[str, None] = None  # a directory; in a file, a template with {model}
     variant: Literal[Q8K_VARIANTS] = DEFAULT_VARIANT  # type: ignore[valid-type]
     format: str = DEFAULT_FORMAT  # the block type of every quantized tensor (see format_rules)
+    preset: Union[str, None] = None  # instead of format: llama.cpp's file type (q4_k_m, ...), its rules per tensor
     format_rules: list[FormatRule] = Field(default_factory=list)  # the first rule matching a tensor wins
     strategies: list[Union[str, StrategyEntry]] = Field(default_factory=lambda: ["identity"], min_length=1)
     skip_patterns: Union[list[str], None] = None  # None: Q8K_SKIP_PATTERNS for Q8K only, else none
@@ -129,6 +146,14 @@ class RunConfig(_Strict):
     _force: bool = PrivateAttr(default=False)
 
     _format = field_validator("format")(classmethod(lambda cls, value: _format_name(value)))
+
+    @field_validator("preset")
+    @classmethod
+    def _preset(cls, value: str | None, info: ValidationInfo) -> str | None:
+        value = _preset_name(value)
+        if value is not None and info.data.get("format", DEFAULT_FORMAT) != DEFAULT_FORMAT:
+            raise ValueError(f"give format ({info.data['format']}) or preset ({value}), not both")
+        return value
 
     @field_validator("validation")
     @classmethod
@@ -158,12 +183,12 @@ class RunConfig(_Strict):
             return tuple(self.outputs)
         return ("q8k",) if not _other_formats(self.__dict__) else ("gguf",)
 
-    def format_of(self, tensor_name: str) -> str:
-        """The block type asked for ``tensor_name``: the first matching rule's, else ``format``."""
+    def rule_format(self, tensor_name: str) -> str | None:
+        """The block type the first of ``format_rules`` matching ``tensor_name`` gives, if any."""
         for rule in self.format_rules:
             if re.search(rule.match, tensor_name):
                 return rule.format
-        return self.format
+        return None
 
     @classmethod
     def build(cls, data: dict[str, Any], where: str, *, force: bool = False) -> RunConfig:
@@ -202,6 +227,7 @@ class RunConfig(_Strict):
             "variant": self.variant,
             # recorded only when set, so that a Q8K run's record (and fingerprint) stays the original's
             **({"format": self.format} if self.format != DEFAULT_FORMAT else {}),
+            **({"preset": self.preset} if self.preset else {}),
             **({"format_rules": [r.model_dump() for r in self.format_rules]} if self.format_rules else {}),
             "strategies": self.strategy_chain().describe(),
             "skip_patterns": list(self.skip_list),
@@ -225,7 +251,8 @@ class RunConfig(_Strict):
 
 def _other_formats(data: Mapping[str, Any]) -> list[str]:
     """The formats other than Q8K that settings (validated so far) ask for."""
-    asked = [data.get("format", DEFAULT_FORMAT)] + [rule.format for rule in data.get("format_rules") or ()]
+    asked = [data.get("format", DEFAULT_FORMAT), data.get("preset") or DEFAULT_FORMAT]
+    asked += [rule.format for rule in data.get("format_rules") or ()]
     return [f for f in asked if f != DEFAULT_FORMAT]
 
 

@@ -128,6 +128,8 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
         writer.add_uint32("general.quantization_version", QUANTIZATION_VERSION)
         if metadata.get("name"):
             writer.add_name(str(metadata["name"]))
+        if metadata.get("file_type") is not None:
+            writer.add_file_type(int(metadata["file_type"]))  # llama.cpp's file type (a preset's)
         writer.add_string(KEY_PREFIX + "version", __version__)
         writer.add_string(KEY_PREFIX + "variant", str(metadata.get("variant") or "unknown"))
         writer.add_string(KEY_PREFIX + "config", json.dumps(metadata.get("config") or {}, sort_keys=True))
