@@ -129,6 +129,35 @@ def ggml_types(values: int) -> None:
             print(f"| {name} | {'yes' if weights is not None else 'no'} | {x.nbytes / ours / 1e9:6.3f} GB/s "
                   f"| {x.nbytes / ggml / 1e9:6.3f} GB/s | {ggml / ours:5.2f}x |", flush=True)
     numba.set_num_threads(CORES)
+    ggml_types_all_cores(x)
+
+
+def ggml_types_all_cores(x: np.ndarray) -> None:
+    """The public API on every core: Q8_0 against a copy, each type against gguf-py's numpy
+    quantizer where it has one, and bfloat16 input against float32 per element."""
+    import gguf
+
+    from qstrat.formats import FORMATS, quantize
+
+    print(f"\n### GGUF block types through `qstrat.quantize`, {CORES} threads\n")
+    print("| measurement | throughput | ratio | against (target) |\n| --- | --- | --- | --- |")
+    dst = np.empty_like(x)
+    copy = timed(lambda: np.copyto(dst, x))
+    row("q8_0", timed(lambda: quantize(x, "q8_0")), copy, x.nbytes, "np.copyto into a preallocated array (>= 0.7)")
+    small = x[: max(1, x.shape[0] // 16)]
+    for name, entry in FORMATS.items():
+        try:
+            reference = timed(lambda: gguf.quants.quantize(small, entry.ggml_type), 1)
+        except NotImplementedError:
+            continue  # gguf-py has no quantizer for this type
+        row(f"{name}, against gguf-py", timed(lambda: quantize(small, name), 3), reference, small.nbytes,
+            "gguf.quants.quantize, numpy (>= 20)")
+    bf16 = float32_to_bf16_bits(x).view(KERNEL_STORAGE["BF16"])  # as a run reads it
+    for name in ("q8_0", "q4_0", "q4_k", "q6_k"):
+        entry = FORMATS[name]
+        f32_time = timed(lambda: entry.quantize_rows(x, None), 3)
+        bf16_time = timed(lambda: entry.quantize_rows(bf16, None), 3)
+        print(f"| {name}, bf16 input | per element | {f32_time / bf16_time:6.2f}x | float32 input (>= 1) |", flush=True)
 
 
 def tree_rss(pid: int) -> int:
