@@ -144,7 +144,7 @@ def quantize_matrix_as(
 ) -> QuantizedMatrix:
     """:func:`quantize_matrix` for a GGUF block type of the registry (``qstrat.formats``):
     blocks (rows, row bytes), and the same measures, from the blocks dequantized as GGML does."""
-    from qstrat.formats import block_type, quantize, dequantize
+    from qstrat.formats import block_type
 
     entry = block_type(type_name)
     if storage.ndim != 2 or storage.shape[1] % entry.block_size:
@@ -155,7 +155,7 @@ def quantize_matrix_as(
         stored = np.take(stored, row_perm, axis=0)
     if col_perm is not None:
         stored = np.take(stored, col_perm, axis=1)
-    blocks = quantize(np.ascontiguousarray(stored), entry.name)
+    blocks = entry.quantize_rows(np.ascontiguousarray(stored), None)
     probes = dict(probes or {})
     if not measure and not probes:
         return QuantizedMatrix(blocks, None, {})
@@ -164,7 +164,7 @@ def quantize_matrix_as(
     for start in range(0, stored.shape[0], _MEASURED_ROWS):
         rows = slice(start, start + _MEASURED_ROWS)
         source = stored[rows].astype(np.float64)
-        back = dequantize(blocks[rows], entry.name).astype(np.float64)
+        back = entry.dequantize_rows(np.ascontiguousarray(blocks[rows]), stored.shape[1]).astype(np.float64)
         error = source - back
         part = measures[rows]
         part[:, ERROR_SQUARES] = np.einsum("ij,ij->i", error, error)
