@@ -35,6 +35,7 @@ from qstrat.formats import block_type
 from qstrat.interrupts import deferred_stops, interruptible_wait, raise_if_stop_requested
 from qstrat.io.atomic import describe_os_error, make_durable, remove_stale_temporaries
 from qstrat.io.gguf import write_gguf
+from qstrat.io.gguf_input import open_model
 from qstrat.io.manifest import (
     JOINT_PERMUTATIONS_NAME,
     MANIFEST_NAME,
@@ -218,7 +219,7 @@ def evaluate_model(
     """Quantize and measure every tensor in memory, writing nothing (for comparisons)."""
     started = time.perf_counter()
     config = config.evaluated()
-    model = SafetensorsModel(input_path)
+    model = open_model(input_path)
     plan = make_plan(model, config)
     records: list[TensorRecord] = []
 
@@ -273,7 +274,7 @@ def quantize_model(
     started = time.perf_counter()
     outputs = config.output_kinds if outputs is None else tuple(outputs)
     force = config.force if force is None else force
-    model = SafetensorsModel(input_path)
+    model = open_model(input_path)
     plan = make_plan(model, config)
     out = Path(output_dir) if output_dir is not None else config.output_dir
     check_output_dir(out, model)

@@ -190,7 +190,7 @@ def run(
     Precedence: built-in defaults < the YAML file < CANDLE_Q8K_* environment < flags.
     A rerun resumes: tensors whose files are intact are kept.
     """
-    from qstrat.io.safetensors import SafetensorsModel
+    from qstrat.io.gguf_input import open_model
     from qstrat.pipelines.plan import make_plan
     from qstrat.pipelines.run import describe_plan, quantize_model
     from qstrat.runconfig import load_run_config
@@ -200,7 +200,7 @@ def run(
         if dry_run:
             plans = {}
             for job in spec.models:
-                description = describe_plan(make_plan(SafetensorsModel(job.input), spec.config))
+                description = describe_plan(make_plan(open_model(job.input), spec.config))
                 plans[job.name] = {"output": str(job.output), **description}
                 if not json_output:
                     _print_plan(job.name, job.output, description)
@@ -216,7 +216,7 @@ def run(
         for job in spec.models:
             outcome = {"model": job.name, "input": str(job.input), "output": str(job.output)}
             try:
-                model = SafetensorsModel(job.input)
+                model = open_model(job.input)
                 with reporter.model(job.name, sum(t.nbytes for t in model)):
                     result = quantize_model(
                         job.input, spec.config, job.output, reporter, force=force, thresholds=spec.thresholds,
@@ -307,7 +307,7 @@ def compare(
 ) -> None:
     """Quantize MODEL in memory with each strategy chain and compare the error; writes no model files."""
     from qstrat.io.atomic import atomic_writer
-    from qstrat.io.safetensors import SafetensorsModel
+    from qstrat.io.gguf_input import open_model
     from qstrat.pipelines.run import evaluate_model
     from qstrat.report import (
         comparison_table,
@@ -320,7 +320,7 @@ def compare(
         if not json_output:
             announce_first_compile()
         chains = parse_chains(strategies)
-        name = SafetensorsModel(model).name
+        name = open_model(model).name
         results = {
             label: evaluate_model(model, QuantizationConfig(strategies=chain, variant=variant, workers=workers))
             for label, chain in chains.items()

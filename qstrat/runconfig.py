@@ -396,7 +396,7 @@ def _model_inputs(patterns: Sequence[str], base: Path, from_file: bool) -> list[
 
 
 def _model_name(path: Path) -> str:
-    return path.stem if path.suffix == ".safetensors" else path.name
+    return path.stem if path.suffix in (".safetensors", ".gguf") else path.name
 
 
 def load_run_config(

@@ -145,3 +145,43 @@ def test_a_preset_needs_a_llama_family_model(model_dir, tmp_path):
     result = run_cli("qstrat", "run", str(REPO / "configs/identity.yaml"), "-i", str(bert), "-o", str(tmp_path / "out"), "--set", "preset=q4_k_m")
     assert_clean_failure(result, "preset q4_k_m", "'bert'")
     assert result.returncode == 2
+
+
+def test_a_gguf_model_is_an_input_requantized_from_its_values(model_dir, tmp_path):
+    """A GGUF whose tensors are Q4_1, Q4_K, Q8_0, F16 and F32 (as llama.cpp's files mix them):
+    each is read as GGML dequantizes it (gguf-py agrees) and requantized with GGML's bytes."""
+    import gguf
+
+    rng = np.random.default_rng(3)
+    sources = {
+        "blk.0.attn_q.weight": ("q4_1", rng.standard_normal((64, 96)).astype(np.float32)),
+        "blk.0.ffn_down.weight": ("q4_k", rng.standard_normal((32, 512)).astype(np.float32)),
+        "token_embd.weight": ("q8_0", rng.standard_normal((40, 64)).astype(np.float32)),
+        "blk.0.attn_k.weight": ("f16", rng.standard_normal((16, 64)).astype(np.float32)),
+        "blk.0.attn_norm.weight": ("f32", rng.standard_normal(64).astype(np.float32)),
+    }
+    path = tmp_path / "mixed.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    stored = {}
+    for name, (kind, values) in sources.items():
+        if kind == "f32":
+            writer.add_tensor(name, values)
+            stored[name] = values
+            continue
+        blocks = qstrat.quantize(values, kind)
+        writer.add_tensor(name, blocks, raw_dtype=GGMLQuantizationType[kind.upper()])
+        stored[name] = gguf.quants.dequantize(blocks, GGMLQuantizationType[kind.upper()])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    result = run_cli("qstrat", "run", str(REPO / "configs/identity.yaml"), "-i", str(path), "-o", str(tmp_path / "out"), "--set", "format=q8_0")
+    assert result.returncode == 0, result.stderr
+    tensors = gguf_tensors(tmp_path / "out" / "mixed.gguf")
+    for name, values in stored.items():
+        if values.ndim == 1:
+            assert np.array_equal(np.asarray(tensors[name].data), values)  # passed through as it was
+            continue
+        assert tensors[name].tensor_type == GGMLQuantizationType.Q8_0
+        written = np.asarray(tensors[name].data).view(np.uint8).reshape(values.shape[0], -1)
+        assert np.array_equal(written, ggml_quantize_chunk(int(GGMLQuantizationType.Q8_0), values)), name

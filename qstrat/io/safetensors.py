@@ -55,7 +55,11 @@ FLOAT_DTYPES = ("F32", "F16", "BF16")
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor lives: its file, absolute byte offset and layout."""
+    """Where one tensor lives: its file, absolute byte offset and layout.
+
+    ``dtype`` and ``nbytes`` describe the values as read; a tensor of a GGUF input stored in a
+    block type has ``encoding`` (the type, e.g. ``q4_1``) and ``stored_nbytes``, and reading
+    decodes it to float32 values."""
 
     name: str
     dtype: str
@@ -63,6 +67,8 @@ class TensorInfo:
     path: Path
     offset: int
     nbytes: int
+    encoding: str | None = None
+    stored_nbytes: int = 0
 
     @property
     def numel(self) -> int:
@@ -172,21 +178,33 @@ class SafetensorsFile:
         return TensorInfo(name, dtype, tuple(shape), self.path, self.data_start + begin, end - begin)
 
 
+def _decoded(info: TensorInfo, stored: np.ndarray) -> np.ndarray:
+    """The float32 values of a tensor stored in a block type (``info.encoding``)."""
+    from qstrat.formats import dequantize  # the registry loads the kernels: only for such tensors
+
+    rows = int(np.prod(info.shape[:-1], dtype=np.int64)) if len(info.shape) > 1 else 1
+    return dequantize(stored.reshape(rows, -1), info.encoding).reshape(info.shape)
+
+
 def map_tensor(info: TensorInfo) -> np.ndarray:
-    """A read-only array over the tensor's bytes in its file (no copy; bf16 as uint16 bits)."""
+    """A read-only array over the tensor's bytes in its file (no copy; bf16 as uint16 bits);
+    a tensor stored in a block type comes decoded (a new float32 array)."""
     dtype = DTYPES[info.dtype]
-    if info.nbytes == 0:
+    stored_nbytes = info.stored_nbytes if info.encoding else info.nbytes
+    if stored_nbytes == 0:
         return np.zeros(info.shape, dtype=dtype)
     try:
         with open(info.path, "rb") as f:
             # mmap needs a page-aligned offset: map from the page start, then slice.
             page_start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
             mapped = mmap.mmap(
-                f.fileno(), info.offset + info.nbytes - page_start, access=mmap.ACCESS_READ, offset=page_start
+                f.fileno(), info.offset + stored_nbytes - page_start, access=mmap.ACCESS_READ, offset=page_start
             )
     except (OSError, ValueError) as err:
         raise InputError(f"{info.path}: cannot map tensor {info.name!r}: {err}") from None
-    buffer = np.frombuffer(mapped, dtype=np.uint8, count=info.nbytes, offset=info.offset - page_start)
+    buffer = np.frombuffer(mapped, dtype=np.uint8, count=stored_nbytes, offset=info.offset - page_start)
+    if info.encoding:
+        return _decoded(info, buffer)
     return buffer.view(dtype).reshape(info.shape)
 
 
@@ -202,6 +220,11 @@ def read_tensor(info: TensorInfo, buffer: np.ndarray) -> np.ndarray:
     """
     if buffer.nbytes < info.nbytes or buffer.dtype != np.uint8 or not buffer.flags.c_contiguous:
         raise ValueError("read_tensor needs a contiguous uint8 buffer of at least the tensor's size")
+    if info.encoding:
+        values = buffer[: info.nbytes].view(np.float32).reshape(info.shape)
+        values[...] = map_tensor(info)
+        values.flags.writeable = False
+        return values
     target = memoryview(buffer[: info.nbytes])
     done = 0
     try:
@@ -343,7 +366,10 @@ def write_safetensors(
 
 
 def read_model_config(model: SafetensorsModel) -> dict[str, object]:
-    """The Hugging Face ``config.json`` beside the weights ({} when there is none)."""
+    """The Hugging Face ``config.json`` beside the weights ({} when there is none); for a GGUF
+    input, the same keys from its metadata."""
+    if hasattr(model, "model_config"):
+        return model.model_config()
     directory = model.path if model.path.is_dir() else model.path.parent
     path = directory / "config.json"
     if not path.is_file():

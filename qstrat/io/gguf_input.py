@@ -1,0 +1,110 @@
+"""A GGUF model file as a run's input, as llama-quantize takes one.
+
+Each tensor appears as a :class:`qstrat.io.safetensors.TensorInfo` in numpy order: F32 / F16 /
+BF16 ones as they are stored (the pipeline reads their bytes like a safetensors tensor's), every
+block type qstrat reads (Q4_0..Q8_0, the K-quants, IQ4_NL, Q8_K) as float32 values that reading
+decodes with qstrat's dequantizers, which are byte-identical with GGML's.  The file's key-value
+metadata (architecture, hyperparameters, tokenizer) is kept for the output.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qstrat.errors import FormatError, InputError
+from qstrat.io.safetensors import TensorInfo
+
+#: GGML types read as they are, by their safetensors dtype tag
+RAW_TYPES = {"F32": "F32", "F16": "F16", "BF16": "BF16", "I8": "I8", "I16": "I16", "I32": "I32", "I64": "I64", "F64": "F64"}
+
+
+@dataclass(frozen=True)
+class GGUFFile:
+    """What a run's fingerprint needs of the input file: its name, size and header."""
+
+    path: Path
+    size: int
+    data_start: int
+
+
+class GGUFInput:
+    """A GGUF model read as a run's input; tensors by name (llama.cpp's names), read lazily."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        import gguf
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(f"{self.path}: no such file")
+        try:
+            self.reader = gguf.GGUFReader(self.path)
+        except Exception as err:  # a third-party parser of untrusted bytes: any failure is a format error
+            raise FormatError(f"{self.path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
+        self.files = [GGUFFile(self.path, self.path.stat().st_size, int(self.reader.data_offset))]
+        self.tensors: dict[str, TensorInfo] = {}
+        for tensor in self.reader.tensors:
+            self.tensors[tensor.name] = self._info(tensor)
+        self.metadata: dict[str, str] = {}
+
+    def _info(self, tensor) -> TensorInfo:
+        import gguf
+
+        ggml_type = gguf.GGMLQuantizationType(int(tensor.tensor_type))
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        offset, stored = int(tensor.data_offset), int(tensor.n_bytes)
+        if ggml_type.name in RAW_TYPES:
+            return TensorInfo(tensor.name, RAW_TYPES[ggml_type.name], shape, self.path, offset, stored)
+        from qstrat.formats import FORMATS  # the registry loads the kernels: only for quantized tensors
+
+        name = ggml_type.name.lower()
+        if name not in FORMATS:
+            raise InputError(f"{self.path}: tensor {tensor.name!r} is {ggml_type.name}, a type qstrat cannot read")
+        numel = int(np.prod(shape, dtype=np.int64))
+        return TensorInfo(tensor.name, "F32", shape, self.path, offset, numel * 4, encoding=name, stored_nbytes=stored)
+
+    def fields(self) -> dict[str, object]:
+        """The file's key-value metadata, as Python values (strings, numbers, lists)."""
+        return {name: field.contents() for name, field in self.reader.fields.items() if not name.startswith("GGUF.")}
+
+    def model_config(self) -> dict[str, object]:
+        """What qstrat's planning reads of a Hugging Face ``config.json``, from the GGUF's keys."""
+        fields = self.fields()
+        arch = str(fields.get("general.architecture", ""))
+        config: dict[str, object] = {"model_type": arch, "gguf_architecture": arch}
+        for key, hf_key in (
+            ("block_count", "num_hidden_layers"),
+            ("attention.head_count", "num_attention_heads"),
+            ("attention.head_count_kv", "num_key_value_heads"),
+            ("embedding_length", "hidden_size"),
+            ("feed_forward_length", "intermediate_size"),
+            ("expert_count", "num_local_experts"),
+        ):
+            value = fields.get(f"{arch}.{key}")
+            if value is not None:
+                config[hf_key] = value
+        return config
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    def __iter__(self) -> Iterator[TensorInfo]:
+        return iter(self.tensors.values())
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
+def open_model(path: str | os.PathLike):
+    """A run's input: a GGUF model file, or a .safetensors file or model directory."""
+    from qstrat.io.safetensors import SafetensorsModel
+
+    path = Path(path)
+    if path.suffix == ".gguf" and not path.is_dir():
+        return GGUFInput(path)
+    return SafetensorsModel(path)
