@@ -42,9 +42,10 @@ MLP_PATTERNS: tuple[str, ...] = (
     r"^(?P<block>.+\.layer\.\d+)\.(?P<role>intermediate)\.dense\.(?P<param>weight|bias)$",  # BERT
     r"^(?P<block>.+\.layer\.\d+)\.(?P<role>output)\.dense\.(?P<param>weight)$",  # BERT (bias is hidden-sized)
     r"^(?P<block>.+\.mlp)\.(?P<role>fc1|fc2|dense_h_to_4h|dense_4h_to_h)\.(?P<param>weight|bias)$",  # Phi, NeoX
+    r"^(?P<block>blk\.\d+)\.(?P<role>ffn_gate|ffn_up|ffn_down)\.(?P<param>weight|bias)$",  # llama.cpp (a GGUF input)
 )
-_PRODUCERS = {"gate_proj", "up_proj", "intermediate", "fc1", "dense_h_to_4h"}
-_CONSUMERS = {"down_proj", "output", "fc2", "dense_4h_to_h"}
+_PRODUCERS = {"gate_proj", "up_proj", "intermediate", "fc1", "dense_h_to_4h", "ffn_gate", "ffn_up"}
+_CONSUMERS = {"down_proj", "output", "fc2", "dense_4h_to_h", "ffn_down"}
 
 
 class MlpJointStrategy(QuantizationStrategy):
@@ -111,8 +112,12 @@ HEAD_PATTERNS: tuple[str, ...] = (
     r"^(?P<block>.+\.self_attn)\.(?P<role>o)_proj\.(?P<param>weight)$",
     r"^(?P<block>.+\.attention)\.self\.(?P<role>query|key|value)\.(?P<param>weight|bias)$",  # BERT
     r"^(?P<block>.+\.attention)\.(?P<role>output)\.dense\.(?P<param>weight)$",
+    # llama.cpp (a GGUF input): its q/k rows are reordered within each head only, so heads stay whole
+    r"^(?P<block>blk\.\d+)\.(?P<role>attn_q|attn_k|attn_v)\.(?P<param>weight|bias)$",
+    r"^(?P<block>blk\.\d+)\.(?P<role>attn_output)\.(?P<param>weight)$",
 )
-_ROLE = {"q": "q", "query": "q", "k": "k", "key": "k", "v": "v", "value": "v", "o": "o", "output": "o"}
+_ROLE = {"q": "q", "query": "q", "k": "k", "key": "k", "v": "v", "value": "v", "o": "o", "output": "o",
+         "attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o"}
 
 
 class HeadOrderStrategy(QuantizationStrategy):
