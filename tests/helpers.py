@@ -162,3 +162,23 @@ def make_bpe_tokenizer(directory: Path, vocab_size: int, style: str = "gpt2", se
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
     return text
+
+
+def make_sentencepiece_tokenizer(directory: Path, vocab_size: int, seed: int = 0) -> list[str]:
+    """A tiny SentencePiece BPE ``tokenizer.model`` with byte fallback (Llama 2 style: <unk> 0,
+    <s> 1, </s> 2), trained on generated text.  Returns the training text."""
+    import sentencepiece
+
+    rng = np.random.default_rng(seed)
+    words = " ".join(TOKENIZER_TEXT).split()
+    text = [" ".join(rng.choice(words, 12)) for _ in range(200)] + TOKENIZER_TEXT
+    directory.mkdir(parents=True, exist_ok=True)
+    corpus = directory / "corpus.txt"
+    corpus.write_text("\n".join(text))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(directory / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, minloglevel=2,
+    )
+    corpus.unlink()
+    (directory / "tokenizer.vocab").unlink()
+    return text
