@@ -90,8 +90,15 @@ def gguf_metadata(model: QuantizedModel, source: str | os.PathLike | None = None
 def directory_to_gguf(output_dir: str | os.PathLike, target: str | os.PathLike) -> Path:
     """One GGUF file from an output directory; directories of the original Rust tool work too.
     A Llama-family model whose source directory is still at hand is written for llama.cpp."""
-    model = QuantizedModel(output_dir)
-    return write_gguf(model, target, gguf_metadata(model))
+    from qstrat.io.manifest import read_manifest
+    from qstrat.model import as_directory
+
+    manifest = read_manifest(Path(output_dir)) if Path(output_dir).is_dir() else None
+    source = manifest.source.path if manifest is not None else None
+    # a directory written with outputs: [gguf] holds its tensors in its container: read them from there
+    with as_directory(output_dir) as directory:
+        model = QuantizedModel(directory)
+        return write_gguf(model, target, gguf_metadata(model, source))
 
 
 __all__ = ["directory_to_gguf", "gguf_metadata", "gguf_to_directory"]

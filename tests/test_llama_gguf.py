@@ -118,10 +118,13 @@ def test_llama_cpp_layout_reads_back_as_the_source(llama_dir, f32_run):
         assert all(np.array_equal(loaded[n], source[n]) for n in source)  # q/k rows back in order
     back = GGUFModel(out / "tiny.gguf")
     assert back.widened["model.norm.weight"] == "BF16"  # stored as F32, read back as the source's bf16
-    for command in (("verify", str(out)), ("verify", str(out / "tiny.gguf")), ("inspect", str(out / "tiny.gguf"))):
+    converted = out.parent / "converted.gguf"
+    commands = (("verify", str(out)), ("verify", str(out / "tiny.gguf")), ("convert", str(out), str(converted)), ("inspect", str(out / "tiny.gguf")))
+    for command in commands:
         result = run_cli("qstrat", *command)
         assert result.returncode == 0, result.stderr
     assert "tiny.gguf: a llama.cpp model (architecture llama)" in result.stdout
+    assert converted.read_bytes() == (out / "tiny.gguf").read_bytes()  # the source directory is at hand
     report = json.loads((out / "report.json").read_text())
     assert report["summary"]["gguf"]["llama_cpp"] is True
     assert "- GGUF tiny.gguf: a llama.cpp model (architecture llama, vocabulary: BPE (gpt2, pre-tokenizer gpt-2), 320 tokens)" in (out / "report.md").read_text()

@@ -268,11 +268,19 @@ class GGUFModel:
         self.joint: dict[str, tuple[np.ndarray, int]] = {}
         for i, (name, axis) in enumerate(zip(joint_names, axes)):
             if self.llama_cpp:
+                if name not in self.tensors:
+                    raise FormatError(f"{self.path}: joint permutation of a tensor {name!r} the file does not hold")
                 self.joint[name] = (np.asarray(self._ints(f"joint_perm.{i}"), dtype=np.int64), axis)
             else:
                 self.joint[name[: -len(JOINT_SUFFIX)]] = (np.asarray(self.tensors[name].data).astype(np.int64), axis)
-        self.row_heads = dict(zip(self._strings("rope_rows"), self._ints("rope_rows_heads")))
-        self.widened = dict(zip(self._strings("widened"), self._strings("widened_from")))
+        self.row_heads = self._pairs("rope_rows", self._ints("rope_rows_heads"))
+        self.widened = self._pairs("widened", self._strings("widened_from"))
+        for name, heads in self.row_heads.items():
+            rows = int(self.tensors[name].shape[-1])  # ne: the row length first, the rows last
+            if heads < 1 or rows % (2 * heads):
+                raise FormatError(f"{self.path}: {KEY_PREFIX}rope_rows: {rows} rows of {name!r} do not split into {heads} heads")
+        if set(self.widened.values()) - {"BF16", "F16"}:
+            raise FormatError(f"{self.path}: {KEY_PREFIX}widened_from holds a dtype other than BF16 / F16")
         self.variant = self._string("variant")
         config = self._string("config")
         try:
@@ -291,6 +299,13 @@ class GGUFModel:
     def _strings(self, key: str) -> list[str]:
         field = self.reader.get_field(KEY_PREFIX + key)
         return [] if field is None else [str(v) for v in field.contents()]
+
+    def _pairs(self, key: str, values: list) -> dict:
+        """{tensor name in ``qstrat.<key>``: its value in ``values``}; every name a tensor of the file."""
+        names = self._strings(key)
+        if len(names) != len(values) or not set(names) <= set(self.tensors):
+            raise FormatError(f"{self.path}: {KEY_PREFIX}{key} metadata is inconsistent")
+        return dict(zip(names, values))
 
     def _ints(self, key: str) -> list[int]:
         field = self.reader.get_field(KEY_PREFIX + key)
