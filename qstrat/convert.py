@@ -50,10 +50,10 @@ def llama_layout(model: QuantizedModel, source: Path | None):
 
     manifest = model.manifest
     architecture = manifest.source.architecture if manifest else None
-    if architecture not in LLAMA_FAMILY:
-        return None, f"not a Llama-family model (model_type {architecture!r})"
     if any("q8k" in e.files for e in model.entries.values()):
         return None, "it holds Q8_K weights, which llama.cpp cannot run (Candle's Q8K path loads this container)"
+    if architecture not in LLAMA_FAMILY:
+        return None, f"not a Llama-family model (model_type {architecture!r})"
     if any("perm" in e.files for e in model.entries.values()):
         return None, "it holds run-time permutations (.perm gather maps), which llama.cpp cannot apply"
     hparams = _source_config(source)
