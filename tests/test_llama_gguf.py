@@ -178,12 +178,15 @@ def test_tied_embeddings_in_llama_cpp(tmp_path):
     tensors = llama_tensors(SHAPE, seed=4)
     del tensors["lm_head.weight"]
     model_dir = write_model(tmp_path / "tied", tensors, dtype="BF16", config={**hf_config(SHAPE), "tie_word_embeddings": True})
-    make_bpe_tokenizer(model_dir, SHAPE.vocab_size, style="llama3")
+    text = make_bpe_tokenizer(model_dir, SHAPE.vocab_size, style="llama3")[-1] + " 1234567 isn't it?\n\n  x"
     result = run(model_dir, tmp_path / "out", format="f32")
     gguf = tmp_path / "out" / "tied.gguf"
     assert "output.weight" not in {t.name for t in GGUFReader(gguf).tensors}
-    logits, answer = probe(gguf)
+    logits, answer = probe(gguf, text=text)
     assert answer["metadata"]["tokenizer.ggml.pre"] == "llama-bpe"
+    from tokenizers import Tokenizer
+
+    assert answer["tokens"] == Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(text).ids
     assert relative_error(logits, llama_forward(source_weights(model_dir), SHAPE, np.array(TOKENS))) < F32_TOLERANCE
     assert result.container["llama_cpp"]
 
