@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qstrat.errors import InputError
+from qstrat.errors import ConfigError, InputError
 from qstrat.formats import block_type
 from qstrat.presets import PresetError, TensorChoice, choose_types, fallback_type, gguf_arch, gguf_tensor_names
 from qstrat.runconfig import DEFAULT_FORMAT, RunConfig
@@ -115,8 +115,31 @@ def preset_types(model: SafetensorsModel, config: RunConfig) -> dict[str, Tensor
     return {name: chosen[gguf_name] for name, gguf_name in names.items() if gguf_name in chosen}
 
 
-def make_plan(model: SafetensorsModel, config: RunConfig) -> Plan:
-    """Assign every tensor of ``model`` to a strategy group and/or the passthrough file."""
+def check_llama_cpp_target(model: SafetensorsModel, config: RunConfig, groups: tuple[GroupJob, ...], outputs: tuple[str, ...]) -> None:
+    """Refuse run-time permutations in a run whose GGUF is a llama.cpp model (a Llama-family
+    model, weights in types llama.cpp runs): llama.cpp has no way to gather its input."""
+    from qstrat.llama_gguf import LLAMA_FAMILY
+
+    model_type = read_model_config(model).get("model_type")
+    if "gguf" not in outputs or model_type not in LLAMA_FAMILY:
+        return
+    members = [m for g in groups for m in g.members if m.quantize]
+    if any(writes_q8k(m.choice) for m in members):
+        return  # Q8_K: qstrat's container, for Candle; llama.cpp cannot run it anyway
+    runtime = sorted({g.strategy.name for g in groups if g.strategy.permutation_kind == "runtime"})
+    if runtime:
+        raise ConfigError(
+            f"strategies: {', '.join(runtime)} permute{'s' if len(runtime) == 1 else ''} columns at run time (.perm gather maps), "
+            f"which llama.cpp cannot apply, and this run writes a llama.cpp GGUF ({model_type} model, "
+            f"{config.preset or config.format}); use the function-preserving strategies mlp_joint, head_order "
+            "(configs/function_preserving.yaml), or identity"
+        )
+
+
+def make_plan(model: SafetensorsModel, config: RunConfig, outputs: tuple[str, ...] | None = None) -> Plan:
+    """Assign every tensor of ``model`` to a strategy group and/or the passthrough file.
+    ``outputs`` (default: the config's) decide whether the run writes a llama.cpp GGUF, which
+    refuses run-time permutations."""
     by_preset = preset_types(model, config)
     choices = {info.name: tensor_choice(info, config, by_preset) for info in model}
     reasons = {name: c for name, c in choices.items() if isinstance(c, str)}
@@ -139,4 +162,5 @@ def make_plan(model: SafetensorsModel, config: RunConfig) -> Plan:
     passthrough = tuple(
         PassthroughTensor(model.tensors[name], reason) for name, reason in sorted(reasons.items())
     )
+    check_llama_cpp_target(model, config, groups, config.output_kinds if outputs is None else tuple(outputs))
     return Plan(groups, passthrough)

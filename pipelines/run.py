@@ -220,7 +220,7 @@ def evaluate_model(
     started = time.perf_counter()
     config = config.evaluated()
     model = open_model(input_path)
-    plan = make_plan(model, config)
+    plan = make_plan(model, config, outputs=())  # nothing is written
     records: list[TensorRecord] = []
 
     def done(job, group_records, joint):
@@ -275,7 +275,7 @@ def quantize_model(
     outputs = config.output_kinds if outputs is None else tuple(outputs)
     force = config.force if force is None else force
     model = open_model(input_path)
-    plan = make_plan(model, config)
+    plan = make_plan(model, config, outputs)
     out = Path(output_dir) if output_dir is not None else config.output_dir
     check_output_dir(out, model)
     try:
@@ -294,9 +294,10 @@ def quantize_model(
         records = _write_passthrough_and_permutations(out, plan, model, records, joint, previous, progress)
         failures = threshold_failures(records, thresholds)
         manifest = _manifest(model, config.variant, settings, fingerprint, records, failures)
+        container = None
         if "gguf" in outputs:
-            _write_container(out, model.name, manifest, records, keep_tensor_files="q8k" in outputs)
-        return _publish(out, model.name, manifest, records, failures, settings, started)
+            container = _write_container(out, model.name, manifest, records, keep_tensor_files="q8k" in outputs, source=model.path)
+        return _publish(out, model.name, manifest, records, failures, settings, started, container)
 
 
 def _open_journal(out: Path, fingerprint: str, force: bool, previous: Manifest | None) -> Journal:
@@ -408,11 +409,21 @@ def _manifest(
     )
 
 
-def _write_container(out: Path, name: str, manifest: Manifest, records: list[TensorRecord], keep_tensor_files: bool) -> None:
+def _write_container(
+    out: Path, name: str, manifest: Manifest, records: list[TensorRecord], keep_tensor_files: bool, source: Path
+) -> dict[str, object]:
     """The GGUF file, assembled from the files just written (so its Q8_K bytes are the .q8k
-    files' bytes), entered in ``manifest``."""
+    files' bytes), entered in ``manifest``; what it is, for the report: a llama.cpp model (a
+    Llama-family model whose weights llama.cpp runs) or qstrat's generic container, and why."""
     written = QuantizedModel(out, manifest)
-    container = write_gguf(written, out / f"{name}.gguf", gguf_metadata(written))
+    metadata = gguf_metadata(written, source)
+    container = write_gguf(written, out / f"{name}.gguf", metadata)
+    layout = metadata["layout"]
+    if layout is not None:
+        described = {"file": container.name, "llama_cpp": True, "architecture": layout.arch,
+                     "vocabulary": layout.vocabulary.description, "notes": list(layout.notes)}
+    else:
+        described = {"file": container.name, "llama_cpp": False, "reason": metadata["not_llama_cpp"], "notes": []}
     entry = FileEntry(path=container.name, size=container.stat().st_size, sha256=file_sha256(container))
     manifest.containers = {container.name: entry}
     if not keep_tensor_files:
@@ -424,6 +435,7 @@ def _write_container(out: Path, name: str, manifest: Manifest, records: list[Ten
                     (out / file.path).unlink()
         for tensor in manifest.tensors.values():
             tensor.files = {"gguf": entry}
+    return described
 
 
 def _publish(
@@ -434,11 +446,12 @@ def _publish(
     failures: list[ThresholdFailure],
     settings: dict[str, object],
     started: float,
+    container: dict[str, object] | None = None,
 ) -> QuantizationResult:
     """Every file made durable, then the reports, then the manifest: the directory is complete."""
     written = {out / f.path for r in records for f in r.files.values()} | {out / c for c in manifest.containers or {}}
     make_durable(sorted(p for p in written if p.exists()), out)
-    result = QuantizationResult(out, records, time.perf_counter() - started, None, failures)
+    result = QuantizationResult(out, records, time.perf_counter() - started, None, failures, container)
     manifest.reports = {f.path: FileEntry(**vars(f)) for f in write_reports(result, name, settings, out)}
     result.manifest_path = write_manifest(out, manifest)
     return result

@@ -24,7 +24,7 @@ from qstrat.errors import (
     ValidationFailed,
 )
 from qstrat.interrupts import handle_stop_signals, ignore_stop_signals
-from qstrat.report import describe_formats, summarize
+from qstrat.report import describe_container, describe_formats, summarize
 from qstrat.results import QuantizationResult, TensorRecord
 from qstrat.strategies import STRATEGIES
 
@@ -240,10 +240,17 @@ def run(
                 )
                 if result.failures and exit_code == EXIT_OK:
                     exit_code = ValidationFailed.exit_code
+                if result.container is not None:
+                    outcome["gguf"] = result.container
                 if mode != "quiet":
                     print(summary_line(result), flush=True)
                     for failure in result.failures:
                         print(f"  below threshold: {failure}", flush=True)
+                    if result.container is not None:
+                        head, *notes = describe_container(result.container)
+                        print(f"GGUF {head}", flush=True)
+                        for note in notes:
+                            print(f"warning: {note}", file=sys.stderr, flush=True)
             outcomes.append(outcome)
         if json_output:
             print(json.dumps({"models": outcomes, "exit_code": exit_code}))
@@ -374,6 +381,15 @@ def inspect(path: Path = typer.Argument(..., help=".safetensors file, model dire
             for info in sorted(model, key=lambda i: i.name):
                 table.add_row(info.name, "x".join(map(str, info.shape)), info.dtype, str(info.nbytes), info.path.name)
         console.print(table)
+        # what a GGUF file is: a model llama.cpp runs, or qstrat's container
+        containers = [path] if path.is_file() and path.suffix == ".gguf" else []
+        if manifest is not None and path.is_dir():
+            containers += [path / c for c in manifest.containers or {} if (path / c).is_file()]
+        if containers:
+            from qstrat.io.gguf import GGUFModel
+
+            for container in containers:
+                print(f"{container.name}: {GGUFModel(container).describe_layout()}")
 
 
 @app.command()

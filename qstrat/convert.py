@@ -3,6 +3,7 @@ without re-quantizing: the Q8_K bytes move unchanged."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -10,23 +11,94 @@ from qstrat.io.gguf import gguf_to_directory, write_gguf
 from qstrat.model import QuantizedModel
 from qstrat.presets import file_type
 
+#: block type of a uniform ``format`` -> llama.cpp's file type (gguf.LlamaFileType member), where
+#: one exists; Q3_K, Q4_K and Q5_K only exist as llama.cpp's _S/_M/_L mixtures (use a preset)
+FORMAT_FILE_TYPES = {
+    "f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+    "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1",
+    "q2_k": "MOSTLY_Q2_K", "q6_k": "MOSTLY_Q6_K", "iq4_nl": "MOSTLY_IQ4_NL",
+}
 
-def gguf_metadata(model: QuantizedModel) -> dict[str, object]:
+
+def _file_type(config: dict) -> int | None:
+    """general.file_type: a preset's, or a uniform format's when llama.cpp has one."""
+    import gguf
+
+    if config.get("preset"):
+        return file_type(str(config["preset"]))
+    name = FORMAT_FILE_TYPES.get(str(config.get("format")))
+    if name is None or config.get("format_rules"):
+        return None
+    return int(gguf.LlamaFileType[name])
+
+
+def _source_config(source: Path | None) -> dict:
+    if source is None:
+        return {}
+    directory = source if source.is_dir() else source.parent
+    path = directory / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def llama_layout(model: QuantizedModel, source: Path | None):
+    """(LlamaLayout or None, why not): whether this output is written in llama.cpp's layout."""
+    from qstrat.llama_gguf import LLAMA_FAMILY, plan_layout
+
+    manifest = model.manifest
+    architecture = manifest.source.architecture if manifest else None
+    if any("q8k" in e.files for e in model.entries.values()):
+        return None, "it holds Q8_K weights, which llama.cpp cannot run (Candle's Q8K path loads this container)"
+    if architecture not in LLAMA_FAMILY:
+        return None, f"not a Llama-family model (model_type {architecture!r})"
+    if any("perm" in e.files for e in model.entries.values()):
+        return None, "it holds run-time permutations (.perm gather maps), which llama.cpp cannot apply"
+    hparams = _source_config(source)
+    if not hparams:
+        return None, "the source model's config.json is not at hand"
+    shapes = {}
+    for name, entry in model.entries.items():
+        shapes[name] = tuple(model.quantized_shape(name) if entry.quantized else model.passthrough_info(name).shape)
+    directory = source if source is not None and source.is_dir() else (source.parent if source is not None else None)
+    return plan_layout(shapes, hparams, directory)
+
+
+def gguf_metadata(model: QuantizedModel, source: str | os.PathLike | None = None) -> dict[str, object]:
+    """What write_gguf needs; ``source`` is the source model (default: the manifest's source path).
+    ``layout`` is llama.cpp's layout when the model is Llama-family and llama.cpp can run its
+    weights, else None and ``not_llama_cpp`` says why."""
     manifest = model.manifest  # None for a directory of the original tool
-    preset = manifest.config.get("preset") if manifest else None
+    config = (manifest and manifest.config) or {}
+    if source is None and manifest is not None:
+        source = manifest.source.path
+    layout, why_not = llama_layout(model, Path(source) if source is not None else None)
     return {
-        "file_type": file_type(preset) if preset else None,
+        # a uniform format's file type describes a llama.cpp model only; a preset's is written in any case
+        "file_type": _file_type(config) if layout is not None or config.get("preset") else None,
         "architecture": (manifest and manifest.source.architecture) or "qstrat",
         "name": (manifest and manifest.source.name) or model.directory.name,
         "variant": (manifest and manifest.variant) or "unknown",
-        "config": (manifest and manifest.config) or {},
+        "config": config,
+        "layout": layout,
+        "not_llama_cpp": why_not if layout is None else None,
     }
 
 
 def directory_to_gguf(output_dir: str | os.PathLike, target: str | os.PathLike) -> Path:
-    """One GGUF file from an output directory; directories of the original Rust tool work too."""
-    model = QuantizedModel(output_dir)
-    return write_gguf(model, target, gguf_metadata(model))
+    """One GGUF file from an output directory; directories of the original Rust tool work too.
+    A Llama-family model whose source directory is still at hand is written for llama.cpp."""
+    from qstrat.io.manifest import read_manifest
+    from qstrat.model import as_directory
+
+    manifest = read_manifest(Path(output_dir)) if Path(output_dir).is_dir() else None
+    source = manifest.source.path if manifest is not None else None
+    # a directory written with outputs: [gguf] holds its tensors in its container: read them from there
+    with as_directory(output_dir) as directory:
+        model = QuantizedModel(directory)
+        return write_gguf(model, target, gguf_metadata(model, source))
 
 
 __all__ = ["directory_to_gguf", "gguf_metadata", "gguf_to_directory"]

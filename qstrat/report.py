@@ -57,7 +57,18 @@ def summarize(result: QuantizationResult) -> dict[str, object]:
         "joint_permutations": sum(r.permutation == "joint" for r in result.tensors),
         "threshold_failures": [f.as_dict() for f in result.failures],
         "elapsed_s": round(result.elapsed_s, 3),
+        **({"gguf": result.container} if result.container is not None else {}),
     }
+
+
+def describe_container(container: Mapping[str, object]) -> list[str]:
+    """Lines saying what a run's GGUF file is: a model llama.cpp runs, or not and why; then its notes."""
+    if container["llama_cpp"]:
+        head = (f"{container['file']}: a llama.cpp model (architecture {container['architecture']}, "
+                f"vocabulary: {container['vocabulary']})")
+    else:
+        head = f"{container['file']}: not a llama.cpp model: {container['reason']}"
+    return [head] + [f"{container['file']}: {note}" for note in container.get("notes") or ()]
 
 
 def build_report(result: QuantizationResult, model: str, settings: Mapping[str, object]) -> dict[str, object]:
@@ -108,6 +119,7 @@ def render_markdown(report: Mapping[str, object]) -> str:
         f"{_fmt(s['average_gradient_test_mse'], '.3e')}",
         f"- quantized tensors: {s['quantized_source_bytes']:,} bytes in, {s['quantized_output_bytes']:,} bytes out",
         f"- {len(s['threshold_failures'])} tensor(s) below a threshold",
+        *[f"- GGUF {line}" for line in (describe_container(s["gguf"]) if "gguf" in s else [])],
         "",
         "| tensor | shape | format | strategy | permutation | SQNR dB | MSE | max abs err | cosine | sum test | gradient test | |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",

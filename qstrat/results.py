@@ -107,6 +107,9 @@ class QuantizationResult:
     elapsed_s: float
     manifest_path: Path | None = None
     failures: list[ThresholdFailure] = field(default_factory=list)
+    #: the GGUF file a run wrote: {"file", "llama_cpp": whether llama.cpp runs it, "architecture" and
+    #: "vocabulary" or "reason" (why not), "notes"}; None without one
+    container: dict[str, object] | None = None
 
     @property
     def quantized(self) -> list[TensorRecord]:

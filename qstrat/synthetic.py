@@ -27,6 +27,7 @@ class LlamaShape:
     num_key_value_heads: int = 2
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048  # the context length llama.cpp needs (config.json's)
 
     @property
     def head_dim(self) -> int:

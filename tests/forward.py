@@ -33,7 +33,8 @@ def _softmax(x):
 
 
 def llama_forward(t: dict[str, np.ndarray], shape: LlamaShape, tokens: np.ndarray) -> np.ndarray:
-    """Logits of a Llama model (RMSNorm, RoPE, grouped-query causal attention, SwiGLU)."""
+    """Logits of a Llama model (RMSNorm, RoPE, grouped-query causal attention, SwiGLU); q/k/v
+    biases where ``t`` has them (Qwen2), the embeddings as output head without ``lm_head``."""
     heads, kv, hd = shape.num_attention_heads, shape.num_key_value_heads, shape.head_dim
     x = t["model.embed_tokens.weight"][tokens].astype(np.float64)
     seq = len(tokens)
@@ -41,9 +42,9 @@ def llama_forward(t: dict[str, np.ndarray], shape: LlamaShape, tokens: np.ndarra
     for i in range(shape.num_hidden_layers):
         p = f"model.layers.{i}"
         h = _rms_norm(x, t[f"{p}.input_layernorm.weight"], shape.rms_norm_eps)
-        q = (h @ t[f"{p}.self_attn.q_proj.weight"].T).reshape(seq, heads, hd)
-        k = (h @ t[f"{p}.self_attn.k_proj.weight"].T).reshape(seq, kv, hd)
-        v = (h @ t[f"{p}.self_attn.v_proj.weight"].T).reshape(seq, kv, hd)
+        q = (h @ t[f"{p}.self_attn.q_proj.weight"].T + t.get(f"{p}.self_attn.q_proj.bias", 0)).reshape(seq, heads, hd)
+        k = (h @ t[f"{p}.self_attn.k_proj.weight"].T + t.get(f"{p}.self_attn.k_proj.bias", 0)).reshape(seq, kv, hd)
+        v = (h @ t[f"{p}.self_attn.v_proj.weight"].T + t.get(f"{p}.self_attn.v_proj.bias", 0)).reshape(seq, kv, hd)
         q, k = _rope(q, shape.rope_theta), _rope(k, shape.rope_theta)
         k = np.repeat(k, heads // kv, axis=1)
         v = np.repeat(v, heads // kv, axis=1)
@@ -55,7 +56,7 @@ def llama_forward(t: dict[str, np.ndarray], shape: LlamaShape, tokens: np.ndarra
         up = h @ t[f"{p}.mlp.up_proj.weight"].T
         x = x + (gate / (1 + np.exp(-gate)) * up) @ t[f"{p}.mlp.down_proj.weight"].T
     x = _rms_norm(x, t["model.norm.weight"], shape.rms_norm_eps)
-    return x @ t["lm_head.weight"].T
+    return x @ t.get("lm_head.weight", t["model.embed_tokens.weight"]).T  # tied embeddings without lm_head
 
 
 def bert_encoder(t: dict[str, np.ndarray], x: np.ndarray, layers: int, heads: int) -> np.ndarray:

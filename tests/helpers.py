@@ -114,3 +114,71 @@ def assert_clean_failure(result: subprocess.CompletedProcess, *fragments: str) -
 
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
     return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+#: tokenizer.json pre-tokenizers of known models, for tokenizers made by the tests
+LLAMA3_SPLIT = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
+QWEN2_SPLIT = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
+TOKENIZER_TEXT = [
+    "the quick brown fox jumps over the lazy dog 12345, said the model.",
+    "Quantized weights keep their rows: blocks of 32 or 256 values never cross a row!",
+    "llama.cpp loads a GGUF file; qstrat writes one. Don't forget the tokenizer's merges.",
+]
+
+
+def make_bpe_tokenizer(directory: Path, vocab_size: int, style: str = "gpt2", seed: int = 0) -> list[str]:
+    """A tiny byte-level BPE tokenizer (``tokenizers``) trained on generated text, saved as
+    tokenizer.json and tokenizer_config.json (bos/eos, chat template) in ``directory``.
+    ``style``: ``gpt2`` (ByteLevel pre-tokenizer), ``llama3`` or ``qwen2`` (their Split regex,
+    then ByteLevel), or ``odd`` (whitespace splitting, which llama.cpp does not know).
+    Returns the training text."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    rng = np.random.default_rng(seed)
+    words = " ".join(TOKENIZER_TEXT).split()
+    text = [" ".join(rng.choice(words, 12)) for _ in range(200)] + TOKENIZER_TEXT
+    tokenizer = Tokenizer(models.BPE())
+    if style == "gpt2":
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    elif style in ("llama3", "qwen2"):
+        split = pre_tokenizers.Split(Regex(LLAMA3_SPLIT if style == "llama3" else QWEN2_SPLIT), behavior="isolated")
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    specials = ["<|begin_of_text|>", "<|end_of_text|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 8, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(text, trainer)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": specials[0], "eos_token": specials[1],
+        "add_bos_token": True, "add_eos_token": False,
+        "chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}",
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    return text
+
+
+def make_sentencepiece_tokenizer(directory: Path, vocab_size: int, seed: int = 0) -> list[str]:
+    """A tiny SentencePiece BPE ``tokenizer.model`` with byte fallback (Llama 2 style: <unk> 0,
+    <s> 1, </s> 2), trained on generated text.  Returns the training text."""
+    import sentencepiece
+
+    rng = np.random.default_rng(seed)
+    words = " ".join(TOKENIZER_TEXT).split()
+    text = [" ".join(rng.choice(words, 12)) for _ in range(200)] + TOKENIZER_TEXT
+    directory.mkdir(parents=True, exist_ok=True)
+    corpus = directory / "corpus.txt"
+    corpus.write_text("\n".join(text))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(directory / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, minloglevel=2,
+    )
+    corpus.unlink()
+    (directory / "tokenizer.vocab").unlink()
+    return text

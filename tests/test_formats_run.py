@@ -9,6 +9,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 
 import qstrat
 from qstrat.formats import FORMATS
+from qstrat.io.gguf import GGUFModel
 from qstrat.io.safetensors import SafetensorsModel, map_tensor
 from qstrat.pipelines.run import quantize_model
 from qstrat.reference import ggml_dequantize_row, ggml_quantize_chunk
@@ -40,14 +41,20 @@ def source_matrices(model_dir):
 
 
 def gguf_tensors(path):
-    return {t.name: t for t in GGUFReader(path).tensors}
+    """The tensors of a run's GGUF by Hugging Face name (a Llama-family model's file has
+    llama.cpp's names), and a function giving a tensor's stored rows in the source order
+    (llama.cpp's layout reorders the rows of q and k)."""
+    model = GGUFModel(path)
+    assert model.llama_cpp
+    return model.tensors, model.source_rows
 
 
 @pytest.mark.parametrize("fmt", GGUF_TYPES)
 def test_every_type_goes_through_a_run_into_gguf_with_ggmls_bytes(model_dir, tmp_path, fmt):
     config = RunConfig.build({"format": fmt, "validation": {"stages": ["weight_error", "roundtrip"]}}, "test")
     result = quantize_model(model_dir, config, tmp_path / "out")
-    tensors = gguf_tensors(tmp_path / "out" / "model.gguf")
+    tensors, source_rows = gguf_tensors(tmp_path / "out" / "model.gguf")
+    assert "blk.0.attn_q.weight" in {t.name for t in GGUFReader(tmp_path / "out" / "model.gguf").tensors}
     matrices = source_matrices(model_dir)
     assert {r.name for r in result.quantized} == set(matrices)  # every matrix, embeddings too (as llama.cpp)
     for name, source in matrices.items():
@@ -55,7 +62,7 @@ def test_every_type_goes_through_a_run_into_gguf_with_ggmls_bytes(model_dir, tmp
         tensor = tensors[name]
         assert tensor.tensor_type.name.lower() == expected, name
         assert [int(d) for d in reversed(tensor.shape.tolist())] == list(source.shape)
-        stored = np.asarray(tensor.data).view(np.uint8).reshape(source.shape[0], -1)
+        stored = source_rows(name, np.asarray(tensor.data).view(np.uint8).reshape(source.shape[0], -1))
         oracle = ggml_quantize_chunk(int(GGMLQuantizationType[expected.upper()]), source)
         assert np.array_equal(stored, oracle), f"{name} as {expected}: not GGML's bytes"
         record = next(r for r in result.quantized if r.name == name)
@@ -86,16 +93,17 @@ def test_format_rules_fallback_lines_report_and_reading_back(model_dir, tmp_path
     assert manifest["tensors"][DOWN]["storage"] == "q8_0" and manifest["tensors"][DOWN]["fallback_from"] == "q6_k"
     assert sorted(p.name for p in out.iterdir() if p.suffix in (".qblk", ".q8k")) == []  # GGUF holds them
     # read back: GGML's own dequantization of the stored bytes
-    tensors = gguf_tensors(out / "model.gguf")
+    tensors, source_rows = gguf_tensors(out / "model.gguf")
     loaded = qstrat.load_model(out)
-    for name in ("model.layers.0.mlp.gate_proj.weight", DOWN):
+    for name in ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.self_attn.q_proj.weight", DOWN):
         tensor = tensors[name]
         rows = loaded[name].shape[0]
-        blocks = np.asarray(tensor.data).view(np.uint8).reshape(rows, -1)
+        blocks = source_rows(name, np.asarray(tensor.data).view(np.uint8).reshape(rows, -1))
         assert np.array_equal(loaded[name], ggml_dequantize_row(tensor.tensor_type.name.lower().replace("_k", "_K"), blocks, loaded[name].shape[1]))
     assert run_cli("qstrat", "verify", str(out)).returncode == 0
     inspected = run_cli("qstrat", "inspect", str(out))
     assert "qstrat output: q4_k, q6_k, q8_0" in inspected.stdout and "q8_0" in inspected.stdout
+    assert "model.gguf: a llama.cpp model (architecture llama)" in inspected.stdout
 
 
 def test_preset_q4_k_m_follows_llama_cpp_rules(model_dir, tmp_path):
@@ -105,7 +113,7 @@ def test_preset_q4_k_m_follows_llama_cpp_rules(model_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     reader = GGUFReader(tmp_path / "out" / "model.gguf")
     assert int(reader.get_field("general.file_type").contents()) == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
-    types = {t.name: t.tensor_type.name.lower() for t in reader.tensors}
+    types = {name: t.tensor_type.name.lower() for name, t in GGUFModel(tmp_path / "out" / "model.gguf").tensors.items()}
     # llama-quant.cpp, one layer: use_more_bits(0, 1) holds, so attn_v and ffn_down take Q6_K;
     # ffn_down's rows (384) then fall back to Q8_0; the output head is Q6_K; the rest Q4_K
     assert types["model.layers.0.self_attn.v_proj.weight"] == "q6_k"
@@ -114,7 +122,7 @@ def test_preset_q4_k_m_follows_llama_cpp_rules(model_dir, tmp_path):
     for name in ("q_proj", "k_proj", "o_proj"):
         assert types[f"model.layers.0.self_attn.{name}.weight"] == "q4_k"
     assert types["model.layers.0.mlp.gate_proj.weight"] == types["model.embed_tokens.weight"] == "q4_k"
-    assert types["model.norm.weight"] == "bf16"  # 1-D: kept as it is
+    assert types["model.norm.weight"] == "f32"  # 1-D: not quantized, and F32 as llama.cpp's converter writes it
     assert "(fallback: q6_k cannot take rows of 384, as llama.cpp)" in result.stdout
 
 

@@ -36,7 +36,7 @@ from qstrat.io.manifest import (
 from qstrat.io.names import assign_file_stems
 from qstrat.io.q8k import read_perm, read_q8k, write_perm, write_q8k
 from qstrat.io.qblock import SUFFIX as QBLK_SUFFIX, read_blocks, write_blocks
-from qstrat.io.safetensors import map_tensor, write_safetensors
+from qstrat.io.safetensors import map_tensor, to_float32, write_safetensors
 from qstrat.kernels import BLOCK_BYTES, QK_K
 
 GGML_MAX_NAME_BYTES = 63
@@ -44,6 +44,8 @@ QUANTIZATION_VERSION = 2
 PERM_SUFFIX = ".perm"
 JOINT_SUFFIX = ".joint_perm"
 KEY_PREFIX = "qstrat."
+#: qstrat.layout of a file written in llama.cpp's layout (absent from the generic container)
+LLAMA_LAYOUT = "llama.cpp"
 
 
 #: safetensors dtype tag of a passed-through tensor -> numpy dtype of its bytes; each tag is
@@ -85,13 +87,58 @@ def passthrough_tag(ggml_type: int) -> str | None:
     return name if name in PASSTHROUGH_TYPES else None
 
 
+def _passthrough_entry(model, name: str, layout, gguf):
+    """(producer, numpy dtype, raw type, shape, nbytes, widened-from tag or None) of a passed-through tensor."""
+    info = model.passthrough_info(name)
+    if info.dtype not in PASSTHROUGH_TYPES:
+        raise OutputError(f"GGUF has no type for {info.dtype} tensors")
+    np_dtype = PASSTHROUGH_TYPES[info.dtype]
+    order = _row_order(layout, name, info.shape)
+    llama_name = layout.names[name] if layout is not None else name
+    if layout is not None and info.dtype in ("BF16", "F16") and (len(info.shape) <= 1 or llama_name.endswith("_norm.weight")):
+        # convert_hf_to_gguf writes 1-D tensors and norms as F32 (exactly the same values)
+        def widened(info=info, order=order):
+            array = np.asarray(to_float32(info, np.asarray(map_tensor(info))), dtype=np.float32)
+            return array if order is None else array[order]
+
+        return widened, np.dtype(np.float32), None, info.shape, info.numel * 4, info.dtype
+
+    def produce(info=info, t=np_dtype, order=order):
+        array = np.asarray(map_tensor(info)).view(t)
+        return array if order is None else array[order]
+
+    # the writer derives the type from the numpy dtype, except for bfloat16's raw bits
+    raw = gguf.GGMLQuantizationType.BF16 if info.dtype == "BF16" else None
+    return produce, np.dtype(np_dtype), raw, info.shape, info.nbytes, None
+
+
+def _row_order(layout, name: str, shape) -> np.ndarray | None:
+    """The gather map of llama.cpp's q/k row layout for this tensor, if it takes one."""
+    if layout is None or name not in layout.row_heads:
+        return None
+    from qstrat.llama_gguf import rope_row_order
+
+    return rope_row_order(int(shape[0]), layout.row_heads[name])
+
+
 def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) -> Path:
-    """Write a :class:`qstrat.model.QuantizedModel` as one GGUF file (atomically)."""
+    """Write a :class:`qstrat.model.QuantizedModel` as one GGUF file (atomically).
+
+    With ``metadata["layout"]`` (a :class:`qstrat.llama_gguf.LlamaLayout`) the file is the
+    model as llama.cpp's converter writes it: llama.cpp tensor names and hyperparameters,
+    q/k rows in GGML's rotary layout, 1-D tensors as F32, the vocabulary; what qstrat needs
+    to read it back (the Hugging Face names, which rows were reordered, joint permutations)
+    is kept under ``qstrat.*`` keys, since llama.cpp refuses tensors it does not expect.
+    Otherwise it is qstrat's generic container (every tensor under its own name)."""
     gguf = _gguf()
     target = Path(target)
+    layout = metadata.get("layout")
     entries = []  # (name, producer of the numpy payload, numpy dtype, GGML raw type or None, shape, nbytes)
-    perm_names, joint_names, joint_axes = [], [], []
+    perm_names, joint_names, joint_axes, joint_arrays = [], [], [], []
+    widened: dict[str, str] = {}
     for name in model:
+        if layout is not None and name in layout.dropped:
+            continue
         entry = model.entries[name]
         if entry.quantized:
             files = entry.files
@@ -101,48 +148,85 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
                 stored = read_blocks(model.directory / files["blocks"])
                 ggml_type = gguf.GGMLQuantizationType[stored.type_name.upper()]
             payload = np.asarray(stored.blocks).reshape(stored.rows, -1)
+            order = _row_order(layout, name, (stored.rows, stored.k))
+            if order is not None:
+                # blocks run along a row: reordering rows of blocks gives exactly the blocks of
+                # the reordered matrix
+                payload = payload[order]
             entries.append((name, lambda p=payload: p, np.uint8, ggml_type, payload.shape, payload.nbytes))
             if "perm" in files:
+                if layout is not None:
+                    raise OutputError(f"{name}: a run-time permutation cannot be written for llama.cpp")
                 perm = read_perm(model.directory / files["perm"], stored.k).astype(np.int32)
                 entries.append((name + PERM_SUFFIX, lambda p=perm: p, np.int32, None, perm.shape, perm.nbytes))
                 perm_names.append(name + PERM_SUFFIX)
         else:
-            info = model.passthrough_info(name)
-            if info.dtype not in PASSTHROUGH_TYPES:
-                raise OutputError(f"GGUF has no type for {info.dtype} tensors")
-            np_dtype = PASSTHROUGH_TYPES[info.dtype]
-            # the writer derives the type from the numpy dtype, except for bfloat16's raw bits
-            raw = gguf.GGMLQuantizationType.BF16 if info.dtype == "BF16" else None
-            entries.append((name, lambda info=info, t=np_dtype: np.asarray(map_tensor(info)).view(t), np.dtype(np_dtype), raw, info.shape, info.nbytes))
+            produce, dtype, raw, shape, nbytes, source_tag = _passthrough_entry(model, name, layout, gguf)
+            entries.append((name, produce, dtype, raw, shape, nbytes))
+            if source_tag is not None:
+                widened[name] = source_tag
         joint = model.joint_permutation(name)
         if joint is not None:
             perm = joint[0].astype(np.int32)
-            entries.append((name + JOINT_SUFFIX, lambda p=perm: p, np.int32, None, perm.shape, perm.nbytes))
-            joint_names.append(name + JOINT_SUFFIX)
+            if layout is None:
+                entries.append((name + JOINT_SUFFIX, lambda p=perm: p, np.int32, None, perm.shape, perm.nbytes))
+                joint_names.append(name + JOINT_SUFFIX)
+            else:
+                joint_names.append(name)
+                joint_arrays.append(perm)
             joint_axes.append(joint[1])
-    renamed = {n: gguf_name(n) for n, *_ in entries if gguf_name(n) != n}
-    if len({gguf_name(n) for n, *_ in entries}) != len(entries):
+    if layout is not None:
+        stored_names = {n: layout.names[n] for n, *_ in entries}
+        extra = layout.extra_tensors()
+        for name, array in extra:
+            entries.append((name, lambda a=array: a, array.dtype, None, array.shape, array.nbytes))
+            stored_names[name] = name
+        renamed = {n: g for n, g in stored_names.items() if g != n}
+    else:
+        extra = []
+        stored_names = {n: gguf_name(n) for n, *_ in entries}
+        renamed = {n: g for n, g in stored_names.items() if g != n}
+    if len(set(stored_names.values())) != len(entries):
         raise OutputError(f"{target}: two tensor names collide in GGUF's 63-byte limit")
     with atomic_path(target) as tmp:
-        writer = gguf.GGUFWriter(tmp, str(metadata.get("architecture") or "qstrat"))
-        writer.add_uint32("general.quantization_version", QUANTIZATION_VERSION)
+        architecture = layout.arch if layout is not None else str(metadata.get("architecture") or "qstrat")
+        writer = gguf.GGUFWriter(tmp, architecture)
+        writer.add_quantization_version(QUANTIZATION_VERSION)
         if metadata.get("name"):
             writer.add_name(str(metadata["name"]))
-        if metadata.get("file_type") is not None:
+        if layout is not None:
+            layout.write_parameters(writer, metadata.get("file_type"))
+            layout.write_vocabulary(writer)
+        elif metadata.get("file_type") is not None:
             writer.add_file_type(int(metadata["file_type"]))  # llama.cpp's file type (a preset's)
         writer.add_string(KEY_PREFIX + "version", __version__)
         writer.add_string(KEY_PREFIX + "variant", str(metadata.get("variant") or "unknown"))
         writer.add_string(KEY_PREFIX + "config", json.dumps(metadata.get("config") or {}, sort_keys=True))
+        if layout is not None:
+            writer.add_string(KEY_PREFIX + "layout", LLAMA_LAYOUT)
+            writer.add_string(KEY_PREFIX + "source_architecture", str(metadata.get("architecture") or ""))
         for key, values in (("perm_tensors", perm_names), ("joint_perm_tensors", joint_names)):
             if values:
                 writer.add_array(KEY_PREFIX + key, values)
         if joint_axes:
             writer.add_array(KEY_PREFIX + "joint_perm_axes", joint_axes)
+        for i, perm in enumerate(joint_arrays):
+            writer.add_array(f"{KEY_PREFIX}joint_perm.{i}", perm.tolist())
         if renamed:
             writer.add_array(KEY_PREFIX + "renamed.gguf", list(renamed.values()))
             writer.add_array(KEY_PREFIX + "renamed.original", list(renamed))
+        if layout is not None:
+            if layout.row_heads:
+                permuted = sorted(n for n in layout.row_heads if n in stored_names)
+                writer.add_array(KEY_PREFIX + "rope_rows", permuted)
+                writer.add_array(KEY_PREFIX + "rope_rows_heads", [layout.row_heads[n] for n in permuted])
+            if widened:
+                writer.add_array(KEY_PREFIX + "widened", list(widened))
+                writer.add_array(KEY_PREFIX + "widened_from", list(widened.values()))
+            if extra:
+                writer.add_array(KEY_PREFIX + "generated", [n for n, _ in extra])
         for name, _, dtype, raw, shape, nbytes in entries:
-            writer.add_tensor_info(gguf_name(name), shape, np.dtype(dtype), nbytes, raw_dtype=raw)
+            writer.add_tensor_info(stored_names[name], shape, np.dtype(dtype), nbytes, raw_dtype=raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -153,7 +237,11 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
 
 
 class GGUFModel:
-    """A qstrat GGUF file read back: tensors by original name, with their roles."""
+    """A qstrat GGUF file read back: tensors by original name, with their roles.
+
+    A file in llama.cpp's layout (``qstrat.layout``) has its tensors mapped back to their
+    Hugging Face names, q/k rows back in the source order, widened 1-D tensors back in their
+    source dtype, and the tensors llama.cpp's converter generates (``rope_freqs``) left out."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         gguf = _gguf()
@@ -166,13 +254,33 @@ class GGUFModel:
             raise FormatError(f"{self.path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
         renamed = dict(zip(self._strings("renamed.gguf"), self._strings("renamed.original")))
         self.tensors = {renamed.get(t.name, t.name): t for t in self.reader.tensors}
+        self.llama_cpp = self._string("layout") == LLAMA_LAYOUT
+        self.generated = set(self._strings("generated"))
         self.perm_names = set(self._strings("perm_tensors"))
         joint_names = self._strings("joint_perm_tensors")
-        field = self.reader.get_field(KEY_PREFIX + "joint_perm_axes")
-        axes = [int(v) for v in field.contents()] if field is not None else []
+        axes = self._ints("joint_perm_axes")
         if len(axes) != len(joint_names):
             raise FormatError(f"{self.path}: joint permutation metadata is inconsistent")
-        self.joint_axes = dict(zip(joint_names, axes))
+        self.joint_companions = set() if self.llama_cpp else set(joint_names)
+        for companion in list(self.perm_names) + list(self.joint_companions):
+            if companion not in self.tensors:
+                raise FormatError(f"{self.path}: companion tensor {companion!r} is missing")
+        self.joint: dict[str, tuple[np.ndarray, int]] = {}
+        for i, (name, axis) in enumerate(zip(joint_names, axes)):
+            if self.llama_cpp:
+                if name not in self.tensors:
+                    raise FormatError(f"{self.path}: joint permutation of a tensor {name!r} the file does not hold")
+                self.joint[name] = (np.asarray(self._ints(f"joint_perm.{i}"), dtype=np.int64), axis)
+            else:
+                self.joint[name[: -len(JOINT_SUFFIX)]] = (np.asarray(self.tensors[name].data).astype(np.int64), axis)
+        self.row_heads = self._pairs("rope_rows", self._ints("rope_rows_heads"))
+        self.widened = self._pairs("widened", self._strings("widened_from"))
+        for name, heads in self.row_heads.items():
+            rows = int(self.tensors[name].shape[-1])  # ne: the row length first, the rows last
+            if heads < 1 or rows % (2 * heads):
+                raise FormatError(f"{self.path}: {KEY_PREFIX}rope_rows: {rows} rows of {name!r} do not split into {heads} heads")
+        if set(self.widened.values()) - {"BF16", "F16"}:
+            raise FormatError(f"{self.path}: {KEY_PREFIX}widened_from holds a dtype other than BF16 / F16")
         self.variant = self._string("variant")
         config = self._string("config")
         try:
@@ -180,10 +288,9 @@ class GGUFModel:
         except ValueError:
             raise FormatError(f"{self.path}: {KEY_PREFIX}config is not JSON") from None
         self.architecture = self._string("architecture", prefix="general.")
+        if self.llama_cpp:
+            self.architecture = self._string("source_architecture") or self.architecture
         self.name = self._string("name", prefix="general.")
-        for companion in list(self.perm_names) + list(self.joint_axes):
-            if companion not in self.tensors:
-                raise FormatError(f"{self.path}: companion tensor {companion!r} is missing")
 
     def _string(self, key: str, prefix: str = KEY_PREFIX) -> str | None:
         field = self.reader.get_field(prefix + key)
@@ -193,9 +300,60 @@ class GGUFModel:
         field = self.reader.get_field(KEY_PREFIX + key)
         return [] if field is None else [str(v) for v in field.contents()]
 
+    def _pairs(self, key: str, values: list) -> dict:
+        """{tensor name in ``qstrat.<key>``: its value in ``values``}; every name a tensor of the file."""
+        names = self._strings(key)
+        if len(names) != len(values) or not set(names) <= set(self.tensors):
+            raise FormatError(f"{self.path}: {KEY_PREFIX}{key} metadata is inconsistent")
+        return dict(zip(names, values))
+
+    def _ints(self, key: str) -> list[int]:
+        field = self.reader.get_field(KEY_PREFIX + key)
+        return [] if field is None else [int(v) for v in field.contents()]
+
     def model_tensors(self) -> list[str]:
-        """Names of the model's own tensors (companions excluded), sorted."""
-        return sorted(n for n in self.tensors if n not in self.perm_names and n not in self.joint_axes)
+        """Names of the model's own tensors (companions and generated tensors excluded), sorted."""
+        others = self.perm_names | self.joint_companions | self.generated
+        return sorted(n for n in self.tensors if n not in others)
+
+    def source_rows(self, name: str, array: np.ndarray) -> np.ndarray:
+        """``array`` (a tensor's stored rows) in the source's row order."""
+        heads = self.row_heads.get(name)
+        if heads is None:
+            return array
+        from qstrat.llama_gguf import rope_row_order
+
+        source = np.empty_like(array)
+        source[rope_row_order(array.shape[0], heads)] = array
+        return source
+
+    def passthrough_bytes(self, name: str, shape: list[int]) -> tuple[str, np.ndarray]:
+        """(dtype tag, raw bytes) of a passed-through tensor, as the source held it."""
+        tensor = self.tensors[name]
+        tag = passthrough_tag(int(tensor.tensor_type))
+        if tag is None:
+            raise InputError(f"{self.path}: tensor {name!r} has GGML type {int(tensor.tensor_type)}, not one qstrat writes")
+        array = np.asarray(tensor.data).reshape(-1)
+        if tag == "BF16":
+            array = array.view(np.uint16)  # the reader gives bfloat16 as raw bytes
+        array = self.source_rows(name, array.reshape(shape) if shape else array)
+        source_tag = self.widened.get(name)
+        if source_tag is not None and tag == "F32":
+            values = np.ascontiguousarray(array, dtype=np.float32)
+            if source_tag == "BF16":
+                array = (values.view(np.uint32) >> 16).astype(np.uint16)  # exact: widened from bfloat16
+            else:
+                array = values.astype(np.float16)
+            tag = source_tag
+        return tag, np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+
+    def describe_layout(self) -> str:
+        """One line: whether llama.cpp runs this file."""
+        if self.llama_cpp:
+            return f"a llama.cpp model (architecture {self._string('architecture', prefix='general.')})"
+        if any(int(t.tensor_type) == int(_gguf().GGMLQuantizationType.Q8_K) for t in self.tensors.values()):
+            return "not a llama.cpp model: qstrat's container of Q8_K weights, which llama.cpp cannot run (Candle loads it)"
+        return "not a llama.cpp model: qstrat's generic container (tensors under their own names, no hyperparameters or vocabulary)"
 
 
 def block_type_of(tensor) -> str | None:
@@ -233,8 +391,8 @@ def gguf_to_directory(source: str | os.PathLike, output_dir: str | os.PathLike) 
     for name in names:
         tensor = model.tensors[name]
         shape = [int(d) for d in reversed(tensor.shape.tolist())]
-        companion = name + JOINT_SUFFIX
-        axis = model.joint_axes.get(companion)
+        joint_perm = model.joint.get(name)
+        axis = None if joint_perm is None else joint_perm[1]
         common = {"shape": shape, "permutation": "none" if axis is None else "joint",
                   "joint": None if axis is None else Joint(group=None, axis=axis)}
         if name in stems:
@@ -248,7 +406,7 @@ def gguf_to_directory(source: str | os.PathLike, output_dir: str | os.PathLike) 
                 blocks = np.asarray(tensor.data).reshape(rows * (k // QK_K), BLOCK_BYTES)
                 files = {"q8k": write_q8k(out / f"{stems[name]}.q8k", blocks, rows, k)}
             else:
-                blocks = np.asarray(tensor.data).view(np.uint8).reshape(rows, -1)
+                blocks = model.source_rows(name, np.asarray(tensor.data).view(np.uint8).reshape(rows, -1))
                 files = {"blocks": write_blocks(out / f"{stems[name]}{QBLK_SUFFIX}", blocks, type_name, k)}
             if name + PERM_SUFFIX in model.perm_names:
                 files["perm"] = write_perm(out / f"{stems[name]}.perm", np.asarray(model.tensors[name + PERM_SUFFIX].data))
@@ -258,14 +416,11 @@ def gguf_to_directory(source: str | os.PathLike, output_dir: str | os.PathLike) 
             storage = "q8k" if type_name == "q8_k" else type_name
             entries[name] = QuantizedEntry(storage=storage, dtype="unknown", strategy=None, metrics=None, files=files, **common)
         else:
-            tag = passthrough_tag(int(tensor.tensor_type))
-            if tag is None:
-                raise InputError(f"{model.path}: tensor {name!r} has GGML type {int(tensor.tensor_type)}, not one qstrat writes")
-            raw = np.asarray(tensor.data).reshape(-1).view(np.uint8)
+            tag, raw = model.passthrough_bytes(name, shape)
             passthrough.append((name, tag, tuple(shape), raw))
             entries[name] = PassthroughEntry(storage="passthrough", dtype=tag, reason="from GGUF", files={}, **common)
         if axis is not None:
-            joint.append((name, "I64", (len(model.tensors[companion].data),), np.asarray(model.tensors[companion].data).astype("<i8")))
+            joint.append((name, "I64", (len(joint_perm[0]),), joint_perm[0].astype("<i8")))
     size, sha = write_safetensors(out / PASSTHROUGH_NAME, passthrough)
     for name, *_ in passthrough:
         entries[name].files = {"safetensors": FileEntry(path=PASSTHROUGH_NAME, size=size, sha256=sha)}

@@ -1,0 +1,41 @@
+"""Run a GGUF file in llama.cpp (llama-cpp-python), in a process of its own.
+
+llama-cpp-python and libggml-python (the tests' oracle, loaded in-process through ctypes)
+must never share a process: their ggml symbols clash.  The tests call this script with
+``sys.executable``:
+
+    python tests/llama_cpp_probe.py MODEL.gguf OUT.npy '{"tokens": [1, 2, 3], "text": "..."}'
+
+It evaluates ``tokens`` and saves the logits of every position to OUT.npy (float32,
+tokens x vocabulary), and prints one JSON line: the model's metadata, and the token ids
+llama.cpp makes of ``text`` (without BOS), if given.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main() -> None:
+    model_path, out_path, request = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    import numpy as np
+    from llama_cpp import Llama
+
+    tokens = [int(t) for t in request.get("tokens", [])]
+    llm = Llama(
+        model_path=model_path, logits_all=True, n_ctx=int(request.get("n_ctx", 64)), n_batch=64,
+        n_threads=2, n_threads_batch=2, verbose=False,
+    )
+    answer: dict[str, object] = {"metadata": dict(llm.metadata), "n_vocab": llm.n_vocab()}
+    if tokens:
+        llm.eval(tokens)
+        np.save(out_path, np.asarray(llm.scores[: len(tokens)], dtype=np.float32))
+    if "text" in request:
+        answer["tokens"] = llm.tokenize(request["text"].encode("utf-8"), add_bos=False, special=False)
+        answer["detokenized"] = llm.detokenize(answer["tokens"]).decode("utf-8", "replace")
+    print(json.dumps(answer))
+
+
+if __name__ == "__main__":
+    main()
