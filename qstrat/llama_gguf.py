@@ -523,6 +523,12 @@ def plan_layout(
     except (KeyError, TypeError, ValueError) as err:
         notes.append(f"tokenizer not usable ({type(err).__name__}: {err}): written without a vocabulary")
         vocabulary = Vocabulary("none", None, description="none")
+    embeddings = next((shape[0] for hf, shape in tensors.items() if names.get(hf) == "token_embd.weight"), None)
+    if vocabulary.model != "none" and embeddings is not None and len(vocabulary.tokens) != embeddings:
+        notes.append(
+            f"the vocabulary has {len(vocabulary.tokens)} tokens and the model {embeddings} embeddings: "
+            "llama.cpp refuses to load a file where they differ"
+        )
     if dropped:
         notes.append(f"dropped as llama.cpp's converter does: {', '.join(dropped)}")
     return LlamaLayout(arch, dict(hparams), names, row_heads, vocabulary, notes, dropped), ""
