@@ -422,6 +422,9 @@ def _write_container(
     if layout is not None:
         described = {"file": container.name, "llama_cpp": True, "architecture": layout.arch,
                      "vocabulary": layout.vocabulary.description, "notes": list(layout.notes)}
+    elif metadata.get("carried") is not None:
+        described = {"file": container.name, "llama_cpp": True, "architecture": metadata["architecture"],
+                     "vocabulary": "the input GGUF's, with its other metadata", "notes": []}
     else:
         described = {"file": container.name, "llama_cpp": False, "reason": metadata["not_llama_cpp"], "notes": []}
     entry = FileEntry(path=container.name, size=container.stat().st_size, sha256=file_sha256(container))

@@ -66,6 +66,26 @@ def llama_layout(model: QuantizedModel, source: Path | None):
     return plan_layout(shapes, hparams, directory)
 
 
+#: keys a GGUF input's metadata does not carry over: the writer sets them itself, for this file
+_REWRITTEN_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
+
+
+def carried_fields(source: Path) -> list[tuple[str, object, object, object]]:
+    """(key, value, GGUF value type, element type of an array) of every key-value pair of a
+    GGUF input that its output keeps: hyperparameters, vocabulary, chat template, general.*."""
+    import gguf
+
+    reader = gguf.GGUFReader(source)
+    fields = []
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key.startswith("qstrat.") or key in _REWRITTEN_KEYS:
+            continue
+        value_type = field.types[0]
+        element_type = field.types[1] if value_type == gguf.GGUFValueType.ARRAY else None
+        fields.append((key, field.contents(), value_type, element_type))
+    return fields
+
+
 def gguf_metadata(model: QuantizedModel, source: str | os.PathLike | None = None) -> dict[str, object]:
     """What write_gguf needs; ``source`` is the source model (default: the manifest's source path).
     ``layout`` is llama.cpp's layout when the model is Llama-family and llama.cpp can run its
@@ -74,6 +94,19 @@ def gguf_metadata(model: QuantizedModel, source: str | os.PathLike | None = None
     config = (manifest and manifest.config) or {}
     if source is None and manifest is not None:
         source = manifest.source.path
+    q8k = any("q8k" in e.files for e in model.entries.values())
+    if source is not None and Path(source).suffix == ".gguf" and Path(source).is_file() and not q8k:
+        # a GGUF input: its names, metadata and vocabulary carry over, as llama-quantize keeps them
+        return {
+            "file_type": _file_type(config),
+            "architecture": (manifest and manifest.source.architecture) or "qstrat",
+            "name": None,
+            "variant": (manifest and manifest.variant) or "unknown",
+            "config": config,
+            "layout": None,
+            "carried": carried_fields(Path(source)),
+            "not_llama_cpp": None,
+        }
     layout, why_not = llama_layout(model, Path(source) if source is not None else None)
     return {
         # a uniform format's file type describes a llama.cpp model only; a preset's is written in any case

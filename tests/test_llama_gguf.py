@@ -275,3 +275,29 @@ def test_other_architectures_get_the_generic_container(tmp_path):
     assert "encoder.layer.0.attention.self.query.weight" in names  # its own names
     inspected = run_cli("qstrat", "inspect", str(tmp_path / "out"))
     assert "bert.gguf: not a llama.cpp model: qstrat's generic container" in inspected.stdout
+
+
+@pytest.mark.parametrize("settings", [{"format": "q8_0"}, {"preset": "q4_k_m"}])
+def test_a_gguf_input_gives_the_bytes_and_the_model_of_its_source(llama_dir, f32_run, tmp_path, settings):
+    """llama.cpp's F32 GGUF of the model, requantized as a GGUF input, is the file the Hugging Face
+    directory gives directly: the same tensors, byte for byte, the same metadata and vocabulary,
+    and llama.cpp computes exactly the same logits."""
+    direct = tmp_path / "direct"
+    run(llama_dir, direct, **settings)
+    f32_gguf = f32_run[0] / "tiny.gguf"
+    result = run_cli("qstrat", "run", str(REPO / "configs/identity.yaml"), "-i", str(f32_gguf), "-o", str(tmp_path / "again"),
+                     *[a for key, value in settings.items() for a in ("--set", f"{key}={value}")])
+    assert result.returncode == 0, result.stderr
+    assert "tiny.gguf: a llama.cpp model" in result.stdout
+    ours, theirs = GGUFReader(tmp_path / "again" / "tiny.gguf"), GGUFReader(direct / "tiny.gguf")
+    expected = {t.name: t for t in theirs.tensors}
+    assert sorted(t.name for t in ours.tensors) == sorted(expected)
+    for tensor in ours.tensors:
+        assert tensor.tensor_type == expected[tensor.name].tensor_type, tensor.name
+        assert np.array_equal(np.asarray(tensor.data), np.asarray(expected[tensor.name].data)), tensor.name
+    for key in ("llama.block_count", "llama.attention.head_count_kv", "general.file_type", "tokenizer.ggml.tokens",
+                "tokenizer.ggml.merges", "tokenizer.ggml.pre"):
+        assert ours.get_field(key).contents() == theirs.get_field(key).contents(), key
+    logits, _ = probe(tmp_path / "again" / "tiny.gguf")
+    direct_logits, _ = probe(direct / "tiny.gguf")
+    assert np.array_equal(logits, direct_logits)

@@ -46,6 +46,7 @@ JOINT_SUFFIX = ".joint_perm"
 KEY_PREFIX = "qstrat."
 #: qstrat.layout of a file written in llama.cpp's layout (absent from the generic container)
 LLAMA_LAYOUT = "llama.cpp"
+GGUF_INPUT_LAYOUT = "gguf-input"  # names and metadata carried over from a GGUF input
 
 
 #: safetensors dtype tag of a passed-through tensor -> numpy dtype of its bytes; each tag is
@@ -192,13 +193,17 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
         architecture = layout.arch if layout is not None else str(metadata.get("architecture") or "qstrat")
         writer = gguf.GGUFWriter(tmp, architecture)
         writer.add_quantization_version(QUANTIZATION_VERSION)
+        if metadata.get("carried") is not None:
+            writer.add_string(KEY_PREFIX + "layout", GGUF_INPUT_LAYOUT)
+            for key, value, value_type, element_type in metadata["carried"]:
+                writer.add_key_value(key, value, value_type, sub_type=element_type)  # a GGUF input's own
         if metadata.get("name"):
             writer.add_name(str(metadata["name"]))
         if layout is not None:
             layout.write_parameters(writer, metadata.get("file_type"))
             layout.write_vocabulary(writer)
         elif metadata.get("file_type") is not None:
-            writer.add_file_type(int(metadata["file_type"]))  # llama.cpp's file type (a preset's)
+            writer.add_file_type(int(metadata["file_type"]))  # llama.cpp's file type (a preset's, a GGUF input's)
         writer.add_string(KEY_PREFIX + "version", __version__)
         writer.add_string(KEY_PREFIX + "variant", str(metadata.get("variant") or "unknown"))
         writer.add_string(KEY_PREFIX + "config", json.dumps(metadata.get("config") or {}, sort_keys=True))
@@ -351,6 +356,9 @@ class GGUFModel:
         """One line: whether llama.cpp runs this file."""
         if self.llama_cpp:
             return f"a llama.cpp model (architecture {self._string('architecture', prefix='general.')})"
+        if self._string("layout") == GGUF_INPUT_LAYOUT:
+            return (f"a llama.cpp model (architecture {self._string('architecture', prefix='general.')}; "
+                    "names, metadata and vocabulary of the GGUF it was quantized from)")
         if any(int(t.tensor_type) == int(_gguf().GGMLQuantizationType.Q8_K) for t in self.tensors.values()):
             return "not a llama.cpp model: qstrat's container of Q8_K weights, which llama.cpp cannot run (Candle loads it)"
         return "not a llama.cpp model: qstrat's generic container (tensors under their own names, no hyperparameters or vocabulary)"
