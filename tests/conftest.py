@@ -9,6 +9,11 @@ REPO = Path(__file__).resolve().parents[1]
 # Every Python process a test starts prints its threads' stacks on a fatal signal: a hung
 # command is sent SIGABRT (tests/helpers.communicate_or_dump_stacks), and the failure shows where.
 os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+# The tests run qstrat in-process, as the qstrat commands run it: numba's OpenMP threads wait
+# passively between kernel calls (qstrat.cli.quiet_openmp_threads). With OpenMP's default spinning,
+# on a busy machine, each parallel kernel call on a test's tiny tensors took about 15 ms instead of
+# 0.1 ms. Set before the first kernel call starts OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _vectors_path() -> Path:

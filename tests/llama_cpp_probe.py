@@ -9,6 +9,12 @@ must never share a process: their ggml symbols clash.  The tests call this scrip
 It evaluates ``tokens`` and saves the logits of every position to OUT.npy (float32,
 tokens x vocabulary), and prints one JSON line: the model's metadata, and the token ids
 llama.cpp makes of ``text`` (without BOS), if given.
+
+Several models in one process (llama.cpp is loaded once):
+
+    python tests/llama_cpp_probe.py --batch '[{"model": "A.gguf", "out": "A.npy", "tokens": [...]}, ...]'
+
+prints one JSON line: the list of answers, in order.
 """
 
 from __future__ import annotations
@@ -17,8 +23,7 @@ import json
 import sys
 
 
-def main() -> None:
-    model_path, out_path, request = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+def probe(model_path: str, out_path: str, request: dict) -> dict[str, object]:
     import numpy as np
     from llama_cpp import Llama
 
@@ -34,7 +39,15 @@ def main() -> None:
     if "text" in request:
         answer["tokens"] = llm.tokenize(request["text"].encode("utf-8"), add_bos=False, special=False)
         answer["detokenized"] = llm.detokenize(answer["tokens"]).decode("utf-8", "replace")
-    print(json.dumps(answer))
+    llm.close()
+    return answer
+
+
+def main() -> None:
+    if sys.argv[1] == "--batch":
+        print(json.dumps([probe(r["model"], r["out"], r) for r in json.loads(sys.argv[2])]))
+    else:
+        print(json.dumps(probe(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,52 @@
+"""Quantize a GGUF file with llama.cpp's own quantizer (``llama_model_quantize``, what
+``llama-quantize`` runs), in a process of its own.
+
+llama-cpp-python and libggml-python (the tests' oracle, loaded in-process through ctypes)
+must never share a process: their ggml symbols clash.  The tests call this script with
+``sys.executable``:
+
+    python tests/llama_cpp_quantize.py '[{"in": "IN.gguf", "out": "OUT.gguf", "ftype": 15}, ...]'
+
+Each job is one call of ``llama_model_quantize`` on its input with llama.cpp's default
+parameters (``llama_model_quantize_default_params``: no importance matrix, output tensor
+quantized, no requantization), one thread, ``ftype`` (a ``LLAMA_FTYPE`` value,
+``gguf.LlamaFileType``) and, if the job says ``"pure": true``, ``params.pure`` (every
+tensor the file type's default type, the row-length fallback aside).  Jobs run in order;
+each output is written under a temporary name and renamed to ``out`` when it is complete,
+so a caller may wait for one file while the later ones are made.  A failed job stops the
+script with exit code 1 (llama.cpp's log, on stderr, says why).  The last line on stdout
+is a JSON list of the outputs written.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import sys
+
+
+def main() -> None:
+    jobs = json.loads(sys.argv[1])
+    import llama_cpp
+
+    llama_cpp.llama_backend_init()
+    written = []
+    for job in jobs:
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = int(job["ftype"])
+        params.nthread = 1
+        params.pure = bool(job.get("pure", False))
+        in_path, out = job["in"], job["out"]
+        partial = f"{out}.part"
+        status = llama_cpp.llama_model_quantize(in_path.encode(), partial.encode(), ctypes.byref(params))
+        if status != 0:
+            print(f"llama_model_quantize({in_path}, ftype {job['ftype']}, pure {params.pure}) returned {status}", file=sys.stderr)
+            sys.exit(1)
+        os.replace(partial, out)
+        written.append(out)
+    print(json.dumps(written))
+
+
+if __name__ == "__main__":
+    main()
