@@ -41,10 +41,10 @@ def signed_extreme(x):
 
 
 @njit(cache=True, inline="always")
-def load_block(x, b, xb):
+def load_block(x, b, xb, out):
     """Block ``b`` of ``x`` (rows of whole blocks of ``len(xb)`` values, blocks in row-major order)
     into ``xb`` as float32, in one branch-free pass; returns the block's first column and whether
-    it holds a NaN or infinity."""
+    it holds a NaN or infinity, in which case its bytes ``out[b]`` are zeroed (the caller refuses it)."""
     n = xb.shape[0]
     blocks_per_row = x.shape[1] // n
     r = b // blocks_per_row
@@ -54,6 +54,8 @@ def load_block(x, b, xb):
         v = to_float32(x[r, start + j])
         xb[j] = v
         bad |= np.uint32((np.float32(v).view(np.uint32) & _EXPONENT) == _EXPONENT)
+    if bad:
+        out[b, :] = 0
     return start, bad != np.uint32(0)
 
 
@@ -96,8 +98,7 @@ def make_qx_quants(xb, weight, nmax, codes):
     n = xb.shape[0]
     extreme, amax = signed_extreme(xb)
     if amax < GROUP_MAX_EPS:
-        for i in range(n):
-            codes[i] = 0
+        codes[:n] = 0
         return np.float32(0.0)
     levels = np.empty(n, dtype=np.float32)
     fmax = np.float32(nmax)
@@ -154,8 +155,7 @@ def make_qkx_quants(x, weight, nmax, codes, aux, rmin, rdelta, nstep, use_mad):
     if low > np.float32(0.0):
         low = np.float32(0.0)
     if high <= low:  # make_qkx2_quants tests max == min: the same once min <= max
-        for i in range(n):
-            codes[i] = 0
+        codes[:n] = 0
         return np.float32(0.0), -low
     fmax = np.float32(nmax)
     iscale = fmax / (high - low)

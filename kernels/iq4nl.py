@@ -126,9 +126,8 @@ def quantize_rows_iq4nl(x, out, quant_weights):
         levels = np.empty(QK, dtype=np.float32)
         codes = np.empty(QK, dtype=np.int64)
         for b in range(task * BLOCKS_PER_TASK, min(n_blocks, (task + 1) * BLOCKS_PER_TASK)):
-            start, bad = load_block(x, b, xb)
+            start, bad = load_block(x, b, xb, out)
             if bad:
-                out[b, :] = 0
                 non_finite += 1
                 continue
             qw = quant_weights[start : start + QK] if weighted else quant_weights

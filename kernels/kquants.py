@@ -90,8 +90,7 @@ def _make_qp_quants(x, nmax, codes, quant_weights):
     for i in range(n):
         top = top if top > x[i] else x[i]  # C's MAX(max, x[i])
     if top < GROUP_MAX_EPS:
-        for i in range(n):
-            codes[i] = 0
+        codes[:n] = 0
         return np.float32(0.0)
     fmax = np.float32(nmax)
     iscale = fmax / top
@@ -276,8 +275,7 @@ def _make_q3_quants(x, nmax, codes):
     n = x.shape[0]
     extreme, amax = signed_extreme(x)
     if amax < GROUP_MAX_EPS:
-        for i in range(n):
-            codes[i] = 0
+        codes[:n] = 0
         return np.float32(0.0)
     iscale = np.float32(-nmax) / extreme
     sumlx = np.float32(0.0)
@@ -573,9 +571,8 @@ def quantize_rows_kquants(x, qtype, out, quant_weights=None):
         ls = np.empty(16, dtype=np.int64)
         lm = np.empty(16, dtype=np.int64)
         for b in range(task * BLOCKS_PER_TASK, min(n_blocks, (task + 1) * BLOCKS_PER_TASK)):
-            start, bad = load_block(x, b, xb)
+            start, bad = load_block(x, b, xb, out)
             if bad:
-                out[b, :] = 0
                 non_finite += 1
                 continue
             if quant_weights is None:
