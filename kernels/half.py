@@ -1,4 +1,5 @@
-"""float32 -> binary16 / bfloat16 encoding, rounded exactly as GGML rounds.
+"""float32 -> binary16 / bfloat16 encoding, rounded exactly as GGML rounds, and the fp16 scales
+of GGML's blocks stored and loaded.
 
 GGML stores every legacy block scale with ``GGML_FP32_TO_FP16``: round to nearest, ties to
 even, subnormal halves kept (not flushed), overflow to infinity, NaN to 0x7E00 with the sign
@@ -16,7 +17,7 @@ _F16_INF_FROM = np.uint32(0x477FF000)  # 65520 = (65504 + 65536) / 2: a tie that
 _F16_NORMAL_FROM = np.uint32(0x38800000)  # 2**-14, the smallest normal half
 _REBIAS = np.uint32((127 - 15) << 23)
 _TWO_24 = np.float32(2.0**24)  # a subnormal half counts units of 2**-24
-_ROUND_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: x + magic - magic rounds ties to even
+ROUND_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: x + magic - magic rounds ties to even
 
 
 @njit(cache=True, inline="always")
@@ -37,7 +38,7 @@ def float32_to_f16_bits(value):
     # subnormal half (or zero): the magnitude in units of 2**-24 is exact in float32 (< 1024),
     # and the magic constant rounds it ties to even; 1024 is the smallest normal, as it should be
     units = np.uint32(magnitude).view(np.float32) * _TWO_24
-    rounded_units = (units + _ROUND_MAGIC) - _ROUND_MAGIC
+    rounded_units = (units + ROUND_MAGIC) - ROUND_MAGIC
     return np.uint16(sign | np.uint32(rounded_units))
 
 
@@ -46,6 +47,23 @@ def float32_to_bf16_bits(value):
     """The bfloat16 bits (uint16) of finite float32 ``value``: round to nearest even, as GGML."""
     bits = np.float32(value).view(np.uint32)
     return np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+@njit(cache=True, inline="always")
+def store_half(out, b, offset, value):
+    """out[b, offset:offset + 2] = GGML_FP32_TO_FP16(value), little-endian; returns the float32
+    value of what was stored (GGML_FP16_TO_FP32 of it)."""
+    h = float32_to_f16_bits(value)
+    out[b, U64(offset)] = np.uint8(h & np.uint16(0xFF))
+    out[b, U64(offset + 1)] = np.uint8(h >> np.uint16(8))
+    return to_float32(np.int16(h))
+
+
+@njit(cache=True, inline="always")
+def load_half(blocks, b, offset):
+    """The float32 value of the fp16 at blocks[b, offset:offset + 2]."""
+    bits = np.uint16(blocks[b, U64(offset)]) | (np.uint16(blocks[b, U64(offset + 1)]) << np.uint16(8))
+    return to_float32(np.int16(bits))
 
 
 @njit(parallel=True, cache=True, nogil=True)

@@ -26,8 +26,17 @@ first) and for one signature: no importance vector is an empty one.
 
 import numpy as np
 from numba import njit, prange
+from qstrat.kernels.ggml_common import (
+    BLOCKS_PER_TASK,
+    GROUP_MAX_EPS,
+    importance_weights,
+    load_block,
+    signed_extreme,
+    sum_squares,
+)
+from qstrat.kernels.half import load_half, store_half
 from qstrat.kernels.layout import U64
-from qstrat.kernels.legacy import _GROUP_MAX_EPS, HALF, Q4_0, QK, _store_nibbles, load_half, store_half
+from qstrat.kernels.legacy import HALF, Q4_0, QK, _store_nibbles
 
 #: GGML's kvalues_iq4nl: the level each 4-bit index stands for (times d)
 KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
@@ -36,8 +45,6 @@ BLOCK_BYTES = 2 + HALF
 
 _LEVELS = np.array(KVALUES, dtype=np.float32)
 _NTRY = 7  # GGML's ntry for quantize_iq4_nl: inverse scales (itry - 127) / max, itry in -7..7
-_BLOCKS_PER_TASK = 16  # blocks one parallel task quantizes with one set of scratch arrays
-_EXPONENT = np.uint32(0x7F800000)
 
 
 @njit(cache=True, inline="always")
@@ -73,25 +80,14 @@ def _fit(xb, weight, inv, levels):
 def _quantize_block(xb, qw, weighted, weight, levels, codes, out, b):
     """One block (xb: 32 finite float32) by quantize_row_iq4_nl_impl(32, 32, ntry = 7);
     ``qw``: the importance vector's 32 values if ``weighted``."""
-    sigma2 = np.float32(0.0)
-    for j in range(U64(QK)):
-        sigma2 += xb[j] * xb[j]
-    sigma2 *= np.float32(2.0 / QK)  # GGML: 2.f / super_block_size
     if weighted:
-        for j in range(U64(QK)):
-            weight[j] = qw[j] * np.float32(np.sqrt(sigma2 + xb[j] * xb[j]))
+        importance_weights(xb, qw, sum_squares(xb) * np.float32(2.0 / QK), weight)  # GGML: 2.f / super_block_size
     else:
         for j in range(U64(QK)):
             weight[j] = xb[j] * xb[j]
-    amax = np.float32(0.0)
-    extreme = np.float32(0.0)  # GGML's max: the first value of largest magnitude, signed
-    for j in range(U64(QK)):
-        ax = abs(xb[j])
-        if ax > amax:
-            amax = ax
-            extreme = xb[j]
+    extreme, amax = signed_extreme(xb)  # GGML's max and amax
     d = np.float32(0.0)
-    if not amax < _GROUP_MAX_EPS:
+    if not amax < GROUP_MAX_EPS:
         d = -extreme / _LEVELS[0]  # GGML: -max / values[0] (ntry > 0)
         sumqx, sumq2 = _fit(xb, weight, np.float32(1.0) / d, levels)
         d = sumqx / sumq2 if sumq2 > np.float32(0.0) else np.float32(0.0)
@@ -124,21 +120,14 @@ def quantize_rows_iq4nl(x, out, quant_weights):
     n_blocks = rows * blocks_per_row
     weighted = quant_weights.shape[0] > 0
     non_finite = 0
-    for task in prange((n_blocks + _BLOCKS_PER_TASK - 1) // _BLOCKS_PER_TASK):
+    for task in prange((n_blocks + BLOCKS_PER_TASK - 1) // BLOCKS_PER_TASK):
         xb = np.empty(QK, dtype=np.float32)
         weight = np.empty(QK, dtype=np.float32)
         levels = np.empty(QK, dtype=np.float32)
         codes = np.empty(QK, dtype=np.int64)
-        for b in range(task * _BLOCKS_PER_TASK, min(n_blocks, (task + 1) * _BLOCKS_PER_TASK)):
-            r = b // blocks_per_row
-            start = (b - r * blocks_per_row) * QK
-            bad = np.uint32(0)
-            for j in range(QK):
-                v = x[r, start + j]
-                xb[j] = v
-                bad |= np.uint32((np.float32(v).view(np.uint32) & _EXPONENT) == _EXPONENT)
+        for b in range(task * BLOCKS_PER_TASK, min(n_blocks, (task + 1) * BLOCKS_PER_TASK)):
+            start, bad = load_block(x, b, xb, out)
             if bad:
-                out[b, :] = 0
                 non_finite += 1
                 continue
             qw = quant_weights[start : start + QK] if weighted else quant_weights

@@ -16,9 +16,19 @@ sequential float32 sum stays sequential (numba neither contracts nor reassociate
 
 import numpy as np
 from numba import njit, prange
-from qstrat.kernels.decode import finite_to_float32, to_float32
+from qstrat.kernels.ggml_common import (
+    BLOCKS_PER_TASK,
+    GROUP_MAX_EPS,
+    importance_weights,
+    load_block,
+    make_qkx_quants,
+    make_qx_quants,
+    nearest_int,
+    signed_extreme,
+    sum_squares,
+)
+from qstrat.kernels.half import load_half, store_half
 from qstrat.kernels.layout import QK_K
-from qstrat.kernels.legacy import load_half, make_qx_quants, nearest_int, store_half
 
 # Kernel codes of the types; the registry (qstrat.formats) maps names to them.
 Q2_K = 0
@@ -50,9 +60,6 @@ _Q4_QS = 16
 _Q5_QH = 16
 _Q5_QS = 48
 
-_GROUP_MAX_EPS = np.float32(1e-15)  # GGML: a sub-block or block below this is all zeros
-_BLOCKS_PER_TASK = 16  # blocks one parallel task quantizes with one set of scratch arrays
-
 
 @njit(cache=True, inline="always")
 def _low_byte(i):
@@ -73,76 +80,6 @@ def _or_byte(out, b, offset, bits):
 
 
 @njit(cache=True)
-def _make_qkx_quants(x, weight, nmax, codes, aux, rmin, rdelta, nstep, use_mad):
-    """GGML's make_qkx2_quants, and make_qkx3_quants given weights (the same search): codes in
-    [0, nmax] and (scale, the_min), value ~ scale * code - the_min.  ``nstep + 1`` scales
-    ``(rmin + rdelta * step + nmax) / (max - min)`` are tried, each with a weighted least-squares
-    fit of scale and minimum (the minimum kept <= 0); the smallest weighted error (squared, or
-    absolute with ``use_mad``) wins, ties to the earlier."""
-    n = x.shape[0]
-    low = x[0]
-    high = x[0]
-    sum_w = weight[0]
-    sum_x = sum_w * x[0]
-    for i in range(1, n):
-        if x[i] < low:
-            low = x[i]
-        if x[i] > high:
-            high = x[i]
-        w = weight[i]
-        sum_w += w
-        sum_x += w * x[i]
-    if low > np.float32(0.0):
-        low = np.float32(0.0)
-    if high <= low:  # make_qkx2_quants tests max == min: the same once min <= max
-        for i in range(n):
-            codes[i] = 0
-        return np.float32(0.0), -low
-    fmax = np.float32(nmax)
-    iscale = fmax / (high - low)
-    scale = np.float32(1.0) / iscale
-    best_error = np.float32(0.0)
-    for i in range(n):
-        l = max(0, min(nmax, nearest_int(iscale * (x[i] - low))))
-        codes[i] = l
-        diff = scale * np.float32(l) + low - x[i]
-        diff = abs(diff) if use_mad else diff * diff
-        best_error += weight[i] * diff
-    for step in range(nstep + 1):
-        iscale = (rmin + rdelta * np.float32(step) + fmax) / (high - low)
-        sum_l = np.float32(0.0)
-        sum_l2 = np.float32(0.0)
-        sum_xl = np.float32(0.0)
-        for i in range(n):
-            l = max(0, min(nmax, nearest_int(iscale * (x[i] - low))))
-            aux[i] = l
-            w = weight[i]
-            fl = np.float32(l)
-            sum_l += w * fl
-            sum_l2 += w * fl * fl
-            sum_xl += w * fl * x[i]
-        det = sum_w * sum_l2 - sum_l * sum_l
-        if det > np.float32(0.0):
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
-            if this_min > np.float32(0.0):
-                this_min = np.float32(0.0)
-                this_scale = sum_xl / sum_l2
-            error = np.float32(0.0)
-            for i in range(n):
-                diff = this_scale * np.float32(aux[i]) + this_min - x[i]
-                diff = abs(diff) if use_mad else diff * diff
-                error += weight[i] * diff
-            if error < best_error:
-                for i in range(n):
-                    codes[i] = aux[i]
-                best_error = error
-                scale = this_scale
-                low = this_min
-    return scale, -low
-
-
-@njit(cache=True)
 def _make_qp_quants(x, nmax, codes, quant_weights):
     """GGML's make_qp_quants: codes (as the uint8_t GGML stores) of the non-negative ``x`` on
     [0, nmax] and their scale: the best of nine inverse scales ``(nmax + 0.1 s) / max`` by
@@ -152,9 +89,8 @@ def _make_qp_quants(x, nmax, codes, quant_weights):
     top = np.float32(0.0)
     for i in range(n):
         top = top if top > x[i] else x[i]  # C's MAX(max, x[i])
-    if top < _GROUP_MAX_EPS:
-        for i in range(n):
-            codes[i] = 0
+    if top < GROUP_MAX_EPS:
+        codes[:n] = 0
         return np.float32(0.0)
     fmax = np.float32(nmax)
     iscale = fmax / top
@@ -209,24 +145,50 @@ def _make_qp_quants(x, nmax, codes, quant_weights):
     return sumlx / suml2 if suml2 > np.float32(0.0) else np.float32(0.0)
 
 
-@njit(cache=True)
-def _block_sum_x2(xb):
-    """sum(x**2) over a block, a sequential float32 sum as GGML's loop."""
-    sum_x2 = np.float32(0.0)
-    for j in range(QK_K):
-        sum_x2 += xb[j] * xb[j]
-    return sum_x2
+@njit(cache=True, inline="always")
+def _levels_to_max(values, nmax, levels):
+    """quantize_row_q2_K_ref / q4_K_ref / q5_K_ref on the sub-blocks' scales (or mins): the
+    largest, if > 0, maps to nmax: levels[j] = nearest_int(nmax / max * values[j]), else all 0;
+    returns max / nmax (0 without a value > 0), the block's scale before its fp16 rounding."""
+    top = np.float32(0.0)
+    for j in range(values.shape[0]):
+        if values[j] > top:
+            top = values[j]
+    if top > np.float32(0.0):
+        iscale = np.float32(nmax) / top
+        for j in range(values.shape[0]):
+            levels[j] = nearest_int(iscale * values[j])
+    else:
+        for j in range(values.shape[0]):
+            levels[j] = 0
+    return top / np.float32(nmax)
 
 
-@njit(cache=True)
-def _importance_weights(x, qw, sigma2, weight):
-    """weight[l] = qw[l] * sqrtf(sigma2 + x[l]**2) (GGML's *_impl); returns their sequential sum."""
-    total = np.float32(0.0)
-    for l in range(x.shape[0]):
-        weight[l] = qw[l] * np.float32(np.sqrt(sigma2 + x[l] * x[l]))
-    for l in range(x.shape[0]):
-        total += weight[l]
-    return total
+@njit(cache=True, inline="always")
+def _weighted_scales_mins(xb, qw, sigma2, size, nmax, codes, aux, weight, scales, mins, sw):
+    """quantize_row_q2_K_impl / q4_K_impl / q5_K_impl's search, per sub-block of ``size``: the
+    importance weights (their sum into sw) and make_qkx3_quants(rmin -0.9, rdelta 0.05, nstep 36)."""
+    for j in range(QK_K // size):
+        x = xb[size * j : size * j + size]
+        sw[j] = importance_weights(x, qw[size * j : size * j + size], sigma2, weight)
+        scales[j], mins[j] = make_qkx_quants(
+            x, weight[:size], nmax, codes[size * j : size * j + size], aux, np.float32(-0.9), np.float32(0.05), 36, False
+        )
+
+
+@njit(cache=True, inline="always")
+def _requantize(xb, first, n, d, dm, low, high, codes):
+    """The values first..first + n quantized again against their stored scale ``d`` (and min
+    ``dm``), as every quantize_row_*_K does: codes = MAX(low, MIN(high, nearest_int((x + dm) / d))) - low.
+    A zero ``d`` leaves the codes of the scale search (C's ``if (!d) continue``; NaN goes on).
+    Types without minimums pass dm = -0.0: x + -0.0 is x, for -0.0 too."""
+    if d == np.float32(0.0):
+        return
+    for i in range(first, first + n):
+        codes[i] = max(low, min(high, nearest_int((xb[i] + dm) / d))) - low
+
+
+_NO_MIN = np.float32(-0.0)
 
 
 # --- Q6_K: 16 sub-blocks of 16, int8 scales, 6-bit codes
@@ -235,36 +197,25 @@ def _importance_weights(x, qw, sigma2, weight):
 @njit(cache=True)
 def _quantize_q6_k(xb, qw, out, b, codes, weight, scales):
     """quantize_row_q6_K_ref (qw None) / quantize_row_q6_K_impl (qw: the block's 256 weights)."""
-    max_scale = np.float32(0.0)
-    max_abs_scale = np.float32(0.0)
     for ib in range(16):
         x = xb[16 * ib : 16 * ib + 16]
         if qw is None:  # make_qx_quants with rmse_type 1 and no weights: w = x * x
             for j in range(16):
                 weight[j] = x[j] * x[j]
-            scale = make_qx_quants(x, weight[:16], 32, codes[16 * ib : 16 * ib + 16])
+            scales[ib] = make_qx_quants(x, weight[:16], 32, codes[16 * ib : 16 * ib + 16])
         else:  # GGML passes the importance vector itself (its sigma2 weighting is commented out)
-            scale = make_qx_quants(x, qw[16 * ib : 16 * ib + 16], 32, codes[16 * ib : 16 * ib + 16])
-        scales[ib] = scale
-        abs_scale = abs(scale)
-        if abs_scale > max_abs_scale:
-            max_abs_scale = abs_scale
-            max_scale = scale
-    if max_abs_scale < _GROUP_MAX_EPS:
+            scales[ib] = make_qx_quants(x, qw[16 * ib : 16 * ib + 16], 32, codes[16 * ib : 16 * ib + 16])
+    max_scale, max_abs_scale = signed_extreme(scales)
+    if max_abs_scale < GROUP_MAX_EPS:
         out[b, :] = 0
         return
     iscale = np.float32(-128.0) / max_scale
-    store_half(out, b, _Q6_D, np.float32(1.0) / iscale)
-    d_all = load_half(out, b, _Q6_D)
+    d_all = store_half(out, b, _Q6_D, np.float32(1.0) / iscale)
     for ib in range(16):
         out[b, _Q6_SCALES + ib] = np.uint8(_low_byte(min(127, nearest_int(iscale * scales[ib]))))
     for j in range(16):
         d = d_all * np.float32(_signed_byte(out[b, _Q6_SCALES + j]))
-        if d == np.float32(0.0):  # C's `if (!d) continue`: NaN goes on
-            continue
-        for ii in range(16):
-            l = nearest_int(xb[16 * j + ii] / d)
-            codes[16 * j + ii] = max(-32, min(31, l)) + 32
+        _requantize(xb, 16 * j, 16, d, _NO_MIN, -32, 31, codes)
     for half in range(2):
         j = 128 * half
         ql = 64 * half
@@ -322,16 +273,9 @@ def _make_q3_quants(x, nmax, codes):
     up to five passes move single codes to the weighted least-squares optimum.  An all-zero
     sub-block (|max| < 1e-15) gets codes 0, not nmax, as in GGML."""
     n = x.shape[0]
-    amax = np.float32(0.0)
-    extreme = np.float32(0.0)
-    for i in range(n):
-        ax = abs(x[i])
-        if ax > amax:
-            amax = ax
-            extreme = x[i]
-    if amax < _GROUP_MAX_EPS:
-        for i in range(n):
-            codes[i] = 0
+    extreme, amax = signed_extreme(x)
+    if amax < GROUP_MAX_EPS:
+        codes[:n] = 0
         return np.float32(0.0)
     iscale = np.float32(-nmax) / extreme
     sumlx = np.float32(0.0)
@@ -381,14 +325,9 @@ def _q3_scale(blocks, b, j):
 def _quantize_q3_k(xb, qw, out, b, codes, weight, scales, sw, ls):
     """quantize_row_q3_K_ref (qw None) / quantize_row_q3_K_impl."""
     if qw is None:
-        max_scale = np.float32(0.0)
-        amax = np.float32(0.0)
         for j in range(16):
             scales[j] = _make_q3_quants(xb[16 * j : 16 * j + 16], 4, codes[16 * j : 16 * j + 16])
-            scale = abs(scales[j])
-            if scale > amax:
-                amax = scale
-                max_scale = scales[j]
+        max_scale, _ = signed_extreme(scales)
         for j in range(12):
             out[b, _Q3_SCALES + j] = 0
         if max_scale != np.float32(0.0):  # C's `if (max_scale)`: NaN goes on
@@ -401,10 +340,10 @@ def _quantize_q3_k(xb, qw, out, b, codes, weight, scales, sw, ls):
                 ls[j] = 0
             d_block = np.float32(0.0)
     else:
-        sigma2 = np.float32(2.0) * _block_sum_x2(xb) / np.float32(QK_K)
+        sigma2 = np.float32(2.0) * sum_squares(xb) / np.float32(QK_K)
         for j in range(16):
             x = xb[16 * j : 16 * j + 16]
-            sw[j] = _importance_weights(x, qw[16 * j : 16 * j + 16], sigma2, weight)
+            sw[j] = importance_weights(x, qw[16 * j : 16 * j + 16], sigma2, weight)
             scales[j] = make_qx_quants(x, weight[:16], 4, codes[16 * j : 16 * j + 16])
         for j in range(12):
             out[b, _Q3_SCALES + j] = 0
@@ -416,15 +355,9 @@ def _quantize_q3_k(xb, qw, out, b, codes, weight, scales, sw, ls):
         else:
             _or_byte(out, b, _Q3_SCALES + j - 8, (l & 0xF) << 4)
         _or_byte(out, b, _Q3_SCALES + 8 + j % 4, (l >> 4) << (2 * (j // 4)))
-    store_half(out, b, _Q3_D, d_block)
-    d_all = load_half(out, b, _Q3_D)
+    d_all = store_half(out, b, _Q3_D, d_block)
     for j in range(16):
-        d = d_all * np.float32(_q3_scale(out, b, j) - 32)
-        if d == np.float32(0.0):
-            continue
-        for ii in range(16):
-            l = nearest_int(xb[16 * j + ii] / d)
-            codes[16 * j + ii] = max(-4, min(3, l)) + 4
+        _requantize(xb, 16 * j, 16, d_all * np.float32(_q3_scale(out, b, j) - 32), _NO_MIN, -4, 3, codes)
     for m in range(32):
         out[b, m] = 0
     for j in range(QK_K):
@@ -438,66 +371,27 @@ def _quantize_q3_k(xb, qw, out, b, codes, weight, scales, sw, ls):
 def _quantize_q2_k(xb, qw, out, b, codes, aux, weight, scales, mins, sw, ls, lm):
     """quantize_row_q2_K_ref (qw None) / quantize_row_q2_K_impl."""
     if qw is None:
-        max_scale = np.float32(0.0)
-        max_min = np.float32(0.0)
         for j in range(16):
             x = xb[16 * j : 16 * j + 16]
             for l in range(16):
                 weight[l] = abs(x[l])
-            scale, the_min = _make_qkx_quants(
+            scales[j], mins[j] = make_qkx_quants(
                 x, weight[:16], 3, codes[16 * j : 16 * j + 16], aux, np.float32(-0.5), np.float32(0.1), 15, True
             )
-            scales[j] = scale
-            mins[j] = the_min
-            if scale > max_scale:
-                max_scale = scale
-            if the_min > max_min:
-                max_min = the_min
-        if max_scale > np.float32(0.0):
-            iscale = np.float32(15.0) / max_scale
-            for j in range(16):
-                ls[j] = nearest_int(iscale * scales[j])
-            d_block = max_scale / np.float32(15.0)
-        else:
-            for j in range(16):
-                ls[j] = 0
-            d_block = np.float32(0.0)
-        if max_min > np.float32(0.0):
-            iscale = np.float32(15.0) / max_min
-            for j in range(16):
-                lm[j] = nearest_int(iscale * mins[j])
-            m_block = max_min / np.float32(15.0)
-        else:
-            for j in range(16):
-                lm[j] = 0
-            m_block = np.float32(0.0)
+        d_block = _levels_to_max(scales, 15, ls)
+        m_block = _levels_to_max(mins, 15, lm)
     else:
-        sigma2 = _block_sum_x2(xb) / np.float32(QK_K)  # no factor 2 here, unlike q3_K..q5_K
-        for j in range(16):
-            x = xb[16 * j : 16 * j + 16]
-            sw[j] = _importance_weights(x, qw[16 * j : 16 * j + 16], sigma2, weight)
-            scale, the_min = _make_qkx_quants(
-                x, weight[:16], 3, codes[16 * j : 16 * j + 16], aux, np.float32(-0.9), np.float32(0.05), 36, False
-            )
-            scales[j] = scale
-            mins[j] = the_min
+        sigma2 = sum_squares(xb) / np.float32(QK_K)  # no factor 2 here, unlike q3_K..q5_K
+        _weighted_scales_mins(xb, qw, sigma2, 16, 3, codes, aux, weight, scales, mins, sw)
         d_block = _make_qp_quants(scales, 15, ls, sw)
         m_block = _make_qp_quants(mins, 15, lm, sw)
     for j in range(16):
         out[b, j] = np.uint8(_low_byte(_low_byte(ls[j]) | (lm[j] << 4)))
-    store_half(out, b, _Q2_D, d_block)
-    store_half(out, b, _Q2_DMIN, m_block)
-    d_all = load_half(out, b, _Q2_D)
-    dmin_all = load_half(out, b, _Q2_DMIN)
+    d_all = store_half(out, b, _Q2_D, d_block)
+    dmin_all = store_half(out, b, _Q2_DMIN, m_block)
     for j in range(16):
         sc = np.int64(out[b, j])
-        d = d_all * np.float32(sc & 0xF)
-        if d == np.float32(0.0):
-            continue
-        dm = dmin_all * np.float32(sc >> 4)
-        for ii in range(16):
-            l = nearest_int((xb[16 * j + ii] + dm) / d)
-            codes[16 * j + ii] = max(0, min(3, l))
+        _requantize(xb, 16 * j, 16, d_all * np.float32(sc & 0xF), dmin_all * np.float32(sc >> 4), 0, 3, codes)
     _pack_2bit(out, b, _Q2_QS, codes)
 
 
@@ -548,8 +442,6 @@ def _quantize_q45_k(xb, qw, nmax, out, b, codes, aux, weight, scales, mins, sw, 
     """quantize_row_q4_K_ref / q5_K_ref (qw None), quantize_row_q4_K_impl / q5_K_impl (nmax 15 / 31)."""
     five = nmax == 31
     if qw is None:
-        max_scale = np.float32(0.0)
-        max_min = np.float32(0.0)
         for j in range(8):
             x = xb[32 * j : 32 * j + 32]
             sum_x2 = np.float32(0.0)
@@ -559,36 +451,21 @@ def _quantize_q45_k(xb, qw, nmax, out, b, codes, aux, weight, scales, mins, sw, 
             for l in range(32):
                 weight[l] = av_x + abs(x[l])
             if five:
-                scale, the_min = _make_qkx_quants(
+                scales[j], mins[j] = make_qkx_quants(
                     x, weight, 31, codes[32 * j : 32 * j + 32], aux, np.float32(-0.5), np.float32(0.1), 15, False
                 )
             else:
-                scale, the_min = _make_qkx_quants(
+                scales[j], mins[j] = make_qkx_quants(
                     x, weight, 15, codes[32 * j : 32 * j + 32], aux, np.float32(-1.0), np.float32(0.1), 20, False
                 )
-            scales[j] = scale
-            mins[j] = the_min
-            if scale > max_scale:
-                max_scale = scale
-            if the_min > max_min:
-                max_min = the_min
-        inv_scale = np.float32(63.0) / max_scale if max_scale > np.float32(0.0) else np.float32(0.0)
-        inv_min = np.float32(63.0) / max_min if max_min > np.float32(0.0) else np.float32(0.0)
+        d_block = _levels_to_max(scales[:8], 63, ls)  # then MIN(63, (uint8_t)l), as GGML
+        m_block = _levels_to_max(mins[:8], 63, lm)
         for j in range(8):
-            ls[j] = min(63, _low_byte(nearest_int(inv_scale * scales[j])))
-            lm[j] = min(63, _low_byte(nearest_int(inv_min * mins[j])))
-        d_block = max_scale / np.float32(63.0)
-        m_block = max_min / np.float32(63.0)
+            ls[j] = min(63, _low_byte(ls[j]))
+            lm[j] = min(63, _low_byte(lm[j]))
     else:
-        sigma2 = np.float32(2.0) * _block_sum_x2(xb) / np.float32(QK_K)
-        for j in range(8):
-            x = xb[32 * j : 32 * j + 32]
-            sw[j] = _importance_weights(x, qw[32 * j : 32 * j + 32], sigma2, weight)
-            scale, the_min = _make_qkx_quants(
-                x, weight, nmax, codes[32 * j : 32 * j + 32], aux, np.float32(-0.9), np.float32(0.05), 36, False
-            )
-            scales[j] = scale
-            mins[j] = the_min
+        sigma2 = np.float32(2.0) * sum_squares(xb) / np.float32(QK_K)
+        _weighted_scales_mins(xb, qw, sigma2, 32, nmax, codes, aux, weight, scales, mins, sw)
         d_block = _make_qp_quants(scales[:8], 63, ls, sw[:8])
         m_block = _make_qp_quants(mins[:8], 63, lm, sw[:8])
         if five:  # quantize_row_q5_K_impl clamps again; q4_K_impl does not
@@ -603,19 +480,11 @@ def _quantize_q45_k(xb, qw, nmax, out, b, codes, aux, weight, scales, mins, sw, 
             out[b, _K4_SCALES + j + 4] = np.uint8(_low_byte((ls[j] & 0xF) | ((lm[j] & 0xF) << 4)))
             _or_byte(out, b, _K4_SCALES + j - 4, (ls[j] >> 4) << 6)
             _or_byte(out, b, _K4_SCALES + j, (lm[j] >> 4) << 6)
-    store_half(out, b, 0, d_block)
-    store_half(out, b, _K4_DMIN, m_block)
-    d_all = load_half(out, b, 0)
-    dmin_all = load_half(out, b, _K4_DMIN)
+    d_all = store_half(out, b, 0, d_block)
+    dmin_all = store_half(out, b, _K4_DMIN, m_block)
     for j in range(8):
         sc, m = _scale_min_k4(out, b, j)
-        d = d_all * np.float32(sc)
-        if d == np.float32(0.0):
-            continue
-        dm = dmin_all * np.float32(m)
-        for ii in range(32):
-            l = nearest_int((xb[32 * j + ii] + dm) / d)
-            codes[32 * j + ii] = max(0, min(nmax, l))
+        _requantize(xb, 32 * j, 32, d_all * np.float32(sc), dmin_all * np.float32(m), 0, nmax, codes)
     if not five:
         for n in range(4):
             for l in range(32):
@@ -691,7 +560,7 @@ def quantize_rows_kquants(x, qtype, out, quant_weights=None):
     blocks_per_row = k // QK_K
     n_blocks = rows * blocks_per_row
     non_finite = 0
-    for task in prange((n_blocks + _BLOCKS_PER_TASK - 1) // _BLOCKS_PER_TASK):
+    for task in prange((n_blocks + BLOCKS_PER_TASK - 1) // BLOCKS_PER_TASK):
         xb = np.empty(QK_K, dtype=np.float32)
         codes = np.empty(QK_K, dtype=np.int64)
         aux = np.empty(32, dtype=np.int64)
@@ -701,19 +570,11 @@ def quantize_rows_kquants(x, qtype, out, quant_weights=None):
         sw = np.empty(16, dtype=np.float32)
         ls = np.empty(16, dtype=np.int64)
         lm = np.empty(16, dtype=np.int64)
-        for b in range(task * _BLOCKS_PER_TASK, min(n_blocks, (task + 1) * _BLOCKS_PER_TASK)):
-            r = b // blocks_per_row
-            start = (b - r * blocks_per_row) * QK_K
-            bad = np.uint32(0)
-            for j in range(QK_K):
-                bits = np.float32(to_float32(x[r, start + j])).view(np.uint32)
-                bad |= np.uint32((bits & np.uint32(0x7F800000)) == np.uint32(0x7F800000))
+        for b in range(task * BLOCKS_PER_TASK, min(n_blocks, (task + 1) * BLOCKS_PER_TASK)):
+            start, bad = load_block(x, b, xb, out)
             if bad:
-                out[b, :] = 0
                 non_finite += 1
                 continue
-            for j in range(QK_K):
-                xb[j] = finite_to_float32(x[r, start + j])
             if quant_weights is None:
                 _quantize_block(xb, qtype, None, out, b, codes, aux, weight, scales, mins, sw, ls, lm)
             else:

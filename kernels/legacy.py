@@ -17,7 +17,8 @@ the low byte), so even blocks whose inverse scale overflows give GGML's bytes.
 import numpy as np
 from numba import njit, prange
 from qstrat.kernels.decode import finite_to_float32, from_order_key, order_key, to_float32
-from qstrat.kernels.half import float32_to_f16_bits
+from qstrat.kernels.ggml_common import importance_weights, make_qkx_quants, make_qx_quants
+from qstrat.kernels.half import load_half, store_half
 from qstrat.kernels.layout import U64
 
 #: values per block of every legacy type (GGML's QK8_0 = QK4_0 = QK4_1 = QK5_0 = QK5_1)
@@ -40,10 +41,8 @@ QH_OFFSET = (-1, -1, -1, 2, 4)
 #: byte offset of the fp16 minimum m for Q4_1 / Q5_1
 M_OFFSET = (-1, -1, 2, -1, 2)
 
-_ROUND_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23
 _INT_MIN = np.int32(-2147483648)
 _TWO_31 = np.float32(2147483648.0)
-_GROUP_MAX_EPS = np.float32(1e-15)  # GGML: below this |max| a weighted block is all zeros
 
 
 @njit(cache=True, inline="always")
@@ -65,40 +64,47 @@ def _c_roundf_int(value):
 
 
 @njit(cache=True, inline="always")
-def nearest_int(value):
-    """GGML's nearest_int: ties to even through the float32 bits of value + 1.5 * 2**23 (for
-    |value| beyond 2**22 the same bits give the same garbage GGML gets)."""
-    bits = np.float32(value + _ROUND_MAGIC).view(np.int32)
-    return np.int64(bits & np.int32(0x007FFFFF)) - np.int64(0x00400000)
-
-
-@njit(cache=True, inline="always")
-def store_half(out, b, offset, value):
-    h = float32_to_f16_bits(value)
-    out[b, U64(offset)] = np.uint8(h & np.uint16(0xFF))
-    out[b, U64(offset + 1)] = np.uint8(h >> np.uint16(8))
-
-
-@njit(cache=True, inline="always")
 def _store_u32(out, b, offset, value):
     for i in range(4):
         out[b, U64(offset + i)] = np.uint8((value >> np.uint32(8 * i)) & np.uint32(0xFF))
 
 
 @njit(cache=True, inline="always")
+def _pack_pair(out, b, qs, j, c0, c1):
+    """Codes c0 (value j of the block) and c1 (value j + 16), int32 whose low five bits GGML
+    keeps: their low nibbles into byte qs + j; returns their fifth bits at bits j and j + 16 of qh."""
+    out[b, qs + j] = np.uint8((c0 & np.int32(0x0F)) | ((c1 & np.int32(0x0F)) << np.int32(4)))
+    return (np.uint32((c0 & np.int32(0x10)) >> np.int32(4)) << np.uint32(j)) | (
+        np.uint32((c1 & np.int32(0x10)) >> np.int32(4)) << np.uint32(j + U64(HALF))
+    )
+
+
+@njit(cache=True, inline="always")
 def _store_nibbles(out, b, qtype, codes):
     """Pack 5-bit or 4-bit codes (int64[32], each the uint8 GGML stores): low nibbles of
     j and j + 16 share byte j, the fifth bits go to qh (Q5 types)."""
-    qs = U64(QS_OFFSET[qtype])
     qh = np.uint32(0)
-    for j in range(HALF):
-        c0 = codes[j] & 0xFF
-        c1 = codes[j + HALF] & 0xFF
-        out[b, qs + U64(j)] = np.uint8(((c0 & 0x0F) | (c1 << 4)) & 0xFF)
-        qh |= np.uint32((c0 & 0x10) >> 4) << np.uint32(j)
-        qh |= np.uint32((c1 & 0x10) >> 4) << np.uint32(j + HALF)
+    for j in range(U64(HALF)):
+        qh |= _pack_pair(out, b, U64(QS_OFFSET[qtype]), j, np.int32(codes[j]), np.int32(codes[j + U64(HALF)]))
     if QH_OFFSET[qtype] >= 0:
         _store_u32(out, b, QH_OFFSET[qtype], qh)
+
+
+@njit(cache=True, inline="always")
+def _pack_codes_ref(row, start, low, inv, offset, cap, out, b, qs):
+    """A block's codes as quantize_row_q{4,5}_{0,1}_ref computes them, packed; returns qh.
+    Code = MIN(cap, (int8_t)((x - low) * id + offset)), truncated as cvttss2si (``_c_int32``):
+    low = 0 for the _0 types (x - 0 is x exactly), cap = 127 (no clamp: the low five bits kept)
+    for Q5_1.  One body without branches, in int32, so that LLVM vectorises it; each caller
+    passes constants, so each type gets its own loop."""
+    qh = np.uint32(0)
+    for j in range(U64(HALF)):
+        x0 = (finite_to_float32(row[start + j]) - low) * inv
+        x1 = (finite_to_float32(row[start + U64(HALF) + j]) - low) * inv
+        c0 = min(cap, np.int32(np.int8(_c_int32(x0 + offset))))
+        c1 = min(cap, np.int32(np.int8(_c_int32(x1 + offset))))
+        qh |= _pack_pair(out, b, qs, j, c0, c1)
+    return qh
 
 
 @njit(cache=True, inline="always")
@@ -131,10 +137,7 @@ def _first_zero(row, start):
 @njit(cache=True, inline="always")
 def _quantize_block_ref(row, start, qk, qtype, out, b):
     """One block (``qk`` = 32 values) by GGML's quantize_row_*_ref arithmetic; return 1 if it
-    holds NaN/inf.
-
-    Each quant loop has one body without branches, in int32 (``_c_int32``: cvttss2si; the
-    int8_t / uint8_t casts: the low byte), so that LLVM vectorises it."""
+    holds NaN/inf."""
     low, high = _block_extremes(row, start, qk)
     if not (np.isfinite(low) and np.isfinite(high)):
         out[b, :] = 0
@@ -172,25 +175,11 @@ def _quantize_block_ref(row, start, qk, qtype, out, b):
         inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
         store_half(out, b, 0, d)
         # GGML truncates x * id + 8.5 (16.5) to int8, then takes min with 15 (31)
-        offset = levels + np.float32(0.5)
+        zero = np.float32(0.0)
         if qtype == Q4_0:
-            for j in range(U64(HALF)):
-                x0 = finite_to_float32(row[start + j]) * inv
-                x1 = finite_to_float32(row[start + U64(HALF) + j]) * inv
-                c0 = min(np.int32(15), np.int32(np.int8(_c_int32(x0 + offset))))
-                c1 = min(np.int32(15), np.int32(np.int8(_c_int32(x1 + offset))))
-                out[b, qs + j] = np.uint8((c0 & np.int32(0x0F)) | ((c1 & np.int32(0x0F)) << np.int32(4)))
+            _pack_codes_ref(row, start, zero, inv, np.float32(8.5), np.int32(15), out, b, qs)
             return 0
-        qh = np.uint32(0)
-        for j in range(U64(HALF)):
-            x0 = finite_to_float32(row[start + j]) * inv
-            x1 = finite_to_float32(row[start + U64(HALF) + j]) * inv
-            c0 = min(np.int32(31), np.int32(np.int8(_c_int32(x0 + offset))))
-            c1 = min(np.int32(31), np.int32(np.int8(_c_int32(x1 + offset))))
-            out[b, qs + j] = np.uint8((c0 & np.int32(0x0F)) | ((c1 & np.int32(0x0F)) << np.int32(4)))
-            qh |= (np.uint32((c0 & np.int32(0x10)) >> np.int32(4)) << np.uint32(j)) | (
-                np.uint32((c1 & np.int32(0x10)) >> np.int32(4)) << np.uint32(j + U64(HALF))
-            )
+        qh = _pack_codes_ref(row, start, zero, inv, np.float32(16.5), np.int32(31), out, b, qs)
         _store_u32(out, b, QH_OFFSET[qtype], qh)
         return 0
     # Q4_1 / Q5_1: d = (max - min) / 15 (31), m = min; of equal zeros GGML keeps the first
@@ -205,148 +194,11 @@ def _quantize_block_ref(row, start, qk, qtype, out, b):
     store_half(out, b, M_OFFSET[qtype], low)
     half = np.float32(0.5)
     if qtype == Q4_1:  # MIN(15, (int8_t)...)
-        for j in range(U64(HALF)):
-            x0 = (finite_to_float32(row[start + j]) - low) * inv
-            x1 = (finite_to_float32(row[start + U64(HALF) + j]) - low) * inv
-            c0 = min(np.int32(15), np.int32(np.int8(_c_int32(x0 + half))))
-            c1 = min(np.int32(15), np.int32(np.int8(_c_int32(x1 + half))))
-            out[b, qs + j] = np.uint8((c0 & np.int32(0x0F)) | ((c1 & np.int32(0x0F)) << np.int32(4)))
+        _pack_codes_ref(row, start, low, inv, half, np.int32(15), out, b, qs)
         return 0
-    qh = np.uint32(0)
-    for j in range(U64(HALF)):  # Q5_1: (uint8_t)... with no clamp
-        x0 = (finite_to_float32(row[start + j]) - low) * inv
-        x1 = (finite_to_float32(row[start + U64(HALF) + j]) - low) * inv
-        c0 = _c_int32(x0 + half)
-        c1 = _c_int32(x1 + half)
-        out[b, qs + j] = np.uint8((c0 & np.int32(0x0F)) | ((c1 & np.int32(0x0F)) << np.int32(4)))
-        qh |= (np.uint32((c0 & np.int32(0x10)) >> np.int32(4)) << np.uint32(j)) | (
-            np.uint32((c1 & np.int32(0x10)) >> np.int32(4)) << np.uint32(j + U64(HALF))
-        )
+    qh = _pack_codes_ref(row, start, low, inv, half, np.int32(127), out, b, qs)  # Q5_1: (uint8_t)...
     _store_u32(out, b, QH_OFFSET[qtype], qh)
     return 0
-
-
-@njit(cache=True, inline="always")
-def _qx_levels(xb, iscale, nmax, levels):
-    """levels[i] = float(MAX(-nmax, MIN(nmax - 1, nearest_int(iscale * xb[i])))), in int32 and
-    without branches: a vectorised pass, kept out of the sequential float sums (in one loop
-    with them, the scalar int -> float conversions cost more than twice the sums)."""
-    low = np.int32(-nmax)
-    high = np.int32(nmax - 1)
-    for i in range(xb.shape[0]):
-        bits = np.float32(iscale * xb[i] + _ROUND_MAGIC).view(np.int32)
-        l = np.int32(np.int32(bits & np.int32(0x007FFFFF)) - np.int32(0x00400000))
-        levels[i] = np.float32(max(low, min(high, l)))
-
-
-@njit(cache=True)
-def make_qx_quants(xb, weight, nmax, codes):
-    """GGML's make_qx_quants with weights (rmse_type 1): codes[i] = l + nmax; returns d."""
-    n = xb.shape[0]
-    amax = np.float32(0.0)
-    extreme = np.float32(0.0)
-    for i in range(n):
-        ax = abs(xb[i])
-        if ax > amax:
-            amax = ax
-            extreme = xb[i]
-    if amax < _GROUP_MAX_EPS:
-        for i in range(n):
-            codes[i] = 0
-        return np.float32(0.0)
-    levels = np.empty(n, dtype=np.float32)
-    fmax = np.float32(nmax)
-    iscale = -fmax / extreme
-    _qx_levels(xb, iscale, nmax, levels)
-    sumlx = np.float32(0.0)
-    suml2 = np.float32(0.0)
-    for i in range(n):
-        fl = levels[i]
-        codes[i] = np.int64(fl) + nmax
-        sumlx += weight[i] * xb[i] * fl
-        suml2 += weight[i] * fl * fl
-    scale = sumlx / suml2 if suml2 != np.float32(0.0) else np.float32(0.0)
-    best = scale * sumlx
-    for step in range(-9, 10):
-        if step == 0:
-            continue
-        iscale = -(fmax + np.float32(0.1) * np.float32(step)) / extreme
-        _qx_levels(xb, iscale, nmax, levels)
-        sumlx = np.float32(0.0)
-        suml2 = np.float32(0.0)
-        for i in range(n):
-            fl = levels[i]
-            sumlx += weight[i] * xb[i] * fl
-            suml2 += weight[i] * fl * fl
-        if suml2 > np.float32(0.0) and sumlx * sumlx > best * suml2:
-            for i in range(n):
-                codes[i] = np.int64(levels[i]) + nmax
-            scale = sumlx / suml2
-            best = scale * sumlx
-    return scale
-
-
-@njit(cache=True)
-def _make_qkx3_quants(xb, weight, nmax, codes, aux):
-    """GGML's make_qkx3_quants(rmin=-0.9, rdelta=0.05, nstep=36, use_mad=false) with weights:
-    codes[i] in [0, nmax]; returns (d, m) with value ~ d * code + m."""
-    n = xb.shape[0]
-    low = xb[0]
-    high = xb[0]
-    sum_w = weight[0]
-    sum_x = sum_w * xb[0]
-    for i in range(1, n):
-        if xb[i] < low:
-            low = xb[i]
-        if xb[i] > high:
-            high = xb[i]
-        sum_w += weight[i]
-        sum_x += weight[i] * xb[i]
-    if low > np.float32(0.0):
-        low = np.float32(0.0)
-    if high <= low:
-        for i in range(n):
-            codes[i] = 0
-        return np.float32(0.0), low
-    fmax = np.float32(nmax)
-    iscale = fmax / (high - low)
-    scale = np.float32(1.0) / iscale
-    best_mad = np.float32(0.0)
-    for i in range(n):
-        l = max(0, min(nmax, nearest_int(iscale * (xb[i] - low))))
-        codes[i] = l
-        diff = scale * np.float32(l) + low - xb[i]
-        best_mad += weight[i] * (diff * diff)
-    for step in range(37):
-        iscale = (np.float32(-0.9) + np.float32(0.05) * np.float32(step) + fmax) / (high - low)
-        sum_l = np.float32(0.0)
-        sum_l2 = np.float32(0.0)
-        sum_xl = np.float32(0.0)
-        for i in range(n):
-            l = max(0, min(nmax, nearest_int(iscale * (xb[i] - low))))
-            aux[i] = l
-            fl = np.float32(l)
-            sum_l += weight[i] * fl
-            sum_l2 += weight[i] * fl * fl
-            sum_xl += weight[i] * fl * xb[i]
-        det = sum_w * sum_l2 - sum_l * sum_l
-        if det > np.float32(0.0):
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
-            if this_min > np.float32(0.0):
-                this_min = np.float32(0.0)
-                this_scale = sum_xl / sum_l2
-            mad = np.float32(0.0)
-            for i in range(n):
-                diff = this_scale * np.float32(aux[i]) + this_min - xb[i]
-                mad += weight[i] * (diff * diff)
-            if mad < best_mad:
-                for i in range(n):
-                    codes[i] = aux[i]
-                best_mad = mad
-                scale = this_scale
-                low = this_min
-    return scale, low
 
 
 @njit(cache=True)
@@ -372,16 +224,18 @@ def _quantize_row_weighted(row, qtype, quant_weights, out, first_block, xb, weig
     for ib in range(k // QK):
         b = first_block + ib
         for j in range(QK):
-            v = finite_to_float32(row[ib * QK + j])
-            xb[j] = v
-            weight[j] = quant_weights[ib * QK + j] * np.float32(np.sqrt(sigma2 + v * v))
+            xb[j] = finite_to_float32(row[ib * QK + j])
+        importance_weights(xb, quant_weights[ib * QK : ib * QK + QK], sigma2, weight)
         if qtype == Q4_0 or qtype == Q5_0:
-            d = make_qx_quants(xb, weight, 8 if qtype == Q4_0 else 16, codes)
+            store_half(out, b, 0, make_qx_quants(xb, weight, 8 if qtype == Q4_0 else 16, codes))
+        else:  # make_qkx3_quants(rmin -0.9, rdelta 0.05, nstep 36, no mad); a literal nmax reuses
+            # the search compiled for Q4_K / Q5_K's
+            if qtype == Q4_1:
+                d, the_min = make_qkx_quants(xb, weight, 15, codes, aux, np.float32(-0.9), np.float32(0.05), 36, False)
+            else:
+                d, the_min = make_qkx_quants(xb, weight, 31, codes, aux, np.float32(-0.9), np.float32(0.05), 36, False)
             store_half(out, b, 0, d)
-        else:
-            d, low = _make_qkx3_quants(xb, weight, 15 if qtype == Q4_1 else 31, codes, aux)
-            store_half(out, b, 0, d)
-            store_half(out, b, M_OFFSET[qtype], low)
+            store_half(out, b, M_OFFSET[qtype], -the_min)
         _store_nibbles(out, b, qtype, codes)
     return 0
 
@@ -414,12 +268,6 @@ def quantize_rows_legacy(x, qtype, out, quant_weights=None):
             aux = np.empty(QK, dtype=np.int64)
             non_finite += _quantize_row_weighted(x[r], qtype, quant_weights, out, r * blocks_per_row, xb, weight, codes, aux)
     return non_finite
-
-
-@njit(cache=True, inline="always")
-def load_half(blocks, b, offset):
-    bits = np.uint16(blocks[b, U64(offset)]) | (np.uint16(blocks[b, U64(offset + 1)]) << np.uint16(8))
-    return to_float32(np.int16(bits))
 
 
 @njit(parallel=True, cache=True, nogil=True)

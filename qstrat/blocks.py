@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from qstrat.errors import InputError, NonFiniteError
+from qstrat.io.safetensors import to_float32
 from qstrat.kernels import (
     BF16_BITS,
     BLOCK_BYTES,
@@ -36,11 +37,8 @@ def variant_code(variant: str) -> int:
 
 def storage_to_float32(storage: np.ndarray) -> np.ndarray:
     """Exact float32 values of kernel storage (bf16 / f16 bits decoded); float32 is returned as it is."""
-    if storage.dtype == KERNEL_STORAGE["BF16"]:
-        return (storage.astype(np.uint32) << np.uint32(16)).view(np.float32)
-    if storage.dtype == KERNEL_STORAGE["F16"]:
-        return storage.view(np.float16).astype(np.float32)
-    return storage
+    tag = next((tag for tag, dtype in KERNEL_STORAGE.items() if storage.dtype == dtype), "F32")
+    return to_float32(tag, storage)
 
 
 def as_kernel_storage(x: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ import numpy as np
 
 from qstrat.blocks import as_kernel_storage, dequantize_blocks, quantize_rows, storage_to_float32
 from qstrat.errors import InputError, NonFiniteError
+from qstrat.io.safetensors import to_float32
 from qstrat.kernels import BLOCK_BYTES as Q8K_BLOCK_BYTES, QK_K, first_nonfinite_index
 from qstrat.kernels import half, iq4nl, kquants, legacy
 
@@ -193,11 +194,11 @@ def _dequantize_f32(blocks: np.ndarray, k: int) -> np.ndarray:
 
 
 def _dequantize_f16(blocks: np.ndarray, k: int) -> np.ndarray:
-    return blocks.view("<f2").astype(np.float32)
+    return to_float32("F16", blocks.view("<f2"))
 
 
 def _dequantize_bf16(blocks: np.ndarray, k: int) -> np.ndarray:
-    return (blocks.view("<u2").astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return to_float32("BF16", blocks.view("<u2"))
 
 
 register(QuantizationType.F32, _quantize_f32, _dequantize_f32, uses_imatrix=False, kernel_layout=(1, 4))

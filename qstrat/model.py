@@ -118,7 +118,7 @@ class QuantizedModel:
         entry = self.entries[name]
         if not entry.quantized:
             info = self.passthrough_info(name)
-            array = np.array(to_float32(info, map_tensor(info)))
+            array = np.array(to_float32(info.dtype, map_tensor(info)))
         else:
             stored = read_q8k(self.directory / entry.files["q8k"]) if "q8k" in entry.files else read_blocks(self.directory / entry.files["blocks"])
             array = stored.dequantize()

@@ -147,6 +147,56 @@ SUB_SCALES = {
 }
 
 
+def _nearest_int(v):
+    """GGML's nearest_int on float32 values: ties to even through the bits of v + 1.5 * 2**23."""
+    return ((np.asarray(v, dtype=np.float32) + np.float32(12582912.0)).view(np.int32) & 0x7FFFFF) - 0x400000
+
+
+def _q6_k_codes(blocks):
+    """The 256 six-bit codes (l + 32) of each Q6_K block: low nibbles in ql, top two bits in qh."""
+    ql, qh = blocks[:, :128].astype(np.int64), blocks[:, 128:192].astype(np.int64)
+    half, rest = np.divmod(np.arange(kquants.QK_K), 128)
+    group, lane = np.divmod(rest, 32)
+    low = (ql[:, 64 * half + lane + 32 * (group % 2)] >> (4 * (group // 2))) & 0xF
+    return low | (((qh[:, 32 * half + lane] >> (2 * group)) & 3) << 4)
+
+
+def _q6_k_value_scales(blocks):
+    """Each value's stored scale d * sc (float32, as GGML computes it), shape (blocks, 256)."""
+    d = blocks[:, 208:210].copy().view(np.float16).astype(np.float32)
+    return np.repeat(d * _q6_k_sub_scales(blocks).astype(np.float32), 16, axis=1)
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "imatrix"])
+def test_q6_k_requantizes_by_dividing_by_the_stored_scale(weighted):
+    # quantize_row_q6_K_ref / _impl quantize every value again as nearest_int(x / d), d its
+    # sub-block's stored scale; nearest_int(x * (1 / d)) differs in float32 for some x within a
+    # few ulps of a boundary (l + 1/2) d.  Rows each holding one such x, found against GGML's own
+    # d, catch either form written for the other.
+    imatrix = importance(kquants.QK_K) if weighted else None
+    x = (np.random.default_rng(5).standard_normal(kquants.QK_K) * 0.02).astype(np.float32)
+    d = _q6_k_value_scales(_ggml("q6_k", x[None], imatrix))[0]
+    boundary = ((np.floor(x / d) + np.float32(0.5)) * d).astype(np.float32)
+    rows = []
+    for ulps in range(-6, 7):  # each value's first boundary neighbour where the forms differ
+        near = (boundary.view(np.int32) + np.int32(ulps)).view(np.float32)
+        differ = _nearest_int(near / d) != _nearest_int(near * (np.float32(1.0) / d))
+        for i in np.nonzero(differ & (np.abs(boundary / d) < 31))[0]:
+            if all(row[1] != i for row in rows):
+                rows.append((near[i], i))
+    y = np.repeat(x[None], len(rows), axis=0)
+    y[np.arange(len(rows)), [i for _, i in rows]] = [v for v, _ in rows]
+    expected = _ggml("q6_k", y, imatrix)
+    # the rows test what they claim: GGML's code for the changed value is the quotient's, not the product's
+    index = np.array([i for _, i in rows])
+    changed, scale = y[np.arange(len(rows)), index], _q6_k_value_scales(expected)[np.arange(len(rows)), index]
+    by_division = np.clip(_nearest_int(changed / scale), -32, 31) + 32
+    by_product = np.clip(_nearest_int(changed * (np.float32(1.0) / scale)), -32, 31) + 32
+    live = (_q6_k_codes(expected)[np.arange(len(rows)), index] == by_division) & (by_division != by_product)
+    assert live.sum() >= 5, f"only {live.sum()} of {len(rows)} rows tell x / d from x * (1 / d)"
+    _assert_rows_equal(qstrat.quantize(y, "q6_k", imatrix=imatrix), expected, [f"x[{i}] = {v!r}" for v, i in rows])
+
+
 def test_layout_constants_are_gguf_sizes():
     for name in KQUANTS:
         code = getattr(kquants, name.upper())

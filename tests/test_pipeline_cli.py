@@ -16,7 +16,7 @@ from tests.helpers import SMALL_SHAPE, assert_clean_failure, make_llama_dir, run
 
 def _source_values(model_dir):
     model = SafetensorsModel(model_dir)
-    return {name: np.asarray(to_float32(info, map_tensor(info)), dtype=np.float32) for name, info in model.tensors.items()}
+    return {name: np.asarray(to_float32(info.dtype, map_tensor(info)), dtype=np.float32) for name, info in model.tensors.items()}
 
 
 def _check_close(loaded, source, out):

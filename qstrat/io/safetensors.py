@@ -242,12 +242,13 @@ def read_tensor(info: TensorInfo, buffer: np.ndarray) -> np.ndarray:
     return array
 
 
-def to_float32(info: TensorInfo, array: np.ndarray) -> np.ndarray:
-    """Exact float32 values of a float tensor (bf16 bits widened); other dtypes unchanged."""
-    if info.dtype == "BF16":
-        return (array.astype(np.uint32) << 16).view(np.float32)
-    if info.dtype == "F16":
-        return array.astype(np.float32)
+def to_float32(dtype: str, array: np.ndarray) -> np.ndarray:
+    """Exact float32 values of data of safetensors dtype tag ``dtype``: BF16 as its uint16 bits
+    (widened), F16 as float16 or as its int16 bits (the kernels' view); other dtypes unchanged."""
+    if dtype == "BF16":
+        return (array.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    if dtype == "F16":
+        return array.view(np.float16).astype(np.float32)
     return array
 
 

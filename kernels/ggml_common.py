@@ -1,0 +1,201 @@
+"""What GGML's block types share (ggml-quants.c's helper functions): ``nearest_int``, the signed
+extreme of a group, the scale searches ``make_qx_quants`` and ``make_qkx2/3_quants``, the
+importance weights of the ``*_impl`` quantizers, and the loading of one block.
+
+All arithmetic is float32 in GGML's evaluation order, without fused multiply-add (numba does not
+contract without ``fastmath``; GGML's base library is built without FMA on x86-64), every sum
+sequential.
+"""
+
+import numpy as np
+from numba import njit
+from qstrat.kernels.decode import to_float32
+from qstrat.kernels.half import ROUND_MAGIC
+from qstrat.kernels.layout import U64
+
+GROUP_MAX_EPS = np.float32(1e-15)  # GGML: a group whose largest magnitude is below this is all zeros
+BLOCKS_PER_TASK = 16  # blocks one parallel task quantizes with one set of scratch arrays
+_EXPONENT = np.uint32(0x7F800000)
+
+
+@njit(cache=True, inline="always")
+def nearest_int(value):
+    """GGML's nearest_int: ties to even through the float32 bits of value + 1.5 * 2**23 (for
+    |value| beyond 2**22 the same bits give the same garbage GGML gets)."""
+    bits = np.float32(value + ROUND_MAGIC).view(np.int32)
+    return np.int64(bits & np.int32(0x007FFFFF)) - np.int64(0x00400000)
+
+
+@njit(cache=True, inline="always")
+def signed_extreme(x):
+    """GGML's ``max`` and ``amax`` of make_qx_quants and the like: the first value of largest
+    magnitude, sign kept, and that magnitude (both 0 if all are zeros; NaN is passed over)."""
+    amax = np.float32(0.0)
+    extreme = np.float32(0.0)
+    for i in range(U64(x.shape[0])):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            extreme = x[i]
+    return extreme, amax
+
+
+@njit(cache=True, inline="always")
+def load_block(x, b, xb, out):
+    """Block ``b`` of ``x`` (rows of whole blocks of ``len(xb)`` values, blocks in row-major order)
+    into ``xb`` as float32, in one branch-free pass; returns the block's first column and whether
+    it holds a NaN or infinity, in which case its bytes ``out[b]`` are zeroed (the caller refuses it)."""
+    n = xb.shape[0]
+    blocks_per_row = x.shape[1] // n
+    r = b // blocks_per_row
+    start = (b - r * blocks_per_row) * n
+    bad = np.uint32(0)
+    for j in range(n):
+        v = to_float32(x[r, start + j])
+        xb[j] = v
+        bad |= np.uint32((np.float32(v).view(np.uint32) & _EXPONENT) == _EXPONENT)
+    if bad:
+        out[b, :] = 0
+    return start, bad != np.uint32(0)
+
+
+@njit(cache=True)
+def sum_squares(xb):
+    """sum(x**2) over a block, a sequential float32 sum as GGML's loop."""
+    total = np.float32(0.0)
+    for j in range(xb.shape[0]):
+        total += xb[j] * xb[j]
+    return total
+
+
+@njit(cache=True)
+def importance_weights(x, qw, sigma2, weight):
+    """weight[l] = qw[l] * sqrtf(sigma2 + x[l]**2) (GGML's *_impl); returns their sequential sum."""
+    total = np.float32(0.0)
+    for l in range(x.shape[0]):
+        weight[l] = qw[l] * np.float32(np.sqrt(sigma2 + x[l] * x[l]))
+    for l in range(x.shape[0]):
+        total += weight[l]
+    return total
+
+
+@njit(cache=True, inline="always")
+def _qx_levels(xb, iscale, nmax, levels):
+    """levels[i] = float(MAX(-nmax, MIN(nmax - 1, nearest_int(iscale * xb[i])))), in int32 and
+    without branches: a vectorised pass, kept out of the sequential float sums (in one loop
+    with them, the scalar int -> float conversions cost more than twice the sums)."""
+    low = np.int32(-nmax)
+    high = np.int32(nmax - 1)
+    for i in range(xb.shape[0]):
+        bits = np.float32(iscale * xb[i] + ROUND_MAGIC).view(np.int32)
+        l = np.int32(np.int32(bits & np.int32(0x007FFFFF)) - np.int32(0x00400000))
+        levels[i] = np.float32(max(low, min(high, l)))
+
+
+@njit(cache=True)
+def make_qx_quants(xb, weight, nmax, codes):
+    """GGML's make_qx_quants with weights (rmse_type 1): codes[i] = l + nmax; returns d."""
+    n = xb.shape[0]
+    extreme, amax = signed_extreme(xb)
+    if amax < GROUP_MAX_EPS:
+        codes[:n] = 0
+        return np.float32(0.0)
+    levels = np.empty(n, dtype=np.float32)
+    fmax = np.float32(nmax)
+    iscale = -fmax / extreme
+    _qx_levels(xb, iscale, nmax, levels)
+    sumlx = np.float32(0.0)
+    suml2 = np.float32(0.0)
+    for i in range(n):
+        fl = levels[i]
+        codes[i] = np.int64(fl) + nmax
+        sumlx += weight[i] * xb[i] * fl
+        suml2 += weight[i] * fl * fl
+    scale = sumlx / suml2 if suml2 != np.float32(0.0) else np.float32(0.0)
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        iscale = -(fmax + np.float32(0.1) * np.float32(step)) / extreme
+        _qx_levels(xb, iscale, nmax, levels)
+        sumlx = np.float32(0.0)
+        suml2 = np.float32(0.0)
+        for i in range(n):
+            fl = levels[i]
+            sumlx += weight[i] * xb[i] * fl
+            suml2 += weight[i] * fl * fl
+        if suml2 > np.float32(0.0) and sumlx * sumlx > best * suml2:
+            for i in range(n):
+                codes[i] = np.int64(levels[i]) + nmax
+            scale = sumlx / suml2
+            best = scale * sumlx
+    return scale
+
+
+@njit(cache=True)
+def make_qkx_quants(x, weight, nmax, codes, aux, rmin, rdelta, nstep, use_mad):
+    """GGML's make_qkx2_quants, and make_qkx3_quants given weights (the same search): codes in
+    [0, nmax] and (scale, the_min), value ~ scale * code - the_min.  ``nstep + 1`` scales
+    ``(rmin + rdelta * step + nmax) / (max - min)`` are tried, each with a weighted least-squares
+    fit of scale and minimum (the minimum kept <= 0); the smallest weighted error (squared, or
+    absolute with ``use_mad``) wins, ties to the earlier."""
+    n = x.shape[0]
+    low = x[0]
+    high = x[0]
+    sum_w = weight[0]
+    sum_x = sum_w * x[0]
+    for i in range(1, n):
+        if x[i] < low:
+            low = x[i]
+        if x[i] > high:
+            high = x[i]
+        w = weight[i]
+        sum_w += w
+        sum_x += w * x[i]
+    if low > np.float32(0.0):
+        low = np.float32(0.0)
+    if high <= low:  # make_qkx2_quants tests max == min: the same once min <= max
+        codes[:n] = 0
+        return np.float32(0.0), -low
+    fmax = np.float32(nmax)
+    iscale = fmax / (high - low)
+    scale = np.float32(1.0) / iscale
+    best_error = np.float32(0.0)
+    for i in range(n):
+        l = max(0, min(nmax, nearest_int(iscale * (x[i] - low))))
+        codes[i] = l
+        diff = scale * np.float32(l) + low - x[i]
+        diff = abs(diff) if use_mad else diff * diff
+        best_error += weight[i] * diff
+    for step in range(nstep + 1):
+        iscale = (rmin + rdelta * np.float32(step) + fmax) / (high - low)
+        sum_l = np.float32(0.0)
+        sum_l2 = np.float32(0.0)
+        sum_xl = np.float32(0.0)
+        for i in range(n):
+            l = max(0, min(nmax, nearest_int(iscale * (x[i] - low))))
+            aux[i] = l
+            w = weight[i]
+            fl = np.float32(l)
+            sum_l += w * fl
+            sum_l2 += w * fl * fl
+            sum_xl += w * fl * x[i]
+        det = sum_w * sum_l2 - sum_l * sum_l
+        if det > np.float32(0.0):
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+            if this_min > np.float32(0.0):
+                this_min = np.float32(0.0)
+                this_scale = sum_xl / sum_l2
+            error = np.float32(0.0)
+            for i in range(n):
+                diff = this_scale * np.float32(aux[i]) + this_min - x[i]
+                diff = abs(diff) if use_mad else diff * diff
+                error += weight[i] * diff
+            if error < best_error:
+                for i in range(n):
+                    codes[i] = aux[i]
+                best_error = error
+                scale = this_scale
+                low = this_min
+    return scale, -low
