@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
+
+# as the qstrat commands do: otherwise numba's OpenMP threads spin between calls and, on a busy
+# machine, each small parallel call waits for cores they hold (many times slower)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import shutil
 import statistics
 import subprocess
