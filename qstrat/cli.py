@@ -442,23 +442,26 @@ def dequantize(
 
 
 def _eval_progress(enabled: bool):
-    """A progress bar over chunks on stderr when it is a terminal (stdout keeps only results);
-    returns ``(context manager, callback)``."""
+    """A progress bar on stderr when it is a terminal (stdout keeps only results): the stage
+    (loading, tokenizing), then the chunks; returns ``(context manager, stage, callback)``."""
     if not enabled:
-        return contextlib.nullcontext(), None
+        return contextlib.nullcontext(), lambda text: None, None
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     progress = Progress(
-        TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"), TimeElapsedColumn(),
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"), TimeElapsedColumn(),
         TimeRemainingColumn(), console=Console(stderr=True), transient=True,
     )
-    task = progress.add_task("eval", total=None)
+    task = progress.add_task("loading", total=None)
+
+    def stage(text: str) -> None:
+        progress.update(task, description=text)
 
     def callback(done: int, total: int) -> None:
-        progress.update(task, completed=done, total=total)
+        progress.update(task, completed=done, total=total, description="evaluating")
 
-    return progress, callback
+    return progress, stage, callback
 
 
 def eval_lines(result: dict) -> list[str]:
@@ -467,7 +470,7 @@ def eval_lines(result: dict) -> list[str]:
         f"model:      {result['model']}",
         f"text:       {result['text']}: {result['tokens']} tokens; {result['chunks']} chunks of {result['ctx']}, "
         f"{result['scored_tokens']} tokens scored (BOS {'put first in each chunk' if result['add_bos'] else 'not added: the vocabulary adds none'})",
-        f"engine:     {result['engine']}",
+        f"engine:     {result['engine']}{', flash attention' if result['flash_attn'] else ''}",
         f"perplexity: {result['perplexity']:.4f} ± {result['perplexity_uncertainty']:.4f}",
     ]
     if result["reference"] is not None:
@@ -490,6 +493,7 @@ def eval_(
     ctx: int = typer.Option(512, "--ctx", "-c", help="tokens per chunk (llama-perplexity's --ctx-size)"),
     chunks: int = typer.Option(None, "--chunks", help="at most this many chunks (default: all the text gives)"),
     threads: int = typer.Option(None, "--threads", help="llama.cpp threads (default: every core)"),
+    flash_attn: bool = typer.Option(False, "--flash-attn", help="llama.cpp's flash attention (off: llama-cpp-python's default; llama-perplexity's auto turns it on on a CPU)"),
     json_output: bool = typer.Option(False, "--json", help="print one machine-readable result line"),
 ) -> None:
     """Perplexity of MODEL over a text, and with --reference the KL divergence from a reference
@@ -515,20 +519,22 @@ def eval_(
             if value is not None and value < least:
                 raise InputError(f"{flag} {value}: at least {least}")
         engine = engine_name()
-        llm = LlamaCppModel(model, ctx, threads)
-        ref = LlamaCppModel(reference, ctx, threads) if reference is not None else None
-        if ref is not None and ref.n_vocab != llm.n_vocab:
-            raise InputError(
-                f"{reference}: a vocabulary of {ref.n_vocab} tokens, the model's ({model}) has {llm.n_vocab}: "
-                "the KL divergence needs the same vocabulary"
-            )
-        if ctx > llm.n_ctx_train:
-            print(f"warning: {model} was trained on contexts of {llm.n_ctx_train} tokens, --ctx is {ctx}", file=sys.stderr)
-        bar, callback = _eval_progress(sys.stderr.isatty())
+        bar, stage, callback = _eval_progress(sys.stderr.isatty())
         with bar:
+            stage("loading")
+            llm = LlamaCppModel(model, ctx, threads, flash_attn)
+            ref = LlamaCppModel(reference, ctx, threads, flash_attn) if reference is not None else None
+            if ref is not None and ref.n_vocab != llm.n_vocab:
+                raise InputError(
+                    f"{reference}: a vocabulary of {ref.n_vocab} tokens, the model's ({model}) has {llm.n_vocab}: "
+                    "the KL divergence needs the same vocabulary"
+                )
+            if ctx > llm.n_ctx_train:
+                print(f"warning: {model} was trained on contexts of {llm.n_ctx_train} tokens, --ctx is {ctx}", file=sys.stderr)
+            stage("tokenizing")
             figures = evaluate(llm, data, ctx=ctx, chunks=chunks, reference=ref, progress=callback, source=str(text))
         result = {
-            **figures, "engine": engine, "model": str(model), "reference": None if reference is None else str(reference),
+            **figures, "flash_attn": flash_attn, "engine": engine, "model": str(model), "reference": None if reference is None else str(reference),
             "text": str(text),
         }
         if json_output:

@@ -53,14 +53,14 @@ def engine_name() -> str:
 class LlamaCppModel:
     """A GGUF model in llama.cpp, evaluating one chunk at a time in a fresh context."""
 
-    def __init__(self, path: Path, ctx: int, threads: int | None = None) -> None:
+    def __init__(self, path: Path, ctx: int, threads: int | None = None, flash_attn: bool = False) -> None:
         check_gguf(path)
         llama_cpp = _llama_cpp()
         threads = threads or os.cpu_count() or 1
         try:
             self.llm = llama_cpp.Llama(
                 model_path=str(path), n_ctx=ctx, n_batch=min(ctx, 512), logits_all=True,
-                n_threads=threads, n_threads_batch=threads, verbose=False,
+                n_threads=threads, n_threads_batch=threads, flash_attn=flash_attn, verbose=False,
             )
         except (ValueError, RuntimeError) as err:
             raise InputError(

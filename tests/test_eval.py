@@ -78,6 +78,7 @@ def test_perplexity_of_smollm2_on_wikipedia(smollm, wiki):
     assert 5 < result["perplexity"] < 200, result
     assert 0 < result["perplexity_uncertainty"] < result["perplexity"]
     assert result["chunks"] == 4 and result["ctx"] == 128 and result["scored_tokens"] == 4 * 63
+    assert result["add_bos"] is False and result["flash_attn"] is False
     assert result["tokens"] > 10_000
     import importlib.metadata
 
