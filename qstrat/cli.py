@@ -504,7 +504,7 @@ def eval_(
     next token.  Needs at least two chunks of text.  Results go to stdout; a progress bar to
     stderr when it is a terminal.
     """
-    from qstrat.evaluate import evaluate
+    from qstrat.evaluate import evaluate, text_from_file
     from qstrat.llama_engine import LlamaCppModel, check_gguf, engine_name
 
     with user_errors():
@@ -512,7 +512,7 @@ def eval_(
         if reference is not None:
             check_gguf(reference, "reference")
         try:
-            data = text.read_bytes()
+            data = text_from_file(text.read_bytes())
         except OSError as err:
             raise InputError(f"{text}: cannot read the text ({err.strerror or err})") from None
         for flag, value, least in (("--ctx", ctx, 4), ("--chunks", chunks, 1), ("--threads", threads, 1)):
@@ -529,6 +529,9 @@ def eval_(
                     f"{reference}: a vocabulary of {ref.n_vocab} tokens, the model's ({model}) has {llm.n_vocab}: "
                     "the KL divergence needs the same vocabulary"
                 )
+            for path, engine_model in ((model, llm), (reference, ref)):
+                if engine_model is not None and engine_model.add_eos:
+                    raise InputError(f"{path}: its vocabulary adds EOS to a text, which llama-perplexity refuses too")
             if ctx > llm.n_ctx_train:
                 print(f"warning: {model} was trained on contexts of {llm.n_ctx_train} tokens, --ctx is {ctx}", file=sys.stderr)
             stage("tokenizing")

@@ -6,7 +6,8 @@ This module is arithmetic over logits arrays, and the loop over a text's chunks;
 a model itself.  An engine (:mod:`qstrat.llama_engine`: llama.cpp through llama-cpp-python) gives
 the tokens of a text and the logits of a chunk, and :func:`evaluate` does the rest:
 
-- the text is tokenized once, as llama.cpp's ``common_tokenize(ctx, text, add_special=true,
+- the text is the file's bytes less one final newline (llama.cpp's ``-f`` drops it);
+- it is tokenized once, as llama.cpp's ``common_tokenize(ctx, text, add_special=true,
   parse_special=false)`` does: a BOS token in front only if the vocabulary adds one;
 - it is cut into ``min(chunks, tokens // ctx)`` chunks of ``ctx`` tokens; fewer than ``2 * ctx``
   tokens is refused, as llama-perplexity refuses it;
@@ -107,6 +108,12 @@ def percentile(values: np.ndarray, fraction: float) -> float:
     return float(np.quantile(np.asarray(values, dtype=np.float64), fraction))
 
 
+def text_from_file(data: bytes) -> bytes:
+    """The text llama-perplexity evaluates of a file given with ``-f``: its bytes, less one final
+    newline (common/arg.cpp)."""
+    return data[:-1] if data.endswith(b"\n") else data
+
+
 # --- chunks ------------------------------------------------------------------------------------
 
 def chunk_count(n_tokens: int, ctx: int, chunks: int | None, source: str = "the text") -> int:
@@ -149,7 +156,9 @@ class Engine(Protocol):
 
     def tokenize(self, text: bytes) -> list[int]: ...
 
-    def logits(self, tokens: list[int]) -> np.ndarray: ...
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        """``len(tokens) x n_vocab`` logits from an empty context (may be a view that the
+        engine's next call overwrites: a model and its reference are two engines)."""
 
 
 @dataclass

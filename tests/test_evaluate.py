@@ -22,6 +22,7 @@ from qstrat.evaluate import (
     perplexity,
     probability_differences,
     scored_positions,
+    text_from_file,
     token_nll,
     top1_agreement,
 )
@@ -230,3 +231,8 @@ def test_evaluate_refuses_short_texts_and_other_vocabularies():
         evaluate(FakeEngine(), b"x" * 63, ctx=32, source="short.txt")
     with pytest.raises(InputError, match="vocabulary has 40 tokens, the model's 37"):
         evaluate(FakeEngine(), b"x" * 100, ctx=32, reference=FakeEngine(n_vocab=40))
+
+
+def test_text_from_a_file_loses_one_final_newline_as_with_llama_cpps_f():
+    assert text_from_file(b"text\n\n") == b"text\n"
+    assert text_from_file(b"text") == b"text" and text_from_file(b"") == b""
