@@ -181,6 +181,22 @@ def test_without_llama_cpp_python_a_clear_error(smollm, wiki, tmp_path):
     assert_clean_failure(result, "qstrat eval needs llama-cpp-python: pip install 'qstrat[eval]'")
 
 
+def test_sigterm_stops_an_evaluation_cleanly(smollm, wiki):
+    import os
+    import signal
+    import time
+
+    from tests.helpers import communicate_or_dump_stacks
+
+    script = Path(sys.executable).with_name("qstrat")
+    process = subprocess.Popen([str(script), "eval", str(smollm), "--text", str(wiki), "--ctx", CTX],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    time.sleep(4)  # loading, tokenizing or evaluating: each stops the same way
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = communicate_or_dump_stacks(process, 120)
+    assert process.returncode == 130 and stderr == "error: interrupted\n" and stdout == "", stderr
+
+
 # --- requantized models: small KL for Q8_0, larger for Q4_0 -------------------------------------
 
 QUANTIZE = """
