@@ -56,7 +56,7 @@ def probe(gguf: Path, tokens=TOKENS, text: str | None = None) -> tuple[np.ndarra
 
 def source_weights(model_dir: Path) -> dict[str, np.ndarray]:
     """The source tensors as exact float32 (bf16 widened)."""
-    return {info.name: to_float32(info, np.asarray(map_tensor(info))).astype(np.float32) for info in SafetensorsModel(model_dir)}
+    return {info.name: to_float32(info.dtype, np.asarray(map_tensor(info))).astype(np.float32) for info in SafetensorsModel(model_dir)}
 
 
 def run(model_dir: Path, out: Path, **settings):

@@ -99,7 +99,7 @@ def _passthrough_entry(model, name: str, layout, gguf):
     if layout is not None and info.dtype in ("BF16", "F16") and (len(info.shape) <= 1 or llama_name.endswith("_norm.weight")):
         # convert_hf_to_gguf writes 1-D tensors and norms as F32 (exactly the same values)
         def widened(info=info, order=order):
-            array = np.asarray(to_float32(info, np.asarray(map_tensor(info))), dtype=np.float32)
+            array = np.asarray(to_float32(info.dtype, np.asarray(map_tensor(info))), dtype=np.float32)
             return array if order is None else array[order]
 
         return widened, np.dtype(np.float32), None, info.shape, info.numel * 4, info.dtype
