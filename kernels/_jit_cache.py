@@ -7,11 +7,15 @@ directory became a namespace package that shadowed the editable install.  A read
 install could not cache at all.  So qstrat's kernels are cached under the user's cache
 directory (``$XDG_CACHE_HOME/qstrat`` or ``~/.cache/qstrat`` on Linux), or under
 ``NUMBA_CACHE_DIR`` when the user set it (numba's own locator, which comes first).
-Entries are keyed by the source file's location and content, so installs never mix.
+Entries are keyed by the kernels' location and by a digest of all their sources: numba itself
+checks only the stamp of the file that defines a kernel, not of the helpers it calls from the
+other kernel files, so an upgrade that changed only a helper would otherwise load stale code.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -38,9 +42,23 @@ def cache_root() -> Path:
         return Path(tempfile.gettempdir()) / f"qstrat-cache-{os.getuid()}"
 
 
+@functools.cache
+def _sources_digest() -> str:
+    """A digest of every kernel source file: any change to any of them selects a fresh cache."""
+    digest = hashlib.sha1()
+    for path in sorted(_KERNELS_DIR.glob("*.py")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _cache_path(py_file: str) -> Path:
+    return cache_root() / f"{_UserWideLocator.get_suitable_cache_subpath(py_file)}_{_sources_digest()}"
+
+
 def kernel_cache_dir() -> Path:
     """The directory holding the compiled kernels of this installation of qstrat."""
-    return cache_root() / _UserWideLocator.get_suitable_cache_subpath(str(_KERNELS_DIR / "q8k.py"))
+    return _cache_path(str(_KERNELS_DIR / "q8k.py"))
 
 
 class _KernelCacheLocator(_UserWideLocator):
@@ -49,7 +67,7 @@ class _KernelCacheLocator(_UserWideLocator):
     def __init__(self, py_func, py_file):
         self._py_file = py_file
         self._lineno = py_func.__code__.co_firstlineno
-        self._cache_path = str(cache_root() / self.get_suitable_cache_subpath(py_file))
+        self._cache_path = str(_cache_path(py_file))
 
     @classmethod
     def from_function(cls, py_func, py_file):

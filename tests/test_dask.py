@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # a tier of its own: python -m pytest -m slow
+
 from qstrat.synthetic import write_model
 from tests.conftest import REPO
 from tests.helpers import assert_clean_failure, communicate_or_dump_stacks, run_cli

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # a tier of its own: python -m pytest -m slow
+
 from qstrat.corpus import wikipedia_text
 from qstrat.evaluate import log_softmax
 from qstrat.pipelines.run import quantize_model

@@ -23,7 +23,11 @@ SHAPE = LlamaShape(vocab_size=64, hidden_size=512, intermediate_size=384, num_hi
 DOWN = "model.layers.0.mlp.down_proj.weight"
 #: llama.cpp's fallback for rows a K-quant cannot take (llama-quant.cpp, tensor_type_fallback)
 K_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
-GGUF_TYPES = [name for name in FORMATS if name != "q8_k"]
+#: every type in the slow tier; in the default run, one of each kernel family, with both fallbacks
+FAST_TYPES = ("q8_0", "q4_1", "q4_k", "q6_k", "iq4_nl", "bf16")
+GGUF_TYPES = [
+    name if name in FAST_TYPES else pytest.param(name, marks=pytest.mark.slow) for name in FORMATS if name != "q8_k"
+]
 
 
 @pytest.fixture(scope="module")

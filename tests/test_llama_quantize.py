@@ -29,6 +29,8 @@ import gguf
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # a tier of its own: python -m pytest -m slow
+
 from qstrat.pipelines.run import quantize_model
 from qstrat.presets import file_type, preset_names
 from qstrat.runconfig import RunConfig
