@@ -242,8 +242,7 @@ def test_kl_divergence_of_llama_cpps_own_requantizations(smollm, wiki, llama_req
 
 @pytest.fixture(scope="module")
 def qstrat_requantized(smollm, tmp_path_factory):
-    """SmolLM2 requantized by ``qstrat run`` from its GGUF; skips (both types) while qstrat does not
-    yet write a llama.cpp model from a GGUF input (the source's metadata and vocabulary carried over)."""
+    """SmolLM2 requantized by ``qstrat run`` from its GGUF (its metadata and vocabulary carried over)."""
     files = {}
     for name in ("q8_0", "q4_0"):
         out = tmp_path_factory.mktemp(f"qstrat-{name}")
@@ -251,8 +250,7 @@ def qstrat_requantized(smollm, tmp_path_factory):
                          "--set", f"format={name}", "--set", "validation.enabled=false", "--json", timeout=600)
         assert result.returncode == 0, result.stderr
         container = json.loads(result.stdout.splitlines()[-1])["models"][0]["gguf"]
-        if not container["llama_cpp"]:
-            pytest.skip(f"qstrat's GGUF of a GGUF input is not yet a llama.cpp model: {container['reason']}")
+        assert container["llama_cpp"], container
         files[name] = out / container["file"]
     return files
 
