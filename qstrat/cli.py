@@ -42,7 +42,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     no_args_is_help=True,
     rich_markup_mode=None,
-    help=f"Quantize .safetensors models to Q8K (Candle / GGML), with column-permutation strategies.\n\n{EXIT_CODES_HELP}",
+    help=f"Quantize .safetensors and GGUF models to GGML block types (Q8K by default; Q8_0, Q4_K, llama.cpp presets ...) for Candle and llama.cpp, with column-permutation strategies.\n\n{EXIT_CODES_HELP}",
 )
 
 
