@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
 
 from qstrat.errors import ConfigError, InputError
 from qstrat.formats import block_type
@@ -30,6 +34,8 @@ class TensorJob:
     info: TensorInfo
     stem: str | None  # None: not quantized, only permuted with its group into the passthrough file
     choice: TensorChoice | None = None
+    #: the importance vector (float32, one value per column in source order), with an imatrix
+    importance: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def quantize(self) -> bool:
@@ -43,6 +49,7 @@ class GroupJob:
     strategy: QuantizationStrategy
     group_id: str
     members: tuple[TensorJob, ...]
+    with_imatrix: bool = False  # whether the run has an importance matrix (members may lack a vector)
 
     @property
     def nbytes(self) -> int:
@@ -56,9 +63,26 @@ class PassthroughTensor:
 
 
 @dataclass(frozen=True)
+class ImportanceUse:
+    """The run's importance matrix: which file, and which quantized tensors it has no vector for."""
+
+    path: Path
+    sha256: str
+    datasets: tuple[str, ...]
+    chunk_count: int
+    used: tuple[str, ...]
+    missing: tuple[str, ...]
+
+    def describe(self) -> dict[str, object]:
+        """What the manifest records (its digest makes it part of the run's fingerprint)."""
+        return {"path": str(self.path), "sha256": self.sha256, "datasets": list(self.datasets), "chunk_count": self.chunk_count}
+
+
+@dataclass(frozen=True)
 class Plan:
     groups: tuple[GroupJob, ...]
     passthrough: tuple[PassthroughTensor, ...]
+    importance: ImportanceUse | None = None
 
 
 def tensor_choice(info: TensorInfo, config: RunConfig, preset_types: dict[str, TensorChoice]) -> TensorChoice | str:
@@ -109,10 +133,56 @@ def preset_types(model: SafetensorsModel, config: RunConfig) -> dict[str, Tensor
     names = gguf_tensor_names(list(model.tensors), arch, n_layer)
     listed = [(gguf_name, model.tensors[name].shape) for name, gguf_name in names.items() if gguf_name is not None]
     try:
-        chosen = choose_types(config.preset, listed, n_head=n_head, n_head_kv=n_head_kv, n_layer=n_layer, n_expert=n_expert, arch=arch)
+        chosen = choose_types(config.preset, listed, n_head=n_head, n_head_kv=n_head_kv, n_layer=n_layer, n_expert=n_expert, arch=arch,
+                              has_imatrix=config.imatrix is not None)
     except PresetError as err:
         raise InputError(f"{where}: {err}") from None
     return {name: chosen[gguf_name] for name, gguf_name in names.items() if gguf_name in chosen}
+
+
+def llama_cpp_names(model: SafetensorsModel) -> dict[str, str]:
+    """Each tensor's llama.cpp name, where the model is of the Llama family (a GGUF input's names
+    are llama.cpp's already); otherwise its own name."""
+    from qstrat.llama_gguf import LLAMA_FAMILY
+
+    names = {name: name for name in model.tensors}
+    hf = read_model_config(model)
+    if hf.get("model_type") not in LLAMA_FAMILY or "gguf_architecture" in hf:
+        return names
+    try:
+        mapped = gguf_tensor_names(list(model.tensors), gguf_arch(str(hf["model_type"])), int(hf["num_hidden_layers"]))
+    except (KeyError, PresetError, TypeError, ValueError):
+        return names
+    return {name: mapped.get(name) or name for name in names}
+
+
+def importance_vectors(model: SafetensorsModel, config: RunConfig, quantized: dict[str, TensorInfo]) -> tuple[dict[str, np.ndarray], ImportanceUse | None]:
+    """The importance vector of each quantized tensor from ``config.imatrix`` (by the tensor's
+    llama.cpp name, as llama-quantize looks it up), and what the report says of the file."""
+    if config.imatrix is None:
+        return {}, None
+    from qstrat.imatrix import read_imatrix
+
+    path = Path(config.imatrix)
+    imatrix = read_imatrix(path)
+    names = llama_cpp_names(model)
+    vectors, missing = {}, []
+    for name, info in sorted(quantized.items()):
+        key = names.get(name, name)
+        vector = imatrix.vector(key)
+        k = info.shape[1]
+        if vector is not None and vector.size != k:
+            if key == "token_embd.weight":  # llama-quantize ignores a token embedding's mismatch
+                vector = None
+            else:
+                raise InputError(f"imatrix {path}: {key} has {vector.size} values; tensor {name!r} has rows of {k}")
+        if vector is None:
+            missing.append(name)
+        else:
+            vectors[name] = vector
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    use = ImportanceUse(path, digest, tuple(imatrix.datasets), imatrix.chunk_count, tuple(sorted(vectors)), tuple(missing))
+    return vectors, use
 
 
 def check_llama_cpp_target(model: SafetensorsModel, config: RunConfig, groups: tuple[GroupJob, ...], outputs: tuple[str, ...]) -> None:
@@ -150,12 +220,17 @@ def make_plan(model: SafetensorsModel, config: RunConfig, outputs: tuple[str, ..
         if info.dtype in FLOAT_DTYPES
     }
     stems = assign_file_stems([n for n in choices if n not in reasons])
+    vectors, importance = importance_vectors(model, config, {n: model.tensors[n] for n in stems})
     assignments = config.strategy_chain().assign(candidates, read_model_config(model))
     groups = tuple(
         GroupJob(
             a.strategy,
             a.strategy.group_id(a.members),
-            tuple(TensorJob(model.tensors[n], stems.get(n), None if n in reasons else choices[n]) for n in a.members),
+            tuple(
+                TensorJob(model.tensors[n], stems.get(n), None if n in reasons else choices[n], vectors.get(n))
+                for n in a.members
+            ),
+            importance is not None,
         )
         for a in assignments
     )
@@ -163,4 +238,4 @@ def make_plan(model: SafetensorsModel, config: RunConfig, outputs: tuple[str, ..
         PassthroughTensor(model.tensors[name], reason) for name, reason in sorted(reasons.items())
     )
     check_llama_cpp_target(model, config, groups, config.output_kinds if outputs is None else tuple(outputs))
-    return Plan(groups, passthrough)
+    return Plan(groups, passthrough, importance)

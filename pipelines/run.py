@@ -283,6 +283,8 @@ def quantize_model(
     except OSError as err:
         raise OutputError(describe_os_error(out, err)) from None
     settings = dict(settings or {}, **config.describe(), outputs=list(outputs))
+    if plan.importance is not None:
+        settings["imatrix"] = plan.importance.describe()
     fingerprint = run_fingerprint(settings, model)
     with output_lock(out):
         previous = read_manifest_lenient(out)

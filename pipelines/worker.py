@@ -72,12 +72,15 @@ def _quantized(
 
 
 def _error_measure(job: GroupJob, variant: str) -> SquaredError:
-    """How a strategy measures a member's error: in the type the member is written in."""
-    choices = {m.info.name: m.choice for m in job.members}
+    """How a strategy measures a member's error: in the type the member is written in, weighted
+    by its importance vector when the run has an imatrix."""
+    members = {m.info.name: m for m in job.members}
 
     def squared_error(name: str, storage: np.ndarray, col_perm: np.ndarray | None) -> float:
-        choice = choices.get(name) or TensorChoice("q8_k", None)  # a member not quantized: as the original tool
-        return _quantized(storage, choice, variant, col_perm=col_perm, tensor_name=name).error_squares
+        member = members.get(name)
+        choice = (member.choice if member else None) or TensorChoice("q8_k", None)  # not quantized: as the original tool
+        importance = member.importance if member else None
+        return _quantized(storage, choice, variant, col_perm=col_perm, tensor_name=name, importance=importance).chosen_error
 
     return squared_error
 
@@ -138,7 +141,7 @@ def _quantize_members(
         probes = {stage: probe_vector(stage, info.shape[1]) for stage in ("sum_test", "gradient_test") if stage in stages}
         outcome = _quantized(
             arrays[info.name], member.choice, variant, row_perm, col_perm,
-            tensor_name=info.name, measure="weight_error" in stages, probes=probes,
+            tensor_name=info.name, measure="weight_error" in stages, probes=probes, importance=member.importance,
         )
         metrics = outcome.metrics
         if probes:
@@ -153,6 +156,7 @@ def _quantize_members(
             dtype=info.dtype,
             storage="q8k" if writes_q8k(member.choice) else member.choice.type_name,
             fallback_from=member.choice.fallback_from,
+            imatrix=member.importance is not None if job.with_imatrix else None,
             strategy=job.strategy.name,
             permutation=kind if permutation is not None else "none",
             joint_group=job.group_id if kind == "joint" and permutation is not None else None,

@@ -24,7 +24,7 @@ from qstrat.errors import (
     ValidationFailed,
 )
 from qstrat.interrupts import handle_stop_signals, ignore_stop_signals
-from qstrat.report import describe_container, describe_formats, summarize
+from qstrat.report import describe_container, describe_formats, describe_importance, summarize
 from qstrat.results import QuantizationResult, TensorRecord
 from qstrat.strategies import STRATEGIES
 
@@ -78,10 +78,13 @@ def format_record(record: TensorRecord) -> str:
         m = record.metrics
         if m is not None and m.mse is not None:
             quality = f" mse={m.mse:.3e} sqnr={m.sqnr_db:.1f}dB"
+        if m is not None and m.weighted_sqnr_db is not None:
+            quality += f" weighted_sqnr={m.weighted_sqnr_db:.1f}dB"
         if m is not None and m.gradient_test_mse is not None:
             quality += f" gradient_test={m.gradient_test_mse:.3e}"
         fallback = fallback_note(record.fallback_from, record.shape)
-        return f"  {record.storage:<5} {record.name} [{shape}] {record.strategy} perm={record.permutation}{quality}{fallback}"
+        importance = " (no importance vector in the imatrix)" if record.imatrix is False else ""
+        return f"  {record.storage:<5} {record.name} [{shape}] {record.strategy} perm={record.permutation}{quality}{fallback}{importance}"
     return f"  pass  {record.name} [{shape}] {record.dtype}: {record.reason}"
 
 
@@ -102,8 +105,12 @@ def summary_line(result: QuantizationResult) -> str:
     )
 
 
-def print_summary(result: QuantizationResult) -> None:
+def print_summary(result: QuantizationResult, imatrix: object = None) -> None:
+    """The summary line, then which importance matrix the run used (``imatrix``: its path)."""
     print(summary_line(result), flush=True)
+    line = describe_importance(summarize(result), imatrix)
+    if line is not None:
+        print(line[0].upper() + line[1:] + ".", flush=True)
 
 
 def announce_first_compile() -> None:
@@ -200,7 +207,7 @@ def run(
         if dry_run:
             plans = {}
             for job in spec.models:
-                description = describe_plan(make_plan(open_model(job.input), spec.config))
+                description = describe_plan(make_plan(open_model(job.input), spec.config_for(job)))
                 plans[job.name] = {"output": str(job.output), **description}
                 if not json_output:
                     _print_plan(job.name, job.output, description)
@@ -219,7 +226,7 @@ def run(
                 model = open_model(job.input)
                 with reporter.model(job.name, sum(t.nbytes for t in model)):
                     result = quantize_model(
-                        job.input, spec.config, job.output, reporter, force=force, thresholds=spec.thresholds,
+                        job.input, spec.config_for(job), job.output, reporter, force=force, thresholds=spec.thresholds,
                         settings={"thresholds": spec.raw["validation"]["thresholds"]}, outputs=spec.outputs,
                     )
             except QstratError as err:
@@ -242,8 +249,11 @@ def run(
                     exit_code = ValidationFailed.exit_code
                 if result.container is not None:
                     outcome["gguf"] = result.container
+                summary = summarize(result)
+                if "imatrix" in summary:
+                    outcome["imatrix"] = {"path": str(job.imatrix), **summary["imatrix"]}
                 if mode != "quiet":
-                    print(summary_line(result), flush=True)
+                    print_summary(result, job.imatrix)
                     for failure in result.failures:
                         print(f"  below threshold: {failure}", flush=True)
                     if result.container is not None:
@@ -485,45 +495,81 @@ def eval_lines(result: dict) -> list[str]:
     return lines
 
 
+ENGINES = ("auto", "llama.cpp", "numpy")
+
+
+def _open_engine(path: Path, ctx: int, threads: int | None, flash_attn: bool, engine: str, stack: contextlib.ExitStack, what: str):
+    """The engine that evaluates ``path`` and its description: llama.cpp for a GGUF file (unless
+    ``engine`` is numpy), qstrat's numpy forward for a directory (a Hugging Face model or a
+    qstrat output) or when asked."""
+    from qstrat import llama_engine
+
+    if engine not in ENGINES:
+        raise InputError(f"--engine {engine}: one of {', '.join(ENGINES)}")
+    if not path.exists():
+        raise InputError(f"{path}: no such file or directory ({what})")
+    if engine == "llama.cpp" or (engine == "auto" and not path.is_dir()):
+        model = llama_engine.LlamaCppModel(path, ctx, threads, flash_attn)
+        stack.callback(model.close)
+        return model, llama_engine.engine_name()
+    from qstrat.forward import open_forward
+
+    forward, vocabulary = stack.enter_context(open_forward(path))
+    tokenizer = llama_engine.LlamaCppTokenizer(vocabulary, what)
+    stack.callback(tokenizer.close)
+    return llama_engine.NumpyModel(forward, tokenizer, path), "qstrat's numpy forward (float32; tokens by llama.cpp's tokenizer)"
+
+
+def _read_text(text: Path) -> bytes:
+    from qstrat.evaluate import text_from_file
+
+    try:
+        return text_from_file(text.read_bytes())
+    except OSError as err:
+        raise InputError(f"{text}: cannot read the text ({err.strerror or err})") from None
+
+
+def _check_counts(**flags: tuple[int | None, int]) -> None:
+    for flag, (value, least) in flags.items():
+        if value is not None and value < least:
+            raise InputError(f"--{flag} {value}: at least {least}")
+
+
 @app.command(name="eval")
 def eval_(
-    model: Path = typer.Argument(..., help="the model: a GGUF file llama.cpp can run"),
+    model: Path = typer.Argument(..., help="the model: a GGUF file, a Hugging Face model directory or a qstrat output directory"),
     text: Path = typer.Option(..., "--text", "-t", help="a text file (UTF-8); e.g. python -m qstrat.corpus wiki.txt"),
-    reference: Path = typer.Option(None, "--reference", "-r", help="a GGUF of the same vocabulary to compare with (KL divergence, top-1 agreement, RMS Δp)"),
+    reference: Path = typer.Option(None, "--reference", "-r", help="a model of the same vocabulary to compare with (KL divergence, top-1 agreement, RMS Δp)"),
     ctx: int = typer.Option(512, "--ctx", "-c", help="tokens per chunk (llama-perplexity's --ctx-size)"),
     chunks: int = typer.Option(None, "--chunks", help="at most this many chunks (default: all the text gives)"),
+    engine: str = typer.Option("auto", "--engine", help="auto: llama.cpp for a GGUF file, qstrat's numpy forward for a directory; llama.cpp; numpy (Llama family: the way to evaluate Q8_K, which llama.cpp cannot run)"),
     threads: int = typer.Option(None, "--threads", help="llama.cpp threads (default: every core)"),
     flash_attn: bool = typer.Option(False, "--flash-attn", help="llama.cpp's flash attention (off: llama-cpp-python's default; llama-perplexity's auto turns it on on a CPU)"),
     json_output: bool = typer.Option(False, "--json", help="print one machine-readable result line"),
 ) -> None:
     """Perplexity of MODEL over a text, and with --reference the KL divergence from a reference
-    model, as llama.cpp's llama-perplexity computes them, evaluated by llama.cpp (llama-cpp-python).
+    model, as llama.cpp's llama-perplexity computes them: by llama.cpp (llama-cpp-python) for a
+    GGUF file, by qstrat's numpy forward for a directory (the output names the engine).
 
     The text is tokenized once (BOS only if the vocabulary adds one) and cut into chunks of --ctx
     tokens; in each, evaluated from an empty context, the second half of the positions predict the
     next token.  Needs at least two chunks of text.  Results go to stdout; a progress bar to
     stderr when it is a terminal.
     """
-    from qstrat.evaluate import evaluate, text_from_file
-    from qstrat.llama_engine import LlamaCppModel, check_gguf, engine_name
+    from qstrat.evaluate import evaluate
 
-    with user_errors():
-        check_gguf(model)
-        if reference is not None:
-            check_gguf(reference, "reference")
-        try:
-            data = text_from_file(text.read_bytes())
-        except OSError as err:
-            raise InputError(f"{text}: cannot read the text ({err.strerror or err})") from None
-        for flag, value, least in (("--ctx", ctx, 4), ("--chunks", chunks, 1), ("--threads", threads, 1)):
-            if value is not None and value < least:
-                raise InputError(f"{flag} {value}: at least {least}")
-        engine = engine_name()
+    with user_errors(), contextlib.ExitStack() as stack:
+        data = _read_text(text)
+        _check_counts(ctx=(ctx, 4), chunks=(chunks, 1), threads=(threads, 1))
         bar, stage, callback = _eval_progress(sys.stderr.isatty())
         with bar:
             stage("loading")
-            llm = LlamaCppModel(model, ctx, threads, flash_attn)
-            ref = LlamaCppModel(reference, ctx, threads, flash_attn) if reference is not None else None
+            llm, engine_used = _open_engine(model, ctx, threads, flash_attn, engine, stack, "model")
+            ref = None
+            if reference is not None:
+                ref, reference_engine = _open_engine(reference, ctx, threads, flash_attn, engine, stack, "reference")
+                if reference_engine != engine_used:
+                    engine_used = f"{engine_used}; reference: {reference_engine}"
             if ref is not None and ref.n_vocab != llm.n_vocab:
                 raise InputError(
                     f"{reference}: a vocabulary of {ref.n_vocab} tokens, the model's ({model}) has {llm.n_vocab}: "
@@ -532,18 +578,57 @@ def eval_(
             for path, engine_model in ((model, llm), (reference, ref)):
                 if engine_model is not None and engine_model.add_eos:
                     raise InputError(f"{path}: its vocabulary adds EOS to a text, which llama-perplexity refuses too")
-            if ctx > llm.n_ctx_train:
+            if llm.n_ctx_train is not None and ctx > llm.n_ctx_train:
                 print(f"warning: {model} was trained on contexts of {llm.n_ctx_train} tokens, --ctx is {ctx}", file=sys.stderr)
             stage("tokenizing")
             figures = evaluate(llm, data, ctx=ctx, chunks=chunks, reference=ref, progress=callback, source=str(text))
         result = {
-            **figures, "flash_attn": flash_attn, "engine": engine, "model": str(model), "reference": None if reference is None else str(reference),
+            **figures, "flash_attn": flash_attn, "engine": engine_used, "model": str(model), "reference": None if reference is None else str(reference),
             "text": str(text),
         }
         if json_output:
             print(json.dumps(result))
         else:
             print("\n".join(eval_lines(result)))
+
+
+@app.command()
+def imatrix(
+    model: Path = typer.Argument(..., help="the model: a GGUF file, a Hugging Face model directory or a qstrat output directory (Llama family)"),
+    text: Path = typer.Option(..., "--text", "-t", help="a text file (UTF-8); e.g. python -m qstrat.corpus wiki.txt"),
+    output: Path = typer.Option(..., "--output", "-o", help="the importance matrix to write, in llama.cpp's GGUF imatrix format"),
+    ctx: int = typer.Option(512, "--ctx", "-c", help="tokens per chunk (llama-imatrix's --ctx-size)"),
+    chunks: int = typer.Option(None, "--chunks", help="at most this many chunks (default: all the text gives)"),
+    json_output: bool = typer.Option(False, "--json", help="print one machine-readable result line"),
+) -> None:
+    """Collect an importance matrix of MODEL over a text, as llama.cpp's llama-imatrix does: per
+    matrix of the model's layers, the sum of the squares of each input column over every token,
+    and the token count.  Computed by qstrat's numpy forward; tokens by llama.cpp's tokenizer.
+
+    The text is cut into chunks of --ctx tokens (BOS first when the vocabulary adds one), as
+    llama-imatrix cuts it; at least two chunks are needed.  Give the file to a run with the config
+    key imatrix: (or to llama-quantize --imatrix).
+    """
+    from qstrat.imatrix import compute_imatrix, write_imatrix
+
+    with user_errors(), contextlib.ExitStack() as stack:
+        data = _read_text(text)
+        _check_counts(ctx=(ctx, 4), chunks=(chunks, 1))
+        bar, stage, callback = _eval_progress(sys.stderr.isatty())
+        with bar:
+            stage("loading")
+            engine, engine_used = _open_engine(model, ctx, None, False, "numpy", stack, "model")
+            stage("tokenizing")
+            collected = compute_imatrix(engine, data, ctx, chunks, str(text), callback)
+        write_imatrix(output, collected)
+        result = {
+            "model": str(model), "text": str(text), "output": str(output), "engine": engine_used, "ctx": ctx,
+            "chunks": collected.chunk_count, "tokens": collected.tokens, "matrices": len(collected.entries),
+        }
+        if json_output:
+            print(json.dumps(result))
+        else:
+            print(f"wrote {output}: {result['matrices']} matrices, {result['chunks']} chunks of {ctx} tokens ({result['tokens']} tokens) by {engine_used}")
 
 
 @app.command()

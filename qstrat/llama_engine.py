@@ -50,6 +50,16 @@ def engine_name() -> str:
     return f"llama.cpp (llama-cpp-python {_llama_cpp().__version__})"
 
 
+def _vocabulary_facts(owner, model, llama_cpp) -> None:
+    """What llama-perplexity and llama-imatrix read of a loaded vocabulary (``model``:
+    llama-cpp-python's model wrapper)."""
+    owner.n_vocab = int(model.n_vocab())
+    # llama_vocab_get_add_bos: what common_tokenize's add_special and the chunks' BOS follow
+    owner.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(model.vocab))
+    owner.add_eos = bool(llama_cpp.llama_vocab_get_add_eos(model.vocab))
+    owner.bos = int(model.token_bos())
+
+
 class LlamaCppModel:
     """A GGUF model in llama.cpp, evaluating one chunk at a time in a fresh context."""
 
@@ -68,12 +78,7 @@ class LlamaCppModel:
             ) from None
         self.path = path
         self.ctx = ctx
-        vocab = self.llm._model.vocab
-        self.n_vocab = int(self.llm.n_vocab())
-        # llama_vocab_get_add_bos: what common_tokenize's add_special and llama-perplexity's chunks follow
-        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
-        self.add_eos = bool(llama_cpp.llama_vocab_get_add_eos(vocab))
-        self.bos = int(self.llm.token_bos())
+        _vocabulary_facts(self, self.llm._model, llama_cpp)
         self.n_ctx_train = int(self.llm._model.n_ctx_train())
 
     def tokenize(self, text: bytes) -> list[int]:
@@ -93,3 +98,49 @@ class LlamaCppModel:
 
     def close(self) -> None:
         self.llm.close()
+
+
+class LlamaCppTokenizer:
+    """A model's vocabulary alone, loaded by llama.cpp (``vocab_only``, no context): llama.cpp's
+    tokenization for an engine that computes the logits itself."""
+
+    def __init__(self, path: Path, what: str = "model") -> None:
+        check_gguf(path, what)
+        llama_cpp = _llama_cpp()
+        from llama_cpp._internals import LlamaModel  # what Llama wraps; no context is needed to tokenize
+
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        try:
+            self.model = LlamaModel(path_model=str(path), params=params, verbose=False)
+        except (ValueError, RuntimeError) as err:
+            raise InputError(f"{path}: llama.cpp cannot read this model's vocabulary ({err})") from None
+        _vocabulary_facts(self, self.model, llama_cpp)
+
+    def tokenize(self, text: bytes) -> list[int]:
+        """As :meth:`LlamaCppModel.tokenize` (``common_tokenize`` with ``add_special``)."""
+        return self.model.tokenize(text, add_bos=True, special=False)
+
+    def close(self) -> None:
+        self.model.close()
+
+
+class NumpyModel:
+    """An engine of :func:`qstrat.evaluate.evaluate` whose logits come from qstrat's numpy forward
+    (:mod:`qstrat.forward`) and whose tokens from llama.cpp's tokenizer of the same model."""
+
+    def __init__(self, forward, tokenizer: LlamaCppTokenizer, source: Path) -> None:
+        if forward.n_vocab != tokenizer.n_vocab:
+            raise InputError(f"{source}: {forward.n_vocab} token embeddings for a vocabulary of {tokenizer.n_vocab} tokens")
+        self.forward, self.tokenizer = forward, tokenizer
+        self.n_vocab, self.add_bos, self.add_eos, self.bos = tokenizer.n_vocab, tokenizer.add_bos, tokenizer.add_eos, tokenizer.bos
+        self.n_ctx_train = None
+
+    def tokenize(self, text: bytes) -> list[int]:
+        return self.tokenizer.tokenize(text)
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        return self.forward.logits(tokens)
+
+    def close(self) -> None:
+        self.tokenizer.close()

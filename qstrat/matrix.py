@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -31,6 +31,15 @@ from qstrat.kernels.metrics import (
 )
 
 
+def sqnr_db(reference_squares: float, error_squares: float) -> float:
+    """``10 log10(reference / error)`` of sums of squares; inf for an exact result."""
+    if error_squares == 0.0:
+        return math.inf
+    if reference_squares == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(reference_squares / error_squares)
+
+
 @dataclass(frozen=True)
 class TensorMetrics:
     """Weight error of one quantized tensor, in its original column order."""
@@ -42,6 +51,8 @@ class TensorMetrics:
     cosine: float | None
     sum_test_mse: float | None = None  # the original tool's Method 1
     gradient_test_mse: float | None = None  # Method 2
+    #: 10 log10(sum_j a_j sum_i w_ij^2 / sum_j a_j sum_i (w_ij - w^_ij)^2), a the importance vector
+    weighted_sqnr_db: float | None = None
 
     @classmethod
     def from_row_measures(cls, measures: np.ndarray, numel: int) -> TensorMetrics:
@@ -49,12 +60,7 @@ class TensorMetrics:
         err2, ref2, deq2 = (float(measures[:, i].sum()) for i in (ERROR_SQUARES, REFERENCE_SQUARES, DEQUANTIZED_SQUARES))
         worst = float(measures[:, MAX_ABS_ERROR].max()) if len(measures) else 0.0
         norm_ref, norm_err, norm_deq = math.sqrt(ref2), math.sqrt(err2), math.sqrt(deq2)
-        if norm_err == 0.0:
-            sqnr = math.inf
-        elif norm_ref == 0.0:
-            sqnr = -math.inf
-        else:
-            sqnr = 20.0 * math.log10(norm_ref / norm_err)
+        sqnr = sqnr_db(ref2, err2)
         # From |w - w^|^2 = |w|^2 + |w^|^2 - 2 w.w^: 1 - cos = (|w - w^|^2 - (|w| - |w^|)^2) / (2 |w| |w^|),
         # which keeps the digits that w.w^ / (|w| |w^|) computed directly would lose near 1.
         if norm_ref and norm_deq:
@@ -92,6 +98,44 @@ class QuantizedMatrix:
     #: probe name -> (rows, 2) float64: per stored row, W'.p and W'.p - W^.p (exact dequantized weights)
     probe_products: dict[str, np.ndarray]
     error_squares: float | None = None  # sum (w - w^)^2 as the kernel summed it (when measured)
+    #: sum_j a_j (w_ij - w^_ij)^2 over the importance vector a (when measured with one)
+    weighted_error_squares: float | None = None
+
+    @property
+    def chosen_error(self) -> float | None:
+        """The error strategies compare orders by: importance-weighted when there is an imatrix."""
+        return self.error_squares if self.weighted_error_squares is None else self.weighted_error_squares
+
+
+#: rows measured at a time (bounds the float64 temporaries of the numpy measures)
+_MEASURED_ROWS = 256
+
+
+def _stored_order(
+    storage: np.ndarray, row_perm: np.ndarray | None, col_perm: np.ndarray | None
+) -> np.ndarray:
+    """Float32 values in stored order: ``storage[row_perm[i], col_perm[j]]``."""
+    stored = storage_to_float32(storage)
+    if row_perm is not None:
+        stored = np.take(stored, row_perm, axis=0)
+    if col_perm is not None:
+        stored = np.take(stored, col_perm, axis=1)
+    return np.ascontiguousarray(stored)
+
+
+def _weighted(result: QuantizedMatrix, weighted_error: float, weighted_reference: float) -> QuantizedMatrix:
+    metrics = result.metrics
+    if metrics is not None:
+        metrics = replace(metrics, weighted_sqnr_db=sqnr_db(weighted_reference, weighted_error))
+    return replace(result, metrics=metrics, weighted_error_squares=weighted_error)
+
+
+def stored_importance(importance: np.ndarray | None, col_perm: np.ndarray | None) -> np.ndarray | None:
+    """An importance vector in stored column order (it moves with the columns it weighs)."""
+    if importance is None:
+        return None
+    vector = np.asarray(importance, dtype=np.float32)
+    return np.ascontiguousarray(vector if col_perm is None else vector[col_perm])
 
 
 def quantize_matrix(
@@ -103,13 +147,16 @@ def quantize_matrix(
     tensor_name: str = "array",
     measure: bool = True,
     probes: Mapping[str, np.ndarray] | None = None,
+    importance: np.ndarray | None = None,
 ) -> QuantizedMatrix:
     """Quantize kernel storage (rows, k) stored as ``storage[row_perm[i], col_perm[j]]``.
 
     When ``measure``, the weight error against the source comes out of the same pass
     (permutations move values, they do not change which value is compared with which), and
     so do the products of the stored rows with each of ``probes`` (vectors of length k in
-    stored column order).
+    stored column order).  With an ``importance`` vector (source column order; Q8K's bytes do
+    not depend on it), the importance-weighted error is measured too, from the blocks
+    dequantized.
     """
     code = variant_code(variant)
     check_rows_shape(storage, tensor_name)
@@ -125,11 +172,22 @@ def quantize_matrix(
     products = {name: measures[:, PROBE_COLUMNS + 2 * i : PROBE_COLUMNS + 2 * i + 2] for i, name in enumerate(probes)}
     metrics = TensorMetrics.from_row_measures(measures, storage.size) if measure else None
     error_squares = float(measures[:, ERROR_SQUARES].sum()) if measure else None
-    return QuantizedMatrix(blocks, metrics, products, error_squares)
+    result = QuantizedMatrix(blocks, metrics, products, error_squares)
+    if measure and importance is not None:
+        from qstrat.formats import block_type
 
-
-#: rows measured at a time by :func:`quantize_matrix_as` (bounds its float64 temporaries)
-_MEASURED_ROWS = 256
+        weights = stored_importance(importance, col_perm).astype(np.float64)
+        stored, dequantize = _stored_order(storage, row_perm, col_perm), block_type("q8_k").dequantize_rows
+        row_blocks = blocks.reshape(stored.shape[0], -1)
+        weighted_error = weighted_reference = 0.0
+        for start in range(0, stored.shape[0], _MEASURED_ROWS):
+            rows = slice(start, start + _MEASURED_ROWS)
+            source = stored[rows].astype(np.float64)
+            error = source - dequantize(np.ascontiguousarray(row_blocks[rows]), stored.shape[1])
+            weighted_error += float(np.einsum("ij,ij,j->", error, error, weights))
+            weighted_reference += float(np.einsum("ij,ij,j->", source, source, weights))
+        result = _weighted(result, weighted_error, weighted_reference)
+    return result
 
 
 def quantize_matrix_as(
@@ -141,26 +199,27 @@ def quantize_matrix_as(
     tensor_name: str = "array",
     measure: bool = True,
     probes: Mapping[str, np.ndarray] | None = None,
+    importance: np.ndarray | None = None,
 ) -> QuantizedMatrix:
     """:func:`quantize_matrix` for a GGUF block type of the registry (``qstrat.formats``):
-    blocks (rows, row bytes), and the same measures, from the blocks dequantized as GGML does."""
+    blocks (rows, row bytes), and the same measures, from the blocks dequantized as GGML does.
+    An ``importance`` vector (source column order) goes to the quantizer in stored order, as
+    ``ggml_quantize_chunk``'s ``imatrix``, and weighs the weighted error."""
     from qstrat.formats import block_type
 
     entry = block_type(type_name)
     if storage.ndim != 2 or storage.shape[1] % entry.block_size:
         raise InputError(f"tensor {tensor_name!r} has shape {storage.shape}; {entry.name} needs 2-D data whose rows are a multiple of {entry.block_size} long")
     check_finite(storage, tensor_name, entry.name.upper())
-    stored = storage_to_float32(storage)
-    if row_perm is not None:
-        stored = np.take(stored, row_perm, axis=0)
-    if col_perm is not None:
-        stored = np.take(stored, col_perm, axis=1)
-    blocks = entry.quantize_rows(np.ascontiguousarray(stored), None)
+    stored = _stored_order(storage, row_perm, col_perm)
+    weights = stored_importance(importance, col_perm)
+    blocks = entry.quantize_rows(stored, weights)
     probes = dict(probes or {})
     if not measure and not probes:
         return QuantizedMatrix(blocks, None, {})
     vectors = np.array(list(probes.values()), dtype=np.float64).reshape(len(probes), storage.shape[1])
     measures = np.zeros((storage.shape[0], measure_columns(len(probes))), dtype=np.float64)
+    weighted_error = weighted_reference = 0.0
     for start in range(0, stored.shape[0], _MEASURED_ROWS):
         rows = slice(start, start + _MEASURED_ROWS)
         source = stored[rows].astype(np.float64)
@@ -174,10 +233,14 @@ def quantize_matrix_as(
         for i, vector in enumerate(vectors):
             part[:, PROBE_COLUMNS + 2 * i] = source @ vector
             part[:, PROBE_COLUMNS + 2 * i + 1] = error @ vector
+        if weights is not None:
+            weighted_error += float(np.einsum("ij,ij,j->", error, error, weights.astype(np.float64)))
+            weighted_reference += float(np.einsum("ij,ij,j->", source, source, weights.astype(np.float64)))
     products = {name: measures[:, PROBE_COLUMNS + 2 * i : PROBE_COLUMNS + 2 * i + 2] for i, name in enumerate(probes)}
     metrics = TensorMetrics.from_row_measures(measures, storage.size) if measure else None
     error_squares = float(measures[:, ERROR_SQUARES].sum()) if measure else None
-    return QuantizedMatrix(blocks, metrics, products, error_squares)
+    result = QuantizedMatrix(blocks, metrics, products, error_squares)
+    return _weighted(result, weighted_error, weighted_reference) if measure and weights is not None else result
 
 
 def squared_error(

@@ -27,6 +27,32 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
+def _importance_summary(result: QuantizationResult) -> dict[str, object]:
+    """With an importance matrix: which quantized tensors had a vector, and the weighted error."""
+    records = [r for r in result.quantized if r.imatrix is not None]
+    if not records:
+        return {}
+    weighted = [r.metrics.weighted_sqnr_db for r in records if r.metrics is not None and r.metrics.weighted_sqnr_db is not None]
+    return {
+        "imatrix": {
+            "used": sum(bool(r.imatrix) for r in records),
+            "missing": sorted(r.name for r in records if not r.imatrix),
+            "mean_weighted_sqnr_db": "inf" if weighted and min(weighted) == math.inf else _mean(weighted),
+        }
+    }
+
+
+def describe_importance(summary: Mapping[str, object], path: object) -> str | None:
+    """The line saying which importance matrix a run used, and for which tensors it had none."""
+    use = summary.get("imatrix")
+    if not use:
+        return None
+    missing = use["missing"]
+    none_for = f"; none for {len(missing)}: {', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}" if missing else ""
+    return f"importance matrix {path}: vectors for {use['used']} tensors{none_for} (quantized without one)" if missing else (
+        f"importance matrix {path}: vectors for all {use['used']} quantized tensors")
+
+
 def summarize(result: QuantizationResult) -> dict[str, object]:
     """Per-model figures: counts, averages and extremes of the metrics, sizes, time."""
     metrics = [r.metrics for r in result.quantized if r.metrics is not None]
@@ -44,6 +70,7 @@ def summarize(result: QuantizationResult) -> dict[str, object]:
             for r in result.quantized
             if r.fallback_from
         ],
+        **_importance_summary(result),
         "skipped_count": result.skipped_count,
         "average_mse": None if math.isnan(result.average_mse) else result.average_mse,
         # exact tensors (infinite SQNR) are left out of the mean; JSON has no infinity: "inf"
@@ -113,6 +140,8 @@ def render_markdown(report: Mapping[str, object]) -> str:
             f"- fallback: {f['tensor']} is {f['written']}: {f['asked']} cannot take rows of {f['row_length']} (llama.cpp's rule)"
             for f in s["fallbacks"]
         ],
+        *([f"- {describe_importance(s, (report['settings'].get('imatrix') or {}).get('path'))}, "
+           f"importance-weighted SQNR mean {_fmt(s['imatrix']['mean_weighted_sqnr_db'], '.2f')} dB"] if "imatrix" in s else []),
         f"- weight MSE (mean) {_fmt(s['average_mse'], '.3e')}, SQNR mean {_fmt(s['mean_sqnr_db'], '.2f')} dB, "
         f"worst {_fmt(s['worst_sqnr_db'], '.2f')} dB",
         f"- sum test MSE (mean) {_fmt(s['average_sum_test_mse'], '.3e')}, gradient test MSE (mean) "

@@ -32,6 +32,7 @@ class TensorRecord:
     seconds: float = 0.0
     reason: str | None = None  # why a tensor was passed through
     fallback_from: str | None = None  # the block type asked for, when it could not take the rows
+    imatrix: bool | None = None  # with the run's importance matrix: whether it had this tensor's vector
 
     @property
     def quantized(self) -> bool:
@@ -62,6 +63,7 @@ class TensorRecord:
             metrics=TensorMetrics.from_dict(entry.metrics.model_dump()) if quantized and entry.metrics else None,
             reason=None if quantized else entry.reason,
             fallback_from=entry.fallback_from if quantized else None,
+            imatrix=entry.imatrix if quantized else None,
         )
 
     def manifest_entry(self) -> TensorEntry:
@@ -77,7 +79,8 @@ class TensorRecord:
         }
         if self.quantized:
             metrics = Metrics(**self.metrics.as_dict()) if self.metrics else None
-            return QuantizedEntry(storage=self.storage, strategy=self.strategy, metrics=metrics, fallback_from=self.fallback_from, **common)
+            return QuantizedEntry(storage=self.storage, strategy=self.strategy, metrics=metrics, fallback_from=self.fallback_from,
+                                  imatrix=self.imatrix, **common)
         return PassthroughEntry(storage="passthrough", reason=self.reason, **common)
 
 

@@ -142,6 +142,8 @@ class RunConfig(_Strict):
     validation: ValidationSection = Field(default_factory=ValidationSection)
     outputs: Union[list[Literal[OUTPUT_FORMATS]], None] = Field(default=None, min_length=1)  # type: ignore[valid-type]
     parallel: ParallelSection = Field(default_factory=ParallelSection)
+    # an importance matrix (llama.cpp's GGUF imatrix or legacy .dat); in a file, a template with {model}
+    imatrix: Union[str, None] = None
     # replace output of another config or input (a command's flag, never a file's key)
     _force: bool = PrivateAttr(default=False)
 
@@ -263,6 +265,7 @@ class ModelJob:
     name: str
     input: Path
     output: Path
+    imatrix: Path | None = None  # the importance matrix of this model, when the run uses one
 
 
 @dataclass(frozen=True)
@@ -276,6 +279,12 @@ class RunSpec:
     @property
     def thresholds(self) -> Thresholds:
         return self.config.validation.thresholds
+
+    def config_for(self, job: ModelJob) -> RunConfig:
+        """The settings of one model: the shared ones, with its own importance matrix."""
+        if job.imatrix is None:
+            return self.config
+        return self.config.model_copy(update={"imatrix": str(job.imatrix)})
 
     @property
     def raw(self) -> dict[str, Any]:
@@ -425,6 +434,7 @@ def load_run_config(
         base = path.resolve().parent
     input_from_file = "input" in data
     output_from_file = "output" in data
+    imatrix_from_file = "imatrix" in data
     apply_environment(data, environ)
     if input_override:
         data["input"] = list(input_override)
@@ -439,6 +449,8 @@ def load_run_config(
             input_from_file = False
         if key == "output":
             output_from_file = False
+        if key == "imatrix":
+            imatrix_from_file = False
     for key in ("input", "output"):  # optional in the model (the library passes them otherwise), not in a file
         if data.get(key) is None:
             line = lines.get((key,))
@@ -457,14 +469,17 @@ def load_run_config(
     output_template = str(_resolve(schema.output, base if output_from_file else Path.cwd()))
     if len(inputs) > 1 and "{model}" not in output_template:
         raise ConfigError(f"{where}: output must contain {{model}} when the input names several models")
+    imatrix_template = str(_resolve(schema.imatrix, base if imatrix_from_file else Path.cwd())) if schema.imatrix else None
     models = []
     for model_path in inputs:
         name = _model_name(model_path)
-        try:
-            output = Path(output_template.format(model=name))
-        except (KeyError, IndexError, ValueError) as err:
-            raise ConfigError(f"{where}: output template {schema.output!r}: only {{model}} may be used ({err})") from None
-        models.append(ModelJob(name, model_path, output))
+        paths = {}
+        for key, template, raw in (("output", output_template, schema.output), ("imatrix", imatrix_template, schema.imatrix)):
+            try:
+                paths[key] = Path(template.format(model=name)) if template else None
+            except (KeyError, IndexError, ValueError) as err:
+                raise ConfigError(f"{where}: {key} template {raw!r}: only {{model}} may be used ({err})") from None
+        models.append(ModelJob(name, model_path, paths["output"], paths["imatrix"]))
     names = [m.output for m in models]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: two input models would write to the same output directory")

@@ -17,6 +17,7 @@ from gguf import GGUFReader
 
 import qstrat
 from qstrat.convert import gguf_metadata
+from qstrat.forward import open_forward
 from qstrat.io.gguf import GGUFModel, write_gguf
 from qstrat.io.safetensors import SafetensorsModel, map_tensor, to_float32
 from qstrat.model import QuantizedModel, as_directory
@@ -88,6 +89,10 @@ def test_f32_gguf_is_the_source_model_in_llama_cpp(llama_dir, f32_run, tmp_path)
     logits, answer = probe(gguf, text=text)
     error = relative_error(logits, reference)
     assert error < F32_TOLERANCE, error
+    # qstrat's numpy forward computes llama.cpp's graph: from the GGUF, from the source directory
+    # (in llama.cpp's layout) and from the run's output directory
+    for source in (gguf, llama_dir, out):
+        assert relative_error(numpy_forward(source), logits) < F32_TOLERANCE, source
     meta = answer["metadata"]
     assert meta["general.architecture"] == "llama" and meta["llama.attention.head_count_kv"] == "2"
     assert meta["general.file_type"] == "0" and meta["tokenizer.ggml.pre"] == "gpt-2"  # ALL_F32
@@ -128,6 +133,13 @@ def test_llama_cpp_layout_reads_back_as_the_source(llama_dir, f32_run):
     report = json.loads((out / "report.json").read_text())
     assert report["summary"]["gguf"]["llama_cpp"] is True
     assert "- GGUF tiny.gguf: a llama.cpp model (architecture llama, vocabulary: BPE (gpt2, pre-tokenizer gpt-2), 320 tokens)" in (out / "report.md").read_text()
+
+
+def numpy_forward(path: Path, tokens=TOKENS) -> np.ndarray:
+    """qstrat's own numpy forward (qstrat eval --engine numpy, qstrat imatrix) of a GGUF file,
+    a Hugging Face directory or a qstrat output directory."""
+    with open_forward(path) as (forward, _):
+        return forward.logits(tokens)
 
 
 def correlation(a: np.ndarray, b: np.ndarray) -> float:
@@ -188,6 +200,7 @@ def test_tied_embeddings_in_llama_cpp(tmp_path):
 
     assert answer["tokens"] == Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(text).ids
     assert relative_error(logits, llama_forward(source_weights(model_dir), SHAPE, np.array(TOKENS))) < F32_TOLERANCE
+    assert relative_error(numpy_forward(model_dir), logits) < F32_TOLERANCE  # no output.weight: the embeddings
     assert result.container["llama_cpp"]
 
 
@@ -208,6 +221,8 @@ def test_qwen2_with_biases_in_llama_cpp(tmp_path):
     logits, answer = probe(gguf, text=text[0])
     assert answer["metadata"]["general.architecture"] == "qwen2" and answer["metadata"]["tokenizer.ggml.pre"] == "qwen2"
     assert relative_error(logits, llama_forward(source_weights(model_dir), SHAPE, np.array(TOKENS))) < F32_TOLERANCE
+    for source in (gguf, model_dir):  # NEOX rotary embedding, biases
+        assert relative_error(numpy_forward(source), logits) < F32_TOLERANCE, source
     from tokenizers import Tokenizer
 
     assert answer["tokens"] == Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(text[0]).ids

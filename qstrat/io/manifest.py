@@ -70,6 +70,7 @@ Metric = Union[float, Literal["inf"], None]  # JSON has no infinity: an exact re
 
 
 class Metrics(_Record):
+    _OMITTED_WHEN_NONE = ("weighted_sqnr_db",)
     mse: Metric
     relative_error: Metric
     sqnr_db: Metric
@@ -77,6 +78,7 @@ class Metrics(_Record):
     cosine: Metric
     sum_test_mse: Metric
     gradient_test_mse: Metric
+    weighted_sqnr_db: Metric = None  # with an importance matrix
 
 
 class Joint(_Record):
@@ -97,11 +99,12 @@ class QuantizedEntry(_Entry):
     """A quantized tensor: ``storage`` is ``q8k`` (the original tool's .q8k file) or the GGUF
     block type it is stored in (``q4_k``, ...; a .qblk file or the GGUF container)."""
 
-    _OMITTED_WHEN_NONE = ("joint", "fallback_from")
+    _OMITTED_WHEN_NONE = ("joint", "fallback_from", "imatrix")
     storage: str
     strategy: str | None
     metrics: Metrics | None
     fallback_from: str | None = None  # the type asked for, when it could not take the rows (llama.cpp's fallback)
+    imatrix: bool | None = None  # in a run with an importance matrix: whether it had this tensor's vector
 
     @field_validator("storage")
     @classmethod

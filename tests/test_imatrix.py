@@ -1,0 +1,206 @@
+"""Importance matrices: ``qstrat imatrix`` writes llama.cpp's GGUF imatrix format, qstrat reads it
+and llama.cpp's legacy ``.dat``, and the config key ``imatrix:`` drives GGML's weighted quantizers
+(libggml-python is the oracle; llama.cpp, which tokenizes, runs in the CLI's own process)."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, GGUFReader
+
+from qstrat.imatrix import read_imatrix
+from qstrat.io.gguf import GGUFModel
+from qstrat.io.safetensors import SafetensorsModel, map_tensor, to_float32
+from qstrat.pipelines.run import quantize_model
+from qstrat.reference import ggml_quantize_chunk
+from qstrat.runconfig import RunConfig
+from qstrat.synthetic import LlamaShape, hf_config, llama_tensors, write_model
+from tests.helpers import assert_clean_failure, make_bpe_tokenizer, run_cli
+
+SHAPE = LlamaShape(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2)
+CTX = 32
+#: the matrices of each layer, as llama-imatrix names them (the output head is left out by default)
+LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A tiny Llama with a BPE tokenizer, a text of a few chunks, and its importance matrix."""
+    root = tmp_path_factory.mktemp("imatrix")
+    directory = write_model(root / "tiny", llama_tensors(SHAPE, seed=11), dtype="BF16", config=hf_config(SHAPE))
+    lines = make_bpe_tokenizer(directory, SHAPE.vocab_size)
+    text = root / "text.txt"
+    text.write_text("\n".join(lines[:60]) + "\n", encoding="utf-8")
+    imatrix = root / "tiny.imatrix.gguf"
+    result = run_cli("qstrat", "imatrix", str(directory), "--text", str(text), "-o", str(imatrix), "--ctx", str(CTX), "--chunks", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    return directory, text, imatrix, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def source_matrices(directory):
+    return {info.name: to_float32(info.dtype, np.asarray(map_tensor(info))).astype(np.float32)
+            for info in SafetensorsModel(directory) if len(info.shape) == 2}
+
+
+def llama_cpp_vectors(path) -> dict[str, np.ndarray]:
+    """Importance vectors as llama-quantize's load_imatrix makes them of a GGUF imatrix, read
+    with gguf-py: float32 ``in_sum2 / counts``."""
+    tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in GGUFReader(path).tensors}
+    return {
+        name[: -len(".in_sum2")]: (values.reshape(-1) / tensors[name[: -len(".in_sum2")] + ".counts"].reshape(-1)[0]).astype(np.float32)
+        for name, values in tensors.items() if name.endswith(".in_sum2")
+    }
+
+
+def test_imatrix_file_is_llama_cpps_format(model):
+    directory, text, imatrix, answer = model
+    reader = GGUFReader(imatrix)
+    fields = {name: field.contents() for name, field in reader.fields.items()}
+    assert fields["general.type"] == "imatrix" and "general.architecture" not in fields
+    assert fields["imatrix.datasets"] == [str(text)]
+    assert fields["imatrix.chunk_count"] == 3 and fields["imatrix.chunk_size"] == CTX
+    expected = {f"blk.{i}.{m}.weight" for i in range(SHAPE.num_hidden_layers) for m in LAYER_MATRICES}
+    tensors = {t.name: t for t in reader.tensors}
+    assert set(tensors) == {f"{n}.in_sum2" for n in expected} | {f"{n}.counts" for n in expected}
+    for name in expected:
+        sums, counts = tensors[f"{name}.in_sum2"], tensors[f"{name}.counts"]
+        assert sums.tensor_type == counts.tensor_type == GGMLQuantizationType.F32
+        k = SHAPE.intermediate_size if name.endswith("ffn_down.weight") else SHAPE.hidden_size
+        assert [int(d) for d in sums.shape] == [k, 1] and [int(d) for d in counts.shape] == [1, 1]
+        assert float(counts.data.reshape(-1)[0]) == 3 * CTX  # every token of every chunk
+        assert np.all(np.asarray(sums.data) > 0)
+    assert answer["chunks"] == 3 and answer["tokens"] == 3 * CTX and answer["matrices"] == len(expected)
+    # q, k and v read the same normalized input; the first layer's is computable from the weights
+    sums = {m: np.asarray(tensors[f"blk.0.{m}.weight.in_sum2"].data).reshape(-1) for m in ("attn_q", "attn_k", "attn_v")}
+    assert np.array_equal(sums["attn_q"], sums["attn_k"]) and np.array_equal(sums["attn_q"], sums["attn_v"])
+
+
+def test_first_layer_sums_are_the_squared_normalized_embeddings(model, tmp_path):
+    directory, text, imatrix, _ = model
+    # llama.cpp's tokens of the text, through a GGUF of the same vocabulary (the probe tokenizes)
+    converted = tmp_path / "out"
+    quantize_model(directory, RunConfig.build({"format": "f32"}, "test"), converted)
+    probe = Path(__file__).with_name("llama_cpp_probe.py")
+    payload = text.read_bytes()[:-1].decode("utf-8")  # llama.cpp's -f drops one final newline
+    ran = subprocess.run([sys.executable, str(probe), str(converted / "tiny.gguf"), str(tmp_path / "x.npy"), json.dumps({"text": payload})],
+                         capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    answer = json.loads(ran.stdout.strip().splitlines()[-1])
+    # llama-imatrix: BOS first when the vocabulary adds one, then each chunk's first token made BOS
+    tokens = np.asarray(([answer["bos"]] if answer["add_bos"] else []) + answer["tokens"])[: 3 * CTX].reshape(3, CTX)
+    if answer["add_bos"]:
+        tokens[:, 0] = answer["bos"]
+    tokens = tokens.reshape(-1)
+    weights = source_matrices(directory)
+    norm = to_float32("BF16", np.asarray(map_tensor(SafetensorsModel(directory).tensors["model.layers.0.input_layernorm.weight"])))
+    x = weights["model.embed_tokens.weight"][tokens].astype(np.float64)
+    h = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + SHAPE.rms_norm_eps) * norm
+    expected = (h * h).sum(axis=0)
+    got = llama_cpp_vectors(imatrix)["blk.0.attn_q.weight"] * (3 * CTX)
+    assert np.allclose(got, expected, rtol=1e-4), np.abs(got / expected - 1).max()
+
+
+def run_with_imatrix(directory, imatrix, out, fmt="q4_k", extra=""):
+    config = out.parent / f"{out.name}.yaml"
+    config.write_text(
+        f"input: {directory}\noutput: {out}\nformat: {fmt}\nimatrix: {imatrix}\n"
+        f"validation: {{stages: [weight_error]}}\n{extra}"
+    )
+    return run_cli("qstrat", "run", str(config), "--json")
+
+
+def stored_bytes(out, name):
+    model = GGUFModel(out / "tiny.gguf")
+    tensor = model.tensors[name]
+    rows = [int(d) for d in reversed(tensor.shape.tolist())][0]
+    return model.source_rows(name, np.asarray(tensor.data).view(np.uint8).reshape(rows, -1)), tensor.tensor_type.name.lower()
+
+
+def test_an_imatrix_drives_a_q4_k_run_with_ggmls_weighted_bytes(model, tmp_path):
+    directory, _, imatrix, _ = model
+    result = run_with_imatrix(directory, imatrix, tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    vectors = llama_cpp_vectors(imatrix)
+    out = tmp_path / "out"
+    gguf_names = {name: tensor.name for name, tensor in GGUFModel(out / "tiny.gguf").tensors.items()}
+    weighted = 0
+    for name, source in source_matrices(directory).items():
+        stored, type_name = stored_bytes(out, name)
+        assert type_name == "q4_k", name
+        vector = vectors.get(gguf_names[name])
+        oracle = ggml_quantize_chunk(int(GGMLQuantizationType.Q4_K), source, imatrix=vector)
+        assert np.array_equal(stored, oracle), f"{name}: not GGML's weighted bytes"
+        if vector is not None:
+            weighted += 1
+            assert not np.array_equal(stored, ggml_quantize_chunk(int(GGMLQuantizationType.Q4_K), source)), name
+    assert weighted == len(vectors)  # every layer matrix had its vector; embeddings and head none
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["imatrix"]["path"] == str(imatrix)
+    assert report["summary"]["imatrix"]["used"] == weighted
+    assert report["summary"]["imatrix"]["missing"] == ["lm_head.weight", "model.embed_tokens.weight"]
+    for name in ("lm_head.weight", "model.embed_tokens.weight"):
+        assert report["tensors"][name]["imatrix"] is False
+    tensor = report["tensors"]["model.layers.0.mlp.down_proj.weight"]
+    assert tensor["imatrix"] is True and tensor["metrics"]["weighted_sqnr_db"] > 10
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])["models"][0]
+    assert outcome["imatrix"]["missing"] == ["lm_head.weight", "model.embed_tokens.weight"]
+    assert "importance matrix" in (out / "report.md").read_text()
+
+
+def write_legacy_dat(path, vectors: dict[str, np.ndarray], ncall: int, dataset: str) -> None:
+    """llama.cpp's legacy layout (save_imatrix_legacy): values are ``sum / count * ncall``."""
+    parts = [struct.pack("<i", len(vectors))]
+    for name, values in sorted(vectors.items()):
+        raw = name.encode()
+        parts += [struct.pack("<i", len(raw)), raw, struct.pack("<ii", ncall, values.size), (values * np.float32(ncall)).astype("<f4").tobytes()]
+    parts += [struct.pack("<i", ncall), struct.pack("<i", len(dataset)), dataset.encode()]
+    path.write_bytes(b"".join(parts))
+
+
+def test_legacy_dat_imatrix(model, tmp_path):
+    directory, _, imatrix, _ = model
+    vectors = llama_cpp_vectors(imatrix)
+    dat = tmp_path / "tiny.imatrix.dat"
+    write_legacy_dat(dat, vectors, ncall=3, dataset="text.txt")
+    read = read_imatrix(dat)
+    assert read.legacy and read.chunk_count == 3 and read.datasets == ["text.txt"]
+    expected = {n: (v * np.float32(3)).astype(np.float32) / np.float32(3) for n, v in vectors.items()}  # load_imatrix: sum / ncall
+    assert set(read.entries) == set(vectors)
+    assert all(np.array_equal(read.vector(n), expected[n]) for n in vectors)
+    result = run_with_imatrix(directory, dat, tmp_path / "out", fmt="q4_0")
+    assert result.returncode == 0, result.stderr
+    gguf_names = {name: tensor.name for name, tensor in GGUFModel(tmp_path / "out" / "tiny.gguf").tensors.items()}
+    for name, source in source_matrices(directory).items():
+        stored, type_name = stored_bytes(tmp_path / "out", name)
+        vector = expected.get(gguf_names[name])
+        assert np.array_equal(stored, ggml_quantize_chunk(int(GGMLQuantizationType[type_name.upper()]), source, imatrix=vector)), name
+
+
+def test_imatrix_errors_are_one_line(model, tmp_path):
+    directory, text, imatrix, _ = model
+    wrong = tmp_path / "wrong.dat"
+    write_legacy_dat(wrong, {"blk.0.attn_q.weight": np.ones(128, dtype=np.float32)}, ncall=1, dataset="x")
+    failure = run_with_imatrix(directory, wrong, tmp_path / "a")
+    assert_clean_failure(failure, "blk.0.attn_q.weight has 128 values", "model.layers.0.self_attn.q_proj.weight", "rows of 256")
+    assert not (tmp_path / "a" / "manifest.json").exists()
+    not_imatrix = tmp_path / "model.gguf"
+    not_imatrix.write_bytes(b"GGUF" + b"\0" * 20)
+    assert_clean_failure(run_with_imatrix(directory, not_imatrix, tmp_path / "b"), str(not_imatrix))
+    assert_clean_failure(run_with_imatrix(directory, tmp_path / "missing.gguf", tmp_path / "c"), "missing.gguf: no such importance matrix file")
+    garbage = tmp_path / "garbage.dat"
+    garbage.write_bytes(b"\x05\0\0\0\x03\0\0\0ab")
+    assert_clean_failure(run_with_imatrix(directory, garbage, tmp_path / "d"), "garbage.dat")
+    short = tmp_path / "short.txt"
+    short.write_text("too short\n")
+    assert_clean_failure(run_cli("qstrat", "imatrix", str(directory), "--text", str(short), "-o", str(tmp_path / "x.gguf"), "--ctx", "32"),
+                         "fewer than the 64 needed")
+    assert_clean_failure(run_cli("qstrat", "imatrix", str(directory), "--text", str(text), "-o", str(tmp_path / "x.gguf"), "--ctx", "8"),
+                         "--ctx 8: at least 16")
+    assert not (tmp_path / "x.gguf").exists()
