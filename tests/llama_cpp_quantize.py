@@ -11,7 +11,9 @@ Each job is one call of ``llama_model_quantize`` on its input with llama.cpp's d
 parameters (``llama_model_quantize_default_params``: no importance matrix, output tensor
 quantized, no requantization), one thread, ``ftype`` (a ``LLAMA_FTYPE`` value,
 ``gguf.LlamaFileType``) and, if the job says ``"pure": true``, ``params.pure`` (every
-tensor the file type's default type, the row-length fallback aside).  Jobs run in order;
+tensor the file type's default type, the row-length fallback aside) and, if the job names an
+``"imatrix"`` (a GGUF imatrix file), the importance data llama-quantize's ``load_imatrix`` makes
+of it (float32 ``in_sum2 / counts``, read here with gguf-py).  Jobs run in order;
 each output is written under a temporary name and renamed to ``out`` when it is complete,
 so a caller may wait for one file while the later ones are made.  A failed job stops the
 script with exit code 1 (llama.cpp's log, on stderr, says why).  The last line on stdout
@@ -26,6 +28,31 @@ import os
 import sys
 
 
+def importance_data(path: str, llama_cpp):
+    """``params.imatrix`` for a GGUF imatrix file: a NULL-terminated array of
+    ``llama_model_imatrix_data``, and the buffers it points into (keep them alive)."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    tensors = {t.name: np.asarray(t.data, dtype=np.float32).reshape(-1) for t in GGUFReader(path).tensors}
+    names = sorted(n[: -len(".in_sum2")] for n in tensors if n.endswith(".in_sum2"))
+    buffers = []
+    for name in names:
+        sums, counts = tensors[f"{name}.in_sum2"], np.rint(tensors[f"{name}.counts"])
+        per_matrix = sums.size // counts.size
+        parts = [sums[j * per_matrix:(j + 1) * per_matrix] / np.float32(c) if c > 0 else np.ones(per_matrix, np.float32)
+                 for j, c in enumerate(counts)]
+        buffers.append(np.ascontiguousarray(np.concatenate(parts), dtype=np.float32))
+    array = (llama_cpp.llama_model_imatrix_data * (len(names) + 1))()
+    encoded = [name.encode() for name in names]
+    for entry, name, values in zip(array, encoded, buffers):
+        entry.name = name
+        entry.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entry.size = values.size
+    array[len(names)].name = None
+    return ctypes.cast(array, ctypes.POINTER(llama_cpp.llama_model_imatrix_data)), (array, encoded, buffers)
+
+
 def main() -> None:
     jobs = json.loads(sys.argv[1])
     import llama_cpp
@@ -37,6 +64,8 @@ def main() -> None:
         params.ftype = int(job["ftype"])
         params.nthread = 1
         params.pure = bool(job.get("pure", False))
+        if job.get("imatrix"):
+            params.imatrix, kept = importance_data(job["imatrix"], llama_cpp)
         in_path, out = job["in"], job["out"]
         partial = f"{out}.part"
         status = llama_cpp.llama_model_quantize(in_path.encode(), partial.encode(), ctypes.byref(params))

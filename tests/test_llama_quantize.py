@@ -35,7 +35,7 @@ from qstrat.pipelines.run import quantize_model
 from qstrat.presets import file_type, preset_names
 from qstrat.runconfig import RunConfig
 from qstrat.synthetic import LlamaShape, hf_config, llama_tensors, write_model
-from tests.helpers import make_bpe_tokenizer
+from tests.helpers import make_bpe_tokenizer, run_cli
 
 HERE = Path(__file__).parent
 QUANTIZE = HERE / "llama_cpp_quantize.py"
@@ -89,6 +89,10 @@ SPECS = {
 }
 #: the models whose uniform formats are compared with llama.cpp's pure quantization
 PURE_MODELS = ("kl", "odd")
+#: presets compared with an importance matrix (qstrat imatrix's, given to both quantizers): the
+#: weighted K-quant and legacy paths, the guard of q4_0 and q5_0 on the first ffn_down layers (with an
+#: imatrix only) and q2_k_s, which requires one
+IMATRIX_PRESETS = ("q4_k_m", "q4_0", "q5_0", "q2_k_s", "q3_k_s")
 
 
 def qstrat_gguf(model_dir: Path, out: Path, **settings) -> Path:
@@ -128,7 +132,8 @@ class LlamaQuantizer:
 class Model:
     directory: Path
     f32: Path  # qstrat's F32 GGUF of it, the input of llama.cpp's quantizer
-    llama: dict[str, Path]  # preset or "pure-<type>" -> llama.cpp's output for it
+    llama: dict[str, Path]  # preset, "pure-<type>" or "imatrix-<preset>" -> llama.cpp's output for it
+    imatrix: Path | None = None  # qstrat imatrix's importance matrix of it
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -156,8 +161,13 @@ def models(tmp_path_factory):
                 for proj, rows in (("q", spec.shape.hidden_size), ("k", kv_rows), ("v", kv_rows)):
                     tensors[f"model.layers.{i}.self_attn.{proj}_proj.bias"] = (0.5 * rng.standard_normal(rows)).astype(np.float32)
         directory = write_model(root / name / name, tensors, dtype="BF16", config=spec.config)
-        make_bpe_tokenizer(directory, spec.shape.vocab_size, style=spec.tokenizer)
-        made[name] = Model(directory, qstrat_gguf(directory, root / name / "f32", format="f32"), {})
+        lines = make_bpe_tokenizer(directory, spec.shape.vocab_size, style=spec.tokenizer)
+        text = root / name / "text.txt"
+        text.write_text("\n".join(lines[:60]) + "\n", encoding="utf-8")
+        imatrix = root / name / "imatrix.gguf"
+        collected = run_cli("qstrat", "imatrix", str(directory), "--text", str(text), "-o", str(imatrix), "--ctx", "32", "--chunks", "2")
+        assert collected.returncode == 0, collected.stderr
+        made[name] = Model(directory, qstrat_gguf(directory, root / name / "f32", format="f32"), {}, imatrix)
     # the jobs in the order the tests need them
     jobs = []
     for preset in PRESETS:
@@ -169,6 +179,11 @@ def models(tmp_path_factory):
             model = made[name]
             model.llama[f"pure-{type_name}"] = root / name / f"llama-pure-{type_name}.gguf"
             jobs.append({"in": str(model.f32), "out": str(model.llama[f"pure-{type_name}"]), "ftype": int(ftype), "pure": True})
+    for preset in IMATRIX_PRESETS:
+        for name, model in made.items():
+            model.llama[f"imatrix-{preset}"] = root / name / f"llama-imatrix-{preset}.gguf"
+            jobs.append({"in": str(model.f32), "out": str(model.llama[f"imatrix-{preset}"]), "ftype": file_type(preset),
+                         "imatrix": str(model.imatrix)})
     quantizer = LlamaQuantizer(jobs, root / "llama-quantize.log")
     try:
         yield made, quantizer
@@ -274,6 +289,19 @@ def test_presets_are_llama_cpp_quantizations(models, tmp_path, preset):
         theirs = quantizer.wait_for(model.llama[preset])
         assert_same_tensors(ours, theirs, f"{name}, preset {preset}")
         assert read_gguf(ours).file_type == read_gguf(theirs).file_type == file_type(preset)
+
+
+@pytest.mark.parametrize("preset", IMATRIX_PRESETS)
+def test_presets_with_an_imatrix_are_llama_cpp_quantizations(models, tmp_path, preset):
+    """With the importance matrix qstrat imatrix collected, each preset gives every tensor llama.cpp's
+    type and bytes: the weighted quantizers, and the rules that depend on having an imatrix."""
+    made, quantizer = models
+    for name, model in made.items():
+        ours = qstrat_gguf(model.directory, tmp_path / name, preset=preset, imatrix=str(model.imatrix))
+        theirs = quantizer.wait_for(model.llama[f"imatrix-{preset}"])
+        types = assert_same_tensors(ours, theirs, f"{name}, preset {preset} with an imatrix")
+        if preset == "q4_0" and name == "deep":  # the guard: the first ffn_down layer (i < n/8) is Q4_1
+            assert types["blk.0.ffn_down.weight"] == "Q4_1" and types["blk.1.ffn_down.weight"] == "Q4_0"
 
 
 def test_the_models_exercise_the_rules(models):
