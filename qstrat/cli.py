@@ -500,15 +500,15 @@ ENGINES = ("auto", "llama.cpp", "numpy")
 
 def _open_engine(path: Path, ctx: int, threads: int | None, flash_attn: bool, engine: str, stack: contextlib.ExitStack, what: str):
     """The engine that evaluates ``path`` and its description: llama.cpp for a GGUF file (unless
-    ``engine`` is numpy), qstrat's numpy forward for a directory (a Hugging Face model or a
-    qstrat output) or when asked."""
+    ``engine`` is numpy), qstrat's numpy forward for a Hugging Face model (directory or
+    .safetensors file) or a qstrat output directory, or when asked."""
     from qstrat import llama_engine
 
     if engine not in ENGINES:
         raise InputError(f"--engine {engine}: one of {', '.join(ENGINES)}")
     if not path.exists():
         raise InputError(f"{path}: no such file or directory ({what})")
-    if engine == "llama.cpp" or (engine == "auto" and not path.is_dir()):
+    if engine == "llama.cpp" or (engine == "auto" and not path.is_dir() and path.suffix != ".safetensors"):
         model = llama_engine.LlamaCppModel(path, ctx, threads, flash_attn)
         stack.callback(model.close)
         return model, llama_engine.engine_name()
@@ -537,19 +537,20 @@ def _check_counts(**flags: tuple[int | None, int]) -> None:
 
 @app.command(name="eval")
 def eval_(
-    model: Path = typer.Argument(..., help="the model: a GGUF file, a Hugging Face model directory or a qstrat output directory"),
+    model: Path = typer.Argument(..., help="the model: a GGUF file, a Hugging Face model (directory or .safetensors) or a qstrat output directory"),
     text: Path = typer.Option(..., "--text", "-t", help="a text file (UTF-8); e.g. python -m qstrat.corpus wiki.txt"),
     reference: Path = typer.Option(None, "--reference", "-r", help="a model of the same vocabulary to compare with (KL divergence, top-1 agreement, RMS Δp)"),
     ctx: int = typer.Option(512, "--ctx", "-c", help="tokens per chunk (llama-perplexity's --ctx-size)"),
     chunks: int = typer.Option(None, "--chunks", help="at most this many chunks (default: all the text gives)"),
-    engine: str = typer.Option("auto", "--engine", help="auto: llama.cpp for a GGUF file, qstrat's numpy forward for a directory; llama.cpp; numpy (Llama family: the way to evaluate Q8_K, which llama.cpp cannot run)"),
+    engine: str = typer.Option("auto", "--engine", help="auto: llama.cpp for a GGUF file, qstrat's numpy forward for the others; llama.cpp; numpy (Llama family: the way to evaluate Q8_K, which llama.cpp cannot run)"),
     threads: int = typer.Option(None, "--threads", help="llama.cpp threads (default: every core)"),
     flash_attn: bool = typer.Option(False, "--flash-attn", help="llama.cpp's flash attention (off: llama-cpp-python's default; llama-perplexity's auto turns it on on a CPU)"),
     json_output: bool = typer.Option(False, "--json", help="print one machine-readable result line"),
 ) -> None:
     """Perplexity of MODEL over a text, and with --reference the KL divergence from a reference
     model, as llama.cpp's llama-perplexity computes them: by llama.cpp (llama-cpp-python) for a
-    GGUF file, by qstrat's numpy forward for a directory (the output names the engine).
+    GGUF file, by qstrat's numpy forward for a Hugging Face model or a qstrat output directory
+    (the output names the engine).
 
     The text is tokenized once (BOS only if the vocabulary adds one) and cut into chunks of --ctx
     tokens; in each, evaluated from an empty context, the second half of the positions predict the

@@ -207,23 +207,25 @@ def _write_vocabulary_gguf(layout, target: Path) -> None:
     writer.close()
 
 
-def _from_hf(directory: Path, scratch: Path, tensors: dict[str, np.ndarray] | None = None) -> tuple[LlamaForward, Path]:
-    """A Hugging Face directory's forward in llama.cpp's layout, and its vocabulary GGUF (written
-    in ``scratch``); ``tensors``, by Hugging Face name, replace the directory's."""
+def _from_hf(source: Path, scratch: Path, tensors: dict[str, np.ndarray] | None = None) -> tuple[LlamaForward, Path]:
+    """A Hugging Face model's forward in llama.cpp's layout (``source``: its directory or a
+    .safetensors file beside its config.json), and its vocabulary GGUF (written in ``scratch``);
+    ``tensors``, by Hugging Face name, replace the model's own."""
     from qstrat.io.gguf_input import GGUFInput
     from qstrat.io.safetensors import SafetensorsModel, read_model_config
     from qstrat.llama_gguf import plan_layout, rope_row_order
 
-    model = SafetensorsModel(directory)
+    model = SafetensorsModel(source)
+    directory = source if source.is_dir() else source.parent
     hparams = read_model_config(model)
     if tensors is None:
         tensors = {info.name: _float32(info) for info in model}
     layout, why_not = plan_layout({name: values.shape for name, values in tensors.items()}, hparams, directory)
     if layout is None:
-        raise InputError(f"{directory}: the numpy forward computes Llama-family models; {why_not}")
+        raise InputError(f"{source}: the numpy forward computes Llama-family models; {why_not}")
     if layout.vocabulary.model == "none":
-        raise InputError(f"{directory}: no tokenizer (tokenizer.json or tokenizer.model) to read a text with")
-    vocabulary = scratch / f"{directory.name}.vocab.gguf"
+        raise InputError(f"{source}: no tokenizer (tokenizer.json or tokenizer.model in {directory}) to read a text with")
+    vocabulary = scratch / f"{model.name}.vocab.gguf"
     _write_vocabulary_gguf(layout, vocabulary)
     named = {}
     for hf, name in layout.names.items():
@@ -232,8 +234,8 @@ def _from_hf(directory: Path, scratch: Path, tensors: dict[str, np.ndarray] | No
             values = np.ascontiguousarray(values[rope_row_order(values.shape[0], layout.row_heads[hf])])
         named[name] = values
     named.update(layout.extra_tensors())
-    params = LlamaParams.from_fields(GGUFInput(vocabulary).fields(), str(directory))
-    return LlamaForward(params, named, str(directory)), vocabulary
+    params = LlamaParams.from_fields(GGUFInput(vocabulary).fields(), str(source))
+    return LlamaForward(params, named, str(source)), vocabulary
 
 
 def _from_output(directory: Path, scratch: Path) -> tuple[LlamaForward, Path]:
@@ -249,18 +251,19 @@ def _from_output(directory: Path, scratch: Path) -> tuple[LlamaForward, Path]:
     tensors = {name: np.ascontiguousarray(values, dtype=np.float32) for name, values in load_model(directory, original=True).items()}
     if source.is_file() and source.suffix == ".gguf":
         return _from_gguf(source, tensors), source
-    return _from_hf(source if source.is_dir() else source.parent, scratch, tensors)
+    return _from_hf(source, scratch, tensors)
 
 
 @contextlib.contextmanager
 def open_forward(path: str | os.PathLike) -> Iterator[tuple[LlamaForward, Path]]:
-    """The numpy forward of a GGUF file, a Hugging Face directory or a qstrat output directory,
+    """The numpy forward of a GGUF file, a Hugging Face model (a directory, or a .safetensors file
+    beside its config.json) or a qstrat output directory,
     and a GGUF file llama.cpp can tokenize the model's texts with (for a directory, one written
     in a temporary directory that lives as long as the context)."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
-    if path.is_file():
+    if path.is_file() and path.suffix != ".safetensors":
         yield _from_gguf(path), path
         return
     from qstrat.io.names import MANIFEST_NAME

@@ -29,12 +29,13 @@ def is_gguf(path: Path) -> bool:
 
 
 def check_gguf(path: Path, what: str = "model") -> None:
-    """A clear one-line error unless ``path`` is a GGUF file (the only kind evaluated for now)."""
+    """A clear one-line error unless ``path`` is a GGUF file (the only kind llama.cpp loads)."""
     if not path.exists():
         raise InputError(f"{path}: no such file ({what})")
     if not is_gguf(path):
         kind = "a directory" if path.is_dir() else "not a GGUF file"
-        raise InputError(f"{path}: {kind}; only GGUF files are evaluated for now (by llama.cpp)")
+        raise InputError(f"{path}: {kind}; llama.cpp evaluates GGUF files (qstrat's numpy forward, --engine numpy: "
+                         "Llama-family Hugging Face models and qstrat outputs)")
 
 
 def _llama_cpp():

@@ -154,16 +154,20 @@ def test_error_cases_are_one_line(smollm, tiny_gguf, wiki, tmp_path):
     not_gguf.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(smollm.read_bytes()[:4096])  # a GGUF header cut short
+    empty = tmp_path / "empty"
+    empty.mkdir()
     cases = [
         ((str(tmp_path / "missing.gguf"), "--text", str(wiki)), "missing.gguf: no such file"),
-        ((str(tmp_path), "--text", str(wiki)), "a directory; only GGUF files are evaluated for now"),
-        ((str(not_gguf), "--text", str(wiki)), "model.safetensors: not a GGUF file; only GGUF files are evaluated for now"),
+        ((str(empty), "--text", str(wiki)), "no .safetensors files in this directory"),
+        ((str(tmp_path), "--text", str(wiki), "--engine", "llama.cpp"), "a directory; llama.cpp evaluates GGUF files"),
+        ((str(short), "--text", str(wiki)), "short.txt: not a GGUF file; llama.cpp evaluates GGUF files"),
+        ((str(not_gguf), "--text", str(wiki)), "model.safetensors: the numpy forward computes Llama-family models"),
         ((str(smollm), "--text", str(tmp_path / "missing.txt")), "missing.txt: cannot read the text"),
         ((str(smollm), "--text", str(short), "--ctx", CTX), "short.txt: 81 tokens, fewer than the 256 needed with a context of 128"),
         ((str(broken), "--text", str(wiki)), "broken.gguf: llama.cpp cannot load this model"),
         ((str(smollm), "--reference", str(tiny_gguf), "--text", str(wiki)),
          f"{tiny_gguf}: a vocabulary of 320 tokens, the model's ({smollm}) has 49152"),
-        ((str(smollm), "--reference", str(tmp_path / "nope.gguf"), "--text", str(wiki)), "nope.gguf: no such file (reference)"),
+        ((str(smollm), "--reference", str(tmp_path / "nope.gguf"), "--text", str(wiki)), "nope.gguf: no such file or directory (reference)"),
         ((str(smollm), "--text", str(wiki), "--ctx", "2"), "--ctx 2: at least 4"),
     ]
     for args, message in cases:

@@ -204,3 +204,25 @@ def test_imatrix_errors_are_one_line(model, tmp_path):
     assert_clean_failure(run_cli("qstrat", "imatrix", str(directory), "--text", str(text), "-o", str(tmp_path / "x.gguf"), "--ctx", "8"),
                          "--ctx 8: at least 16")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_eval_by_the_numpy_forward_measures_a_q8k_run(model, tmp_path):
+    """Q8_K weights, which llama.cpp cannot run, are evaluated by the numpy forward: a qstrat output
+    directory against its Hugging Face source (tokens by llama.cpp's tokenizer of the source)."""
+    directory, text, _, _ = model
+    out = tmp_path / "q8k"
+    quantize_model(directory, RunConfig.build({}, "test"), out)  # the default: the original tool's Q8K
+    assert any(p.suffix == ".q8k" for p in out.iterdir())
+    args = ("--text", str(text), "--ctx", str(CTX), "--json")
+    quantized = run_cli("qstrat", "eval", str(out), "--reference", str(directory), *args)
+    assert quantized.returncode == 0, quantized.stderr
+    figures = json.loads(quantized.stdout.strip().splitlines()[-1])
+    assert figures["engine"].startswith("qstrat's numpy forward")
+    assert figures["chunks"] == figures["tokens"] // CTX >= 3
+    assert 0 < figures["kl_divergence"] < 0.01 and figures["top1_agreement"] > 0.8  # a random model: flat predictions
+    assert abs(figures["perplexity"] / figures["reference_perplexity"] - 1) < 0.05
+    itself = json.loads(run_cli("qstrat", "eval", str(directory), "--reference", str(directory), *args).stdout.strip().splitlines()[-1])
+    assert itself["kl_divergence"] == 0 and itself["top1_agreement"] == 1
+    assert itself["perplexity"] == figures["reference_perplexity"]
+    no_tokenizer = write_model(tmp_path / "bare", llama_tensors(SHAPE, seed=2), dtype="BF16", config=hf_config(SHAPE))
+    assert_clean_failure(run_cli("qstrat", "eval", str(no_tokenizer), *args), "no tokenizer")
