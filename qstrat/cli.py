@@ -311,47 +311,57 @@ def parse_chains(text: str) -> dict[str, list[str]]:
 
 @app.command()
 def compare(
-    model: Path = typer.Argument(..., help=".safetensors file or model directory"),
+    model: Path = typer.Argument(..., help=".safetensors file, model directory or GGUF model"),
     strategies: str = typer.Option(
         "identity,l2_norm,amax,attention_aware,function_preserving", "--strategies", "-s",
         help="chains to compare, comma-separated; join a chain's strategies with '+' (attention_aware "
         "means attention_aware+l2_norm, function_preserving means mlp_joint+head_order+identity)",
     ),
+    formats: str = typer.Option("q8_k", "--formats", "-f", help="block types or llama.cpp file types to compare, comma-separated (q8_k, q8_0, q4_k, q4_k_m, ...)"),
+    imatrix: Path = typer.Option(None, "--imatrix", help="an importance matrix: every case also with it"),
+    text: Path = typer.Option(None, "--text", "-t", help="also evaluate each case on this text (perplexity, KL divergence from the source model; numpy forward, Llama family)"),
+    ctx: int = typer.Option(512, "--ctx", "-c", help="with --text: tokens per chunk"),
+    chunks: int = typer.Option(None, "--chunks", help="with --text: at most this many chunks"),
     variant: str = typer.Option("candle", help=f"Q8K rounding variant: {', '.join(Q8K_VARIANTS)}"),
     workers: int = typer.Option(1, help="worker processes"),
     output: Path = typer.Option(None, "--output", "-o", help="also write compare.json, compare.md and compare.png here"),
     json_output: bool = typer.Option(False, "--json", help="print the table as one JSON line"),
 ) -> None:
-    """Quantize MODEL in memory with each strategy chain and compare the error; writes no model files."""
+    """Quantize MODEL every way asked (format x strategy chain x importance matrix) and compare size and
+    error; with --text also the perplexity and KL divergence from the source model, as qstrat eval
+    computes them (by qstrat's numpy forward, the same engine for every type).  Without --text nothing
+    is written; with it, each case goes through a temporary directory."""
+    from qstrat.comparison import cases, compare_model, render_comparison
     from qstrat.io.atomic import atomic_writer
     from qstrat.io.gguf_input import open_model
-    from qstrat.pipelines.run import evaluate_model
-    from qstrat.report import (
-        comparison_table,
-        plot_sqnr,
-        render_comparison,
-        sqnr_series,
-    )
+    from qstrat.report import plot_sqnr, sqnr_series
 
     with user_errors():
         if not json_output:
             announce_first_compile()
-        chains = parse_chains(strategies)
+        _check_counts(ctx=(ctx, 4), chunks=(chunks, 1), workers=(workers, 1))
+        data = _read_text(text) if text is not None else None
+        case_list = cases([f for f in formats.split(",") if f.strip()], parse_chains(strategies), imatrix)
         name = open_model(model).name
-        results = {
-            label: evaluate_model(model, QuantizationConfig(strategies=chain, variant=variant, workers=workers))
-            for label, chain in chains.items()
-        }
-        rows = comparison_table(results)
-        table = render_comparison(name, rows)
-        print(json.dumps({"model": name, "chains": rows}) if json_output else table, end="" if not json_output else "\n")
+
+        def announce(index: int, total: int, case) -> None:
+            if sys.stderr.isatty():
+                print(f"compare: {case.label} ({index + 1}/{total})", file=sys.stderr, flush=True)
+
+        rows, results = compare_model(model, case_list, variant=variant, workers=workers, text=data, ctx=ctx, chunks=chunks,
+                                      text_name=str(text), announce=announce)
+        evaluated = (f"Perplexity and KL divergence (source || quantized) on {text}, chunks of {ctx} tokens, by qstrat's numpy "
+                     "forward." if text is not None else None)
+        table = render_comparison(name, rows, evaluated)
+        document = {"model": name, "text": None if text is None else str(text), "chains": rows}
+        print(json.dumps(document) if json_output else table, end="" if not json_output else "\n")
         if output is not None:
             output.mkdir(parents=True, exist_ok=True)
             with atomic_writer(output / "compare.json") as out:
-                out.write(json.dumps({"model": name, "chains": rows}, indent=1).encode())
+                out.write(json.dumps(document, indent=1).encode())
             with atomic_writer(output / "compare.md") as out:
                 out.write(table.encode())
-            plot_sqnr({label: sqnr_series(r) for label, r in results.items()}, output / "compare.png", f"{name}: SQNR per tensor and strategy")
+            plot_sqnr({label: sqnr_series(r) for label, r in results.items()}, output / "compare.png", f"{name}: SQNR per tensor and case")
 
 
 @app.command()

@@ -238,23 +238,3 @@ def write_reports(
     if png is not None:
         written.append(png)
     return written
-
-
-def comparison_table(results: Mapping[str, QuantizationResult]) -> list[dict[str, object]]:
-    return [{"chain": name, **summarize(result)} for name, result in results.items()]
-
-
-def render_comparison(model: str, rows: Sequence[Mapping[str, object]]) -> str:
-    lines = [
-        f"# Strategy comparison: {model}",
-        "",
-        "| chain | quantized | mean SQNR dB | worst SQNR dB | mean MSE | sum test MSE | gradient test MSE | runtime perms | joint perms |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['chain']} | {r['tensor_count']} | {_fmt(r['mean_sqnr_db'], '.2f')} | {_fmt(r['worst_sqnr_db'], '.2f')} | "
-            f"{_fmt(r['average_mse'], '.3e')} | {_fmt(r['average_sum_test_mse'], '.3e')} | "
-            f"{_fmt(r['average_gradient_test_mse'], '.3e')} | {r['runtime_permutations']} | {r['joint_permutations']} |"
-        )
-    return "\n".join(lines) + "\n"

@@ -226,3 +226,32 @@ def test_eval_by_the_numpy_forward_measures_a_q8k_run(model, tmp_path):
     assert itself["perplexity"] == figures["reference_perplexity"]
     no_tokenizer = write_model(tmp_path / "bare", llama_tensors(SHAPE, seed=2), dtype="BF16", config=hf_config(SHAPE))
     assert_clean_failure(run_cli("qstrat", "eval", str(no_tokenizer), *args), "no tokenizer")
+
+
+def test_compare_formats_chains_imatrix_and_text(model, tmp_path):
+    """qstrat compare's axes: block type or preset x strategy chain x importance matrix, each case
+    evaluated on a text against the source model; a combination llama.cpp cannot run is refused in its row."""
+    directory, text, imatrix, _ = model
+    result = run_cli("qstrat", "compare", str(directory), "-f", "q8_k,q4_k", "-s", "identity,function_preserving,l2_norm",
+                     "--imatrix", str(imatrix), "--text", str(text), "--ctx", str(CTX), "-o", str(tmp_path / "cmp"), "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)["chains"]
+    assert [(r["format"], r["chain"], r["imatrix"]) for r in rows] == [
+        (f, c, i) for f in ("q8_k", "q4_k") for c in ("identity", "function_preserving", "l2_norm") for i in (False, True)]
+    by = {(r["format"], r["chain"], r["imatrix"]): r for r in rows}
+    assert "at run time" in by[("q4_k", "l2_norm", False)]["error"]  # a .perm gather llama.cpp cannot apply
+    assert by[("q8_k", "l2_norm", False)]["runtime_permutations"] > 0  # Q8K for Candle: allowed
+    for key, row in by.items():
+        if "error" in row:
+            continue
+        assert row["bits_per_weight"] == (9.125 if key[0] == "q8_k" else 4.5)
+        assert 0 < row["kl_divergence"] and row["perplexity"] > 1
+        assert (row["imatrix_summary"] is not None) == key[2]
+    # fewer bits, a larger divergence from the source
+    assert by[("q4_k", "identity", False)]["kl_divergence"] > 3 * by[("q8_k", "identity", False)]["kl_divergence"]
+    # quantized with the importance of this text's activations, the model departs less from the
+    # source on it (measured: 0.0203 against 0.0221 nats, uncertainties 0.0004)
+    assert by[("q4_k", "identity", True)]["kl_divergence"] < by[("q4_k", "identity", False)]["kl_divergence"]
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| q4_k | l2_norm | no | refused:" in table and "numpy forward" in table
+    assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["compare.json", "compare.md", "compare.png"]
