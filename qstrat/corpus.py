@@ -182,9 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("output", type=Path, help="the text file to write (UTF-8)")
     parser.add_argument("--articles", type=int, default=None, help="at most this many articles (default: all)")
+    parser.add_argument("--skip", type=int, default=0, help="leave out the first N articles (a calibration text apart from an evaluation text)")
     args = parser.parse_args(argv)
     try:
-        articles = wikipedia_articles(args.articles)
+        articles = wikipedia_articles(None if args.articles is None else args.skip + args.articles)[args.skip:]
         text = "\n".join(f"{title}\n\n{body}\n" for title, body in articles)
         args.output.write_text(text, encoding="utf-8")
     except (InputError, OSError) as err:

