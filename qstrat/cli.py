@@ -605,7 +605,7 @@ def eval_(
 
 @app.command()
 def imatrix(
-    model: Path = typer.Argument(..., help="the model: a GGUF file, a Hugging Face model directory or a qstrat output directory (Llama family)"),
+    model: Path = typer.Argument(..., help="the model: a GGUF file, a Hugging Face model or a qstrat output directory (Llama family), or a BERT model"),
     text: Path = typer.Option(..., "--text", "-t", help="a text file (UTF-8); e.g. python -m qstrat.corpus wiki.txt"),
     output: Path = typer.Option(..., "--output", "-o", help="the importance matrix to write, in llama.cpp's GGUF imatrix format"),
     ctx: int = typer.Option(512, "--ctx", "-c", help="tokens per chunk (llama-imatrix's --ctx-size)"),
@@ -617,7 +617,9 @@ def imatrix(
     and the token count.  Computed by qstrat's numpy forward; tokens by llama.cpp's tokenizer.
 
     The text is cut into chunks of --ctx tokens (BOS first when the vocabulary adds one), as
-    llama-imatrix cuts it; at least two chunks are needed.  Give the file to a run with the config
+    llama-imatrix cuts it; at least two chunks are needed.  A BERT model (Hugging Face directory):
+    its encoder's linear layers, each chunk as one sequence from [CLS] to [SEP], tokens by its
+    tokenizer.json.  Give the file to a run with the config
     key imatrix: (or to llama-quantize --imatrix).
     """
     from qstrat.imatrix import compute_imatrix, write_imatrix
@@ -628,7 +630,12 @@ def imatrix(
         bar, stage, callback = _eval_progress(sys.stderr.isatty())
         with bar:
             stage("loading")
-            engine, engine_used = _open_engine(model, ctx, None, False, "numpy", stack, "model")
+            from qstrat.bert import BertEngine, is_bert
+
+            if is_bert(model):
+                engine, engine_used = BertEngine(model), "qstrat's numpy BERT forward (float64; tokens by the model's tokenizer.json)"
+            else:
+                engine, engine_used = _open_engine(model, ctx, None, False, "numpy", stack, "model")
             stage("tokenizing")
             collected = compute_imatrix(engine, data, ctx, chunks, str(text), callback)
         write_imatrix(output, collected)

@@ -246,7 +246,8 @@ def compute_imatrix(
     tokenized once (BOS only if the vocabulary adds it), ``min(chunks, tokens // ctx)`` chunks of
     ``ctx`` tokens, each evaluated from an empty context with its first token replaced by BOS when
     the vocabulary adds one, and every token's input to each ``blk.*`` matrix product summed.
-    ``engine`` is a :class:`qstrat.llama_engine.NumpyModel`; ``dataset`` names the text."""
+    ``engine`` is a :class:`qstrat.llama_engine.NumpyModel` or a :class:`qstrat.bert.BertEngine`;
+    ``dataset`` names the text."""
     from qstrat.evaluate import chunk_count, chunk_input
 
     if ctx < MIN_BATCH_TOKENS:
@@ -262,7 +263,7 @@ def compute_imatrix(
     if progress is not None:
         progress(0, n_chunks)
     for index in range(n_chunks):
-        engine.forward.logits(chunk_input(tokens, index, ctx, bos), collect)
+        engine.collect(chunk_input(tokens, index, ctx, bos), collect)
         if progress is not None:
             progress(index + 1, n_chunks)
     return finished(entries, [dataset] if dataset else [], n_chunks, ctx)

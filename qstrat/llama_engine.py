@@ -143,5 +143,9 @@ class NumpyModel:
     def logits(self, tokens: list[int]) -> np.ndarray:
         return self.forward.logits(tokens)
 
+    def collect(self, tokens: list[int], collect) -> None:
+        """Evaluate ``tokens``, handing each matrix product's input to ``collect`` (qstrat imatrix)."""
+        self.forward.logits(tokens, collect)
+
     def close(self) -> None:
         self.tokenizer.close()

@@ -45,3 +45,39 @@ def test_quantized_embeddings_agree_with_the_original():
     assert q8_0["quantized"] == q4_k["quantized"] == 40
     assert q8_0["types"] == ["q8_0"] and q4_k["types"] == ["q4_k", "q5_0"]  # rows of 384: llama.cpp's fallback of Q4_K
     assert q8_0["mean_cos"] > 0.9995 and 0.98 < q4_k["mean_cos"] < q8_0["mean_cos"], (q8_0, q4_k)
+
+
+def test_bert_importance_matrix_drives_the_weighted_quantizers(tmp_path):
+    """qstrat imatrix on all-MiniLM-L6-v2 (its encoder's linear layers, its own tokenizer), then a
+    Q4_0 run with it: GGML's weighted bytes for every layer matrix, the others without a vector."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    from qstrat.corpus import wikipedia_text
+    from qstrat.io.gguf import GGUFModel
+    from qstrat.io.safetensors import to_float32
+    from qstrat.pipelines.run import quantize_model
+    from qstrat.reference import ggml_quantize_chunk
+    from qstrat.runconfig import RunConfig
+    from tests.helpers import run_cli
+
+    model_dir = minilm_model_dir()
+    text = tmp_path / "calibration.txt"
+    text.write_text(wikipedia_text(2), encoding="utf-8")
+    imatrix = tmp_path / "minilm.imatrix.gguf"
+    collected = run_cli("qstrat", "imatrix", str(model_dir), "--text", str(text), "--ctx", "128", "--chunks", "3", "-o", str(imatrix))
+    assert collected.returncode == 0, collected.stderr
+    assert "36 matrices, 3 chunks of 128 tokens" in collected.stdout and "BERT" in collected.stdout
+    tensors = {t.name: np.asarray(t.data, dtype=np.float32).reshape(-1) for t in GGUFReader(imatrix).tensors}
+    vectors = {n[: -len(".in_sum2")]: v / tensors[n[: -len(".in_sum2")] + ".counts"][0] for n, v in tensors.items() if n.endswith(".in_sum2")}
+    assert len(vectors) == 36 and all(tensors[f"{n}.counts"][0] == 3 * 128 for n in vectors)
+    config = RunConfig.build({"format": "q4_0", "imatrix": str(imatrix), "validation": {"stages": ["weight_error"]}}, "test")
+    result = quantize_model(model_dir, config, tmp_path / "out")
+    stored = GGUFModel(tmp_path / "out" / "model.gguf").tensors
+    source = SafetensorsModel(model_dir).tensors
+    for name in ("encoder.layer.0.attention.self.query.weight", "encoder.layer.5.output.dense.weight", "pooler.dense.weight"):
+        values = to_float32(source[name].dtype, np.asarray(map_tensor(source[name]))).astype(np.float32)
+        oracle = ggml_quantize_chunk(int(GGMLQuantizationType.Q4_0), values, imatrix=vectors.get(name))
+        assert np.array_equal(np.asarray(stored[name].data).view(np.uint8).reshape(values.shape[0], -1), oracle), name
+    records = {r.name: r for r in result.quantized}
+    assert sum(bool(r.imatrix) for r in records.values()) == 36
+    assert records["pooler.dense.weight"].imatrix is False and records["embeddings.word_embeddings.weight"].imatrix is False
