@@ -57,7 +57,10 @@ def _cache_path(py_file: str) -> Path:
 
 
 def kernel_cache_dir() -> Path:
-    """The directory holding the compiled kernels of this installation of qstrat."""
+    """The directory holding the compiled kernels of this installation of qstrat (with
+    ``NUMBA_CACHE_DIR`` set, numba's own locator keeps them under it, in a subdirectory of its choosing)."""
+    if config.CACHE_DIR:
+        return Path(config.CACHE_DIR)
     return _cache_path(str(_KERNELS_DIR / "q8k.py"))
 
 
@@ -88,6 +91,6 @@ def kernels_compiled() -> bool:
     """Whether a quantize kernel has been compiled and cached here before (a cold cache
     makes the first run compile for tens of seconds)."""
     try:
-        return any(kernel_cache_dir().glob("q8k.*.nbi"))
+        return any(kernel_cache_dir().rglob("q8k.*.nbi"))
     except OSError:
         return False

@@ -9,7 +9,7 @@ must never share a process: their ggml symbols clash.  The tests call this scrip
 
 Each job is one call of ``llama_model_quantize`` on its input with llama.cpp's default
 parameters (``llama_model_quantize_default_params``: no importance matrix, output tensor
-quantized, no requantization), one thread, ``ftype`` (a ``LLAMA_FTYPE`` value,
+quantized, no requantization), one thread (or the job's ``"nthread"``), ``ftype`` (a ``LLAMA_FTYPE`` value,
 ``gguf.LlamaFileType``) and, if the job says ``"pure": true``, ``params.pure`` (every
 tensor the file type's default type, the row-length fallback aside) and, if the job names an
 ``"imatrix"`` (a GGUF imatrix file), the importance data llama-quantize's ``load_imatrix`` makes
@@ -62,7 +62,7 @@ def main() -> None:
     for job in jobs:
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = int(job["ftype"])
-        params.nthread = 1
+        params.nthread = int(job.get("nthread", 1))
         params.pure = bool(job.get("pure", False))
         if job.get("imatrix"):
             params.imatrix, kept = importance_data(job["imatrix"], llama_cpp)

@@ -41,3 +41,6 @@ def test_numba_cache_dir_is_honoured(tmp_path):
     assert result.returncode == 0, result.stderr
     assert list((tmp_path / "numba").rglob("q8k.*.nbi"))
     assert not (tmp_path / "unused" / "qstrat").exists()
+    assert "compiling the kernels" in result.stderr
+    again = run_cli("qstrat", "quantize", str(model), str(tmp_path / "b"), "--no-validation", env=env)
+    assert again.returncode == 0 and "compiling" not in again.stderr, again.stderr  # found where numba put them
