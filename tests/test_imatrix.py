@@ -255,3 +255,34 @@ def test_compare_formats_chains_imatrix_and_text(model, tmp_path):
     table = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| q4_k | l2_norm | no | refused:" in table and "numpy forward" in table
     assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["compare.json", "compare.md", "compare.png"]
+
+
+def test_importance_vectors_move_with_joint_permutations(model, tmp_path):
+    """Under mlp_joint, down_proj is stored with its columns permuted: its importance vector is
+    permuted with them, and the bytes are GGML's of the permuted columns with the permuted vector."""
+    from qstrat.model import QuantizedModel, as_directory
+
+    directory, _, imatrix, _ = model
+    out = tmp_path / "out"
+    result = run_with_imatrix(directory, imatrix, out, fmt="q4_0", extra="strategies: [mlp_joint, identity]\n")
+    assert result.returncode == 0, result.stderr
+    vectors = llama_cpp_vectors(imatrix)
+    sources = source_matrices(directory)
+    permuted = 0
+    with as_directory(out) as stored_dir:
+        stored_model = QuantizedModel(stored_dir)
+        for layer in range(SHAPE.num_hidden_layers):
+            name = f"model.layers.{layer}.mlp.down_proj.weight"
+            joint = stored_model.joint_permutation(name)
+            if joint is None:
+                continue
+            perm, axis = joint
+            assert axis == 1
+            permuted += 1
+            stored, _ = stored_bytes(out, name)
+            vector = vectors[f"blk.{layer}.ffn_down.weight"]
+            oracle = ggml_quantize_chunk(int(GGMLQuantizationType.Q4_0), np.ascontiguousarray(sources[name][:, perm]), imatrix=vector[perm])
+            assert np.array_equal(stored, oracle), name
+            unmoved = ggml_quantize_chunk(int(GGMLQuantizationType.Q4_0), np.ascontiguousarray(sources[name][:, perm]), imatrix=vector)
+            assert not np.array_equal(stored, unmoved), name  # the vector did move
+    assert permuted, "mlp_joint kept every down projection in place: the test checks nothing"
