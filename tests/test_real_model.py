@@ -4,6 +4,7 @@ import importlib.util
 import json
 
 import numpy as np
+import pytest
 
 from qstrat.bert import SENTENCES, sentence_embeddings, tokenize
 from qstrat.io.safetensors import SafetensorsModel, map_tensor
@@ -47,6 +48,7 @@ def test_quantized_embeddings_agree_with_the_original():
     assert q8_0["mean_cos"] > 0.9995 and 0.98 < q4_k["mean_cos"] < q8_0["mean_cos"], (q8_0, q4_k)
 
 
+@pytest.mark.slow
 def test_bert_importance_matrix_drives_the_weighted_quantizers(tmp_path):
     """qstrat imatrix on all-MiniLM-L6-v2 (its encoder's linear layers, its own tokenizer), then a
     Q4_0 run with it: GGML's weighted bytes for every layer matrix, the others without a vector."""
