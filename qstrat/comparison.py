@@ -154,14 +154,9 @@ def compare_model(
     return rows, results
 
 
-def _fmt(value: object, spec: str) -> str:
-    from qstrat.report import _fmt as fmt
-
-    return fmt(value, spec)
-
-
 def render_comparison(model: str, rows: Sequence[dict[str, object]], evaluated: str | None = None) -> str:
     """The comparison as a Markdown table (``evaluated``: what the figures of the text were computed on)."""
+    from qstrat.report import _fmt
     with_imatrix = any(r["imatrix"] for r in rows)
     head = ["format", "chain"] + (["imatrix"] if with_imatrix else []) + [
         "quantized", "bits/weight", "model MB", "mean SQNR dB", "worst SQNR dB"]

@@ -192,24 +192,6 @@ def write_imatrix(path: str | os.PathLike, imatrix: ImportanceMatrix) -> None:
         writer.close()
 
 
-def write_legacy_imatrix(path: str | os.PathLike, imatrix: ImportanceMatrix) -> None:
-    """Write ``imatrix`` in llama.cpp's legacy ``.dat`` layout (``save_imatrix_legacy``):
-    ``sum / count * ncall`` with ``ncall = ceil(count / chunk_size)``."""
-    chunk_size = imatrix.chunk_size or 1
-    parts = [struct.pack("<i", len(imatrix.entries))]
-    for name in sorted(imatrix.entries):
-        entry = imatrix.entries[name]
-        raw = name.encode("utf-8")
-        ncall = (int(entry.counts.max()) + chunk_size - 1) // chunk_size
-        counts = np.repeat(entry.counts.astype(np.float32), entry.sums.shape[-1])
-        sums = entry.sums.reshape(-1).astype(np.float32)
-        values = np.where(counts == 0, np.float32(1), sums / np.where(counts == 0, 1, counts)) * np.float32(ncall)
-        parts += [struct.pack("<i", len(raw)), raw, struct.pack("<ii", ncall, sums.size), values.astype("<f4").tobytes()]
-    dataset = (imatrix.datasets[-1] if imatrix.datasets else "").encode("utf-8")
-    parts += [struct.pack("<i", imatrix.chunk_count), struct.pack("<i", len(dataset)), dataset]
-    Path(path).write_bytes(b"".join(parts))
-
-
 def accumulate(entries: dict[str, ImportanceEntry], name: str, inputs: np.ndarray) -> None:
     """Add the squared inputs of one matrix product (tokens x k) to ``entries[name]``, as
     llama-imatrix's ``collect_imatrix`` does for a dense matrix (one expert)."""
@@ -269,4 +251,4 @@ def compute_imatrix(
     return finished(entries, [dataset] if dataset else [], n_chunks, ctx)
 
 
-__all__ = ["ImportanceEntry", "ImportanceMatrix", "accumulate", "compute_imatrix", "finished", "read_imatrix", "write_imatrix", "write_legacy_imatrix"]
+__all__ = ["ImportanceEntry", "ImportanceMatrix", "accumulate", "compute_imatrix", "finished", "read_imatrix", "write_imatrix"]
