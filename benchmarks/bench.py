@@ -299,7 +299,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--size-gb", type=float, default=None)
     parser.add_argument("--ggml-types", action="store_true", help="only the GGUF block types against GGML")
+    parser.add_argument("--jit", action="store_true", help="only the start-up rows (cold and warm kernel cache)")
     args = parser.parse_args()
+    if args.jit:
+        with tempfile.TemporaryDirectory(prefix="qstrat-bench-", dir=os.environ.get("QSTRAT_BENCH_DIR")) as tmp:
+            jit_cost(Path(tmp))
+        return 0
     if args.ggml_types:
         ggml_types(4 * 1024 * 1024 if args.quick else 16 * 1024 * 1024)
         return 0

@@ -43,29 +43,6 @@ def _power_of_two_near_inverse(d):
 _SUMMING = {"reassoc", "nnan", "ninf", "nsz"}
 
 
-@njit(cache=True, fastmath=_SUMMING)
-def _accumulate_zeroed_block(row, start, probes, totals):
-    """Measures of a block stored as zeros (d = 0: all its values are zero, or all below
-    ~3.7e-37, where no scale exists): every value is its own error.  Summed in float64,
-    which holds such values without any scaling."""
-    ref2 = 0.0
-    worst_bits = np.int64(0)
-    for j in range(U64(QK_K)):
-        w = np.float64(finite_to_float32(row[start + j]))
-        ref2 += w * w
-        worst_bits = max(worst_bits, np.float64(abs(w)).view(np.int64))
-    totals[ERROR_SQUARES] += ref2
-    totals[REFERENCE_SQUARES] += ref2
-    totals[MAX_ABS_ERROR] = max(totals[MAX_ABS_ERROR], np.int64(worst_bits).view(np.float64))
-    for p in range(probes.shape[0]):
-        probe = probes[p]
-        product = 0.0
-        for j in range(U64(QK_K)):
-            product += np.float64(finite_to_float32(row[start + j])) * np.float64(probe[start + j])
-        totals[PROBE_COLUMNS + 2 * p] += product
-        totals[PROBE_COLUMNS + 2 * p + 1] += product
-
-
 # Probe vectors summed in the same loop as the weight error (accumulate_block_measures spells
 # out the specialisations for 0, 1 and 2); any further ones take a pass each.
 _FUSED_PROBES = 2
@@ -117,10 +94,10 @@ def accumulate_block_measures(row, start, blocks, b, probes, totals):
     vector widths).  Inputs are finite (the quantize kernel checked them).
     """
     d = block_scale(blocks, b)
-    if d == np.float32(0.0):
-        _accumulate_zeroed_block(row, start, probes, totals)
-        return
-    scale = _power_of_two_near_inverse(d)
+    # A block stored as zeros (d = 0) holds only values below ~3.7e-37 in magnitude (or zeros):
+    # 2**100 brings them into float32's normal range, where their squares neither underflow
+    # nor overflow, and every value is its own error.
+    scale = _power_of_two_near_inverse(d) if d != np.float32(0.0) else np.float32(2.0**100)
     # (d * qs) * scale == (d * scale) * qs for a normal d (both scalings exact); for a subnormal
     # d the dequantizer's d * qs rounds coarser, by at most half a subnormal ulp per value
     scaled_d = d * scale

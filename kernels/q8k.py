@@ -127,19 +127,21 @@ def _chunk_rows(rows, probes):
 
 
 @njit(cache=True)
-def _quantize_rows_blockwise(source, row_perm, offset, first, count, variant, out, probes, measures):
-    """Quantize stored rows first .. first + count - 1, block column by block column; stored
-    row r is source[source_index(row_perm, r) - offset] (contiguous).  Measure them unless
-    ``measures`` is None.  Returns the number of non-finite blocks."""
-    blocks_per_row = source.shape[1] // QK_K
+def _quantize_rows_blockwise(rows_buffer, first, count, variant, out, probes, measures):
+    """Quantize stored rows first .. first + count - 1, held in rows_buffer[0 .. count - 1],
+    block column by block column, measuring them unless ``measures`` has no columns.
+    Returns the number of non-finite blocks."""
+    blocks_per_row = rows_buffer.shape[1] // QK_K
+    measure = measures.shape[1] > 0
     non_finite = 0
     for i in range(blocks_per_row):
         start = U64(i * QK_K)
-        for r in range(first, first + count):
-            row = source[source_index(row_perm, r) - offset]
+        for g in range(count):
+            r = first + g
+            row = rows_buffer[g]
             b = U64(r * blocks_per_row + i)
             non_finite += _quantize_block(row, start, variant, out, b)
-            if measures is not None:
+            if measure:
                 accumulate_block_measures(row, start, out, b, probes, measures[r])
     return non_finite
 
@@ -158,16 +160,31 @@ def quantize_rows_q8k(x, row_perm, col_perm, variant, out, probes=None, measures
 
     Returns the number of blocks holding a NaN or infinity (zeroed; the caller refuses them).
 
-    Each path is its own compiled kernel, so that a run compiles only the paths it takes
-    (compiling is most of a first run's time).
+    Compiling is most of a first run's time, so the arguments reach the kernels in one type
+    each (``x`` read-only, maps and probes always arrays): every run compiles one row-wise
+    kernel per input dtype, and each helper once.
     """
     if measures is not None and (measures.shape[0] != x.shape[0] or measures.shape[1] != measure_columns(probes.shape[0])):
         raise ValueError("measures must be (rows, measure_columns(len(probes))), zeroed: the kernel adds to it")
-    if col_perm is not None:
-        return _quantize_rows_gathered(x, row_perm, col_perm, variant, out, probes, measures)
-    if measures is not None:
-        return _quantize_rows_measured(x, row_perm, variant, out, probes, measures)
-    return _quantize_blocks(x, row_perm, variant, out)
+    source = x.view()
+    source.flags.writeable = False
+    if col_perm is None and measures is None:
+        return _quantize_blocks(source, row_perm, variant, out)
+    k = x.shape[1]
+    return _quantize_rows(
+        source,
+        _gather_map(row_perm),
+        _gather_map(col_perm),
+        variant,
+        out,
+        np.zeros((0, k), np.float32) if probes is None else np.require(probes, np.float32, ["C", "W"]),
+        np.zeros((x.shape[0], 0)) if measures is None else measures,
+    )
+
+
+def _gather_map(perm):
+    """A gather map as ``_quantize_rows`` takes it: writable contiguous uint32, empty for none."""
+    return np.zeros(0, np.uint32) if perm is None else np.require(perm, np.uint32, ["C", "W"])
 
 
 @njit(parallel=True, cache=True, nogil=True)  # nogil: a worker writes files meanwhile
@@ -184,41 +201,34 @@ def _quantize_blocks(x, row_perm, variant, out):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _quantize_rows_measured(x, row_perm, variant, out, probes, measures):
-    """By chunks of rows, so that each row's measures are summed by one thread, in block order."""
-    rows = x.shape[0]
-    chunk = _chunk_rows(rows, probes)
-    non_finite = 0
-    for c in prange((rows + chunk - 1) // chunk):
-        first = c * chunk
-        count = min(chunk, rows - first)
-        non_finite += _quantize_rows_blockwise(x, row_perm, 0, first, count, variant, out, probes, measures)
-    return non_finite
-
-
-@njit(parallel=True, cache=True, nogil=True)
-def _quantize_rows_gathered(x, row_perm, col_perm, variant, out, probes, measures):
-    """By chunks of rows, each gathered into a small contiguous buffer first."""
+def _quantize_rows(x, row_perm, col_perm, variant, out, probes, measures):
+    """By chunks of rows, each copied (through the gather maps; an empty map is the identity) into
+    a small contiguous buffer first, so that each row's measures are summed by one thread, in
+    block order.  ``measures`` with no columns: none are taken."""
     rows, k = x.shape
     chunk = _chunk_rows(rows, probes)
     non_finite = 0
     for c in prange((rows + chunk - 1) // chunk):
         first = c * chunk
         count = min(chunk, rows - first)
-        # Gathering the rows once into a small contiguous buffer (it stays in cache) costs
-        # less than gathering every element in each block pass.  Its shape does not depend
-        # on the task, so numba allocates it once per thread, not once per task.
+        # Copying the rows once into a small buffer that stays in cache costs less than
+        # gathering every element in each block pass.  Its shape does not depend on the task,
+        # so numba allocates it once per thread, not once per task.
         gathered = np.empty((chunk, k), dtype=x.dtype)
         for g in range(count):
-            row = x[source_index(row_perm, first + g)]
-            for j in range(U64(k)):
-                gathered[g, j] = row[col_perm[j]]
-        non_finite += _quantize_rows_blockwise(gathered, None, first, first, count, variant, out, probes, measures)
+            r = first + g
+            row = x[row_perm[r] if row_perm.shape[0] else r]
+            if col_perm.shape[0]:
+                for j in range(U64(k)):
+                    gathered[g, j] = row[col_perm[j]]
+            else:
+                gathered[g, :] = row
+        non_finite += _quantize_rows_blockwise(gathered, first, count, variant, out, probes, measures)
     return non_finite
 
 
 #: the compiled kernels behind quantize_rows_q8k (for inspecting numba's cache statistics)
-QUANTIZE_KERNELS = (_quantize_blocks, _quantize_rows_measured, _quantize_rows_gathered)
+QUANTIZE_KERNELS = (_quantize_blocks, _quantize_rows)
 
 
 @njit(parallel=True, cache=True)

@@ -119,7 +119,7 @@ def announce_first_compile() -> None:
 
     if not kernels_compiled():
         print(
-            f"qstrat: compiling the kernels for this machine (first run only, about half a minute); "
+            f"qstrat: compiling the kernels for this machine (first run only, about a quarter of a minute); "
             f"later runs load them from {kernel_cache_dir()}",
             file=sys.stderr,
             flush=True,
