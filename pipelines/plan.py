@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ from qstrat.io.safetensors import (
     TensorInfo,
     read_model_config,
 )
-from qstrat.strategies import Candidate, QuantizationStrategy
+from qstrat.strategies import Candidate, Permutation, QuantizationStrategy, ResidualChoice, ResidualStreamStrategy
 
 
 def writes_q8k(choice: TensorChoice) -> bool:
@@ -36,6 +36,8 @@ class TensorJob:
     choice: TensorChoice | None = None
     #: the importance vector (float32, one value per column in source order), with an imatrix
     importance: np.ndarray | None = field(default=None, compare=False, repr=False)
+    #: the model's residual-stream permutation on this tensor's axis that carries the stream
+    residual: Permutation | None = field(default=None, compare=False, repr=False)
 
     @property
     def quantize(self) -> bool:
@@ -79,10 +81,40 @@ class ImportanceUse:
 
 
 @dataclass(frozen=True)
+class ResidualPlan:
+    """residual_stream in a run: the strategy, the axis carrying the stream in each tensor that
+    has one, and (once chosen, after the plan) the permutation."""
+
+    strategy: ResidualStreamStrategy
+    axes: dict[str, int]
+    choice: ResidualChoice | None = None
+
+    def permutation(self, name: str) -> Permutation | None:
+        axis = self.axes.get(name)
+        return None if axis is None or self.choice is None else self.choice.permutation(axis)
+
+
+@dataclass(frozen=True)
 class Plan:
     groups: tuple[GroupJob, ...]
     passthrough: tuple[PassthroughTensor, ...]
     importance: ImportanceUse | None = None
+    residual: ResidualPlan | None = None
+
+    def residual_readers(self) -> dict[str, TensorJob]:
+        """The quantized tensors whose columns are the residual stream (what its choice measures)."""
+        if self.residual is None:
+            return {}
+        return {m.info.name: m for g in self.groups for m in g.members if m.quantize and self.residual.axes.get(m.info.name) == 1}
+
+    def with_residual(self, choice: ResidualChoice) -> Plan:
+        """The plan with the residual-stream permutation chosen and handed to every member."""
+        residual = replace(self.residual, choice=choice)
+        groups = tuple(
+            replace(g, members=tuple(replace(m, residual=residual.permutation(m.info.name)) for m in g.members))
+            for g in self.groups
+        )
+        return replace(self, groups=groups, residual=residual)
 
 
 def tensor_choice(info: TensorInfo, config: RunConfig, preset_types: dict[str, TensorChoice]) -> TensorChoice | str:
@@ -221,7 +253,11 @@ def make_plan(model: SafetensorsModel, config: RunConfig, outputs: tuple[str, ..
     }
     stems = assign_file_stems([n for n in choices if n not in reasons])
     vectors, importance = importance_vectors(model, config, {n: model.tensors[n] for n in stems})
-    assignments = config.strategy_chain().assign(candidates, read_model_config(model))
+    chain = config.strategy_chain()
+    assignments = chain.assign(candidates, read_model_config(model))
+    residual = None
+    if chain.model_level is not None:
+        residual = ResidualPlan(chain.model_level, chain.model_level.axes({n: i.shape for n, i in model.tensors.items()}))
     groups = tuple(
         GroupJob(
             a.strategy,
@@ -238,4 +274,20 @@ def make_plan(model: SafetensorsModel, config: RunConfig, outputs: tuple[str, ..
         PassthroughTensor(model.tensors[name], reason) for name, reason in sorted(reasons.items())
     )
     check_llama_cpp_target(model, config, groups, config.output_kinds if outputs is None else tuple(outputs))
-    return Plan(groups, passthrough, importance)
+    if residual is not None:
+        _check_residual_axes(groups, residual)
+    return Plan(groups, passthrough, importance, residual)
+
+
+def _check_residual_axes(groups: tuple[GroupJob, ...], residual: ResidualPlan) -> None:
+    """A group strategy may permute only the other axis of a tensor the residual stream runs through
+    (mlp_joint and head_order do, by construction); checked on names, before anything is read."""
+    for group in groups:
+        if group.strategy.permutation_kind != "joint":
+            continue
+        for member in group.members:
+            axis = residual.axes.get(member.info.name)
+            if axis is not None and len(member.info.shape) == 1:
+                raise ConfigError(
+                    f"strategies residual_stream and {group.strategy.name} both permute the 1-D tensor {member.info.name!r}"
+                )

@@ -27,8 +27,9 @@ from qstrat.pipelines.journal import (
     run_fingerprint,
 )
 from qstrat.pipelines.plan import GroupJob, Plan, make_plan, writes_q8k
-from qstrat.pipelines.worker import GroupResult, quantize_batch, quantize_stream
+from qstrat.pipelines.worker import GroupResult, error_measure, quantize_batch, quantize_stream
 
+from qstrat.blocks import KERNEL_STORAGE, check_finite
 from qstrat.convert import gguf_metadata
 from qstrat.errors import InputError, OutputError, WorkerLost
 from qstrat.formats import block_type
@@ -38,6 +39,7 @@ from qstrat.io.gguf import write_gguf
 from qstrat.io.gguf_input import open_model
 from qstrat.io.manifest import (
     JOINT_PERMUTATIONS_NAME,
+    RESIDUAL_PERMUTATION_KEY,
     MANIFEST_NAME,
     PASSTHROUGH_NAME,
     Failure,
@@ -60,6 +62,7 @@ from qstrat.report import preload_plotting, write_reports
 from qstrat.results import QuantizationResult, TensorRecord, ThresholdFailure
 from qstrat.runconfig import RunConfig
 from qstrat.strategies import Permutation
+from qstrat.strategies.search import Reader
 
 ProgressCallback = Callable[[list[TensorRecord], int], None]  # records, bytes of input done
 
@@ -90,10 +93,14 @@ def write_passthrough(
     """Copy every tensor that is not quantized into passthrough.safetensors, unchanged except
     for the joint permutations of its group (so the saved model stays consistent)."""
 
+    residual = plan.residual
+
     def stored(info):
         array = map_tensor(info)
-        permutation = joint.get(info.name)
-        return array if permutation is None else np.take(array, permutation.perm, axis=permutation.axis)
+        for permutation in (joint.get(info.name), residual.permutation(info.name) if residual else None):
+            if permutation is not None:
+                array = np.take(array, permutation.perm, axis=permutation.axis)
+        return array
 
     items = ((p.info.name, p.info.dtype, p.info.shape, lambda info=p.info: stored(info)) for p in plan.passthrough)
     size, sha256 = write_safetensors(output_dir / PASSTHROUGH_NAME, items, metadata)
@@ -101,15 +108,17 @@ def write_passthrough(
     records = []
     for p in plan.passthrough:
         permutation = joint.get(p.info.name)
+        along_stream = residual.permutation(p.info.name) if residual else None
         records.append(
             TensorRecord(
                 p.info.name,
                 p.info.shape,
                 p.info.dtype,
                 "passthrough",
-                permutation="joint" if permutation is not None else "none",
+                permutation="joint" if permutation is not None or along_stream is not None else "none",
                 joint_group=groups.get(p.info.name) if permutation is not None else None,
                 joint_axis=permutation.axis if permutation is not None else None,
+                residual_axis=along_stream.axis if along_stream is not None else None,
                 files={"safetensors": file},
                 reason=p.reason,
             )
@@ -117,11 +126,14 @@ def write_passthrough(
     return records
 
 
-def write_joint_permutations(output_dir: Path, joint: dict[str, Permutation]) -> WrittenFile | None:
-    """Store every joint permutation (int64 gather map per tensor) so that they can be undone."""
-    if not joint:
+def write_joint_permutations(output_dir: Path, joint: dict[str, Permutation], residual: np.ndarray | None = None) -> WrittenFile | None:
+    """Store every joint permutation (int64 gather map per tensor), and the residual stream's
+    (once, for every tensor it permutes), so that they can be undone."""
+    if not joint and residual is None:
         return None
     items = [(name, "I64", joint[name].perm.shape, joint[name].perm.astype("<i8")) for name in sorted(joint)]
+    if residual is not None:
+        items.append((RESIDUAL_PERMUTATION_KEY, "I64", residual.shape, residual.astype("<i8")))
     size, sha256 = write_safetensors(output_dir / JOINT_PERMUTATIONS_NAME, items)
     return WrittenFile(JOINT_PERMUTATIONS_NAME, size, sha256)
 
@@ -213,6 +225,48 @@ def _run_groups(
             results.close()
 
 
+def choose_residual(model: SafetensorsModel, plan: Plan, variant: str) -> Plan:
+    """The plan with residual_stream's permutation chosen (if the chain has it): measured on
+    every quantized tensor whose columns are the stream, in its target type."""
+    if plan.residual is None:
+        return plan
+    readers = plan.residual_readers()
+    arrays = {}
+    for name, job in readers.items():
+        array = map_tensor(job.info).view(KERNEL_STORAGE[job.info.dtype])
+        check_finite(array, name)
+        arrays[name] = Reader(array, "q8_k" if writes_q8k(job.choice) else job.choice.type_name, job.importance)
+    block = max((QK_K if writes_q8k(job.choice) else block_type(job.choice.type_name).block_size for job in readers.values()), default=QK_K)
+    # K-quants scale sub-blocks of 16 or 32 values inside their 256: moving a column between two
+    # of them matters; Q8K has one scale per 256
+    scale_group = QK_K if all(writes_q8k(job.choice) for job in readers.values()) else min(block, 32)
+    choice = plan.residual.strategy.choose(arrays, error_measure(readers.values(), variant), block, scale_group)
+    return plan.with_residual(choice)
+
+
+def with_permutation_gains(records: list[TensorRecord], plan: Plan) -> list[TensorRecord]:
+    """Records of residual_stream's readers with the gain its order measured on them."""
+    choice = plan.residual.choice if plan.residual is not None else None
+    if choice is None:
+        return records
+    return [r if r.name not in choice.identity_errors else replace(r, permutation_gain_db=choice.gain_db(r.name)) for r in records]
+
+
+def describe_residual(plan: Plan) -> dict[str, object] | None:
+    """What the report says of residual_stream's choice."""
+    choice = plan.residual.choice if plan.residual is not None else None
+    if choice is None:
+        return None
+    gains = [g for name in choice.identity_errors if (g := choice.gain_db(name)) is not None and np.isfinite(g)]
+    return {
+        "order": choice.candidate,
+        "tensors": len(plan.residual.axes),
+        "readers": len(choice.identity_errors),
+        "mean_gain_db": float(np.mean(gains)) if gains else None,
+        "rejected": dict(choice.rejected),
+    }
+
+
 def evaluate_model(
     input_path: str | os.PathLike, config: RunConfig, progress: ProgressCallback | None = None
 ) -> QuantizationResult:
@@ -220,7 +274,7 @@ def evaluate_model(
     started = time.perf_counter()
     config = config.evaluated()
     model = open_model(input_path)
-    plan = make_plan(model, config, outputs=())  # nothing is written
+    plan = choose_residual(model, make_plan(model, config, outputs=()), config.variant)  # nothing is written
     records: list[TensorRecord] = []
 
     def done(job, group_records, joint):
@@ -230,7 +284,8 @@ def evaluate_model(
 
     _run_groups(list(plan.groups), config, None, done)
     passthrough = [TensorRecord(p.info.name, p.info.shape, p.info.dtype, "passthrough", reason=p.reason) for p in plan.passthrough]
-    return QuantizationResult(None, sorted(records + passthrough, key=lambda r: r.name), time.perf_counter() - started)
+    tensors = with_permutation_gains(sorted(records + passthrough, key=lambda r: r.name), plan)
+    return QuantizationResult(None, tensors, time.perf_counter() - started, residual=describe_residual(plan))
 
 
 def threshold_failures(records: list[TensorRecord], thresholds) -> list[ThresholdFailure]:
@@ -275,7 +330,7 @@ def quantize_model(
     outputs = config.output_kinds if outputs is None else tuple(outputs)
     force = config.force if force is None else force
     model = open_model(input_path)
-    plan = make_plan(model, config, outputs)
+    plan = choose_residual(model, make_plan(model, config, outputs), config.variant)
     out = Path(output_dir) if output_dir is not None else config.output_dir
     check_output_dir(out, model)
     try:
@@ -294,12 +349,13 @@ def quantize_model(
         finally:
             journal.close()
         records = _write_passthrough_and_permutations(out, plan, model, records, joint, previous, progress)
+        records = with_permutation_gains(records, plan)
         failures = threshold_failures(records, thresholds)
         manifest = _manifest(model, config.variant, settings, fingerprint, records, failures)
         container = None
         if "gguf" in outputs:
             container = _write_container(out, model.name, manifest, records, keep_tensor_files="q8k" in outputs, source=model.path)
-        return _publish(out, model.name, manifest, records, failures, settings, started, container)
+        return _publish(out, model.name, manifest, records, failures, settings, started, container, describe_residual(plan))
 
 
 def _open_journal(out: Path, fingerprint: str, force: bool, previous: Manifest | None) -> Journal:
@@ -380,10 +436,14 @@ def _write_passthrough_and_permutations(
     passthrough = write_passthrough(out, plan, model.metadata, joint, group_of)
     if progress is not None and passthrough:
         progress(passthrough, sum(p.info.nbytes for p in plan.passthrough))
-    joint_file = write_joint_permutations(out, joint)
+    residual = plan.residual.choice.perm if plan.residual is not None and plan.residual.choice is not None else None
+    joint_file = write_joint_permutations(out, joint, residual)
     records = sorted(records + passthrough, key=lambda r: r.name)
     if joint_file is not None:
-        records = [r if r.joint_group is None else replace(r, files={**r.files, "joint_perm": joint_file}) for r in records]
+        records = [
+            r if r.joint_group is None and r.residual_axis is None else replace(r, files={**r.files, "joint_perm": joint_file})
+            for r in records
+        ]
     _remove_outdated_files(out, previous, records)
     return records
 
@@ -452,11 +512,12 @@ def _publish(
     settings: dict[str, object],
     started: float,
     container: dict[str, object] | None = None,
+    residual: dict[str, object] | None = None,
 ) -> QuantizationResult:
     """Every file made durable, then the reports, then the manifest: the directory is complete."""
     written = {out / f.path for r in records for f in r.files.values()} | {out / c for c in manifest.containers or {}}
     make_durable(sorted(p for p in written if p.exists()), out)
-    result = QuantizationResult(out, records, time.perf_counter() - started, None, failures, container)
+    result = QuantizationResult(out, records, time.perf_counter() - started, None, failures, container, residual)
     manifest.reports = {f.path: FileEntry(**vars(f)) for f in write_reports(result, name, settings, out)}
     result.manifest_path = write_manifest(out, manifest)
     return result

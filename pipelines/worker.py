@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numba
 import numpy as np
-from qstrat.pipelines.plan import GroupJob, TensorChoice, writes_q8k
+from qstrat.pipelines.plan import GroupJob, TensorChoice, TensorJob, writes_q8k
 
 from qstrat.blocks import KERNEL_STORAGE, check_finite
 from qstrat.errors import QstratError
@@ -47,6 +47,21 @@ def _strategy_reads_values(job: GroupJob) -> bool:
     return job.strategy.permutation_kind != "none"
 
 
+def _gather_maps(
+    job: GroupJob, name: str, permutation: Permutation | None, residual: Permutation | None
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """A member's row and column gather maps: its group's permutation on one axis, the model's
+    residual-stream permutation on the other."""
+    maps: list[np.ndarray | None] = [None, None]
+    for source in (permutation, residual):
+        if source is None:
+            continue
+        if maps[source.axis] is not None:
+            raise QstratError(f"strategy {job.strategy.name} permutes axis {source.axis} of tensor {name!r}, which residual_stream permutes")
+        maps[source.axis] = source.perm
+    return maps[0], maps[1]
+
+
 def _checked(job: GroupJob, name: str, permutation: Permutation | None, shape: tuple[int, ...]) -> Permutation | None:
     if permutation is None:
         return None
@@ -71,10 +86,10 @@ def _quantized(
     return quantize_matrix_as(storage, choice.type_name, row_perm, col_perm, **measuring)
 
 
-def _error_measure(job: GroupJob, variant: str) -> SquaredError:
+def error_measure(jobs: Iterable[TensorJob], variant: str) -> SquaredError:
     """How a strategy measures a member's error: in the type the member is written in, weighted
     by its importance vector when the run has an imatrix."""
-    members = {m.info.name: m for m in job.members}
+    members = {m.info.name: m for m in jobs}
 
     def squared_error(name: str, storage: np.ndarray, col_perm: np.ndarray | None) -> float:
         member = members.get(name)
@@ -125,7 +140,7 @@ def _quantize_members(
         for member in job.members:
             if member.quantize:
                 check_finite(arrays[member.info.name], member.info.name)
-    proposed = job.strategy.permutations(arrays, _error_measure(job, variant))
+    proposed = job.strategy.permutations(arrays, error_measure(job.members, variant))
     permutations = {m.info.name: _checked(job, m.info.name, proposed.get(m.info.name), m.info.shape) for m in job.members}
     quantized = [m for m in job.members if m.quantize]
     shared_seconds = (time.perf_counter() - started) / max(1, len(quantized))
@@ -136,8 +151,7 @@ def _quantize_members(
         begin = time.perf_counter()
         info = member.info
         permutation = permutations[info.name]
-        row_perm = permutation.perm if permutation is not None and permutation.axis == 0 else None
-        col_perm = permutation.perm if permutation is not None and permutation.axis == 1 else None
+        row_perm, col_perm = _gather_maps(job, info.name, permutation, member.residual)
         probes = {stage: probe_vector(stage, info.shape[1]) for stage in ("sum_test", "gradient_test") if stage in stages}
         outcome = _quantized(
             arrays[info.name], member.choice, variant, row_perm, col_perm,
@@ -158,9 +172,10 @@ def _quantize_members(
             fallback_from=member.choice.fallback_from,
             imatrix=member.importance is not None if job.with_imatrix else None,
             strategy=job.strategy.name,
-            permutation=kind if permutation is not None else "none",
+            permutation=kind if permutation is not None else ("joint" if member.residual is not None else "none"),
             joint_group=job.group_id if kind == "joint" and permutation is not None else None,
             joint_axis=permutation.axis if kind == "joint" and permutation is not None else None,
+            residual_axis=member.residual.axis if member.residual is not None else None,
             files={},
             metrics=metrics,
             seconds=time.perf_counter() - begin + shared_seconds,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from qstrat.errors import InputError
-from qstrat.io.names import JOINT_PERMUTATIONS_NAME, PASSTHROUGH_NAME, decode_name
+from qstrat.io.names import JOINT_PERMUTATIONS_NAME, PASSTHROUGH_NAME, RESIDUAL_PERMUTATION_KEY, decode_name
 from qstrat.io.q8k import check_permutation, read_perm, read_q8k, read_q8k_shape
 from qstrat.io.qblock import read_blocks, read_blocks_header
 from qstrat.io.safetensors import SafetensorsFile, TensorInfo, map_tensor, to_float32
@@ -38,6 +38,7 @@ class StoredTensor:
     quantized: bool
     files: dict[str, str] = field(default_factory=dict)
     joint_axis: int | None = None  # the axis of its joint permutation, if it has one
+    residual_axis: int | None = None  # the axis residual_stream permuted, if it did
 
 
 class QuantizedModel:
@@ -57,7 +58,9 @@ class QuantizedModel:
             self.entries = self._seed_entries()
         else:
             self.entries = {
-                name: StoredTensor(e.storage != "passthrough", {role: f.path for role, f in e.files.items()}, e.joint.axis if e.joint else None)
+                name: StoredTensor(
+                    e.storage != "passthrough", {role: f.path for role, f in e.files.items()}, e.joint.axis if e.joint else None, e.residual_axis
+                )
                 for name, e in self.manifest.tensors.items()
             }
         self._joint: SafetensorsFile | None = None
@@ -91,19 +94,35 @@ class QuantizedModel:
         axis = self.entries[name].joint_axis
         if axis is None:
             return None
+        joint = self._joint_file()
+        if name not in joint.tensors:
+            raise InputError(f"{self.directory / JOINT_PERMUTATIONS_NAME}: no joint permutation for tensor {name!r}")
+        return np.asarray(map_tensor(joint.tensors[name]), dtype=np.int64), axis
+
+    def _joint_file(self) -> SafetensorsFile:
         if self._joint is None:
             self._joint = SafetensorsFile(self.directory / JOINT_PERMUTATIONS_NAME)
-        if name not in self._joint.tensors:
-            raise InputError(f"{self.directory / JOINT_PERMUTATIONS_NAME}: no joint permutation for tensor {name!r}")
-        return np.asarray(map_tensor(self._joint.tensors[name]), dtype=np.int64), axis
+        return self._joint
+
+    def residual_permutation(self, name: str) -> tuple[np.ndarray, int] | None:
+        """The residual stream's permutation and the axis it permutes in this tensor, if it does."""
+        axis = self.entries[name].residual_axis
+        if axis is None:
+            return None
+        joint = self._joint_file()
+        if RESIDUAL_PERMUTATION_KEY not in joint.tensors:
+            raise InputError(f"{self.directory / JOINT_PERMUTATIONS_NAME}: the residual stream's permutation is missing")
+        return np.asarray(map_tensor(joint.tensors[RESIDUAL_PERMUTATION_KEY]), dtype=np.int64), axis
 
     def undo_joint(self, name: str, array: np.ndarray) -> np.ndarray:
-        joint = self.joint_permutation(name)
-        if joint is None:
-            return array
-        perm, axis = joint
-        check_permutation(perm, array.shape[axis], f"{self.directory / JOINT_PERMUTATIONS_NAME}: {name}")
-        return unpermute(array, perm, axis)
+        """``array`` with the tensor's function-preserving permutations undone (they permute
+        different axes, so the order does not matter)."""
+        for joint in (self.joint_permutation(name), self.residual_permutation(name)):
+            if joint is not None:
+                perm, axis = joint
+                check_permutation(perm, array.shape[axis], f"{self.directory / JOINT_PERMUTATIONS_NAME}: {name}")
+                array = unpermute(array, perm, axis)
+        return array
 
     def quantized_shape(self, name: str) -> tuple[int, int]:
         """(rows, k) of a quantized tensor, from its file's header."""

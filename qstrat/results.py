@@ -27,12 +27,16 @@ class TensorRecord:
     permutation: str = "none"  # "none" | "runtime" | "joint"
     joint_group: str | None = None  # for joint permutations: the group and the permuted axis
     joint_axis: int | None = None
+    residual_axis: int | None = None  # with residual_stream: the axis that carries the stream
     files: dict[str, WrittenFile] = field(default_factory=dict)
     metrics: TensorMetrics | None = None
     seconds: float = 0.0
     reason: str | None = None  # why a tensor was passed through
     fallback_from: str | None = None  # the block type asked for, when it could not take the rows
     imatrix: bool | None = None  # with the run's importance matrix: whether it had this tensor's vector
+    #: 10 log10(error under identity / error under the chosen order) of the permutation that
+    #: moves its columns, where the run measured it (reports only)
+    permutation_gain_db: float | None = None
 
     @property
     def quantized(self) -> bool:
@@ -59,6 +63,7 @@ class TensorRecord:
             permutation=entry.permutation,
             joint_group=entry.joint.group if entry.joint else None,
             joint_axis=entry.joint.axis if entry.joint else None,
+            residual_axis=entry.residual_axis,
             files={role: WrittenFile(**f.model_dump()) for role, f in entry.files.items()},
             metrics=TensorMetrics.from_dict(entry.metrics.model_dump()) if quantized and entry.metrics else None,
             reason=None if quantized else entry.reason,
@@ -76,6 +81,7 @@ class TensorRecord:
             "permutation": self.permutation,
             "files": {role: FileEntry(**vars(f)) for role, f in sorted(self.files.items())},
             "joint": Joint(group=self.joint_group, axis=self.joint_axis) if self.joint_group is not None else None,
+            "residual_axis": self.residual_axis,
         }
         if self.quantized:
             metrics = Metrics(**self.metrics.as_dict()) if self.metrics else None
@@ -113,6 +119,8 @@ class QuantizationResult:
     #: the GGUF file a run wrote: {"file", "llama_cpp": whether llama.cpp runs it, "architecture" and
     #: "vocabulary" or "reason" (why not), "notes"}; None without one
     container: dict[str, object] | None = None
+    #: residual_stream's choice: {"order", "tensors", "readers", "mean_gain_db", "rejected"}; None without it
+    residual: dict[str, object] | None = None
 
     @property
     def quantized(self) -> list[TensorRecord]:

@@ -64,9 +64,9 @@ def verify_output(output_dir: str | os.PathLike) -> list[str]:
                 info = model.passthrough_info(name)
                 if list(info.shape) != entry.shape or info.dtype != entry.dtype:
                     problems.append(f"{directory / PASSTHROUGH_NAME}: tensor {name!r} differs from the manifest")
-            joint = model.joint_permutation(name)
-            if joint is not None:
-                check_permutation(joint[0], entry.shape[joint[1]], f"{directory}: joint permutation of {name!r}")
+            for label, joint in (("joint", model.joint_permutation(name)), ("residual-stream", model.residual_permutation(name))):
+                if joint is not None:
+                    check_permutation(joint[0], entry.shape[joint[1]], f"{directory}: {label} permutation of {name!r}")
         except QstratError as err:
             problems.append(str(err))
     return problems

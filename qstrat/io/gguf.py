@@ -33,7 +33,7 @@ from qstrat.io.manifest import (
     new_manifest,
     write_manifest,
 )
-from qstrat.io.names import assign_file_stems
+from qstrat.io.names import RESIDUAL_PERMUTATION_KEY, assign_file_stems
 from qstrat.io.q8k import read_perm, read_q8k, write_perm, write_q8k
 from qstrat.io.qblock import SUFFIX as QBLK_SUFFIX, read_blocks, write_blocks
 from qstrat.io.safetensors import map_tensor, to_float32, write_safetensors
@@ -136,6 +136,7 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
     layout = metadata.get("layout")
     entries = []  # (name, producer of the numpy payload, numpy dtype, GGML raw type or None, shape, nbytes)
     perm_names, joint_names, joint_axes, joint_arrays = [], [], [], []
+    residual_names, residual_axes, residual_perm = [], [], None
     widened: dict[str, str] = {}
     for name in model:
         if layout is not None and name in layout.dropped:
@@ -176,6 +177,11 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
                 joint_names.append(name)
                 joint_arrays.append(perm)
             joint_axes.append(joint[1])
+        residual = model.residual_permutation(name)
+        if residual is not None:
+            residual_perm = residual[0]
+            residual_names.append(name)
+            residual_axes.append(residual[1])
     if layout is not None:
         stored_names = {n: layout.names[n] for n, *_ in entries}
         extra = layout.extra_tensors()
@@ -217,6 +223,12 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
             writer.add_array(KEY_PREFIX + "joint_perm_axes", joint_axes)
         for i, perm in enumerate(joint_arrays):
             writer.add_array(f"{KEY_PREFIX}joint_perm.{i}", perm.tolist())
+        if residual_perm is not None:
+            # one permutation of the hidden dimension for every tensor listed (metadata, since
+            # llama.cpp refuses tensors it does not expect)
+            writer.add_array(KEY_PREFIX + "residual_perm", residual_perm.astype(np.int32).tolist())
+            writer.add_array(KEY_PREFIX + "residual_tensors", residual_names)
+            writer.add_array(KEY_PREFIX + "residual_axes", residual_axes)
         if renamed:
             writer.add_array(KEY_PREFIX + "renamed.gguf", list(renamed.values()))
             writer.add_array(KEY_PREFIX + "renamed.original", list(renamed))
@@ -278,6 +290,15 @@ class GGUFModel:
                 self.joint[name] = (np.asarray(self._ints(f"joint_perm.{i}"), dtype=np.int64), axis)
             else:
                 self.joint[name[: -len(JOINT_SUFFIX)]] = (np.asarray(self.tensors[name].data).astype(np.int64), axis)
+        residual_names, residual_axes = self._strings("residual_tensors"), self._ints("residual_axes")
+        residual_perm = np.asarray(self._ints("residual_perm"), dtype=np.int64)
+        if len(residual_names) != len(residual_axes) or (residual_names and not residual_perm.size):
+            raise FormatError(f"{self.path}: residual-stream permutation metadata is inconsistent")
+        for name in residual_names:
+            if name not in self.tensors:
+                raise FormatError(f"{self.path}: residual-stream permutation of a tensor {name!r} the file does not hold")
+        #: the residual stream's permutation and the axis it permutes, per tensor it permutes
+        self.residual: dict[str, tuple[np.ndarray, int]] = {n: (residual_perm, a) for n, a in zip(residual_names, residual_axes)}
         self.row_heads = self._pairs("rope_rows", self._ints("rope_rows_heads"))
         self.widened = self._pairs("widened", self._strings("widened_from"))
         for name, heads in self.row_heads.items():
@@ -401,8 +422,9 @@ def gguf_to_directory(source: str | os.PathLike, output_dir: str | os.PathLike) 
         shape = [int(d) for d in reversed(tensor.shape.tolist())]
         joint_perm = model.joint.get(name)
         axis = None if joint_perm is None else joint_perm[1]
-        common = {"shape": shape, "permutation": "none" if axis is None else "joint",
-                  "joint": None if axis is None else Joint(group=None, axis=axis)}
+        residual_axis = model.residual[name][1] if name in model.residual else None
+        common = {"shape": shape, "permutation": "none" if axis is None and residual_axis is None else "joint",
+                  "joint": None if axis is None else Joint(group=None, axis=axis), "residual_axis": residual_axis}
         if name in stems:
             type_name = types[name]
             if len(shape) != 2:
@@ -429,13 +451,17 @@ def gguf_to_directory(source: str | os.PathLike, output_dir: str | os.PathLike) 
             entries[name] = PassthroughEntry(storage="passthrough", dtype=tag, reason="from GGUF", files={}, **common)
         if axis is not None:
             joint.append((name, "I64", (len(joint_perm[0]),), joint_perm[0].astype("<i8")))
+    if model.residual:
+        perm = next(iter(model.residual.values()))[0]
+        joint.append((RESIDUAL_PERMUTATION_KEY, "I64", perm.shape, perm.astype("<i8")))
     size, sha = write_safetensors(out / PASSTHROUGH_NAME, passthrough)
     for name, *_ in passthrough:
         entries[name].files = {"safetensors": FileEntry(path=PASSTHROUGH_NAME, size=size, sha256=sha)}
     if joint:
         jsize, jsha = write_safetensors(out / JOINT_PERMUTATIONS_NAME, joint)
-        for name, *_ in joint:
-            entries[name].files["joint_perm"] = FileEntry(path=JOINT_PERMUTATIONS_NAME, size=jsize, sha256=jsha)
+        for name in entries:
+            if entries[name].joint is not None or entries[name].residual_axis is not None:
+                entries[name].files["joint_perm"] = FileEntry(path=JOINT_PERMUTATIONS_NAME, size=jsize, sha256=jsha)
     source = Source(path=str(model.path), architecture=model.architecture, name=model.name, files=[model.path.name])
     write_manifest(out, new_manifest(source=source, config=model.config, variant=model.variant, tensors=entries, failed=[]))
     return out

@@ -28,7 +28,7 @@ from pydantic import (
 from qstrat._version import __version__
 from qstrat.errors import FormatError, describe_validation_error
 from qstrat.io.atomic import atomic_writer
-from qstrat.io.names import JOINT_PERMUTATIONS_NAME, MANIFEST_NAME, PASSTHROUGH_NAME  # noqa: F401 - the format's names
+from qstrat.io.names import JOINT_PERMUTATIONS_NAME, MANIFEST_NAME, PASSTHROUGH_NAME, RESIDUAL_PERMUTATION_KEY  # noqa: F401 - the format's names
 
 MANIFEST_FORMAT = "qstrat-output"
 MANIFEST_VERSION = 1
@@ -87,19 +87,22 @@ class Joint(_Record):
 
 
 class _Entry(_Record):
-    _OMITTED_WHEN_NONE = ("joint",)
+    _OMITTED_WHEN_NONE = ("joint", "residual_axis")
     shape: list[int]
     dtype: str
     permutation: Literal["none", "runtime", "joint"]
     files: dict[FileRole, FileEntry]
     joint: Joint | None = None
+    #: the axis that carries the residual stream, in a run with residual_stream (its permutation
+    #: is the model's one, stored once)
+    residual_axis: int | None = None
 
 
 class QuantizedEntry(_Entry):
     """A quantized tensor: ``storage`` is ``q8k`` (the original tool's .q8k file) or the GGUF
     block type it is stored in (``q4_k``, ...; a .qblk file or the GGUF container)."""
 
-    _OMITTED_WHEN_NONE = ("joint", "fallback_from", "imatrix")
+    _OMITTED_WHEN_NONE = ("joint", "residual_axis", "fallback_from", "imatrix")
     storage: str
     strategy: str | None
     metrics: Metrics | None

@@ -16,6 +16,8 @@ import urllib.parse
 MANIFEST_NAME = "manifest.json"
 PASSTHROUGH_NAME = "passthrough.safetensors"
 JOINT_PERMUTATIONS_NAME = "joint_permutations.safetensors"
+#: the residual stream's permutation in that file: one for every tensor it permutes
+RESIDUAL_PERMUTATION_KEY = "qstrat.residual_stream"
 
 SAFE_CHARACTERS = re.compile(r"[A-Za-z0-9._-]")
 MAX_FILE_NAME_BYTES = 255

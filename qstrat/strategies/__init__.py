@@ -22,6 +22,7 @@ from qstrat.strategies.columnwise import (
 )
 from qstrat.strategies.joint import HeadOrderStrategy, MlpJointStrategy
 from qstrat.strategies.qr import QrPivotStrategy
+from qstrat.strategies.residual import ResidualChoice, ResidualStreamStrategy
 
 STRATEGIES: dict[str, type[QuantizationStrategy]] = {
     cls.name: cls
@@ -33,6 +34,7 @@ STRATEGIES: dict[str, type[QuantizationStrategy]] = {
         AttentionAwareStrategy,
         MlpJointStrategy,
         HeadOrderStrategy,
+        ResidualStreamStrategy,
     )
 }
 
@@ -72,7 +74,20 @@ class StrategyChain:
     """
 
     def __init__(self, entries: Sequence[str | Mapping[str, object] | QuantizationStrategy] = ()) -> None:
-        self.strategies = [make_strategy(e) for e in entries] or [IdentityStrategy()]
+        strategies = [make_strategy(e) for e in entries]
+        model_level = [s for s in strategies if s.model_level]
+        if len(model_level) > 1:
+            raise ConfigError(f"strategy {model_level[0].name} appears twice in the chain")
+        runtime = sorted({s.name for s in strategies if s.permutation_kind == "runtime"})
+        if model_level and runtime:
+            raise ConfigError(
+                f"strategy {model_level[0].name} combines only with function-preserving strategies (mlp_joint, "
+                f"head_order) and identity, not with {', '.join(runtime)}: a run-time gather would permute the "
+                "columns it permutes"
+            )
+        #: the model-level strategy (residual_stream), if the chain has one
+        self.model_level = model_level[0] if model_level else None
+        self.strategies = [s for s in strategies if not s.model_level] or [IdentityStrategy()]
 
     def assign(
         self, candidates: Mapping[str, Candidate], model_config: Mapping[str, object] | None = None
@@ -103,7 +118,7 @@ class StrategyChain:
         return assignments
 
     def describe(self) -> list[dict[str, object]]:
-        return [s.describe() for s in self.strategies]
+        return ([self.model_level.describe()] if self.model_level else []) + [s.describe() for s in self.strategies]
 
 
 __all__ = [
@@ -117,6 +132,8 @@ __all__ = [
     "MlpJointStrategy",
     "Permutation",
     "QrPivotStrategy",
+    "ResidualChoice",
+    "ResidualStreamStrategy",
     "IdentityStrategy",
     "L2NormStrategy",
     "QuantizationStrategy",

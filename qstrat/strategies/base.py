@@ -49,6 +49,8 @@ class QuantizationStrategy(ABC):
     permutation_kind: ClassVar[str]
     #: per-tensor strategies take any quantizable tensor left; group strategies only what they recognise
     per_tensor: ClassVar[bool] = True
+    #: a model-level strategy (residual_stream) claims no group: one permutation for the whole model
+    model_level: ClassVar[bool] = False
 
     def __init__(self, match: str | None = None) -> None:
         self.match = compile_regex(match, f"strategy {self.name}: match") if match else None

@@ -1,0 +1,229 @@
+"""residual_stream: one permutation of the hidden dimension through the whole model.
+
+Every layer reads and writes the residual stream, and everything that touches it is
+permutation-equivariant once its weights move too: RMSNorm and LayerNorm (weight and bias
+permuted), the input columns of every matrix that reads it (q, k, v, gate, up, the output head,
+BERT's pooler), the output rows and biases of every matrix that writes it (o, down), the
+embeddings' columns.  Permuting all of them with one order leaves the model's function exactly
+as it was (RPTQ and PeRQ fold permutations into a model this way): the result is an ordinary
+model that any engine runs.  Only the readers' blocks change (a row permutation moves whole
+rows, and blocks never cross rows), so the order is chosen by the readers' actual quantization
+error in their target types, and it is never worse than identity for any of them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qstrat.errors import ConfigError
+from qstrat.kernels import column_sq_norms
+from qstrat.strategies.base import Candidate, Permutation, QuantizationStrategy, SquaredError, descending_order
+from qstrat.strategies.search import DEFAULT_SAMPLE_ROWS, Reader, SearchSettings, relative_total, search_order, undo_until
+
+#: (pattern searched in a tensor's name, the axis that carries the residual stream, or None for
+#: a tensor of the model that does not carry it).  A tensor no pattern knows stops the run: an
+#: unknown tensor might carry the hidden dimension, and permuting around it would change the model.
+RESIDUAL_PATTERNS: tuple[tuple[str, int | None], ...] = (
+    # Llama family, Hugging Face names
+    (r"^(model\.)?embed_tokens\.weight$", 1),
+    (r"\.self_attn\.(q|k|v)_proj\.weight$", 1),
+    (r"\.self_attn\.(q|k|v)_proj\.bias$", None),
+    (r"\.self_attn\.(q|k)_norm\.weight$", None),  # per-head norms (Qwen3)
+    (r"\.self_attn\.o_proj\.(weight|bias)$", 0),
+    (r"\.mlp\.(gate|up)_proj\.weight$", 1),
+    (r"\.mlp\.(gate|up)_proj\.bias$", None),
+    (r"\.mlp\.down_proj\.(weight|bias)$", 0),
+    (r"\.(input_layernorm|post_attention_layernorm)\.weight$", 0),
+    (r"^(model\.)?norm\.weight$", 0),
+    (r"^lm_head\.weight$", 1),
+    (r"\.rotary_emb\.inv_freq$", None),
+    # llama.cpp names (a GGUF input), Llama and BERT
+    (r"^(token_embd|position_embd|token_types)\.weight$", 1),
+    (r"^token_embd_norm\.(weight|bias)$", 0),
+    (r"^blk\.\d+\.attn_(q|k|v)\.weight$", 1),
+    (r"^blk\.\d+\.attn_(q|k|v)\.bias$", None),
+    (r"^blk\.\d+\.attn_(q|k)_norm\.weight$", None),
+    (r"^blk\.\d+\.attn_output\.(weight|bias)$", 0),
+    (r"^blk\.\d+\.ffn_(gate|up)\.weight$", 1),
+    (r"^blk\.\d+\.ffn_(gate|up)\.bias$", None),
+    (r"^blk\.\d+\.ffn_down\.(weight|bias)$", 0),
+    (r"^blk\.\d+\.(attn_norm|ffn_norm|attn_output_norm|layer_output_norm)\.(weight|bias)$", 0),
+    (r"^output_norm\.(weight|bias)$", 0),
+    (r"^output\.weight$", 1),
+    (r"^rope_freqs\.weight$", None),
+    # BERT, Hugging Face names (with or without the "bert." prefix)
+    (r"embeddings\.(word|position|token_type)_embeddings\.weight$", 1),
+    (r"embeddings\.LayerNorm\.(weight|bias)$", 0),
+    (r"embeddings\.position_ids$", None),
+    (r"attention\.self\.(query|key|value)\.weight$", 1),
+    (r"attention\.self\.(query|key|value)\.bias$", None),
+    (r"attention\.output\.dense\.(weight|bias)$", 0),
+    (r"attention\.output\.LayerNorm\.(weight|bias)$", 0),
+    (r"intermediate\.dense\.weight$", 1),
+    (r"intermediate\.dense\.bias$", None),
+    (r"layer\.\d+\.output\.dense\.(weight|bias)$", 0),
+    (r"layer\.\d+\.output\.LayerNorm\.(weight|bias)$", 0),
+    (r"pooler\.dense\.weight$", 1),  # reads the last hidden state; its output is not the stream
+    (r"pooler\.dense\.bias$", None),
+)
+_COMPILED = tuple((re.compile(pattern), axis) for pattern, axis in RESIDUAL_PATTERNS)
+
+
+def residual_axis(name: str) -> int | None:
+    """The axis of tensor ``name`` that carries the residual stream (None: it does not carry it).
+    Raises ConfigError for a tensor residual_stream does not know."""
+    for pattern, axis in _COMPILED:
+        if pattern.search(name):
+            return axis
+    raise ConfigError(
+        f"strategy residual_stream: tensor {name!r} is not one it knows (Llama-family and BERT models); "
+        "permuting the hidden dimension around an unknown tensor could change the model's function"
+    )
+
+
+@dataclass(frozen=True)
+class ResidualChoice:
+    """The chosen order of the hidden dimension and what it measured, per reader: its squared
+    error under identity and under the chosen order (in its target type, weighted by its
+    importance vector when the run has one)."""
+
+    perm: np.ndarray | None  # None: identity won
+    candidate: str
+    identity_errors: dict[str, float] = field(default_factory=dict)
+    chosen_errors: dict[str, float] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)  # candidate -> why it lost
+
+    def permutation(self, axis: int) -> Permutation | None:
+        return None if self.perm is None else Permutation(self.perm, axis)
+
+    def gain_db(self, name: str) -> float | None:
+        """10 log10(identity's error / the chosen order's) for a reader."""
+        before, after = self.identity_errors.get(name), self.chosen_errors.get(name)
+        if before is None or after is None:
+            return None
+        if after == before:
+            return 0.0
+        return float("inf") if after == 0 else float(10 * np.log10(before / after))
+
+
+def balanced_order(order: np.ndarray, block: int) -> np.ndarray:
+    """``order`` (columns, most important first) dealt over blocks of ``block`` columns like cards,
+    back and forth, so that each block gets a share of every magnitude."""
+    width = order.size
+    blocks = max(1, width // block)
+    if width % block or blocks == 1:
+        return order
+    rank = np.arange(width)
+    lap, seat = rank // blocks, rank % blocks
+    target = np.where(lap % 2 == 0, seat, blocks - 1 - seat)  # serpentine
+    return np.concatenate([order[target == b] for b in range(blocks)])
+
+
+class ResidualStreamStrategy(QuantizationStrategy):
+    """Permute the hidden dimension of the whole model (see the module's docstring).
+
+    It claims no group: its permutation is one for the model, decided before the groups are
+    quantized, and it composes with mlp_joint and head_order, which permute the other axis of
+    the same tensors.
+    """
+
+    name = "residual_stream"
+    permutation_kind = "joint"
+    per_tensor = False
+    model_level = True
+
+    def __init__(self, match: str | None = None, budget: int = 0, seed: int = 0, sample_rows: int = DEFAULT_SAMPLE_ROWS) -> None:
+        if match is not None:
+            raise ConfigError("strategy residual_stream: takes no match: it permutes every tensor that carries the hidden dimension")
+        super().__init__(None)
+        self.search = SearchSettings.checked(self.name, budget, seed, sample_rows)
+
+    def describe(self) -> dict[str, object]:
+        return {**super().describe(), **self.search.describe()}
+
+    def claim(self, candidates: Mapping[str, Candidate], model_config: Mapping[str, object]) -> list[tuple[str, ...]]:
+        return []
+
+    def permutations(self, tensors: Mapping[str, np.ndarray], error: SquaredError) -> dict[str, Permutation | None]:
+        raise TypeError("residual_stream permutes the whole model: see choose()")
+
+    def axes(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+        """The residual axis of every tensor that carries the stream; checks that they agree on
+        one width."""
+        axes = {name: axis for name in sorted(shapes) if (axis := residual_axis(name)) is not None}
+        widths = {shapes[name][axis] for name, axis in axes.items() if axis < len(shapes[name])}
+        if not axes or len(widths) != 1 or any(axis >= len(shapes[name]) for name, axis in axes.items()):
+            detail = ", ".join(f"{n} {shapes[n]}" for n in list(axes)[:6])
+            raise ConfigError(f"strategy residual_stream: the model's residual stream has no single width ({detail})")
+        return axes
+
+    def choose(self, readers: Mapping[str, Reader], error: SquaredError, block: int, scale_group: int) -> ResidualChoice:
+        """The order of the hidden dimension for ``readers`` (their columns are the stream):
+        among identity, descending column energy (each reader's share, summed),
+        importance-weighted energy (with an imatrix) and the energy order dealt over blocks of
+        ``block`` columns, the one with the least error relative to identity summed over the
+        readers, among those that leave no reader worse than identity; then, with a budget, the
+        local search from it (search.py), swapping columns between groups of ``scale_group``
+        columns that share a scale.  ``error`` measures a reader on all its rows."""
+        if not readers:
+            return ResidualChoice(None, "identity")
+        width = next(iter(readers.values())).array.shape[1]
+        energy = np.zeros(width)
+        weighted = np.zeros(width)
+        for name, reader in sorted(readers.items()):
+            norms = np.zeros(width, dtype=np.float64)
+            column_sq_norms(reader.array, norms)
+            energy += norms / max(norms.sum(), np.finfo(np.float64).tiny)
+            if reader.importance is not None:
+                scaled = norms * reader.importance
+                weighted += scaled / max(scaled.sum(), np.finfo(np.float64).tiny)
+        by_energy = descending_order(energy)
+        candidates: dict[str, np.ndarray] = {"energy": by_energy, "balanced": balanced_order(by_energy, block)}
+        if weighted.any():
+            candidates["importance"] = descending_order(weighted)
+        identity = {name: error(name, reader.array, None) for name, reader in readers.items()}
+        best, best_score, best_errors = None, float(len(readers)), identity
+        rejected: dict[str, str] = {}
+        for label, order in candidates.items():
+            if np.array_equal(order, np.arange(width)):
+                rejected[label] = "is the identity"
+                continue
+            errors = {name: error(name, reader.array, order) for name, reader in readers.items()}
+            worse = sorted(n for n in readers if errors[n] > identity[n])
+            if worse:
+                rejected[label] = f"worse than identity for {len(worse)} of {len(readers)} tensors (first: {worse[0]})"
+                continue
+            score = relative_total(errors, identity)
+            if score < best_score:
+                if best is not None:
+                    rejected[best] = "less gain"
+                best, best_score, best_errors = label, score, errors
+            else:
+                rejected[label] = "less gain"
+        if self.search.budget:
+            start = candidates[best] if best is not None else np.arange(width)
+            order, kept = search_order(readers, start, energy, scale_group, self.search)
+            measured: dict[int, dict[str, float]] = {}
+
+            def acceptable(order: np.ndarray) -> bool:
+                errors = {name: error(name, reader.array, order) for name, reader in readers.items()}
+                measured[id(order)] = errors
+                return all(errors[n] <= identity[n] for n in readers) and relative_total(errors, identity) < best_score
+
+            order, left = undo_until(order, kept, acceptable)
+            label = f"search from {best or 'identity'} ({left} of {self.search.budget} swaps kept)"
+            if left:
+                if best is not None:
+                    rejected[best] = "less gain than the search from it"
+                candidates[label] = order
+                best, best_errors = label, measured[id(order)]
+            else:
+                rejected[label] = "no swap lowered the error of every tensor on all its rows"
+        if best is None:
+            return ResidualChoice(None, "identity", identity, identity, rejected)
+        return ResidualChoice(candidates[best], best, identity, best_errors, rejected)
+

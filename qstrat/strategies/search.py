@@ -1,0 +1,158 @@
+"""A seeded local search over column orders, judged by the target types' actual error.
+
+Candidate orders (identity, by norm, ...) are a start; swaps of columns between blocks then
+lower the error of every matrix that reads those columns, measured by quantizing a seeded
+sample of their rows in their own block types (with their importance vectors, through the
+registry's kernels) after each swap.  A swap is kept only when the sum of the errors relative to identity's falls and no
+matrix is worse than identity: the result can be judged on every row afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+
+#: rows per matrix the search quantizes after each swap (a seeded sample; whole matrices are judged after)
+DEFAULT_SAMPLE_ROWS = 32
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How long and on what a search runs: ``budget`` swaps tried (0: no search), ``seed``, rows sampled per matrix."""
+
+    budget: int = 0
+    seed: int = 0
+    sample_rows: int = DEFAULT_SAMPLE_ROWS
+
+    @classmethod
+    def checked(cls, strategy: str, budget: object, seed: object, sample_rows: object) -> SearchSettings:
+        from qstrat.errors import ConfigError
+
+        for key, value, least in (("budget", budget, 0), ("seed", seed, 0), ("sample_rows", sample_rows, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ConfigError(f"strategy {strategy}: {key} must be an integer >= {least}, not {value!r}")
+        return cls(budget, seed, sample_rows)
+
+    def describe(self) -> dict[str, int]:
+        return {"budget": self.budget, "seed": self.seed, "sample_rows": self.sample_rows} if self.budget else {}
+
+
+def relative_total(errors: Mapping[str, float], identity: Mapping[str, float]) -> float:
+    """Sum over matrices of error / identity's error (a matrix quantized exactly counts 1)."""
+    return sum(1.0 if identity[n] == 0 else errors[n] / identity[n] for n in errors)
+
+
+@dataclass(frozen=True)
+class Reader:
+    """A matrix whose columns a search orders: its kernel storage, block type and importance vector."""
+
+    array: np.ndarray
+    type_name: str
+    importance: np.ndarray | None = None
+
+
+class _SampledErrors:
+    """Squared errors of seeded row samples under a column order, one quantizer call per block
+    type for all the matrices of that type without importance vectors (calls cost more than
+    these small samples)."""
+
+    def __init__(self, readers: Mapping[str, Reader], sample_rows: int, rng: np.random.Generator) -> None:
+        from qstrat.blocks import storage_to_float32
+        from qstrat.formats import block_type
+
+        self.batches: list[tuple[object, np.ndarray | None, list[tuple[str, int, int]], np.ndarray]] = []
+        grouped: dict[tuple[str, int], list[str]] = {}
+        for name in sorted(readers):
+            reader = readers[name]
+            key = (reader.type_name, -1) if reader.importance is None else (reader.type_name, len(grouped))
+            grouped.setdefault(key, []).append(name)
+        for (type_name, _), names in sorted(grouped.items()):
+            rows, spans = [], []
+            for name in names:
+                array = readers[name].array
+                picked = np.sort(rng.choice(array.shape[0], min(sample_rows, array.shape[0]), replace=False))
+                spans.append((name, sum(r.shape[0] for r in rows), picked.size))
+                rows.append(storage_to_float32(np.ascontiguousarray(array[picked])))
+            importance = readers[names[0]].importance
+            self.batches.append((block_type(type_name), importance, spans, np.concatenate(rows)))
+
+    def __call__(self, order: np.ndarray | None) -> dict[str, float]:
+        errors = {}
+        for entry, importance, spans, rows in self.batches:
+            x = rows if order is None else np.ascontiguousarray(rows[:, order])
+            weights = None if importance is None else (importance if order is None else importance[order])
+            stored = entry.quantize_rows(x, weights if entry.uses_imatrix else None)
+            squares = (entry.dequantize_rows(stored, x.shape[1]) - x) ** 2
+            per_row = (squares if weights is None else squares * weights).sum(axis=1, dtype=np.float64)
+            for name, first, count in spans:
+                errors[name] = float(per_row[first : first + count].sum())
+        return errors
+
+
+def search_order(
+    readers: Mapping[str, Reader],
+    start: np.ndarray,
+    scores: np.ndarray,
+    block: int,
+    settings: SearchSettings,
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """From the column order ``start``, ``settings.budget`` proposed swaps between blocks of
+    ``block`` columns, half of them moving one of the highest-``scores`` columns into the
+    block of the highest one (in place of one of its other columns), half between random
+    positions.  Returns the order reached and the swaps kept (position pairs, in order)."""
+    width = start.size
+    if settings.budget == 0 or width // block < 2:
+        return start, []
+    rng = np.random.default_rng(settings.seed)
+    sampled = _SampledErrors(readers, settings.sample_rows, rng)
+    identity = sampled(None)
+    order = np.array(start, dtype=np.int64)
+    position = np.empty(width, dtype=np.int64)
+    position[order] = np.arange(width)
+    current = relative_total(sampled(order), identity)
+    scores = np.asarray(scores, dtype=np.float64)
+    ranked = np.argsort(-scores, kind="stable")
+    top = ranked[: min(width, block)]
+    leading = np.zeros(width, dtype=bool)
+    leading[top] = True
+    kept: list[tuple[int, int]] = []
+    for _ in range(settings.budget):
+        if rng.random() < 0.5:
+            # gather: one of the leading columns into the block of the leading column (or of the
+            # second, for the leading one itself), in place of one of its ordinary columns
+            column = top[rng.integers(top.size)]
+            a = position[column]
+            target = position[ranked[1] if column == ranked[0] else ranked[0]] // block
+            ordinary = np.flatnonzero(~leading[order[target * block : (target + 1) * block]])
+            if a // block == target or not ordinary.size:
+                continue
+            b = target * block + int(ordinary[rng.integers(ordinary.size)])
+        else:
+            a, b = int(rng.integers(width)), int(rng.integers(width))
+        if a // block == b // block:
+            continue
+        order[[a, b]] = order[[b, a]]
+        errors = sampled(order)
+        value = relative_total(errors, identity)
+        if value < current and all(errors[n] <= identity[n] for n in errors):
+            current = value
+            position[order[a]], position[order[b]] = a, b
+            kept.append((a, b))
+        else:
+            order[[a, b]] = order[[b, a]]
+    return order, kept
+
+
+def undo_until(order: np.ndarray, kept: list[tuple[int, int]], acceptable) -> tuple[np.ndarray, int]:
+    """``order`` with the kept swaps undone, last first, until ``acceptable(order)`` holds (a
+    sample can mislead: whole matrices are the judge).  Returns the order and the swaps left."""
+    order = order.copy()
+    left = len(kept)
+    while left and not acceptable(order):
+        a, b = kept[left - 1]
+        order[[a, b]] = order[[b, a]]
+        left -= 1
+    return order, left
