@@ -85,6 +85,7 @@ def summarize(result: QuantizationResult) -> dict[str, object]:
         "threshold_failures": [f.as_dict() for f in result.failures],
         "elapsed_s": round(result.elapsed_s, 3),
         **({"gguf": result.container} if result.container is not None else {}),
+        **({"residual_stream": result.residual} if result.residual is not None else {}),
     }
 
 
@@ -104,6 +105,8 @@ def build_report(result: QuantizationResult, model: str, settings: Mapping[str, 
     for r in result.tensors:
         entry = r.manifest_entry().model_dump(exclude={"files"})
         entry["seconds"] = round(r.seconds, 4)
+        if r.permutation_gain_db is not None:
+            entry["permutation_gain_db"] = "inf" if r.permutation_gain_db == math.inf else round(r.permutation_gain_db, 4)
         if r.quantized:
             entry["threshold_failed"] = r.name in failed
         tensors[r.name] = entry

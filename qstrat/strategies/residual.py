@@ -188,25 +188,27 @@ class ResidualStreamStrategy(QuantizationStrategy):
         identity = {name: error(name, reader.array, None) for name, reader in readers.items()}
         best, best_score, best_errors = None, float(len(readers)), identity
         rejected: dict[str, str] = {}
+        closest, closest_score = None, float(len(readers))  # the most gain, worse for some reader or not
         for label, order in candidates.items():
             if np.array_equal(order, np.arange(width)):
                 rejected[label] = "is the identity"
                 continue
             errors = {name: error(name, reader.array, order) for name, reader in readers.items()}
+            score = relative_total(errors, identity)
+            if score < closest_score:
+                closest, closest_score = label, score
             worse = sorted(n for n in readers if errors[n] > identity[n])
             if worse:
                 rejected[label] = f"worse than identity for {len(worse)} of {len(readers)} tensors (first: {worse[0]})"
-                continue
-            score = relative_total(errors, identity)
-            if score < best_score:
+            elif score < best_score:
                 if best is not None:
                     rejected[best] = "less gain"
                 best, best_score, best_errors = label, score, errors
             else:
                 rejected[label] = "less gain"
         if self.search.budget:
-            start = candidates[best] if best is not None else np.arange(width)
-            order, kept = search_order(readers, start, energy, scale_group, self.search)
+            origin = closest or "identity"
+            order, kept = search_order(readers, candidates[closest] if closest else np.arange(width), energy, scale_group, self.search)
             measured: dict[int, dict[str, float]] = {}
 
             def acceptable(order: np.ndarray) -> bool:
@@ -214,13 +216,18 @@ class ResidualStreamStrategy(QuantizationStrategy):
                 measured[id(order)] = errors
                 return all(errors[n] <= identity[n] for n in readers) and relative_total(errors, identity) < best_score
 
-            order, left = undo_until(order, kept, acceptable)
-            label = f"search from {best or 'identity'} ({left} of {self.search.budget} swaps kept)"
-            if left:
+            # from a start no reader finds worse, a swap too many can be taken back
+            order, left = undo_until(order, kept, acceptable) if origin == best or origin == "identity" else (order, len(kept))
+            label = f"search from {origin} ({left} of {self.search.budget} swaps kept)"
+            if left and (id(order) in measured or acceptable(order)):
                 if best is not None:
-                    rejected[best] = "less gain than the search from it"
+                    rejected[best] = "less gain than the search"
                 candidates[label] = order
                 best, best_errors = label, measured[id(order)]
+            elif left:
+                worse = sorted(n for n in readers if measured[id(order)][n] > identity[n])
+                rejected[label] = (f"worse than identity on all rows for {len(worse)} of {len(readers)} tensors (first: {worse[0]})"
+                                   if worse else "less gain than a candidate")
             else:
                 rejected[label] = "no swap lowered the error of every tensor on all its rows"
         if best is None:

@@ -3,8 +3,9 @@
 Candidate orders (identity, by norm, ...) are a start; swaps of columns between blocks then
 lower the error of every matrix that reads those columns, measured by quantizing a seeded
 sample of their rows in their own block types (with their importance vectors, through the
-registry's kernels) after each swap.  A swap is kept only when the sum of the errors relative to identity's falls and no
-matrix is worse than identity: the result can be judged on every row afterwards.
+registry's kernels) after each swap.  Swaps first take away any excess over identity's error of a matrix the start makes
+worse, then lower the sum of the errors relative to identity's; the result is judged on every
+row afterwards, and kept only if no matrix is worse than under identity.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 
 
 #: rows per matrix the search quantizes after each swap (a seeded sample; whole matrices are judged after)
-DEFAULT_SAMPLE_ROWS = 32
+DEFAULT_SAMPLE_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,11 @@ class SearchSettings:
 def relative_total(errors: Mapping[str, float], identity: Mapping[str, float]) -> float:
     """Sum over matrices of error / identity's error (a matrix quantized exactly counts 1)."""
     return sum(1.0 if identity[n] == 0 else errors[n] / identity[n] for n in errors)
+
+
+def excess(errors: Mapping[str, float], identity: Mapping[str, float]) -> float:
+    """How far matrices are worse than under identity: the sum of their relative excess errors."""
+    return sum(0.0 if identity[n] == 0 else max(0.0, errors[n] / identity[n] - 1.0) for n in errors)
 
 
 @dataclass(frozen=True)
@@ -102,7 +108,9 @@ def search_order(
     """From the column order ``start``, ``settings.budget`` proposed swaps between blocks of
     ``block`` columns, half of them moving one of the highest-``scores`` columns into the
     block of the highest one (in place of one of its other columns), half between random
-    positions.  Returns the order reached and the swaps kept (position pairs, in order)."""
+    positions.  A swap is kept when it lowers the excess error over identity's of the matrices
+    that ``start`` makes worse, or, with no more excess, the error relative to identity's.
+    Returns the order reached and the swaps kept (position pairs, in order)."""
     width = start.size
     if settings.budget == 0 or width // block < 2:
         return start, []
@@ -112,7 +120,8 @@ def search_order(
     order = np.array(start, dtype=np.int64)
     position = np.empty(width, dtype=np.int64)
     position[order] = np.arange(width)
-    current = relative_total(sampled(order), identity)
+    first = sampled(order)
+    current = (excess(first, identity), relative_total(first, identity))
     scores = np.asarray(scores, dtype=np.float64)
     ranked = np.argsort(-scores, kind="stable")
     top = ranked[: min(width, block)]
@@ -136,8 +145,9 @@ def search_order(
             continue
         order[[a, b]] = order[[b, a]]
         errors = sampled(order)
-        value = relative_total(errors, identity)
-        if value < current and all(errors[n] <= identity[n] for n in errors):
+        # first less excess over identity (from a start that is worse for some matrix), then less error
+        value = (excess(errors, identity), relative_total(errors, identity))
+        if value < current:
             current = value
             position[order[a]], position[order[b]] = a, b
             kept.append((a, b))

@@ -1,0 +1,140 @@
+"""residual_stream: one permutation of the hidden dimension folded into the whole model.
+
+llama.cpp judges the Llama GGUF (in a subprocess, as in test_llama_gguf.py); qstrat's numpy
+BERT forward judges all-MiniLM-L6-v2.  Every reader's error is compared with a run without the
+permutation, tensor by tensor."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import qstrat
+from qstrat.bert import SENTENCES, hidden_states, tokenize
+from qstrat.errors import ConfigError
+from qstrat.export import dequantize_to_safetensors
+from qstrat.io.safetensors import SafetensorsModel, map_tensor
+from qstrat.model import QuantizedModel, as_directory
+from qstrat.pipelines.run import quantize_model
+from qstrat.reference import minilm_model_dir
+from qstrat.runconfig import RunConfig
+from qstrat.strategies import StrategyChain
+from qstrat.strategies.residual import balanced_order, residual_axis
+from qstrat.synthetic import LlamaShape, hf_config, llama_tensors, write_model
+from tests.forward import llama_forward
+from tests.test_llama_gguf import QUANTIZED_TOLERANCE, TOKENS, probe, relative_error
+
+#: 8 blocks of Q8_0 per row of the hidden dimension: room for the search to move columns
+SHAPE = LlamaShape(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2)
+SEARCH = {"name": "residual_stream", "budget": 150, "sample_rows": 128}
+
+
+def run(model_dir, out, strategies, **settings):
+    config = RunConfig.build({"validation": {"stages": ["weight_error"]}, "strategies": strategies, **settings}, "test")
+    return quantize_model(model_dir, config, out)
+
+
+def sqnr(result) -> dict[str, float]:
+    return {r.name: r.metrics.sqnr_db for r in result.tensors if r.quantized}
+
+
+def test_which_axis_carries_the_stream():
+    assert residual_axis("model.layers.3.self_attn.q_proj.weight") == 1
+    assert residual_axis("model.layers.3.self_attn.q_proj.bias") is None  # head dimensions
+    assert residual_axis("model.layers.3.self_attn.o_proj.weight") == 0
+    assert residual_axis("model.layers.3.mlp.down_proj.weight") == 0
+    assert residual_axis("model.layers.3.post_attention_layernorm.weight") == 0
+    assert residual_axis("lm_head.weight") == residual_axis("model.embed_tokens.weight") == 1
+    assert residual_axis("blk.0.ffn_down.weight") == 0 and residual_axis("blk.0.attn_k.weight") == 1
+    assert residual_axis("encoder.layer.1.attention.output.LayerNorm.bias") == 0
+    assert residual_axis("embeddings.token_type_embeddings.weight") == 1
+    assert residual_axis("encoder.layer.1.intermediate.dense.bias") is None
+    with pytest.raises(ConfigError, match="model.layers.0.mystery.weight"):
+        residual_axis("model.layers.0.mystery.weight")
+
+
+def test_it_combines_only_with_function_preserving_strategies():
+    StrategyChain(["residual_stream", "mlp_joint", "head_order", "identity"])
+    with pytest.raises(ConfigError, match="not with l2_norm"):
+        StrategyChain(["residual_stream", "l2_norm"])
+    with pytest.raises(ConfigError, match="budget"):
+        StrategyChain([{"name": "residual_stream", "budget": -1}])
+
+
+def test_balanced_order_deals_each_block_a_share():
+    order = np.arange(64)[::-1]
+    dealt = balanced_order(order, 16)
+    assert sorted(dealt) == list(range(64))
+    assert [max(dealt[b * 16:(b + 1) * 16]) for b in range(4)] == [63, 62, 61, 60]
+
+
+def test_unknown_tensors_stop_the_plan(tmp_path):
+    tensors = llama_tensors(SHAPE, seed=3)
+    tensors["model.layers.0.adapter.weight"] = np.ones((4, SHAPE.hidden_size), np.float32)
+    model_dir = write_model(tmp_path / "odd", tensors, dtype="F32", config=hf_config(SHAPE))
+    with pytest.raises(ConfigError, match="adapter"):
+        run(model_dir, tmp_path / "out", ["residual_stream"], format="q8_0")
+
+
+@pytest.fixture(scope="module")
+def llama_runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("residual")
+    model_dir = write_model(base / "tiny", llama_tensors(SHAPE, seed=3), dtype="BF16", config=hf_config(SHAPE))
+    plain = run(model_dir, base / "plain", ["mlp_joint", "head_order", "identity"], format="q8_0")
+    folded = run(model_dir, base / "folded", [SEARCH, "mlp_joint", "head_order", "identity"], format="q8_0")
+    return model_dir, base, plain, folded
+
+
+def test_the_folded_model_runs_in_llama_cpp_with_the_source_function(llama_runs):
+    model_dir, base, plain, folded = llama_runs
+    assert folded.residual["order"].startswith("search"), folded.residual  # not the identity
+    with as_directory(base / "folded") as directory:  # the GGUF container, unpacked
+        stored = QuantizedModel(directory)
+        perm, axis = stored.residual_permutation("model.layers.0.mlp.gate_proj.weight")
+        assert axis == 1 and not np.array_equal(perm, np.arange(SHAPE.hidden_size))
+        assert stored.residual_permutation("model.norm.weight")[1] == 0
+        assert stored.joint_permutation("model.layers.0.mlp.gate_proj.weight")[1] == 0  # mlp_joint's, the other axis
+    logits, _ = probe(base / "folded" / "tiny.gguf")
+    # the weights in their source layout (both permutations undone) compute what llama.cpp computes
+    # from the permuted file: the permutation is folded in without changing the function
+    held = llama_forward(qstrat.load_model(base / "folded", original=True), SHAPE, np.array(TOKENS))
+    assert relative_error(logits, held) < QUANTIZED_TOLERANCE["q8_0"], relative_error(logits, held)
+    # the stored (permuted) weights, through the same forward, are the same model
+    permuted = llama_forward(qstrat.load_model(base / "folded"), SHAPE, np.array(TOKENS))
+    assert relative_error(permuted, held) < 1e-9
+    # `qstrat dequantize` writes the source layout too
+    with as_directory(base / "folded") as directory:
+        dequantize_to_safetensors(directory, base / "source.safetensors")
+    written = {i.name: np.asarray(map_tensor(i)) for i in SafetensorsModel(base / "source.safetensors") if i.dtype == "F32"}
+    original = qstrat.load_model(base / "folded", original=True)
+    assert len(written) > 12 and all(np.array_equal(written[n], original[n]) for n in written)
+
+
+def test_no_reader_is_worse_than_without_the_permutation(llama_runs):
+    _, _, plain, folded = llama_runs
+    before, after = sqnr(plain), sqnr(folded)
+    readers = {r.name for r in folded.tensors if r.residual_axis == 1 and r.quantized}
+    assert len(readers) == 2 * 5 + 2  # q, k, v, gate, up per layer; the embeddings and the output head
+    assert all(after[n] >= before[n] for n in readers), {n: after[n] - before[n] for n in readers}
+    assert np.mean([after[n] - before[n] for n in readers]) > 0.05
+    gains = {r.name: r.permutation_gain_db for r in folded.tensors if r.name in readers}
+    assert all(g is not None and g >= 0 for g in gains.values()), gains
+    report = json.loads((llama_runs[1] / "folded" / "report.json").read_text())
+    assert report["summary"]["residual_stream"]["order"] == folded.residual["order"]
+
+
+def test_bert_through_the_numpy_forward(tmp_path):
+    model_dir = minilm_model_dir()
+    result = run(model_dir, tmp_path / "out", [{"name": "residual_stream", "budget": 200, "sample_rows": 512}], format="q8_0")
+    assert result.residual["tensors"] > 50 and result.residual["order"] != "identity", result.residual
+    config = json.loads((model_dir / "config.json").read_text())
+    ids, mask = tokenize(model_dir / "tokenizer.json", SENTENCES[:4])
+    stored = qstrat.load_model(tmp_path / "out")
+    original = qstrat.load_model(tmp_path / "out", original=True)
+    with as_directory(tmp_path / "out") as directory:
+        perm = QuantizedModel(directory).residual_permutation("embeddings.LayerNorm.weight")[0]
+    # the permuted model's last hidden state is the original's, its features in the stream's order
+    np.testing.assert_allclose(hidden_states(stored, config, ids, mask), hidden_states(original, config, ids, mask)[..., perm], atol=2e-5)
