@@ -123,6 +123,26 @@ def balanced_order(order: np.ndarray, block: int) -> np.ndarray:
     return np.concatenate([order[target == b] for b in range(blocks)])
 
 
+def gathered_order(scores: np.ndarray, count: int, block: int) -> np.ndarray:
+    """Identity, except that the ``count`` highest-scoring columns (at most a block's worth) move
+    into the block of ``block`` columns that holds the highest, each in place of one of its
+    lowest-scoring other columns: outliers shared by the readers then widen one block's scale
+    instead of several, and every other column stays where it was."""
+    width = scores.size
+    order = np.arange(width)
+    ranked = descending_order(scores)
+    count = min(count, block, width)
+    top = ranked[:count]
+    target = np.arange(ranked[0] // block * block, min(width, ranked[0] // block * block + block))
+    leading = np.zeros(width, dtype=bool)
+    leading[top] = True
+    outside = top[(top < target[0]) | (top > target[-1])]
+    ordinary = target[~leading[target]]
+    vacate = ordinary[np.argsort(scores[ordinary], kind="stable")][: outside.size]
+    order[vacate], order[outside] = outside, vacate
+    return order
+
+
 class ResidualStreamStrategy(QuantizationStrategy):
     """Permute the hidden dimension of the whole model (see the module's docstring).
 
@@ -164,8 +184,8 @@ class ResidualStreamStrategy(QuantizationStrategy):
     def choose(self, readers: Mapping[str, Reader], error: SquaredError, block: int, scale_group: int) -> ResidualChoice:
         """The order of the hidden dimension for ``readers`` (their columns are the stream):
         among identity, descending column energy (each reader's share, summed),
-        importance-weighted energy (with an imatrix) and the energy order dealt over blocks of
-        ``block`` columns, the one with the least error relative to identity summed over the
+        importance-weighted energy (with an imatrix), the energy order dealt over blocks of
+        ``block`` columns and the highest-energy columns gathered into one block, the one with the least error relative to identity summed over the
         readers, among those that leave no reader worse than identity; then, with a budget, the
         local search from it (search.py), swapping columns between groups of ``scale_group``
         columns that share a scale.  ``error`` measures a reader on all its rows."""
@@ -183,6 +203,8 @@ class ResidualStreamStrategy(QuantizationStrategy):
                 weighted += scaled / max(scaled.sum(), np.finfo(np.float64).tiny)
         by_energy = descending_order(energy)
         candidates: dict[str, np.ndarray] = {"energy": by_energy, "balanced": balanced_order(by_energy, block)}
+        for count in sorted({max(1, block // 8), max(1, block // 4), max(1, block // 2), block}):
+            candidates[f"gathered {count}"] = gathered_order(energy, count, block)
         if weighted.any():
             candidates["importance"] = descending_order(weighted)
         identity = {name: error(name, reader.array, None) for name, reader in readers.items()}

@@ -60,16 +60,44 @@ class Reader:
     importance: np.ndarray | None = None
 
 
+@dataclass
+class _Batch:
+    """Sampled rows (float32, source column order) of the matrices that one quantizer call serves,
+    and each row's error per block under the order committed last."""
+
+    entry: object  # qstrat.formats.BlockType
+    importance: np.ndarray | None
+    spans: list[tuple[str, int, int]]  # (matrix, first row, rows)
+    rows: np.ndarray
+    block_errors: np.ndarray | None = None
+
+    def errors_of(self, order: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+        """(rows, len(blocks)) squared errors of those blocks of ``order``."""
+        size = self.entry.block_size
+        columns = order.reshape(-1, size)[blocks].reshape(-1)
+        x = np.ascontiguousarray(self.rows[:, columns])
+        weights = None if self.importance is None else np.ascontiguousarray(self.importance[columns])
+        stored = self.entry.quantize_rows(x, weights if self.entry.uses_imatrix else None)
+        squares = (self.entry.dequantize_rows(stored, x.shape[1]) - x) ** 2
+        if weights is not None:
+            squares *= weights
+        return squares.reshape(x.shape[0], blocks.size, size).sum(axis=2, dtype=np.float64)
+
+    def totals(self, block_errors: np.ndarray) -> dict[str, float]:
+        per_row = block_errors.sum(axis=1)
+        return {name: float(per_row[first : first + count].sum()) for name, first, count in self.spans}
+
+
 class _SampledErrors:
-    """Squared errors of seeded row samples under a column order, one quantizer call per block
-    type for all the matrices of that type without importance vectors (calls cost more than
-    these small samples)."""
+    """Squared errors of seeded row samples under a column order.  One quantizer call serves
+    all the matrices of a block type without importance vectors (calls cost more than these
+    small samples), and a swap re-quantizes only the two blocks it touches in each."""
 
     def __init__(self, readers: Mapping[str, Reader], sample_rows: int, rng: np.random.Generator) -> None:
         from qstrat.blocks import storage_to_float32
         from qstrat.formats import block_type
 
-        self.batches: list[tuple[object, np.ndarray | None, list[tuple[str, int, int]], np.ndarray]] = []
+        self.batches: list[_Batch] = []
         grouped: dict[tuple[str, int], list[str]] = {}
         for name in sorted(readers):
             reader = readers[name]
@@ -82,20 +110,39 @@ class _SampledErrors:
                 picked = np.sort(rng.choice(array.shape[0], min(sample_rows, array.shape[0]), replace=False))
                 spans.append((name, sum(r.shape[0] for r in rows), picked.size))
                 rows.append(storage_to_float32(np.ascontiguousarray(array[picked])))
-            importance = readers[names[0]].importance
-            self.batches.append((block_type(type_name), importance, spans, np.concatenate(rows)))
+            self.batches.append(_Batch(block_type(type_name), readers[names[0]].importance, spans, np.concatenate(rows)))
+        self._pending: list[np.ndarray | None] = []
 
-    def __call__(self, order: np.ndarray | None) -> dict[str, float]:
+    def reset(self, order: np.ndarray) -> dict[str, float]:
+        """Every matrix's error under ``order``, which becomes the committed one."""
         errors = {}
-        for entry, importance, spans, rows in self.batches:
-            x = rows if order is None else np.ascontiguousarray(rows[:, order])
-            weights = None if importance is None else (importance if order is None else importance[order])
-            stored = entry.quantize_rows(x, weights if entry.uses_imatrix else None)
-            squares = (entry.dequantize_rows(stored, x.shape[1]) - x) ** 2
-            per_row = (squares if weights is None else squares * weights).sum(axis=1, dtype=np.float64)
-            for name, first, count in spans:
-                errors[name] = float(per_row[first : first + count].sum())
+        for batch in self.batches:
+            batch.block_errors = batch.errors_of(order, np.arange(order.size // batch.entry.block_size))
+            errors.update(batch.totals(batch.block_errors))
         return errors
+
+    def swapped(self, order: np.ndarray, a: int, b: int) -> dict[str, float]:
+        """Every matrix's error under ``order``: the committed order with positions a and b swapped."""
+        errors = {}
+        self._pending = []
+        for batch in self.batches:
+            size = batch.entry.block_size
+            blocks = np.unique([a // size, b // size])
+            if blocks.size == 1:
+                self._pending.append(None)
+                errors.update(batch.totals(batch.block_errors))
+                continue
+            trial = batch.block_errors.copy()
+            trial[:, blocks] = batch.errors_of(order, blocks)
+            self._pending.append(trial)
+            errors.update(batch.totals(trial))
+        return errors
+
+    def commit(self) -> None:
+        """Make the order of the last ``swapped`` call the committed one."""
+        for batch, trial in zip(self.batches, self._pending):
+            if trial is not None:
+                batch.block_errors = trial
 
 
 def search_order(
@@ -116,11 +163,11 @@ def search_order(
         return start, []
     rng = np.random.default_rng(settings.seed)
     sampled = _SampledErrors(readers, settings.sample_rows, rng)
-    identity = sampled(None)
+    identity = sampled.reset(np.arange(width))
     order = np.array(start, dtype=np.int64)
     position = np.empty(width, dtype=np.int64)
     position[order] = np.arange(width)
-    first = sampled(order)
+    first = sampled.reset(order)
     current = (excess(first, identity), relative_total(first, identity))
     scores = np.asarray(scores, dtype=np.float64)
     ranked = np.argsort(-scores, kind="stable")
@@ -144,11 +191,12 @@ def search_order(
         if a // block == b // block:
             continue
         order[[a, b]] = order[[b, a]]
-        errors = sampled(order)
+        errors = sampled.swapped(order, a, b)
         # first less excess over identity (from a start that is worse for some matrix), then less error
         value = (excess(errors, identity), relative_total(errors, identity))
         if value < current:
             current = value
+            sampled.commit()
             position[order[a]], position[order[b]] = a, b
             kept.append((a, b))
         else:
