@@ -24,7 +24,7 @@ from qstrat.errors import (
     ValidationFailed,
 )
 from qstrat.interrupts import handle_stop_signals, ignore_stop_signals
-from qstrat.report import describe_container, describe_formats, describe_importance, summarize
+from qstrat.report import describe_container, describe_formats, describe_importance, describe_residual_choice, summarize
 from qstrat.results import QuantizationResult, TensorRecord
 from qstrat.strategies import STRATEGIES
 
@@ -111,6 +111,8 @@ def print_summary(result: QuantizationResult, imatrix: object = None) -> None:
     line = describe_importance(summarize(result), imatrix)
     if line is not None:
         print(line[0].upper() + line[1:] + ".", flush=True)
+    if result.residual is not None:
+        print(describe_residual_choice(result.residual), flush=True)
 
 
 def announce_first_compile() -> None:

@@ -89,6 +89,17 @@ def summarize(result: QuantizationResult) -> dict[str, object]:
     }
 
 
+def describe_residual_choice(residual: Mapping[str, object]) -> str:
+    """The line saying which order residual_stream chose and what it gained."""
+    if residual["order"] == "identity":
+        return (f"Residual stream: left in its order: no order tried was better for every one of the "
+                f"{residual['readers']} quantized matrices that read it (report.json: summary.residual_stream).")
+    gain = residual["mean_gain_db"]
+    measured = f"{gain:+.2f} dB" if isinstance(gain, float) else "no gain"
+    return (f"Residual stream ({residual['tensors']} tensors permuted): order {residual['order']}; "
+            f"{measured} mean weight SQNR over the {residual['readers']} quantized matrices that read it, none worse than without.")
+
+
 def describe_container(container: Mapping[str, object]) -> list[str]:
     """Lines saying what a run's GGUF file is: a model llama.cpp runs, or not and why; then its notes."""
     if container["llama_cpp"]:
