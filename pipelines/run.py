@@ -62,7 +62,7 @@ from qstrat.report import preload_plotting, write_reports
 from qstrat.results import QuantizationResult, TensorRecord, ThresholdFailure
 from qstrat.runconfig import RunConfig
 from qstrat.strategies import Permutation
-from qstrat.strategies.search import Reader
+from qstrat.strategies.search import Reader, scale_group
 
 ProgressCallback = Callable[[list[TensorRecord], int], None]  # records, bytes of input done
 
@@ -236,11 +236,9 @@ def choose_residual(model: SafetensorsModel, plan: Plan, variant: str) -> Plan:
         array = map_tensor(job.info).view(KERNEL_STORAGE[job.info.dtype])
         check_finite(array, name)
         arrays[name] = Reader(array, "q8_k" if writes_q8k(job.choice) else job.choice.type_name, job.importance)
-    block = max((QK_K if writes_q8k(job.choice) else block_type(job.choice.type_name).block_size for job in readers.values()), default=QK_K)
-    # K-quants scale sub-blocks of 16 or 32 values inside their 256: moving a column between two
-    # of them matters; Q8K has one scale per 256
-    scale_group = QK_K if all(writes_q8k(job.choice) for job in readers.values()) else min(block, 32)
-    choice = plan.residual.strategy.choose(arrays, error_measure(readers.values(), variant), block, scale_group)
+    block = max((block_type(reader.type_name).block_size for reader in arrays.values()), default=QK_K)
+    group = scale_group(reader.type_name for reader in arrays.values())
+    choice = plan.residual.strategy.choose(arrays, error_measure(readers.values(), variant), block, group)
     return plan.with_residual(choice)
 
 

@@ -26,7 +26,8 @@ from qstrat.io.qblock import SUFFIX as QBLK_SUFFIX, write_blocks
 from qstrat.io.safetensors import read_tensor
 from qstrat.matrix import QuantizedMatrix, TensorMetrics, quantize_matrix, quantize_matrix_as
 from qstrat.results import TensorRecord
-from qstrat.strategies import Permutation, SquaredError
+from qstrat.strategies import Permutation
+from qstrat.strategies.search import Reader
 from qstrat.validation import (
     ValidationSettings,
     check_roundtrip,
@@ -86,18 +87,32 @@ def _quantized(
     return quantize_matrix_as(storage, choice.type_name, row_perm, col_perm, **measuring)
 
 
-def error_measure(jobs: Iterable[TensorJob], variant: str) -> SquaredError:
-    """How a strategy measures a member's error: in the type the member is written in, weighted
-    by its importance vector when the run has an imatrix."""
-    members = {m.info.name: m for m in jobs}
+class ErrorMeasure:
+    """How a strategy measures a member's error (a :data:`SquaredError`): in the type the member is
+    written in, weighted by its importance vector when the run has an imatrix; ``reader`` gives
+    what a search needs to measure it itself."""
 
-    def squared_error(name: str, storage: np.ndarray, col_perm: np.ndarray | None) -> float:
-        member = members.get(name)
-        choice = (member.choice if member else None) or TensorChoice("q8_k", None)  # not quantized: as the original tool
+    def __init__(self, jobs: Iterable[TensorJob], variant: str) -> None:
+        self.members = {m.info.name: m for m in jobs}
+        self.variant = variant
+
+    def _choice(self, name: str) -> TensorChoice:
+        member = self.members.get(name)
+        return (member.choice if member else None) or TensorChoice("q8_k", None)  # not quantized: as the original tool
+
+    def __call__(self, name: str, storage: np.ndarray, col_perm: np.ndarray | None) -> float:
+        member = self.members.get(name)
         importance = member.importance if member else None
-        return _quantized(storage, choice, variant, col_perm=col_perm, tensor_name=name, importance=importance).chosen_error
+        return _quantized(storage, self._choice(name), self.variant, col_perm=col_perm, tensor_name=name, importance=importance).chosen_error
 
-    return squared_error
+    def reader(self, name: str, storage: np.ndarray) -> Reader:
+        member = self.members.get(name)
+        choice = self._choice(name)
+        return Reader(storage, "q8_k" if writes_q8k(choice) else choice.type_name, member.importance if member else None)
+
+
+def error_measure(jobs: Iterable[TensorJob], variant: str) -> ErrorMeasure:
+    return ErrorMeasure(jobs, variant)
 
 
 @dataclass
@@ -176,6 +191,7 @@ def _quantize_members(
             joint_group=job.group_id if kind == "joint" and permutation is not None else None,
             joint_axis=permutation.axis if kind == "joint" and permutation is not None else None,
             residual_axis=member.residual.axis if member.residual is not None else None,
+            permutation_gain_db=permutation.gain_db if permutation is not None and permutation.axis == 1 else None,
             files={},
             metrics=metrics,
             seconds=time.perf_counter() - begin + shared_seconds,

@@ -116,8 +116,6 @@ def build_report(result: QuantizationResult, model: str, settings: Mapping[str, 
     for r in result.tensors:
         entry = r.manifest_entry().model_dump(exclude={"files"})
         entry["seconds"] = round(r.seconds, 4)
-        if r.permutation_gain_db is not None:
-            entry["permutation_gain_db"] = "inf" if r.permutation_gain_db == math.inf else round(r.permutation_gain_db, 4)
         if r.quantized:
             entry["threshold_failed"] = r.name in failed
         tensors[r.name] = entry

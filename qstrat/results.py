@@ -15,6 +15,11 @@ if TYPE_CHECKING:
     from qstrat.io.manifest import TensorEntry
 
 
+def _json_gain(gain: float | None) -> float | str | None:
+    """A gain as JSON holds it (no infinity: "inf"), rounded: reruns must give identical manifests."""
+    return None if gain is None else ("inf" if gain == math.inf else round(gain, 4))
+
+
 @dataclass(frozen=True)
 class TensorRecord:
     """One tensor of the output: where it went and how well it was quantized."""
@@ -69,6 +74,7 @@ class TensorRecord:
             reason=None if quantized else entry.reason,
             fallback_from=entry.fallback_from if quantized else None,
             imatrix=entry.imatrix if quantized else None,
+            permutation_gain_db=(math.inf if entry.permutation_gain_db == "inf" else entry.permutation_gain_db) if quantized else None,
         )
 
     def manifest_entry(self) -> TensorEntry:
@@ -86,7 +92,7 @@ class TensorRecord:
         if self.quantized:
             metrics = Metrics(**self.metrics.as_dict()) if self.metrics else None
             return QuantizedEntry(storage=self.storage, strategy=self.strategy, metrics=metrics, fallback_from=self.fallback_from,
-                                  imatrix=self.imatrix, **common)
+                                  imatrix=self.imatrix, permutation_gain_db=_json_gain(self.permutation_gain_db), **common)
         return PassthroughEntry(storage="passthrough", reason=self.reason, **common)
 
 

@@ -138,3 +138,16 @@ def test_bert_through_the_numpy_forward(tmp_path):
         perm = QuantizedModel(directory).residual_permutation("embeddings.LayerNorm.weight")[0]
     # the permuted model's last hidden state is the original's, its features in the stream's order
     np.testing.assert_allclose(hidden_states(stored, config, ids, mask), hidden_states(original, config, ids, mask)[..., perm], atol=2e-5)
+
+
+def test_mlp_joint_search_never_loses_to_its_candidates(llama_runs, tmp_path):
+    model_dir = llama_runs[0]
+    plain = run(model_dir, tmp_path / "plain", ["mlp_joint", "identity"], format="q4_0")
+    searched = run(model_dir, tmp_path / "searched", [{"name": "mlp_joint", "budget": 100, "sample_rows": 128}, "identity"], format="q4_0")
+    downs = [f"model.layers.{i}.mlp.down_proj.weight" for i in range(SHAPE.num_hidden_layers)]
+    before, after = sqnr(plain), sqnr(searched)
+    assert all(after[n] >= before[n] for n in downs), {n: after[n] - before[n] for n in downs}
+    gains = {r.name: r.permutation_gain_db for r in searched.tensors if r.name in downs}
+    assert all(g is not None and g >= 0 for g in gains.values()), gains
+    manifest = json.loads((tmp_path / "searched" / "manifest.json").read_text())
+    assert [manifest["tensors"][n].get("permutation_gain_db") for n in downs] == [round(gains[n], 4) for n in downs]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
 import numpy as np
@@ -35,6 +35,15 @@ class Permutation:
 
     perm: np.ndarray
     axis: int  # 0: rows (output features), 1: columns (input features)
+    #: 10 log10(identity's error / this order's) of the tensor whose columns it moves, where measured
+    gain_db: float | None = field(default=None, compare=False)
+
+
+def gain_db(identity_error: float, error: float) -> float:
+    """10 log10(identity_error / error): what an order gains over no permutation."""
+    if error == identity_error:
+        return 0.0
+    return float("inf") if error == 0 else float(10 * np.log10(identity_error / error))
 
 
 class QuantizationStrategy(ABC):

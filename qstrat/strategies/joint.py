@@ -4,8 +4,9 @@ Permuting a hidden dimension consistently on both sides leaves the model's funct
 unchanged: the rows of the tensors that produce it and the columns of the tensor that
 consumes it move together.  Only the consumer's blocks change (a row permutation moves
 whole rows, and blocks never cross rows), so the order is chosen to minimise the
-consumer's actual Q8K error among a few candidate orders, identity included: a joint
-permutation never makes the model's quantization worse than none.
+consumer's actual error in its type among a few candidate orders, identity included, then
+(mlp_joint, with a ``budget``) improved by the local search of search.py: a joint permutation
+never makes the model's quantization worse than none.
 """
 
 from __future__ import annotations
@@ -23,15 +24,34 @@ from qstrat.strategies.base import (
     SquaredError,
     compile_patterns,
     descending_order,
+    gain_db,
 )
+from qstrat.strategies.search import DEFAULT_SAMPLE_ROWS, SearchSettings, scale_group, search_order
 
 
 def best_order(
-    name: str, consumer: np.ndarray, candidates: Sequence[np.ndarray | None], error: SquaredError
-) -> np.ndarray | None:
-    """The candidate column order with the least actual quantization error of ``consumer`` (first on ties)."""
+    name: str,
+    consumer: np.ndarray,
+    candidates: Sequence[np.ndarray | None],
+    error: SquaredError,
+    search: SearchSettings | None = None,
+    scores: np.ndarray | None = None,
+) -> tuple[np.ndarray | None, float]:
+    """The candidate column order with the least actual quantization error of ``consumer`` (first
+    on ties; ``candidates[0]`` is None, the identity), improved by the local search (search.py)
+    when ``search`` has a budget and ``error`` can give its reader; and its gain in dB over identity."""
     errors = [error(name, consumer, order) for order in candidates]
-    return candidates[int(np.argmin(errors))]
+    best = int(np.argmin(errors))
+    order, best_error = candidates[best], errors[best]
+    if search is not None and search.budget and hasattr(error, "reader"):
+        reader = error.reader(name, consumer)
+        start = np.arange(consumer.shape[1]) if order is None else order
+        found, kept = search_order({name: reader}, start, scores, scale_group([reader.type_name]), search)
+        if kept:
+            found_error = error(name, consumer, found)
+            if found_error < best_error:
+                order, best_error = found, found_error
+    return order, gain_db(errors[0], best_error)
 
 
 # -- mlp_joint ---------------------------------------------------------------------------------
@@ -55,10 +75,21 @@ class MlpJointStrategy(QuantizationStrategy):
     permutation_kind = "joint"
     per_tensor = False
 
-    def __init__(self, match: str | None = None, patterns: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        match: str | None = None,
+        patterns: Sequence[str] | None = None,
+        budget: int = 0,
+        seed: int = 0,
+        sample_rows: int = DEFAULT_SAMPLE_ROWS,
+    ) -> None:
         super().__init__(match)
         self.pattern_sources = tuple(patterns) if patterns else MLP_PATTERNS
         self.patterns = compile_patterns(self.pattern_sources, "strategy mlp_joint: patterns", {"block", "role", "param"})
+        self.search = SearchSettings.checked(self.name, budget, seed, sample_rows)
+
+    def describe(self) -> dict[str, object]:
+        return {**super().describe(), **self.search.describe()}
 
     def _recognise(self, name: str):
         for pattern in self.patterns:
@@ -99,10 +130,12 @@ class MlpJointStrategy(QuantizationStrategy):
         column_sq_norms(consumer, norms)
         amax = np.zeros(consumer.shape[1], dtype=np.float32)
         column_abs_max(consumer, amax)
-        order = best_order(consumer_name, consumer, [None, descending_order(norms), descending_order(amax)], error)
+        order, gain = best_order(
+            consumer_name, consumer, [None, descending_order(norms), descending_order(amax)], error, self.search, norms
+        )
         if order is None:
             return {name: None for name in tensors}
-        return {name: Permutation(order, 1 if name == consumer_name else 0) for name in tensors}
+        return {name: Permutation(order, 1, gain) if name == consumer_name else Permutation(order, 0) for name in tensors}
 
 
 # -- head_order --------------------------------------------------------------------------------
@@ -225,12 +258,12 @@ class HeadOrderStrategy(QuantizationStrategy):
             self._head_order(amax.reshape(heads, head_dim).max(axis=1).astype(np.float64)),
         ]
         expand = lambda order: (order[:, None] * head_dim + np.arange(head_dim)[None, :]).reshape(-1)  # noqa: E731
-        chosen = best_order(o_name, o, [None] + [expand(order) for order in head_orders], error)
+        chosen, gain = best_order(o_name, o, [None] + [expand(order) for order in head_orders], error)
         if chosen is None:
             return {name: None for name in tensors}
         query_heads = chosen[::head_dim] // head_dim
         kv_order = expand(query_heads[:: heads // kv_heads] // (heads // kv_heads))
         return {
-            name: Permutation(chosen, 1) if role == "o" else Permutation(chosen if role == "q" else kv_order, 0)
+            name: Permutation(chosen, 1, gain) if role == "o" else Permutation(chosen if role == "q" else kv_order, 0)
             for name, role in roles.items()
         }

@@ -21,7 +21,7 @@ import numpy as np
 
 from qstrat.errors import ConfigError
 from qstrat.kernels import column_sq_norms
-from qstrat.strategies.base import Candidate, Permutation, QuantizationStrategy, SquaredError, descending_order
+from qstrat.strategies.base import Candidate, Permutation, QuantizationStrategy, SquaredError, descending_order, gain_db
 from qstrat.strategies.search import DEFAULT_SAMPLE_ROWS, Reader, SearchSettings, relative_total, search_order, undo_until
 
 #: (pattern searched in a tensor's name, the axis that carries the residual stream, or None for
@@ -103,11 +103,7 @@ class ResidualChoice:
     def gain_db(self, name: str) -> float | None:
         """10 log10(identity's error / the chosen order's) for a reader."""
         before, after = self.identity_errors.get(name), self.chosen_errors.get(name)
-        if before is None or after is None:
-            return None
-        if after == before:
-            return 0.0
-        return float("inf") if after == 0 else float(10 * np.log10(before / after))
+        return None if before is None or after is None else gain_db(before, after)
 
 
 def balanced_order(order: np.ndarray, block: int) -> np.ndarray:

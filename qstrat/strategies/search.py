@@ -10,7 +10,7 @@ row afterwards, and kept only if no matrix is worse than under identity.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +39,18 @@ class SearchSettings:
 
     def describe(self) -> dict[str, int]:
         return {"budget": self.budget, "seed": self.seed, "sample_rows": self.sample_rows} if self.budget else {}
+
+
+def scale_group(type_names: Iterable[str]) -> int:
+    """Columns that share a scale in every one of these block types: 32 (a legacy block; K-quants
+    scale sub-blocks of 16 or 32 inside their 256), or 256 when all are Q8K (one scale per block).
+    A swap inside such a group changes no error, so the search swaps between groups."""
+    from qstrat.formats import block_type
+
+    names = list(type_names)
+    if names and all(n == "q8_k" for n in names):
+        return block_type("q8_k").block_size
+    return min(32, max((block_type(n).block_size for n in names), default=32))
 
 
 def relative_total(errors: Mapping[str, float], identity: Mapping[str, float]) -> float:
