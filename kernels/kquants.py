@@ -306,8 +306,9 @@ def _make_q3_quants(x, nmax, codes, w, wx, levels, moves):
     visits only the codes whose move GGML would try, in order; once a move is taken the sums
     change, and the later codes' proposals are computed again from the new sums.  Every test
     thus sees exactly the sums GGML's sequential loop sees.  Scratch: ``w``, ``wx`` float32,
-    ``levels``, ``moves`` int32, each of len(x); error_model numpy: a division by zero gives
-    IEEE's inf/NaN as in C (such proposals are never tried), not an exception."""
+    ``levels``, ``moves`` int32, each of len(x).  Inlined into _quantize_q3_k, compiled with
+    error_model numpy: a division by zero gives IEEE's inf/NaN as in C (such proposals are
+    never tried), not an exception, and the divisions need no per-lane check."""
     n = x.shape[0]
     extreme, amax = signed_extreme(x)
     if amax < GROUP_MAX_EPS:
