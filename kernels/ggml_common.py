@@ -79,56 +79,62 @@ def importance_weights(x, qw, sigma2, weight):
     return total
 
 
-@njit(cache=True, inline="always")
-def _qx_levels(xb, iscale, nmax, levels):
-    """levels[i] = float(MAX(-nmax, MIN(nmax - 1, nearest_int(iscale * xb[i])))), in int32 and
-    without branches: a vectorised pass, kept out of the sequential float sums (in one loop
-    with them, the scalar int -> float conversions cost more than twice the sums)."""
-    low = np.int32(-nmax)
-    high = np.int32(nmax - 1)
-    for i in range(xb.shape[0]):
-        bits = np.float32(iscale * xb[i] + ROUND_MAGIC).view(np.int32)
-        l = np.int32(np.int32(bits & np.int32(0x007FFFFF)) - np.int32(0x00400000))
-        levels[i] = np.float32(max(low, min(high, l)))
+# make_qx_quants' 19 trial scales (steps -9..9) side by side, padded to whole 8-float vectors
+_TRIALS = 19
+_LANES = 24
 
 
 @njit(cache=True)
 def make_qx_quants(xb, weight, nmax, codes):
-    """GGML's make_qx_quants with weights (rmse_type 1): codes[i] = l + nmax; returns d."""
+    """GGML's make_qx_quants with weights (rmse_type 1): codes[i] = l + nmax; returns d.
+
+    GGML tries 19 scales one after the other, each a sequential float32 sum over the group.
+    The sums of different trials do not depend on each other, so here they run side by side,
+    one trial per vector lane (lane s: step s - 9, the first try being step 0): each lane still
+    adds its terms one after the other in GGML's order, so every sum is bit for bit GGML's, but
+    the 19 dependency chains overlap instead of following each other.  The trials are then
+    compared in GGML's order."""
     n = xb.shape[0]
     extreme, amax = signed_extreme(xb)
     if amax < GROUP_MAX_EPS:
         codes[:n] = 0
         return np.float32(0.0)
-    levels = np.empty(n, dtype=np.float32)
     fmax = np.float32(nmax)
-    iscale = -fmax / extreme
-    _qx_levels(xb, iscale, nmax, levels)
-    sumlx = np.float32(0.0)
-    suml2 = np.float32(0.0)
-    for i in range(n):
-        fl = levels[i]
-        codes[i] = np.int64(fl) + nmax
-        sumlx += weight[i] * xb[i] * fl
-        suml2 += weight[i] * fl * fl
+    low = np.int32(-nmax)
+    high = np.int32(nmax - 1)
+    lanes = np.empty((3, _LANES), dtype=np.float32)  # per trial: inverse scale, sum l*w*x, sum l*l*w
+    for s in range(U64(_LANES)):
+        step = np.float32(np.int32(min(s, U64(_TRIALS - 1)))) - np.float32(9.0)  # padding repeats step 9
+        lanes[0, s] = -(fmax + np.float32(0.1) * step) / extreme  # step 0: -nmax / max, as GGML's first try
+        lanes[1, s] = np.float32(0.0)
+        lanes[2, s] = np.float32(0.0)
+    for i in range(U64(n)):
+        xi = xb[i]
+        wi = weight[i]
+        wxi = wi * xi  # GGML's w*x[i]*l is (w*x[i])*l
+        for s in range(U64(_LANES)):  # no branch: vectorised across the trials
+            bits = np.float32(lanes[0, s] * xi + ROUND_MAGIC).view(np.int32)
+            l = np.int32(np.int32(bits & np.int32(0x007FFFFF)) - np.int32(0x00400000))
+            fl = np.float32(max(low, min(high, l)))
+            lanes[1, s] += wxi * fl
+            lanes[2, s] += wi * fl * fl
+    sumlx = lanes[1, 9]
+    suml2 = lanes[2, 9]
     scale = sumlx / suml2 if suml2 != np.float32(0.0) else np.float32(0.0)
     best = scale * sumlx
-    for step in range(-9, 10):
-        if step == 0:
+    pick = 9
+    for s in range(_TRIALS):
+        if s == 9:
             continue
-        iscale = -(fmax + np.float32(0.1) * np.float32(step)) / extreme
-        _qx_levels(xb, iscale, nmax, levels)
-        sumlx = np.float32(0.0)
-        suml2 = np.float32(0.0)
-        for i in range(n):
-            fl = levels[i]
-            sumlx += weight[i] * xb[i] * fl
-            suml2 += weight[i] * fl * fl
+        sumlx = lanes[1, s]
+        suml2 = lanes[2, s]
         if suml2 > np.float32(0.0) and sumlx * sumlx > best * suml2:
-            for i in range(n):
-                codes[i] = np.int64(levels[i]) + nmax
             scale = sumlx / suml2
             best = scale * sumlx
+            pick = s
+    iscale = lanes[0, pick]
+    for i in range(n):
+        codes[i] = max(-nmax, min(nmax - 1, nearest_int(iscale * xb[i]))) + nmax
     return scale
 
 

@@ -16,6 +16,7 @@ sequential float32 sum stays sequential (numba neither contracts nor reassociate
 
 import numpy as np
 from numba import njit, prange
+from numba.cpython.unsafe.numbers import trailing_zeros
 from qstrat.kernels.ggml_common import (
     BLOCKS_PER_TASK,
     GROUP_MAX_EPS,
@@ -27,8 +28,8 @@ from qstrat.kernels.ggml_common import (
     signed_extreme,
     sum_squares,
 )
-from qstrat.kernels.half import load_half, store_half
-from qstrat.kernels.layout import QK_K
+from qstrat.kernels.half import ROUND_MAGIC, load_half, store_half
+from qstrat.kernels.layout import QK_K, U64
 
 # Kernel codes of the types; the registry (qstrat.formats) maps names to them.
 Q2_K = 0
@@ -177,15 +178,22 @@ def _weighted_scales_mins(xb, qw, sigma2, size, nmax, codes, aux, weight, scales
 
 
 @njit(cache=True, inline="always")
-def _requantize(xb, first, n, d, dm, low, high, codes):
-    """The values first..first + n quantized again against their stored scale ``d`` (and min
-    ``dm``), as every quantize_row_*_K does: codes = MAX(low, MIN(high, nearest_int((x + dm) / d))) - low.
+def _requantize(xb, j, parts, d, dm, low, high, codes):
+    """Sub-block j of ``parts`` in the block quantized again against its stored scale ``d`` (and
+    min ``dm``), as every quantize_row_*_K does: codes = MAX(low, MIN(high, nearest_int((x + dm) / d))) - low.
     A zero ``d`` leaves the codes of the scale search (C's ``if (!d) continue``; NaN goes on).
-    Types without minimums pass dm = -0.0: x + -0.0 is x, for -0.0 too."""
+    Types without minimums pass dm = -0.0: x + -0.0 is x, for -0.0 too.  The sub-block length
+    is taken from len(xb) at run time: with a constant 16 or 32 LLVM unrolls the loop into
+    scalar divisions instead of vectorising it."""
     if d == np.float32(0.0):
         return
-    for i in range(first, first + n):
-        codes[i] = max(low, min(high, nearest_int((xb[i] + dm) / d))) - low
+    n = U64(xb.shape[0] // parts)
+    low32 = np.int32(low)
+    high32 = np.int32(high)
+    for i in range(U64(j) * n, U64(j) * n + n):  # in int32 and unsigned indices: vectorised
+        bits = np.float32((xb[i] + dm) / d + ROUND_MAGIC).view(np.int32)  # nearest_int
+        l = np.int32(np.int32(bits & np.int32(0x007FFFFF)) - np.int32(0x00400000))
+        codes[i] = np.int64(max(low32, min(high32, l)) - low32)
 
 
 _NO_MIN = np.float32(-0.0)
@@ -215,7 +223,7 @@ def _quantize_q6_k(xb, qw, out, b, codes, weight, scales):
         out[b, _Q6_SCALES + ib] = np.uint8(_low_byte(min(127, nearest_int(iscale * scales[ib]))))
     for j in range(16):
         d = d_all * np.float32(_signed_byte(out[b, _Q6_SCALES + j]))
-        _requantize(xb, 16 * j, 16, d, _NO_MIN, -32, 31, codes)
+        _requantize(xb, j, 16, d, _NO_MIN, -32, 31, codes)
     for half in range(2):
         j = 128 * half
         ql = 64 * half
@@ -259,56 +267,91 @@ def _dequantize_q6_k(blocks, b, y):
 
 @njit(cache=True)
 def _pack_2bit(out, b, qs, codes):
-    """qs[32h + l] holds the codes of values 128h + l + 32g at bits 2g (g = 0..3)."""
+    """qs[32h + l] holds the low two bits of the codes of values 128h + l + 32g at bits 2g (g = 0..3)."""
     for h in range(2):
         for l in range(32):
             j = 128 * h + l
-            bits = codes[j] | (codes[j + 32] << 2) | (codes[j + 64] << 4) | (codes[j + 96] << 6)
+            bits = (codes[j] & 3) | ((codes[j + 32] & 3) << 2) | ((codes[j + 64] & 3) << 4) | ((codes[j + 96] & 3) << 6)
             out[b, qs + 32 * h + l] = np.uint8(_low_byte(bits))
 
 
-@njit(cache=True)
-def _make_q3_quants(x, nmax, codes):
+@njit(cache=True, inline="always")
+def _q3_moves(x, w, wx, levels, moves, sumlx, suml2, nmax):
+    """make_q3_quants' proposed move of every code from the sums as they stand: moves[i] =
+    MAX(-nmax, MIN(nmax - 1, nearest_int(x * sl2 / slx))), with slx and sl2 the sums without i.
+    Returns the bit mask of the i GGML would try (slx > 0 and a different code).  No branch:
+    the 16 divisions run as vectors."""
+    low = np.int32(-nmax)
+    high = np.int32(nmax - 1)
+    mask = np.uint32(0)
+    for i in range(U64(x.shape[0])):
+        li = np.float32(levels[i])
+        slx = sumlx - wx[i] * li
+        sl2 = suml2 - w[i] * li * li
+        bits = np.float32(x[i] * sl2 / slx + ROUND_MAGIC).view(np.int32)
+        new_l = max(low, min(high, np.int32(np.int32(bits & np.int32(0x007FFFFF)) - np.int32(0x00400000))))
+        moves[i] = new_l
+        mask |= np.uint32((slx > np.float32(0.0)) & (new_l != levels[i])) << np.uint32(i)
+    return mask
+
+
+@njit(cache=True, inline="always")
+def _make_q3_quants(x, nmax, codes, w, wx, levels, moves):
     """GGML's make_q3_quants with do_rmse: codes l + nmax, l in [-nmax, nmax - 1], weights x**2;
     up to five passes move single codes to the weighted least-squares optimum.  An all-zero
-    sub-block (|max| < 1e-15) gets codes 0, not nmax, as in GGML."""
+    sub-block (|max| < 1e-15) gets codes 0, not nmax, as in GGML.
+
+    GGML divides for every code of every pass although few codes move.  Here each pass first
+    computes every code's proposed move from the current sums at once (``_q3_moves``), then
+    visits only the codes whose move GGML would try, in order; once a move is taken the sums
+    change, and the later codes' proposals are computed again from the new sums.  Every test
+    thus sees exactly the sums GGML's sequential loop sees.  Scratch: ``w``, ``wx`` float32,
+    ``levels``, ``moves`` int32, each of len(x).  Inlined into _quantize_q3_k, compiled with
+    error_model numpy: a division by zero gives IEEE's inf/NaN as in C (such proposals are
+    never tried), not an exception, and the divisions need no per-lane check."""
     n = x.shape[0]
     extreme, amax = signed_extreme(x)
     if amax < GROUP_MAX_EPS:
         codes[:n] = 0
         return np.float32(0.0)
     iscale = np.float32(-nmax) / extreme
+    low = np.int32(-nmax)
+    high = np.int32(nmax - 1)
+    for i in range(U64(n)):
+        w[i] = x[i] * x[i]
+        wx[i] = w[i] * x[i]  # GGML's w*x[i]*l is (w*x[i])*l
+        bits = np.float32(iscale * x[i] + ROUND_MAGIC).view(np.int32)
+        levels[i] = max(low, min(high, np.int32(np.int32(bits & np.int32(0x007FFFFF)) - np.int32(0x00400000))))
     sumlx = np.float32(0.0)
     suml2 = np.float32(0.0)
-    for i in range(n):
-        l = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
-        codes[i] = l
-        w = x[i] * x[i]
-        fl = np.float32(l)
-        sumlx += w * x[i] * fl
-        suml2 += w * fl * fl
+    for i in range(U64(n)):
+        fl = np.float32(levels[i])
+        sumlx += wx[i] * fl
+        suml2 += w[i] * fl * fl
     for _ in range(5):
         changed = 0
-        for i in range(n):
-            w = x[i] * x[i]
-            li = np.float32(codes[i])
-            slx = sumlx - w * x[i] * li
-            if slx > np.float32(0.0):
-                sl2 = suml2 - w * li * li
-                new_l = max(-nmax, min(nmax - 1, nearest_int(x[i] * sl2 / slx)))
-                if new_l != codes[i]:
-                    fl = np.float32(new_l)
-                    slx += w * x[i] * fl
-                    sl2 += w * fl * fl
-                    if sl2 > np.float32(0.0) and slx * slx * suml2 > sumlx * sumlx * sl2:
-                        codes[i] = new_l
-                        sumlx = slx
-                        suml2 = sl2
-                        changed += 1
+        mask = _q3_moves(x, w, wx, levels, moves, sumlx, suml2, nmax)
+        while mask:
+            i = U64(trailing_zeros(mask))
+            mask &= mask - np.uint32(1)
+            li = np.float32(levels[i])
+            slx = sumlx - wx[i] * li
+            sl2 = suml2 - w[i] * li * li
+            fl = np.float32(moves[i])
+            slx += wx[i] * fl
+            sl2 += w[i] * fl * fl
+            if sl2 > np.float32(0.0) and slx * slx * suml2 > sumlx * sumlx * sl2:
+                levels[i] = moves[i]
+                sumlx = slx
+                suml2 = sl2
+                changed += 1
+                # the codes after i see the new sums
+                later = ~((np.uint32(2) << np.uint32(i)) - np.uint32(1))
+                mask = _q3_moves(x, w, wx, levels, moves, sumlx, suml2, nmax) & later
         if not changed:
             break
     for i in range(n):
-        codes[i] += nmax
+        codes[i] = levels[i] + nmax
     return sumlx / suml2 if suml2 > np.float32(0.0) else np.float32(0.0)
 
 
@@ -321,12 +364,14 @@ def _q3_scale(blocks, b, j):
     return low | (((np.int64(blocks[b, q + 8 + j % 4]) >> (2 * (j // 4))) & 3) << 4)
 
 
-@njit(cache=True)
-def _quantize_q3_k(xb, qw, out, b, codes, weight, scales, sw, ls):
+@njit(cache=True, error_model="numpy")
+def _quantize_q3_k(xb, qw, out, b, codes, weight, scales, sw, ls, lq):
     """quantize_row_q3_K_ref (qw None) / quantize_row_q3_K_impl."""
     if qw is None:
         for j in range(16):
-            scales[j] = _make_q3_quants(xb[16 * j : 16 * j + 16], 4, codes[16 * j : 16 * j + 16])
+            scales[j] = _make_q3_quants(
+                xb[16 * j : 16 * j + 16], 4, codes[16 * j : 16 * j + 16], weight[:16], weight[16:], lq[:16], lq[16:]
+            )
         max_scale, _ = signed_extreme(scales)
         for j in range(12):
             out[b, _Q3_SCALES + j] = 0
@@ -357,13 +402,14 @@ def _quantize_q3_k(xb, qw, out, b, codes, weight, scales, sw, ls):
         _or_byte(out, b, _Q3_SCALES + 8 + j % 4, (l >> 4) << (2 * (j // 4)))
     d_all = store_half(out, b, _Q3_D, d_block)
     for j in range(16):
-        _requantize(xb, 16 * j, 16, d_all * np.float32(_q3_scale(out, b, j) - 32), _NO_MIN, -4, 3, codes)
+        _requantize(xb, j, 16, d_all * np.float32(_q3_scale(out, b, j) - 32), _NO_MIN, -4, 3, codes)
+    # codes are 0..7: bit 2 goes to hmask (GGML's `if (L > 3) { hmask |= ...; L -= 4; }`),
+    # the low two bits to qs (_pack_2bit keeps only those); no data-dependent branch
     for m in range(32):
-        out[b, m] = 0
-    for j in range(QK_K):
-        if codes[j] > 3:
-            _or_byte(out, b, j % 32, 1 << (j // 32))
-            codes[j] -= 4
+        bits = np.int64(0)
+        for g in range(8):
+            bits |= ((codes[32 * g + m] >> 2) & 1) << g
+        out[b, m] = np.uint8(bits)
     _pack_2bit(out, b, _Q3_QS, codes)
 
 
@@ -391,7 +437,7 @@ def _quantize_q2_k(xb, qw, out, b, codes, aux, weight, scales, mins, sw, ls, lm)
     dmin_all = store_half(out, b, _Q2_DMIN, m_block)
     for j in range(16):
         sc = np.int64(out[b, j])
-        _requantize(xb, 16 * j, 16, d_all * np.float32(sc & 0xF), dmin_all * np.float32(sc >> 4), 0, 3, codes)
+        _requantize(xb, j, 16, d_all * np.float32(sc & 0xF), dmin_all * np.float32(sc >> 4), 0, 3, codes)
     _pack_2bit(out, b, _Q2_QS, codes)
 
 
@@ -484,7 +530,7 @@ def _quantize_q45_k(xb, qw, nmax, out, b, codes, aux, weight, scales, mins, sw, 
     dmin_all = store_half(out, b, _K4_DMIN, m_block)
     for j in range(8):
         sc, m = _scale_min_k4(out, b, j)
-        _requantize(xb, 32 * j, 32, d_all * np.float32(sc), dmin_all * np.float32(m), 0, nmax, codes)
+        _requantize(xb, j, 8, d_all * np.float32(sc), dmin_all * np.float32(m), 0, nmax, codes)
     if not five:
         for n in range(4):
             for l in range(32):
@@ -534,13 +580,13 @@ def _dequantize_q45_k(blocks, b, five, y):
 
 
 @njit(cache=True)
-def _quantize_block(xb, qtype, qw, out, b, codes, aux, weight, scales, mins, sw, ls, lm):
+def _quantize_block(xb, qtype, qw, out, b, codes, aux, weight, scales, mins, sw, ls, lm, lq):
     if qtype == Q6_K:
         _quantize_q6_k(xb, qw, out, b, codes, weight, scales)
     elif qtype == Q2_K:
         _quantize_q2_k(xb, qw, out, b, codes, aux, weight, scales, mins, sw, ls, lm)
     elif qtype == Q3_K:
-        _quantize_q3_k(xb, qw, out, b, codes, weight, scales, sw, ls)
+        _quantize_q3_k(xb, qw, out, b, codes, weight, scales, sw, ls, lq)
     elif qtype == Q4_K:
         _quantize_q45_k(xb, qw, 15, out, b, codes, aux, weight, scales, mins, sw, ls, lm)
     elif qtype == Q5_K:
@@ -570,16 +616,17 @@ def quantize_rows_kquants(x, qtype, out, quant_weights=None):
         sw = np.empty(16, dtype=np.float32)
         ls = np.empty(16, dtype=np.int64)
         lm = np.empty(16, dtype=np.int64)
+        lq = np.empty(32, dtype=np.int32)
         for b in range(task * BLOCKS_PER_TASK, min(n_blocks, (task + 1) * BLOCKS_PER_TASK)):
             start, bad = load_block(x, b, xb, out)
             if bad:
                 non_finite += 1
                 continue
             if quant_weights is None:
-                _quantize_block(xb, qtype, None, out, b, codes, aux, weight, scales, mins, sw, ls, lm)
+                _quantize_block(xb, qtype, None, out, b, codes, aux, weight, scales, mins, sw, ls, lm, lq)
             else:
                 _quantize_block(
-                    xb, qtype, quant_weights[start : start + QK_K], out, b, codes, aux, weight, scales, mins, sw, ls, lm
+                    xb, qtype, quant_weights[start : start + QK_K], out, b, codes, aux, weight, scales, mins, sw, ls, lm, lq
                 )
     return non_finite
 

@@ -156,20 +156,18 @@ def _quantize_block_ref(row, start, qk, qtype, out, b):
     qs = U64(QS_OFFSET[qtype])
     if qtype == Q4_0 or qtype == Q5_0:
         # GGML keeps the first value of largest magnitude, sign kept (+0 if all are zeros);
-        # it maps to -8 (-16)
-        if high > -low:
-            extreme = high
-        elif -low > high:
-            extreme = low
-        elif high == np.float32(0.0):
+        # it maps to -8 (-16).  A select, not a branch: which side wins is a coin toss per
+        # block, and mispredicting it cost more than the rest of the choice
+        extreme = high if high > -low else low
+        if high == -low:  # a tie: all zeros, or both +m and -m occur (rare)
             extreme = np.float32(0.0)
-        else:  # both +m and -m occur: rare
-            extreme = high
-            for j in range(U64(QK)):
-                v = finite_to_float32(row[start + j])
-                if abs(v) == high:
-                    extreme = v
-                    break
+            if high != np.float32(0.0):
+                extreme = high
+                for j in range(U64(QK)):
+                    v = finite_to_float32(row[start + j])
+                    if abs(v) == high:
+                        extreme = v
+                        break
         levels = np.float32(8.0) if qtype == Q4_0 else np.float32(16.0)
         d = extreme / -levels
         inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
