@@ -6,10 +6,10 @@ know about: after ``pip install .`` then ``pip install -e .``, the leftover ``qs
 directory became a namespace package that shadowed the editable install.  A read-only
 install could not cache at all.  So qstrat's kernels are cached under the user's cache
 directory (``$XDG_CACHE_HOME/qstrat`` or ``~/.cache/qstrat`` on Linux), or under
-``NUMBA_CACHE_DIR`` when the user set it (numba's own locator, which comes first).
-Entries are keyed by the kernels' location and by a digest of all their sources: numba itself
-checks only the stamp of the file that defines a kernel, not of the helpers it calls from the
-other kernel files, so an upgrade that changed only a helper would otherwise load stale code.
+``NUMBA_CACHE_DIR`` when the user set it.  Entries are keyed by the kernels' location and by a
+digest of all their sources: numba itself checks only the stamp of the file that defines a
+kernel, not of the helpers it calls from the other kernel files, so an upgrade (or an edit)
+that changed only a helper would otherwise load stale code, under ``NUMBA_CACHE_DIR`` too.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from numba.misc.appdirs import AppDirs
 # numba < 0.61 spells these with a leading underscore
 _UserWideLocator = getattr(caching, "UserWideCacheLocator", None) or caching._UserWideCacheLocator
 _CacheImpl = getattr(caching, "CacheImpl", None) or caching._CacheImpl
-_UserProvidedLocator = getattr(caching, "UserProvidedCacheLocator", None) or caching._UserProvidedCacheLocator
 
 # as numba sees the kernels' files (through the qstrat/kernels link in a checkout)
 _KERNELS_DIR = Path(os.path.abspath(__file__)).parent
@@ -58,7 +57,7 @@ def _cache_path(py_file: str) -> Path:
 
 def kernel_cache_dir() -> Path:
     """The directory holding the compiled kernels of this installation of qstrat (with
-    ``NUMBA_CACHE_DIR`` set, numba's own locator keeps them under it, in a subdirectory of its choosing)."""
+    ``NUMBA_CACHE_DIR`` set, that directory: they are kept in a subdirectory of it)."""
     if config.CACHE_DIR:
         return Path(config.CACHE_DIR)
     return _cache_path(str(_KERNELS_DIR / "q8k.py"))
@@ -80,11 +79,10 @@ class _KernelCacheLocator(_UserWideLocator):
 
 
 def install() -> None:
-    """Put the locator right after numba's NUMBA_CACHE_DIR one (idempotent)."""
+    """Put the locator first, before numba's NUMBA_CACHE_DIR one, which knows no source digest (idempotent)."""
     locators = _CacheImpl._locator_classes
     if _KernelCacheLocator not in locators:
-        after_user_provided = locators.index(_UserProvidedLocator) + 1 if _UserProvidedLocator in locators else 0
-        locators.insert(after_user_provided, _KernelCacheLocator)
+        locators.insert(0, _KernelCacheLocator)
 
 
 def kernels_compiled() -> bool:

@@ -39,8 +39,12 @@ def test_numba_cache_dir_is_honoured(tmp_path):
     env = {"XDG_CACHE_HOME": str(tmp_path / "unused"), "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
     result = run_cli("qstrat", "quantize", str(model), str(tmp_path / "a"), "--no-validation", env=env)
     assert result.returncode == 0, result.stderr
-    assert list((tmp_path / "numba").rglob("q8k.*.nbi"))
-    assert not (tmp_path / "unused" / "qstrat").exists()
+    indexes = list((tmp_path / "numba").rglob("q8k.*.nbi"))
+    assert indexes and not (tmp_path / "unused" / "qstrat").exists()
+    # keyed by the digest of every kernel source there too: an edited helper never loads stale code
+    from qstrat.kernels._jit_cache import _sources_digest
+
+    assert all(index.parent.name.endswith(_sources_digest()) for index in indexes), indexes
     assert "compiling the kernels" in result.stderr
     again = run_cli("qstrat", "quantize", str(model), str(tmp_path / "b"), "--no-validation", env=env)
     assert again.returncode == 0 and "compiling" not in again.stderr, again.stderr  # found where numba put them

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from qstrat.errors import ConfigError
+from qstrat.formats import block_type
 from qstrat.kernels import column_abs_max, column_sq_norms
 from qstrat.strategies.base import (
     Candidate,
@@ -26,6 +27,7 @@ from qstrat.strategies.base import (
     descending_order,
     gain_db,
 )
+from qstrat.strategies.residual import balanced_order
 from qstrat.strategies.search import DEFAULT_SAMPLE_ROWS, SearchSettings, scale_group, search_order
 
 
@@ -130,9 +132,13 @@ class MlpJointStrategy(QuantizationStrategy):
         column_sq_norms(consumer, norms)
         amax = np.zeros(consumer.shape[1], dtype=np.float32)
         column_abs_max(consumer, amax)
-        order, gain = best_order(
-            consumer_name, consumer, [None, descending_order(norms), descending_order(amax)], error, self.search, norms
-        )
+        candidates = [None, descending_order(norms), descending_order(amax)]
+        reader = error.reader(consumer_name, consumer) if hasattr(error, "reader") else None
+        if reader is not None:
+            candidates.append(balanced_order(descending_order(norms), block_type(reader.type_name).block_size))
+            if reader.importance is not None:
+                candidates.append(descending_order(norms * reader.importance))
+        order, gain = best_order(consumer_name, consumer, candidates, error, self.search, norms)
         if order is None:
             return {name: None for name in tensors}
         return {name: Permutation(order, 1, gain) if name == consumer_name else Permutation(order, 0) for name in tensors}
@@ -257,6 +263,9 @@ class HeadOrderStrategy(QuantizationStrategy):
             self._head_order(norms.reshape(heads, head_dim).sum(axis=1)),
             self._head_order(amax.reshape(heads, head_dim).max(axis=1).astype(np.float64)),
         ]
+        reader = error.reader(o_name, o) if hasattr(error, "reader") else None
+        if reader is not None and reader.importance is not None:
+            head_orders.append(self._head_order((norms * reader.importance).reshape(heads, head_dim).sum(axis=1)))
         expand = lambda order: (order[:, None] * head_dim + np.arange(head_dim)[None, :]).reshape(-1)  # noqa: E731
         chosen, gain = best_order(o_name, o, [None] + [expand(order) for order in head_orders], error)
         if chosen is None:

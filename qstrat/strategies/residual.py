@@ -22,7 +22,7 @@ import numpy as np
 from qstrat.errors import ConfigError
 from qstrat.kernels import column_sq_norms
 from qstrat.strategies.base import Candidate, Permutation, QuantizationStrategy, SquaredError, descending_order, gain_db
-from qstrat.strategies.search import DEFAULT_SAMPLE_ROWS, Reader, SearchSettings, relative_total, search_order, undo_until
+from qstrat.strategies.search import DEFAULT_SAMPLE_ROWS, Reader, SampledErrors, SearchSettings, relative_total, search_order
 
 #: (pattern searched in a tensor's name, the axis that carries the residual stream, or None for
 #: a tensor of the model that does not carry it).  A tensor no pattern knows stops the run: an
@@ -139,6 +139,12 @@ def gathered_order(scores: np.ndarray, count: int, block: int) -> np.ndarray:
     return order
 
 
+#: orders judged on every row of every reader (the rest only on the sample): each costs a quantization of them all
+_JUDGED = 3
+#: searches at most, each after the last one's result proved worse on all rows for some reader
+_SEARCHES = 3
+
+
 class ResidualStreamStrategy(QuantizationStrategy):
     """Permute the hidden dimension of the whole model (see the module's docstring).
 
@@ -181,10 +187,13 @@ class ResidualStreamStrategy(QuantizationStrategy):
         """The order of the hidden dimension for ``readers`` (their columns are the stream):
         among identity, descending column energy (each reader's share, summed),
         importance-weighted energy (with an imatrix), the energy order dealt over blocks of
-        ``block`` columns and the highest-energy columns gathered into one block, the one with the least error relative to identity summed over the
-        readers, among those that leave no reader worse than identity; then, with a budget, the
-        local search from it (search.py), swapping columns between groups of ``scale_group``
-        columns that share a scale.  ``error`` measures a reader on all its rows."""
+        ``block`` columns and the highest-energy columns gathered into one block, screened on a
+        seeded sample of rows; with a budget, the local search (search.py) from the one of most
+        gain, swapping columns between groups of ``scale_group`` columns that share a scale.  The
+        search's order and the best screened ones that no sampled reader finds worse are judged on
+        every row (``error`` measures a reader on all its rows): the least error relative to
+        identity summed over the readers, among the orders that leave no reader worse than
+        identity, wins; identity if none does."""
         if not readers:
             return ResidualChoice(None, "identity")
         width = next(iter(readers.values())).array.shape[1]
@@ -203,51 +212,73 @@ class ResidualStreamStrategy(QuantizationStrategy):
             candidates[f"gathered {count}"] = gathered_order(energy, count, block)
         if weighted.any():
             candidates["importance"] = descending_order(weighted)
-        identity = {name: error(name, reader.array, None) for name, reader in readers.items()}
-        best, best_score, best_errors = None, float(len(readers)), identity
         rejected: dict[str, str] = {}
-        closest, closest_score = None, float(len(readers))  # the most gain, worse for some reader or not
+        identity_order = np.arange(width)
+        # every order is screened on the same seeded sample of rows; only finalists are judged on all
+        sampled = SampledErrors(readers, self.search.sample_rows, np.random.default_rng(self.search.seed))
+        sample_identity = sampled.reset(identity_order)
+        screened: list[tuple[float, str]] = []  # (score on the sample, label) of orders no sampled reader finds worse
+        start, start_score = None, float(len(readers))  # the most gain on the sample, worse for some reader or not
         for label, order in candidates.items():
-            if np.array_equal(order, np.arange(width)):
+            if np.array_equal(order, identity_order):
                 rejected[label] = "is the identity"
                 continue
-            errors = {name: error(name, reader.array, order) for name, reader in readers.items()}
-            score = relative_total(errors, identity)
-            if score < closest_score:
-                closest, closest_score = label, score
-            worse = sorted(n for n in readers if errors[n] > identity[n])
+            errors = sampled.reset(order)
+            score = relative_total(errors, sample_identity)
+            if score < start_score:
+                start, start_score = label, score
+            worse = sorted(n for n in readers if errors[n] > sample_identity[n])
             if worse:
                 rejected[label] = f"worse than identity for {len(worse)} of {len(readers)} tensors (first: {worse[0]})"
-            elif score < best_score:
-                if best is not None:
-                    rejected[best] = "less gain"
-                best, best_score, best_errors = label, score, errors
+            elif score < len(readers):
+                screened.append((score, label))
             else:
-                rejected[label] = "less gain"
+                rejected[label] = "no gain"
+        finalists = [label for _, label in sorted(screened)]
+        identity = {name: error(name, reader.array, None) for name, reader in readers.items()}
+        judged: dict[str, dict[str, float]] = {}
+
+        def judge(label: str) -> list[str]:
+            """Measure an order on every row; the readers it leaves worse than identity."""
+            judged[label] = {name: error(name, reader.array, candidates[label]) for name, reader in readers.items()}
+            worse = sorted(n for n in readers if judged[label][n] > identity[n])
+            if worse:
+                rejected[label] = f"worse than identity on all rows for {len(worse)} of {len(readers)} tensors (first: {worse[0]})"
+            return worse
+
         if self.search.budget:
-            origin = closest or "identity"
-            order, kept = search_order(readers, candidates[closest] if closest else np.arange(width), energy, scale_group, self.search)
-            measured: dict[int, dict[str, float]] = {}
-
-            def acceptable(order: np.ndarray) -> bool:
-                errors = {name: error(name, reader.array, order) for name, reader in readers.items()}
-                measured[id(order)] = errors
-                return all(errors[n] <= identity[n] for n in readers) and relative_total(errors, identity) < best_score
-
-            # from a start no reader finds worse, a swap too many can be taken back
-            order, left = undo_until(order, kept, acceptable) if origin == best or origin == "identity" else (order, len(kept))
-            label = f"search from {origin} ({left} of {self.search.budget} swaps kept)"
-            if left and (id(order) in measured or acceptable(order)):
-                if best is not None:
-                    rejected[best] = "less gain than the search"
+            origin = start or "identity"
+            whole: frozenset[str] = frozenset()
+            for attempt in range(_SEARCHES):
+                # a reader its sample misled is measured on all its rows in the next search
+                if attempt:
+                    sampled = SampledErrors(readers, self.search.sample_rows, np.random.default_rng(self.search.seed), whole)
+                order, kept = search_order(readers, candidates[start] if start else identity_order, energy, scale_group, self.search, sampled)
+                label = f"search from {origin} ({len(kept)} of {self.search.budget} swaps kept" + (f", {len(whole)} tensors on all rows)" if whole else ")")
+                if not kept:
+                    rejected[label] = "no swap lowered the error"
+                    break
                 candidates[label] = order
-                best, best_errors = label, measured[id(order)]
-            elif left:
-                worse = sorted(n for n in readers if measured[id(order)][n] > identity[n])
-                rejected[label] = (f"worse than identity on all rows for {len(worse)} of {len(readers)} tensors (first: {worse[0]})"
-                                   if worse else "less gain than a candidate")
+                worse = judge(label)
+                if not worse:
+                    finalists.insert(0, label)
+                    break
+                whole |= set(worse)
+        best, best_score, best_errors = None, float(len(readers)), identity
+        for label in finalists[:_JUDGED]:
+            if label not in judged and judge(label):
+                continue
+            if label in rejected:
+                continue
+            score = relative_total(judged[label], identity)
+            if score < best_score:
+                if best is not None:
+                    rejected[best] = "less gain on all rows"
+                best, best_score, best_errors = label, score, judged[label]
             else:
-                rejected[label] = "no swap lowered the error of every tensor on all its rows"
+                rejected[label] = "less gain on all rows"
+        for label in finalists[_JUDGED:]:
+            rejected[label] = "less gain on the sample"
         if best is None:
             return ResidualChoice(None, "identity", identity, identity, rejected)
         return ResidualChoice(candidates[best], best, identity, best_errors, rejected)

@@ -100,12 +100,13 @@ class _Batch:
         return {name: float(per_row[first : first + count].sum()) for name, first, count in self.spans}
 
 
-class _SampledErrors:
-    """Squared errors of seeded row samples under a column order.  One quantizer call serves
+class SampledErrors:
+    """Squared errors of seeded row samples (every row of the matrices in ``whole``) under a
+    column order.  One quantizer call serves
     all the matrices of a block type without importance vectors (calls cost more than these
     small samples), and a swap re-quantizes only the two blocks it touches in each."""
 
-    def __init__(self, readers: Mapping[str, Reader], sample_rows: int, rng: np.random.Generator) -> None:
+    def __init__(self, readers: Mapping[str, Reader], sample_rows: int, rng: np.random.Generator, whole: frozenset[str] = frozenset()) -> None:
         from qstrat.blocks import storage_to_float32
         from qstrat.formats import block_type
 
@@ -119,7 +120,8 @@ class _SampledErrors:
             rows, spans = [], []
             for name in names:
                 array = readers[name].array
-                picked = np.sort(rng.choice(array.shape[0], min(sample_rows, array.shape[0]), replace=False))
+                count = array.shape[0] if name in whole else min(sample_rows, array.shape[0])
+                picked = np.sort(rng.choice(array.shape[0], count, replace=False))
                 spans.append((name, sum(r.shape[0] for r in rows), picked.size))
                 rows.append(storage_to_float32(np.ascontiguousarray(array[picked])))
             self.batches.append(_Batch(block_type(type_name), readers[names[0]].importance, spans, np.concatenate(rows)))
@@ -163,18 +165,19 @@ def search_order(
     scores: np.ndarray,
     block: int,
     settings: SearchSettings,
+    sampled: SampledErrors | None = None,
 ) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """From the column order ``start``, ``settings.budget`` proposed swaps between blocks of
     ``block`` columns, half of them moving one of the highest-``scores`` columns into the
     block of the highest one (in place of one of its other columns), half between random
-    positions.  A swap is kept when it lowers the excess error over identity's of the matrices
+    positions, measured on ``sampled`` (made here if not given).  A swap is kept when it lowers the excess error over identity's of the matrices
     that ``start`` makes worse, or, with no more excess, the error relative to identity's.
     Returns the order reached and the swaps kept (position pairs, in order)."""
     width = start.size
     if settings.budget == 0 or width // block < 2:
         return start, []
     rng = np.random.default_rng(settings.seed)
-    sampled = _SampledErrors(readers, settings.sample_rows, rng)
+    sampled = sampled or SampledErrors(readers, settings.sample_rows, rng)
     identity = sampled.reset(np.arange(width))
     order = np.array(start, dtype=np.int64)
     position = np.empty(width, dtype=np.int64)
@@ -215,14 +218,3 @@ def search_order(
             order[[a, b]] = order[[b, a]]
     return order, kept
 
-
-def undo_until(order: np.ndarray, kept: list[tuple[int, int]], acceptable) -> tuple[np.ndarray, int]:
-    """``order`` with the kept swaps undone, last first, until ``acceptable(order)`` holds (a
-    sample can mislead: whole matrices are the judge).  Returns the order and the swaps left."""
-    order = order.copy()
-    left = len(kept)
-    while left and not acceptable(order):
-        a, b = kept[left - 1]
-        order[[a, b]] = order[[b, a]]
-        left -= 1
-    return order, left
