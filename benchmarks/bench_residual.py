@@ -58,7 +58,7 @@ def main() -> int:
           f"{time.perf_counter() - started:.0f} s; {os.cpu_count()} cores\n")
 
     def error(name: str, storage: np.ndarray, col_perm: np.ndarray | None) -> float:
-        return quantize_matrix_as(storage, args.type, None, col_perm, tensor_name=name).chosen_error
+        return quantize_matrix_as(storage, args.type, None, col_perm, tensor_name=name, measure="error").chosen_error
 
     print("| budget (swaps) | seconds | order | readers | mean gain (dB) |\n| --- | --- | --- | --- | --- |")
     group = scale_group([args.type])

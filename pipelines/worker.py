@@ -103,7 +103,9 @@ class ErrorMeasure:
     def __call__(self, name: str, storage: np.ndarray, col_perm: np.ndarray | None) -> float:
         member = self.members.get(name)
         importance = member.importance if member else None
-        return _quantized(storage, self._choice(name), self.variant, col_perm=col_perm, tensor_name=name, importance=importance).chosen_error
+        choice = self._choice(name)
+        measure = True if writes_q8k(choice) else "error"  # Q8K's kernel measures in its single pass
+        return _quantized(storage, choice, self.variant, col_perm=col_perm, tensor_name=name, importance=importance, measure=measure).chosen_error
 
     def reader(self, name: str, storage: np.ndarray) -> Reader:
         member = self.members.get(name)
