@@ -299,6 +299,7 @@ def quantize(
 NAMED_CHAINS = {
     "attention_aware": ["attention_aware", "l2_norm"],  # as the original tool
     "function_preserving": ["mlp_joint", "head_order", "identity"],
+    "residual_stream": ["residual_stream", "mlp_joint", "head_order", "identity"],
 }
 
 
@@ -317,7 +318,8 @@ def compare(
     strategies: str = typer.Option(
         "identity,l2_norm,amax,attention_aware,function_preserving", "--strategies", "-s",
         help="chains to compare, comma-separated; join a chain's strategies with '+' (attention_aware "
-        "means attention_aware+l2_norm, function_preserving means mlp_joint+head_order+identity)",
+        "means attention_aware+l2_norm, function_preserving means mlp_joint+head_order+identity, residual_stream "
+        "means residual_stream+mlp_joint+head_order+identity)",
     ),
     formats: str = typer.Option("q8_k", "--formats", "-f", help="block types or llama.cpp file types to compare, comma-separated (q8_k, q8_0, q4_k, q4_k_m, ...)"),
     imatrix: Path = typer.Option(None, "--imatrix", help="an importance matrix: every case also with it"),

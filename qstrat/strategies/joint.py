@@ -91,7 +91,8 @@ class MlpJointStrategy(QuantizationStrategy):
         self.search = SearchSettings.checked(self.name, budget, seed, sample_rows)
 
     def describe(self) -> dict[str, object]:
-        return {**super().describe(), **self.search.describe()}
+        # recorded only with a search, so that earlier runs' records (and fingerprints) stay as they were
+        return {**super().describe(), **(self.search.describe() if self.search.budget else {})}
 
     def _recognise(self, name: str):
         for pattern in self.patterns:

@@ -139,6 +139,9 @@ def gathered_order(scores: np.ndarray, count: int, block: int) -> np.ndarray:
     return order
 
 
+#: swaps the search tries unless the config says otherwise: on the models of docs/permutations.md the
+#: gain levels off well before this, and the search costs less than judging one order on every row
+DEFAULT_BUDGET = 200
 #: orders judged on every row of every reader (the rest only on the sample): each costs a quantization of them all
 _JUDGED = 3
 #: searches at most, each after the last one's result proved worse on all rows for some reader
@@ -158,7 +161,7 @@ class ResidualStreamStrategy(QuantizationStrategy):
     per_tensor = False
     model_level = True
 
-    def __init__(self, match: str | None = None, budget: int = 0, seed: int = 0, sample_rows: int = DEFAULT_SAMPLE_ROWS) -> None:
+    def __init__(self, match: str | None = None, budget: int = DEFAULT_BUDGET, seed: int = 0, sample_rows: int = DEFAULT_SAMPLE_ROWS) -> None:
         if match is not None:
             raise ConfigError("strategy residual_stream: takes no match: it permutes every tensor that carries the hidden dimension")
         super().__init__(None)

@@ -38,7 +38,7 @@ class SearchSettings:
         return cls(budget, seed, sample_rows)
 
     def describe(self) -> dict[str, int]:
-        return {"budget": self.budget, "seed": self.seed, "sample_rows": self.sample_rows} if self.budget else {}
+        return {"budget": self.budget, "seed": self.seed, "sample_rows": self.sample_rows}
 
 
 def scale_group(type_names: Iterable[str]) -> int:
