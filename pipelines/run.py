@@ -7,6 +7,7 @@ groups are journaled, and a rerun with the same config and input skips what is i
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import time
 import warnings
@@ -379,6 +380,16 @@ def _open_journal(out: Path, fingerprint: str, force: bool, previous: Manifest |
     return journal
 
 
+def _journal_key(job: GroupJob) -> str:
+    """A group's key in the journal; with residual_stream it names the permutation its members
+    were quantized under, so that a group quantized under another one is never reused."""
+    key = group_key(job.strategy.name, [m.info.name for m in job.members])
+    residual = next((m.residual.perm for m in job.members if m.residual is not None), None)
+    if residual is None:
+        return key
+    return key + " residual " + hashlib.sha256(np.ascontiguousarray(residual, dtype="<i8").tobytes()).hexdigest()[:16]
+
+
 def _reuse_or_quantize_groups(
     plan: Plan, config: RunConfig, out: Path, journal: Journal, progress: ProgressCallback | None
 ) -> tuple[list[TensorRecord], dict[str, Permutation]]:
@@ -388,7 +399,7 @@ def _reuse_or_quantize_groups(
     joint: dict[str, Permutation] = {}
     pending = []
     for job in plan.groups:
-        reused = journal.reusable(group_key(job.strategy.name, [m.info.name for m in job.members]), out)
+        reused = journal.reusable(_journal_key(job), out)
         if reused is None:
             pending.append(job)
             continue
@@ -405,7 +416,7 @@ def _reuse_or_quantize_groups(
             # after the first group: until then numba's own start-up in this process wants the GIL
             preload_plotting()
             plotting_preloaded = True
-        journal.record(group_key(job.strategy.name, [m.info.name for m in job.members]), group_records, group_joint)
+        journal.record(_journal_key(job), group_records, group_joint)
         records.extend(group_records)
         joint.update(group_joint)
         if progress is not None:

@@ -151,3 +151,12 @@ def test_mlp_joint_search_never_loses_to_its_candidates(llama_runs, tmp_path):
     assert all(g is not None and g >= 0 for g in gains.values()), gains
     manifest = json.loads((tmp_path / "searched" / "manifest.json").read_text())
     assert [manifest["tensors"][n].get("permutation_gain_db") for n in downs] == [round(gains[n], 4) for n in downs]
+
+
+def test_a_rerun_resumes_under_the_same_permutation(llama_runs):
+    model_dir, base, _, folded = llama_runs
+    before = json.loads((base / "folded" / "manifest.json").read_text())
+    again = run(model_dir, base / "folded", [SEARCH, "mlp_joint", "head_order", "identity"], format="q8_0")
+    after = json.loads((base / "folded" / "manifest.json").read_text())
+    assert again.residual == folded.residual
+    assert after["tensors"] == before["tensors"] and after["containers"] == before["containers"]
