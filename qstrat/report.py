@@ -154,6 +154,7 @@ def render_markdown(report: Mapping[str, object]) -> str:
         ],
         *([f"- {describe_importance(s, (report['settings'].get('imatrix') or {}).get('path'))}, "
            f"importance-weighted SQNR mean {_fmt(s['imatrix']['mean_weighted_sqnr_db'], '.2f')} dB"] if "imatrix" in s else []),
+        *([f"- {describe_residual_choice(s['residual_stream'])}"] if "residual_stream" in s else []),
         f"- weight MSE (mean) {_fmt(s['average_mse'], '.3e')}, SQNR mean {_fmt(s['mean_sqnr_db'], '.2f')} dB, "
         f"worst {_fmt(s['worst_sqnr_db'], '.2f')} dB",
         f"- sum test MSE (mean) {_fmt(s['average_sum_test_mse'], '.3e')}, gradient test MSE (mean) "
