@@ -316,3 +316,29 @@ def test_a_gguf_input_gives_the_bytes_and_the_model_of_its_source(llama_dir, f32
     logits, _ = probe(tmp_path / "again" / "tiny.gguf")
     direct_logits, _ = probe(direct / "tiny.gguf")
     assert np.array_equal(logits, direct_logits)
+
+
+def test_a_gguf_inputs_joint_permutations_stay_out_of_its_tensors(llama_dir, f32_run, tmp_path):
+    """Requantized from a GGUF with every function-preserving strategy, the file is still one
+    llama.cpp loads (it refuses tensors it does not expect): the permutations are metadata, the
+    file is the one the Hugging Face directory gives, and reads back as the source."""
+    direct = tmp_path / "direct"
+    config = RunConfig.build({"validation": {"stages": ["weight_error"]}, "format": "q4_0",
+                              "strategies": ["residual_stream", "mlp_joint", "head_order", "identity"]}, "test")
+    quantize_model(llama_dir, config, direct)
+    result = run_cli("qstrat", "run", str(REPO / "configs/residual_stream.yaml"), "-i", str(f32_run[0] / "tiny.gguf"),
+                     "-o", str(tmp_path / "again"), "--set", "format=q4_0")
+    assert result.returncode == 0, result.stderr
+    again = tmp_path / "again" / "tiny.gguf"
+    reader = GGUFReader(again)
+    assert not [t.name for t in reader.tensors if t.name.endswith(".joint_perm")]
+    assert len(reader.get_field("qstrat.joint_perm_tensors").contents()) >= 3 * SHAPE.num_hidden_layers
+    assert sorted(t.name for t in reader.tensors) == sorted(t.name for t in GGUFReader(direct / "tiny.gguf").tensors)
+    logits, _ = probe(again)
+    held = numpy_forward(again)  # the weights the file holds, in qstrat's numpy forward
+    assert relative_error(logits, held) < QUANTIZED_TOLERANCE["q4_0"], relative_error(logits, held)
+    # the input's tensors (llama.cpp's names and row layout), as far as Q4_0 reaches
+    restored = qstrat.load_model(tmp_path / "again", original=True)
+    source = {t.name: np.asarray(t.data, dtype=np.float32) for t in GGUFReader(f32_run[0] / "tiny.gguf").tensors}
+    assert sorted(restored) == sorted(source)
+    assert all(np.abs(restored[n] - source[n]).max() <= 0.15 * np.abs(source[n]).max() for n in source)

@@ -3,7 +3,8 @@
 Quantized tensors are stored in their block type with exactly the bytes of their ``.q8k``
 (GGML type Q8_K) or ``.qblk`` files; other tensors keep their dtype (F32/F16/BF16/F64/I8..I64).  A run-time
 gather map is a companion I32 tensor ``<name>.perm``; joint permutations (needed only to
-restore the original layout) are companions ``<name>.joint_perm`` (I32).  GGML limits
+restore the original layout) are companions ``<name>.joint_perm`` (I32) in the generic
+container and ``qstrat.joint_perm.<i>`` arrays in a file an engine loads.  GGML limits
 names to 63 bytes: a longer name is cut and suffixed with ``~`` and 16 hex digits of its
 SHA-256, and the metadata maps it back.  Written streaming (tensor infos first, then one
 tensor at a time) to a temporary name, then renamed.
@@ -138,6 +139,9 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
     perm_names, joint_names, joint_axes, joint_arrays = [], [], [], []
     residual_names, residual_axes, residual_perm = [], [], None
     widened: dict[str, str] = {}
+    # a file an engine loads (llama.cpp's layout, or a GGUF input's carried over) keeps joint
+    # permutations in metadata: llama.cpp refuses tensors it does not expect
+    for_engine = layout is not None or metadata.get("carried") is not None
     for name in model:
         if layout is not None and name in layout.dropped:
             continue
@@ -170,7 +174,7 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
         joint = model.joint_permutation(name)
         if joint is not None:
             perm = joint[0].astype(np.int32)
-            if layout is None:
+            if not for_engine:
                 entries.append((name + JOINT_SUFFIX, lambda p=perm: p, np.int32, None, perm.shape, perm.nbytes))
                 joint_names.append(name + JOINT_SUFFIX)
             else:
@@ -278,13 +282,15 @@ class GGUFModel:
         axes = self._ints("joint_perm_axes")
         if len(axes) != len(joint_names):
             raise FormatError(f"{self.path}: joint permutation metadata is inconsistent")
-        self.joint_companions = set() if self.llama_cpp else set(joint_names)
+        # joint permutations as metadata arrays (files engines load) or companion tensors
+        in_metadata = bool(joint_names) and KEY_PREFIX + "joint_perm.0" in self.reader.fields
+        self.joint_companions = set() if in_metadata else set(joint_names)
         for companion in list(self.perm_names) + list(self.joint_companions):
             if companion not in self.tensors:
                 raise FormatError(f"{self.path}: companion tensor {companion!r} is missing")
         self.joint: dict[str, tuple[np.ndarray, int]] = {}
         for i, (name, axis) in enumerate(zip(joint_names, axes)):
-            if self.llama_cpp:
+            if in_metadata:
                 if name not in self.tensors:
                     raise FormatError(f"{self.path}: joint permutation of a tensor {name!r} the file does not hold")
                 self.joint[name] = (np.asarray(self._ints(f"joint_perm.{i}"), dtype=np.int64), axis)
