@@ -60,13 +60,15 @@ def measure(model_dir: Path, fmt: str, chain: list[object], imatrix: Path | None
             result = quantize_model(model_dir, config, Path(tmp) / "out")
             reference, tensors_config, ids, mask = embeddings
             cosine = embedding_agreement(reference, sentence_embeddings(qstrat.load_model(Path(tmp) / "out", original=True), tensors_config, ids, mask))[0]
-    return {"sqnr": {r.name: r.metrics.sqnr_db for r in result.quantized}, "cosine": cosine,
+    # with an imatrix, orders are chosen by the importance-weighted error: that is the SQNR compared
+    weighted = imatrix is not None
+    return {"sqnr": {r.name: r.metrics.weighted_sqnr_db if weighted else r.metrics.sqnr_db for r in result.quantized}, "cosine": cosine,
             "order": (result.residual or {}).get("order"), "seconds": time.perf_counter() - started}
 
 
 def table(label: str, model_dir: Path, budget: int, imatrix: Path | None = None, embeddings=None) -> list[str]:
     lines = [f"### {label}", "",
-             "| type | chain | mean SQNR (dB) | gain | least gain of a tensor | residual order | "
+             f"| type | chain | mean {'importance-weighted ' if imatrix else ''}SQNR (dB) | gain | least gain of a tensor | residual order | "
              + ("embedding cosine | " if embeddings else "") + "seconds |",
              "| --- | --- | --- | --- | --- | --- | " + ("--- | " if embeddings else "") + "--- |"]
     for fmt in FORMATS:
@@ -100,27 +102,44 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=int, default=200, help="swaps each search tries (default 200)")
     parser.add_argument("--write", default=str(REPO / "docs" / "permutations.md"))
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"which tables to (re)make: {', '.join(SECTIONS)}")
     args = parser.parse_args()
-    sections = []
+    wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
+    made = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        outliers = write_model(workdir / "outliers", llama_tensors(OUTLIER_SHAPE, seed=0), dtype="BF16", config=hf_config(OUTLIER_SHAPE))
-        sections += table("The example model (examples/tiny-llama)", REPO / "examples" / "tiny-llama", args.budget)
-        sections += table("A synthetic Llama with shared outlier channels (hidden 1024, 2 layers)", outliers, args.budget)
-        model_dir = minilm_model_dir()
-        config = json.loads((model_dir / "config.json").read_text())
-        source = {n: np.array(map_tensor(i)) for n, i in SafetensorsModel(model_dir).tensors.items()}
-        ids, mask = tokenize(model_dir / "tokenizer.json", SENTENCES)
-        embeddings = (sentence_embeddings(source, config, ids, mask), config, ids, mask)
-        sections += table("all-MiniLM-L6-v2", model_dir, args.budget, embeddings=embeddings)
-        sections += table("all-MiniLM-L6-v2 with an importance matrix (16 x 128 Wikipedia tokens)", model_dir, args.budget,
-                          minilm_imatrix(workdir), embeddings)
+        if "example" in wanted:
+            made["example"] = table(SECTIONS["example"], REPO / "examples" / "tiny-llama", args.budget)
+        if "outliers" in wanted:
+            outliers = write_model(workdir / "outliers", llama_tensors(OUTLIER_SHAPE, seed=0), dtype="BF16", config=hf_config(OUTLIER_SHAPE))
+            made["outliers"] = table(SECTIONS["outliers"], outliers, args.budget)
+        if {"minilm", "minilm-imatrix"} & set(wanted):
+            model_dir = minilm_model_dir()
+            config = json.loads((model_dir / "config.json").read_text())
+            source = {n: np.array(map_tensor(i)) for n, i in SafetensorsModel(model_dir).tensors.items()}
+            ids, mask = tokenize(model_dir / "tokenizer.json", SENTENCES)
+            embeddings = (sentence_embeddings(source, config, ids, mask), config, ids, mask)
+            if "minilm" in wanted:
+                made["minilm"] = table(SECTIONS["minilm"], model_dir, args.budget, embeddings=embeddings)
+            if "minilm-imatrix" in wanted:
+                made["minilm-imatrix"] = table(SECTIONS["minilm-imatrix"], model_dir, args.budget, minilm_imatrix(workdir), embeddings)
     target = Path(args.write)
     text = target.read_text() if target.exists() else ""
     marker = "<!-- permutation tables -->"
-    head = text.split(marker)[0] if marker in text else text
-    target.write_text(head + marker + "\n\n" + "\n".join(sections))
+    head, _, tables = text.partition(marker)
+    # keep the tables not remade this time
+    kept = {key: ["### " + block] for key, title in SECTIONS.items() for block in tables.split("\n### ")[1:] if block.split("\n", 1)[0] == title}
+    sections = [line for key in SECTIONS for line in made.get(key) or kept.get(key, [])]
+    target.write_text(head + marker + "\n\n" + "\n".join(sections).rstrip() + "\n")
     return 0
+
+
+SECTIONS = {
+    "example": "The example model (examples/tiny-llama)",
+    "outliers": "A synthetic Llama with shared outlier channels (hidden 1024, 2 layers)",
+    "minilm": "all-MiniLM-L6-v2",
+    "minilm-imatrix": "all-MiniLM-L6-v2 with an importance matrix (16 x 128 Wikipedia tokens)",
+}
 
 
 if __name__ == "__main__":
