@@ -42,7 +42,8 @@ def chains(budget: int) -> dict[str, list[object]]:
         "identity": ["identity"],
         "mlp_joint, head_order (before)": ["mlp_joint", "head_order", "identity"],
         "residual_stream, mlp_joint, head_order (searched)": [
-            {"name": "residual_stream", "budget": budget}, {"name": "mlp_joint", "budget": budget}, "head_order", "identity"],
+            {"name": "residual_stream", "budget": budget}, {"name": "mlp_joint", "budget": budget},
+            {"name": "head_order", "budget": budget}, "identity"],
     }
 
 
@@ -61,8 +62,11 @@ def measure(model_dir: Path, fmt: str, chain: list[object], imatrix: Path | None
             reference, tensors_config, ids, mask = embeddings
             cosine = embedding_agreement(reference, sentence_embeddings(qstrat.load_model(Path(tmp) / "out", original=True), tensors_config, ids, mask))[0]
     # with an imatrix, orders are chosen by the importance-weighted error: that is the SQNR compared
-    weighted = imatrix is not None
-    return {"sqnr": {r.name: r.metrics.weighted_sqnr_db if weighted else r.metrics.sqnr_db for r in result.quantized}, "cosine": cosine,
+    # (plain SQNR for a tensor the imatrix has no entry for, such as the embeddings: it is judged so)
+    def judged(metrics) -> float:
+        return metrics.sqnr_db if imatrix is None or metrics.weighted_sqnr_db is None else metrics.weighted_sqnr_db
+
+    return {"sqnr": {r.name: judged(r.metrics) for r in result.quantized}, "cosine": cosine,
             "order": (result.residual or {}).get("order"), "seconds": time.perf_counter() - started}
 
 

@@ -153,6 +153,31 @@ def test_mlp_joint_search_never_loses_to_its_candidates(llama_runs, tmp_path):
     assert [manifest["tensors"][n].get("permutation_gain_db") for n in downs] == [round(gains[n], 4) for n in downs]
 
 
+#: two super-blocks of 256 per row of o_proj, each two key/value groups of two heads of 64: swaps of
+#: groups move values between blocks (swaps within a group never do: a group lies inside one block)
+HEADS = LlamaShape(vocab_size=320, hidden_size=512, intermediate_size=512, num_hidden_layers=2,
+                   num_attention_heads=8, num_key_value_heads=4)
+
+
+def test_head_order_search_where_blocks_hold_several_heads(tmp_path):
+    model_dir = write_model(tmp_path / "tiny", llama_tensors(HEADS, seed=5), dtype="F32", config=hf_config(HEADS))
+    plain = run(model_dir, tmp_path / "plain", ["head_order", "identity"], format="q4_k")
+    searched = run(model_dir, tmp_path / "searched", [{"name": "head_order", "budget": 60, "sample_rows": 512}, "identity"], format="q4_k")
+    outs = [f"model.layers.{i}.self_attn.o_proj.weight" for i in range(HEADS.num_hidden_layers)]
+    before, after = sqnr(plain), sqnr(searched)
+    assert all(after[n] >= before[n] for n in outs) and any(after[n] > before[n] for n in outs), {n: after[n] - before[n] for n in outs}
+    assert all(after[n] == before[n] for n in before if n not in outs)  # nothing else is quantized differently
+    # key/value groups moved, yet llama.cpp computes the source model's function
+    logits, _ = probe(tmp_path / "searched" / "tiny.gguf")
+    held = llama_forward(qstrat.load_model(tmp_path / "searched", original=True), HEADS, np.array(TOKENS))
+    assert relative_error(logits, held) < QUANTIZED_TOLERANCE["q4_k_m"], relative_error(logits, held)
+    permuted = llama_forward(qstrat.load_model(tmp_path / "searched"), HEADS, np.array(TOKENS))
+    assert relative_error(permuted, held) < 1e-9
+    # a block type whose blocks never cut across a head (Q8_0: 32 columns) has nothing to search
+    q8 = [run(model_dir, tmp_path / f"q8-{budget}", [{"name": "head_order", "budget": budget}, "identity"], format="q8_0") for budget in (0, 60)]
+    assert sqnr(q8[0]) == sqnr(q8[1])
+
+
 def test_a_rerun_resumes_under_the_same_permutation(llama_runs):
     model_dir, base, _, folded = llama_runs
     before = json.loads((base / "folded" / "manifest.json").read_text())

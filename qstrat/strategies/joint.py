@@ -5,13 +5,13 @@ unchanged: the rows of the tensors that produce it and the columns of the tensor
 consumes it move together.  Only the consumer's blocks change (a row permutation moves
 whole rows, and blocks never cross rows), so the order is chosen to minimise the
 consumer's actual error in its type among a few candidate orders, identity included, then
-(mlp_joint, with a ``budget``) improved by the local search of search.py: a joint permutation
-never makes the model's quantization worse than none.
+(with a ``budget``) improved by the local search of search.py, over columns (mlp_joint) or whole
+heads (head_order): a joint permutation never makes the model's quantization worse than none.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -28,7 +28,7 @@ from qstrat.strategies.base import (
     gain_db,
 )
 from qstrat.strategies.residual import balanced_order
-from qstrat.strategies.search import DEFAULT_SAMPLE_ROWS, SearchSettings, scale_group, search_order
+from qstrat.strategies.search import DEFAULT_SAMPLE_ROWS, SearchSettings, expand_heads, scale_group, search_head_order, search_order
 
 
 def best_order(
@@ -36,20 +36,18 @@ def best_order(
     consumer: np.ndarray,
     candidates: Sequence[np.ndarray | None],
     error: SquaredError,
-    search: SearchSettings | None = None,
-    scores: np.ndarray | None = None,
+    improve: Callable[[np.ndarray], np.ndarray | None] | None = None,
 ) -> tuple[np.ndarray | None, float]:
     """The candidate column order with the least actual quantization error of ``consumer`` (first
-    on ties; ``candidates[0]`` is None, the identity), improved by the local search (search.py)
-    when ``search`` has a budget and ``error`` can give its reader; and its gain in dB over identity."""
+    on ties; ``candidates[0]`` is None, the identity), then the order ``improve`` finds from it
+    (a local search of search.py, judged on samples) if it beats it on every row; and the gain
+    in dB of the order chosen over identity."""
     errors = [error(name, consumer, order) for order in candidates]
     best = int(np.argmin(errors))
     order, best_error = candidates[best], errors[best]
-    if search is not None and search.budget and hasattr(error, "reader"):
-        reader = error.reader(name, consumer)
-        start = np.arange(consumer.shape[1]) if order is None else order
-        found, kept = search_order({name: reader}, start, scores, scale_group([reader.type_name]), search)
-        if kept:
+    if improve is not None:
+        found = improve(np.arange(consumer.shape[1]) if order is None else order)
+        if found is not None:
             found_error = error(name, consumer, found)
             if found_error < best_error:
                 order, best_error = found, found_error
@@ -139,7 +137,12 @@ class MlpJointStrategy(QuantizationStrategy):
             candidates.append(balanced_order(descending_order(norms), block_type(reader.type_name).block_size))
             if reader.importance is not None:
                 candidates.append(descending_order(norms * reader.importance))
-        order, gain = best_order(consumer_name, consumer, candidates, error, self.search, norms)
+        improve = None
+        if reader is not None and self.search.budget:
+            def improve(start: np.ndarray) -> np.ndarray | None:
+                found, kept = search_order({consumer_name: reader}, start, norms, scale_group([reader.type_name]), self.search)
+                return found if kept else None
+        order, gain = best_order(consumer_name, consumer, candidates, error, improve)
         if order is None:
             return {name: None for name in tensors}
         return {name: Permutation(order, 1, gain) if name == consumer_name else Permutation(order, 0) for name in tensors}
@@ -180,12 +183,20 @@ class HeadOrderStrategy(QuantizationStrategy):
         num_heads: int | None = None,
         num_kv_heads: int | None = None,
         head_dim: int | None = None,
+        budget: int = 0,
+        seed: int = 0,
+        sample_rows: int = DEFAULT_SAMPLE_ROWS,
     ) -> None:
         super().__init__(match)
         self.pattern_sources = tuple(patterns) if patterns else HEAD_PATTERNS
         self.patterns = compile_patterns(self.pattern_sources, "strategy head_order: patterns", {"block", "role", "param"})
         self.geometry_options = (num_heads, num_kv_heads, head_dim)
         self.geometry: tuple[int, int, int] | None = None
+        self.search = SearchSettings.checked(self.name, budget, seed, sample_rows)
+
+    def describe(self) -> dict[str, object]:
+        # recorded only with a search, so that earlier runs' records (and fingerprints) stay as they were
+        return {**super().describe(), **(self.search.describe() if self.search.budget else {})}
 
     def _recognise(self, name: str):
         for pattern in self.patterns:
@@ -267,12 +278,17 @@ class HeadOrderStrategy(QuantizationStrategy):
         reader = error.reader(o_name, o) if hasattr(error, "reader") else None
         if reader is not None and reader.importance is not None:
             head_orders.append(self._head_order((norms * reader.importance).reshape(heads, head_dim).sum(axis=1)))
-        expand = lambda order: (order[:, None] * head_dim + np.arange(head_dim)[None, :]).reshape(-1)  # noqa: E731
-        chosen, gain = best_order(o_name, o, [None] + [expand(order) for order in head_orders], error)
+        improve = None
+        if reader is not None and self.search.budget:
+            def improve(start: np.ndarray) -> np.ndarray | None:
+                found, kept = search_head_order(reader, start[::head_dim] // head_dim, kv_heads, head_dim, self.search)
+                return expand_heads(found, head_dim) if kept else None
+        candidates = [None] + [expand_heads(order, head_dim) for order in head_orders]
+        chosen, gain = best_order(o_name, o, candidates, error, improve)
         if chosen is None:
             return {name: None for name in tensors}
         query_heads = chosen[::head_dim] // head_dim
-        kv_order = expand(query_heads[:: heads // kv_heads] // (heads // kv_heads))
+        kv_order = expand_heads(query_heads[:: heads // kv_heads] // (heads // kv_heads), head_dim)
         return {
             name: Permutation(chosen, 1, gain) if role == "o" else Permutation(chosen if role == "q" else kv_order, 0)
             for name, role in roles.items()

@@ -5,7 +5,8 @@ lower the error of every matrix that reads those columns, measured by quantizing
 sample of their rows in their own block types (with their importance vectors, through the
 registry's kernels) after each swap.  Swaps first take away any excess over identity's error of a matrix the start makes
 worse, then lower the sum of the errors relative to identity's; the result is judged on every
-row afterwards, and kept only if no matrix is worse than under identity.
+row afterwards, and kept only if no matrix is worse than under identity.  head_order's search
+swaps whole heads instead (of one key/value group, or whole groups), so that heads stay whole.
 """
 
 from __future__ import annotations
@@ -135,13 +136,14 @@ class SampledErrors:
             errors.update(batch.totals(batch.block_errors))
         return errors
 
-    def swapped(self, order: np.ndarray, a: int, b: int) -> dict[str, float]:
-        """Every matrix's error under ``order``: the committed order with positions a and b swapped."""
+    def swapped(self, order: np.ndarray, positions: np.ndarray) -> dict[str, float]:
+        """Every matrix's error under ``order``: the committed order with the columns at
+        ``positions`` exchanged among themselves."""
         errors = {}
         self._pending = []
         for batch in self.batches:
             size = batch.entry.block_size
-            blocks = np.unique([a // size, b // size])
+            blocks = np.unique(np.asarray(positions) // size)
             if blocks.size == 1:
                 self._pending.append(None)
                 errors.update(batch.totals(batch.block_errors))
@@ -206,7 +208,7 @@ def search_order(
         if a // block == b // block:
             continue
         order[[a, b]] = order[[b, a]]
-        errors = sampled.swapped(order, a, b)
+        errors = sampled.swapped(order, np.array([a, b]))
         # first less excess over identity (from a start that is worse for some matrix), then less error
         value = (excess(errors, identity), relative_total(errors, identity))
         if value < current:
@@ -218,3 +220,64 @@ def search_order(
             order[[a, b]] = order[[b, a]]
     return order, kept
 
+
+
+def expand_heads(head_order: np.ndarray, head_dim: int) -> np.ndarray:
+    """The column order that puts whole heads (``head_dim`` columns each) in ``head_order``."""
+    return (np.asarray(head_order, dtype=np.int64)[:, None] * head_dim + np.arange(head_dim)[None, :]).reshape(-1)
+
+
+def search_head_order(
+    reader: Reader,
+    start: np.ndarray,
+    kv_heads: int,
+    head_dim: int,
+    settings: SearchSettings,
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """From the query-head order ``start`` (the heads of each key/value group side by side, as
+    head_order builds every order), ``settings.budget`` proposed swaps that keep it so: of two
+    heads of one group, or of two whole groups, measured on a seeded sample of ``reader``'s rows
+    in its block type.  A swap is kept under the rule of search_order (less excess over
+    identity's error, then less error).  Only a swap that moves values between blocks can
+    change the error (a K-quant's 256 columns hold several heads of 64, Q8_0's 32 never hold
+    two: then nothing is searched); swaps that cannot are skipped.
+    Returns the head order reached and the swaps kept (head positions)."""
+    from qstrat.formats import block_type
+
+    heads = start.size
+    per_group = heads // kv_heads
+    width = heads * head_dim
+    block = block_type(reader.type_name).block_size
+    order = np.array(start, dtype=np.int64)
+    if settings.budget == 0 or head_dim % block == 0 or width // block < 2:
+        return order, []
+    rng = np.random.default_rng(settings.seed)
+    sampled = SampledErrors({"reader": reader}, settings.sample_rows, rng)
+    identity = sampled.reset(np.arange(width))
+    first = sampled.reset(expand_heads(order, head_dim))
+    current = (excess(first, identity), relative_total(first, identity))
+    kept: list[tuple[int, int]] = []
+    for _ in range(settings.budget):
+        if per_group > 1 and (kv_heads == 1 or rng.random() < 0.5):
+            group = int(rng.integers(kv_heads))
+            a, b = (group * per_group + rng.choice(per_group, 2, replace=False)).tolist()
+            moved_a, moved_b = np.array([a]), np.array([b])
+        elif kv_heads > 1:
+            g, h = rng.choice(kv_heads, 2, replace=False).tolist()
+            a, b = g * per_group, h * per_group
+            moved_a, moved_b = np.arange(a, a + per_group), np.arange(b, b + per_group)
+        else:
+            break  # one head: nothing to move
+        slots = np.concatenate([moved_a, moved_b])
+        positions = expand_heads(slots, head_dim)
+        if np.unique(positions // block).size == 1:
+            continue  # both inside one block: the same error
+        trial = order.copy()
+        trial[moved_a], trial[moved_b] = order[moved_b], order[moved_a]
+        errors = sampled.swapped(expand_heads(trial, head_dim), positions)
+        value = (excess(errors, identity), relative_total(errors, identity))
+        if value < current:
+            current, order = value, trial
+            sampled.commit()
+            kept.append((a, b))
+    return order, kept
