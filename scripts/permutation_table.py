@@ -83,7 +83,8 @@ def table(label: str, model_dir: Path, budget: int, imatrix: Path | None = None,
             finite = [n for n in row["sqnr"] if np.isfinite(row["sqnr"][n]) and np.isfinite(base["sqnr"][n])]
             mean = float(np.mean([row["sqnr"][n] for n in finite]))
             gain = mean - float(np.mean([base["sqnr"][n] for n in finite]))
-            least = min(row["sqnr"][n] - base["sqnr"][n] for n in finite)
+            # rounded before printing: an unchanged tensor differs by ~1e-14 (float sums), not a loss
+            least = round(min(row["sqnr"][n] - base["sqnr"][n] for n in finite), 3) + 0.0
             cells = [fmt, name, f"{mean:.2f}", f"{gain:+.2f}", f"{least:+.3f}", row["order"] or "—"]
             if embeddings:
                 cells.append(f"{row['cosine']:.6f}")
@@ -129,12 +130,13 @@ def main() -> int:
                 made["minilm-imatrix"] = table(SECTIONS["minilm-imatrix"], model_dir, args.budget, minilm_imatrix(workdir), embeddings)
     target = Path(args.write)
     text = target.read_text() if target.exists() else ""
-    marker = "<!-- permutation tables -->"
+    marker, end = "<!-- permutation tables -->", "<!-- end of permutation tables -->"
     head, _, tables = text.partition(marker)
+    tables, _, tail = tables.partition(end)  # what follows (the SmolLM2 table) stays
     # keep the tables not remade this time
     kept = {key: ["### " + block] for key, title in SECTIONS.items() for block in tables.split("\n### ")[1:] if block.split("\n", 1)[0] == title}
     sections = [line for key in SECTIONS for line in made.get(key) or kept.get(key, [])]
-    target.write_text(head + marker + "\n\n" + "\n".join(sections).rstrip() + "\n")
+    target.write_text(head + marker + "\n\n" + "\n".join(sections).rstrip() + "\n\n" + end + tail)
     return 0
 
 
