@@ -4,7 +4,8 @@
     python scripts/permutation_table.py --budget 100    # a shorter search
 
 For each model (the example model, a synthetic Llama whose residual stream has outlier channels shared
-by every layer, all-MiniLM-L6-v2 with and without an importance matrix), each block type and each
+by every layer, and what one plain sort would do to it, all-MiniLM-L6-v2 with and without an importance
+matrix), each block type and each
 chain, the model is quantized in memory and compared with the identity chain of the same type: the
 mean weight SQNR, its gain, and the least gain of any tensor (never negative: no tensor may be worse
 than without a permutation).  MiniLM also gets the cosine of its sentence embeddings to the original's.
@@ -25,9 +26,13 @@ import numpy as np
 import qstrat
 from qstrat.bert import SENTENCES, embedding_agreement, sentence_embeddings, tokenize
 from qstrat.io.safetensors import SafetensorsModel, map_tensor
+from qstrat.kernels import column_sq_norms
+from qstrat.matrix import quantize_matrix_as
 from qstrat.pipelines.run import evaluate_model, quantize_model
 from qstrat.reference import minilm_model_dir
 from qstrat.runconfig import RunConfig
+from qstrat.strategies.base import descending_order
+from qstrat.strategies.residual import residual_axis
 from qstrat.synthetic import LlamaShape, hf_config, llama_tensors, write_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,6 +99,30 @@ def table(label: str, model_dir: Path, budget: int, imatrix: Path | None = None,
     return lines + [""]
 
 
+def sort_ceiling(label: str, tensors: dict[str, np.ndarray]) -> list[str]:
+    """What one global descending-energy order of the hidden dimension does to each reader, with
+    no rule against losses: the most a plain sort offers on this model."""
+    readers = {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in sorted(tensors.items()) if a.ndim == 2 and residual_axis(n) == 1}
+    width = next(iter(readers.values())).shape[1]
+    energy = np.zeros(width)
+    for array in readers.values():
+        norms = np.zeros(width)
+        column_sq_norms(array, norms)
+        energy += norms / norms.sum()
+    order = descending_order(energy)
+    lines = [f"### {label}", "", "| type | least gain of a reader (dB) | most gain of a reader (dB) | mean gain over every tensor (dB) |",
+             "| --- | --- | --- | --- |"]
+    for fmt in FORMATS:
+        def error(name: str, perm: np.ndarray | None) -> float:
+            return quantize_matrix_as(readers[name], fmt, None, perm, tensor_name=name, measure="error").chosen_error
+
+        gains = [10 * np.log10(error(n, None) / error(n, order)) for n in readers]
+        matrices = sum(1 for a in tensors.values() if a.ndim == 2)  # the quantized tensors the other tables average over
+        lines.append(f"| {fmt} | {min(gains):+.2f} | {max(gains):+.2f} | {sum(gains) / matrices:+.2f} |")
+        print(lines[-1], flush=True)
+    return lines + [""]
+
+
 def minilm_imatrix(workdir: Path) -> Path:
     """An importance matrix of all-MiniLM-L6-v2 from 16 chunks of 128 tokens of the Wikipedia text gensim ships."""
     text, out = workdir / "wiki.txt", workdir / "minilm.imatrix.gguf"
@@ -118,6 +147,8 @@ def main() -> int:
         if "outliers" in wanted:
             outliers = write_model(workdir / "outliers", llama_tensors(OUTLIER_SHAPE, seed=0), dtype="BF16", config=hf_config(OUTLIER_SHAPE))
             made["outliers"] = table(SECTIONS["outliers"], outliers, args.budget)
+        if "sort" in wanted:
+            made["sort"] = sort_ceiling(SECTIONS["sort"], llama_tensors(OUTLIER_SHAPE, seed=0))
         if {"minilm", "minilm-imatrix"} & set(wanted):
             model_dir = minilm_model_dir()
             config = json.loads((model_dir / "config.json").read_text())
@@ -143,6 +174,7 @@ def main() -> int:
 SECTIONS = {
     "example": "The example model (examples/tiny-llama)",
     "outliers": "A synthetic Llama with shared outlier channels (hidden 1024, 2 layers)",
+    "sort": "The same model, one descending-energy order with no rule against losses (float32 weights)",
     "minilm": "all-MiniLM-L6-v2",
     "minilm-imatrix": "all-MiniLM-L6-v2 with an importance matrix (16 x 128 Wikipedia tokens)",
 }
