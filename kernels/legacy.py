@@ -54,13 +54,14 @@ def _c_int32(value):
 
 
 @njit(cache=True, inline="always")
-def _c_roundf_int(value):
-    """(int)roundf(value): ties away from zero, INT_MIN where cvttss2si gives it."""
-    if not abs(value) < _TWO_31:
-        return np.int64(_INT_MIN)
-    t = np.int32(value)
+def _c_roundf_int32(value):
+    """(int)roundf(value) as int32: ties away from zero, INT_MIN where cvttss2si gives it.
+    Selects, no branch, so that Q8_0's rounding loop vectorises."""
+    in_range = abs(value) < _TWO_31
+    t = np.int32(value) if in_range else np.int32(0)
     frac = value - np.float32(t)  # exact: the fraction of a float32 needs no more bits
-    return np.int64(t) + np.int64(frac >= np.float32(0.5)) - np.int64(frac <= np.float32(-0.5))
+    rounded = t + np.int32(frac >= np.float32(0.5)) - np.int32(frac <= np.float32(-0.5))
+    return rounded if in_range else _INT_MIN
 
 
 @njit(cache=True, inline="always")
@@ -143,15 +144,14 @@ def _quantize_block_ref(row, start, qk, qtype, out, b):
         out[b, :] = 0
         return 1
     if qtype == Q8_0:
-        amax = np.float32(0.0)
-        for j in range(U64(QK)):
-            amax = max(amax, abs(finite_to_float32(row[start + j])))
+        # the largest magnitude from the extremes (abs: +0 when both are zeros, as GGML's amax)
+        amax = abs(max(high, -low))
         d = amax / np.float32(127.0)
         inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
         store_half(out, b, 0, d)
-        for j in range(U64(QK)):
-            q = _c_roundf_int(finite_to_float32(row[start + j]) * inv)
-            out[b, U64(2) + j] = np.uint8(q & 0xFF)
+        for j in range(qk):
+            q = _c_roundf_int32(finite_to_float32(row[start + j]) * inv)
+            out[b, U64(2) + j] = np.uint8(q & np.int32(0xFF))
         return 0
     qs = U64(QS_OFFSET[qtype])
     if qtype == Q4_0 or qtype == Q5_0:
