@@ -72,16 +72,18 @@ def register(
 
 
 def _as_float32(rows: np.ndarray) -> np.ndarray:
-    """16-bit kernel storage decoded to float32 (exact) before the legacy and K-quant kernels, so
-    that each of their kernels compiles for one input type, not three: their first compile is most
-    of a cold run (and of the test suite); the extra pass costs far less than their quantizing."""
+    """16-bit kernel storage decoded to float32 (exact) before the K-quant and IQ4_NL kernels, so
+    that each compiles for one input type, not three: their first compile is most of a cold run
+    (and of the test suite), and the extra pass costs far less than their quantizing.  The legacy
+    kernel reads 16-bit storage itself: it quantizes about as fast as memory is copied, so a
+    decoding pass would halve it."""
     return storage_to_float32(rows)
 
 
 def _legacy(code: int) -> tuple[QuantizeRows, DequantizeRows]:
     def quantize_legacy(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
         out = np.empty((rows.shape[0] * (rows.shape[1] // legacy.QK), legacy.BLOCK_BYTES[code]), dtype=np.uint8)
-        non_finite = legacy.quantize_rows_legacy(_as_float32(rows), code, out, imatrix)
+        non_finite = legacy.quantize_rows_legacy(rows, code, out, imatrix)
         if non_finite:  # the caller checked first: a kernel disagreeing with it is a bug
             raise AssertionError("the kernel found non-finite values the input check did not")
         return out.reshape(rows.shape[0], -1)
