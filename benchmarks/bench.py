@@ -148,6 +148,7 @@ def ggml_types_all_cores(x: np.ndarray) -> None:
     dst = np.empty_like(x)
     copy = timed(lambda: np.copyto(dst, x))
     row("q8_0", timed(lambda: quantize(x, "q8_0")), copy, x.nbytes, "np.copyto into a preallocated array (>= 0.7)")
+    row("q8_0, the kernel alone (no input check)", timed(lambda: FORMATS["q8_0"].quantize_rows(x, None)), copy, x.nbytes, "np.copyto")
     small = x[: max(1, x.shape[0] // 16)]
     for name, entry in FORMATS.items():
         if entry.name == "f32":
