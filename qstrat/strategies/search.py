@@ -221,7 +221,6 @@ def search_order(
     return order, kept
 
 
-
 def expand_heads(head_order: np.ndarray, head_dim: int) -> np.ndarray:
     """The column order that puts whole heads (``head_dim`` columns each) in ``head_order``."""
     return (np.asarray(head_order, dtype=np.int64)[:, None] * head_dim + np.arange(head_dim)[None, :]).reshape(-1)
