@@ -30,6 +30,12 @@ QuantizeRows = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
 DequantizeRows = Callable[[np.ndarray, int], np.ndarray]
 
 
+class NonFiniteBlocks(Exception):
+    """A quantizer whose kernel checks as it goes found NaN or infinity: its output is void.
+    ``quantize`` relies on it instead of scanning the input first; the pipeline scans first, so
+    there it means a bug."""
+
+
 @dataclass(frozen=True)
 class BlockType:
     """One GGUF tensor type qstrat writes."""
@@ -41,6 +47,7 @@ class BlockType:
     quantize_rows: QuantizeRows
     dequantize_rows: DequantizeRows
     uses_imatrix: bool  # whether an importance vector changes the bytes
+    checks_finite: bool = False  # quantize_rows raises NonFiniteBlocks itself (no scan needed first)
 
     def row_bytes(self, k: int) -> int:
         return k // self.block_size * self.type_size
@@ -56,6 +63,7 @@ def register(
     dequantize_rows: DequantizeRows,
     *,
     uses_imatrix: bool,
+    checks_finite: bool = False,
     kernel_layout: tuple[int, int] | None = None,
 ) -> BlockType:
     """Add a type under its lower-case GGUF name.  ``kernel_layout`` (block size, bytes per
@@ -63,7 +71,7 @@ def register(
     block_size, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
     if kernel_layout is not None and kernel_layout != (block_size, type_size):
         raise AssertionError(f"{ggml_type.name}: kernel layout {kernel_layout} != GGUF's {(block_size, type_size)}")
-    entry = BlockType(ggml_type.name.lower(), ggml_type, block_size, type_size, quantize_rows, dequantize_rows, uses_imatrix)
+    entry = BlockType(ggml_type.name.lower(), ggml_type, block_size, type_size, quantize_rows, dequantize_rows, uses_imatrix, checks_finite)
     FORMATS[entry.name] = entry
     return entry
 
@@ -83,9 +91,8 @@ def _as_float32(rows: np.ndarray) -> np.ndarray:
 def _legacy(code: int) -> tuple[QuantizeRows, DequantizeRows]:
     def quantize_legacy(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
         out = np.empty((rows.shape[0] * (rows.shape[1] // legacy.QK), legacy.BLOCK_BYTES[code]), dtype=np.uint8)
-        non_finite = legacy.quantize_rows_legacy(rows, code, out, imatrix)
-        if non_finite:  # the caller checked first: a kernel disagreeing with it is a bug
-            raise AssertionError("the kernel found non-finite values the input check did not")
+        if legacy.quantize_rows_legacy(rows, code, out, imatrix):
+            raise NonFiniteBlocks
         return out.reshape(rows.shape[0], -1)
 
     def dequantize_legacy(blocks: np.ndarray, k: int) -> np.ndarray:
@@ -103,7 +110,7 @@ for _type, _code, _weighted in (
     (QuantizationType.Q5_0, legacy.Q5_0, True),
     (QuantizationType.Q5_1, legacy.Q5_1, True),
 ):
-    register(_type, *_legacy(_code), uses_imatrix=_weighted, kernel_layout=(legacy.QK, legacy.BLOCK_BYTES[_code]))
+    register(_type, *_legacy(_code), uses_imatrix=_weighted, checks_finite=True, kernel_layout=(legacy.QK, legacy.BLOCK_BYTES[_code]))
 
 
 # --- the K-quants: 256-value super-blocks (kernels/kquants.py)
@@ -112,9 +119,8 @@ for _type, _code, _weighted in (
 def _kquant(code: int) -> tuple[QuantizeRows, DequantizeRows]:
     def quantize_kquant(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
         out = np.empty((rows.shape[0] * (rows.shape[1] // QK_K), kquants.BLOCK_BYTES[code]), dtype=np.uint8)
-        non_finite = kquants.quantize_rows_kquants(_as_float32(rows), code, out, imatrix)
-        if non_finite:  # the caller checked first: a kernel disagreeing with it is a bug
-            raise AssertionError("the kernel found non-finite values the input check did not")
+        if kquants.quantize_rows_kquants(_as_float32(rows), code, out, imatrix):
+            raise NonFiniteBlocks
         return out.reshape(rows.shape[0], -1)
 
     def dequantize_kquant(blocks: np.ndarray, k: int) -> np.ndarray:
@@ -132,7 +138,7 @@ for _type, _code in (
     (QuantizationType.Q5_K, kquants.Q5_K),
     (QuantizationType.Q6_K, kquants.Q6_K),
 ):
-    register(_type, *_kquant(_code), uses_imatrix=True, kernel_layout=(QK_K, kquants.BLOCK_BYTES[_code]))
+    register(_type, *_kquant(_code), uses_imatrix=True, checks_finite=True, kernel_layout=(QK_K, kquants.BLOCK_BYTES[_code]))
 
 
 # --- IQ4_NL: 32-value blocks of indices into a non-linear table (kernels/iq4nl.py); llama.cpp's
@@ -144,8 +150,8 @@ _NO_IMPORTANCE = np.empty(0, dtype=np.float32)  # the kernel's "no vector" (one 
 def _quantize_iq4nl(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
     out = np.empty((rows.shape[0] * (rows.shape[1] // legacy.QK), iq4nl.BLOCK_BYTES), dtype=np.uint8)
     weights = _NO_IMPORTANCE if imatrix is None else imatrix
-    if iq4nl.quantize_rows_iq4nl(_as_float32(rows), out, weights):  # the caller checked first
-        raise AssertionError("the kernel found non-finite values the input check did not")
+    if iq4nl.quantize_rows_iq4nl(_as_float32(rows), out, weights):
+        raise NonFiniteBlocks
     return out.reshape(rows.shape[0], -1)
 
 
@@ -157,7 +163,7 @@ def _dequantize_iq4nl(blocks: np.ndarray, k: int) -> np.ndarray:
 
 register(
     QuantizationType.IQ4_NL, _quantize_iq4nl, _dequantize_iq4nl,
-    uses_imatrix=True, kernel_layout=(legacy.QK, iq4nl.BLOCK_BYTES),
+    uses_imatrix=True, checks_finite=True, kernel_layout=(legacy.QK, iq4nl.BLOCK_BYTES),
 )
 
 
@@ -266,13 +272,23 @@ def quantize(data: np.ndarray, qtype: str | QuantizationType, imatrix: np.ndarra
     k = storage.shape[-1]
     rows = np.ascontiguousarray(storage.reshape(-1, k))
     weights = None if imatrix is None else _check_imatrix(imatrix, k, entry, array.shape)
-    flat = int(first_nonfinite_index(rows)) if rows.size else -1
-    if flat >= 0:
-        raise NonFiniteError(
-            f"data of shape {array.shape} holds a non-finite value at index {_index_in(flat, array.shape)}; "
-            f"{entry.name} quantization refuses NaN and infinity"
-        )
-    out = entry.quantize_rows(rows, weights if entry.uses_imatrix else None)
+
+    def refuse_non_finite() -> None:
+        flat = int(first_nonfinite_index(rows)) if rows.size else -1
+        if flat >= 0:
+            raise NonFiniteError(
+                f"data of shape {array.shape} holds a non-finite value at index {_index_in(flat, array.shape)}; "
+                f"{entry.name} quantization refuses NaN and infinity"
+            )
+
+    # a kernel that checks as it goes spares a scan of the input (one pass over memory) unless it finds one
+    if not entry.checks_finite:
+        refuse_non_finite()
+    try:
+        out = entry.quantize_rows(rows, weights if entry.uses_imatrix else None)
+    except NonFiniteBlocks:
+        refuse_non_finite()
+        raise  # the kernel and the scan disagree: a bug
     return out.reshape(array.shape[:-1] + (entry.row_bytes(k),))
 
 

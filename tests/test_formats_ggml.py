@@ -263,6 +263,11 @@ def test_errors_name_shape_type_and_index():
                 qstrat.quantize(data, name, imatrix=np.ones(64))
     with pytest.raises(NonFiniteError, match=r"index \(1, 0, 37\)"):
         qstrat.quantize(x.reshape(3, 1, 64)[[0, 2]], "q4_0")
+    wide = np.ones((2, 256), np.float32)
+    wide[1, 200] = -np.inf  # the K-quant kernels find it themselves (the API does not scan first)
+    for name, imatrix in (("q8_0", None), ("q4_k", None), ("q6_k", np.ones(256)), ("q8_k", None), ("bf16", None)):
+        with pytest.raises(NonFiniteError, match=rf"index \(1, 200\).*{name}"):
+            qstrat.quantize(wide.astype(np.float16) if name == "q8_0" else wide, name, imatrix=imatrix)
     good = np.ones((3, 64), np.float32)
     with pytest.raises(InputError, match=r"shape \(63,\).*q4_1 data of shape \(3, 64\).*\(64,\)"):
         qstrat.quantize(good, "q4_1", imatrix=np.ones(63))
