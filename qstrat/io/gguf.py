@@ -131,7 +131,8 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
     q/k rows in GGML's rotary layout, 1-D tensors as F32, the vocabulary; what qstrat needs
     to read it back (the Hugging Face names, which rows were reordered, joint permutations)
     is kept under ``qstrat.*`` keys, since llama.cpp refuses tensors it does not expect.
-    Otherwise it is qstrat's generic container (every tensor under its own name)."""
+    A GGUF input's requantization (``metadata["carried"]``) keeps its joint permutations there
+    too.  Otherwise it is qstrat's generic container (every tensor under its own name)."""
     gguf = _gguf()
     target = Path(target)
     layout = metadata.get("layout")

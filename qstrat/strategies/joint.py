@@ -31,6 +31,11 @@ from qstrat.strategies.residual import balanced_order
 from qstrat.strategies.search import DEFAULT_SAMPLE_ROWS, SearchSettings, expand_heads, scale_group, search_head_order, search_order
 
 
+#: relative difference of two errors below which they count as the same: the same blocks in
+#: another order sum to an error ~1e-13 apart, and a permutation for nothing must not be written
+SAME_ERROR = 1e-9
+
+
 def best_order(
     name: str,
     consumer: np.ndarray,
@@ -40,16 +45,20 @@ def best_order(
 ) -> tuple[np.ndarray | None, float]:
     """The candidate column order with the least actual quantization error of ``consumer`` (first
     on ties; ``candidates[0]`` is None, the identity), then the order ``improve`` finds from it
-    (a local search of search.py, judged on samples) if it beats it on every row; and the gain
-    in dB of the order chosen over identity."""
+    (a local search of search.py, judged on samples) if its error over all rows is lower; and
+    the gain in dB of the order chosen over identity.  An order must be better by more than
+    float rounding (``SAME_ERROR``) to be chosen over one before it."""
     errors = [error(name, consumer, order) for order in candidates]
-    best = int(np.argmin(errors))
+    best = 0
+    for i, candidate_error in enumerate(errors):
+        if candidate_error < errors[best] * (1 - SAME_ERROR):
+            best = i
     order, best_error = candidates[best], errors[best]
     if improve is not None:
         found = improve(np.arange(consumer.shape[1]) if order is None else order)
         if found is not None:
             found_error = error(name, consumer, found)
-            if found_error < best_error:
+            if found_error < best_error * (1 - SAME_ERROR):
                 order, best_error = found, found_error
     return order, gain_db(errors[0], best_error)
 

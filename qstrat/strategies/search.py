@@ -105,7 +105,7 @@ class SampledErrors:
     """Squared errors of seeded row samples (every row of the matrices in ``whole``) under a
     column order.  One quantizer call serves
     all the matrices of a block type without importance vectors (calls cost more than these
-    small samples), and a swap re-quantizes only the two blocks it touches in each."""
+    small samples), and a swap re-quantizes only the blocks it touches in each."""
 
     def __init__(self, readers: Mapping[str, Reader], sample_rows: int, rng: np.random.Generator, whole: frozenset[str] = frozenset()) -> None:
         from qstrat.blocks import storage_to_float32
@@ -239,7 +239,8 @@ def search_head_order(
     in its block type.  A swap is kept under the rule of search_order (less excess over
     identity's error, then less error).  Only a swap that moves values between blocks can
     change the error (a K-quant's 256 columns hold several heads of 64, Q8_0's 32 never hold
-    two: then nothing is searched); swaps that cannot are skipped.
+    two: then nothing is searched); swaps that cannot (inside one block, or of whole blocks,
+    as groups that each fill whole blocks) are skipped.
     Returns the head order reached and the swaps kept (head positions)."""
     from qstrat.formats import block_type
 
@@ -267,6 +268,9 @@ def search_head_order(
             moved_a, moved_b = np.arange(a, a + per_group), np.arange(b, b + per_group)
         else:
             break  # one head: nothing to move
+        span = moved_a.size * head_dim
+        if span % block == 0 and (a * head_dim) % block == 0 and (b * head_dim) % block == 0:
+            continue  # whole blocks change places: the same error
         slots = np.concatenate([moved_a, moved_b])
         positions = expand_heads(slots, head_dim)
         if np.unique(positions // block).size == 1:
