@@ -63,6 +63,16 @@ def best_order(
     return order, gain_db(errors[0], best_error)
 
 
+class _SearchedWithBudget(QuantizationStrategy):
+    """A joint strategy whose local search (``self.search``) runs only when given a budget."""
+
+    search: SearchSettings
+
+    def describe(self) -> dict[str, object]:
+        # recorded only with a search, so that earlier runs' records (and fingerprints) stay as they were
+        return {**super().describe(), **(self.search.describe() if self.search.budget else {})}
+
+
 # -- mlp_joint ---------------------------------------------------------------------------------
 
 #: (block, role, param) patterns; roles: producers of the intermediate dimension, and its consumer
@@ -77,7 +87,7 @@ _PRODUCERS = {"gate_proj", "up_proj", "intermediate", "fc1", "dense_h_to_4h", "f
 _CONSUMERS = {"down_proj", "output", "fc2", "dense_4h_to_h", "ffn_down"}
 
 
-class MlpJointStrategy(QuantizationStrategy):
+class MlpJointStrategy(_SearchedWithBudget):
     """Permute an MLP's intermediate dimension: rows of gate/up (and biases), columns of down."""
 
     name = "mlp_joint"
@@ -96,10 +106,6 @@ class MlpJointStrategy(QuantizationStrategy):
         self.pattern_sources = tuple(patterns) if patterns else MLP_PATTERNS
         self.patterns = compile_patterns(self.pattern_sources, "strategy mlp_joint: patterns", {"block", "role", "param"})
         self.search = SearchSettings.checked(self.name, budget, seed, sample_rows)
-
-    def describe(self) -> dict[str, object]:
-        # recorded only with a search, so that earlier runs' records (and fingerprints) stay as they were
-        return {**super().describe(), **(self.search.describe() if self.search.budget else {})}
 
     def _recognise(self, name: str):
         for pattern in self.patterns:
@@ -172,7 +178,7 @@ _ROLE = {"q": "q", "query": "q", "k": "k", "key": "k", "v": "v", "value": "v", "
          "attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o"}
 
 
-class HeadOrderStrategy(QuantizationStrategy):
+class HeadOrderStrategy(_SearchedWithBudget):
     """Reorder whole attention heads: rows of q/k/v (and biases) by head, columns of o by head.
 
     Under grouped-query attention a key/value head moves with the query heads that read it
@@ -202,10 +208,6 @@ class HeadOrderStrategy(QuantizationStrategy):
         self.geometry_options = (num_heads, num_kv_heads, head_dim)
         self.geometry: tuple[int, int, int] | None = None
         self.search = SearchSettings.checked(self.name, budget, seed, sample_rows)
-
-    def describe(self) -> dict[str, object]:
-        # recorded only with a search, so that earlier runs' records (and fingerprints) stay as they were
-        return {**super().describe(), **(self.search.describe() if self.search.budget else {})}
 
     def _recognise(self, name: str):
         for pattern in self.patterns:
