@@ -83,7 +83,7 @@ _CONVERTS_HALF = _host_converts_half()
 _F16_DECODE = _f16_by_instruction if _CONVERTS_HALF else _f16_bits_to_float32
 
 
-@overload(to_float32, inline="always")
+@overload(to_float32)
 def _to_float32_overload(value):
     if value == types.float32:
         return lambda value: value
@@ -105,7 +105,7 @@ def _finite_f16_bits_to_float32(value):
     return np.uint32(np.float32(magnitude).view(np.uint32) | ((h & np.uint32(0x8000)) << np.uint32(16))).view(np.float32)
 
 
-@overload(finite_to_float32, inline="always")
+@overload(finite_to_float32)
 def _finite_to_float32_overload(value):
     if value == types.int16:
         return _f16_by_instruction if _CONVERTS_HALF else _finite_f16_bits_to_float32
@@ -119,7 +119,7 @@ def source_index(perm, index):  # pragma: no cover - replaced by the overload in
     raise NotImplementedError("source_index is only callable from numba-compiled code")
 
 
-@overload(source_index, inline="always")
+@overload(source_index)
 def _source_index_overload(perm, index):
     # Resolved at compile time: the identity path has no index load at all.
     if isinstance(perm, types.NoneType):
@@ -144,7 +144,7 @@ def from_order_key(key, like):  # pragma: no cover - replaced by the overload in
 
 # Every format here is sign-magnitude: flipping the magnitude bits of negative values makes
 # the bits two's-complement ordered.  The map is its own inverse.
-@overload(order_key, inline="always")
+@overload(order_key)
 def _order_key_overload(value):
     if value == types.float32:
 
@@ -165,7 +165,7 @@ def _order_key_overload(value):
     return None
 
 
-@overload(from_order_key, inline="always")
+@overload(from_order_key)
 def _from_order_key_overload(key, like):
     if like == types.float32:
 

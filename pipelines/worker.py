@@ -152,8 +152,8 @@ def _quantize_members(
     """The arithmetic of one group: read, permutations, quantize and measure each quantized member."""
     started = time.perf_counter()
     arrays = _read_members(job, buffer)
-    if _strategy_reads_values(job):
-        # strategies must see finite values; without one, the quantize kernel refuses them itself
+    if _strategy_reads_values(job) and job.strategy.needs_finite_values:
+        # otherwise the quantize kernel refuses a non-finite value itself, naming it
         for member in job.members:
             if member.quantize:
                 check_finite(arrays[member.info.name], member.info.name)

@@ -148,6 +148,23 @@ def test_bad_inputs_through_the_cli(tmp_path):
     assert usage.returncode == 2 and "Traceback" not in usage.stderr
 
 
+@pytest.mark.parametrize(
+    "strategies, fmt",
+    [
+        ("[l2_norm]", "q8_k"),  # column statistics see the NaN; the quantize kernel refuses it
+        ("[attention_aware, amax]", "q8_k"),
+        ("[l2_norm]", "q4_k"),
+        ("[mlp_joint, identity]", "q8_0"),  # checked before the strategy
+    ],
+)
+def test_a_nan_fails_the_run_naming_tensor_and_index_whatever_the_strategy(tmp_path, strategies, fmt):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"input: {_nan_model(tmp_path)}\noutput: {tmp_path / 'out'}\n")
+    result = run_cli("qstrat", "run", str(config), "-q", "--set", f"strategies={strategies}", "--set", f"format={fmt}")
+    assert_clean_failure(result, "model.layers.0.mlp.gate_proj.weight", "(5, 300)")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
 def test_bad_inputs_through_the_api(tmp_path):
     with pytest.raises(NonFiniteError, match=r"gate_proj.weight.*\(5, 300\)"):
         quantize_safetensors(_nan_model(tmp_path), QuantizationConfig(output_dir=tmp_path / "o"))

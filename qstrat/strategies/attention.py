@@ -43,6 +43,7 @@ class AttentionAwareStrategy(QuantizationStrategy):
     name = "attention_aware"
     permutation_kind = "runtime"
     per_tensor = False
+    needs_finite_values = False  # column norms, as l2_norm
 
     def __init__(self, match: str | None = None, patterns: Sequence[str] | None = None) -> None:
         super().__init__(match)

@@ -60,6 +60,10 @@ class QuantizationStrategy(ABC):
     per_tensor: ClassVar[bool] = True
     #: a model-level strategy (residual_stream) claims no group: one permutation for the whole model
     model_level: ClassVar[bool] = False
+    #: whether ``permutations`` must see finite values only (the worker checks them first); a
+    #: strategy of column statistics need not: a NaN spoils only the order of a tensor that the
+    #: quantize kernel then refuses, naming the value (and the check's kernel is not compiled)
+    needs_finite_values: ClassVar[bool] = True
 
     def __init__(self, match: str | None = None) -> None:
         self.match = compile_regex(match, f"strategy {self.name}: match") if match else None

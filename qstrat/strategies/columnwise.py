@@ -37,6 +37,7 @@ class L2NormStrategy(QuantizationStrategy):
 
     name = "l2_norm"
     permutation_kind = "runtime"
+    needs_finite_values = False
 
     def permutations(self, tensors: Mapping[str, np.ndarray], error: SquaredError) -> dict[str, Permutation | None]:
         return {name: Permutation(column_l2_order(array), 1) for name, array in tensors.items()}
@@ -47,6 +48,7 @@ class AbsMaxStrategy(QuantizationStrategy):
 
     name = "amax"
     permutation_kind = "runtime"
+    needs_finite_values = False
 
     def permutations(self, tensors: Mapping[str, np.ndarray], error: SquaredError) -> dict[str, Permutation | None]:
         return {name: Permutation(column_amax_order(array), 1) for name, array in tensors.items()}
