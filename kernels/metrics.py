@@ -29,31 +29,31 @@ def measure_columns(n_probes: int) -> int:
     return PROBE_COLUMNS + 2 * n_probes
 
 
-@njit(cache=True)
-def _power_of_two_near_inverse(d):
-    """2**n (float32) with d * 2**n in [1, 2) for a normal ``d`` > 0, and within float32's normal
-    range for a subnormal one: scaling by it is exact.  (|d| <= FLT_MAX / 127 keeps the
-    exponent at most 248: the upper clamp never acts.)"""
-    exponent = np.int32((np.float32(d).view(np.uint32) >> np.uint32(23)) & np.uint32(0xFF))
-    n = 127 - min(max(exponent, np.int32(1)), np.int32(253))
-    return np.uint32((n + 127) << 23).view(np.float32)
-
-
 # finite inputs; reassociation lets the sums vectorise
 _SUMMING = {"reassoc", "nnan", "ninf", "nsz"}
 
+#: Probe vectors summed in the same loop as the weight error; any further ones take a pass
+#: each.  The kernels take at least this many rows of probes (zeros for absent ones), so that
+#: one compiled loop serves every count: a second variant without the probe products would
+#: measure 10 % faster but cost a first run 0.8 s more to compile.
+FUSED_PROBES = 2
 
-# Probe vectors summed in the same loop as the weight error (accumulate_block_measures spells
-# out the specialisations for 0, 1 and 2); any further ones take a pass each.
-_FUSED_PROBES = 2
+
+def fused_probes(probes: np.ndarray | None, k: int) -> np.ndarray:
+    """``probes`` (n, k) as the kernels take them: float32, contiguous, padded with zero rows
+    to at least FUSED_PROBES (a zero probe adds nothing to a sum that is not kept)."""
+    n = 0 if probes is None else probes.shape[0]
+    padded = np.zeros((max(n, FUSED_PROBES), k), np.float32)
+    if n:
+        padded[:n] = probes
+    return padded
 
 
 @njit(cache=True, fastmath=_SUMMING)
 def _scaled_block_sums(row, start, scale, scaled_d, blocks, b, probe_a, probe_b):
     """One pass over a block's values (scaled by ``scale``) and its dequantized values:
     float32 sums of e^2, w^2, w^^2, the largest |e| (e = w - w^), and w.p, e.p for each of
-    ``probe_a`` and ``probe_b`` that is not None.  Numba compiles one specialisation per
-    None-pattern, so absent probes cost nothing and the one loop vectorises in each."""
+    ``probe_a`` and ``probe_b``."""
     err2 = np.float32(0.0)
     ref2 = np.float32(0.0)
     deq2 = np.float32(0.0)
@@ -71,21 +71,21 @@ def _scaled_block_sums(row, start, scale, scaled_d, blocks, b, probe_a, probe_b)
         deq2 += q * q
         # non-negative floats order like their bits: an integer max vectorises, a float one does not
         worst_bits = max(worst_bits, np.float32(abs(e)).view(np.int32))
-        if probe_a is not None:
-            x = probe_a[start + j]
-            exact_a += w * x
-            error_a += e * x
-        if probe_b is not None:
-            x = probe_b[start + j]
-            exact_b += w * x
-            error_b += e * x
+        x = probe_a[start + j]
+        exact_a += w * x
+        error_a += e * x
+        x = probe_b[start + j]
+        exact_b += w * x
+        error_b += e * x
     worst = np.int32(worst_bits).view(np.float32)
     return err2, ref2, deq2, worst, exact_a, error_a, exact_b, error_b
 
 
 @njit(cache=True)
 def accumulate_block_measures(row, start, blocks, b, probes, totals):
-    """Add the measures of block ``b`` against row[start:start + 256] to ``totals`` (one row's).
+    """Add the measures of block ``b`` against row[start:start + 256] to ``totals`` (one row's,
+    ``measure_columns(n)`` long for n probes).  ``probes`` holds at least FUSED_PROBES rows
+    (see ``fused_probes``); only the first n count.
 
     Values are scaled by a power of two near 1/d first (exact), so that float32 squares
     neither overflow near float32's limit nor underflow for tiny blocks.  Reassociation
@@ -94,20 +94,23 @@ def accumulate_block_measures(row, start, blocks, b, probes, totals):
     vector widths).  Inputs are finite (the quantize kernel checked them).
     """
     d = block_scale(blocks, b)
-    # A block stored as zeros (d = 0) holds only values below ~3.7e-37 in magnitude (or zeros):
-    # 2**100 brings them into float32's normal range, where their squares neither underflow
-    # nor overflow, and every value is its own error.
-    scale = _power_of_two_near_inverse(d) if d != np.float32(0.0) else np.float32(2.0**100)
+    if d != np.float32(0.0):
+        # 2**n (float32) with d * 2**n in [1, 2) for a normal d > 0, and within float32's normal
+        # range for a subnormal one: scaling by it is exact.  (|d| <= FLT_MAX / 127 keeps the
+        # exponent at most 248: the upper clamp never acts.)
+        exponent = np.int32((np.float32(d).view(np.uint32) >> np.uint32(23)) & np.uint32(0xFF))
+        n = 127 - min(max(exponent, np.int32(1)), np.int32(253))
+        scale = np.uint32((n + 127) << 23).view(np.float32)
+    else:
+        # A block stored as zeros (d = 0) holds only values below ~3.7e-37 in magnitude (or
+        # zeros): 2**100 brings them into float32's normal range, where their squares neither
+        # underflow nor overflow, and every value is its own error.
+        scale = np.float32(2.0**100)
     # (d * qs) * scale == (d * scale) * qs for a normal d (both scalings exact); for a subnormal
     # d the dequantizer's d * qs rounds coarser, by at most half a subnormal ulp per value
     scaled_d = d * scale
-    n_probes = probes.shape[0]
-    if n_probes == 0:
-        sums = _scaled_block_sums(row, start, scale, scaled_d, blocks, b, None, None)
-    elif n_probes == 1:
-        sums = _scaled_block_sums(row, start, scale, scaled_d, blocks, b, probes[0], None)
-    else:
-        sums = _scaled_block_sums(row, start, scale, scaled_d, blocks, b, probes[0], probes[1])
+    n_probes = (totals.shape[0] - PROBE_COLUMNS) // 2
+    sums = _scaled_block_sums(row, start, scale, scaled_d, blocks, b, probes[0], probes[1])
     err2, ref2, deq2, worst, exact_a, error_a, exact_b, error_b = sums
     unscale = np.float64(1.0) / np.float64(scale)
     unscale2 = unscale * unscale
@@ -121,11 +124,11 @@ def accumulate_block_measures(row, start, blocks, b, probes, totals):
     if n_probes >= 2:
         totals[PROBE_COLUMNS + 2] += np.float64(exact_b) * unscale
         totals[PROBE_COLUMNS + 3] += np.float64(error_b) * unscale
-    for p in range(_FUSED_PROBES, n_probes):
+    for p in range(FUSED_PROBES, n_probes):
         # rare (validation uses two): the weight sums of this pass are computed again, unused
-        exact, error = _scaled_block_sums(row, start, scale, scaled_d, blocks, b, probes[p], None)[4:6]
-        totals[PROBE_COLUMNS + 2 * p] += np.float64(exact) * unscale
-        totals[PROBE_COLUMNS + 2 * p + 1] += np.float64(error) * unscale
+        sums = _scaled_block_sums(row, start, scale, scaled_d, blocks, b, probes[p], probes[p])
+        totals[PROBE_COLUMNS + 2 * p] += np.float64(sums[4]) * unscale
+        totals[PROBE_COLUMNS + 2 * p + 1] += np.float64(sums[5]) * unscale
 
 
 @njit(parallel=True, cache=True)

@@ -19,7 +19,7 @@ from qstrat.kernels.layout import (
     block_scale,
     group_quant_sum,
 )
-from qstrat.kernels.metrics import accumulate_block_measures, measure_columns
+from qstrat.kernels.metrics import accumulate_block_measures, fused_probes, measure_columns
 
 # Integer codes the kernels take; the names are what users write.
 VARIANT_CANDLE = 0  # candle >= 0.11: iscale = -127/max, round half away from zero
@@ -34,8 +34,11 @@ _ROUND_MAGIC = np.float32(12582912.0)
 
 
 @njit(cache=True)
-def _block_extremes(row, start):
-    """The smallest and largest value of the block row[start:start + 256]."""
+def _quantize_block(row, start, variant, out, b):
+    """Quantize row[start:start + 256] into out[b]; return 1 if it holds a NaN or infinity (out[b]
+    is then zeros).  ``row`` is contiguous: a permuted row is gathered before.  (One function:
+    each compiled helper costs a first run about a tenth of a second.)"""
+    # the block's smallest and largest value, by integer keys (an integer min/max vectorises)
     first = row[start]
     key_max = order_key(first)
     key_min = key_max
@@ -43,38 +46,7 @@ def _block_extremes(row, start):
         key = order_key(row[start + j])
         key_max = max(key_max, key)
         key_min = min(key_min, key)
-    return from_order_key(key_min, first), from_order_key(key_max, first)
-
-
-@njit(cache=True)
-def _store_quants(row, start, iscale, ties_away, out, b):
-    half = np.float32(0.5)
-    # One loop body serves every variant (a branch here gets the loop unswitched into a
-    # copy that LLVM vectorises badly): |x - rint(x)| is never -1, so ties never go away.
-    away_tie = half if ties_away else np.float32(-1.0)
-    for j in range(U64(QK_K)):
-        scaled = iscale * finite_to_float32(row[start + j])
-        rounded = (scaled + _ROUND_MAGIC) - _ROUND_MAGIC  # ties to even
-        # Rust's f32::round takes ties away from zero; scaled +- 0.5 is exact here.
-        away = scaled + np.copysign(half, scaled)
-        rounded = away if abs(scaled - rounded) == away_tie else rounded
-        # |scaled| <= 128 by construction, so one clamp is each variant's own clamp
-        # (ggml: min(127, v); candle: clamp(-128, 127); candle 0.9: min(127) + saturating cast).
-        rounded = min(max(rounded, np.float32(-128.0)), np.float32(127.0))
-        out[b, U64(QS_OFFSET) + j] = np.uint8(np.int32(rounded) & 0xFF)
-    # bsums from the stored bytes: a horizontal float sum per group in the loop above cost
-    # almost as much as quantizing the group
-    for g in range(U64(QK_K // BSUM_GROUP)):
-        bits = group_quant_sum(out, b, g) & 0xFFFF
-        out[b, U64(BSUMS_OFFSET) + U64(2) * g] = np.uint8(bits & 0xFF)
-        out[b, U64(BSUMS_OFFSET + 1) + U64(2) * g] = np.uint8(bits >> 8)
-
-
-@njit(cache=True)
-def _quantize_block(row, start, variant, out, b):
-    """Quantize row[start:start + 256] into out[b]; return 1 if it holds a NaN or infinity (out[b]
-    is then zeros).  ``row`` is contiguous: a permuted row is gathered before."""
-    low, high = _block_extremes(row, start)
+    low, high = from_order_key(key_min, first), from_order_key(key_max, first)
     if not (np.isfinite(low) and np.isfinite(high)):
         out[b, :] = 0
         return 1
@@ -101,7 +73,26 @@ def _quantize_block(row, start, variant, out, b):
         # |max| below ~3.7e-37: no meaningful quants exist; the block dequantizes to zeros.
         out[b, :] = 0
         return 0
-    _store_quants(row, start, iscale, variant != VARIANT_GGML, out, b)
+    half = np.float32(0.5)
+    # One loop body serves every variant (a branch here gets the loop unswitched into a
+    # copy that LLVM vectorises badly): |x - rint(x)| is never -1, so ties never go away.
+    away_tie = half if variant != VARIANT_GGML else np.float32(-1.0)
+    for j in range(U64(QK_K)):
+        scaled = iscale * finite_to_float32(row[start + j])
+        rounded = (scaled + _ROUND_MAGIC) - _ROUND_MAGIC  # ties to even
+        # Rust's f32::round takes ties away from zero; scaled +- 0.5 is exact here.
+        away = scaled + np.copysign(half, scaled)
+        rounded = away if abs(scaled - rounded) == away_tie else rounded
+        # |scaled| <= 128 by construction, so one clamp is each variant's own clamp
+        # (ggml: min(127, v); candle: clamp(-128, 127); candle 0.9: min(127) + saturating cast).
+        rounded = min(max(rounded, np.float32(-128.0)), np.float32(127.0))
+        out[b, U64(QS_OFFSET) + j] = np.uint8(np.int32(rounded) & 0xFF)
+    # bsums from the stored bytes: a horizontal float sum per group in the loop above cost
+    # almost as much as quantizing the group
+    for g in range(U64(QK_K // BSUM_GROUP)):
+        bits = group_quant_sum(out, b, g) & 0xFFFF
+        out[b, U64(BSUMS_OFFSET) + U64(2) * g] = np.uint8(bits & 0xFF)
+        out[b, U64(BSUMS_OFFSET + 1) + U64(2) * g] = np.uint8(bits >> 8)
     d = np.float32(np.float32(1.0) / iscale).view(np.uint32)
     for i in range(U64(4)):
         out[b, U64(D_OFFSET) + i] = np.uint8((d >> np.uint32(8 * i)) & np.uint32(0xFF))
@@ -118,10 +109,9 @@ PROBED_CHUNK_ROWS = 8
 _TASKS_WANTED = 256
 
 
-@njit(cache=True)
-def _chunk_rows(rows, probes):
+def _chunk_rows(rows: int, n_probes: int) -> int:
     """Rows per task of the row-wise paths (see PROBED_CHUNK_ROWS)."""
-    if probes is None or probes.shape[0] == 0:
+    if n_probes == 0:
         return 1
     return max(1, min(PROBED_CHUNK_ROWS, rows // _TASKS_WANTED))
 
@@ -161,8 +151,8 @@ def quantize_rows_q8k(x, row_perm, col_perm, variant, out, probes=None, measures
     Returns the number of blocks holding a NaN or infinity (zeroed; the caller refuses them).
 
     Compiling is most of a first run's time, so the arguments reach the kernels in one type
-    each (``x`` read-only, maps and probes always arrays): every run compiles one row-wise
-    kernel per input dtype, and each helper once.
+    each (``x`` read-only, maps and probes always arrays, see ``fused_probes``): every run
+    compiles one row-wise kernel per input dtype, and each helper once.
     """
     if measures is not None and (measures.shape[0] != x.shape[0] or measures.shape[1] != measure_columns(probes.shape[0])):
         raise ValueError("measures must be (rows, measure_columns(len(probes))), zeroed: the kernel adds to it")
@@ -170,15 +160,16 @@ def quantize_rows_q8k(x, row_perm, col_perm, variant, out, probes=None, measures
     source.flags.writeable = False
     if col_perm is None and measures is None:
         return _quantize_blocks(source, row_perm, variant, out)
-    k = x.shape[1]
+    n_probes = 0 if probes is None else probes.shape[0]
     return _quantize_rows(
         source,
         _gather_map(row_perm),
         _gather_map(col_perm),
         variant,
         out,
-        np.zeros((0, k), np.float32) if probes is None else np.require(probes, np.float32, ["C", "W"]),
+        fused_probes(probes, x.shape[1]),
         np.zeros((x.shape[0], 0)) if measures is None else measures,
+        _chunk_rows(x.shape[0], n_probes),
     )
 
 
@@ -201,12 +192,11 @@ def _quantize_blocks(x, row_perm, variant, out):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _quantize_rows(x, row_perm, col_perm, variant, out, probes, measures):
-    """By chunks of rows, each copied (through the gather maps; an empty map is the identity) into
-    a small contiguous buffer first, so that each row's measures are summed by one thread, in
-    block order.  ``measures`` with no columns: none are taken."""
+def _quantize_rows(x, row_perm, col_perm, variant, out, probes, measures, chunk):
+    """By chunks of ``chunk`` rows, each copied (through the gather maps; an empty map is the
+    identity) into a small contiguous buffer first, so that each row's measures are summed by one
+    thread, in block order.  ``measures`` with no columns: none are taken."""
     rows, k = x.shape
-    chunk = _chunk_rows(rows, probes)
     non_finite = 0
     for c in prange((rows + chunk - 1) // chunk):
         first = c * chunk
