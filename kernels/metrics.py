@@ -70,7 +70,8 @@ def _scaled_block_sums(row, start, scale, scaled_d, blocks, b, probe_a, probe_b)
         ref2 += w * w
         deq2 += q * q
         # non-negative floats order like their bits: an integer max vectorises, a float one does not
-        worst_bits = max(worst_bits, np.float32(abs(e)).view(np.int32))
+        bits = np.float32(abs(e)).view(np.int32)
+        worst_bits = bits if bits > worst_bits else worst_bits
         x = probe_a[start + j]
         exact_a += w * x
         error_a += e * x
@@ -99,7 +100,7 @@ def accumulate_block_measures(row, start, blocks, b, probes, totals):
         # range for a subnormal one: scaling by it is exact.  (|d| <= FLT_MAX / 127 keeps the
         # exponent at most 248: the upper clamp never acts.)
         exponent = np.int32((np.float32(d).view(np.uint32) >> np.uint32(23)) & np.uint32(0xFF))
-        n = 127 - min(max(exponent, np.int32(1)), np.int32(253))
+        n = 127 - (np.int32(1) if exponent < 1 else (np.int32(253) if exponent > 253 else exponent))
         scale = np.uint32((n + 127) << 23).view(np.float32)
     else:
         # A block stored as zeros (d = 0) holds only values below ~3.7e-37 in magnitude (or
@@ -117,7 +118,9 @@ def accumulate_block_measures(row, start, blocks, b, probes, totals):
     totals[ERROR_SQUARES] += np.float64(err2) * unscale2
     totals[REFERENCE_SQUARES] += np.float64(ref2) * unscale2
     totals[DEQUANTIZED_SQUARES] += np.float64(deq2) * unscale2
-    totals[MAX_ABS_ERROR] = max(totals[MAX_ABS_ERROR], np.float64(worst) * unscale)
+    worst_error = np.float64(worst) * unscale
+    if worst_error > totals[MAX_ABS_ERROR]:
+        totals[MAX_ABS_ERROR] = worst_error
     if n_probes >= 1:
         totals[PROBE_COLUMNS] += np.float64(exact_a) * unscale
         totals[PROBE_COLUMNS + 1] += np.float64(error_a) * unscale

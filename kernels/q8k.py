@@ -38,14 +38,16 @@ def _quantize_block(row, start, variant, out, b):
     """Quantize row[start:start + 256] into out[b]; return 1 if it holds a NaN or infinity (out[b]
     is then zeros).  ``row`` is contiguous: a permuted row is gathered before.  (One function:
     each compiled helper costs a first run about a tenth of a second.)"""
-    # the block's smallest and largest value, by integer keys (an integer min/max vectorises)
+    # the block's smallest and largest value, by integer keys (an integer min/max vectorises).
+    # Here and below, selects rather than the builtin min/max: each of their type pairs is one
+    # more function for a first run to compile.
     first = row[start]
     key_max = order_key(first)
     key_min = key_max
     for j in range(U64(QK_K)):
         key = order_key(row[start + j])
-        key_max = max(key_max, key)
-        key_min = min(key_min, key)
+        key_max = key if key > key_max else key_max
+        key_min = key if key < key_min else key_min
     low, high = from_order_key(key_min, first), from_order_key(key_max, first)
     if not (np.isfinite(low) and np.isfinite(high)):
         out[b, :] = 0
@@ -85,7 +87,8 @@ def _quantize_block(row, start, variant, out, b):
         rounded = away if abs(scaled - rounded) == away_tie else rounded
         # |scaled| <= 128 by construction, so one clamp is each variant's own clamp
         # (ggml: min(127, v); candle: clamp(-128, 127); candle 0.9: min(127) + saturating cast).
-        rounded = min(max(rounded, np.float32(-128.0)), np.float32(127.0))
+        rounded = np.float32(127.0) if rounded > np.float32(127.0) else rounded
+        rounded = np.float32(-128.0) if rounded < np.float32(-128.0) else rounded
         out[b, U64(QS_OFFSET) + j] = np.uint8(np.int32(rounded) & 0xFF)
     # bsums from the stored bytes: a horizontal float sum per group in the loop above cost
     # almost as much as quantizing the group
@@ -200,7 +203,7 @@ def _quantize_rows(x, row_perm, col_perm, variant, out, probes, measures, chunk)
     non_finite = 0
     for c in prange((rows + chunk - 1) // chunk):
         first = c * chunk
-        count = min(chunk, rows - first)
+        count = chunk if chunk < rows - first else rows - first
         # Copying the rows once into a small buffer that stays in cache costs less than
         # gathering every element in each block pass.  Its shape does not depend on the task,
         # so numba allocates it once per thread, not once per task.
