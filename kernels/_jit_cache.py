@@ -18,6 +18,7 @@ import functools
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from numba.core import caching, config
@@ -85,10 +86,11 @@ def install() -> None:
         locators.insert(0, _KernelCacheLocator)
 
 
-def kernels_compiled() -> bool:
-    """Whether a quantize kernel has been compiled and cached here before (a cold cache
-    makes the first run compile for tens of seconds)."""
+def kernels_compiled(modules: Iterable[str] = ("q8k",)) -> bool:
+    """Whether the kernels of each of ``modules`` (names of this package's kernel files, as
+    ``legacy``) have been compiled and cached here before: a cold cache makes a run compile
+    for several seconds per module."""
     try:
-        return any(kernel_cache_dir().rglob("q8k.*.nbi"))
+        return all(any(kernel_cache_dir().rglob(f"{module}.*.nbi")) for module in modules)
     except OSError:
         return False

@@ -8,7 +8,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import typer
@@ -115,14 +115,19 @@ def print_summary(result: QuantizationResult, imatrix: object = None) -> None:
         print(describe_residual_choice(result.residual), flush=True)
 
 
-def announce_first_compile() -> None:
-    """Say once, on a cold kernel cache, why this run starts slowly (on stderr: stdout may be parsed)."""
+def announce_first_compile(formats: Iterable[str] = ("q8_k",)) -> None:
+    """Say once, when the kernels of a run's block types (or llama.cpp presets: their main type)
+    are not cached yet, why it starts slowly (on stderr: stdout may be parsed)."""
+    from qstrat.formats import FORMATS
     from qstrat.kernels._jit_cache import kernel_cache_dir, kernels_compiled
+    from qstrat.presets import default_type, is_preset
 
-    if not kernels_compiled():
+    types = sorted({default_type(f) if is_preset(f) else f.strip().lower() for f in formats} & FORMATS.keys())
+    modules = {FORMATS[t].kernels for t in types if FORMATS[t].kernels}
+    if modules and not kernels_compiled(modules):
         print(
-            f"qstrat: compiling the kernels for this machine (first run only, about a quarter of a minute); "
-            f"later runs load them from {kernel_cache_dir()}",
+            f"qstrat: compiling the kernels of {', '.join(types)} for this machine (once: about 5 s for q8_k, "
+            f"10-20 s for the other block types); later runs load them from {kernel_cache_dir()}",
             file=sys.stderr,
             flush=True,
         )
@@ -218,7 +223,7 @@ def run(
             return
         mode = "quiet" if quiet or json_output else ("bar" if sys.stdout.isatty() else "lines")
         if mode != "quiet":
-            announce_first_compile()
+            announce_first_compile(spec.config.block_types)
         reporter = Reporter(mode)
         batch = len(spec.models) > 1
         outcomes, exit_code = [], EXIT_OK
@@ -342,7 +347,7 @@ def compare(
 
     with user_errors():
         if not json_output:
-            announce_first_compile()
+            announce_first_compile(f for f in formats.split(",") if f.strip())
         _check_counts(ctx=(ctx, 4), chunks=(chunks, 1), workers=(workers, 1))
         data = _read_text(text) if text is not None else None
         case_list = cases([f for f in formats.split(",") if f.strip()], parse_chains(strategies), imatrix)

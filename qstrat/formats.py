@@ -11,6 +11,7 @@ the type registers, so a layout can never silently disagree with GGUF.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Callable
 
 import gguf
@@ -20,7 +21,7 @@ from qstrat.blocks import as_kernel_storage, dequantize_blocks, quantize_rows, s
 from qstrat.errors import InputError, NonFiniteError
 from qstrat.io.safetensors import to_float32
 from qstrat.kernels import BLOCK_BYTES as Q8K_BLOCK_BYTES, QK_K, first_nonfinite_index
-from qstrat.kernels import half, iq4nl, kquants, legacy
+from qstrat.kernels import half, iq4nl, kquants, legacy, q8k
 
 QuantizationType = gguf.GGMLQuantizationType
 
@@ -48,6 +49,7 @@ class BlockType:
     dequantize_rows: DequantizeRows
     uses_imatrix: bool  # whether an importance vector changes the bytes
     checks_finite: bool = False  # quantize_rows raises NonFiniteBlocks itself (no scan needed first)
+    kernels: str | None = None  # the kernel module it compiles on first use (kernels/<name>.py)
 
     def row_bytes(self, k: int) -> int:
         return k // self.block_size * self.type_size
@@ -65,13 +67,18 @@ def register(
     uses_imatrix: bool,
     checks_finite: bool = False,
     kernel_layout: tuple[int, int] | None = None,
+    kernels: ModuleType | None = None,
 ) -> BlockType:
     """Add a type under its lower-case GGUF name.  ``kernel_layout`` (block size, bytes per
-    block) is what the kernels were written for; it must equal GGUF's."""
+    block) is what the kernels were written for; it must equal GGUF's.  ``kernels``: the
+    kernel module the type compiles on first use."""
     block_size, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
     if kernel_layout is not None and kernel_layout != (block_size, type_size):
         raise AssertionError(f"{ggml_type.name}: kernel layout {kernel_layout} != GGUF's {(block_size, type_size)}")
-    entry = BlockType(ggml_type.name.lower(), ggml_type, block_size, type_size, quantize_rows, dequantize_rows, uses_imatrix, checks_finite)
+    entry = BlockType(
+        ggml_type.name.lower(), ggml_type, block_size, type_size, quantize_rows, dequantize_rows, uses_imatrix,
+        checks_finite, kernels.__name__.rsplit(".", 1)[-1] if kernels is not None else None,
+    )
     FORMATS[entry.name] = entry
     return entry
 
@@ -110,7 +117,7 @@ for _type, _code, _weighted in (
     (QuantizationType.Q5_0, legacy.Q5_0, True),
     (QuantizationType.Q5_1, legacy.Q5_1, True),
 ):
-    register(_type, *_legacy(_code), uses_imatrix=_weighted, checks_finite=True, kernel_layout=(legacy.QK, legacy.BLOCK_BYTES[_code]))
+    register(_type, *_legacy(_code), uses_imatrix=_weighted, checks_finite=True, kernel_layout=(legacy.QK, legacy.BLOCK_BYTES[_code]), kernels=legacy)
 
 
 # --- the K-quants: 256-value super-blocks (kernels/kquants.py)
@@ -138,7 +145,7 @@ for _type, _code in (
     (QuantizationType.Q5_K, kquants.Q5_K),
     (QuantizationType.Q6_K, kquants.Q6_K),
 ):
-    register(_type, *_kquant(_code), uses_imatrix=True, checks_finite=True, kernel_layout=(QK_K, kquants.BLOCK_BYTES[_code]))
+    register(_type, *_kquant(_code), uses_imatrix=True, checks_finite=True, kernel_layout=(QK_K, kquants.BLOCK_BYTES[_code]), kernels=kquants)
 
 
 # --- IQ4_NL: 32-value blocks of indices into a non-linear table (kernels/iq4nl.py); llama.cpp's
@@ -163,7 +170,7 @@ def _dequantize_iq4nl(blocks: np.ndarray, k: int) -> np.ndarray:
 
 register(
     QuantizationType.IQ4_NL, _quantize_iq4nl, _dequantize_iq4nl,
-    uses_imatrix=True, checks_finite=True, kernel_layout=(legacy.QK, iq4nl.BLOCK_BYTES),
+    uses_imatrix=True, checks_finite=True, kernel_layout=(legacy.QK, iq4nl.BLOCK_BYTES), kernels=iq4nl,
 )
 
 
@@ -178,7 +185,7 @@ def _dequantize_q8k(blocks: np.ndarray, k: int) -> np.ndarray:
     return dequantize_blocks(blocks.reshape(-1, Q8K_BLOCK_BYTES)).reshape(blocks.shape[0], k)
 
 
-register(QuantizationType.Q8_K, _quantize_q8k, _dequantize_q8k, uses_imatrix=False, kernel_layout=(QK_K, Q8K_BLOCK_BYTES))
+register(QuantizationType.Q8_K, _quantize_q8k, _dequantize_q8k, uses_imatrix=False, kernel_layout=(QK_K, Q8K_BLOCK_BYTES), kernels=q8k)
 
 
 # --- unquantized targets
@@ -210,8 +217,8 @@ def _dequantize_bf16(blocks: np.ndarray, k: int) -> np.ndarray:
 
 
 register(QuantizationType.F32, _quantize_f32, _dequantize_f32, uses_imatrix=False, kernel_layout=(1, 4))
-register(QuantizationType.F16, _encoder(half.encode_rows_f16), _dequantize_f16, uses_imatrix=False, kernel_layout=(1, 2))
-register(QuantizationType.BF16, _encoder(half.encode_rows_bf16), _dequantize_bf16, uses_imatrix=False, kernel_layout=(1, 2))
+register(QuantizationType.F16, _encoder(half.encode_rows_f16), _dequantize_f16, uses_imatrix=False, kernel_layout=(1, 2), kernels=half)
+register(QuantizationType.BF16, _encoder(half.encode_rows_bf16), _dequantize_bf16, uses_imatrix=False, kernel_layout=(1, 2), kernels=half)
 
 
 # --- public API

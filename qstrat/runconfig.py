@@ -185,6 +185,15 @@ class RunConfig(_Strict):
             return tuple(self.outputs)
         return ("q8k",) if not _other_formats(self.__dict__) else ("gguf",)
 
+    @property
+    def block_types(self) -> frozenset[str]:
+        """The block types this run asks for by name: its format, or its preset's default type,
+        and those of its format rules (a preset's rules may add others, chosen per tensor)."""
+        from qstrat.presets import default_type
+
+        main = default_type(self.preset) if self.preset else self.format
+        return frozenset([main, *(rule.format for rule in self.format_rules)])
+
     def rule_format(self, tensor_name: str) -> str | None:
         """The block type the first of ``format_rules`` matching ``tensor_name`` gives, if any."""
         for rule in self.format_rules:

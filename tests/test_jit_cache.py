@@ -24,7 +24,7 @@ def test_kernels_compile_into_the_user_cache_and_say_so_once(tmp_path):
 
     first = run_cli("qstrat", "quantize", str(model), str(tmp_path / "a"), "--no-validation", env=env)
     assert first.returncode == 0, first.stderr
-    assert "compiling the kernels for this machine (first run only" in first.stderr
+    assert "compiling the kernels of q8_k for this machine (once" in first.stderr
     cached = list((cache_home / "qstrat").rglob("q8k.*.nbi"))
     assert cached, f"no kernel index under {cache_home}"
     assert _package_cache_files() == before, "numba wrote its cache inside the package"
@@ -48,3 +48,21 @@ def test_numba_cache_dir_is_honoured(tmp_path):
     assert "compiling the kernels" in result.stderr
     again = run_cli("qstrat", "quantize", str(model), str(tmp_path / "b"), "--no-validation", env=env)
     assert again.returncode == 0 and "compiling" not in again.stderr, again.stderr  # found where numba put them
+
+
+def test_a_block_type_whose_kernels_are_not_cached_is_announced_too(tmp_path):
+    model = write_model(tmp_path / "model", {"layer.weight": np.ones((4, 256), dtype=np.float32)}, dtype="F32")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"input: {model}\noutput: {tmp_path / 'out'}/{{model}}\n")
+    env = {"NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+
+    def run(*sets: str) -> str:
+        result = run_cli("qstrat", "run", str(config), *(a for s in sets for a in ("--set", s)), "--force", env=env)
+        assert result.returncode == 0, result.stderr
+        return result.stderr
+
+    assert "compiling the kernels of q8_k" in run()
+    assert "compiling" not in run()
+    # Q8K's kernels are cached now, F16's are not: that run compiles, and says so
+    assert "compiling the kernels of f16" in run("format=f16")
+    assert "compiling" not in run("format=f16")
