@@ -139,12 +139,99 @@ def make_qx_quants(xb, weight, nmax, codes):
 
 
 @njit(cache=True)
-def make_qkx_quants(x, weight, nmax, codes, aux, rmin, rdelta, nstep, use_mad):
+def _qkx_trial_terms(x, weight, nmax, iscale, low, trial, terms_l, terms_l2, terms_xl):
+    """One trial of make_qkx_quants: its codes into ``trial`` (as float32, exact) and the terms
+    GGML sums, w * l, w * l * l and w * l * x: no sum here, so the loop vectorises."""
+    for i in range(U64(x.shape[0])):
+        bits = np.float32(iscale * (x[i] - low) + ROUND_MAGIC).view(np.int32)
+        l = np.float32(max(np.int32(0), min(np.int32(nmax), np.int32(np.int32(bits & np.int32(0x007FFFFF)) - np.int32(0x00400000)))))
+        trial[i] = l
+        wl = weight[i] * l
+        terms_l[i] = wl
+        terms_l2[i] = wl * l
+        terms_xl[i] = wl * x[i]
+
+
+@njit(cache=True)
+def _qkx_error_terms(x, weight, this_scale, this_min, trial, use_mad, terms_error):
+    """The terms of a trial's weighted error, w * (scale * l + min - x)**2 (or |...|)."""
+    for i in range(U64(x.shape[0])):
+        diff = this_scale * trial[i] + this_min - x[i]
+        diff = abs(diff) if use_mad else diff * diff
+        terms_error[i] = weight[i] * diff
+
+
+@njit(cache=True)
+def _qkx_sums(terms_l, terms_l2, terms_xl, terms_error, with_error):
+    """GGML's sequential sums of a trial's terms (and of the previous trial's error terms, if
+    ``with_error``): independent chains in one loop, which the CPU runs side by side."""
+    sum_l = np.float32(0.0)
+    sum_l2 = np.float32(0.0)
+    sum_xl = np.float32(0.0)
+    error = np.float32(0.0)
+    for i in range(U64(terms_l.shape[0])):
+        sum_l += terms_l[i]
+        sum_l2 += terms_l2[i]
+        sum_xl += terms_xl[i]
+        if with_error:
+            error += terms_error[i]
+    return sum_l, sum_l2, sum_xl, error
+
+
+@njit(cache=True)
+def _qkx_sequential_steps(x, weight, nmax, codes, trial, rmin, rdelta, nstep, use_mad, sum_w, sum_x, high, low, scale, best_error):
+    """make_qkx_quants' trials one loop after the other, as GGML runs them: for groups shorter
+    than 32, whose loops are too short for vectors to pay."""
+    fmax = np.float32(nmax)
+    n = x.shape[0]
+    for step in range(nstep + 1):
+        iscale = (rmin + rdelta * np.float32(step) + fmax) / (high - low)
+        sum_l = np.float32(0.0)
+        sum_l2 = np.float32(0.0)
+        sum_xl = np.float32(0.0)
+        for i in range(n):
+            l = max(0, min(nmax, nearest_int(iscale * (x[i] - low))))
+            trial[i] = np.float32(l)
+            w = weight[i]
+            fl = np.float32(l)
+            sum_l += w * fl
+            sum_l2 += w * fl * fl
+            sum_xl += w * fl * x[i]
+        det = sum_w * sum_l2 - sum_l * sum_l
+        if det > np.float32(0.0):
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+            if this_min > np.float32(0.0):
+                this_min = np.float32(0.0)
+                this_scale = sum_xl / sum_l2
+            error = np.float32(0.0)
+            for i in range(n):
+                diff = this_scale * trial[i] + this_min - x[i]
+                diff = abs(diff) if use_mad else diff * diff
+                error += weight[i] * diff
+            if error < best_error:
+                for i in range(n):
+                    codes[i] = np.int64(trial[i])
+                best_error = error
+                scale = this_scale
+                low = this_min
+    return scale, low
+
+
+@njit(cache=True)
+def make_qkx_quants(x, weight, nmax, codes, scratch, rmin, rdelta, nstep, use_mad):
     """GGML's make_qkx2_quants, and make_qkx3_quants given weights (the same search): codes in
     [0, nmax] and (scale, the_min), value ~ scale * code - the_min.  ``nstep + 1`` scales
     ``(rmin + rdelta * step + nmax) / (max - min)`` are tried, each with a weighted least-squares
     fit of scale and minimum (the minimum kept <= 0); the smallest weighted error (squared, or
-    absolute with ``use_mad``) wins, ties to the earlier."""
+    absolute with ``use_mad``) wins, ties to the earlier.  ``scratch``: float32 (6, >= len(x)).
+
+    From groups of 32 on, each trial's codes and the terms of its sums are computed in vector
+    loops, and only the sums themselves run sequentially, in GGML's order; the next trial is
+    prepared while this one's error is summed, so both chains of additions run side by side.
+    The next trial uses the minimum as it stands, which GGML moves when a trial wins: then it is
+    prepared again.  Every sum GGML compares is thus the one GGML computes (1.5-1.8x GGML's
+    speed here).  Shorter groups take GGML's sequential loops, faster at that length."""
     n = x.shape[0]
     low = x[0]
     high = x[0]
@@ -173,19 +260,22 @@ def make_qkx_quants(x, weight, nmax, codes, aux, rmin, rdelta, nstep, use_mad):
         diff = scale * np.float32(l) + low - x[i]
         diff = abs(diff) if use_mad else diff * diff
         best_error += weight[i] * diff
+    trial = scratch[0, :n]
+    if n < 32:
+        scale, low = _qkx_sequential_steps(x, weight, nmax, codes, trial, rmin, rdelta, nstep, use_mad, sum_w, sum_x, high, low, scale, best_error)
+        return scale, -low
+    next_trial = scratch[1, :n]
+    t_l = scratch[2, :n]
+    t_l2 = scratch[3, :n]
+    t_xl = scratch[4, :n]
+    t_error = scratch[5, :n]
+    iscale = (rmin + rdelta * np.float32(0) + fmax) / (high - low)
+    _qkx_trial_terms(x, weight, nmax, iscale, low, trial, t_l, t_l2, t_xl)
+    sum_l, sum_l2, sum_xl, _ = _qkx_sums(t_l, t_l2, t_xl, t_error, False)
     for step in range(nstep + 1):
-        iscale = (rmin + rdelta * np.float32(step) + fmax) / (high - low)
-        sum_l = np.float32(0.0)
-        sum_l2 = np.float32(0.0)
-        sum_xl = np.float32(0.0)
-        for i in range(n):
-            l = max(0, min(nmax, nearest_int(iscale * (x[i] - low))))
-            aux[i] = l
-            w = weight[i]
-            fl = np.float32(l)
-            sum_l += w * fl
-            sum_l2 += w * fl * fl
-            sum_xl += w * fl * x[i]
+        last = step == nstep
+        # (the last step prepares no trial: its "next" repeats this one, unused)
+        next_iscale = iscale if last else (rmin + rdelta * np.float32(step + 1) + fmax) / (high - low)
         det = sum_w * sum_l2 - sum_l * sum_l
         if det > np.float32(0.0):
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
@@ -193,15 +283,25 @@ def make_qkx_quants(x, weight, nmax, codes, aux, rmin, rdelta, nstep, use_mad):
             if this_min > np.float32(0.0):
                 this_min = np.float32(0.0)
                 this_scale = sum_xl / sum_l2
-            error = np.float32(0.0)
-            for i in range(n):
-                diff = this_scale * np.float32(aux[i]) + this_min - x[i]
-                diff = abs(diff) if use_mad else diff * diff
-                error += weight[i] * diff
+            _qkx_error_terms(x, weight, this_scale, this_min, trial, use_mad, t_error)
+            _qkx_trial_terms(x, weight, nmax, next_iscale, low, next_trial, t_l, t_l2, t_xl)
+            next_l, next_l2, next_xl, error = _qkx_sums(t_l, t_l2, t_xl, t_error, True)
             if error < best_error:
                 for i in range(n):
-                    codes[i] = aux[i]
+                    codes[i] = np.int64(trial[i])
                 best_error = error
                 scale = this_scale
                 low = this_min
+                if not last:  # the next trial depends on the minimum just moved
+                    next_iscale = (rmin + rdelta * np.float32(step + 1) + fmax) / (high - low)
+                    _qkx_trial_terms(x, weight, nmax, next_iscale, low, next_trial, t_l, t_l2, t_xl)
+                    next_l, next_l2, next_xl, _ = _qkx_sums(t_l, t_l2, t_xl, t_error, False)
+        elif not last:
+            _qkx_trial_terms(x, weight, nmax, next_iscale, low, next_trial, t_l, t_l2, t_xl)
+            next_l, next_l2, next_xl, _ = _qkx_sums(t_l, t_l2, t_xl, t_error, False)
+        else:
+            break
+        sum_l, sum_l2, sum_xl = next_l, next_l2, next_xl
+        iscale = next_iscale
+        trial, next_trial = next_trial, trial
     return scale, -low

@@ -609,7 +609,7 @@ def quantize_rows_kquants(x, qtype, out, quant_weights=None):
     for task in prange((n_blocks + BLOCKS_PER_TASK - 1) // BLOCKS_PER_TASK):
         xb = np.empty(QK_K, dtype=np.float32)
         codes = np.empty(QK_K, dtype=np.int64)
-        aux = np.empty(32, dtype=np.int64)
+        aux = np.empty((6, 32), dtype=np.float32)  # make_qkx_quants' scratch
         weight = np.empty(32, dtype=np.float32)
         scales = np.empty(16, dtype=np.float32)
         mins = np.empty(16, dtype=np.float32)

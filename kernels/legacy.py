@@ -263,7 +263,7 @@ def quantize_rows_legacy(x, qtype, out, quant_weights=None):
             xb = np.empty(QK, dtype=np.float32)
             weight = np.empty(QK, dtype=np.float32)
             codes = np.empty(QK, dtype=np.int64)
-            aux = np.empty(QK, dtype=np.int64)
+            aux = np.empty((6, QK), dtype=np.float32)  # make_qkx_quants' scratch
             non_finite += _quantize_row_weighted(x[r], qtype, quant_weights, out, r * blocks_per_row, xb, weight, codes, aux)
     return non_finite
 
