@@ -172,7 +172,10 @@ def _joblib_results(
     results went unused says nothing to a run that is stopping."""
     from joblib import Parallel, delayed
 
-    results = Parallel(n_jobs=n_jobs, return_as="generator")(delayed(task)(batch) for batch in batches)
+    # batch_size=1: the tasks are sized already (TASK_BYTES, TASK_GROUPS); joblib's automatic
+    # batching, seeing fast tasks, would hand the workers most of a run at once, so that the journal
+    # lags far behind them and a worker's death near the start could go unnoticed
+    results = Parallel(n_jobs=n_jobs, return_as="generator", batch_size=1)(delayed(task)(batch) for batch in batches)
     try:
         while True:
             with interruptible_wait():
