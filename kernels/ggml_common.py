@@ -179,6 +179,21 @@ def _qkx_sums(terms_l, terms_l2, terms_xl, terms_error, with_error):
 
 
 @njit(cache=True)
+def _qkx_fit(sum_w, sum_x, sum_l, sum_l2, sum_xl):
+    """make_qkx_quants' weighted least-squares scale and minimum of one trial (the minimum kept
+    <= 0, the scale refitted then); None when the fit is singular (det <= 0: GGML skips the trial)."""
+    det = sum_w * sum_l2 - sum_l * sum_l
+    if not det > np.float32(0.0):
+        return None
+    this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+    this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+    if this_min > np.float32(0.0):
+        this_min = np.float32(0.0)
+        this_scale = sum_xl / sum_l2
+    return this_scale, this_min
+
+
+@njit(cache=True)
 def _qkx_sequential_steps(x, weight, nmax, codes, trial, rmin, rdelta, nstep, use_mad, sum_w, sum_x, high, low, scale, best_error):
     """make_qkx_quants' trials one loop after the other, as GGML runs them: for groups shorter
     than 32, whose loops are too short for vectors to pay."""
@@ -197,13 +212,9 @@ def _qkx_sequential_steps(x, weight, nmax, codes, trial, rmin, rdelta, nstep, us
             sum_l += w * fl
             sum_l2 += w * fl * fl
             sum_xl += w * fl * x[i]
-        det = sum_w * sum_l2 - sum_l * sum_l
-        if det > np.float32(0.0):
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
-            if this_min > np.float32(0.0):
-                this_min = np.float32(0.0)
-                this_scale = sum_xl / sum_l2
+        fit = _qkx_fit(sum_w, sum_x, sum_l, sum_l2, sum_xl)
+        if fit is not None:
+            this_scale, this_min = fit
             error = np.float32(0.0)
             for i in range(n):
                 diff = this_scale * trial[i] + this_min - x[i]
@@ -276,13 +287,9 @@ def make_qkx_quants(x, weight, nmax, codes, scratch, rmin, rdelta, nstep, use_ma
         last = step == nstep
         # (the last step prepares no trial: its "next" repeats this one, unused)
         next_iscale = iscale if last else (rmin + rdelta * np.float32(step + 1) + fmax) / (high - low)
-        det = sum_w * sum_l2 - sum_l * sum_l
-        if det > np.float32(0.0):
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
-            if this_min > np.float32(0.0):
-                this_min = np.float32(0.0)
-                this_scale = sum_xl / sum_l2
+        fit = _qkx_fit(sum_w, sum_x, sum_l, sum_l2, sum_xl)
+        if fit is not None:
+            this_scale, this_min = fit
             _qkx_error_terms(x, weight, this_scale, this_min, trial, use_mad, t_error)
             _qkx_trial_terms(x, weight, nmax, next_iscale, low, next_trial, t_l, t_l2, t_xl)
             next_l, next_l2, next_xl, error = _qkx_sums(t_l, t_l2, t_xl, t_error, True)
