@@ -241,8 +241,8 @@ def make_qkx_quants(x, weight, nmax, codes, scratch, rmin, rdelta, nstep, use_ma
     loops, and only the sums themselves run sequentially, in GGML's order; the next trial is
     prepared while this one's error is summed, so both chains of additions run side by side.
     The next trial uses the minimum as it stands, which GGML moves when a trial wins: then it is
-    prepared again.  Every sum GGML compares is thus the one GGML computes (1.5-1.8x GGML's
-    speed here).  Shorter groups take GGML's sequential loops, faster at that length."""
+    prepared again.  Every sum GGML compares is thus the one GGML computes (1.5x the sequential
+    search's speed here).  Shorter groups take GGML's sequential loops, faster at that length."""
     n = x.shape[0]
     low = x[0]
     high = x[0]
