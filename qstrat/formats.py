@@ -33,8 +33,7 @@ DequantizeRows = Callable[[np.ndarray, int], np.ndarray]
 
 class NonFiniteBlocks(Exception):
     """A quantizer whose kernel checks as it goes found NaN or infinity: its output is void.
-    ``quantize`` relies on it instead of scanning the input first; the pipeline scans first, so
-    there it means a bug."""
+    ``BlockType.quantize_finite`` relies on it instead of scanning the input first."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +52,18 @@ class BlockType:
 
     def row_bytes(self, k: int) -> int:
         return k // self.block_size * self.type_size
+
+    def quantize_finite(self, rows: np.ndarray, imatrix: np.ndarray | None, refuse_non_finite: Callable[[], None]) -> np.ndarray:
+        """``quantize_rows`` of data that must be finite.  ``refuse_non_finite`` raises naming the
+        first NaN or infinity: it runs first, or, when the kernel checks as it goes, only once the
+        kernel found one (one pass over memory less)."""
+        if not self.checks_finite:
+            refuse_non_finite()
+        try:
+            return self.quantize_rows(rows, imatrix)
+        except NonFiniteBlocks:
+            refuse_non_finite()
+            raise  # the kernel and the scan disagree: a bug
 
 
 #: name -> type, in registration order
@@ -288,14 +299,7 @@ def quantize(data: np.ndarray, qtype: str | QuantizationType, imatrix: np.ndarra
                 f"{entry.name} quantization refuses NaN and infinity"
             )
 
-    # a kernel that checks as it goes spares a scan of the input (one pass over memory) unless it finds one
-    if not entry.checks_finite:
-        refuse_non_finite()
-    try:
-        out = entry.quantize_rows(rows, weights if entry.uses_imatrix else None)
-    except NonFiniteBlocks:
-        refuse_non_finite()
-        raise  # the kernel and the scan disagree: a bug
+    out = entry.quantize_finite(rows, weights if entry.uses_imatrix else None, refuse_non_finite)
     return out.reshape(array.shape[:-1] + (entry.row_bytes(k),))
 
 

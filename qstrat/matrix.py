@@ -211,10 +211,9 @@ def quantize_matrix_as(
     entry = block_type(type_name)
     if storage.ndim != 2 or storage.shape[1] % entry.block_size:
         raise InputError(f"tensor {tensor_name!r} has shape {storage.shape}; {entry.name} needs 2-D data whose rows are a multiple of {entry.block_size} long")
-    check_finite(storage, tensor_name, entry.name.upper())
     stored = _stored_order(storage, row_perm, col_perm)
     weights = stored_importance(importance, col_perm)
-    blocks = entry.quantize_rows(stored, weights)
+    blocks = entry.quantize_finite(stored, weights, lambda: check_finite(storage, tensor_name, entry.name.upper()))
     probes = dict(probes or {})
     if not measure and not probes:
         return QuantizedMatrix(blocks, None, {})
