@@ -92,20 +92,35 @@ def _store_nibbles(out, b, qtype, codes):
 
 
 @njit(cache=True, inline="always")
-def _pack_codes_ref(row, start, low, inv, offset, cap, out, b, qs):
-    """A block's codes as quantize_row_q{4,5}_{0,1}_ref computes them, packed; returns qh.
+def _pack_codes_ref(row, start, low, inv, offset, cap, out, b, qs, fifth, five_bits):
+    """A block's codes as quantize_row_q{4,5}_{0,1}_ref computes them: low nibbles packed into
+    ``out``; with ``five_bits``, each code's fifth bit into ``fifth`` (uint8[32], one per code).
     Code = MIN(cap, (int8_t)((x - low) * id + offset)), truncated as cvttss2si (``_c_int32``):
     low = 0 for the _0 types (x - 0 is x exactly), cap = 127 (no clamp: the low five bits kept)
     for Q5_1.  One body without branches, in int32, so that LLVM vectorises it; each caller
     passes constants, so each type gets its own loop."""
-    qh = np.uint32(0)
     for j in range(U64(HALF)):
         x0 = (finite_to_float32(row[start + j]) - low) * inv
         x1 = (finite_to_float32(row[start + U64(HALF) + j]) - low) * inv
         c0 = min(cap, np.int32(np.int8(_c_int32(x0 + offset))))
         c1 = min(cap, np.int32(np.int8(_c_int32(x1 + offset))))
-        qh |= _pack_pair(out, b, qs, j, c0, c1)
-    return qh
+        out[b, qs + j] = np.uint8((c0 & np.int32(0x0F)) | ((c1 & np.int32(0x0F)) << np.int32(4)))
+        if five_bits:
+            fifth[j] = np.uint8((c0 >> np.int32(4)) & np.int32(1))
+            fifth[j + U64(HALF)] = np.uint8((c1 >> np.int32(4)) & np.int32(1))
+
+
+#: times eight little-endian bytes of 0 or 1, it gathers them into the top byte, byte i to bit i
+_GATHER_BITS = np.uint64(0x0102040810204080)
+
+
+@njit(cache=True, inline="always")
+def _store_fifth_bits(out, b, offset, fifth_words):
+    """qh from the 32 fifth bits (``fifth_words``: those bytes read as four little-endian
+    uint64): bit j is code j's fifth bit, stored little-endian, so byte m holds codes 8m..8m+7.
+    A multiply per byte, where OR-ing shifted bits into a uint32 kept the loop from vectorising."""
+    for m in range(4):
+        out[b, U64(offset + m)] = np.uint8((fifth_words[m] * _GATHER_BITS) >> np.uint64(56))
 
 
 @njit(cache=True, inline="always")
@@ -136,9 +151,10 @@ def _first_zero(row, start):
 
 
 @njit(cache=True, inline="always")
-def _quantize_block_ref(row, start, qk, qtype, out, b):
+def _quantize_block_ref(row, start, qk, qtype, out, b, fifth_words, fifth):
     """One block (``qk`` = 32 values) by GGML's quantize_row_*_ref arithmetic; return 1 if it
-    holds NaN/inf."""
+    holds NaN/inf.  ``fifth``: uint8[32] scratch for the Q5 types' fifth bits, the same memory
+    as ``fifth_words`` (uint64[4]); allocated once per row by the caller."""
     low, high = _block_extremes(row, start, qk)
     if not (np.isfinite(low) and np.isfinite(high)):
         out[b, :] = 0
@@ -175,10 +191,10 @@ def _quantize_block_ref(row, start, qk, qtype, out, b):
         # GGML truncates x * id + 8.5 (16.5) to int8, then takes min with 15 (31)
         zero = np.float32(0.0)
         if qtype == Q4_0:
-            _pack_codes_ref(row, start, zero, inv, np.float32(8.5), np.int32(15), out, b, qs)
+            _pack_codes_ref(row, start, zero, inv, np.float32(8.5), np.int32(15), out, b, qs, fifth, False)
             return 0
-        qh = _pack_codes_ref(row, start, zero, inv, np.float32(16.5), np.int32(31), out, b, qs)
-        _store_u32(out, b, QH_OFFSET[qtype], qh)
+        _pack_codes_ref(row, start, zero, inv, np.float32(16.5), np.int32(31), out, b, qs, fifth, True)
+        _store_fifth_bits(out, b, QH_OFFSET[qtype], fifth_words)
         return 0
     # Q4_1 / Q5_1: d = (max - min) / 15 (31), m = min; of equal zeros GGML keeps the first
     if low == np.float32(0.0):
@@ -192,10 +208,10 @@ def _quantize_block_ref(row, start, qk, qtype, out, b):
     store_half(out, b, M_OFFSET[qtype], low)
     half = np.float32(0.5)
     if qtype == Q4_1:  # MIN(15, (int8_t)...)
-        _pack_codes_ref(row, start, low, inv, half, np.int32(15), out, b, qs)
+        _pack_codes_ref(row, start, low, inv, half, np.int32(15), out, b, qs, fifth, False)
         return 0
-    qh = _pack_codes_ref(row, start, low, inv, half, np.int32(127), out, b, qs)  # Q5_1: (uint8_t)...
-    _store_u32(out, b, QH_OFFSET[qtype], qh)
+    _pack_codes_ref(row, start, low, inv, half, np.int32(127), out, b, qs, fifth, True)  # Q5_1: (uint8_t)...
+    _store_fifth_bits(out, b, QH_OFFSET[qtype], fifth_words)
     return 0
 
 
@@ -256,8 +272,10 @@ def quantize_rows_legacy(x, qtype, out, quant_weights=None):
             row = x[r]
             first = U64(r * blocks_per_row)
             qk = U64(k // max(blocks_per_row, 1))  # QK (k % 32 == 0), unknown to LLVM (see _block_extremes)
+            fifth_words = np.empty(QK // 8, dtype=np.uint64)
+            fifth = fifth_words.view(np.uint8)
             for i in range(U64(blocks_per_row)):
-                non_finite += _quantize_block_ref(row, i * qk, qk, qtype, out, first + i)
+                non_finite += _quantize_block_ref(row, i * qk, qk, qtype, out, first + i, fifth_words, fifth)
     else:
         for r in prange(rows):
             xb = np.empty(QK, dtype=np.float32)
