@@ -22,24 +22,23 @@ ROUND_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: x + magic - magic rounds ti
 
 @njit(cache=True, inline="always")
 def float32_to_f16_bits(value):
-    """The binary16 bits (uint16) of float32 ``value`` as GGML_FP32_TO_FP16 gives them."""
+    """The binary16 bits (uint16) of float32 ``value`` as GGML_FP32_TO_FP16 gives them.  Every
+    case is computed and one selected, without branches, so that loops over it vectorise."""
     bits = np.float32(value).view(np.uint32)
     sign = np.uint32((bits >> np.uint32(16)) & np.uint32(0x8000))
     magnitude = bits & np.uint32(0x7FFFFFFF)
-    if magnitude > np.uint32(0x7F800000):  # NaN: GGML's quiet NaN, sign kept
-        return np.uint16(sign | np.uint32(0x7E00))
-    if magnitude >= _F16_INF_FROM:
-        return np.uint16(sign | np.uint32(0x7C00))
-    if magnitude >= _F16_NORMAL_FROM:
-        # drop 13 mantissa bits, ties to even; a carry into the exponent is the right result
-        odd = (magnitude >> np.uint32(13)) & np.uint32(1)
-        rounded = (magnitude - _REBIAS + np.uint32(0xFFF) + odd) >> np.uint32(13)
-        return np.uint16(sign | rounded)
+    # normal half: drop 13 mantissa bits, ties to even; a carry into the exponent is the right
+    # result (for smaller magnitudes the subtraction wraps, and the select below drops it)
+    odd = (magnitude >> np.uint32(13)) & np.uint32(1)
+    normal = np.uint32((magnitude - _REBIAS + np.uint32(0xFFF) + odd) >> np.uint32(13))
     # subnormal half (or zero): the magnitude in units of 2**-24 is exact in float32 (< 1024),
     # and the magic constant rounds it ties to even; 1024 is the smallest normal, as it should be
-    units = np.uint32(magnitude).view(np.float32) * _TWO_24
-    rounded_units = (units + ROUND_MAGIC) - ROUND_MAGIC
-    return np.uint16(sign | np.uint32(rounded_units))
+    units = np.uint32(min(magnitude, _F16_NORMAL_FROM)).view(np.float32) * _TWO_24
+    subnormal = np.uint32((units + ROUND_MAGIC) - ROUND_MAGIC)
+    half = subnormal if magnitude < _F16_NORMAL_FROM else normal
+    half = np.uint32(0x7C00) if magnitude >= _F16_INF_FROM else half
+    half = np.uint32(0x7E00) if magnitude > np.uint32(0x7F800000) else half  # NaN: GGML's quiet NaN, sign kept
+    return np.uint16(sign | half)
 
 
 @njit(cache=True, inline="always")
