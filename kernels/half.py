@@ -65,19 +65,36 @@ def load_half(blocks, b, offset):
     return to_float32(np.int16(bits))
 
 
+_FLOAT32_INF_BITS = np.uint32(0x7F800000)  # float32 magnitudes from here up are infinity or NaN
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def encode_rows_f16(x, out):
-    """``out`` (rows, k) uint16 = binary16 bits of every (finite) element of ``x`` (rows, k)."""
+    """``out`` (rows, k) uint16 = binary16 bits of every element of ``x`` (rows, k); returns how
+    many rows hold NaN or infinity (the caller refuses them, so no scan is needed first)."""
     rows, k = x.shape
+    non_finite = 0
     for r in prange(rows):
+        largest = np.uint32(0)  # the largest magnitude's bits: a max reduction vectorises, a count did not
         for j in range(U64(k)):
-            out[r, j] = float32_to_f16_bits(to_float32(x[r, j]))
+            value = to_float32(x[r, j])
+            out[r, j] = float32_to_f16_bits(value)
+            largest = max(largest, np.uint32(np.float32(value).view(np.uint32) & np.uint32(0x7FFFFFFF)))
+        non_finite += np.int64(largest >= _FLOAT32_INF_BITS)
+    return non_finite
 
 
 @njit(parallel=True, cache=True, nogil=True)
 def encode_rows_bf16(x, out):
-    """``out`` (rows, k) uint16 = bfloat16 bits of every (finite) element of ``x`` (rows, k)."""
+    """``out`` (rows, k) uint16 = bfloat16 bits of every element of ``x`` (rows, k); returns how
+    many rows hold NaN or infinity (the caller refuses them, so no scan is needed first)."""
     rows, k = x.shape
+    non_finite = 0
     for r in prange(rows):
+        largest = np.uint32(0)  # the largest magnitude's bits: a max reduction vectorises, a count did not
         for j in range(U64(k)):
-            out[r, j] = float32_to_bf16_bits(to_float32(x[r, j]))
+            value = to_float32(x[r, j])
+            out[r, j] = float32_to_bf16_bits(value)
+            largest = max(largest, np.uint32(np.float32(value).view(np.uint32) & np.uint32(0x7FFFFFFF)))
+        non_finite += np.int64(largest >= _FLOAT32_INF_BITS)
+    return non_finite
