@@ -230,19 +230,10 @@ def _qkx_sequential_steps(x, weight, nmax, codes, trial, rmin, rdelta, nstep, us
 
 
 @njit(cache=True)
-def make_qkx_quants(x, weight, nmax, codes, scratch, rmin, rdelta, nstep, use_mad):
-    """GGML's make_qkx2_quants, and make_qkx3_quants given weights (the same search): codes in
-    [0, nmax] and (scale, the_min), value ~ scale * code - the_min.  ``nstep + 1`` scales
-    ``(rmin + rdelta * step + nmax) / (max - min)`` are tried, each with a weighted least-squares
-    fit of scale and minimum (the minimum kept <= 0); the smallest weighted error (squared, or
-    absolute with ``use_mad``) wins, ties to the earlier.  ``scratch``: float32 (6, >= len(x)).
-
-    From groups of 32 on, each trial's codes and the terms of its sums are computed in vector
-    loops, and only the sums themselves run sequentially, in GGML's order; the next trial is
-    prepared while this one's error is summed, so both chains of additions run side by side.
-    The next trial uses the minimum as it stands, which GGML moves when a trial wins: then it is
-    prepared again.  Every sum GGML compares is thus the one GGML computes (1.5x the sequential
-    search's speed here).  Shorter groups take GGML's sequential loops, faster at that length."""
+def _qkx_first_try(x, weight, nmax, codes, use_mad):
+    """make_qkx_quants up to its trials: the weighted sums, the range (its minimum kept <= 0) and
+    the codes and error of scale (max - min) / nmax.  Returns (settled, sum_w, sum_x, max, min,
+    scale, error); ``settled``: the group is constant (codes 0, scale 0), no trial to run."""
     n = x.shape[0]
     low = x[0]
     high = x[0]
@@ -260,9 +251,8 @@ def make_qkx_quants(x, weight, nmax, codes, scratch, rmin, rdelta, nstep, use_ma
         low = np.float32(0.0)
     if high <= low:  # make_qkx2_quants tests max == min: the same once min <= max
         codes[:n] = 0
-        return np.float32(0.0), -low
-    fmax = np.float32(nmax)
-    iscale = fmax / (high - low)
+        return True, sum_w, sum_x, high, low, np.float32(0.0), np.float32(0.0)
+    iscale = np.float32(nmax) / (high - low)
     scale = np.float32(1.0) / iscale
     best_error = np.float32(0.0)
     for i in range(n):
@@ -271,6 +261,28 @@ def make_qkx_quants(x, weight, nmax, codes, scratch, rmin, rdelta, nstep, use_ma
         diff = scale * np.float32(l) + low - x[i]
         diff = abs(diff) if use_mad else diff * diff
         best_error += weight[i] * diff
+    return False, sum_w, sum_x, high, low, scale, best_error
+
+
+@njit(cache=True)
+def make_qkx_quants(x, weight, nmax, codes, scratch, rmin, rdelta, nstep, use_mad):
+    """GGML's make_qkx2_quants, and make_qkx3_quants given weights (the same search): codes in
+    [0, nmax] and (scale, the_min), value ~ scale * code - the_min.  ``nstep + 1`` scales
+    ``(rmin + rdelta * step + nmax) / (max - min)`` are tried, each with a weighted least-squares
+    fit of scale and minimum (the minimum kept <= 0); the smallest weighted error (squared, or
+    absolute with ``use_mad``) wins, ties to the earlier.  ``scratch``: float32 (6, >= len(x)).
+
+    From groups of 32 on, each trial's codes and the terms of its sums are computed in vector
+    loops, and only the sums themselves run sequentially, in GGML's order; the next trial is
+    prepared while this one's error is summed, so both chains of additions run side by side.
+    The next trial uses the minimum as it stands, which GGML moves when a trial wins: then it is
+    prepared again.  Every sum GGML compares is thus the one GGML computes (1.5x the sequential
+    search's speed here).  Shorter groups take GGML's sequential loops, faster at that length."""
+    n = x.shape[0]
+    settled, sum_w, sum_x, high, low, scale, best_error = _qkx_first_try(x, weight, nmax, codes, use_mad)
+    if settled:
+        return scale, -low
+    fmax = np.float32(nmax)
     trial = scratch[0, :n]
     if n < 32:
         scale, low = _qkx_sequential_steps(x, weight, nmax, codes, trial, rmin, rdelta, nstep, use_mad, sum_w, sum_x, high, low, scale, best_error)
@@ -312,3 +324,77 @@ def make_qkx_quants(x, weight, nmax, codes, scratch, rmin, rdelta, nstep, use_ma
         iscale = next_iscale
         trial, next_trial = next_trial, trial
     return scale, -low
+
+
+@njit(cache=True)
+def make_qkx_quants_pair(x, weight, nmax, codes, scratch, rmin, rdelta, nstep, use_mad):
+    """``make_qkx_quants`` of two groups of 16 at once, ``x[:16]`` and ``x[16:]`` (``weight`` and
+    ``codes`` alike): returns (scale, the_min) of the first, then (scale, the_min) of the second.
+
+    For Q2_K, whose groups are too short for vector loops: each trial's sums are GGML's
+    sequential chains of 16 additions, bound by their latency; the two groups' chains run in one
+    loop, side by side, so the CPU overlaps them.  Every sum, in GGML's order, as before."""
+    n = x.shape[0] // 2
+    xa, xb = x[:n], x[n:]
+    wa, wb = weight[:n], weight[n:]
+    ca, cb = codes[:n], codes[n:]
+    settled_a, sum_wa, sum_xa, high_a, low_a, scale_a, best_a = _qkx_first_try(xa, wa, nmax, ca, use_mad)
+    settled_b, sum_wb, sum_xb, high_b, low_b, scale_b, best_b = _qkx_first_try(xb, wb, nmax, cb, use_mad)
+    if settled_a or settled_b:  # (rare) one group to search at most: GGML's loops for it
+        if not settled_a:
+            scale_a, low_a = _qkx_sequential_steps(xa, wa, nmax, ca, scratch[0, :n], rmin, rdelta, nstep, use_mad, sum_wa, sum_xa, high_a, low_a, scale_a, best_a)
+        if not settled_b:
+            scale_b, low_b = _qkx_sequential_steps(xb, wb, nmax, cb, scratch[0, :n], rmin, rdelta, nstep, use_mad, sum_wb, sum_xb, high_b, low_b, scale_b, best_b)
+        return scale_a, -low_a, scale_b, -low_b
+    fmax = np.float32(nmax)
+    trial_a = scratch[0, :n]
+    trial_b = scratch[1, :n]
+    for step in range(nstep + 1):
+        iscale_a = (rmin + rdelta * np.float32(step) + fmax) / (high_a - low_a)
+        iscale_b = (rmin + rdelta * np.float32(step) + fmax) / (high_b - low_b)
+        sum_la = np.float32(0.0)
+        sum_l2a = np.float32(0.0)
+        sum_xla = np.float32(0.0)
+        sum_lb = np.float32(0.0)
+        sum_l2b = np.float32(0.0)
+        sum_xlb = np.float32(0.0)
+        for i in range(n):
+            fla = np.float32(max(0, min(nmax, nearest_int(iscale_a * (xa[i] - low_a)))))
+            flb = np.float32(max(0, min(nmax, nearest_int(iscale_b * (xb[i] - low_b)))))
+            trial_a[i] = fla
+            trial_b[i] = flb
+            w = wa[i]
+            sum_la += w * fla
+            sum_l2a += w * fla * fla
+            sum_xla += w * fla * xa[i]
+            w = wb[i]
+            sum_lb += w * flb
+            sum_l2b += w * flb * flb
+            sum_xlb += w * flb * xb[i]
+        fit_a = _qkx_fit(sum_wa, sum_xa, sum_la, sum_l2a, sum_xla)
+        fit_b = _qkx_fit(sum_wb, sum_xb, sum_lb, sum_l2b, sum_xlb)
+        if fit_a is None and fit_b is None:
+            continue
+        # a group without a fit (GGML skips its trial) has its error summed too, and ignored
+        this_scale_a, this_min_a = (np.float32(0.0), np.float32(0.0)) if fit_a is None else fit_a
+        this_scale_b, this_min_b = (np.float32(0.0), np.float32(0.0)) if fit_b is None else fit_b
+        error_a = np.float32(0.0)
+        error_b = np.float32(0.0)
+        for i in range(n):
+            diff = this_scale_a * trial_a[i] + this_min_a - xa[i]
+            error_a += wa[i] * (abs(diff) if use_mad else diff * diff)
+            diff = this_scale_b * trial_b[i] + this_min_b - xb[i]
+            error_b += wb[i] * (abs(diff) if use_mad else diff * diff)
+        if fit_a is not None and error_a < best_a:
+            for i in range(n):
+                ca[i] = np.int64(trial_a[i])
+            best_a = error_a
+            scale_a = this_scale_a
+            low_a = this_min_a
+        if fit_b is not None and error_b < best_b:
+            for i in range(n):
+                cb[i] = np.int64(trial_b[i])
+            best_b = error_b
+            scale_b = this_scale_b
+            low_b = this_min_b
+    return scale_a, -low_a, scale_b, -low_b

@@ -23,6 +23,7 @@ from qstrat.kernels.ggml_common import (
     importance_weights,
     load_block,
     make_qkx_quants,
+    make_qkx_quants_pair,
     make_qx_quants,
     nearest_int,
     signed_extreme,
@@ -169,6 +170,15 @@ def _levels_to_max(values, nmax, levels):
 def _weighted_scales_mins(xb, qw, sigma2, size, nmax, codes, aux, weight, scales, mins, sw):
     """quantize_row_q2_K_impl / q4_K_impl / q5_K_impl's search, per sub-block of ``size``: the
     importance weights (their sum into sw) and make_qkx3_quants(rmin -0.9, rdelta 0.05, nstep 36)."""
+    if size == 16:  # Q2_K: two groups at a time (see make_qkx_quants_pair)
+        for j in range(0, QK_K // size, 2):
+            x = xb[size * j : size * j + 2 * size]
+            sw[j] = importance_weights(x[:size], qw[size * j : size * j + size], sigma2, weight[:size])
+            sw[j + 1] = importance_weights(x[size:], qw[size * j + size : size * j + 2 * size], sigma2, weight[size : 2 * size])
+            scales[j], mins[j], scales[j + 1], mins[j + 1] = make_qkx_quants_pair(
+                x, weight[: 2 * size], nmax, codes[size * j : size * j + 2 * size], aux, np.float32(-0.9), np.float32(0.05), 36, False
+            )
+        return
     for j in range(QK_K // size):
         x = xb[size * j : size * j + size]
         sw[j] = importance_weights(x, qw[size * j : size * j + size], sigma2, weight)
@@ -417,12 +427,12 @@ def _quantize_q3_k(xb, qw, out, b, codes, weight, scales, sw, ls, lq):
 def _quantize_q2_k(xb, qw, out, b, codes, aux, weight, scales, mins, sw, ls, lm):
     """quantize_row_q2_K_ref (qw None) / quantize_row_q2_K_impl."""
     if qw is None:
-        for j in range(16):
-            x = xb[16 * j : 16 * j + 16]
-            for l in range(16):
+        for j in range(0, 16, 2):  # two groups at a time (see make_qkx_quants_pair)
+            x = xb[16 * j : 16 * j + 32]
+            for l in range(32):
                 weight[l] = abs(x[l])
-            scales[j], mins[j] = make_qkx_quants(
-                x, weight[:16], 3, codes[16 * j : 16 * j + 16], aux, np.float32(-0.5), np.float32(0.1), 15, True
+            scales[j], mins[j], scales[j + 1], mins[j + 1] = make_qkx_quants_pair(
+                x, weight, 3, codes[16 * j : 16 * j + 32], aux, np.float32(-0.5), np.float32(0.1), 15, True
             )
         d_block = _levels_to_max(scales, 15, ls)
         m_block = _levels_to_max(mins, 15, lm)
