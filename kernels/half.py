@@ -98,3 +98,13 @@ def encode_rows_bf16(x, out):
             largest = max(largest, np.uint32(np.float32(value).view(np.uint32) & np.uint32(0x7FFFFFFF)))
         non_finite += np.int64(largest >= _FLOAT32_INF_BITS)
     return non_finite
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def decode_rows(x, out):
+    """``out`` (rows, k) float32 = the values of ``x`` (rows, k) bfloat16 (uint16) or float16
+    (int16) bits, exactly; on every core, in one pass (numpy's widening takes three)."""
+    rows, k = x.shape
+    for r in prange(rows):
+        for j in range(U64(k)):
+            out[r, j] = to_float32(x[r, j])
