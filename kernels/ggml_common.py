@@ -326,75 +326,130 @@ def make_qkx_quants(x, weight, nmax, codes, scratch, rmin, rdelta, nstep, use_ma
     return scale, -low
 
 
-@njit(cache=True)
-def make_qkx_quants_pair(x, weight, nmax, codes, scratch, rmin, rdelta, nstep, use_mad):
-    """``make_qkx_quants`` of two groups of 16 at once, ``x[:16]`` and ``x[16:]`` (``weight`` and
-    ``codes`` alike): returns (scale, the_min) of the first, then (scale, the_min) of the second.
+# make_qkx_quants_lanes: 16 groups of 16 values (a Q2_K block), group g in vector lane g.  All its
+# arrays live at constant offsets of one float32 scratch: with one base pointer LLVM can prove
+# that they do not overlap, and vectorises the loops over the lanes (it did not with separate arrays)
+_G = 16  # lanes: groups
+_N = 16  # values per group
+_X = 0  # the values, value i of group g at _X + i * _G + g
+_W = _X + _G * _N  # their weights
+_T = _W + _G * _N  # this trial's codes
+_C = _T + _G * _N  # the best codes so far
+_V = _C + _G * _N  # from here, per-lane values, _G floats each:
+_LOW, _HIGH, _SUM_W, _SUM_X, _ISCALE, _SL, _SL2, _SXL, _SCALE_T, _MIN_T, _ERR, _BEST, _SCALE, _ACTIVE, _FIT = range(15)
+LANES_SCRATCH = _V + 15 * _G  #: float32 values of make_qkx_quants_lanes' scratch
 
-    For Q2_K, whose groups are too short for vector loops: each trial's sums are GGML's
-    sequential chains of 16 additions, bound by their latency; the two groups' chains run in one
-    loop, side by side, so the CPU overlaps them.  Every sum, in GGML's order, as before."""
-    n = x.shape[0] // 2
-    xa, xb = x[:n], x[n:]
-    wa, wb = weight[:n], weight[n:]
-    ca, cb = codes[:n], codes[n:]
-    settled_a, sum_wa, sum_xa, high_a, low_a, scale_a, best_a = _qkx_first_try(xa, wa, nmax, ca, use_mad)
-    settled_b, sum_wb, sum_xb, high_b, low_b, scale_b, best_b = _qkx_first_try(xb, wb, nmax, cb, use_mad)
-    if settled_a or settled_b:  # (rare) one group to search at most: GGML's loops for it
-        if not settled_a:
-            scale_a, low_a = _qkx_sequential_steps(xa, wa, nmax, ca, scratch[0, :n], rmin, rdelta, nstep, use_mad, sum_wa, sum_xa, high_a, low_a, scale_a, best_a)
-        if not settled_b:
-            scale_b, low_b = _qkx_sequential_steps(xb, wb, nmax, cb, scratch[0, :n], rmin, rdelta, nstep, use_mad, sum_wb, sum_xb, high_b, low_b, scale_b, best_b)
-        return scale_a, -low_a, scale_b, -low_b
-    fmax = np.float32(nmax)
-    trial_a = scratch[0, :n]
-    trial_b = scratch[1, :n]
+
+@njit(cache=True, inline="always")
+def _v(k):
+    """The offset of per-lane vector ``k`` in the scratch."""
+    return U64(_V + k * _G)
+
+
+@njit(cache=True, error_model="numpy")
+def make_qkx_quants_lanes(xb, weight, nmax, codes, s, rmin, rdelta, nstep, use_mad, scales, mins):
+    """``make_qkx_quants`` of the 16 groups of 16 values of ``xb`` (256) at once, ``weight`` and
+    ``codes`` (256) alike: scales[g], mins[g] = (scale, the_min) of group g.  ``s``: float32
+    scratch of LANES_SCRATCH values.
+
+    For Q2_K, whose groups are too short for ``make_qkx_quants``' vector loops: here a vector
+    lane follows one group through GGML's search, so the vectors run across the groups.  Each
+    lane adds its terms one after the other in GGML's order, and GGML's branches become selects
+    (a lane whose fit is singular, or whose group is constant, takes no trial), so every group's
+    bytes are GGML's.  Divisions by zero in lanes that take no trial are computed and dropped:
+    hence numpy's error model (IEEE results, no exception)."""
+    fnmax = np.float32(nmax)
+    zero = np.float32(0.0)
+    # lane g holds group g
+    for g in range(_G):
+        for i in range(_N):
+            s[U64(_X + i * _G + g)] = xb[g * _N + i]
+            s[U64(_W + i * _G + g)] = weight[g * _N + i]
+    low, high, sw, sx = _v(_LOW), _v(_HIGH), _v(_SUM_W), _v(_SUM_X)
+    for g in range(U64(_G)):
+        x0 = s[U64(_X) + g]
+        s[low + g] = x0
+        s[high + g] = x0
+        w0 = s[U64(_W) + g]
+        s[sw + g] = w0
+        s[sx + g] = w0 * x0
+    for i in range(1, _N):
+        for g in range(U64(_G)):
+            x = s[U64(_X + i * _G) + g]
+            w = s[U64(_W + i * _G) + g]
+            s[low + g] = x if x < s[low + g] else s[low + g]
+            s[high + g] = x if x > s[high + g] else s[high + g]
+            s[sw + g] += w
+            s[sx + g] += w * x
+    isc, scale, best, active = _v(_ISCALE), _v(_SCALE), _v(_BEST), _v(_ACTIVE)
+    for g in range(U64(_G)):
+        lo = s[low + g]
+        lo = zero if lo > zero else lo
+        s[low + g] = lo
+        s[active + g] = np.float32(1.0) if s[high + g] > lo else zero
+        iscale = fnmax / (s[high + g] - lo)
+        s[isc + g] = iscale
+        s[scale + g] = np.float32(1.0) / iscale
+        s[best + g] = zero
+    for i in range(_N):
+        for g in range(U64(_G)):
+            bits = np.float32(s[isc + g] * (s[U64(_X + i * _G) + g] - s[low + g]) + ROUND_MAGIC).view(np.int32)
+            l = np.float32(max(np.int32(0), min(np.int32(nmax), np.int32(np.int32(bits & np.int32(0x007FFFFF)) - np.int32(0x00400000)))))
+            s[U64(_C + i * _G) + g] = l
+            diff = s[scale + g] * l + s[low + g] - s[U64(_X + i * _G) + g]
+            diff = abs(diff) if use_mad else diff * diff
+            s[best + g] += s[U64(_W + i * _G) + g] * diff
+    sl, sl2, sxl, st, mt, err, fit = _v(_SL), _v(_SL2), _v(_SXL), _v(_SCALE_T), _v(_MIN_T), _v(_ERR), _v(_FIT)
     for step in range(nstep + 1):
-        iscale_a = (rmin + rdelta * np.float32(step) + fmax) / (high_a - low_a)
-        iscale_b = (rmin + rdelta * np.float32(step) + fmax) / (high_b - low_b)
-        sum_la = np.float32(0.0)
-        sum_l2a = np.float32(0.0)
-        sum_xla = np.float32(0.0)
-        sum_lb = np.float32(0.0)
-        sum_l2b = np.float32(0.0)
-        sum_xlb = np.float32(0.0)
-        for i in range(n):
-            fla = np.float32(max(0, min(nmax, nearest_int(iscale_a * (xa[i] - low_a)))))
-            flb = np.float32(max(0, min(nmax, nearest_int(iscale_b * (xb[i] - low_b)))))
-            trial_a[i] = fla
-            trial_b[i] = flb
-            w = wa[i]
-            sum_la += w * fla
-            sum_l2a += w * fla * fla
-            sum_xla += w * fla * xa[i]
-            w = wb[i]
-            sum_lb += w * flb
-            sum_l2b += w * flb * flb
-            sum_xlb += w * flb * xb[i]
-        fit_a = _qkx_fit(sum_wa, sum_xa, sum_la, sum_l2a, sum_xla)
-        fit_b = _qkx_fit(sum_wb, sum_xb, sum_lb, sum_l2b, sum_xlb)
-        if fit_a is None and fit_b is None:
-            continue
-        # a group without a fit (GGML skips its trial) has its error summed too, and ignored
-        this_scale_a, this_min_a = (np.float32(0.0), np.float32(0.0)) if fit_a is None else fit_a
-        this_scale_b, this_min_b = (np.float32(0.0), np.float32(0.0)) if fit_b is None else fit_b
-        error_a = np.float32(0.0)
-        error_b = np.float32(0.0)
-        for i in range(n):
-            diff = this_scale_a * trial_a[i] + this_min_a - xa[i]
-            error_a += wa[i] * (abs(diff) if use_mad else diff * diff)
-            diff = this_scale_b * trial_b[i] + this_min_b - xb[i]
-            error_b += wb[i] * (abs(diff) if use_mad else diff * diff)
-        if fit_a is not None and error_a < best_a:
-            for i in range(n):
-                ca[i] = np.int64(trial_a[i])
-            best_a = error_a
-            scale_a = this_scale_a
-            low_a = this_min_a
-        if fit_b is not None and error_b < best_b:
-            for i in range(n):
-                cb[i] = np.int64(trial_b[i])
-            best_b = error_b
-            scale_b = this_scale_b
-            low_b = this_min_b
-    return scale_a, -low_a, scale_b, -low_b
+        numerator = rmin + rdelta * np.float32(step) + fnmax
+        for g in range(U64(_G)):
+            s[isc + g] = numerator / (s[high + g] - s[low + g])
+            s[sl + g] = zero
+            s[sl2 + g] = zero
+            s[sxl + g] = zero
+        for i in range(_N):
+            for g in range(U64(_G)):
+                x = s[U64(_X + i * _G) + g]
+                bits = np.float32(s[isc + g] * (x - s[low + g]) + ROUND_MAGIC).view(np.int32)
+                l = np.float32(max(np.int32(0), min(np.int32(nmax), np.int32(np.int32(bits & np.int32(0x007FFFFF)) - np.int32(0x00400000)))))
+                s[U64(_T + i * _G) + g] = l
+                wl = s[U64(_W + i * _G) + g] * l
+                s[sl + g] += wl
+                s[sl2 + g] += wl * l
+                s[sxl + g] += wl * x
+        for g in range(U64(_G)):
+            sum_w = s[sw + g]
+            sum_x = s[sx + g]
+            sum_l = s[sl + g]
+            sum_l2 = s[sl2 + g]
+            sum_xl = s[sxl + g]
+            det = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+            clipped = this_min > zero
+            this_scale = sum_xl / sum_l2 if clipped else this_scale
+            this_min = zero if clipped else this_min
+            s[st + g] = this_scale
+            s[mt + g] = this_min
+            s[fit + g] = np.float32(1.0) if det > zero else zero
+            s[err + g] = zero
+        for i in range(_N):
+            for g in range(U64(_G)):
+                diff = s[st + g] * s[U64(_T + i * _G) + g] + s[mt + g] - s[U64(_X + i * _G) + g]
+                diff = abs(diff) if use_mad else diff * diff
+                s[err + g] += s[U64(_W + i * _G) + g] * diff
+        for g in range(U64(_G)):
+            win = (s[active + g] * s[fit + g] != zero) and s[err + g] < s[best + g]
+            s[fit + g] = np.float32(1.0) if win else zero  # now: this trial wins
+            s[best + g] = s[err + g] if win else s[best + g]
+            s[scale + g] = s[st + g] if win else s[scale + g]
+            s[low + g] = s[mt + g] if win else s[low + g]
+        for i in range(_N):
+            for g in range(U64(_G)):
+                s[U64(_C + i * _G) + g] = s[U64(_T + i * _G) + g] if s[fit + g] != zero else s[U64(_C + i * _G) + g]
+    for g in range(_G):
+        on = s[active + g] != zero
+        scales[g] = s[scale + g] if on else zero
+        mins[g] = -s[low + g]
+        for i in range(_N):
+            codes[g * _N + i] = np.int64(s[U64(_C + i * _G + g)]) if on else 0

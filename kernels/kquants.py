@@ -20,10 +20,11 @@ from numba.cpython.unsafe.numbers import trailing_zeros
 from qstrat.kernels.ggml_common import (
     BLOCKS_PER_TASK,
     GROUP_MAX_EPS,
+    LANES_SCRATCH,
     importance_weights,
     load_block,
     make_qkx_quants,
-    make_qkx_quants_pair,
+    make_qkx_quants_lanes,
     make_qx_quants,
     nearest_int,
     signed_extreme,
@@ -168,20 +169,11 @@ def _levels_to_max(values, nmax, levels):
 
 @njit(cache=True, inline="always")
 def _weighted_scales_mins(xb, qw, sigma2, size, nmax, codes, aux, weight, scales, mins, sw):
-    """quantize_row_q2_K_impl / q4_K_impl / q5_K_impl's search, per sub-block of ``size``: the
+    """quantize_row_q4_K_impl / q5_K_impl's search, per sub-block of ``size``: the
     importance weights (their sum into sw) and make_qkx3_quants(rmin -0.9, rdelta 0.05, nstep 36)."""
-    if size == 16:  # Q2_K: two groups at a time (see make_qkx_quants_pair)
-        for j in range(0, QK_K // size, 2):
-            x = xb[size * j : size * j + 2 * size]
-            sw[j] = importance_weights(x[:size], qw[size * j : size * j + size], sigma2, weight[:size])
-            sw[j + 1] = importance_weights(x[size:], qw[size * j + size : size * j + 2 * size], sigma2, weight[size : 2 * size])
-            scales[j], mins[j], scales[j + 1], mins[j + 1] = make_qkx_quants_pair(
-                x, weight[: 2 * size], nmax, codes[size * j : size * j + 2 * size], aux, np.float32(-0.9), np.float32(0.05), 36, False
-            )
-        return
     for j in range(QK_K // size):
         x = xb[size * j : size * j + size]
-        sw[j] = importance_weights(x, qw[size * j : size * j + size], sigma2, weight)
+        sw[j] = importance_weights(x, qw[size * j : size * j + size], sigma2, weight[:size])
         scales[j], mins[j] = make_qkx_quants(
             x, weight[:size], nmax, codes[size * j : size * j + size], aux, np.float32(-0.9), np.float32(0.05), 36, False
         )
@@ -380,7 +372,7 @@ def _quantize_q3_k(xb, qw, out, b, codes, weight, scales, sw, ls, lq):
     if qw is None:
         for j in range(16):
             scales[j] = _make_q3_quants(
-                xb[16 * j : 16 * j + 16], 4, codes[16 * j : 16 * j + 16], weight[:16], weight[16:], lq[:16], lq[16:]
+                xb[16 * j : 16 * j + 16], 4, codes[16 * j : 16 * j + 16], weight[:16], weight[16:32], lq[:16], lq[16:]
             )
         max_scale, _ = signed_extreme(scales)
         for j in range(12):
@@ -424,21 +416,20 @@ def _quantize_q3_k(xb, qw, out, b, codes, weight, scales, sw, ls, lq):
 
 
 @njit(cache=True)
-def _quantize_q2_k(xb, qw, out, b, codes, aux, weight, scales, mins, sw, ls, lm):
+def _quantize_q2_k(xb, qw, out, b, codes, lanes, weight, scales, mins, sw, ls, lm):
     """quantize_row_q2_K_ref (qw None) / quantize_row_q2_K_impl."""
+    # the 16 groups side by side, one per vector lane (see make_qkx_quants_lanes)
     if qw is None:
-        for j in range(0, 16, 2):  # two groups at a time (see make_qkx_quants_pair)
-            x = xb[16 * j : 16 * j + 32]
-            for l in range(32):
-                weight[l] = abs(x[l])
-            scales[j], mins[j], scales[j + 1], mins[j + 1] = make_qkx_quants_pair(
-                x, weight, 3, codes[16 * j : 16 * j + 32], aux, np.float32(-0.5), np.float32(0.1), 15, True
-            )
+        for l in range(QK_K):
+            weight[l] = abs(xb[l])
+        make_qkx_quants_lanes(xb, weight, 3, codes, lanes, np.float32(-0.5), np.float32(0.1), 15, True, scales, mins)
         d_block = _levels_to_max(scales, 15, ls)
         m_block = _levels_to_max(mins, 15, lm)
     else:
         sigma2 = sum_squares(xb) / np.float32(QK_K)  # no factor 2 here, unlike q3_K..q5_K
-        _weighted_scales_mins(xb, qw, sigma2, 16, 3, codes, aux, weight, scales, mins, sw)
+        for j in range(16):
+            sw[j] = importance_weights(xb[16 * j : 16 * j + 16], qw[16 * j : 16 * j + 16], sigma2, weight[16 * j : 16 * j + 16])
+        make_qkx_quants_lanes(xb, weight, 3, codes, lanes, np.float32(-0.9), np.float32(0.05), 36, False, scales, mins)
         d_block = _make_qp_quants(scales, 15, ls, sw)
         m_block = _make_qp_quants(mins, 15, lm, sw)
     for j in range(16):
@@ -508,11 +499,11 @@ def _quantize_q45_k(xb, qw, nmax, out, b, codes, aux, weight, scales, mins, sw, 
                 weight[l] = av_x + abs(x[l])
             if five:
                 scales[j], mins[j] = make_qkx_quants(
-                    x, weight, 31, codes[32 * j : 32 * j + 32], aux, np.float32(-0.5), np.float32(0.1), 15, False
+                    x, weight[:32], 31, codes[32 * j : 32 * j + 32], aux, np.float32(-0.5), np.float32(0.1), 15, False
                 )
             else:
                 scales[j], mins[j] = make_qkx_quants(
-                    x, weight, 15, codes[32 * j : 32 * j + 32], aux, np.float32(-1.0), np.float32(0.1), 20, False
+                    x, weight[:32], 15, codes[32 * j : 32 * j + 32], aux, np.float32(-1.0), np.float32(0.1), 20, False
                 )
         d_block = _levels_to_max(scales[:8], 63, ls)  # then MIN(63, (uint8_t)l), as GGML
         m_block = _levels_to_max(mins[:8], 63, lm)
@@ -590,11 +581,11 @@ def _dequantize_q45_k(blocks, b, five, y):
 
 
 @njit(cache=True)
-def _quantize_block(xb, qtype, qw, out, b, codes, aux, weight, scales, mins, sw, ls, lm, lq):
+def _quantize_block(xb, qtype, qw, out, b, codes, aux, lanes, weight, scales, mins, sw, ls, lm, lq):
     if qtype == Q6_K:
         _quantize_q6_k(xb, qw, out, b, codes, weight, scales)
     elif qtype == Q2_K:
-        _quantize_q2_k(xb, qw, out, b, codes, aux, weight, scales, mins, sw, ls, lm)
+        _quantize_q2_k(xb, qw, out, b, codes, lanes, weight, scales, mins, sw, ls, lm)
     elif qtype == Q3_K:
         _quantize_q3_k(xb, qw, out, b, codes, weight, scales, sw, ls, lq)
     elif qtype == Q4_K:
@@ -620,7 +611,8 @@ def quantize_rows_kquants(x, qtype, out, quant_weights=None):
         xb = np.empty(QK_K, dtype=np.float32)
         codes = np.empty(QK_K, dtype=np.int64)
         aux = np.empty((6, 32), dtype=np.float32)  # make_qkx_quants' scratch
-        weight = np.empty(32, dtype=np.float32)
+        lanes = np.empty(LANES_SCRATCH, dtype=np.float32)  # make_qkx_quants_lanes' (Q2_K)
+        weight = np.empty(QK_K, dtype=np.float32)
         scales = np.empty(16, dtype=np.float32)
         mins = np.empty(16, dtype=np.float32)
         sw = np.empty(16, dtype=np.float32)
@@ -633,10 +625,10 @@ def quantize_rows_kquants(x, qtype, out, quant_weights=None):
                 non_finite += 1
                 continue
             if quant_weights is None:
-                _quantize_block(xb, qtype, None, out, b, codes, aux, weight, scales, mins, sw, ls, lm, lq)
+                _quantize_block(xb, qtype, None, out, b, codes, aux, lanes, weight, scales, mins, sw, ls, lm, lq)
             else:
                 _quantize_block(
-                    xb, qtype, quant_weights[start : start + QK_K], out, b, codes, aux, weight, scales, mins, sw, ls, lm, lq
+                    xb, qtype, quant_weights[start : start + QK_K], out, b, codes, aux, lanes, weight, scales, mins, sw, ls, lm, lq
                 )
     return non_finite
 
