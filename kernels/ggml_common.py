@@ -194,42 +194,6 @@ def _qkx_fit(sum_w, sum_x, sum_l, sum_l2, sum_xl):
 
 
 @njit(cache=True)
-def _qkx_sequential_steps(x, weight, nmax, codes, trial, rmin, rdelta, nstep, use_mad, sum_w, sum_x, high, low, scale, best_error):
-    """make_qkx_quants' trials one loop after the other, as GGML runs them: for groups shorter
-    than 32, whose loops are too short for vectors to pay."""
-    fmax = np.float32(nmax)
-    n = x.shape[0]
-    for step in range(nstep + 1):
-        iscale = (rmin + rdelta * np.float32(step) + fmax) / (high - low)
-        sum_l = np.float32(0.0)
-        sum_l2 = np.float32(0.0)
-        sum_xl = np.float32(0.0)
-        for i in range(n):
-            l = max(0, min(nmax, nearest_int(iscale * (x[i] - low))))
-            trial[i] = np.float32(l)
-            w = weight[i]
-            fl = np.float32(l)
-            sum_l += w * fl
-            sum_l2 += w * fl * fl
-            sum_xl += w * fl * x[i]
-        fit = _qkx_fit(sum_w, sum_x, sum_l, sum_l2, sum_xl)
-        if fit is not None:
-            this_scale, this_min = fit
-            error = np.float32(0.0)
-            for i in range(n):
-                diff = this_scale * trial[i] + this_min - x[i]
-                diff = abs(diff) if use_mad else diff * diff
-                error += weight[i] * diff
-            if error < best_error:
-                for i in range(n):
-                    codes[i] = np.int64(trial[i])
-                best_error = error
-                scale = this_scale
-                low = this_min
-    return scale, low
-
-
-@njit(cache=True)
 def _qkx_first_try(x, weight, nmax, codes, use_mad):
     """make_qkx_quants up to its trials: the weighted sums, the range (its minimum kept <= 0) and
     the codes and error of scale (max - min) / nmax.  Returns (settled, sum_w, sum_x, max, min,
@@ -272,21 +236,19 @@ def make_qkx_quants(x, weight, nmax, codes, scratch, rmin, rdelta, nstep, use_ma
     fit of scale and minimum (the minimum kept <= 0); the smallest weighted error (squared, or
     absolute with ``use_mad``) wins, ties to the earlier.  ``scratch``: float32 (6, >= len(x)).
 
-    From groups of 32 on, each trial's codes and the terms of its sums are computed in vector
-    loops, and only the sums themselves run sequentially, in GGML's order; the next trial is
+    For groups of 32 (Q4_K, Q5_K, weighted Q4_1 / Q5_1; Q2_K's 16 take ``make_qkx_quants_lanes``):
+    each trial's codes and the terms of its sums are computed in vector loops, and only the sums
+    themselves run sequentially, in GGML's order; the next trial is
     prepared while this one's error is summed, so both chains of additions run side by side.
     The next trial uses the minimum as it stands, which GGML moves when a trial wins: then it is
     prepared again.  Every sum GGML compares is thus the one GGML computes (1.5x the sequential
-    search's speed here).  Shorter groups take GGML's sequential loops, faster at that length."""
+    search's speed here)."""
     n = x.shape[0]
     settled, sum_w, sum_x, high, low, scale, best_error = _qkx_first_try(x, weight, nmax, codes, use_mad)
     if settled:
         return scale, -low
     fmax = np.float32(nmax)
     trial = scratch[0, :n]
-    if n < 32:
-        scale, low = _qkx_sequential_steps(x, weight, nmax, codes, trial, rmin, rdelta, nstep, use_mad, sum_w, sum_x, high, low, scale, best_error)
-        return scale, -low
     next_trial = scratch[1, :n]
     t_l = scratch[2, :n]
     t_l2 = scratch[3, :n]
