@@ -42,6 +42,8 @@ QH_OFFSET = (-1, -1, -1, 2, 4)
 M_OFFSET = (-1, -1, 2, -1, 2)
 
 _INT_MIN = np.int32(-2147483648)
+_MAGNITUDE = np.uint32(0x7FFFFFFF)  # float32 bits but the sign
+_INFINITY_BITS = np.uint32(0x7F800000)  # magnitudes from here up are infinity or NaN
 _TWO_31 = np.float32(2147483648.0)
 
 
@@ -155,13 +157,16 @@ def _quantize_block_ref(row, start, qk, qtype, out, b, fifth_words, fifth):
     """One block (``qk`` = 32 values) by GGML's quantize_row_*_ref arithmetic; return 1 if it
     holds NaN/inf.  ``fifth``: uint8[32] scratch for the Q5 types' fifth bits, the same memory
     as ``fifth_words`` (uint64[4]); allocated once per row by the caller."""
-    low, high = _block_extremes(row, start, qk)
-    if not (np.isfinite(low) and np.isfinite(high)):
-        out[b, :] = 0
-        return 1
     if qtype == Q8_0:
-        # the largest magnitude from the extremes (abs: +0 when both are zeros, as GGML's amax)
-        amax = abs(max(high, -low))
+        # GGML's amax, the largest magnitude: one integer max over the magnitudes' bits (a NaN or
+        # infinity among them, beyond every finite one, shows), where the extremes take two
+        largest = np.uint32(0)
+        for j in range(qk):
+            largest = max(largest, np.uint32(np.float32(to_float32(row[start + j])).view(np.uint32) & _MAGNITUDE))
+        if largest >= _INFINITY_BITS:
+            out[b, :] = 0
+            return 1
+        amax = np.uint32(largest).view(np.float32)
         d = amax / np.float32(127.0)
         inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
         store_half(out, b, 0, d)
@@ -169,6 +174,10 @@ def _quantize_block_ref(row, start, qk, qtype, out, b, fifth_words, fifth):
             q = _c_roundf_int32(finite_to_float32(row[start + j]) * inv)
             out[b, U64(2) + j] = np.uint8(q & np.int32(0xFF))
         return 0
+    low, high = _block_extremes(row, start, qk)
+    if not (np.isfinite(low) and np.isfinite(high)):
+        out[b, :] = 0
+        return 1
     qs = U64(QS_OFFSET[qtype])
     if qtype == Q4_0 or qtype == Q5_0:
         # GGML keeps the first value of largest magnitude, sign kept (+0 if all are zeros);
