@@ -11,12 +11,22 @@ import platform
 import llvmlite.binding
 import numpy as np
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.core import config as numba_config
 from numba.extending import intrinsic, overload
 
 BF16_BITS = np.uint16
 F16_BITS = np.int16
+
+#: float32 magnitudes (bits without the sign) from here up are infinity or NaN
+FLOAT32_INFINITY_BITS = np.uint32(0x7F800000)
+
+
+@njit(cache=True)
+def magnitude_bits(value):
+    """The bits of float32 ``value`` without its sign: ordered as the magnitudes, NaN above
+    infinity, so an integer max over them finds the largest magnitude and any NaN or infinity."""
+    return np.uint32(np.float32(value).view(np.uint32) & np.uint32(0x7FFFFFFF))
 
 
 def to_float32(value):  # pragma: no cover - replaced by the overload inside numba

@@ -9,13 +9,12 @@ sequential.
 
 import numpy as np
 from numba import njit
-from qstrat.kernels.decode import to_float32
+from qstrat.kernels.decode import FLOAT32_INFINITY_BITS, magnitude_bits, to_float32
 from qstrat.kernels.half import ROUND_MAGIC
 from qstrat.kernels.layout import U64
 
 GROUP_MAX_EPS = np.float32(1e-15)  # GGML: a group whose largest magnitude is below this is all zeros
 BLOCKS_PER_TASK = 16  # blocks one parallel task quantizes with one set of scratch arrays
-_EXPONENT = np.uint32(0x7F800000)
 
 
 @njit(cache=True, inline="always")
@@ -53,7 +52,7 @@ def load_block(x, b, xb, out):
     for j in range(n):
         v = to_float32(x[r, start + j])
         xb[j] = v
-        bad |= np.uint32((np.float32(v).view(np.uint32) & _EXPONENT) == _EXPONENT)
+        bad |= np.uint32(magnitude_bits(v) >= FLOAT32_INFINITY_BITS)
     if bad:
         out[b, :] = 0
     return start, bad != np.uint32(0)

@@ -9,7 +9,7 @@ integer arithmetic on the float32 bits, so no CPU conversion mode can change a r
 
 import numpy as np
 from numba import njit, prange
-from qstrat.kernels.decode import to_float32
+from qstrat.kernels.decode import FLOAT32_INFINITY_BITS, magnitude_bits, to_float32
 from qstrat.kernels.layout import U64
 
 # float32 bits thresholds for binary16 (bias 15) seen from float32 (bias 127)
@@ -65,9 +65,6 @@ def load_half(blocks, b, offset):
     return to_float32(np.int16(bits))
 
 
-_FLOAT32_INF_BITS = np.uint32(0x7F800000)  # float32 magnitudes from here up are infinity or NaN
-
-
 @njit(parallel=True, cache=True, nogil=True)
 def encode_rows_f16(x, out):
     """``out`` (rows, k) uint16 = binary16 bits of every element of ``x`` (rows, k); returns how
@@ -79,8 +76,8 @@ def encode_rows_f16(x, out):
         for j in range(U64(k)):
             value = to_float32(x[r, j])
             out[r, j] = float32_to_f16_bits(value)
-            largest = max(largest, np.uint32(np.float32(value).view(np.uint32) & np.uint32(0x7FFFFFFF)))
-        non_finite += np.int64(largest >= _FLOAT32_INF_BITS)
+            largest = max(largest, magnitude_bits(value))
+        non_finite += np.int64(largest >= FLOAT32_INFINITY_BITS)
     return non_finite
 
 
@@ -95,8 +92,8 @@ def encode_rows_bf16(x, out):
         for j in range(U64(k)):
             value = to_float32(x[r, j])
             out[r, j] = float32_to_bf16_bits(value)
-            largest = max(largest, np.uint32(np.float32(value).view(np.uint32) & np.uint32(0x7FFFFFFF)))
-        non_finite += np.int64(largest >= _FLOAT32_INF_BITS)
+            largest = max(largest, magnitude_bits(value))
+        non_finite += np.int64(largest >= FLOAT32_INFINITY_BITS)
     return non_finite
 
 

@@ -16,7 +16,7 @@ the low byte), so even blocks whose inverse scale overflows give GGML's bytes.
 
 import numpy as np
 from numba import njit, prange
-from qstrat.kernels.decode import finite_to_float32, from_order_key, order_key, to_float32
+from qstrat.kernels.decode import FLOAT32_INFINITY_BITS, finite_to_float32, from_order_key, magnitude_bits, order_key, to_float32
 from qstrat.kernels.ggml_common import importance_weights, make_qkx_quants, make_qx_quants
 from qstrat.kernels.half import load_half, store_half
 from qstrat.kernels.layout import U64
@@ -42,8 +42,6 @@ QH_OFFSET = (-1, -1, -1, 2, 4)
 M_OFFSET = (-1, -1, 2, -1, 2)
 
 _INT_MIN = np.int32(-2147483648)
-_MAGNITUDE = np.uint32(0x7FFFFFFF)  # float32 bits but the sign
-_INFINITY_BITS = np.uint32(0x7F800000)  # magnitudes from here up are infinity or NaN
 _TWO_31 = np.float32(2147483648.0)
 
 
@@ -162,8 +160,8 @@ def _quantize_block_ref(row, start, qk, qtype, out, b, fifth_words, fifth):
         # infinity among them, beyond every finite one, shows), where the extremes take two
         largest = np.uint32(0)
         for j in range(qk):
-            largest = max(largest, np.uint32(np.float32(to_float32(row[start + j])).view(np.uint32) & _MAGNITUDE))
-        if largest >= _INFINITY_BITS:
+            largest = max(largest, magnitude_bits(to_float32(row[start + j])))
+        if largest >= FLOAT32_INFINITY_BITS:
             out[b, :] = 0
             return 1
         amax = np.uint32(largest).view(np.float32)
