@@ -3,9 +3,12 @@
 Candidate orders (identity, by norm, ...) are a start; swaps of columns between blocks then
 lower the error of every matrix that reads those columns, measured by quantizing a seeded
 sample of their rows in their own block types (with their importance vectors, through the
-registry's kernels) after each swap.  Swaps first take away any excess over identity's error of a matrix the start makes
-worse, then lower the sum of the errors relative to identity's; the result is judged on every
-row afterwards, and kept only if no matrix is worse than under identity.  head_order's search
+registry's kernels) after each swap.  The first half of the budget lowers the sum of the errors
+relative to identity's, whatever a swap does to one matrix; the second half first takes away any
+excess over identity's error of a matrix (from the start or the first half), then lowers that
+sum further.  (With the second rule alone, a search from identity kept no swap at Q4_K: almost
+every swap leaves some matrix a little worse.)  The result is judged on every row afterwards, and
+kept only if no matrix is worse than under identity.  head_order's search
 swaps whole heads instead (of one key/value group, or whole groups), so that heads stay whole.
 """
 
@@ -62,6 +65,12 @@ def relative_total(errors: Mapping[str, float], identity: Mapping[str, float]) -
 def excess(errors: Mapping[str, float], identity: Mapping[str, float]) -> float:
     """How far matrices are worse than under identity: the sum of their relative excess errors."""
     return sum(0.0 if identity[n] == 0 else max(0.0, errors[n] / identity[n] - 1.0) for n in errors)
+
+
+def rank(errors: Mapping[str, float], identity: Mapping[str, float], free: bool) -> tuple[float, float]:
+    """What a search lowers (compared as a tuple): the relative total alone while ``free``, else
+    first the excess over identity, then the relative total."""
+    return (0.0 if free else excess(errors, identity), relative_total(errors, identity))
 
 
 @dataclass(frozen=True)
@@ -172,8 +181,10 @@ def search_order(
     """From the column order ``start``, ``settings.budget`` proposed swaps between blocks of
     ``block`` columns, half of them moving one of the highest-``scores`` columns into the
     block of the highest one (in place of one of its other columns), half between random
-    positions, measured on ``sampled`` (made here if not given).  A swap is kept when it lowers the excess error over identity's of the matrices
-    that ``start`` makes worse, or, with no more excess, the error relative to identity's.
+    positions, measured on ``sampled`` (made here if not given).  A swap is kept when it lowers
+    ``rank``: in the first half of the budget the error relative to identity's summed over the
+    matrices, in the second the excess over identity's error of the matrices worse than under
+    identity, or, with no more excess, that sum.
     Returns the order reached and the swaps kept (position pairs, in order)."""
     width = start.size
     if settings.budget == 0 or width // block < 2:
@@ -184,15 +195,18 @@ def search_order(
     order = np.array(start, dtype=np.int64)
     position = np.empty(width, dtype=np.int64)
     position[order] = np.arange(width)
-    first = sampled.reset(order)
-    current = (excess(first, identity), relative_total(first, identity))
+    committed = sampled.reset(order)
+    free_swaps = settings.budget // 2
+    current = rank(committed, identity, free_swaps > 0)
     scores = np.asarray(scores, dtype=np.float64)
     ranked = np.argsort(-scores, kind="stable")
     top = ranked[: min(width, block)]
     leading = np.zeros(width, dtype=bool)
     leading[top] = True
     kept: list[tuple[int, int]] = []
-    for _ in range(settings.budget):
+    for step in range(settings.budget):
+        if step == free_swaps:
+            current = rank(committed, identity, False)
         if rng.random() < 0.5:
             # gather: one of the leading columns into the block of the leading column (or of the
             # second, for the leading one itself), in place of one of its ordinary columns
@@ -209,10 +223,9 @@ def search_order(
             continue
         order[[a, b]] = order[[b, a]]
         errors = sampled.swapped(order, np.array([a, b]))
-        # first less excess over identity (from a start that is worse for some matrix), then less error
-        value = (excess(errors, identity), relative_total(errors, identity))
+        value = rank(errors, identity, step < free_swaps)
         if value < current:
-            current = value
+            current, committed = value, errors
             sampled.commit()
             position[order[a]], position[order[b]] = a, b
             kept.append((a, b))
@@ -236,8 +249,8 @@ def search_head_order(
     """From the query-head order ``start`` (the heads of each key/value group side by side, as
     head_order builds every order), ``settings.budget`` proposed swaps that keep it so: of two
     heads of one group, or of two whole groups, measured on a seeded sample of ``reader``'s rows
-    in its block type.  A swap is kept under the rule of search_order (less excess over
-    identity's error, then less error).  Only a swap that moves values between blocks can
+    in its block type.  A swap is kept under the rule of search_order (first half: less error;
+    second half: less excess over identity's error, then less error).  Only a swap that moves values between blocks can
     change the error (a K-quant's 256 columns hold several heads of 64, Q8_0's 32 never hold
     two: then nothing is searched); swaps that cannot (inside one block, or of whole blocks,
     as groups that each fill whole blocks) are skipped.
@@ -254,10 +267,13 @@ def search_head_order(
     rng = np.random.default_rng(settings.seed)
     sampled = SampledErrors({"reader": reader}, settings.sample_rows, rng)
     identity = sampled.reset(np.arange(width))
-    first = sampled.reset(expand_heads(order, head_dim))
-    current = (excess(first, identity), relative_total(first, identity))
+    committed = sampled.reset(expand_heads(order, head_dim))
+    free_swaps = settings.budget // 2
+    current = rank(committed, identity, free_swaps > 0)
     kept: list[tuple[int, int]] = []
-    for _ in range(settings.budget):
+    for step in range(settings.budget):
+        if step == free_swaps:
+            current = rank(committed, identity, False)
         if per_group > 1 and (kv_heads == 1 or rng.random() < 0.5):
             group = int(rng.integers(kv_heads))
             a, b = (group * per_group + rng.choice(per_group, 2, replace=False)).tolist()
@@ -278,9 +294,9 @@ def search_head_order(
         trial = order.copy()
         trial[moved_a], trial[moved_b] = order[moved_b], order[moved_a]
         errors = sampled.swapped(expand_heads(trial, head_dim), positions)
-        value = (excess(errors, identity), relative_total(errors, identity))
+        value = rank(errors, identity, step < free_swaps)
         if value < current:
-            current, order = value, trial
+            current, order, committed = value, trial, errors
             sampled.commit()
             kept.append((a, b))
     return order, kept
