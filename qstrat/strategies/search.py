@@ -3,12 +3,12 @@
 Candidate orders (identity, by norm, ...) are a start; swaps of columns between blocks then
 lower the error of every matrix that reads those columns, measured by quantizing a seeded
 sample of their rows in their own block types (with their importance vectors, through the
-registry's kernels) after each swap.  The first half of the budget lowers the sum of the errors
-relative to identity's, whatever a swap does to one matrix; the second half first takes away any
-excess over identity's error of a matrix (from the start or the first half), then lowers that
-sum further.  (With the second rule alone, a search from identity kept no swap at Q4_K: almost
-every swap leaves some matrix a little worse.)  The result is judged on every row afterwards, and
-kept only if no matrix is worse than under identity.  head_order's search
+registry's kernels) after each swap.  Swaps first take away any excess over identity's error of
+a matrix the start makes worse, then lower the sum of the errors relative to identity's.  From
+identity, which no matrix finds worse, that rule kept almost no swap at Q4_K (nearly every swap
+leaves some matrix a little worse), so there the first half of the budget lowers the sum alone,
+and the second half then takes away any excess this left.  The result is judged on every row
+afterwards, and kept only if no matrix is worse than under identity.  head_order's search
 swaps whole heads instead (of one key/value group, or whole groups), so that heads stay whole.
 """
 
@@ -182,9 +182,9 @@ def search_order(
     ``block`` columns, half of them moving one of the highest-``scores`` columns into the
     block of the highest one (in place of one of its other columns), half between random
     positions, measured on ``sampled`` (made here if not given).  A swap is kept when it lowers
-    ``rank``: in the first half of the budget the error relative to identity's summed over the
-    matrices, in the second the excess over identity's error of the matrices worse than under
-    identity, or, with no more excess, that sum.
+    ``rank``: the excess over identity's error of the matrices worse than under identity, or, with
+    no more excess, the error relative to identity's summed over the matrices; from identity, in
+    the first half of the budget, that sum alone.
     Returns the order reached and the swaps kept (position pairs, in order)."""
     width = start.size
     if settings.budget == 0 or width // block < 2:
@@ -196,7 +196,7 @@ def search_order(
     position = np.empty(width, dtype=np.int64)
     position[order] = np.arange(width)
     committed = sampled.reset(order)
-    free_swaps = settings.budget // 2
+    free_swaps = settings.budget // 2 if np.array_equal(order, np.arange(width)) else 0
     current = rank(committed, identity, free_swaps > 0)
     scores = np.asarray(scores, dtype=np.float64)
     ranked = np.argsort(-scores, kind="stable")
@@ -249,8 +249,8 @@ def search_head_order(
     """From the query-head order ``start`` (the heads of each key/value group side by side, as
     head_order builds every order), ``settings.budget`` proposed swaps that keep it so: of two
     heads of one group, or of two whole groups, measured on a seeded sample of ``reader``'s rows
-    in its block type.  A swap is kept under the rule of search_order (first half: less error;
-    second half: less excess over identity's error, then less error).  Only a swap that moves values between blocks can
+    in its block type.  A swap is kept under the rule of search_order (less excess over
+    identity's error, then less error; from identity, first half: less error).  Only a swap that moves values between blocks can
     change the error (a K-quant's 256 columns hold several heads of 64, Q8_0's 32 never hold
     two: then nothing is searched); swaps that cannot (inside one block, or of whole blocks,
     as groups that each fill whole blocks) are skipped.
@@ -268,7 +268,7 @@ def search_head_order(
     sampled = SampledErrors({"reader": reader}, settings.sample_rows, rng)
     identity = sampled.reset(np.arange(width))
     committed = sampled.reset(expand_heads(order, head_dim))
-    free_swaps = settings.budget // 2
+    free_swaps = settings.budget // 2 if np.array_equal(order, np.arange(heads)) else 0
     current = rank(committed, identity, free_swaps > 0)
     kept: list[tuple[int, int]] = []
     for step in range(settings.budget):
