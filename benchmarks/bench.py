@@ -52,6 +52,18 @@ def timed(fn, repeats=5) -> float:
     return statistics.median(samples)
 
 
+def alternated(first, second, repeats) -> tuple[float, float]:
+    """The best time of each of two commands run in turn ``repeats`` times (after a warm-up)."""
+    first(), second()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for fn, samples in zip((first, second), times):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+    return min(times[0]), min(times[1])
+
+
 def row(label, seconds, reference_seconds, nbytes, note=""):
     gbs = nbytes / seconds / 1e9
     print(f"| {label} | {gbs:7.2f} GB/s | {reference_seconds / seconds:6.2f}x | {note} |", flush=True)
@@ -165,8 +177,8 @@ def ggml_types_all_cores(x: np.ndarray) -> None:
     same_values = (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
     for name in ("q8_0", "q4_0", "q4_k", "q6_k"):
         entry = FORMATS[name]
-        f32_time = timed(lambda: entry.quantize_rows(same_values, None), 3)
-        bf16_time = timed(lambda: entry.quantize_rows(bf16, None), 3)
+        # alternated, best of five each: the neighbours' load moves a single timing by up to 40 %
+        f32_time, bf16_time = alternated(lambda: entry.quantize_rows(same_values, None), lambda: entry.quantize_rows(bf16, None), 5)
         print(f"| {name}, bf16 input | per element | {f32_time / bf16_time:6.2f}x | float32 input holding the same values (>= 1) |", flush=True)
 
 
