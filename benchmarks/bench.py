@@ -140,8 +140,7 @@ def ggml_types(values: int) -> None:
         if name == "q8_k":  # ggml_quantize_chunk has no Q8_K: see the kernels section
             continue
         for weights in (None, imatrix) if entry.uses_imatrix else (None,):
-            ours = timed(lambda: entry.quantize_rows(x, weights), 3)
-            ggml = timed(lambda: ggml_quantize_chunk(int(entry.ggml_type), x, weights), 3)
+            ours, ggml = alternated(lambda: entry.quantize_rows(x, weights), lambda: ggml_quantize_chunk(int(entry.ggml_type), x, weights), 3)
             print(f"| {name} | {'yes' if weights is not None else 'no'} | {x.nbytes / ours / 1e9:6.3f} GB/s "
                   f"| {x.nbytes / ggml / 1e9:6.3f} GB/s | {ggml / ours:5.2f}x |", flush=True)
     numba.set_num_threads(CORES)
