@@ -66,32 +66,17 @@ def load_half(blocks, b, offset):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def encode_rows_f16(x, out):
-    """``out`` (rows, k) uint16 = binary16 bits of every element of ``x`` (rows, k); returns how
-    many rows hold NaN or infinity (the caller refuses them, so no scan is needed first)."""
+def encode_rows(x, out, bfloat16):
+    """``out`` (rows, k) uint16 = the bfloat16 bits (``bfloat16``) or binary16 bits of every
+    element of ``x`` (rows, k); returns how many rows hold NaN or infinity (the caller refuses
+    them, so no scan is needed first)."""
     rows, k = x.shape
     non_finite = 0
     for r in prange(rows):
         largest = np.uint32(0)  # the largest magnitude's bits: a max reduction vectorises, a count did not
         for j in range(U64(k)):
             value = to_float32(x[r, j])
-            out[r, j] = float32_to_f16_bits(value)
-            largest = max(largest, magnitude_bits(value))
-        non_finite += np.int64(largest >= FLOAT32_INFINITY_BITS)
-    return non_finite
-
-
-@njit(parallel=True, cache=True, nogil=True)
-def encode_rows_bf16(x, out):
-    """``out`` (rows, k) uint16 = bfloat16 bits of every element of ``x`` (rows, k); returns how
-    many rows hold NaN or infinity (the caller refuses them, so no scan is needed first)."""
-    rows, k = x.shape
-    non_finite = 0
-    for r in prange(rows):
-        largest = np.uint32(0)  # the largest magnitude's bits: a max reduction vectorises, a count did not
-        for j in range(U64(k)):
-            value = to_float32(x[r, j])
-            out[r, j] = float32_to_bf16_bits(value)
+            out[r, j] = float32_to_bf16_bits(value) if bfloat16 else float32_to_f16_bits(value)
             largest = max(largest, magnitude_bits(value))
         non_finite += np.int64(largest >= FLOAT32_INFINITY_BITS)
     return non_finite

@@ -211,10 +211,10 @@ def _quantize_f32(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
     return storage_to_float32(rows).astype("<f4").view(np.uint8)
 
 
-def _encoder(kernel: Callable[[np.ndarray, np.ndarray], int]) -> QuantizeRows:
+def _encoder(bfloat16: bool) -> QuantizeRows:
     def quantize_16bit(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
         out = np.empty(rows.shape, dtype=np.uint16)
-        if kernel(rows, out):
+        if half.encode_rows(rows, out, bfloat16):
             raise NonFiniteBlocks
         return out.view(np.uint8)
 
@@ -234,8 +234,8 @@ def _dequantize_bf16(blocks: np.ndarray, k: int) -> np.ndarray:
 
 
 register(QuantizationType.F32, _quantize_f32, _dequantize_f32, uses_imatrix=False, kernel_layout=(1, 4))
-register(QuantizationType.F16, _encoder(half.encode_rows_f16), _dequantize_f16, uses_imatrix=False, checks_finite=True, kernel_layout=(1, 2), kernels=half)
-register(QuantizationType.BF16, _encoder(half.encode_rows_bf16), _dequantize_bf16, uses_imatrix=False, checks_finite=True, kernel_layout=(1, 2), kernels=half)
+register(QuantizationType.F16, _encoder(False), _dequantize_f16, uses_imatrix=False, checks_finite=True, kernel_layout=(1, 2), kernels=half)
+register(QuantizationType.BF16, _encoder(True), _dequantize_bf16, uses_imatrix=False, checks_finite=True, kernel_layout=(1, 2), kernels=half)
 
 
 # --- public API

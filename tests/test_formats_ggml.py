@@ -9,7 +9,7 @@ import qstrat
 from qstrat.errors import InputError, NonFiniteError, QstratError
 from qstrat.formats import FORMATS, block_type
 from qstrat.kernels import iq4nl, legacy
-from qstrat.kernels.half import encode_rows_f16
+from qstrat.kernels.half import encode_rows
 from qstrat.reference import ggml_dequantize_row, ggml_quantize_chunk, ggml_quantize_q8k
 
 LEGACY = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
@@ -195,7 +195,7 @@ def test_f16_encoding_matches_ggml_on_every_exponent_and_rounding_case():
     low = np.array([0, 1, 0x0FFF, 0x1000, 0x1001, 0x1FFF], dtype=np.uint32)
     values = (high[:, None] | low[None, :]).reshape(-1, 1 << 10).view(np.float32)
     got = np.empty(values.shape, np.uint16)
-    encode_rows_f16(values, got)
+    encode_rows(values, got, False)
     expected = ggml_quantize_chunk(int(T.F16), values).view(np.uint16)
     assert np.array_equal(got, expected)
     finite_or_inf = ~np.isnan(values)
