@@ -16,9 +16,9 @@ the low byte), so even blocks whose inverse scale overflows give GGML's bytes.
 
 import numpy as np
 from numba import njit, prange
-from qstrat.kernels.decode import FLOAT32_INFINITY_BITS, finite_to_float32, from_order_key, magnitude_bits, order_key, to_float32
+from qstrat.kernels.decode import finite_to_float32, from_order_key, magnitude_bits, order_key, to_float32
 from qstrat.kernels.ggml_common import importance_weights, make_qkx_quants, make_qx_quants
-from qstrat.kernels.half import load_half, store_half
+from qstrat.kernels.half import float32_to_f16_bits, load_half, store_half
 from qstrat.kernels.layout import U64
 
 #: values per block of every legacy type (GGML's QK8_0 = QK4_0 = QK4_1 = QK5_0 = QK5_1)
@@ -151,75 +151,163 @@ def _first_zero(row, start):
 
 
 @njit(cache=True, inline="always")
-def _quantize_block_ref(row, start, qk, qtype, out, b, fifth_words, fifth):
-    """One block (``qk`` = 32 values) by GGML's quantize_row_*_ref arithmetic; return 1 if it
-    holds NaN/inf.  ``fifth``: uint8[32] scratch for the Q5 types' fifth bits, the same memory
-    as ``fifth_words`` (uint64[4]); allocated once per row by the caller."""
+def _block_ranges(row, qk, qtype, lows, highs):
+    """Pass 1 of a row: each block's extremes into ``lows`` / ``highs`` (Q8_0: its largest
+    magnitude into ``highs``), NaN/infinity among them if the block holds one.  A reduction
+    per block and nothing else, so each block's loop vectorises."""
     if qtype == Q8_0:
-        # GGML's amax, the largest magnitude: one integer max over the magnitudes' bits (a NaN or
-        # infinity among them, beyond every finite one, shows), where the extremes take two
-        largest = np.uint32(0)
-        for j in range(qk):
-            largest = max(largest, magnitude_bits(to_float32(row[start + j])))
-        if largest >= FLOAT32_INFINITY_BITS:
-            out[b, :] = 0
-            return 1
-        amax = np.uint32(largest).view(np.float32)
-        d = amax / np.float32(127.0)
-        inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
-        store_half(out, b, 0, d)
-        for j in range(qk):
-            q = _c_roundf_int32(finite_to_float32(row[start + j]) * inv)
-            out[b, U64(2) + j] = np.uint8(q & np.int32(0xFF))
-        return 0
-    low, high = _block_extremes(row, start, qk)
-    if not (np.isfinite(low) and np.isfinite(high)):
-        out[b, :] = 0
-        return 1
-    qs = U64(QS_OFFSET[qtype])
-    if qtype == Q4_0 or qtype == Q5_0:
-        # GGML keeps the first value of largest magnitude, sign kept (+0 if all are zeros);
-        # it maps to -8 (-16).  A select, not a branch: which side wins is a coin toss per
-        # block, and mispredicting it cost more than the rest of the choice
-        extreme = high if high > -low else low
-        if high == -low:  # a tie: all zeros, or both +m and -m occur (rare)
-            extreme = np.float32(0.0)
-            if high != np.float32(0.0):
-                extreme = high
-                for j in range(U64(QK)):
-                    v = finite_to_float32(row[start + j])
-                    if abs(v) == high:
-                        extreme = v
-                        break
-        levels = np.float32(8.0) if qtype == Q4_0 else np.float32(16.0)
-        d = extreme / -levels
-        inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
-        store_half(out, b, 0, d)
-        # GGML truncates x * id + 8.5 (16.5) to int8, then takes min with 15 (31)
-        zero = np.float32(0.0)
-        if qtype == Q4_0:
-            _pack_codes_ref(row, start, zero, inv, np.float32(8.5), np.int32(15), out, b, qs, fifth, False)
-            return 0
-        _pack_codes_ref(row, start, zero, inv, np.float32(16.5), np.int32(31), out, b, qs, fifth, True)
-        _store_fifth_bits(out, b, QH_OFFSET[qtype], fifth_words)
-        return 0
-    # Q4_1 / Q5_1: d = (max - min) / 15 (31), m = min; of equal zeros GGML keeps the first
-    if low == np.float32(0.0):
-        low = _first_zero(row, start)
+        for i in range(U64(lows.shape[0])):
+            # GGML's amax: one integer max over the magnitudes' bits (a NaN or infinity among
+            # them, beyond every finite one, shows), where the extremes take two
+            largest = np.uint32(0)
+            for j in range(qk):
+                largest = max(largest, magnitude_bits(to_float32(row[i * qk + j])))
+            highs[i] = np.uint32(largest).view(np.float32)
+        return
+    for i in range(U64(lows.shape[0])):
+        lows[i], highs[i] = _block_extremes(row, i * qk, qk)
+
+
+@njit(cache=True, inline="always")
+def _inverse(d):
+    return np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
+
+
+@njit(cache=True, inline="always")
+def _extreme_tie(row, start, high):
+    """Of a block whose largest and smallest values are +high and -high: the first of the two
+    in the block, which GGML keeps (+0 if all are zeros)."""
     if high == np.float32(0.0):
-        high = _first_zero(row, start)
-    steps = np.float32(15.0) if qtype == Q4_1 else np.float32(31.0)
-    d = (high - low) / steps
-    inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
-    store_half(out, b, 0, d)
-    store_half(out, b, M_OFFSET[qtype], low)
+        return np.float32(0.0)
+    for j in range(U64(QK)):
+        v = finite_to_float32(row[start + j])
+        if abs(v) == high:
+            return v
+    return high
+
+
+@njit(cache=True, inline="always")
+def _block_scales_ref(row, qtype, lows, highs, invs, d_bits, m_bits, non_finite):
+    """Pass 2 of a row: each block's d (and m) by GGML's quantize_row_*_ref arithmetic, as fp16
+    bits into ``d_bits`` (``m_bits``); 1 / d (or 0) into ``invs``, and for Q4_1 / Q5_1 the m
+    pass 3 subtracts into ``lows``; ``non_finite[i]`` = 1 for a block holding NaN/inf, whose d and
+    codes are zeroed.  Returns how many do.  The common case is one loop of selects over the
+    blocks, so it vectorises; GGML's tie-breaks (which of +-m, which zero) are rare, and redone
+    block by block afterwards."""
+    blocks = U64(lows.shape[0])
+    count = 0
+    rare = False
+    zero = np.float32(0.0)
+    if qtype == Q8_0:
+        for i in range(blocks):
+            bad = not np.isfinite(highs[i])
+            d = highs[i] / np.float32(127.0)
+            invs[i] = zero if bad else _inverse(d)
+            d_bits[i] = float32_to_f16_bits(d)
+            non_finite[i] = np.uint8(bad)
+            count += np.int64(bad)
+    elif qtype == Q4_0 or qtype == Q5_0:
+        # GGML keeps the first value of largest magnitude, sign kept, and maps it to -8 (-16).
+        # A select, not a branch: which side wins is a coin toss per block
+        levels = np.float32(-8.0) if qtype == Q4_0 else np.float32(-16.0)
+        for i in range(blocks):
+            low, high = lows[i], highs[i]
+            bad = not (np.isfinite(low) and np.isfinite(high))
+            rare |= high == -low  # a tie: all zeros, or both +m and -m occur
+            d = (high if high > -low else low) / levels
+            invs[i] = zero if bad else _inverse(d)
+            d_bits[i] = float32_to_f16_bits(d)
+            non_finite[i] = np.uint8(bad)
+            count += np.int64(bad)
+        if rare:
+            for i in range(blocks):
+                if highs[i] == -lows[i] and not non_finite[i]:
+                    d = _extreme_tie(row, i * U64(QK), highs[i]) / levels
+                    invs[i] = _inverse(d)
+                    d_bits[i] = float32_to_f16_bits(d)
+    else:  # Q4_1 / Q5_1: d = (max - min) / 15 (31), m = min
+        steps = np.float32(15.0) if qtype == Q4_1 else np.float32(31.0)
+        for i in range(blocks):
+            low, high = lows[i], highs[i]
+            bad = not (np.isfinite(low) and np.isfinite(high))
+            rare |= (low == zero) | (high == zero)
+            d = (high - low) / steps
+            invs[i] = zero if bad else _inverse(d)
+            lows[i] = zero if bad else low
+            d_bits[i] = float32_to_f16_bits(d)
+            m_bits[i] = float32_to_f16_bits(low)
+            non_finite[i] = np.uint8(bad)
+            count += np.int64(bad)
+        if rare:  # of equal zeros (+0, -0) GGML keeps the first
+            for i in range(blocks):
+                low, high = lows[i], highs[i]
+                if (low == zero or high == zero) and not non_finite[i]:
+                    low = _first_zero(row, i * U64(QK)) if low == zero else low
+                    high = _first_zero(row, i * U64(QK)) if high == zero else high
+                    d = (high - low) / steps
+                    invs[i] = _inverse(d)
+                    lows[i] = low
+                    d_bits[i] = float32_to_f16_bits(d)
+                    m_bits[i] = float32_to_f16_bits(low)
+    return count
+
+
+@njit(cache=True, inline="always")
+def _store_bits(out, b, offset, bits):
+    out[b, U64(offset)] = np.uint8(bits & np.uint16(0xFF))
+    out[b, U64(offset + 1)] = np.uint8(bits >> np.uint16(8))
+
+
+@njit(cache=True)
+def _quantize_row_ref(row, qtype, out, first, lows, highs, invs, d_bits, m_bits, non_finite, fifth_words, fifth):
+    """One row by GGML's quantize_row_*_ref arithmetic, in three passes over its blocks: ranges,
+    scales, codes.  Block by block in one loop, the scale's scalar work sat between two vector
+    loops; in passes, each loop vectorises (all cores, Q4_0: +30 %).  Returns the number of
+    blocks holding NaN/inf (zeroed).  Scratch, one element per block: ``lows``, ``highs``,
+    ``invs`` float32, ``d_bits``, ``m_bits`` uint16, ``non_finite`` uint8; ``fifth``: uint8[32],
+    the same memory as ``fifth_words`` (uint64[4]), for the Q5 types' fifth bits."""
+    k = row.shape[0]
+    blocks = k // QK
+    qk = U64(k // max(blocks, 1))  # QK (k % 32 == 0), unknown to LLVM (see _block_extremes)
+    _block_ranges(row, qk, qtype, lows, highs)
+    count = _block_scales_ref(row, qtype, lows, highs, invs, d_bits, m_bits, non_finite)
+    # one loop per type, each with its constants: a type test inside the loop kept it scalar
+    qs = U64(QS_OFFSET[qtype])
     half = np.float32(0.5)
-    if qtype == Q4_1:  # MIN(15, (int8_t)...)
-        _pack_codes_ref(row, start, low, inv, half, np.int32(15), out, b, qs, fifth, False)
-        return 0
-    _pack_codes_ref(row, start, low, inv, half, np.int32(127), out, b, qs, fifth, True)  # Q5_1: (uint8_t)...
-    _store_fifth_bits(out, b, QH_OFFSET[qtype], fifth_words)
-    return 0
+    if qtype == Q8_0:
+        for i in range(U64(blocks)):
+            _store_bits(out, first + i, 0, d_bits[i])
+            inv = invs[i]
+            for j in range(qk):
+                q = _c_roundf_int32(finite_to_float32(row[i * qk + j]) * inv)
+                out[first + i, qs + j] = np.uint8(q & np.int32(0xFF))
+    # GGML truncates x * id + 8.5 (16.5) to int8, then takes min with 15 (31); Q4_1 / Q5_1
+    # truncate (x - m) * id + 0.5, Q5_1 to uint8 (no clamp: the low five bits kept)
+    elif qtype == Q4_0:
+        for i in range(U64(blocks)):
+            _store_bits(out, first + i, 0, d_bits[i])
+            _pack_codes_ref(row, i * qk, np.float32(0.0), invs[i], np.float32(8.5), np.int32(15), out, first + i, qs, fifth, False)
+    elif qtype == Q4_1:
+        for i in range(U64(blocks)):
+            _store_bits(out, first + i, 0, d_bits[i])
+            _store_bits(out, first + i, M_OFFSET[Q4_1], m_bits[i])
+            _pack_codes_ref(row, i * qk, lows[i], invs[i], half, np.int32(15), out, first + i, qs, fifth, False)
+    elif qtype == Q5_0:
+        for i in range(U64(blocks)):
+            _store_bits(out, first + i, 0, d_bits[i])
+            _pack_codes_ref(row, i * qk, np.float32(0.0), invs[i], np.float32(16.5), np.int32(31), out, first + i, qs, fifth, True)
+            _store_fifth_bits(out, first + i, QH_OFFSET[Q5_0], fifth_words)
+    else:
+        for i in range(U64(blocks)):
+            _store_bits(out, first + i, 0, d_bits[i])
+            _store_bits(out, first + i, M_OFFSET[Q5_1], m_bits[i])
+            _pack_codes_ref(row, i * qk, lows[i], invs[i], half, np.int32(127), out, first + i, qs, fifth, True)
+            _store_fifth_bits(out, first + i, QH_OFFSET[Q5_1], fifth_words)
+    if count:  # blocks holding NaN/inf are zeroed (the caller refuses them)
+        for i in range(U64(blocks)):
+            if non_finite[i]:
+                out[first + i, :] = 0
+    return count
 
 
 @njit(cache=True)
@@ -275,14 +363,23 @@ def quantize_rows_legacy(x, qtype, out, quant_weights=None):
     blocks_per_row = k // QK
     non_finite = 0
     if quant_weights is None or qtype == Q8_0:
-        for r in prange(rows):
-            row = x[r]
-            first = U64(r * blocks_per_row)
-            qk = U64(k // max(blocks_per_row, 1))  # QK (k % 32 == 0), unknown to LLVM (see _block_extremes)
+        # rows in chunks, so that a task's scratch serves several rows (at most 256 tasks)
+        chunk = max(1, min(16, rows // 256))
+        for c in prange((rows + chunk - 1) // chunk):
+            lows = np.empty(blocks_per_row, dtype=np.float32)
+            highs = np.empty(blocks_per_row, dtype=np.float32)
+            invs = np.empty(blocks_per_row, dtype=np.float32)
+            d_bits = np.empty(blocks_per_row, dtype=np.uint16)
+            m_bits = np.empty(blocks_per_row, dtype=np.uint16)
+            row_non_finite = np.empty(blocks_per_row, dtype=np.uint8)
             fifth_words = np.empty(QK // 8, dtype=np.uint64)
             fifth = fifth_words.view(np.uint8)
-            for i in range(U64(blocks_per_row)):
-                non_finite += _quantize_block_ref(row, i * qk, qk, qtype, out, first + i, fifth_words, fifth)
+            chunk_non_finite = 0
+            for r in range(c * chunk, min(rows, c * chunk + chunk)):
+                chunk_non_finite += _quantize_row_ref(
+                    x[r], qtype, out, U64(r * blocks_per_row), lows, highs, invs, d_bits, m_bits, row_non_finite, fifth_words, fifth
+                )
+            non_finite += chunk_non_finite
     else:
         for r in prange(rows):
             xb = np.empty(QK, dtype=np.float32)

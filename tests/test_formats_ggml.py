@@ -57,6 +57,13 @@ def edge_rows(k=K, seed=0):
     sixteenths = rng.integers(-32, 32, k) / 2.0
     sixteenths[::32] = -16.0
     rows["ties at -16"] = sixteenths
+    # +0 and -0 mixed: GGML keeps the first zero it meets as a block's min (max), sign and all;
+    # by block, zeros only, positives among them, negatives among them
+    zeros = np.where(rng.random(k) < 0.5, 0.0, -0.0)
+    kind = (np.arange(k) // 32) % 3
+    some = rng.random(k) < 0.5
+    signed = np.where((kind == 1) & some, np.abs(normal), zeros)
+    rows["signed zeros"] = np.where((kind == 2) & some, -np.abs(normal), signed)
     return list(rows), np.array(list(rows.values()), dtype=np.float32)
 
 
