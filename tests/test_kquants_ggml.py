@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 import qstrat
+from qstrat import formats
+from qstrat.errors import NonFiniteError
 from qstrat.formats import block_type
 from qstrat.kernels import kquants
 from qstrat.reference import ggml_dequantize_row, ggml_quantize_chunk
@@ -78,6 +80,19 @@ def test_16bit_inputs_give_the_bytes_of_their_float32_values(name, weighted):
     _assert_rows_equal(qstrat.quantize(half, name, imatrix), _ggml(name, half.astype(np.float32), imatrix))
     bits = f32_to_bf16_bits(ROWS)  # bfloat16 reaches the kernels as uint16 bits
     _assert_rows_equal(block_type(name).quantize_rows(bits, imatrix), _ggml(name, bf16_bits_to_f32(bits), imatrix))
+
+
+def test_16bit_rows_reach_the_kernels_a_chunk_at_a_time(monkeypatch):
+    # decoded three rows at a time here (the last chunk short), into one reused buffer
+    monkeypatch.setattr(formats, "_DECODE_CHUNK_BYTES", 3 * 4 * K)
+    assert len(ROWS) % 3
+    bits = f32_to_bf16_bits(ROWS)
+    for name, imatrix in (("q4_k", None), ("q6_k", importance(K)), ("iq4_nl", importance(K))):
+        _assert_rows_equal(block_type(name).quantize_rows(bits, imatrix), _ggml(name, bf16_bits_to_f32(bits), imatrix))
+    half = np.clip(ROWS, -60000, 60000).astype(np.float16)
+    half[-1, 300] = np.nan  # found in the last chunk, named by its index
+    with pytest.raises(NonFiniteError, match=rf"index \({len(ROWS) - 1}, 300\).*q5_k"):
+        qstrat.quantize(half, "q5_k")
 
 
 @pytest.mark.parametrize("name", KQUANTS)
