@@ -46,41 +46,56 @@ def _heavy_tailed(rng: np.random.Generator, shape: tuple[int, ...], alpha: float
     return sign * ((1.0 - u) ** (-1.0 / alpha) - 1.0)
 
 
-def _linear(rng, rows: int, cols: int, column_scale: np.ndarray) -> np.ndarray:
-    w = _heavy_tailed(rng, (rows, cols)) * column_scale[None, :] / np.sqrt(cols)
+def _normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Standard normal by Box-Muller from ``Generator.random`` (whose stream numpy keeps stable;
+    ``standard_normal``'s may change between versions)."""
+    radius = np.sqrt(-2.0 * np.log(1.0 - rng.random(shape)))
+    return radius * np.cos(2.0 * np.pi * rng.random(shape))
+
+
+def _linear(rng, rows: int, cols: int, column_scale: np.ndarray, gaussian: bool = False) -> np.ndarray:
+    w = (_normal(rng, (rows, cols)) if gaussian else _heavy_tailed(rng, (rows, cols))) * column_scale[None, :] / np.sqrt(cols)
     return w.astype(np.float32)
 
 
-def llama_tensors(shape: LlamaShape = LlamaShape(), seed: int = 0) -> dict[str, np.ndarray]:
-    """float32 weights of a Llama-shaped model (HF names), deterministic in ``seed``."""
+def llama_tensors(shape: LlamaShape = LlamaShape(), seed: int = 0, gaussian: bool = False) -> dict[str, np.ndarray]:
+    """float32 weights of a Llama-shaped model (HF names), deterministic in ``seed``.
+
+    ``gaussian``: normal weights and log-normal column scales instead of heavy tails (the same
+    outlier channels).  Which of the two a permutation can help differs a lot: at 4 bits grouping the
+    outlier channels pays on the normal weights, while heavy-tailed rows have large values anywhere."""
     rng = np.random.default_rng(seed)
     h, inter, hd = shape.hidden_size, shape.intermediate_size, shape.head_dim
 
+    def linear(rows: int, cols: int, column_scale: np.ndarray) -> np.ndarray:
+        return _linear(rng, rows, cols, column_scale, gaussian)
+
     def column_scales(n: int, outliers: int) -> np.ndarray:
-        scale = np.exp(0.5 * _heavy_tailed(rng, (n,), alpha=6.0))
+        spread = _normal(rng, (n,)) if gaussian else _heavy_tailed(rng, (n,), alpha=6.0)
+        scale = np.exp(0.5 * spread)
         picked = np.argsort(rng.random(n))[:outliers]
         scale[picked] *= 12.0
         return scale
 
     hidden_scale = column_scales(h, max(2, h // 128))  # outlier features of the residual stream
     tensors: dict[str, np.ndarray] = {
-        "model.embed_tokens.weight": _linear(rng, shape.vocab_size, h, np.ones(h)),
+        "model.embed_tokens.weight": linear(shape.vocab_size, h, np.ones(h)),
     }
     for i in range(shape.num_hidden_layers):
         p = f"model.layers.{i}"
         tensors[f"{p}.input_layernorm.weight"] = (1.0 + 0.1 * _heavy_tailed(rng, (h,))).astype(np.float32)
-        tensors[f"{p}.self_attn.q_proj.weight"] = _linear(rng, shape.num_attention_heads * hd, h, hidden_scale)
-        tensors[f"{p}.self_attn.k_proj.weight"] = _linear(rng, shape.num_key_value_heads * hd, h, hidden_scale)
-        tensors[f"{p}.self_attn.v_proj.weight"] = _linear(rng, shape.num_key_value_heads * hd, h, hidden_scale)
-        tensors[f"{p}.self_attn.o_proj.weight"] = _linear(
-            rng, h, shape.num_attention_heads * hd, column_scales(shape.num_attention_heads * hd, 2)
+        tensors[f"{p}.self_attn.q_proj.weight"] = linear(shape.num_attention_heads * hd, h, hidden_scale)
+        tensors[f"{p}.self_attn.k_proj.weight"] = linear(shape.num_key_value_heads * hd, h, hidden_scale)
+        tensors[f"{p}.self_attn.v_proj.weight"] = linear(shape.num_key_value_heads * hd, h, hidden_scale)
+        tensors[f"{p}.self_attn.o_proj.weight"] = linear(
+            h, shape.num_attention_heads * hd, column_scales(shape.num_attention_heads * hd, 2)
         )
         tensors[f"{p}.post_attention_layernorm.weight"] = (1.0 + 0.1 * _heavy_tailed(rng, (h,))).astype(np.float32)
-        tensors[f"{p}.mlp.gate_proj.weight"] = _linear(rng, inter, h, hidden_scale)
-        tensors[f"{p}.mlp.up_proj.weight"] = _linear(rng, inter, h, hidden_scale)
-        tensors[f"{p}.mlp.down_proj.weight"] = _linear(rng, h, inter, column_scales(inter, max(2, inter // 128)))
+        tensors[f"{p}.mlp.gate_proj.weight"] = linear(inter, h, hidden_scale)
+        tensors[f"{p}.mlp.up_proj.weight"] = linear(inter, h, hidden_scale)
+        tensors[f"{p}.mlp.down_proj.weight"] = linear(h, inter, column_scales(inter, max(2, inter // 128)))
     tensors["model.norm.weight"] = (1.0 + 0.1 * _heavy_tailed(rng, (h,))).astype(np.float32)
-    tensors["lm_head.weight"] = _linear(rng, shape.vocab_size, h, np.ones(h))
+    tensors["lm_head.weight"] = linear(shape.vocab_size, h, np.ones(h))
     return tensors
 
 

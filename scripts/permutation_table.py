@@ -40,6 +40,10 @@ FORMATS = ("q8_0", "q6_k", "q4_k", "q4_0", "q8_k")
 #: residual hidden size 1024 (4 K-quant super-blocks per row), 8 outlier channels shared by every layer
 OUTLIER_SHAPE = LlamaShape(vocab_size=512, hidden_size=1024, intermediate_size=2048, num_hidden_layers=2,
                            num_attention_heads=8, num_key_value_heads=2)
+#: one layer of a 7B model's shapes (Llama-2-7B's vocabulary, hidden and MLP sizes; 8 KV heads), normal
+#: weights: 32 outlier channels, and 4096 columns, as many as a 7B model's residual stream
+SEVEN_B_SHAPE = LlamaShape(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=1,
+                           num_attention_heads=32, num_key_value_heads=8)
 
 
 def chains(budget: int) -> dict[str, list[object]]:
@@ -149,6 +153,12 @@ def main() -> int:
             made["outliers"] = table(SECTIONS["outliers"], outliers, args.budget)
         if "sort" in wanted:
             made["sort"] = sort_ceiling(SECTIONS["sort"], llama_tensors(OUTLIER_SHAPE, seed=0))
+        if "7b" in wanted:
+            seven_b = llama_tensors(SEVEN_B_SHAPE, seed=0, gaussian=True)
+            made["7b-sort"] = sort_ceiling(SECTIONS["7b-sort"], seven_b)
+            model = write_model(workdir / "7b", seven_b, dtype="BF16", config=hf_config(SEVEN_B_SHAPE))
+            del seven_b
+            made["7b"] = table(SECTIONS["7b"], model, args.budget)
         if {"minilm", "minilm-imatrix"} & set(wanted):
             model_dir = minilm_model_dir()
             config = json.loads((model_dir / "config.json").read_text())
@@ -175,6 +185,8 @@ SECTIONS = {
     "example": "The example model (examples/tiny-llama)",
     "outliers": "A synthetic Llama with shared outlier channels (hidden 1024, 2 layers)",
     "sort": "The same model, one descending-energy order with no rule against losses (float32 weights)",
+    "7b": "The 7B-shaped layer: one layer of a 7B model's shapes, normal weights with shared outlier channels (hidden 4096, vocabulary 32000)",
+    "7b-sort": "The 7B-shaped layer, one descending-energy order with no rule against losses (float32 weights)",
     "minilm": "all-MiniLM-L6-v2",
     "minilm-imatrix": "all-MiniLM-L6-v2 with an importance matrix (16 x 128 Wikipedia tokens)",
 }

@@ -252,12 +252,17 @@ class ResidualStreamStrategy(QuantizationStrategy):
         if self.search.budget:
             origin = start or "identity"
             whole: frozenset[str] = frozenset()
+            order = candidates[start] if start else identity_order
+            swaps = 0
             for attempt in range(_SEARCHES):
-                # a reader its sample misled is measured on all its rows in the next search
+                # a reader its sample misled is measured on all its rows in the next search, which
+                # goes on from the order this one reached
                 if attempt:
                     sampled = SampledErrors(readers, self.search.sample_rows, np.random.default_rng(self.search.seed), whole)
-                order, kept = search_order(readers, candidates[start] if start else identity_order, energy, scale_group, self.search, sampled)
-                label = f"search from {origin} ({len(kept)} of {self.search.budget} swaps kept" + (f", {len(whole)} tensors on all rows)" if whole else ")")
+                order, kept = search_order(readers, order, energy, scale_group, self.search, sampled)
+                swaps += len(kept)
+                label = (f"search from {origin} ({swaps} of {(attempt + 1) * self.search.budget} swaps kept"
+                         + (f", {len(whole)} tensors on all rows)" if whole else ")"))
                 if not kept:
                     rejected[label] = "no swap lowered the error"
                     break
