@@ -136,7 +136,7 @@ class SampledErrors:
                 spans.append((name, sum(r.shape[0] for r in rows), picked.size))
                 rows.append(storage_to_float32(np.ascontiguousarray(array[picked])))
             self.batches.append(_Batch(block_type(type_name), readers[names[0]].importance, spans, np.concatenate(rows)))
-        self._pending: list[np.ndarray | None] = []
+        self._pending: list[np.ndarray] = []
 
     def reset(self, order: np.ndarray) -> dict[str, float]:
         """Every matrix's error under ``order``, which becomes the committed one."""
@@ -152,12 +152,9 @@ class SampledErrors:
         errors = {}
         self._pending = []
         for batch in self.batches:
-            size = batch.entry.block_size
-            blocks = np.unique(np.asarray(positions) // size)
-            if blocks.size == 1:
-                self._pending.append(None)
-                errors.update(batch.totals(batch.block_errors))
-                continue
+            # every block touched is quantized again, even one holding both columns: a K-quant's
+            # 256 columns have a scale per 16 or 32, so a swap inside it changes its error
+            blocks = np.unique(np.asarray(positions) // batch.entry.block_size)
             trial = batch.block_errors.copy()
             trial[:, blocks] = batch.errors_of(order, blocks)
             self._pending.append(trial)
@@ -167,8 +164,7 @@ class SampledErrors:
     def commit(self) -> None:
         """Make the order of the last ``swapped`` call the committed one."""
         for batch, trial in zip(self.batches, self._pending):
-            if trial is not None:
-                batch.block_errors = trial
+            batch.block_errors = trial
 
 
 def search_order(
