@@ -62,8 +62,8 @@ def llama_tensors(shape: LlamaShape = LlamaShape(), seed: int = 0, gaussian: boo
     """float32 weights of a Llama-shaped model (HF names), deterministic in ``seed``.
 
     ``gaussian``: normal weights and log-normal column scales instead of heavy tails (the same
-    outlier channels).  Which of the two a permutation can help differs a lot: at 4 bits grouping the
-    outlier channels pays on the normal weights, while heavy-tailed rows have large values anywhere."""
+    outlier channels).  What a permutation can do differs a lot between the two: a sort by column
+    energy gains at Q4_K on the normal weights and loses on the heavy-tailed ones (docs/permutations.md)."""
     rng = np.random.default_rng(seed)
     h, inter, hd = shape.hidden_size, shape.intermediate_size, shape.head_dim
 
