@@ -26,6 +26,12 @@ def nearest_int(value):
 
 
 @njit(cache=True, inline="always")
+def inverse_scale(d):
+    """GGML's ``d ? 1.0f/d : 0.0f`` (a NaN d is true), as a select."""
+    return np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
+
+
+@njit(cache=True, inline="always")
 def signed_extreme(x):
     """GGML's ``max`` and ``amax`` of make_qx_quants and the like: the first value of largest
     magnitude, sign kept, and that magnitude (both 0 if all are zeros; NaN is passed over)."""

@@ -49,12 +49,18 @@ def float32_to_bf16_bits(value):
 
 
 @njit(cache=True, inline="always")
+def store_half_bits(out, b, offset, bits):
+    """out[b, offset:offset + 2] = the fp16 ``bits`` (uint16), little-endian."""
+    out[b, U64(offset)] = np.uint8(bits & np.uint16(0xFF))
+    out[b, U64(offset + 1)] = np.uint8(bits >> np.uint16(8))
+
+
+@njit(cache=True, inline="always")
 def store_half(out, b, offset, value):
     """out[b, offset:offset + 2] = GGML_FP32_TO_FP16(value), little-endian; returns the float32
     value of what was stored (GGML_FP16_TO_FP32 of it)."""
     h = float32_to_f16_bits(value)
-    out[b, U64(offset)] = np.uint8(h & np.uint16(0xFF))
-    out[b, U64(offset + 1)] = np.uint8(h >> np.uint16(8))
+    store_half_bits(out, b, offset, h)
     return to_float32(np.int16(h))
 
 

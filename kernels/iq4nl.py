@@ -30,6 +30,7 @@ from qstrat.kernels.ggml_common import (
     BLOCKS_PER_TASK,
     GROUP_MAX_EPS,
     importance_weights,
+    inverse_scale,
     load_block,
     signed_extreme,
     sum_squares,
@@ -100,7 +101,7 @@ def _quantize_block(xb, qw, weighted, weight, levels, codes, out, b):
                 best = d * sumqx
     store_half(out, b, 0, d)
     # every index again against the float32 d (GGML: scales[0] ? 1/scales[0] : 0; NaN is true)
-    inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
+    inv = inverse_scale(d)
     for j in range(U64(QK)):
         codes[j] = _best_index(inv * xb[j])
     _store_nibbles(out, b, Q4_0, codes)  # Q4_0's packing: qs at byte 2, no qh

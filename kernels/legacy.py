@@ -17,8 +17,8 @@ the low byte), so even blocks whose inverse scale overflows give GGML's bytes.
 import numpy as np
 from numba import njit, prange
 from qstrat.kernels.decode import finite_to_float32, from_order_key, magnitude_bits, order_key, to_float32
-from qstrat.kernels.ggml_common import importance_weights, make_qkx_quants, make_qx_quants
-from qstrat.kernels.half import float32_to_f16_bits, load_half, store_half
+from qstrat.kernels.ggml_common import importance_weights, inverse_scale, make_qkx_quants, make_qx_quants
+from qstrat.kernels.half import float32_to_f16_bits, load_half, store_half, store_half_bits
 from qstrat.kernels.layout import U64
 
 #: values per block of every legacy type (GGML's QK8_0 = QK4_0 = QK4_1 = QK5_0 = QK5_1)
@@ -169,11 +169,6 @@ def _block_ranges(row, qk, qtype, lows, highs):
 
 
 @njit(cache=True, inline="always")
-def _inverse(d):
-    return np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
-
-
-@njit(cache=True, inline="always")
 def _extreme_tie(row, start, high):
     """Of a block whose largest and smallest values are +high and -high: the first of the two
     in the block, which GGML keeps (+0 if all are zeros)."""
@@ -202,7 +197,7 @@ def _block_scales_ref(row, qtype, lows, highs, invs, d_bits, m_bits, non_finite)
         for i in range(blocks):
             bad = not np.isfinite(highs[i])
             d = highs[i] / np.float32(127.0)
-            invs[i] = zero if bad else _inverse(d)
+            invs[i] = zero if bad else inverse_scale(d)
             d_bits[i] = float32_to_f16_bits(d)
             non_finite[i] = np.uint8(bad)
             count += np.int64(bad)
@@ -215,7 +210,7 @@ def _block_scales_ref(row, qtype, lows, highs, invs, d_bits, m_bits, non_finite)
             bad = not (np.isfinite(low) and np.isfinite(high))
             rare |= high == -low  # a tie: all zeros, or both +m and -m occur
             d = (high if high > -low else low) / levels
-            invs[i] = zero if bad else _inverse(d)
+            invs[i] = zero if bad else inverse_scale(d)
             d_bits[i] = float32_to_f16_bits(d)
             non_finite[i] = np.uint8(bad)
             count += np.int64(bad)
@@ -223,7 +218,7 @@ def _block_scales_ref(row, qtype, lows, highs, invs, d_bits, m_bits, non_finite)
             for i in range(blocks):
                 if highs[i] == -lows[i] and not non_finite[i]:
                     d = _extreme_tie(row, i * U64(QK), highs[i]) / levels
-                    invs[i] = _inverse(d)
+                    invs[i] = inverse_scale(d)
                     d_bits[i] = float32_to_f16_bits(d)
     else:  # Q4_1 / Q5_1: d = (max - min) / 15 (31), m = min
         steps = np.float32(15.0) if qtype == Q4_1 else np.float32(31.0)
@@ -232,7 +227,7 @@ def _block_scales_ref(row, qtype, lows, highs, invs, d_bits, m_bits, non_finite)
             bad = not (np.isfinite(low) and np.isfinite(high))
             rare |= (low == zero) | (high == zero)
             d = (high - low) / steps
-            invs[i] = zero if bad else _inverse(d)
+            invs[i] = zero if bad else inverse_scale(d)
             lows[i] = zero if bad else low
             d_bits[i] = float32_to_f16_bits(d)
             m_bits[i] = float32_to_f16_bits(low)
@@ -245,17 +240,11 @@ def _block_scales_ref(row, qtype, lows, highs, invs, d_bits, m_bits, non_finite)
                     low = _first_zero(row, i * U64(QK)) if low == zero else low
                     high = _first_zero(row, i * U64(QK)) if high == zero else high
                     d = (high - low) / steps
-                    invs[i] = _inverse(d)
+                    invs[i] = inverse_scale(d)
                     lows[i] = low
                     d_bits[i] = float32_to_f16_bits(d)
                     m_bits[i] = float32_to_f16_bits(low)
     return count
-
-
-@njit(cache=True, inline="always")
-def _store_bits(out, b, offset, bits):
-    out[b, U64(offset)] = np.uint8(bits & np.uint16(0xFF))
-    out[b, U64(offset + 1)] = np.uint8(bits >> np.uint16(8))
 
 
 @njit(cache=True)
@@ -276,7 +265,7 @@ def _quantize_row_ref(row, qtype, out, first, lows, highs, invs, d_bits, m_bits,
     half = np.float32(0.5)
     if qtype == Q8_0:
         for i in range(U64(blocks)):
-            _store_bits(out, first + i, 0, d_bits[i])
+            store_half_bits(out, first + i, 0, d_bits[i])
             inv = invs[i]
             for j in range(qk):
                 q = _c_roundf_int32(finite_to_float32(row[i * qk + j]) * inv)
@@ -285,22 +274,22 @@ def _quantize_row_ref(row, qtype, out, first, lows, highs, invs, d_bits, m_bits,
     # truncate (x - m) * id + 0.5, Q5_1 to uint8 (no clamp: the low five bits kept)
     elif qtype == Q4_0:
         for i in range(U64(blocks)):
-            _store_bits(out, first + i, 0, d_bits[i])
+            store_half_bits(out, first + i, 0, d_bits[i])
             _pack_codes_ref(row, i * qk, np.float32(0.0), invs[i], np.float32(8.5), np.int32(15), out, first + i, qs, fifth, False)
     elif qtype == Q4_1:
         for i in range(U64(blocks)):
-            _store_bits(out, first + i, 0, d_bits[i])
-            _store_bits(out, first + i, M_OFFSET[Q4_1], m_bits[i])
+            store_half_bits(out, first + i, 0, d_bits[i])
+            store_half_bits(out, first + i, M_OFFSET[Q4_1], m_bits[i])
             _pack_codes_ref(row, i * qk, lows[i], invs[i], half, np.int32(15), out, first + i, qs, fifth, False)
     elif qtype == Q5_0:
         for i in range(U64(blocks)):
-            _store_bits(out, first + i, 0, d_bits[i])
+            store_half_bits(out, first + i, 0, d_bits[i])
             _pack_codes_ref(row, i * qk, np.float32(0.0), invs[i], np.float32(16.5), np.int32(31), out, first + i, qs, fifth, True)
             _store_fifth_bits(out, first + i, QH_OFFSET[Q5_0], fifth_words)
     else:
         for i in range(U64(blocks)):
-            _store_bits(out, first + i, 0, d_bits[i])
-            _store_bits(out, first + i, M_OFFSET[Q5_1], m_bits[i])
+            store_half_bits(out, first + i, 0, d_bits[i])
+            store_half_bits(out, first + i, M_OFFSET[Q5_1], m_bits[i])
             _pack_codes_ref(row, i * qk, lows[i], invs[i], half, np.int32(127), out, first + i, qs, fifth, True)
             _store_fifth_bits(out, first + i, QH_OFFSET[Q5_1], fifth_words)
     if count:  # blocks holding NaN/inf are zeroed (the caller refuses them)

@@ -36,11 +36,16 @@ def variant_code(variant: str) -> int:
         ) from None
 
 
+def is_16bit_storage(storage: np.ndarray) -> bool:
+    """Whether kernel storage is rows of bfloat16 / float16 bits (decoded by ``half.decode_rows``)."""
+    return storage.ndim == 2 and storage.dtype in (KERNEL_STORAGE["BF16"], KERNEL_STORAGE["F16"])
+
+
 def storage_to_float32(storage: np.ndarray) -> np.ndarray:
     """Exact float32 values of kernel storage (bf16 / f16 bits decoded); float32 is returned as it is.
     Rows are decoded on every core in one pass (numpy's widening takes three on one core: on
     bfloat16 it cost the K-quants 10 % of their time, and every GGUF-type run decodes each tensor)."""
-    if storage.ndim != 2 or storage.dtype not in (KERNEL_STORAGE["BF16"], KERNEL_STORAGE["F16"]):
+    if not is_16bit_storage(storage):
         tag = next((tag for tag, dtype in KERNEL_STORAGE.items() if storage.dtype == dtype), "F32")
         return to_float32(tag, storage)
     decoded = np.empty(storage.shape, dtype=np.float32)

@@ -17,7 +17,7 @@ from typing import Callable
 import gguf
 import numpy as np
 
-from qstrat.blocks import KERNEL_STORAGE, as_kernel_storage, dequantize_blocks, quantize_rows, storage_to_float32
+from qstrat.blocks import as_kernel_storage, dequantize_blocks, is_16bit_storage, quantize_rows, storage_to_float32
 from qstrat.errors import InputError, NonFiniteError
 from qstrat.io.safetensors import to_float32
 from qstrat.kernels import BLOCK_BYTES as Q8K_BLOCK_BYTES, QK_K, first_nonfinite_index
@@ -108,7 +108,7 @@ def _quantize_as_float32(rows: np.ndarray, out: np.ndarray, kernel: Callable[[np
     for the K-quant and IQ4_NL kernels, so that each compiles for one input type, not three: their
     first compile is most of a cold run (and of the test suite).  The legacy kernel reads 16-bit
     storage itself: it quantizes about as fast as memory is copied, so a decoding pass would slow it."""
-    if rows.dtype not in (KERNEL_STORAGE["BF16"], KERNEL_STORAGE["F16"]) or rows.shape[0] == 0:
+    if not is_16bit_storage(rows) or rows.shape[0] == 0:
         return kernel(storage_to_float32(rows), out)
     n, k = rows.shape
     blocks_per_row = out.shape[0] // n
