@@ -22,7 +22,7 @@ import numpy as np
 from qstrat.errors import ConfigError
 from qstrat.kernels import column_sq_norms
 from qstrat.strategies.base import Candidate, Permutation, QuantizationStrategy, SquaredError, descending_order, gain_db
-from qstrat.strategies.search import DEFAULT_SAMPLE_ROWS, Reader, SampledErrors, SearchSettings, relative_total, search_order
+from qstrat.strategies.search import DEFAULT_SAMPLE_ROWS, REPAIRS, Reader, SampledErrors, SearchSettings, relative_total, search_order
 
 #: (pattern searched in a tensor's name, the axis that carries the residual stream, or None for
 #: a tensor of the model that does not carry it).  A tensor no pattern knows stops the run: an
@@ -144,7 +144,7 @@ def gathered_order(scores: np.ndarray, count: int, block: int) -> np.ndarray:
 DEFAULT_BUDGET = 200
 #: orders judged on every row of every reader (the rest only on the sample): each costs a quantization of them all
 _JUDGED = 3
-#: searches at most, each after the last one's result proved worse on all rows for some reader
+#: searches at most per kind of repair, each after the last one's result proved worse on all rows for some reader
 _SEARCHES = 3
 
 
@@ -252,26 +252,33 @@ class ResidualStreamStrategy(QuantizationStrategy):
         if self.search.budget:
             origin = start or "identity"
             whole: frozenset[str] = frozenset()
-            order = candidates[start] if start else identity_order
-            swaps = 0
-            for attempt in range(_SEARCHES):
-                # a reader its sample misled is measured on all its rows in the next search, which
-                # goes on from the order this one reached
-                if attempt:
-                    sampled = SampledErrors(readers, self.search.sample_rows, np.random.default_rng(self.search.seed), whole)
-                order, kept = search_order(readers, order, energy, scale_group, self.search, sampled)
-                swaps += len(kept)
-                label = (f"search from {origin} ({swaps} of {(attempt + 1) * self.search.budget} swaps kept"
-                         + (f", {len(whole)} tensors on all rows)" if whole else ")"))
-                if not kept:
-                    rejected[label] = "no swap lowered the error"
+            # neighbouring-block repairs first; if they leave some reader worse on all rows after
+            # every search, the ordinary moves from the start again (each suits other models)
+            for repair in REPAIRS:
+                order, swaps = candidates[start] if start else identity_order, 0
+                found = False
+                for attempt in range(_SEARCHES):
+                    # a reader a sample misled is measured on all its rows in every later search,
+                    # which goes on from the order the last one reached
+                    if whole:
+                        sampled = SampledErrors(readers, self.search.sample_rows, np.random.default_rng(self.search.seed), whole)
+                    order, kept = search_order(readers, order, energy, scale_group, self.search, sampled, repair)
+                    swaps += len(kept)
+                    label = (f"search from {origin}{'' if repair == REPAIRS[0] else ', ' + repair + ' repairs'}"
+                             f" ({swaps} of {(attempt + 1) * self.search.budget} swaps kept"
+                             + (f", {len(whole)} tensors on all rows)" if whole else ")"))
+                    if not kept:
+                        rejected[label] = "no swap lowered the error"
+                        break
+                    candidates[label] = order
+                    worse = judge(label)
+                    if not worse:
+                        finalists.insert(0, label)
+                        found = True
+                        break
+                    whole |= set(worse)
+                if found:
                     break
-                candidates[label] = order
-                worse = judge(label)
-                if not worse:
-                    finalists.insert(0, label)
-                    break
-                whole |= set(worse)
         best, best_score, best_errors = None, float(len(readers)), identity
         for label in finalists[:_JUDGED]:
             if label not in judged and judge(label):

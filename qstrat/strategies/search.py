@@ -4,8 +4,11 @@ Candidate orders (identity, by norm, ...) are a start; swaps of columns between 
 lower the error of every matrix that reads those columns, measured by quantizing a seeded
 sample of their rows in their own block types (with their importance vectors, through the
 registry's kernels) after each swap.  Swaps first take away any excess over identity's error of
-a matrix the start makes worse (swapping with a neighbouring block only, which in a sorted order
-re-deals blocks without moving magnitudes), then lower the sum of the errors relative to identity's.  From
+a matrix the start makes worse, then lower the sum of the errors relative to identity's.  The excess
+is taken away by one of two kinds of moves (``repair``): swaps with a neighbouring block only, which
+in a sorted order re-deal blocks without moving magnitudes (right where a sort leaves a matrix a
+little worse by chance), or the search's ordinary moves (right where the start is far worse for
+some matrix, as importance-weighted orders can be).  From
 identity, which no matrix finds worse, that rule kept almost no swap at Q4_K (nearly every swap
 leaves some matrix a little worse), so there the first half of the budget lowers the sum alone,
 and the second half then takes away any excess this left.  The result is judged on every row
@@ -23,6 +26,8 @@ import numpy as np
 
 #: rows per matrix the search quantizes after each swap (a seeded sample; whole matrices are judged after)
 DEFAULT_SAMPLE_ROWS = 256
+#: the moves that take away a matrix's excess over identity's error (see search_order)
+REPAIRS = ("neighbour", "mixed")
 
 
 @dataclass(frozen=True)
@@ -174,6 +179,7 @@ def search_order(
     block: int,
     settings: SearchSettings,
     sampled: SampledErrors | None = None,
+    repair: str = "neighbour",
 ) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """From the column order ``start``, ``settings.budget`` proposed swaps between blocks of
     ``block`` columns, half of them moving one of the highest-``scores`` columns into the
@@ -181,8 +187,12 @@ def search_order(
     positions, measured on ``sampled`` (made here if not given).  A swap is kept when it lowers
     ``rank``: the excess over identity's error of the matrices worse than under identity, or, with
     no more excess, the error relative to identity's summed over the matrices; from identity, in
-    the first half of the budget, that sum alone.
+    the first half of the budget, that sum alone.  ``repair`` "neighbour" makes a fourth of the
+    moves swaps with a neighbouring block instead of random ones, and only those while there is
+    excess; "mixed" makes only the moves above.
     Returns the order reached and the swaps kept (position pairs, in order)."""
+    if repair not in REPAIRS:
+        raise ValueError(f"repair must be one of {REPAIRS}, not {repair!r}")
     width = start.size
     if settings.budget == 0 or width // block < 2:
         return start, []
@@ -205,7 +215,7 @@ def search_order(
         if step == free_swaps:
             current = rank(committed, identity, False)
         move = rng.random()
-        if current[0] > 0:
+        if current[0] > 0 and repair == "neighbour":
             move = 1.0  # some matrix is worse than under identity: re-deal blocks (below) until none is
         if move < 0.5:
             # gather: one of the leading columns into the block of the leading column (or of the
@@ -217,7 +227,7 @@ def search_order(
             if a // block == target or not ordinary.size:
                 continue
             b = target * block + int(ordinary[rng.integers(ordinary.size)])
-        elif move < 0.75:
+        elif move < (0.75 if repair == "neighbour" else 1.0):
             a, b = int(rng.integers(width)), int(rng.integers(width))
         else:
             # with a neighbouring block: in an order by magnitude it holds columns of about the
