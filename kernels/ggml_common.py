@@ -54,9 +54,11 @@ def load_block(x, b, xb, out):
     blocks_per_row = x.shape[1] // n
     r = b // blocks_per_row
     start = (b - r * blocks_per_row) * n
+    # a 1-D slice: indexed as x[r, start + j] the loop did not vectorise (2.6x slower for float32)
+    values = x[r, start : start + n]
     bad = np.uint32(0)
     for j in range(n):
-        v = to_float32(x[r, start + j])
+        v = to_float32(values[j])
         xb[j] = v
         bad |= np.uint32(magnitude_bits(v) >= FLOAT32_INFINITY_BITS)
     if bad:

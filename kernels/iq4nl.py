@@ -109,8 +109,9 @@ def _quantize_block(xb, qw, weighted, weight, levels, codes, out, b):
 
 @njit(parallel=True, cache=True, nogil=True)
 def quantize_rows_iq4nl(x, out, quant_weights):
-    """Quantize every row of ``x`` (rows, k) float32, k % 32 == 0, to IQ4_NL into ``out``
-    (rows * k // 32, BLOCK_BYTES) uint8, C-contiguous, blocks in row-major order.
+    """Quantize every row of ``x`` (rows, k), k % 32 == 0, to IQ4_NL into ``out`` (rows * k // 32,
+    BLOCK_BYTES) uint8, C-contiguous, blocks in row-major order.  ``x`` is float32, or raw
+    bfloat16 (uint16) / float16 (int16) bits, decoded block by block as the kernel reads them.
 
     ``quant_weights`` is the importance vector, (k,) float32, finite and >= 0, or an empty
     float32 array for none (one compiled signature for both).  Returns the number of blocks

@@ -17,7 +17,7 @@ from typing import Callable
 import gguf
 import numpy as np
 
-from qstrat.blocks import as_kernel_storage, dequantize_blocks, is_16bit_storage, quantize_rows, storage_to_float32
+from qstrat.blocks import as_kernel_storage, dequantize_blocks, quantize_rows, storage_to_float32
 from qstrat.errors import InputError, NonFiniteError
 from qstrat.io.safetensors import to_float32
 from qstrat.kernels import BLOCK_BYTES as Q8K_BLOCK_BYTES, QK_K, first_nonfinite_index
@@ -97,32 +97,6 @@ def register(
 # --- the legacy 32-value types (kernels/legacy.py)
 
 
-#: 16-bit rows reach the float32-only kernels decoded this many float32 bytes at a time, into one
-#: reused buffer: a decoded copy of the whole tensor cost its page faults, about 3 % of a K-quant's time
-_DECODE_CHUNK_BYTES = 4 << 20
-
-
-def _quantize_as_float32(rows: np.ndarray, out: np.ndarray, kernel: Callable[[np.ndarray, np.ndarray], int]) -> int:
-    """``kernel(values, blocks)`` over ``rows`` as float32, its blocks (row-major) in ``out``; returns
-    the sum of what it returns (blocks holding NaN/inf).  16-bit kernel storage is decoded (exact)
-    for the K-quant and IQ4_NL kernels, so that each compiles for one input type, not three: their
-    first compile is most of a cold run (and of the test suite).  The legacy kernel reads 16-bit
-    storage itself: it quantizes about as fast as memory is copied, so a decoding pass would slow it."""
-    if not is_16bit_storage(rows) or rows.shape[0] == 0:
-        return kernel(storage_to_float32(rows), out)
-    n, k = rows.shape
-    blocks_per_row = out.shape[0] // n
-    step = max(1, _DECODE_CHUNK_BYTES // (4 * k))
-    buffer = np.empty((min(n, step), k), dtype=np.float32)
-    found = 0
-    for start in range(0, n, step):
-        part = rows[start : start + step]
-        decoded = buffer[: part.shape[0]]
-        half.decode_rows(part, decoded)
-        found += kernel(decoded, out[start * blocks_per_row : (start + part.shape[0]) * blocks_per_row])
-    return found
-
-
 def _legacy(code: int) -> tuple[QuantizeRows, DequantizeRows]:
     def quantize_legacy(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
         out = np.empty((rows.shape[0] * (rows.shape[1] // legacy.QK), legacy.BLOCK_BYTES[code]), dtype=np.uint8)
@@ -154,7 +128,7 @@ for _type, _code, _weighted in (
 def _kquant(code: int) -> tuple[QuantizeRows, DequantizeRows]:
     def quantize_kquant(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
         out = np.empty((rows.shape[0] * (rows.shape[1] // QK_K), kquants.BLOCK_BYTES[code]), dtype=np.uint8)
-        if _quantize_as_float32(rows, out, lambda values, blocks: kquants.quantize_rows_kquants(values, code, blocks, imatrix)):
+        if kquants.quantize_rows_kquants(rows, code, out, imatrix):
             raise NonFiniteBlocks
         return out.reshape(rows.shape[0], -1)
 
@@ -185,7 +159,7 @@ _NO_IMPORTANCE = np.empty(0, dtype=np.float32)  # the kernel's "no vector" (one 
 def _quantize_iq4nl(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
     out = np.empty((rows.shape[0] * (rows.shape[1] // legacy.QK), iq4nl.BLOCK_BYTES), dtype=np.uint8)
     weights = _NO_IMPORTANCE if imatrix is None else imatrix
-    if _quantize_as_float32(rows, out, lambda values, blocks: iq4nl.quantize_rows_iq4nl(values, blocks, weights)):
+    if iq4nl.quantize_rows_iq4nl(rows, out, weights):
         raise NonFiniteBlocks
     return out.reshape(rows.shape[0], -1)
 
