@@ -5,8 +5,8 @@
     python scripts/permutation_table.py --sections own  # only the per-reader bound (about 13 minutes)
 
 For each model (the example model, a synthetic Llama whose residual stream has outlier channels shared
-by every layer, what one plain sort would do to it and what each reader's own order would, all-
-MiniLM-L6-v2 with and without an importance matrix), each block type and each chain, the model is
+by every layer, what one plain sort would do to it and what each reader's own order would,
+all-MiniLM-L6-v2 with and without an importance matrix), each block type and each chain, the model is
 quantized in memory and compared with the identity chain of the same type: the mean weight SQNR, its
 gain, and the least gain of any tensor (never negative: no tensor may be worse than without a
 permutation). MiniLM also gets the cosine of its sentence embeddings to the original's.
