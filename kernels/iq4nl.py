@@ -20,8 +20,8 @@ and every index is chosen again against its float32 value.  A block with ``amax 
 
 All arithmetic is float32 in GGML's evaluation order, without fused multiply-add (numba does not
 contract without ``fastmath``; GGML's base library is built without FMA on x86-64), every sum
-sequential.  The kernel compiles for float32 input only (the registry decodes 16-bit storage
-first) and for one signature: no importance vector is an empty one.
+sequential.  The kernel reads float32 or 16-bit storage (one compiled signature per input type:
+no importance vector is an empty one, not None).
 """
 
 import numpy as np

@@ -43,8 +43,8 @@ def is_16bit_storage(storage: np.ndarray) -> bool:
 
 def storage_to_float32(storage: np.ndarray) -> np.ndarray:
     """Exact float32 values of kernel storage (bf16 / f16 bits decoded); float32 is returned as it is.
-    Rows are decoded on every core in one pass (numpy's widening takes three on one core: on
-    bfloat16 it cost the K-quants 10 % of their time, and every GGUF-type run decodes each tensor)."""
+    Rows are decoded on every core in one pass (numpy's widening takes three on one core, and every
+    GGUF-type run decodes each tensor for its measurements)."""
     if not is_16bit_storage(storage):
         tag = next((tag for tag, dtype in KERNEL_STORAGE.items() if storage.dtype == dtype), "F32")
         return to_float32(tag, storage)
