@@ -252,6 +252,7 @@ class ResidualStreamStrategy(QuantizationStrategy):
         if self.search.budget:
             origin = start or "identity"
             whole: frozenset[str] = frozenset()
+            sampled_whole = whole  # the readers ``sampled`` holds on all rows
             # neighbouring-block repairs first; if they leave some reader worse on all rows after
             # every search, the ordinary moves from the start again (each suits other models)
             for repair in REPAIRS:
@@ -260,8 +261,9 @@ class ResidualStreamStrategy(QuantizationStrategy):
                 for attempt in range(_SEARCHES):
                     # a reader a sample misled is measured on all its rows in every later search,
                     # which goes on from the order the last one reached
-                    if whole:
+                    if whole != sampled_whole:
                         sampled = SampledErrors(readers, self.search.sample_rows, np.random.default_rng(self.search.seed), whole)
+                        sampled_whole = whole
                     order, kept = search_order(readers, order, energy, scale_group, self.search, sampled, repair)
                     swaps += len(kept)
                     label = (f"search from {origin}{'' if repair == REPAIRS[0] else ', ' + repair + ' repairs'}"
