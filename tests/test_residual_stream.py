@@ -177,7 +177,48 @@ def test_head_order_search_where_blocks_hold_several_heads(tmp_path):
     assert relative_error(logits, held) < QUANTIZED_TOLERANCE["q4_k_m"], relative_error(logits, held)
     permuted = llama_forward(qstrat.load_model(tmp_path / "searched"), HEADS, np.array(TOKENS))
     assert relative_error(permuted, held) < 1e-9
-    # a block type whose blocks never cut across a head (Q8_0: 32 columns) has nothing to search
+
+
+def nearest_columns(permuted: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """For each column of ``permuted`` (a quantized copy), the source column closest to it."""
+    distances = ((permuted[:, :, None] - source[:, None, :]) ** 2).sum(axis=0)
+    return distances.argmin(axis=1)
+
+
+def test_value_channels_move_inside_heads_and_keep_the_function(tmp_path):
+    # Q8_0's blocks of 32 never hold two heads of 64, so only value channels moved inside the heads
+    # (the same order in every query head of a key/value group) change o_proj's blocks
+    source = llama_tensors(HEADS, seed=5)
+    model_dir = write_model(tmp_path / "tiny", source, dtype="F32", config=hf_config(HEADS))
+    plain = run(model_dir, tmp_path / "plain", ["identity"], format="q8_0")
+    searched = run(model_dir, tmp_path / "searched", [{"name": "head_order", "budget": 60, "sample_rows": 512}, "identity"], format="q8_0")
+    outs = [f"model.layers.{i}.self_attn.o_proj.weight" for i in range(HEADS.num_hidden_layers)]
+    before, after = sqnr(plain), sqnr(searched)
+    assert all(after[n] >= before[n] for n in outs) and any(after[n] > before[n] for n in outs), {n: after[n] - before[n] for n in outs}
+    assert all(after[n] == before[n] for n in before if n not in outs)
+    permuted = qstrat.load_model(tmp_path / "searched")
+    head_dim, per_group = HEADS.head_dim, HEADS.num_attention_heads // HEADS.num_key_value_heads
+    moved = False
+    for name in outs:
+        columns = nearest_columns(permuted[name], source[name]).reshape(HEADS.num_attention_heads, head_dim)
+        heads = columns[:, 0] // head_dim
+        inside = columns - heads[:, None] * head_dim
+        assert np.all((inside >= 0) & (inside < head_dim))  # heads stay whole
+        assert all(np.array_equal(inside[s], inside[t]) for s in range(len(heads)) for t in range(len(heads))
+                   if heads[s] // per_group == heads[t] // per_group)  # one channel order per group
+        moved |= not np.array_equal(inside, np.broadcast_to(np.arange(head_dim), inside.shape))
+    assert moved
+    # llama.cpp computes the source model's function, and so does the permuted model's forward pass
+    logits, _ = probe(tmp_path / "searched" / "tiny.gguf")
+    held = llama_forward(qstrat.load_model(tmp_path / "searched", original=True), HEADS, np.array(TOKENS))
+    assert relative_error(logits, held) < QUANTIZED_TOLERANCE["q8_0"], relative_error(logits, held)
+    assert relative_error(llama_forward(permuted, HEADS, np.array(TOKENS)), held) < 1e-9
+
+
+def test_heads_inside_one_block_have_nothing_to_search(tmp_path):
+    shape = LlamaShape(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                       num_attention_heads=8, num_key_value_heads=4)  # heads of 32: one Q8_0 block each
+    model_dir = write_model(tmp_path / "tiny", llama_tensors(shape, seed=5), dtype="F32", config=hf_config(shape))
     q8 = [run(model_dir, tmp_path / f"q8-{budget}", [{"name": "head_order", "budget": budget}, "identity"], format="q8_0") for budget in (0, 60)]
     assert sqnr(q8[0]) == sqnr(q8[1])
 

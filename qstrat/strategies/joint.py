@@ -6,7 +6,8 @@ consumes it move together.  Only the consumer's blocks change (a row permutation
 whole rows, and blocks never cross rows), so the order is chosen to minimise the
 consumer's actual error in its type among a few candidate orders, identity included, then
 (with a ``budget``) improved by the local search of search.py, over columns (mlp_joint) or whole
-heads (head_order): a joint permutation never makes the model's quantization worse than none.
+heads and the value channels inside them (head_order): a joint permutation never makes the model's
+quantization worse than none.
 """
 
 from __future__ import annotations
@@ -28,7 +29,16 @@ from qstrat.strategies.base import (
     gain_db,
 )
 from qstrat.strategies.residual import balanced_order
-from qstrat.strategies.search import DEFAULT_SAMPLE_ROWS, SearchSettings, expand_heads, scale_group, search_head_order, search_order
+from qstrat.strategies.search import (
+    DEFAULT_SAMPLE_ROWS,
+    SearchSettings,
+    expand_heads,
+    scale_group,
+    search_head_order,
+    search_order,
+    search_value_channels,
+    split_heads,
+)
 
 
 #: relative difference of two errors below which they count as the same: the same blocks in
@@ -181,11 +191,15 @@ _ROLE = {"q": "q", "query": "q", "k": "k", "key": "k", "v": "v", "value": "v", "
 
 
 class HeadOrderStrategy(_SearchedWithBudget):
-    """Reorder whole attention heads: rows of q/k/v (and biases) by head, columns of o by head.
+    """Reorder attention heads, and the value channels inside them: rows of q/k/v (and biases)
+    by head, columns of o by head and channel.
 
     Under grouped-query attention a key/value head moves with the query heads that read it
-    (groups are reordered, and query heads within a group).  Nothing moves inside a head:
-    RoPE pairs dimensions within a head, so a within-head permutation would change the function.
+    (groups are reordered, and query heads within a group).  q and k stay whole inside a head
+    (RoPE pairs their dimensions there), but v's are free: channel c of a value head feeds
+    column c of every query head of its group in o, so one channel order per group moves v's
+    rows and those columns of o together.  That is what changes o's blocks when a head spans
+    whole blocks (Q8_0's 32 columns inside a head of 64 or 128).
     Head geometry comes from the options or from the model's config.json.
     """
 
@@ -277,6 +291,7 @@ class HeadOrderStrategy(_SearchedWithBudget):
 
     def permutations(self, tensors: Mapping[str, np.ndarray], error: SquaredError) -> dict[str, Permutation | None]:
         heads, kv_heads, head_dim = self.geometry
+        per_group = heads // kv_heads
         roles = {name: self._recognise(name)[1] for name in tensors}
         o_name = next(n for n, role in roles.items() if role == "o")
         o = tensors[o_name]
@@ -284,25 +299,29 @@ class HeadOrderStrategy(_SearchedWithBudget):
         column_sq_norms(o, norms)
         amax = np.zeros(o.shape[1], dtype=np.float32)
         column_abs_max(o, amax)
-        head_orders = [
-            self._head_order(norms.reshape(heads, head_dim).sum(axis=1)),
-            self._head_order(amax.reshape(heads, head_dim).max(axis=1).astype(np.float64)),
-        ]
         reader = error.reader(o_name, o) if hasattr(error, "reader") else None
-        if reader is not None and reader.importance is not None:
-            head_orders.append(self._head_order((norms * reader.importance).reshape(heads, head_dim).sum(axis=1)))
+        energies = [norms] if reader is None or reader.importance is None else [norms, norms * reader.importance]
+        head_orders = [np.arange(heads), self._head_order(norms.reshape(heads, head_dim).sum(axis=1)),
+                       self._head_order(amax.reshape(heads, head_dim).max(axis=1).astype(np.float64))]
+        head_orders += [self._head_order(e.reshape(heads, head_dim).sum(axis=1)) for e in energies[1:]]
+        # a value channel feeds the same column of o in every query head of its group: by their summed energy
+        channel_energies = [e.reshape(kv_heads, per_group, head_dim).sum(axis=1) for e in energies]
+        channel_orders = [None] + [np.stack([descending_order(row) for row in energy]) for energy in channel_energies]
         improve = None
         if reader is not None and self.search.budget:
             def improve(start: np.ndarray) -> np.ndarray | None:
-                found, kept = search_head_order(reader, start[::head_dim] // head_dim, kv_heads, head_dim, self.search)
-                return expand_heads(found, head_dim) if kept else None
-        candidates = [None] + [expand_heads(order, head_dim) for order in head_orders]
+                start_heads, channels = split_heads(start, head_dim, per_group)
+                found, kept_heads = search_head_order(reader, start_heads, kv_heads, head_dim, self.search, channels)
+                channels, kept_channels = search_value_channels(reader, found, channels, head_dim, channel_energies[-1], self.search)
+                return expand_heads(found, head_dim, channels, per_group) if kept_heads or kept_channels else None
+        candidates = [None] + [expand_heads(order, head_dim, channels, per_group)
+                               for order in head_orders for channels in channel_orders][1:]
         chosen, gain = best_order(o_name, o, candidates, error, improve)
         if chosen is None:
             return {name: None for name in tensors}
-        query_heads = chosen[::head_dim] // head_dim
-        kv_order = expand_heads(query_heads[:: heads // kv_heads] // (heads // kv_heads), head_dim)
-        return {
-            name: Permutation(chosen, 1, gain) if role == "o" else Permutation(chosen if role == "q" else kv_order, 0)
-            for name, role in roles.items()
-        }
+        query_heads, channels = split_heads(chosen, head_dim, per_group)
+        kv_heads_order = query_heads[::per_group] // per_group
+        # q and k move by whole heads (RoPE pairs dimensions inside a head); v's channels move too
+        orders = {"q": expand_heads(query_heads, head_dim), "k": expand_heads(kv_heads_order, head_dim),
+                  "v": expand_heads(kv_heads_order, head_dim, channels)}
+        return {name: Permutation(chosen, 1, gain) if role == "o" else Permutation(orders[role], 0) for name, role in roles.items()}

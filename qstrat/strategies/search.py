@@ -13,7 +13,8 @@ identity, which no matrix finds worse, that rule kept almost no swap at Q4_K (ne
 leaves some matrix a little worse), so there the first half of the budget lowers the sum alone,
 and the second half then takes away any excess this left.  The result is judged on every row
 afterwards, and kept only if no matrix is worse than under identity.  head_order's search
-swaps whole heads instead (of one key/value group, or whole groups), so that heads stay whole.
+swaps whole heads instead (of one key/value group, or whole groups), so that heads stay whole,
+then two value channels of one group, in every head of that group at once.
 """
 
 from __future__ import annotations
@@ -252,9 +253,24 @@ def search_order(
     return order, kept
 
 
-def expand_heads(head_order: np.ndarray, head_dim: int) -> np.ndarray:
-    """The column order that puts whole heads (``head_dim`` columns each) in ``head_order``."""
-    return (np.asarray(head_order, dtype=np.int64)[:, None] * head_dim + np.arange(head_dim)[None, :]).reshape(-1)
+def expand_heads(head_order: np.ndarray, head_dim: int, channels: np.ndarray | None = None, per_group: int = 1) -> np.ndarray:
+    """The column order that puts whole heads (``head_dim`` columns each) in ``head_order``, the
+    columns inside each head in its key/value group's order (``channels[head // per_group]``: one
+    row of ``head_dim`` positions per group; None keeps every head's own order)."""
+    heads = np.asarray(head_order, dtype=np.int64)
+    inside = np.arange(head_dim)[None, :] if channels is None else np.asarray(channels, dtype=np.int64)[heads // per_group]
+    return (heads[:, None] * head_dim + inside).reshape(-1)
+
+
+def split_heads(order: np.ndarray, head_dim: int, per_group: int) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of ``expand_heads``: the query-head order and each key/value group's channel order."""
+    grid = np.asarray(order, dtype=np.int64).reshape(-1, head_dim)
+    heads = grid[:, 0] // head_dim
+    channels = np.empty((heads.size // per_group, head_dim), dtype=np.int64)
+    channels[heads // per_group] = grid - heads[:, None] * head_dim
+    if not np.array_equal(expand_heads(heads, head_dim, channels, per_group), order):
+        raise ValueError("not an order of whole heads whose groups share one channel order")
+    return heads, channels
 
 
 def search_head_order(
@@ -263,9 +279,11 @@ def search_head_order(
     kv_heads: int,
     head_dim: int,
     settings: SearchSettings,
+    channels: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """From the query-head order ``start`` (the heads of each key/value group side by side, as
-    head_order builds every order), ``settings.budget`` proposed swaps that keep it so: of two
+    head_order builds every order; inside each head its group's ``channels``, as ``expand_heads``
+    takes them), ``settings.budget`` proposed swaps that keep it so: of two
     heads of one group, or of two whole groups, measured on a seeded sample of ``reader``'s rows
     in its block type.  A swap is kept under the rule of search_order (less excess over
     identity's error, then less error; from identity, first half: less error).  Only a swap that moves values between blocks can
@@ -285,8 +303,8 @@ def search_head_order(
     rng = np.random.default_rng(settings.seed)
     sampled = SampledErrors({"reader": reader}, settings.sample_rows, rng)
     identity = sampled.reset(np.arange(width))
-    committed = sampled.reset(expand_heads(order, head_dim))
-    free_swaps = settings.budget // 2 if np.array_equal(order, np.arange(heads)) else 0
+    committed = sampled.reset(expand_heads(order, head_dim, channels, per_group))
+    free_swaps = settings.budget // 2 if np.array_equal(expand_heads(order, head_dim, channels, per_group), np.arange(width)) else 0
     current = rank(committed, identity, free_swaps > 0)
     kept: list[tuple[int, int]] = []
     for step in range(settings.budget):
@@ -311,10 +329,79 @@ def search_head_order(
             continue  # both inside one block: the same error
         trial = order.copy()
         trial[moved_a], trial[moved_b] = order[moved_b], order[moved_a]
-        errors = sampled.swapped(expand_heads(trial, head_dim), positions)
+        errors = sampled.swapped(expand_heads(trial, head_dim, channels, per_group), positions)
         value = rank(errors, identity, step < free_swaps)
         if value < current:
             current, order, committed = value, trial, errors
             sampled.commit()
             kept.append((a, b))
     return order, kept
+
+
+def search_value_channels(
+    reader: Reader,
+    heads: np.ndarray,
+    channels: np.ndarray,
+    head_dim: int,
+    scores: np.ndarray,
+    settings: SearchSettings,
+) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """From the channel orders ``channels`` (a row of ``head_dim`` positions per key/value group),
+    with the query heads in the order ``heads``, ``settings.budget`` proposed swaps of two channels
+    of one group, in every head of that group at once (the value projection's rows move once for
+    all of them), measured on a seeded sample of ``reader``'s rows in its block type: half of them
+    move one of the group's highest-``scores`` channels (``scores``: per group and channel) into
+    the block of its highest one, half are random.  Kept under the rule of search_order.  A swap
+    whose two channels share a scale group in every head changes no error and is skipped (a head
+    that fits in one such group, as Q8_0's 32 columns hold a head of 32, has nothing to search).
+    Returns the channel orders reached and the swaps kept (group, position, position)."""
+    kv_heads = channels.shape[0]
+    per_group = heads.size // kv_heads
+    width = heads.size * head_dim
+    group_size = scale_group([reader.type_name])
+    channels = np.array(channels, dtype=np.int64)
+    starts = np.arange(heads.size) * head_dim
+    if settings.budget == 0 or not np.any(starts // group_size != (starts + head_dim - 1) // group_size):
+        return channels, []  # no search, or every head lies inside one scale group
+    slots_of = [np.flatnonzero(heads // per_group == g) for g in range(kv_heads)]
+    rng = np.random.default_rng(settings.seed)
+    sampled = SampledErrors({"reader": reader}, settings.sample_rows, rng)
+    identity = sampled.reset(np.arange(width))
+    committed = sampled.reset(expand_heads(heads, head_dim, channels, per_group))
+    start_is_identity = np.array_equal(expand_heads(heads, head_dim, channels, per_group), np.arange(width))
+    free_swaps = settings.budget // 2 if start_is_identity else 0
+    current = rank(committed, identity, free_swaps > 0)
+    ranked = np.argsort(-np.asarray(scores, dtype=np.float64), axis=1, kind="stable")
+    leading = min(head_dim, group_size)
+    kept: list[tuple[int, int, int]] = []
+    for step in range(settings.budget):
+        if step == free_swaps:
+            current = rank(committed, identity, False)
+        group = int(rng.integers(kv_heads))
+        where = np.empty(head_dim, dtype=np.int64)
+        where[channels[group]] = np.arange(head_dim)  # position of each channel in the group's order
+        if rng.random() < 0.5:
+            # gather: one of the group's leading channels next to its highest one, in place of an ordinary one
+            top = ranked[group, :leading]
+            a = int(where[top[rng.integers(top.size)]])
+            target = where[ranked[group, 1] if channels[group, a] == ranked[group, 0] else ranked[group, 0]] // group_size
+            span = np.arange(target * group_size, min(head_dim, (target + 1) * group_size))
+            ordinary = span[~np.isin(channels[group, span], top)]
+            if not ordinary.size:
+                continue
+            b = int(ordinary[rng.integers(ordinary.size)])
+        else:
+            a, b = (int(v) for v in rng.choice(head_dim, 2, replace=False))
+        positions = np.concatenate([starts[slots_of[group]] + a, starts[slots_of[group]] + b])
+        half = positions.size // 2
+        if np.array_equal(positions[:half] // group_size, positions[half:] // group_size):
+            continue  # in every head both channels share a scale group: the same error
+        trial = channels.copy()
+        trial[group, [a, b]] = channels[group, [b, a]]
+        errors = sampled.swapped(expand_heads(heads, head_dim, trial, per_group), positions)
+        value = rank(errors, identity, step < free_swaps)
+        if value < current:
+            current, channels, committed = value, trial, errors
+            sampled.commit()
+            kept.append((group, a, b))
+    return channels, kept
