@@ -291,3 +291,17 @@ def test_a_swap_inside_a_k_quant_super_block_is_measured():
     after = errors.swapped(order, np.array([5, 70]))
     assert after["w"] != before["w"]
     assert after["w"] == pytest.approx(SampledErrors(readers, 64, np.random.default_rng(0)).reset(order)["w"], rel=1e-12)
+
+
+def test_no_permutation_is_written_where_no_order_can_change_a_block(tmp_path):
+    # rows of 256: one Q8K block each, so every order of down's or o's columns holds the same values
+    # per block; errors then differ by float rounding alone (Q8K's kernel sums float32 squares in
+    # vector lanes, ~1e-9 apart here), which must not pass for a gain
+    shape = LlamaShape(vocab_size=320, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2)
+    model_dir = write_model(tmp_path / "tiny", llama_tensors(shape, seed=1), dtype="F32", config=hf_config(shape))
+    for seed in range(3):
+        chain = [{"name": "residual_stream", "budget": 20, "seed": seed}, {"name": "mlp_joint", "budget": 20, "seed": seed},
+                 {"name": "head_order", "budget": 20, "seed": seed}, "identity"]
+        result = run(model_dir, tmp_path / f"out-{seed}", chain, format="q8_k")
+        assert [r.name for r in result.tensors if r.permutation != "none"] == []

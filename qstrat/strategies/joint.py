@@ -31,6 +31,7 @@ from qstrat.strategies.base import (
 from qstrat.strategies.residual import balanced_order
 from qstrat.strategies.search import (
     DEFAULT_SAMPLE_ROWS,
+    SAME_ERROR,
     SearchSettings,
     expand_heads,
     scale_group,
@@ -39,11 +40,6 @@ from qstrat.strategies.search import (
     search_value_channels,
     split_heads,
 )
-
-
-#: relative difference of two errors below which they count as the same: the same blocks in
-#: another order sum to an error ~1e-13 apart, and a permutation for nothing must not be written
-SAME_ERROR = 1e-9
 
 
 def best_order(

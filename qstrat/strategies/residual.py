@@ -22,7 +22,7 @@ import numpy as np
 from qstrat.errors import ConfigError
 from qstrat.kernels import column_sq_norms
 from qstrat.strategies.base import Candidate, Permutation, QuantizationStrategy, SquaredError, descending_order, gain_db
-from qstrat.strategies.search import DEFAULT_SAMPLE_ROWS, REPAIRS, Reader, SampledErrors, SearchSettings, relative_total, search_order
+from qstrat.strategies.search import DEFAULT_SAMPLE_ROWS, REPAIRS, SAME_ERROR, Reader, SampledErrors, SearchSettings, relative_total, search_order
 
 #: (pattern searched in a tensor's name, the axis that carries the residual stream, or None for
 #: a tensor of the model that does not carry it).  A tensor no pattern knows stops the run: an
@@ -281,7 +281,7 @@ class ResidualStreamStrategy(QuantizationStrategy):
                     whole |= set(worse)
                 if found:
                     break
-        best, best_score, best_errors = None, float(len(readers)), identity
+        best, best_score, best_errors = None, len(readers) * (1 - SAME_ERROR), identity  # a gain beyond float rounding
         for label in finalists[:_JUDGED]:
             if label not in judged and judge(label):
                 continue

@@ -29,6 +29,10 @@ import numpy as np
 DEFAULT_SAMPLE_ROWS = 256
 #: the moves that take away a matrix's excess over identity's error (see search_order)
 REPAIRS = ("neighbour", "mixed")
+#: relative difference of two errors below which they count as the same: the same blocks in another
+#: order measure up to ~1e-7 apart (Q8K's kernel sums float32 squares in vector lanes), and a
+#: permutation for nothing must not be written
+SAME_ERROR = 1e-6
 
 
 @dataclass(frozen=True)
