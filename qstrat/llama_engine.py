@@ -51,9 +51,13 @@ def engine_name() -> str:
     return f"llama.cpp (llama-cpp-python {_llama_cpp().__version__})"
 
 
-def _vocabulary_facts(owner, model, llama_cpp) -> None:
+def _vocabulary_facts(owner, model, llama_cpp, path: Path) -> None:
     """What llama-perplexity and llama-imatrix read of a loaded vocabulary (``model``:
     llama-cpp-python's model wrapper)."""
+    if llama_cpp.llama_vocab_type(model.vocab) == llama_cpp.LLAMA_VOCAB_TYPE_NONE:
+        # llama.cpp loads such a file with dummy tokens, then aborts the process when asked to tokenize
+        raise InputError(f"{path}: has no vocabulary (tokenizer.ggml.model 'none'), so llama.cpp cannot turn text into "
+                         "its tokens; qstrat writes one from the model directory's tokenizer.json or tokenizer.model")
     owner.n_vocab = int(model.n_vocab())
     # llama_vocab_get_add_bos: what common_tokenize's add_special and the chunks' BOS follow
     owner.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(model.vocab))
@@ -79,7 +83,11 @@ class LlamaCppModel:
             ) from None
         self.path = path
         self.ctx = ctx
-        _vocabulary_facts(self, self.llm._model, llama_cpp)
+        try:
+            _vocabulary_facts(self, self.llm._model, llama_cpp, path)
+        except InputError:
+            self.llm.close()
+            raise
         self.n_ctx_train = int(self.llm._model.n_ctx_train())
 
     def tokenize(self, text: bytes) -> list[int]:
@@ -116,7 +124,11 @@ class LlamaCppTokenizer:
             self.model = LlamaModel(path_model=str(path), params=params, verbose=False)
         except (ValueError, RuntimeError) as err:
             raise InputError(f"{path}: llama.cpp cannot read this model's vocabulary ({err})") from None
-        _vocabulary_facts(self, self.model, llama_cpp)
+        try:
+            _vocabulary_facts(self, self.model, llama_cpp, path)
+        except InputError:
+            self.model.close()
+            raise
 
     def tokenize(self, text: bytes) -> list[int]:
         """As :meth:`LlamaCppModel.tokenize` (``common_tokenize`` with ``add_special``)."""

@@ -257,6 +257,15 @@ def test_without_tokenizer_and_with_an_unknown_pre_tokenizer(tmp_path):
     logits, answer = probe(tmp_path / "out" / "bare.gguf")
     assert answer["metadata"]["tokenizer.ggml.model"] == "none"
     assert relative_error(logits, llama_forward(source_weights(model_dir), SHAPE, np.array(TOKENS))) < F32_TOLERANCE
+    # but it cannot turn text into tokens (asked to, llama.cpp aborts the process): eval and imatrix refuse it
+    text = tmp_path / "text.txt"
+    text.write_text("Some text to measure. " * 200)
+    for args in (["eval", "--text", str(text)], ["eval", "--text", str(text), "--engine", "numpy"],
+                 ["imatrix", "--text", str(text), "-o", str(tmp_path / "im.gguf")]):
+        refused = run_cli("qstrat", args[0], str(tmp_path / "out" / "bare.gguf"), *args[1:])
+        assert refused.returncode == 2, (args, refused.stderr[-2000:])
+        assert_clean_failure(refused, "bare.gguf: has no vocabulary (tokenizer.ggml.model 'none')")
+    assert not (tmp_path / "im.gguf").exists()
     # a pre-tokenizer llama.cpp does not know: 'default', said in the run's output and report
     make_bpe_tokenizer(model_dir, SHAPE.vocab_size, style="odd")
     cli = run_cli("qstrat", "run", str(REPO / "configs/identity.yaml"), "-i", str(model_dir), "-o", str(tmp_path / "odd"), "--set", "format=q8_0")
