@@ -24,12 +24,11 @@ import numpy as np
 from qstrat.errors import OutputError
 from qstrat.io.atomic import describe_os_error
 from qstrat.io.manifest import tensor_entry
+from qstrat.io.names import JOURNAL_NAME, LOCK_NAME
 from qstrat.io.safetensors import HEADER_LENGTH_BYTES, SafetensorsModel
 from qstrat.results import TensorRecord
 from qstrat.strategies import Permutation
 
-JOURNAL_NAME = ".qstrat-journal.jsonl"
-LOCK_NAME = ".qstrat.lock"
 HASH_CHUNK = 1 << 22
 
 

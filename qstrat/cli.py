@@ -381,7 +381,7 @@ def inspect(path: Path = typer.Argument(..., help=".safetensors file, model dire
 
     from qstrat.io.manifest import MANIFEST_NAME, read_manifest
     from qstrat.io.safetensors import SafetensorsModel
-    from qstrat.model import as_directory
+    from qstrat.model import as_directory, refuse_unfinished
 
     # an output directory's own manifest has the metrics, also when its tensors are in a GGUF container
     with user_errors(), as_directory(path, follow_container=False) as directory:
@@ -403,6 +403,8 @@ def inspect(path: Path = typer.Argument(..., help=".safetensors file, model dire
                     f"{mse:.2e}" if mse is not None and mse != "inf" else "",
                 )
         else:
+            if directory.is_dir():
+                refuse_unfinished(directory)
             model = SafetensorsModel(path)
             table = Table(title=f"{path} ({len(model)} tensors in {len(model.files)} file(s))")
             for column in ("tensor", "shape", "dtype", "bytes", "file"):

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from qstrat.errors import InputError
-from qstrat.io.names import JOINT_PERMUTATIONS_NAME, PASSTHROUGH_NAME, RESIDUAL_PERMUTATION_KEY, decode_name
+from qstrat.io.names import JOINT_PERMUTATIONS_NAME, JOURNAL_NAME, MANIFEST_NAME, PASSTHROUGH_NAME, RESIDUAL_PERMUTATION_KEY, decode_name
 from qstrat.io.q8k import check_permutation, read_perm, read_q8k, read_q8k_shape
 from qstrat.io.qblock import read_blocks, read_blocks_header
 from qstrat.io.safetensors import SafetensorsFile, TensorInfo, map_tensor, to_float32
@@ -39,6 +39,13 @@ class StoredTensor:
     files: dict[str, str] = field(default_factory=dict)
     joint_axis: int | None = None  # the axis of its joint permutation, if it has one
     residual_axis: int | None = None  # the axis residual_stream permuted, if it did
+
+
+def refuse_unfinished(directory: Path) -> None:
+    """A clear error for the directory of a qstrat run that stopped before its manifest: its files are
+    only some of the model's (the Rust tool's directories, read without a manifest, have no journal)."""
+    if (directory / JOURNAL_NAME).exists() and not (directory / MANIFEST_NAME).exists():
+        raise InputError(f"{directory}: an unfinished qstrat run (a journal, no manifest.json); run the same command again to finish it")
 
 
 class QuantizedModel:
@@ -67,6 +74,7 @@ class QuantizedModel:
 
     def _seed_entries(self) -> dict[str, StoredTensor]:
         """Entries for a directory without manifest: .q8k (+ .perm) files and any passthrough."""
+        refuse_unfinished(self.directory)
         q8k_files = sorted(self.directory.glob("*.q8k"))
         if not q8k_files:
             raise InputError(f"{self.directory}: no manifest.json and no .q8k files; not a quantized model")

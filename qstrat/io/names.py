@@ -16,6 +16,9 @@ import urllib.parse
 MANIFEST_NAME = "manifest.json"
 PASSTHROUGH_NAME = "passthrough.safetensors"
 JOINT_PERMUTATIONS_NAME = "joint_permutations.safetensors"
+#: a run's journal of finished groups and its lock: a journal without a manifest is an unfinished run
+JOURNAL_NAME = ".qstrat-journal.jsonl"
+LOCK_NAME = ".qstrat.lock"
 #: the residual stream's permutation in that file: one for every tensor it permutes
 RESIDUAL_PERMUTATION_KEY = "qstrat.residual_stream"
 

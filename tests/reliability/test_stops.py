@@ -14,6 +14,7 @@ from qstrat.errors import WorkerLost
 from qstrat.interrupts import deferred_stops, interruptible_wait, raise_if_stop_requested
 from qstrat.pipelines.run import quantize_model
 from qstrat.synthetic import write_model
+from tests.helpers import assert_clean_failure, run_cli
 
 
 @pytest.fixture
@@ -96,6 +97,13 @@ def test_sigterm_during_a_result_callback_stops_after_it(tmp_path, stop_handlers
     assert not list(out.glob(".*.tmp-*"))
     assert (out / ".qstrat.lock").read_text() == ""
     assert not (out / "manifest.json").exists()
+    # the files written so far are only some of the model's: nothing reads them as a model
+    for command in (["convert", str(out), str(tmp_path / "x.gguf")], ["dequantize", str(out), str(tmp_path / "x.safetensors")],
+                    ["inspect", str(out)]):
+        refused = run_cli("qstrat", *command)
+        assert refused.returncode == 2, refused.stderr
+        assert_clean_failure(refused, f"{out}: an unfinished qstrat run (a journal, no manifest.json)")
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x.safetensors").exists()
     interrupts._state.requested = False  # as in a new process
     quantize_model(model, config, out)  # a rerun completes
     assert (out / "manifest.json").exists()
