@@ -7,6 +7,7 @@ line, as it does later, instead of the signal's default action.
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib import import_module
 
@@ -14,8 +15,44 @@ from qstrat.errors import Interrupted
 from qstrat.interrupts import handle_stop_signals
 
 
+class _ReaderGoneGuard:
+    """A standard stream that stops writing once its reader has gone (``qstrat run ... | head -1``):
+    the command goes on to its end and exit code, as it would with its output in a file, instead of
+    failing half-way on a broken pipe."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self._gone = False
+
+    def write(self, text: str) -> int:
+        if not self._gone:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._reader_gone()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._gone:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        self._gone = True
+        # what is left in the stream's buffer is flushed at exit: into /dev/null, where it cannot fail
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def _start(module: str) -> None:
     handle_stop_signals()
+    sys.stdout, sys.stderr = _ReaderGoneGuard(sys.stdout), _ReaderGoneGuard(sys.stderr)
     try:
         import_module(module).main()  # whose commands report a stop themselves, once under way
     except KeyboardInterrupt:

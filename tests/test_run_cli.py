@@ -329,3 +329,18 @@ def test_commands_quiet_openmp_threads_unless_the_user_chose(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     quiet_openmp_threads()
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_a_run_piped_into_head_finishes(tmp_path):
+    # `qstrat run ... | head -1`: the reader goes away after one line; the run goes on to its end
+    out = tmp_path / "out"
+    script = Path(sys.executable).with_name("qstrat")
+    process = subprocess.Popen([str(script), "run", str(REPO / "configs" / "identity.yaml"), "-o", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = process.stdout.readline()
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=300) == 0, stderr
+    assert first.startswith("tiny-llama: ") and stderr == ""
+    verified = run_cli("qstrat", "verify", str(out))
+    assert verified.returncode == 0 and "intact" in verified.stdout
