@@ -17,6 +17,7 @@ from qstrat._version import __version__
 from qstrat.blocks import Q8K_VARIANTS
 from qstrat.config import QuantizationConfig
 from qstrat.errors import (
+    ConfigError,
     InputError,
     Interrupted,
     OutputError,
@@ -314,6 +315,10 @@ def parse_chains(text: str) -> dict[str, list[str]]:
     for item in (part.strip() for part in text.split(",")):
         if item:
             chains[item] = NAMED_CHAINS.get(item) or [s.strip() for s in item.split("+")]
+            unknown = [s for s in chains[item] if s not in STRATEGIES]
+            if unknown:
+                raise ConfigError(f"--strategies: unknown strategy {unknown[0]!r}; strategies (joined with '+'): "
+                                  f"{', '.join(STRATEGIES)}; named chains: {', '.join(NAMED_CHAINS)}")
     return chains
 
 
@@ -349,6 +354,8 @@ def compare(
         if not json_output:
             announce_first_compile(f for f in formats.split(",") if f.strip())
         _check_counts(ctx=(ctx, 4), chunks=(chunks, 1), workers=(workers, 1))
+        if output is not None and output.exists() and not output.is_dir():
+            raise OutputError(f"{output}: exists and is not a directory (--output)")
         data = _read_text(text) if text is not None else None
         case_list = cases([f for f in formats.split(",") if f.strip()], parse_chains(strategies), imatrix)
         name = open_model(model).name

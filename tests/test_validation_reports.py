@@ -17,7 +17,7 @@ from qstrat.results import TensorRecord
 from qstrat.runconfig import Thresholds
 from qstrat.validation import check_roundtrip, matvec_mse, probe_vector
 from tests.conftest import REPO
-from tests.helpers import run_cli
+from tests.helpers import assert_clean_failure, run_cli
 
 
 def _exact_matrix(rows=4, k=512, seed=0):
@@ -238,3 +238,15 @@ def test_compare_writes_no_model_files(tmp_path):
     assert set(rows) == {"identity", "l2_norm", "attention_aware+l2_norm"}
     assert rows["l2_norm"]["mean_sqnr_db"] > rows["identity"]["mean_sqnr_db"]
     assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["compare.json", "compare.md", "compare.png"]
+
+
+def test_compare_refuses_an_unknown_strategy_and_an_output_that_is_a_file(tmp_path):
+    model = str(REPO / "examples" / "tiny-llama")
+    unknown = run_cli("qstrat", "compare", model, "-s", "identity,l2_norm+bogus")
+    assert unknown.returncode == 2 and unknown.stdout == ""
+    assert_clean_failure(unknown, "--strategies: unknown strategy 'bogus'")
+    (tmp_path / "afile").write_text("mine")
+    taken = run_cli("qstrat", "compare", model, "-s", "identity", "-o", str(tmp_path / "afile"))
+    assert taken.returncode == 3 and taken.stdout == ""  # refused before anything is computed
+    assert_clean_failure(taken, "afile: exists and is not a directory (--output)")
+    assert (tmp_path / "afile").read_text() == "mine"
