@@ -444,13 +444,17 @@ def load_run_config(
     input_from_file = "input" in data
     output_from_file = "output" in data
     imatrix_from_file = "imatrix" in data
+    #: where input and output came from, for their errors: the file (and line), or the flag
+    origin = {key: f"{where}: " + (f"line {lines[(key,)]}: " if (key,) in lines else "") + key for key in ("input", "output")}
     apply_environment(data, environ)
     if input_override:
         data["input"] = list(input_override)
         input_from_file = False
+        origin["input"] = "--input"
     if output_override is not None:
         data["output"] = output_override
         output_from_file = False
+        origin["output"] = "--output"
     for option in sets:
         key, value = parse_set_option(option)
         _set_path(data, key, value)
@@ -460,10 +464,15 @@ def load_run_config(
             output_from_file = False
         if key == "imatrix":
             imatrix_from_file = False
+        if key in origin:
+            origin[key] = f"--set {key}"
     for key in ("input", "output"):  # optional in the model (the library passes them otherwise), not in a file
         if data.get(key) is None:
             line = lines.get((key,))
             raise ConfigError(f"{where}: {f'line {line}: ' if line else ''}{key}: " + ("must be set" if key in data else "required key is missing"))
+        # an empty path would be the current directory (or the config file's): never what was meant
+        if any(isinstance(v, str) and not v.strip() for v in (data[key] if isinstance(data[key], list) else [data[key]])):
+            raise ConfigError(f"{origin[key]}: an empty path")
     try:
         schema = RunConfig.model_validate(data)
     except ValidationError as err:
@@ -488,10 +497,14 @@ def load_run_config(
                 paths[key] = Path(template.format(model=name)) if template else None
             except (KeyError, IndexError, ValueError) as err:
                 raise ConfigError(f"{where}: {key} template {raw!r}: only {{model}} may be used ({err})") from None
+        if model_path.is_dir() and paths["output"].resolve() == model_path.resolve():
+            raise ConfigError(f"{origin['output']}: {paths['output']} is the input model's own directory; write the output elsewhere")
         models.append(ModelJob(name, model_path, paths["output"], paths["imatrix"]))
-    names = [m.output for m in models]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{where}: two input models would write to the same output directory")
+    writers: dict[Path, Path] = {}
+    for model in models:
+        if model.output in writers:
+            raise ConfigError(f"{origin['output']}: {writers[model.output]} and {model.input} would both write to {model.output}")
+        writers[model.output] = model.input
     return RunSpec(tuple(models), schema, Path(config_path) if config_path else None)
 
 

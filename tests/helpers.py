@@ -29,13 +29,13 @@ def raw_safetensors(path: Path, header: object, data: bytes = b"", header_bytes:
     return path
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run a console script of this package as a user would, capturing output."""
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run a console script of this package as a user would (in ``cwd``), capturing output."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("CANDLE_Q8K_")}
     full_env.update(env or {})
     script = Path(sys.executable).with_name(args[0])
     command = [str(script)] if script.exists() else [args[0]]
-    process = subprocess.Popen(command + list(args[1:]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
+    process = subprocess.Popen(command + list(args[1:]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=cwd)
     stdout, stderr = communicate_or_dump_stacks(process, timeout)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 

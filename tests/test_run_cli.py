@@ -100,6 +100,7 @@ def test_precedence_defaults_yaml_environment_flags(tmp_path):
         ("output: y\n", ["input", "missing"]),
         ("input: x\ninput: z\noutput: y\n", ["line 2", "duplicate key 'input'"]),
         ("input: x\noutput: y\nvalidation:\n  thresholds: {min_sqnr_db: lots}\n", ["line 4", "min_sqnr_db"]),
+        ("input: x\noutput: ''\n", ["line 2: output: an empty path"]),
     ],
 )
 def test_config_errors_name_key_and_line(tmp_path, text, fragments):
@@ -344,3 +345,23 @@ def test_a_run_piped_into_head_finishes(tmp_path):
     assert first.startswith("tiny-llama: ") and stderr == ""
     verified = run_cli("qstrat", "verify", str(out))
     assert verified.returncode == 0 and "intact" in verified.stdout
+
+
+def test_output_paths_that_would_write_where_they_must_not(tmp_path):
+    # an empty path would be the current directory; the input's own directory would get the outputs
+    # beside its weights; two inputs of one name would write over each other: each error names the flag
+    config, model = REPO / "configs" / "identity.yaml", REPO / "examples" / "tiny-llama"
+    twin = tmp_path / "elsewhere" / "tiny-llama"
+    twin.mkdir(parents=True)
+    cases = [
+        (["-o", ""], "--output: an empty path"),
+        (["--set", "input="], "--set input: an empty path"),
+        (["-o", str(model)], f"--output: {model} is the input model's own directory"),
+        (["-i", str(model), "-i", str(twin), "-o", str(tmp_path / "out" / "{model}")],
+         f"--output: {model} and {twin} would both write to {tmp_path / 'out' / 'tiny-llama'}"),
+    ]
+    for args, message in cases:
+        result = run_cli("qstrat", "run", str(config), *args, "--dry-run", cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stderr)
+        assert_clean_failure(result, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere"]
