@@ -8,7 +8,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import typer
@@ -47,21 +47,26 @@ app = typer.Typer(
 )
 
 
+def _print_error(message: str, exit_code: int) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn library errors, Ctrl-C and SIGTERM into a one-line message and the documented exit code."""
+def user_errors(report: Callable[[str, int], None] = _print_error) -> Iterator[None]:
+    """Turn library errors, Ctrl-C and SIGTERM into a one-line message and the documented exit code;
+    ``report`` says it (by default on stderr as ``error: ...``)."""
     try:
         yield
     except QstratError as err:
-        print(f"error: {err}", file=sys.stderr)
+        report(str(err), err.exit_code)
         raise typer.Exit(err.exit_code) from None
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        report("interrupted", Interrupted.exit_code)
         raise typer.Exit(Interrupted.exit_code) from None
     except (typer.Exit, typer.Abort, SystemExit):
         raise
     except Exception as err:  # a bug, or a library failing in a way we did not foresee
-        print(f"error: unexpected {type(err).__name__}: {err} (please report this)", file=sys.stderr)
+        report(f"unexpected {type(err).__name__}: {err} (please report this)", EXIT_INTERNAL)
         raise typer.Exit(EXIT_INTERNAL) from None
 
 
@@ -210,7 +215,13 @@ def run(
     from qstrat.pipelines.run import describe_plan, quantize_model
     from qstrat.runconfig import load_run_config
 
-    with user_errors():
+    outcomes: list[dict] = []
+
+    def report_json(message: str, exit_code: int) -> None:
+        # --json: one line on stdout whatever happens, a stopped run's included (a log of JSON lines stays one)
+        print(json.dumps({"models": outcomes, "error": message, "exit_code": exit_code}), flush=True)
+
+    with user_errors(report_json if json_output else _print_error):
         spec = load_run_config(config, input_override=input or None, output_override=output, sets=set_ or ())
         if dry_run:
             plans = {}
@@ -226,8 +237,7 @@ def run(
         if mode != "quiet":
             announce_first_compile(spec.config.block_types)
         reporter = Reporter(mode)
-        batch = len(spec.models) > 1
-        outcomes, exit_code = [], EXIT_OK
+        exit_code = EXIT_OK
         for job in spec.models:
             outcome = {"model": job.name, "input": str(job.input), "output": str(job.output)}
             try:
@@ -238,9 +248,10 @@ def run(
                         settings={"thresholds": spec.raw["validation"]["thresholds"]}, outputs=spec.outputs,
                     )
             except QstratError as err:
-                if not batch:
-                    raise
                 outcome.update(status="failed", error=str(err))
+                if not spec.batch:
+                    outcomes.append(outcome)
+                    raise
                 exit_code = EXIT_BATCH_PARTIAL
                 if not json_output:
                     print(f"error: {job.name}: {err}", file=sys.stderr)
@@ -272,7 +283,7 @@ def run(
             outcomes.append(outcome)
         if json_output:
             print(json.dumps({"models": outcomes, "exit_code": exit_code}))
-        elif batch and mode != "quiet":
+        elif spec.batch and mode != "quiet":
             failed = [o["model"] for o in outcomes if o["status"] != "ok"]
             print(f"Batch: {len(outcomes) - len(failed)} of {len(outcomes)} models ok" + (f"; not ok: {', '.join(failed)}" if failed else ""))
         if exit_code:

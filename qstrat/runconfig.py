@@ -284,6 +284,8 @@ class RunSpec:
     models: tuple[ModelJob, ...]
     config: RunConfig
     source: Path | None
+    #: the input named several models or a glob: one model's failure does not stop the others
+    batch: bool = False
 
     @property
     def thresholds(self) -> Thresholds:
@@ -483,7 +485,8 @@ def load_run_config(
         except ConfigError as err:
             line = lines.get(("strategies", i))
             raise ConfigError(f"{where}: {f'line {line}: ' if line else ''}strategies.{i}: {err}") from None
-    inputs = _model_inputs([schema.input] if isinstance(schema.input, str) else schema.input, base, input_from_file)
+    patterns = [schema.input] if isinstance(schema.input, str) else schema.input
+    inputs = _model_inputs(patterns, base, input_from_file)
     output_template = str(_resolve(schema.output, base if output_from_file else Path.cwd()))
     if len(inputs) > 1 and "{model}" not in output_template:
         raise ConfigError(f"{where}: output must contain {{model}} when the input names several models")
@@ -505,7 +508,8 @@ def load_run_config(
         if model.output in writers:
             raise ConfigError(f"{origin['output']}: {writers[model.output]} and {model.input} would both write to {model.output}")
         writers[model.output] = model.input
-    return RunSpec(tuple(models), schema, Path(config_path) if config_path else None)
+    batch = len(models) > 1 or any(glob.has_magic(p) for p in patterns)
+    return RunSpec(tuple(models), schema, Path(config_path) if config_path else None, batch)
 
 
 __all__ = ["ModelJob", "RunConfig", "RunSpec", "load_run_config", "parse_set_option"]

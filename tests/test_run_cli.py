@@ -290,6 +290,26 @@ def test_batch_goes_on_past_a_failing_model(tmp_path):
     assert status == {"bad": "failed", "good": "ok"}
     assert "bad" in next(m["error"] for m in summary["models"] if m["model"] == "bad")
     assert (tmp_path / "out" / "good" / "manifest.json").exists()
+    # a glob is a batch whatever it matches: one broken model is a batch's failure too (exit 5)
+    alone = run_cli("qstrat", "run", str(config), "-i", f"{tmp_path}/models/ba*", "--json")
+    assert alone.returncode == 5 and [m["status"] for m in json.loads(alone.stdout)["models"]] == ["failed"]
+
+
+def test_json_says_how_a_stopped_run_ended_on_one_line(tmp_path):
+    # --json >> log 2>&1 (the README's cron line): whatever stops a run, one JSON line and nothing else
+    good = make_llama_dir(tmp_path / "good", shards=1)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes((good / "model.safetensors").read_bytes()[:1000])
+    config = REPO / "configs" / "identity.yaml"
+    failed = run_cli("qstrat", "run", str(config), "-i", str(broken), "-o", str(tmp_path / "o"), "--json")
+    assert failed.returncode == 2 and failed.stderr == "", failed.stderr
+    summary = json.loads(failed.stdout)
+    assert summary["exit_code"] == 2 and "broken.safetensors" in summary["error"]
+    assert [(m["model"], m["status"]) for m in summary["models"]] == [("broken", "failed")]
+    misspelt = run_cli("qstrat", "run", str(config), "-o", str(tmp_path / "o"), "--set", "variant=q4k", "--json")
+    assert misspelt.returncode == 2 and misspelt.stderr == ""
+    document = json.loads(misspelt.stdout)
+    assert document["models"] == [] and document["exit_code"] == 2 and "variant" in document["error"]
 
 
 def test_threshold_failure_writes_everything_then_exits_4(tmp_path):
