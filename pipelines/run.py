@@ -547,6 +547,7 @@ def describe_plan(plan: Plan) -> dict[str, object]:
     """What a run would do, for --dry-run: tensors, strategies, skips, estimated output size."""
     quantized, size = [], 0
     for group in plan.groups:
+        permutation = group.strategy.planned_permutation([m.info.name for m in group.members])
         for member in group.members:
             if member.quantize:
                 rows, k = member.info.shape
@@ -555,12 +556,12 @@ def describe_plan(plan: Plan) -> dict[str, object]:
                     size += Q8K_HEADER.size + rows * (k // QK_K) * BLOCK_BYTES
                 else:
                     size += rows * block_type(choice.type_name).row_bytes(k)
-                size += PERM_HEADER.size + 4 * k if group.strategy.permutation_kind == "runtime" else 0
+                size += PERM_HEADER.size + 4 * k if permutation == "runtime" else 0
                 quantized.append(
                     {"name": member.info.name, "shape": list(member.info.shape), "dtype": member.info.dtype,
                      "format": "q8k" if writes_q8k(choice) else choice.type_name,
                      **({"fallback_from": choice.fallback_from} if choice.fallback_from else {}),
-                     "strategy": group.strategy.name, "permutation": group.strategy.permutation_kind}
+                     "strategy": group.strategy.name, "permutation": permutation}
                 )
     passthrough = [{"name": p.info.name, "shape": list(p.info.shape), "dtype": p.info.dtype, "reason": p.reason} for p in plan.passthrough]
     size += sum(p.info.nbytes for p in plan.passthrough)

@@ -116,6 +116,8 @@ def test_dry_run_writes_nothing(tmp_path):
     result = run_cli("qstrat", "run", str(REPO / "configs" / "attention_aware.yaml"), "-o", str(tmp_path / "o"), "--dry-run")
     assert result.returncode == 0, result.stderr
     assert "model.layers.0.self_attn.q_proj.weight [512x512] BF16 attention_aware (runtime)" in result.stdout
+    # attention_aware claims the output projections and leaves them unpermuted, as the run does
+    assert "model.layers.0.self_attn.o_proj.weight [512x512] BF16 attention_aware (none)" in result.stdout
     assert "matches skip pattern 'embed_tokens'" in result.stdout
     assert "MB of output" in result.stdout
     assert not (tmp_path / "o").exists()

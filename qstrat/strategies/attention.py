@@ -87,6 +87,9 @@ class AttentionAwareStrategy(QuantizationStrategy):
         shared = Permutation(descending_order(norms), 1)
         return {name: shared for name in names}
 
+    def planned_permutation(self, members: Sequence[str]) -> str:
+        return "none" if len(members) == 1 and self._role(members[0]) in _OUTPUT_ROLES else self.permutation_kind
+
     def _role(self, name: str) -> str | None:
         recognised = self._recognise(name)
         return recognised[1] if recognised else None

@@ -72,6 +72,10 @@ class QuantizationStrategy(ABC):
     def matches(self, tensor_name: str) -> bool:
         return self.match is None or self.match.search(tensor_name) is not None
 
+    def planned_permutation(self, members: Sequence[str]) -> str:
+        """The kind of permutation the claimed group ``members`` gets, as a plan shows it: the strategy's."""
+        return self.permutation_kind
+
     def claim(
         self, candidates: Mapping[str, Candidate], model_config: Mapping[str, object]
     ) -> list[tuple[str, ...]]:
