@@ -61,9 +61,11 @@ class Interrupted(QstratError):
 _UNION_MEMBERS = {"str", "int", "float", "bool", "none", "StrategyEntry", "QuantizedEntry", "PassthroughEntry"}
 
 
-def describe_validation_error(err, where: str, lines: dict[tuple, int] | None = None) -> str:
-    """One line for a pydantic ``ValidationError``: ``where``, then each problem's key (and line)."""
-    messages = []
+def describe_validation_error(err, where: str, lines: dict[tuple, int] | None = None, flags: dict[tuple, str] | None = None) -> str:
+    """One line for a pydantic ``ValidationError``: ``where``, then each problem's key (and line);
+    a problem under a key that ``flags`` maps (``("strategies",)`` -> ``"--set strategies=[x]"``) is
+    that flag's instead."""
+    messages, by_flag = [], []
     for problem in err.errors():
         location = tuple(
             p for p in problem["loc"] if not (isinstance(p, str) and (p in _UNION_MEMBERS or p.startswith(("list[", "literal["))))
@@ -72,6 +74,11 @@ def describe_validation_error(err, where: str, lines: dict[tuple, int] | None = 
         line = next((lines[location[:n]] for n in range(len(location), 0, -1) if location[:n] in lines), None) if lines else None
         text = {"extra_forbidden": "unknown key", "missing": "required key is missing"}.get(problem["type"], problem["msg"])
         text = text.removeprefix("Value error, ")
-        messages.append(f"{f'line {line}: ' if line else ''}{key}: {text}")
-    return f"{where}: " + "; ".join(list(dict.fromkeys(messages))[:5])
+        flag = next((flags[location[:n]] for n in range(len(location), 0, -1) if location[:n] in flags), None) if flags else None
+        if flag:
+            by_flag.append(f"{flag}: {key}: {text}")
+        else:
+            messages.append(f"{f'line {line}: ' if line else ''}{key}: {text}")
+    parts = list(dict.fromkeys(by_flag)) + ([f"{where}: " + "; ".join(list(dict.fromkeys(messages)))] if messages else [])
+    return "; ".join(parts[:5])
 

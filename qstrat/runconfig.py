@@ -457,9 +457,14 @@ def load_run_config(
         data["output"] = output_override
         output_from_file = False
         origin["output"] = "--output"
+    flags: dict[tuple, str] = {}  # keys a --set gave: their errors are the flag's, not the file's
     for option in sets:
         key, value = parse_set_option(option)
         _set_path(data, key, value)
+        path = tuple(key.split("."))
+        flags[path] = f"--set {option}"
+        for location in [loc for loc in lines if loc[: len(path)] == path]:
+            del lines[location]  # the file's line for it no longer says where the value came from
         if key == "input":
             input_from_file = False
         if key == "output":
@@ -478,11 +483,13 @@ def load_run_config(
     try:
         schema = RunConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(describe_validation_error(err, where, lines)) from None
+        raise ConfigError(describe_validation_error(err, where, lines, flags)) from None
     for i, entry in enumerate(schema.chain_entries()):
         try:
             make_strategy(entry)  # unknown names and options fail here, before anything runs
         except ConfigError as err:
+            if ("strategies",) in flags:
+                raise ConfigError(f"{flags[('strategies',)]}: strategies.{i}: {err}") from None
             line = lines.get(("strategies", i))
             raise ConfigError(f"{where}: {f'line {line}: ' if line else ''}strategies.{i}: {err}") from None
     patterns = [schema.input] if isinstance(schema.input, str) else schema.input

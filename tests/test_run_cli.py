@@ -387,3 +387,14 @@ def test_output_paths_that_would_write_where_they_must_not(tmp_path):
         assert result.returncode == 2, (args, result.stderr)
         assert_clean_failure(result, message)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere"]
+
+
+def test_an_error_in_a_set_flag_names_the_flag_not_the_file(tmp_path):
+    config = REPO / "configs" / "identity.yaml"
+    for option, message in (("foo=1", "--set foo=1: foo: unknown key"),
+                            ("strategies=[bogus]", "--set strategies=[bogus]: strategies.0: unknown strategy 'bogus'"),
+                            ("variant=q4k", "--set variant=q4k: variant: Input should be")):
+        result = run_cli("qstrat", "run", str(config), "--set", option, "--dry-run")
+        assert result.returncode == 2, result.stderr
+        assert_clean_failure(result, message)
+        assert "identity.yaml" not in result.stderr
