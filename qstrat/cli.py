@@ -460,11 +460,14 @@ def convert(
 
 @app.command()
 def verify(output_dir: Path = typer.Argument(..., help="output directory to check")) -> None:
-    """Check every file of an output directory against its manifest; exit 0 only if all is intact."""
+    """Check every file of an output directory against its manifest; exit 0 only if all is intact, 3 if
+    a file is missing or damaged (each named)."""
     from qstrat.model import as_directory
     from qstrat.verify import verify_output
 
     with user_errors(), as_directory(output_dir, follow_container=False) as directory:
+        if not directory.exists():
+            raise InputError(f"{output_dir}: no such file or directory")
         problems = verify_output(directory)
         if problems:
             for problem in problems:

@@ -137,7 +137,12 @@ def test_verify_catches_every_corruption(tmp_path):
         assert_clean_failure(run_cli("qstrat", "verify", str(out)), path.name)
         path.write_bytes(original)
     (out / "model.layers.0.mlp.up_proj.weight.q8k").unlink()
-    assert_clean_failure(run_cli("qstrat", "verify", str(out)), "up_proj.weight.q8k", "missing")
+    missing_file = run_cli("qstrat", "verify", str(out))
+    assert missing_file.returncode == 3
+    assert_clean_failure(missing_file, "up_proj.weight.q8k", "missing")
+    nowhere = run_cli("qstrat", "verify", str(tmp_path / "nowhere"))
+    assert nowhere.returncode == 2
+    assert_clean_failure(nowhere, "nowhere: no such file or directory")
 
 
 def test_dequantize_and_inspect(tmp_path):
