@@ -33,6 +33,7 @@ from qstrat.strategies.search import (
     DEFAULT_SAMPLE_ROWS,
     SAME_ERROR,
     SearchSettings,
+    channels_matter,
     expand_heads,
     scale_group,
     search_head_order,
@@ -302,7 +303,9 @@ class HeadOrderStrategy(_SearchedWithBudget):
         head_orders += [self._head_order(e.reshape(heads, head_dim).sum(axis=1)) for e in energies[1:]]
         # a value channel feeds the same column of o in every query head of its group: by their summed energy
         channel_energies = [e.reshape(kv_heads, per_group, head_dim).sum(axis=1) for e in energies]
-        channel_orders = [None] + [np.stack([descending_order(row) for row in energy]) for energy in channel_energies]
+        channel_orders = [None]
+        if reader is None or channels_matter(heads, head_dim, reader.type_name):
+            channel_orders += [np.stack([descending_order(row) for row in energy]) for energy in channel_energies]
         improve = None
         if reader is not None and self.search.budget:
             def improve(start: np.ndarray) -> np.ndarray | None:

@@ -342,6 +342,15 @@ def search_head_order(
     return order, kept
 
 
+def channels_matter(heads: int, head_dim: int, type_name: str) -> bool:
+    """Whether moving value channels inside heads can change a matrix's error in ``type_name``: only
+    when some head spans more than one scale group (a head of 32 fills one Q8_0 block, and any order
+    inside it has the same error)."""
+    starts = np.arange(heads) * head_dim
+    group_size = scale_group([type_name])
+    return bool(np.any(starts // group_size != (starts + head_dim - 1) // group_size))
+
+
 def search_value_channels(
     reader: Reader,
     heads: np.ndarray,
@@ -364,9 +373,9 @@ def search_value_channels(
     width = heads.size * head_dim
     group_size = scale_group([reader.type_name])
     channels = np.array(channels, dtype=np.int64)
+    if settings.budget == 0 or not channels_matter(heads.size, head_dim, reader.type_name):
+        return channels, []
     starts = np.arange(heads.size) * head_dim
-    if settings.budget == 0 or not np.any(starts // group_size != (starts + head_dim - 1) // group_size):
-        return channels, []  # no search, or every head lies inside one scale group
     slots_of = [np.flatnonzero(heads // per_group == g) for g in range(kv_heads)]
     rng = np.random.default_rng(settings.seed)
     sampled = SampledErrors({"reader": reader}, settings.sample_rows, rng)
