@@ -344,10 +344,14 @@ def search_head_order(
 
 def channels_matter(heads: int, head_dim: int, type_name: str) -> bool:
     """Whether moving value channels inside heads can change a matrix's error in ``type_name``: only
-    when some head spans more than one scale group (a head of 32 fills one Q8_0 block, and any order
-    inside it has the same error)."""
+    when some head spans more than one run of values that share a scale (a head of 32 fills one Q8_0
+    block, and any order inside it has the same error; Q2_K, Q3_K and Q6_K scale runs of 16)."""
+    from qstrat.formats import block_type
+
     starts = np.arange(heads) * head_dim
     group_size = scale_group([type_name])
+    if block_type(type_name).block_size == 256 and type_name != "q8_k":
+        group_size = 16  # the K-quants' shortest scale run
     return bool(np.any(starts // group_size != (starts + head_dim - 1) // group_size))
 
 
