@@ -106,10 +106,17 @@ def wait_for(condition, timeout: float, what: str):
 
 
 def assert_clean_failure(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A non-zero exit without a traceback, whose message (on stderr, or with --json the line's
+    ``error``) holds every fragment."""
     assert result.returncode != 0, result.stdout
     assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    shown = result.stderr
+    try:
+        shown += json.loads(result.stdout.strip().splitlines()[-1]).get("error") or ""
+    except (ValueError, IndexError, AttributeError):
+        pass  # not a --json command
     for fragment in fragments:
-        assert fragment in result.stderr, result.stderr
+        assert fragment in shown, shown
 
 
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
