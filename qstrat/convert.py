@@ -7,7 +7,8 @@ import json
 import os
 from pathlib import Path
 
-from qstrat.io.gguf import gguf_to_directory, write_gguf
+from qstrat.errors import InputError
+from qstrat.io.gguf import KEY_PREFIX, LLAMA_LAYOUT, gguf_to_directory, write_gguf
 from qstrat.model import QuantizedModel
 from qstrat.presets import file_type
 
@@ -70,6 +71,20 @@ def llama_layout(model: QuantizedModel, source: Path | None):
 _REWRITTEN_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
 
 
+def _names_mapped_back(source: Path, names) -> bool:
+    """Whether ``names`` are not ``source``'s own tensor names but the Hugging Face names a file in
+    llama.cpp's layout maps them back to (a directory ``qstrat convert`` made from it; a run whose
+    input was that file keeps its names)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(source)
+    except Exception:  # a third-party parser of untrusted bytes: carried_fields reports it
+        return False
+    layout = reader.fields.get(KEY_PREFIX + "layout")
+    return layout is not None and str(layout.contents()) == LLAMA_LAYOUT and not set(names) <= {t.name for t in reader.tensors}
+
+
 def carried_fields(source: Path) -> list[tuple[str, object, object, object]]:
     """(key, value, GGUF value type, element type of an array) of every key-value pair of a
     GGUF input that its output keeps: hyperparameters, vocabulary, chat template, general.*."""
@@ -96,6 +111,14 @@ def gguf_metadata(model: QuantizedModel, source: str | os.PathLike | None = None
         source = manifest.source.path
     q8k = any("q8k" in e.files for e in model.entries.values())
     if source is not None and Path(source).suffix == ".gguf" and Path(source).is_file() and not q8k:
+        if _names_mapped_back(Path(source), model.entries):
+            # the directory came from a file qstrat wrote in llama.cpp's layout, its tensors mapped back to
+            # Hugging Face names: carrying that file's metadata over them gives a file llama.cpp refuses
+            raise InputError(
+                f"{model.directory}: converted from {source}, a GGUF in llama.cpp's layout; qstrat writes that layout "
+                "again only from a run's output directory whose source model (config.json, tokenizer) is at hand: "
+                "use that GGUF itself, or convert the run's own output directory"
+            )
         # a GGUF input: its names, metadata and vocabulary carry over, as llama-quantize keeps them
         return {
             "file_type": _file_type(config),

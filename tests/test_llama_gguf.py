@@ -130,6 +130,13 @@ def test_llama_cpp_layout_reads_back_as_the_source(llama_dir, f32_run):
         assert result.returncode == 0, result.stderr
     assert "tiny.gguf: a llama.cpp model (architecture llama)" in result.stdout
     assert converted.read_bytes() == (out / "tiny.gguf").read_bytes()  # the source directory is at hand
+    # a directory converted from that GGUF holds its tensors under their Hugging Face names, and no source
+    # model to lay them out again for llama.cpp: refused, where it wrote a file llama.cpp could not load
+    mapped_back, again = out.parent / "mapped-back", out.parent / "again.gguf"
+    assert run_cli("qstrat", "convert", str(out / "tiny.gguf"), str(mapped_back)).returncode == 0
+    refused = run_cli("qstrat", "convert", str(mapped_back), str(again))
+    assert refused.returncode == 2 and not again.exists()
+    assert_clean_failure(refused, "a GGUF in llama.cpp's layout", "use that GGUF itself")
     report = json.loads((out / "report.json").read_text())
     assert report["summary"]["gguf"]["llama_cpp"] is True
     assert "- GGUF tiny.gguf: a llama.cpp model (architecture llama, vocabulary: BPE (gpt2, pre-tokenizer gpt-2), 320 tokens)" in (out / "report.md").read_text()

@@ -469,7 +469,7 @@ def gguf_to_directory(source: str | os.PathLike, output_dir: str | os.PathLike) 
         for name in entries:
             if entries[name].joint is not None or entries[name].residual_axis is not None:
                 entries[name].files["joint_perm"] = FileEntry(path=JOINT_PERMUTATIONS_NAME, size=jsize, sha256=jsha)
-    source = Source(path=str(model.path), architecture=model.architecture, name=model.name, files=[model.path.name])
+    source = Source(path=str(model.path.resolve()), architecture=model.architecture, name=model.name, files=[model.path.name])
     write_manifest(out, new_manifest(source=source, config=model.config, variant=model.variant, tensors=entries, failed=[]))
     return out
 
