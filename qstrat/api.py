@@ -6,6 +6,7 @@ import os
 from typing import TYPE_CHECKING
 
 from qstrat.config import QuantizationConfig
+from qstrat.errors import ConfigError
 from qstrat.results import QuantizationResult
 
 if TYPE_CHECKING:
@@ -22,5 +23,8 @@ def quantize_safetensors(input_path: str | os.PathLike, config: RunConfig | None
     from qstrat.pipelines.run import (
         quantize_model,  # the pipeline builds on this package
     )
+    from qstrat.runconfig import RunConfig
 
+    if config is not None and not isinstance(config, RunConfig):
+        raise ConfigError(f"quantize_safetensors: config is a QuantizationConfig(...) (a RunConfig), not {type(config).__name__}")
     return quantize_model(input_path, config or QuantizationConfig())

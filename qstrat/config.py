@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from qstrat.errors import ConfigError
 from qstrat.legacy import StrategyType, seed_chain
 
 if TYPE_CHECKING:
@@ -44,6 +45,9 @@ def QuantizationConfig(  # noqa: N802 - the original tool's class name, kept for
     from qstrat.runconfig import RunConfig
 
     kind = StrategyType.ATTENTION_AWARE if attention_aware else StrategyType.parse(strategy_type, "strategy_type")
+    for key, value in (("strategies", strategies), ("skip_patterns", skip_patterns), ("validation_stages", validation_stages)):
+        if isinstance(value, str):  # list() would make one entry of each character
+            raise ConfigError(f"QuantizationConfig: {key}: a list of names, not the string {value!r}")
     chain = seed_chain(use_permutation, kind) if strategies is None else [e if isinstance(e, str) else dict(e) for e in strategies]
     data: dict[str, Any] = {
         "output": os.fspath(output_dir),

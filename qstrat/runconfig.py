@@ -149,6 +149,14 @@ class RunConfig(_Strict):
 
     _format = field_validator("format")(classmethod(lambda cls, value: _format_name(value)))
 
+    @field_validator("input", "output", "imatrix")
+    @classmethod
+    def _path(cls, value: str | list[str] | None) -> str | list[str] | None:
+        # an empty path would be the current directory: never what was meant
+        if any(isinstance(v, str) and not v.strip() for v in (value if isinstance(value, list) else [value])):
+            raise ValueError("an empty path")
+        return value
+
     @field_validator("preset")
     @classmethod
     def _preset(cls, value: str | None, info: ValidationInfo) -> str | None:

@@ -70,3 +70,16 @@ def test_environment_means_the_same_to_both_commands_and_the_library(tmp_path, e
     library = QuantizationConfig().with_environment(env).describe()
     for described in settings:
         assert {k: described[k] for k in library} == library
+
+
+def test_the_library_refuses_settings_a_file_would_refuse(tmp_path):
+    # a string where a list belongs would become one entry per character (skip_patterns="norm" skipped
+    # every tensor), an empty output directory the current one, a dict a config nobody validated
+    for settings, message in (({"skip_patterns": "norm"}, "skip_patterns: a list of names, not the string 'norm'"),
+                              ({"strategies": "l2_norm"}, "strategies: a list of names"),
+                              ({"output_dir": ""}, "output: an empty path")):
+        with pytest.raises(qstrat.QstratError, match=message):
+            QuantizationConfig(**settings)
+    with pytest.raises(qstrat.QstratError, match="config is a QuantizationConfig"):
+        qstrat.quantize_safetensors(REPO / "examples" / "tiny-llama", {"output": str(tmp_path / "o")})
+    assert not (tmp_path / "o").exists()
