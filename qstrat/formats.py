@@ -274,12 +274,14 @@ def quantize(data: np.ndarray, qtype: str | QuantizationType, imatrix: np.ndarra
     entry = block_type(qtype)
     array = np.asarray(data)
     storage = as_kernel_storage(array)
-    if storage.ndim == 0 or storage.shape[-1] % entry.block_size:
+    if storage.ndim == 0 or storage.shape[-1] == 0 or storage.shape[-1] % entry.block_size:
         raise InputError(
             f"data of shape {array.shape} cannot be quantized to {entry.name}: its rows (last dimension) "
-            f"must be a multiple of {entry.block_size} long"
+            f"must be a positive multiple of {entry.block_size} long"
         )
     k = storage.shape[-1]
+    if storage.size == 0:  # no rows: no blocks (gguf-py's quantize gives the same)
+        return np.empty(array.shape[:-1] + (entry.row_bytes(k),), dtype=np.uint8)
     rows = np.ascontiguousarray(storage.reshape(-1, k))
     weights = None if imatrix is None else _check_imatrix(imatrix, k, entry, array.shape)
 
@@ -300,11 +302,13 @@ def dequantize(data: np.ndarray, qtype: str | QuantizationType) -> np.ndarray:
     as GGML's ``dequantize_row_*``: shape ``data.shape[:-1] + (values per row,)``."""
     entry = block_type(qtype)
     array = np.asarray(data)
-    if array.dtype != np.uint8 or array.ndim == 0 or array.shape[-1] % entry.type_size:
+    if array.dtype != np.uint8 or array.ndim == 0 or array.shape[-1] == 0 or array.shape[-1] % entry.type_size:
         raise InputError(
             f"{entry.name} data must be uint8 whose last dimension is whole blocks of {entry.type_size} bytes; "
             f"got {array.dtype} of shape {array.shape}"
         )
     k = array.shape[-1] // entry.type_size * entry.block_size
+    if array.size == 0:
+        return np.empty(array.shape[:-1] + (k,), dtype=np.float32)
     blocks = np.ascontiguousarray(array.reshape(-1, array.shape[-1]))
     return entry.dequantize_rows(blocks, k).reshape(array.shape[:-1] + (k,))

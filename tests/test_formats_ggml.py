@@ -255,6 +255,17 @@ def test_type_names_and_enums():
         qstrat.quantize(x, 8)
 
 
+def test_no_rows_give_no_blocks_and_empty_rows_are_refused():
+    for name in ("q8_0", "q4_k", "q8_k", "iq4_nl", "f16"):
+        stored = qstrat.quantize(np.zeros((0, 256), np.float32), name)
+        assert stored.shape == (0, qstrat.formats.block_type(name).row_bytes(256))  # as gguf-py's quantize
+        assert qstrat.dequantize(stored, name).shape == (0, 256)
+        with pytest.raises(InputError, match=r"shape \(4, 0\).*positive multiple"):
+            qstrat.quantize(np.zeros((4, 0), np.float32), name)
+    with pytest.raises(InputError, match=r"q8_0 data must be uint8.*\(0,\)"):
+        qstrat.dequantize(np.zeros(0, np.uint8), "q8_0")
+
+
 def test_errors_name_shape_type_and_index():
     x = np.ones((3, 100), np.float32)
     with pytest.raises(InputError, match=r"shape \(3, 100\).*q4_0.*multiple of 32"):

@@ -202,3 +202,10 @@ def test_bad_shapes_and_variants():
         qstrat.quantize_blocks(np.ones((1, 256), dtype=np.float64))
     with pytest.raises(InputError, match=r"\(n, 292\)"):
         qstrat.dequantize_blocks(np.zeros((1, 291), dtype=np.uint8))
+    with pytest.raises(InputError, match="positive multiple of 256"):
+        qstrat.quantize_blocks(np.zeros(0, dtype=np.float32))
+    assert qstrat.quantize_blocks(np.zeros((0, 256), dtype=np.float32)).shape == (0, 292)  # no rows, no blocks
+    x = np.ones((2, 2, 512), dtype=np.float32)
+    x[1, 0, 400] = np.nan
+    with pytest.raises(NonFiniteError, match=r"shape \(2, 2, 512\) holds a non-finite value at index \(1, 0, 400\)"):
+        qstrat.quantize_blocks(x)  # named in the array's own shape, not in its rows'
