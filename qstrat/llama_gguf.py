@@ -311,7 +311,9 @@ def read_vocabulary(directory: Path | None, arch: str, vocab_size: int | None, n
             return none
         byte_fallback = bool(model.get("byte_fallback", False))
         decoder = (tokenizer.get("decoder") or {}).get("type")
-        if arch == "llama" and byte_fallback and decoder == "Sequence" and not model.get("ignore_merges", False):
+        # gguf.LlamaHfVocab takes a byte-fallback BPE with a Sequence decoder (ignore_merges turns away
+        # only a tokenizer without byte fallback: Llama 3's, which goes to the gpt2 path)
+        if arch == "llama" and byte_fallback and decoder == "Sequence":
             vocab = _llama_hf_vocab(directory, tokenizer, notes)
         else:
             vocab = _gpt2_vocab(directory, tokenizer, vocab_size or len(model.get("vocab") or {}), notes)
@@ -322,6 +324,14 @@ def read_vocabulary(directory: Path | None, arch: str, vocab_size: int | None, n
         )
         return none
     vocab.add_space_prefix = add_space_prefix
+    if arch == "llama" and vocab.special is not None:
+        # LlamaModel.set_vocab's rules by vocabulary size: CodeLlama's fill-in-the-middle tokens (of
+        # prefix, suffix, middle and eot, gguf-py has a key for eot alone), and no BOS for 49152
+        # (small Granite models; SmolLM2's converter-made GGUF has add_bos_token false too)
+        if (vocab_size or 32000) == 32016:
+            vocab.special.special_token_ids["eot"] = 32010
+        if (vocab_size or 32000) == 49152:
+            vocab.special.add_special_token["bos"] = False
     return vocab
 
 

@@ -358,3 +358,31 @@ def test_a_gguf_inputs_joint_permutations_stay_out_of_its_tensors(llama_dir, f32
     source = {t.name: np.asarray(t.data, dtype=np.float32) for t in GGUFReader(f32_run[0] / "tiny.gguf").tensors}
     assert sorted(restored) == sorted(source)
     assert all(np.abs(restored[n] - source[n]).max() <= 0.15 * np.abs(source[n]).max() for n in source)
+
+
+def test_the_converters_vocabulary_rules_by_size(tmp_path):
+    # LlamaModel.set_vocab: a vocabulary of 49152 adds no BOS whatever tokenizer_config says (SmolLM2's
+    # own GGUF has add_bos_token false); CodeLlama's 32016 gets its end-of-turn token, 32010
+    for vocab_size, key, expected in ((49152, "tokenizer.ggml.add_bos_token", False), (32016, "tokenizer.ggml.eot_token_id", 32010)):
+        shape = LlamaShape(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1)
+        model_dir = write_model(tmp_path / f"v{vocab_size}", llama_tensors(shape, seed=1), dtype="BF16", config=hf_config(shape))
+        make_bpe_tokenizer(model_dir, 320)
+        run(model_dir, tmp_path / f"out{vocab_size}", format="f32")
+        fields = GGUFReader(tmp_path / f"out{vocab_size}" / f"v{vocab_size}.gguf").fields
+        assert fields[key].contents() == expected
+        if vocab_size == 49152:
+            _, answer = probe(tmp_path / f"out{vocab_size}" / f"v{vocab_size}.gguf", text="a b c")
+            assert answer["add_bos"] is False  # and llama.cpp reads it so
+
+
+def test_a_byte_fallback_bpe_is_llamas_even_when_it_ignores_merges(tmp_path):
+    # gguf.LlamaHfVocab turns ignore_merges away only without byte fallback (Llama 3's tokenizer)
+    from qstrat.llama_gguf import read_vocabulary
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{i:02X}>": 3 + i for i in range(256)}, "a": 259, "b": 260, "ab": 261}
+    for byte_fallback, expected in ((True, "llama"), (False, "gpt2")):
+        tokenizer = {"model": {"type": "BPE", "vocab": vocab, "merges": ["a b"], "byte_fallback": byte_fallback, "ignore_merges": True},
+                     "decoder": {"type": "Sequence", "decoders": []}, "added_tokens": [{"id": 1, "content": "<s>", "special": True}]}
+        (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer))
+        assert read_vocabulary(tmp_path, "llama", len(vocab), []).model == expected
