@@ -75,6 +75,8 @@ def describe_validation_error(err, where: str, lines: dict[tuple, int] | None = 
         text = {"extra_forbidden": "unknown key", "missing": "required key is missing"}.get(problem["type"], problem["msg"])
         text = text.removeprefix("Value error, ")
         flag = next((flags[location[:n]] for n in range(len(location), 0, -1) if location[:n] in flags), None) if flags else None
+        if flag is None and flags and location:  # a check of a whole section: the flags that set keys inside it
+            flag = ", ".join(v for path, v in flags.items() if path[: len(location)] == location) or None
         if flag:
             by_flag.append(f"{flag}: {key}: {text}")
         else:

@@ -403,3 +403,7 @@ def test_an_error_in_a_set_flag_names_the_flag_not_the_file(tmp_path):
         assert result.returncode == 2, result.stderr
         assert_clean_failure(result, message)
         assert "identity.yaml" not in result.stderr
+    # a check of a whole section names the flag that set a key inside it
+    crossed = run_cli("qstrat", "run", str(config), "--set", "format=q8_0", "--set", "validation.product=candle", "--dry-run")
+    assert crossed.returncode == 2
+    assert_clean_failure(crossed, "--set validation.product=candle: validation: product: candle multiplies Q8K blocks")

@@ -218,6 +218,9 @@ class HeadOrderStrategy(_SearchedWithBudget):
         super().__init__(match)
         self.pattern_sources = tuple(patterns) if patterns else HEAD_PATTERNS
         self.patterns = compile_patterns(self.pattern_sources, "strategy head_order: patterns", {"block", "role", "param"})
+        for key, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"strategy head_order: {key} must be a positive integer, not {value!r}")
         self.geometry_options = (num_heads, num_kv_heads, head_dim)
         self.geometry: tuple[int, int, int] | None = None
         self.search = SearchSettings.checked(self.name, budget, seed, sample_rows)
