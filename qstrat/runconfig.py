@@ -465,7 +465,8 @@ def load_run_config(
         data["output"] = output_override
         output_from_file = False
         origin["output"] = "--output"
-    flags: dict[tuple, str] = {}  # keys a --set gave: their errors are the flag's, not the file's
+    # keys a flag gave (--input, --output, --set): their errors are the flag's, not the file's
+    flags: dict[tuple, str] = {(key,): origin[key] for key in ("input", "output") if origin[key].startswith("--")}
     for option in sets:
         key, value = parse_set_option(option)
         _set_path(data, key, value)
@@ -485,9 +486,6 @@ def load_run_config(
         if data.get(key) is None:
             line = lines.get((key,))
             raise ConfigError(f"{where}: {f'line {line}: ' if line else ''}{key}: " + ("must be set" if key in data else "required key is missing"))
-        # an empty path would be the current directory (or the config file's): never what was meant
-        if any(isinstance(v, str) and not v.strip() for v in (data[key] if isinstance(data[key], list) else [data[key]])):
-            raise ConfigError(f"{origin[key]}: an empty path")
     try:
         schema = RunConfig.model_validate(data)
     except ValidationError as err:

@@ -381,8 +381,8 @@ def test_output_paths_that_would_write_where_they_must_not(tmp_path):
     twin = tmp_path / "elsewhere" / "tiny-llama"
     twin.mkdir(parents=True)
     cases = [
-        (["-o", ""], "--output: an empty path"),
-        (["--set", "input="], "--set input: an empty path"),
+        (["-o", ""], "--output: output: an empty path"),
+        (["--set", "input="], "--set input=: input: an empty path"),
         (["-o", str(model)], f"--output: {model} is the input model's own directory"),
         (["-i", str(model), "-i", str(twin), "-o", str(tmp_path / "out" / "{model}")],
          f"--output: {model} and {twin} would both write to {tmp_path / 'out' / 'tiny-llama'}"),
