@@ -53,7 +53,7 @@ def engine_name() -> str:
 
 def _vocabulary_facts(owner, model, llama_cpp, path: Path) -> None:
     """What llama-perplexity and llama-imatrix read of a loaded vocabulary (``model``:
-    llama-cpp-python's model wrapper)."""
+    llama-cpp-python's model wrapper); a file without one (type none) is refused."""
     if llama_cpp.llama_vocab_type(model.vocab) == llama_cpp.LLAMA_VOCAB_TYPE_NONE:
         # llama.cpp loads such a file with dummy tokens, then aborts the process when asked to tokenize
         raise InputError(f"{path}: has no vocabulary (tokenizer.ggml.model 'none'), so llama.cpp cannot turn text into "
