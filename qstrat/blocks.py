@@ -134,13 +134,14 @@ def quantize_blocks(x: np.ndarray, variant: str = DEFAULT_VARIANT) -> np.ndarray
     if storage.ndim == 0 or storage.shape[-1] == 0 or storage.shape[-1] % QK_K != 0:
         raise InputError(f"the last dimension of the array ({storage.shape}) must be a positive multiple of {QK_K}")
     rows = np.ascontiguousarray(storage.reshape(-1, storage.shape[-1]))
-    if storage.ndim > 2:
+    try:
+        return quantize_rows(rows, variant)
+    except NonFiniteError:
+        if storage.ndim <= 2:
+            raise
         # the kernel names an index in the rows it sees: name it in the array's own shape instead
-        flat = int(first_nonfinite_index(rows)) if rows.size else -1
-        if flat >= 0:
-            index = tuple(int(i) for i in np.unravel_index(flat, storage.shape))
-            raise NonFiniteError(f"data of shape {storage.shape} holds a non-finite value at index {index}; Q8K quantization refuses NaN and infinity")
-    return quantize_rows(rows, variant)
+        index = tuple(int(i) for i in np.unravel_index(int(first_nonfinite_index(rows)), storage.shape))
+        raise NonFiniteError(f"data of shape {storage.shape} holds a non-finite value at index {index}; Q8K quantization refuses NaN and infinity") from None
 
 
 def dequantize_blocks(blocks: np.ndarray) -> np.ndarray:

@@ -71,26 +71,20 @@ def llama_layout(model: QuantizedModel, source: Path | None):
 _REWRITTEN_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
 
 
-def _names_mapped_back(source: Path, names) -> bool:
-    """Whether ``names`` are not ``source``'s own tensor names but the Hugging Face names a file in
-    llama.cpp's layout maps them back to (a directory ``qstrat convert`` made from it; a run whose
-    input was that file keeps its names)."""
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(source)
-    except Exception:  # a third-party parser of untrusted bytes: carried_fields reports it
-        return False
+def _names_mapped_back(reader, names) -> bool:
+    """Whether ``names`` are not the tensor names of the GGUF ``reader`` reads but the Hugging Face
+    names a file in llama.cpp's layout maps them back to (a directory ``qstrat convert`` made from it;
+    a run whose input was that file keeps its names)."""
     layout = reader.fields.get(KEY_PREFIX + "layout")
     return layout is not None and str(layout.contents()) == LLAMA_LAYOUT and not set(names) <= {t.name for t in reader.tensors}
 
 
-def carried_fields(source: Path) -> list[tuple[str, object, object, object]]:
+def carried_fields(reader) -> list[tuple[str, object, object, object]]:
     """(key, value, GGUF value type, element type of an array) of every key-value pair of a
-    GGUF input that its output keeps: hyperparameters, vocabulary, chat template, general.*."""
+    GGUF input (``reader``: its gguf.GGUFReader) that its output keeps: hyperparameters,
+    vocabulary, chat template, general.*."""
     import gguf
 
-    reader = gguf.GGUFReader(source)
     fields = []
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key.startswith("qstrat.") or key in _REWRITTEN_KEYS:
@@ -111,7 +105,10 @@ def gguf_metadata(model: QuantizedModel, source: str | os.PathLike | None = None
         source = manifest.source.path
     q8k = any("q8k" in e.files for e in model.entries.values())
     if source is not None and Path(source).suffix == ".gguf" and Path(source).is_file() and not q8k:
-        if _names_mapped_back(Path(source), model.entries):
+        import gguf
+
+        reader = gguf.GGUFReader(source)  # parsed once: a large vocabulary takes a second or more
+        if _names_mapped_back(reader, model.entries):
             # the directory came from a file qstrat wrote in llama.cpp's layout, its tensors mapped back to
             # Hugging Face names: carrying that file's metadata over them gives a file llama.cpp refuses
             raise InputError(
@@ -127,7 +124,7 @@ def gguf_metadata(model: QuantizedModel, source: str | os.PathLike | None = None
             "variant": (manifest and manifest.variant) or "unknown",
             "config": config,
             "layout": None,
-            "carried": carried_fields(Path(source)),
+            "carried": carried_fields(reader),
             "not_llama_cpp": None,
         }
     layout, why_not = llama_layout(model, Path(source) if source is not None else None)

@@ -451,22 +451,16 @@ def load_run_config(
             raise ConfigError(f"{path}: cannot read: {err}") from None
         data, lines = _parse_yaml(text, where)
         base = path.resolve().parent
-    input_from_file = "input" in data
-    output_from_file = "output" in data
-    imatrix_from_file = "imatrix" in data
-    #: where input and output came from, for their errors: the file (and line), or the flag
-    origin = {key: f"{where}: " + (f"line {lines[(key,)]}: " if (key,) in lines else "") + key for key in ("input", "output")}
+    in_file = {key for key in ("input", "output", "imatrix") if key in data}
+    # keys a flag gave (--input, --output, --set): their errors are the flag's, not the file's
+    flags: dict[tuple, str] = {}
     apply_environment(data, environ)
     if input_override:
         data["input"] = list(input_override)
-        input_from_file = False
-        origin["input"] = "--input"
+        flags[("input",)] = "--input"
     if output_override is not None:
         data["output"] = output_override
-        output_from_file = False
-        origin["output"] = "--output"
-    # keys a flag gave (--input, --output, --set): their errors are the flag's, not the file's
-    flags: dict[tuple, str] = {(key,): origin[key] for key in ("input", "output") if origin[key].startswith("--")}
+        flags[("output",)] = "--output"
     for option in sets:
         key, value = parse_set_option(option)
         _set_path(data, key, value)
@@ -474,14 +468,11 @@ def load_run_config(
         flags[path] = f"--set {option}"
         for location in [loc for loc in lines if loc[: len(path)] == path]:
             del lines[location]  # the file's line for it no longer says where the value came from
-        if key == "input":
-            input_from_file = False
-        if key == "output":
-            output_from_file = False
-        if key == "imatrix":
-            imatrix_from_file = False
-        if key in origin:
-            origin[key] = f"--set {key}"
+    # a path the file gives is relative to the file, one a flag gives to the current directory
+    input_from_file, output_from_file, imatrix_from_file = (key in in_file and (key,) not in flags for key in ("input", "output", "imatrix"))
+    #: where input and output came from, for their errors: the flag, or the file (and line)
+    origin = {key: flags.get((key,)) or f"{where}: " + (f"line {lines[(key,)]}: " if (key,) in lines else "") + key
+              for key in ("input", "output")}
     for key in ("input", "output"):  # optional in the model (the library passes them otherwise), not in a file
         if data.get(key) is None:
             line = lines.get((key,))

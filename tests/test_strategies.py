@@ -94,7 +94,7 @@ def test_head_order_needs_geometry():
     with pytest.raises(ConfigError, match="does not fit"):
         StrategyChain([{"name": "head_order", "num_heads": 16, "num_kv_heads": 4}]).assign(candidates, {})
     for value in ("x", -4, 2.0):
-        with pytest.raises(ConfigError, match=f"head_order: num_heads must be a positive integer, not {value!r}"):
+        with pytest.raises(ConfigError, match=f"head_order: num_heads must be an integer >= 1, not {value!r}"):
             StrategyChain([{"name": "head_order", "num_heads": value}])
 
 

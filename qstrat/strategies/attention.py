@@ -79,7 +79,7 @@ class AttentionAwareStrategy(QuantizationStrategy):
 
     def permutations(self, tensors: Mapping[str, np.ndarray], error: SquaredError) -> dict[str, Permutation | None]:
         names = sorted(tensors)
-        if len(names) == 1 and self._role(names[0]) in _OUTPUT_ROLES:
+        if self.planned_permutation(names) == "none":
             return {names[0]: None}
         norms = np.zeros(common_width(tensors, self.name), dtype=np.float64)
         for name in names:  # sorted: the float64 sum is the same whatever the offer order

@@ -34,6 +34,7 @@ from qstrat.strategies.search import (
     SAME_ERROR,
     SearchSettings,
     channels_matter,
+    check_integer_option,
     expand_heads,
     scale_group,
     search_head_order,
@@ -219,8 +220,8 @@ class HeadOrderStrategy(_SearchedWithBudget):
         self.pattern_sources = tuple(patterns) if patterns else HEAD_PATTERNS
         self.patterns = compile_patterns(self.pattern_sources, "strategy head_order: patterns", {"block", "role", "param"})
         for key, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ConfigError(f"strategy head_order: {key} must be a positive integer, not {value!r}")
+            if value is not None:
+                check_integer_option(self.name, key, value, 1)
         self.geometry_options = (num_heads, num_kv_heads, head_dim)
         self.geometry: tuple[int, int, int] | None = None
         self.search = SearchSettings.checked(self.name, budget, seed, sample_rows)

@@ -35,6 +35,14 @@ REPAIRS = ("neighbour", "mixed")
 SAME_ERROR = 1e-6
 
 
+def check_integer_option(strategy: str, key: str, value: object, least: int) -> None:
+    """A ConfigError unless a strategy's option ``key`` is an integer (not a bool) >= ``least``."""
+    from qstrat.errors import ConfigError
+
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ConfigError(f"strategy {strategy}: {key} must be an integer >= {least}, not {value!r}")
+
+
 @dataclass(frozen=True)
 class SearchSettings:
     """How long and on what a search runs: ``budget`` swaps tried (0: no search), ``seed``, rows sampled per matrix."""
@@ -45,11 +53,8 @@ class SearchSettings:
 
     @classmethod
     def checked(cls, strategy: str, budget: object, seed: object, sample_rows: object) -> SearchSettings:
-        from qstrat.errors import ConfigError
-
         for key, value, least in (("budget", budget, 0), ("seed", seed, 0), ("sample_rows", sample_rows, 1)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ConfigError(f"strategy {strategy}: {key} must be an integer >= {least}, not {value!r}")
+            check_integer_option(strategy, key, value, least)
         return cls(budget, seed, sample_rows)
 
     def describe(self) -> dict[str, int]:
@@ -277,6 +282,19 @@ def split_heads(order: np.ndarray, head_dim: int, per_group: int) -> tuple[np.nd
     return heads, channels
 
 
+def _one_reader_start(reader: Reader, settings: SearchSettings, start_columns: np.ndarray):
+    """Where a search of one matrix's column order starts: its seeded generator (the row sample
+    drawn from it first), that sample, identity's and the start's errors on it, and the swaps of
+    the budget that lower the error alone (half of it from identity, else none; see search_order)."""
+    width = start_columns.size
+    rng = np.random.default_rng(settings.seed)
+    sampled = SampledErrors({"reader": reader}, settings.sample_rows, rng)
+    identity = sampled.reset(np.arange(width))
+    committed = sampled.reset(start_columns)
+    free_swaps = settings.budget // 2 if np.array_equal(start_columns, np.arange(width)) else 0
+    return rng, sampled, identity, committed, free_swaps
+
+
 def search_head_order(
     reader: Reader,
     start: np.ndarray,
@@ -304,11 +322,7 @@ def search_head_order(
     order = np.array(start, dtype=np.int64)
     if settings.budget == 0 or head_dim % block == 0 or width // block < 2:
         return order, []
-    rng = np.random.default_rng(settings.seed)
-    sampled = SampledErrors({"reader": reader}, settings.sample_rows, rng)
-    identity = sampled.reset(np.arange(width))
-    committed = sampled.reset(expand_heads(order, head_dim, channels, per_group))
-    free_swaps = settings.budget // 2 if np.array_equal(expand_heads(order, head_dim, channels, per_group), np.arange(width)) else 0
+    rng, sampled, identity, committed, free_swaps = _one_reader_start(reader, settings, expand_heads(order, head_dim, channels, per_group))
     current = rank(committed, identity, free_swaps > 0)
     kept: list[tuple[int, int]] = []
     for step in range(settings.budget):
@@ -374,19 +388,13 @@ def search_value_channels(
     Returns the channel orders reached and the swaps kept (group, position, position)."""
     kv_heads = channels.shape[0]
     per_group = heads.size // kv_heads
-    width = heads.size * head_dim
     group_size = scale_group([reader.type_name])
     channels = np.array(channels, dtype=np.int64)
     if settings.budget == 0 or not channels_matter(heads.size, head_dim, reader.type_name):
         return channels, []
     starts = np.arange(heads.size) * head_dim
     slots_of = [np.flatnonzero(heads // per_group == g) for g in range(kv_heads)]
-    rng = np.random.default_rng(settings.seed)
-    sampled = SampledErrors({"reader": reader}, settings.sample_rows, rng)
-    identity = sampled.reset(np.arange(width))
-    committed = sampled.reset(expand_heads(heads, head_dim, channels, per_group))
-    start_is_identity = np.array_equal(expand_heads(heads, head_dim, channels, per_group), np.arange(width))
-    free_swaps = settings.budget // 2 if start_is_identity else 0
+    rng, sampled, identity, committed, free_swaps = _one_reader_start(reader, settings, expand_heads(heads, head_dim, channels, per_group))
     current = rank(committed, identity, free_swaps > 0)
     ranked = np.argsort(-np.asarray(scores, dtype=np.float64), axis=1, kind="stable")
     leading = min(head_dim, group_size)
