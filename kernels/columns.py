@@ -5,13 +5,14 @@ depend on the number of threads.
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 from qstrat.kernels.decode import to_float32
+from qstrat.kernels.jit import kernel
 
 _COLUMN_TILE = 256
 
 
-@njit(parallel=True, cache=True)
+@kernel(parallel=True)
 def column_sq_norms(x, out):
     """Add each column's sum of squares (float64) of ``x`` (rows, k) into ``out`` (k,)."""
     rows, k = x.shape
@@ -24,7 +25,7 @@ def column_sq_norms(x, out):
                 out[j] += v * v
 
 
-@njit(parallel=True, cache=True)
+@kernel(parallel=True)
 def column_abs_max(x, out):
     """Raise each entry of ``out`` (k,) float32 to its column's largest |value| in ``x``."""
     rows, k = x.shape

@@ -11,9 +11,11 @@ import platform
 import llvmlite.binding
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import types
 from numba.core import config as numba_config
 from numba.extending import intrinsic, overload
+
+from qstrat.kernels.jit import kernel
 
 BF16_BITS = np.uint16
 F16_BITS = np.int16
@@ -22,7 +24,7 @@ F16_BITS = np.int16
 FLOAT32_INFINITY_BITS = np.uint32(0x7F800000)
 
 
-@njit(cache=True)
+@kernel
 def magnitude_bits(value):
     """The bits of float32 ``value`` without its sign: ordered as the magnitudes, NaN above
     infinity, so an integer max over them finds the largest magnitude and any NaN or infinity."""

@@ -8,16 +8,16 @@ sequential.
 """
 
 import numpy as np
-from numba import njit
 from qstrat.kernels.decode import FLOAT32_INFINITY_BITS, magnitude_bits, to_float32
 from qstrat.kernels.half import ROUND_MAGIC
+from qstrat.kernels.jit import kernel
 from qstrat.kernels.layout import U64
 
 GROUP_MAX_EPS = np.float32(1e-15)  # GGML: a group whose largest magnitude is below this is all zeros
 BLOCKS_PER_TASK = 16  # blocks one parallel task quantizes with one set of scratch arrays
 
 
-@njit(cache=True, inline="always")
+@kernel(inline="always")
 def nearest_int(value):
     """GGML's nearest_int: ties to even through the float32 bits of value + 1.5 * 2**23 (for
     |value| beyond 2**22 the same bits give the same garbage GGML gets)."""
@@ -25,13 +25,13 @@ def nearest_int(value):
     return np.int64(bits & np.int32(0x007FFFFF)) - np.int64(0x00400000)
 
 
-@njit(cache=True, inline="always")
+@kernel(inline="always")
 def inverse_scale(d):
     """GGML's ``d ? 1.0f/d : 0.0f`` (a NaN d is true), as a select."""
     return np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
 
 
-@njit(cache=True, inline="always")
+@kernel(inline="always")
 def signed_extreme(x):
     """GGML's ``max`` and ``amax`` of make_qx_quants and the like: the first value of largest
     magnitude, sign kept, and that magnitude (both 0 if all are zeros; NaN is passed over)."""
@@ -45,7 +45,7 @@ def signed_extreme(x):
     return extreme, amax
 
 
-@njit(cache=True, inline="always")
+@kernel(inline="always")
 def load_block(x, b, xb, out):
     """Block ``b`` of ``x`` (rows of whole blocks of ``len(xb)`` values, blocks in row-major order)
     into ``xb`` as float32, in one branch-free pass; returns the block's first column and whether
@@ -66,7 +66,7 @@ def load_block(x, b, xb, out):
     return start, bad != np.uint32(0)
 
 
-@njit(cache=True)
+@kernel
 def sum_squares(xb):
     """sum(x**2) over a block, a sequential float32 sum as GGML's loop."""
     total = np.float32(0.0)
@@ -75,7 +75,7 @@ def sum_squares(xb):
     return total
 
 
-@njit(cache=True)
+@kernel
 def importance_weights(x, qw, sigma2, weight):
     """weight[l] = qw[l] * sqrtf(sigma2 + x[l]**2) (GGML's *_impl); returns their sequential sum."""
     total = np.float32(0.0)
@@ -91,7 +91,7 @@ _TRIALS = 19
 _LANES = 24
 
 
-@njit(cache=True)
+@kernel
 def make_qx_quants(xb, weight, nmax, codes):
     """GGML's make_qx_quants with weights (rmse_type 1): codes[i] = l + nmax; returns d.
 
@@ -145,7 +145,7 @@ def make_qx_quants(xb, weight, nmax, codes):
     return scale
 
 
-@njit(cache=True)
+@kernel
 def _qkx_trial_terms(x, weight, nmax, iscale, low, trial, terms_l, terms_l2, terms_xl):
     """One trial of make_qkx_quants: its codes into ``trial`` (as float32, exact) and the terms
     GGML sums, w * l, w * l * l and w * l * x: no sum here, so the loop vectorises."""
@@ -159,7 +159,7 @@ def _qkx_trial_terms(x, weight, nmax, iscale, low, trial, terms_l, terms_l2, ter
         terms_xl[i] = wl * x[i]
 
 
-@njit(cache=True)
+@kernel
 def _qkx_error_terms(x, weight, this_scale, this_min, trial, use_mad, terms_error):
     """The terms of a trial's weighted error, w * (scale * l + min - x)**2 (or |...|)."""
     for i in range(U64(x.shape[0])):
@@ -168,7 +168,7 @@ def _qkx_error_terms(x, weight, this_scale, this_min, trial, use_mad, terms_erro
         terms_error[i] = weight[i] * diff
 
 
-@njit(cache=True)
+@kernel
 def _qkx_sums(terms_l, terms_l2, terms_xl, terms_error, with_error):
     """GGML's sequential sums of a trial's terms (and of the previous trial's error terms, if
     ``with_error``): independent chains in one loop, which the CPU runs side by side."""
@@ -185,7 +185,7 @@ def _qkx_sums(terms_l, terms_l2, terms_xl, terms_error, with_error):
     return sum_l, sum_l2, sum_xl, error
 
 
-@njit(cache=True)
+@kernel
 def _qkx_fit(sum_w, sum_x, sum_l, sum_l2, sum_xl):
     """make_qkx_quants' weighted least-squares scale and minimum of one trial (the minimum kept
     <= 0, the scale refitted then); None when the fit is singular (det <= 0: GGML skips the trial)."""
@@ -200,7 +200,7 @@ def _qkx_fit(sum_w, sum_x, sum_l, sum_l2, sum_xl):
     return this_scale, this_min
 
 
-@njit(cache=True)
+@kernel
 def _qkx_first_try(x, weight, nmax, codes, use_mad):
     """make_qkx_quants up to its trials: the weighted sums, the range (its minimum kept <= 0) and
     the codes and error of scale (max - min) / nmax.  Returns (settled, sum_w, sum_x, max, min,
@@ -235,7 +235,7 @@ def _qkx_first_try(x, weight, nmax, codes, use_mad):
     return False, sum_w, sum_x, high, low, scale, best_error
 
 
-@njit(cache=True)
+@kernel
 def make_qkx_quants(x, weight, nmax, codes, scratch, rmin, rdelta, nstep, use_mad):
     """GGML's make_qkx2_quants, and make_qkx3_quants given weights (the same search): codes in
     [0, nmax] and (scale, the_min), value ~ scale * code - the_min.  ``nstep + 1`` scales
@@ -309,13 +309,13 @@ _LOW, _HIGH, _SUM_W, _SUM_X, _ISCALE, _SL, _SL2, _SXL, _SCALE_T, _MIN_T, _ERR, _
 LANES_SCRATCH = _V + 15 * _G  #: float32 values of make_qkx_quants_lanes' scratch
 
 
-@njit(cache=True, inline="always")
+@kernel(inline="always")
 def _v(k):
     """The offset of per-lane vector ``k`` in the scratch."""
     return U64(_V + k * _G)
 
 
-@njit(cache=True, error_model="numpy")
+@kernel
 def make_qkx_quants_lanes(xb, weight, nmax, codes, s, rmin, rdelta, nstep, use_mad, scales, mins):
     """``make_qkx_quants`` of the 16 groups of 16 values of ``xb`` (256) at once, ``weight`` and
     ``codes`` (256) alike: scales[g], mins[g] = (scale, the_min) of group g.  ``s``: float32
@@ -325,8 +325,8 @@ def make_qkx_quants_lanes(xb, weight, nmax, codes, s, rmin, rdelta, nstep, use_m
     lane follows one group through GGML's search, so the vectors run across the groups.  Each
     lane adds its terms one after the other in GGML's order, and GGML's branches become selects
     (a lane whose fit is singular, or whose group is constant, takes no trial), so every group's
-    bytes are GGML's.  Divisions by zero in lanes that take no trial are computed and dropped:
-    hence numpy's error model (IEEE results, no exception)."""
+    bytes are GGML's.  Divisions by zero in lanes that take no trial are computed (inf or NaN, as
+    every kernel's division, see ``jit.py``) and dropped."""
     fnmax = np.float32(nmax)
     zero = np.float32(0.0)
     # lane g holds group g

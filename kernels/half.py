@@ -8,8 +8,9 @@ integer arithmetic on the float32 bits, so no CPU conversion mode can change a r
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 from qstrat.kernels.decode import FLOAT32_INFINITY_BITS, magnitude_bits, to_float32
+from qstrat.kernels.jit import kernel
 from qstrat.kernels.layout import U64
 
 # float32 bits thresholds for binary16 (bias 15) seen from float32 (bias 127)
@@ -20,7 +21,7 @@ _TWO_24 = np.float32(2.0**24)  # a subnormal half counts units of 2**-24
 ROUND_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: x + magic - magic rounds ties to even
 
 
-@njit(cache=True, inline="always")
+@kernel(inline="always")
 def float32_to_f16_bits(value):
     """The binary16 bits (uint16) of float32 ``value`` as GGML_FP32_TO_FP16 gives them.  Every
     case is computed and one selected, without branches, so that loops over it vectorise."""
@@ -41,21 +42,21 @@ def float32_to_f16_bits(value):
     return np.uint16(sign | half)
 
 
-@njit(cache=True, inline="always")
+@kernel(inline="always")
 def float32_to_bf16_bits(value):
     """The bfloat16 bits (uint16) of finite float32 ``value``: round to nearest even, as GGML."""
     bits = np.float32(value).view(np.uint32)
     return np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
 
 
-@njit(cache=True, inline="always")
+@kernel(inline="always")
 def store_half_bits(out, b, offset, bits):
     """out[b, offset:offset + 2] = the fp16 ``bits`` (uint16), little-endian."""
     out[b, U64(offset)] = np.uint8(bits & np.uint16(0xFF))
     out[b, U64(offset + 1)] = np.uint8(bits >> np.uint16(8))
 
 
-@njit(cache=True, inline="always")
+@kernel(inline="always")
 def store_half(out, b, offset, value):
     """out[b, offset:offset + 2] = GGML_FP32_TO_FP16(value), little-endian; returns the float32
     value of what was stored (GGML_FP16_TO_FP32 of it)."""
@@ -64,14 +65,14 @@ def store_half(out, b, offset, value):
     return to_float32(np.int16(h))
 
 
-@njit(cache=True, inline="always")
+@kernel(inline="always")
 def load_half(blocks, b, offset):
     """The float32 value of the fp16 at blocks[b, offset:offset + 2]."""
     bits = np.uint16(blocks[b, U64(offset)]) | (np.uint16(blocks[b, U64(offset + 1)]) << np.uint16(8))
     return to_float32(np.int16(bits))
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@kernel(parallel=True, nogil=True)
 def encode_rows(x, out, bfloat16):
     """``out`` (rows, k) uint16 = the bfloat16 bits (``bfloat16``) or binary16 bits of every
     element of ``x`` (rows, k); returns how many rows hold NaN or infinity (the caller refuses
@@ -88,7 +89,7 @@ def encode_rows(x, out, bfloat16):
     return non_finite
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@kernel(parallel=True, nogil=True)
 def decode_rows(x, out):
     """``out`` (rows, k) float32 = the values of ``x`` (rows, k) bfloat16 (uint16) or float16
     (int16) bits, exactly; on every core, in one pass (numpy's widening takes three)."""

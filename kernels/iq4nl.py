@@ -25,7 +25,7 @@ no importance vector is an empty one, not None).
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 from qstrat.kernels.ggml_common import (
     BLOCKS_PER_TASK,
     GROUP_MAX_EPS,
@@ -36,6 +36,7 @@ from qstrat.kernels.ggml_common import (
     sum_squares,
 )
 from qstrat.kernels.half import load_half, store_half
+from qstrat.kernels.jit import kernel
 from qstrat.kernels.layout import U64
 from qstrat.kernels.legacy import HALF, Q4_0, QK, _store_nibbles
 
@@ -48,7 +49,7 @@ _LEVELS = np.array(KVALUES, dtype=np.float32)
 _NTRY = 7  # GGML's ntry for quantize_iq4_nl: inverse scales (itry - 127) / max, itry in -7..7
 
 
-@njit(cache=True, inline="always")
+@kernel(inline="always")
 def _best_index(x):
     """GGML's best_index_int8(16, kvalues_iq4nl, x), without branches: its binary search ends at
     the ``mu`` with levels[mu - 1] <= x < levels[mu], i.e. 1 + the number of inner levels 1..14
@@ -61,7 +62,7 @@ def _best_index(x):
     return mu - np.int64(x - _LEVELS[U64(mu - 1)] < _LEVELS[U64(mu)] - x)
 
 
-@njit(cache=True)
+@kernel
 def _fit(xb, weight, inv, levels):
     """Levels of every value against inverse scale ``inv`` (a pass without sums, kept apart from
     the sequential float32 sums), then GGML's (sumqx, sumq2) of the weighted fit."""
@@ -77,7 +78,7 @@ def _fit(xb, weight, inv, levels):
     return sumqx, sumq2
 
 
-@njit(cache=True)
+@kernel
 def _quantize_block(xb, qw, weighted, weight, levels, codes, out, b):
     """One block (xb: 32 finite float32) by quantize_row_iq4_nl_impl(32, 32, ntry = 7);
     ``qw``: the importance vector's 32 values if ``weighted``."""
@@ -107,7 +108,7 @@ def _quantize_block(xb, qw, weighted, weight, levels, codes, out, b):
     _store_nibbles(out, b, Q4_0, codes)  # Q4_0's packing: qs at byte 2, no qh
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@kernel(parallel=True, nogil=True)
 def quantize_rows_iq4nl(x, out, quant_weights):
     """Quantize every row of ``x`` (rows, k), k % 32 == 0, to IQ4_NL into ``out`` (rows * k // 32,
     BLOCK_BYTES) uint8, C-contiguous, blocks in row-major order.  ``x`` is float32, or raw
@@ -137,7 +138,7 @@ def quantize_rows_iq4nl(x, out, quant_weights):
     return non_finite
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@kernel(parallel=True, nogil=True)
 def dequantize_blocks_iq4nl(blocks, out):
     """Dequantize ``blocks`` (n, BLOCK_BYTES) uint8 into ``out`` (n, 32) float32, as GGML's
     dequantize_row_iq4_nl: d * kvalues_iq4nl[index]."""

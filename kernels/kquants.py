@@ -15,7 +15,7 @@ sequential float32 sum stays sequential (numba neither contracts nor reassociate
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 from numba.cpython.unsafe.numbers import trailing_zeros
 from qstrat.kernels.ggml_common import (
     BLOCKS_PER_TASK,
@@ -31,6 +31,7 @@ from qstrat.kernels.ggml_common import (
     sum_squares,
 )
 from qstrat.kernels.half import ROUND_MAGIC, load_half, store_half
+from qstrat.kernels.jit import kernel
 from qstrat.kernels.layout import QK_K, U64
 
 # Kernel codes of the types; the registry (qstrat.formats) maps names to them.
@@ -64,25 +65,25 @@ _Q5_QH = 16
 _Q5_QS = 48
 
 
-@njit(cache=True, inline="always")
+@kernel(inline="always")
 def _low_byte(i):
     """What a C store of the int ``i`` into a uint8_t keeps."""
     return np.int64(i) & 0xFF
 
 
-@njit(cache=True, inline="always")
+@kernel(inline="always")
 def _signed_byte(i):
     """What a C store of the int ``i`` into an int8_t keeps."""
     return ((np.int64(i) & 0xFF) ^ 0x80) - 0x80
 
 
-@njit(cache=True, inline="always")
+@kernel(inline="always")
 def _or_byte(out, b, offset, bits):
     """out[b, offset] |= bits, as a C `|=` on a uint8_t."""
     out[b, offset] = np.uint8(_low_byte(np.int64(out[b, offset]) | bits))
 
 
-@njit(cache=True)
+@kernel
 def _make_qp_quants(x, nmax, codes, quant_weights):
     """GGML's make_qp_quants: codes (as the uint8_t GGML stores) of the non-negative ``x`` on
     [0, nmax] and their scale: the best of nine inverse scales ``(nmax + 0.1 s) / max`` by
@@ -148,7 +149,7 @@ def _make_qp_quants(x, nmax, codes, quant_weights):
     return sumlx / suml2 if suml2 > np.float32(0.0) else np.float32(0.0)
 
 
-@njit(cache=True, inline="always")
+@kernel(inline="always")
 def _levels_to_max(values, nmax, levels):
     """quantize_row_q2_K_ref / q4_K_ref / q5_K_ref on the sub-blocks' scales (or mins): the
     largest, if > 0, maps to nmax: levels[j] = nearest_int(nmax / max * values[j]), else all 0;
@@ -167,7 +168,7 @@ def _levels_to_max(values, nmax, levels):
     return top / np.float32(nmax)
 
 
-@njit(cache=True, inline="always")
+@kernel(inline="always")
 def _weighted_scales_mins(xb, qw, sigma2, size, nmax, codes, aux, weight, scales, mins, sw):
     """quantize_row_q4_K_impl / q5_K_impl's search, per sub-block of ``size``: the
     importance weights (their sum into sw) and make_qkx3_quants(rmin -0.9, rdelta 0.05, nstep 36)."""
@@ -179,7 +180,7 @@ def _weighted_scales_mins(xb, qw, sigma2, size, nmax, codes, aux, weight, scales
         )
 
 
-@njit(cache=True, inline="always")
+@kernel(inline="always")
 def _requantize(xb, j, parts, d, dm, low, high, codes):
     """Sub-block j of ``parts`` in the block quantized again against its stored scale ``d`` (and
     min ``dm``), as every quantize_row_*_K does: codes = MAX(low, MIN(high, nearest_int((x + dm) / d))) - low.
@@ -204,7 +205,7 @@ _NO_MIN = np.float32(-0.0)
 # --- Q6_K: 16 sub-blocks of 16, int8 scales, 6-bit codes
 
 
-@njit(cache=True)
+@kernel
 def _quantize_q6_k(xb, qw, out, b, codes, weight, scales):
     """quantize_row_q6_K_ref (qw None) / quantize_row_q6_K_impl (qw: the block's 256 weights)."""
     for ib in range(16):
@@ -240,7 +241,7 @@ def _quantize_q6_k(xb, qw, out, b, codes, weight, scales):
             out[b, qh + l] = np.uint8(_low_byte((c1 >> 4) | ((c2 >> 4) << 2) | ((c3 >> 4) << 4) | ((c4 >> 4) << 6)))
 
 
-@njit(cache=True)
+@kernel
 def _dequantize_q6_k(blocks, b, y):
     d = load_half(blocks, b, _Q6_D)
     for half in range(2):
@@ -267,7 +268,7 @@ def _dequantize_q6_k(blocks, b, y):
 # --- Q2_K / Q3_K: 16 sub-blocks of 16, 2-bit codes (plus a third bit in Q3_K's hmask)
 
 
-@njit(cache=True)
+@kernel
 def _pack_2bit(out, b, qs, codes):
     """qs[32h + l] holds the low two bits of the codes of values 128h + l + 32g at bits 2g (g = 0..3)."""
     for h in range(2):
@@ -277,7 +278,7 @@ def _pack_2bit(out, b, qs, codes):
             out[b, qs + 32 * h + l] = np.uint8(_low_byte(bits))
 
 
-@njit(cache=True, inline="always")
+@kernel(inline="always")
 def _q3_moves(x, w, wx, levels, moves, sumlx, suml2, nmax):
     """make_q3_quants' proposed move of every code from the sums as they stand: moves[i] =
     MAX(-nmax, MIN(nmax - 1, nearest_int(x * sl2 / slx))), with slx and sl2 the sums without i.
@@ -297,7 +298,7 @@ def _q3_moves(x, w, wx, levels, moves, sumlx, suml2, nmax):
     return mask
 
 
-@njit(cache=True, inline="always")
+@kernel(inline="always")
 def _make_q3_quants(x, nmax, codes, w, wx, levels, moves):
     """GGML's make_q3_quants with do_rmse: codes l + nmax, l in [-nmax, nmax - 1], weights x**2;
     up to five passes move single codes to the weighted least-squares optimum.  An all-zero
@@ -308,9 +309,9 @@ def _make_q3_quants(x, nmax, codes, w, wx, levels, moves):
     visits only the codes whose move GGML would try, in order; once a move is taken the sums
     change, and the later codes' proposals are computed again from the new sums.  Every test
     thus sees exactly the sums GGML's sequential loop sees.  Scratch: ``w``, ``wx`` float32,
-    ``levels``, ``moves`` int32, each of len(x).  Inlined into _quantize_q3_k, compiled with
-    error_model numpy: a division by zero gives IEEE's inf/NaN as in C (such proposals are
-    never tried), not an exception, and the divisions need no per-lane check."""
+    ``levels``, ``moves`` int32, each of len(x).  Inlined into _quantize_q3_k.  A division by
+    zero gives inf or NaN, as in C (``jit.py``; such proposals are never tried), so the
+    divisions need no per-lane check."""
     n = x.shape[0]
     extreme, amax = signed_extreme(x)
     if amax < GROUP_MAX_EPS:
@@ -357,7 +358,7 @@ def _make_q3_quants(x, nmax, codes, w, wx, levels, moves):
     return sumlx / suml2 if suml2 > np.float32(0.0) else np.float32(0.0)
 
 
-@njit(cache=True, inline="always")
+@kernel(inline="always")
 def _q3_scale(blocks, b, j):
     """Sub-block j's 6-bit scale: a nibble of scales[j % 8] (low for j < 8) topped by two bits
     of scales[8 + j % 4] at bit 2 * (j // 4)."""
@@ -366,7 +367,7 @@ def _q3_scale(blocks, b, j):
     return low | (((np.int64(blocks[b, q + 8 + j % 4]) >> (2 * (j // 4))) & 3) << 4)
 
 
-@njit(cache=True, error_model="numpy")
+@kernel
 def _quantize_q3_k(xb, qw, out, b, codes, weight, scales, sw, ls, lq):
     """quantize_row_q3_K_ref (qw None) / quantize_row_q3_K_impl."""
     if qw is None:
@@ -415,7 +416,7 @@ def _quantize_q3_k(xb, qw, out, b, codes, weight, scales, sw, ls, lq):
     _pack_2bit(out, b, _Q3_QS, codes)
 
 
-@njit(cache=True)
+@kernel
 def _quantize_q2_k(xb, qw, out, b, codes, lanes, weight, scales, mins, sw, ls, lm):
     """quantize_row_q2_K_ref (qw None) / quantize_row_q2_K_impl."""
     # the 16 groups side by side, one per vector lane (see make_qkx_quants_lanes)
@@ -442,7 +443,7 @@ def _quantize_q2_k(xb, qw, out, b, codes, lanes, weight, scales, mins, sw, ls, l
     _pack_2bit(out, b, _Q2_QS, codes)
 
 
-@njit(cache=True)
+@kernel
 def _dequantize_q23_k(blocks, b, three, y):
     """dequantize_row_q2_K: d * sc * q - dmin * m; dequantize_row_q3_K: d * (sc - 32) * (q - 4 * !bit)."""
     d = load_half(blocks, b, _Q3_D if three else _Q2_D)
@@ -473,7 +474,7 @@ def _dequantize_q23_k(blocks, b, three, y):
 # --- Q4_K / Q5_K: 8 sub-blocks of 32, 6-bit scales and mins, 4- or 5-bit codes
 
 
-@njit(cache=True, inline="always")
+@kernel(inline="always")
 def _scale_min_k4(blocks, b, j):
     """get_scale_min_k4: sub-block j's 6-bit scale and min from the 12 packed bytes."""
     q = _K4_SCALES
@@ -484,7 +485,7 @@ def _scale_min_k4(blocks, b, j):
     return sc, m
 
 
-@njit(cache=True)
+@kernel
 def _quantize_q45_k(xb, qw, nmax, out, b, codes, aux, weight, scales, mins, sw, ls, lm):
     """quantize_row_q4_K_ref / q5_K_ref (qw None), quantize_row_q4_K_impl / q5_K_impl (nmax 15 / 31)."""
     five = nmax == 31
@@ -553,7 +554,7 @@ def _quantize_q45_k(xb, qw, nmax, out, b, codes, aux, weight, scales, mins, sw, 
             out[b, _Q5_QS + 32 * n + l] = np.uint8(_low_byte(l1 | (l2 << 4)))
 
 
-@njit(cache=True)
+@kernel
 def _dequantize_q45_k(blocks, b, five, y):
     d = load_half(blocks, b, 0)
     dmin = load_half(blocks, b, _K4_DMIN)
@@ -580,7 +581,7 @@ def _dequantize_q45_k(blocks, b, five, y):
 # --- driver
 
 
-@njit(cache=True)
+@kernel
 def _quantize_block(xb, qtype, qw, out, b, codes, aux, lanes, weight, scales, mins, sw, ls, lm, lq):
     if qtype == Q6_K:
         _quantize_q6_k(xb, qw, out, b, codes, weight, scales)
@@ -594,7 +595,7 @@ def _quantize_block(xb, qtype, qw, out, b, codes, aux, lanes, weight, scales, mi
         _quantize_q45_k(xb, qw, 31, out, b, codes, aux, weight, scales, mins, sw, ls, lm)
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@kernel(parallel=True, nogil=True)
 def quantize_rows_kquants(x, qtype, out, quant_weights=None):
     """Quantize every row of ``x`` (rows, k), k % 256 == 0, to K-quant code ``qtype`` into
     ``out`` (rows * k // 256, BLOCK_BYTES[qtype]) uint8, C-contiguous, blocks in row-major order.
@@ -633,7 +634,7 @@ def quantize_rows_kquants(x, qtype, out, quant_weights=None):
     return non_finite
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@kernel(parallel=True, nogil=True)
 def dequantize_blocks_kquants(blocks, qtype, out):
     """Dequantize ``blocks`` (n, BLOCK_BYTES[qtype]) uint8 into ``out`` (n, 256) float32, as
     GGML's dequantize_row_*_K."""

@@ -7,9 +7,11 @@ A Q8K super-block holds ``QK_K`` = 256 consecutive values of one row and is stor
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from qstrat.kernels.jit import kernel
 
 QK_K = 256
 BSUM_GROUP = 16
@@ -23,7 +25,7 @@ BLOCK_BYTES = BSUMS_OFFSET + 2 * (QK_K // BSUM_GROUP)  # 292
 U64 = np.uint64
 
 
-@njit(cache=True)
+@kernel
 def block_scale(blocks, b):
     """The float32 ``d`` of block ``b`` of ``blocks`` (n, 292) uint8."""
     bits = np.uint32(0)
@@ -32,7 +34,7 @@ def block_scale(blocks, b):
     return np.uint32(bits).view(np.float32)
 
 
-@njit(cache=True)
+@kernel
 def block_quant(blocks, b, j):
     """qs[j] of block ``b`` as an int8."""
     return np.int8(blocks[b, U64(QS_OFFSET) + j])

@@ -16,11 +16,12 @@ the low byte), so even blocks whose inverse scale overflows give GGML's bytes.
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import prange, types
 from numba.extending import intrinsic
 from qstrat.kernels.decode import finite_to_float32, from_order_key, magnitude_bits, order_key, to_float32
 from qstrat.kernels.ggml_common import importance_weights, inverse_scale, make_qkx_quants, make_qx_quants
 from qstrat.kernels.half import float32_to_f16_bits, load_half, store_half, store_half_bits
+from qstrat.kernels.jit import kernel
 from qstrat.kernels.layout import U64
 
 #: values per block of every legacy type (GGML's QK8_0 = QK4_0 = QK4_1 = QK5_0 = QK5_1)
@@ -47,7 +48,7 @@ _INT_MIN = np.int32(-2147483648)
 _TWO_31 = np.float32(2147483648.0)
 
 
-@njit(cache=True, inline="always")
+@kernel(inline="always")
 def _c_int32(value):
     """C's float -> int conversion as x86-64 runs it (cvttss2si): truncation toward zero,
     and INT_MIN for NaN, infinity or anything out of range (C leaves that undefined).  A
@@ -55,7 +56,7 @@ def _c_int32(value):
     return np.int32(value) if abs(value) < _TWO_31 else _INT_MIN
 
 
-@njit(cache=True, inline="always")
+@kernel(inline="always")
 def _c_roundf_int32(value):
     """(int)roundf(value) as int32: ties away from zero, INT_MIN where cvttss2si gives it.
     Selects, no branch, so that Q8_0's rounding loop vectorises."""
@@ -66,13 +67,13 @@ def _c_roundf_int32(value):
     return rounded if in_range else _INT_MIN
 
 
-@njit(cache=True, inline="always")
+@kernel(inline="always")
 def _store_u32(out, b, offset, value):
     for i in range(4):
         out[b, U64(offset + i)] = np.uint8((value >> np.uint32(8 * i)) & np.uint32(0xFF))
 
 
-@njit(cache=True, inline="always")
+@kernel(inline="always")
 def _pack_pair(out, b, qs, j, c0, c1):
     """Codes c0 (value j of the block) and c1 (value j + 16), int32 whose low five bits GGML
     keeps: their low nibbles into byte qs + j; returns their fifth bits at bits j and j + 16 of qh."""
@@ -82,7 +83,7 @@ def _pack_pair(out, b, qs, j, c0, c1):
     )
 
 
-@njit(cache=True, inline="always")
+@kernel(inline="always")
 def _store_nibbles(out, b, qtype, codes):
     """Pack 5-bit or 4-bit codes (int64[32], each the uint8 GGML stores): low nibbles of
     j and j + 16 share byte j, the fifth bits go to qh (Q5 types)."""
@@ -93,7 +94,7 @@ def _store_nibbles(out, b, qtype, codes):
         _store_u32(out, b, QH_OFFSET[qtype], qh)
 
 
-@njit(cache=True, inline="always")
+@kernel(inline="always")
 def _pack_codes_ref(row, start, low, inv, offset, cap, out, b, qs, code_bytes, five_bits):
     """A block's codes as quantize_row_q{4,5}_{0,1}_ref computes them: low nibbles packed into
     ``out``; with ``five_bits``, each code's low byte into ``code_bytes`` (uint8[32]), whose bit 4
@@ -138,7 +139,7 @@ def _fifth_bits(typingctx, code_bytes):
     return sig, codegen
 
 
-@njit(cache=True, inline="always")
+@kernel(inline="always")
 def _block_extremes(row, start, qk):
     """The smallest and largest value of row[start:start + qk] (NaN/infinity among them if the
     block holds one), by integer min/max over order keys (a float one does not vectorise).
@@ -154,7 +155,7 @@ def _block_extremes(row, start, qk):
     return from_order_key(key_min, first), from_order_key(key_max, first)
 
 
-@njit(cache=True, inline="always")
+@kernel(inline="always")
 def _first_zero(row, start):
     """The first zero of the block, with its sign: GGML's strict < and > keep the first of
     +0 and -0 where the key order puts -0 first."""
@@ -165,7 +166,7 @@ def _first_zero(row, start):
     return np.float32(0.0)
 
 
-@njit(cache=True, inline="always")
+@kernel(inline="always")
 def _block_ranges(row, qk, qtype, lows, highs):
     """Pass 1 of a row: each block's extremes into ``lows`` / ``highs`` (Q8_0: its largest
     magnitude into ``highs``), NaN/infinity among them if the block holds one.  A reduction
@@ -183,7 +184,7 @@ def _block_ranges(row, qk, qtype, lows, highs):
         lows[i], highs[i] = _block_extremes(row, i * qk, qk)
 
 
-@njit(cache=True, inline="always")
+@kernel(inline="always")
 def _extreme_tie(row, start, high):
     """Of a block whose largest and smallest values are +high and -high: the first of the two
     in the block, which GGML keeps (+0 if all are zeros)."""
@@ -196,7 +197,7 @@ def _extreme_tie(row, start, high):
     return high
 
 
-@njit(cache=True, inline="always")
+@kernel(inline="always")
 def _block_scales_ref(row, qtype, lows, highs, invs, d_bits, m_bits, non_finite):
     """Pass 2 of a row: each block's d (and m) by GGML's quantize_row_*_ref arithmetic, as fp16
     bits into ``d_bits`` (``m_bits``); 1 / d (or 0) into ``invs``, and for Q4_1 / Q5_1 the m
@@ -262,7 +263,7 @@ def _block_scales_ref(row, qtype, lows, highs, invs, d_bits, m_bits, non_finite)
     return count
 
 
-@njit(cache=True)
+@kernel
 def _quantize_row_ref(row, qtype, out, first, lows, highs, invs, d_bits, m_bits, non_finite, code_bytes):
     """One row by GGML's quantize_row_*_ref arithmetic, in three passes over its blocks: ranges,
     scales, codes.  Block by block in one loop, the scale's scalar work sat between two vector
@@ -314,7 +315,7 @@ def _quantize_row_ref(row, qtype, out, first, lows, highs, invs, d_bits, m_bits,
     return count
 
 
-@njit(cache=True)
+@kernel
 def _quantize_row_weighted(row, qtype, quant_weights, out, first_block, xb, weight, codes, aux):
     """One row by GGML's quantize_row_q*_impl with quant_weights; returns its non-finite blocks."""
     k = row.shape[0]
@@ -353,7 +354,7 @@ def _quantize_row_weighted(row, qtype, quant_weights, out, first_block, xb, weig
     return 0
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@kernel(parallel=True, nogil=True)
 def quantize_rows_legacy(x, qtype, out, quant_weights=None):
     """Quantize every row of ``x`` (rows, k), k % 32 == 0, to type code ``qtype`` into ``out``
     (rows * k // 32, BLOCK_BYTES[qtype]) uint8, C-contiguous, blocks in row-major order.
@@ -393,7 +394,7 @@ def quantize_rows_legacy(x, qtype, out, quant_weights=None):
     return non_finite
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@kernel(parallel=True, nogil=True)
 def dequantize_blocks_legacy(blocks, qtype, out):
     """Dequantize ``blocks`` (n, BLOCK_BYTES[qtype]) uint8 into ``out`` (n, 32) float32,
     as GGML's dequantize_row_*: d * q (Q8_0), d * (q - 8) / (q - 16), d * q + m."""

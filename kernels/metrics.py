@@ -9,9 +9,10 @@ rather than as two nearly equal products.
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 from numba.extending import register_jitable
 from qstrat.kernels.decode import finite_to_float32
+from qstrat.kernels.jit import kernel
 from qstrat.kernels.layout import QK_K, U64, block_quant, block_scale
 
 # Columns of a stored row's measures (float64): weight-error sums over the row, then for each
@@ -49,7 +50,7 @@ def fused_probes(probes: np.ndarray | None, k: int) -> np.ndarray:
     return padded
 
 
-@njit(cache=True, fastmath=_SUMMING)
+@kernel(fastmath=_SUMMING)
 def _scaled_block_sums(row, start, scale, scaled_d, blocks, b, probe_a, probe_b):
     """One pass over a block's values (scaled by ``scale``) and its dequantized values:
     float32 sums of e^2, w^2, w^^2, the largest |e| (e = w - w^), and w.p, e.p for each of
@@ -82,7 +83,7 @@ def _scaled_block_sums(row, start, scale, scaled_d, blocks, b, probe_a, probe_b)
     return err2, ref2, deq2, worst, exact_a, error_a, exact_b, error_b
 
 
-@njit(cache=True)
+@kernel
 def accumulate_block_measures(row, start, blocks, b, probes, totals):
     """Add the measures of block ``b`` against row[start:start + 256] to ``totals`` (one row's,
     ``measure_columns(n)`` long for n probes).  ``probes`` holds at least FUSED_PROBES rows
@@ -134,7 +135,7 @@ def accumulate_block_measures(row, start, blocks, b, probes, totals):
         totals[PROBE_COLUMNS + 2 * p + 1] += np.float64(sums[5]) * unscale
 
 
-@njit(parallel=True, cache=True)
+@kernel(parallel=True)
 def q8k_q8k_row_dots(blocks, probe_blocks, out):
     """Per row, the dot product of Q8K weights with a Q8K-quantized vector, as Candle computes it:
     an int32 sum of qs products per block, scaled by both blocks' d in float32."""

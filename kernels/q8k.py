@@ -6,8 +6,9 @@ fused multiply-add is allowed (numba does not contract without ``fastmath``).
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 from qstrat.kernels.decode import finite_to_float32, from_order_key, order_key, source_index, to_float32
+from qstrat.kernels.jit import kernel
 from qstrat.kernels.layout import (
     BSUM_GROUP,
     BSUMS_OFFSET,
@@ -33,7 +34,7 @@ VARIANT_CODES = {"candle": VARIANT_CANDLE, "candle-0.9": VARIANT_CANDLE_0_9, "gg
 _ROUND_MAGIC = np.float32(12582912.0)
 
 
-@njit(cache=True)
+@kernel
 def _quantize_block(row, start, variant, out, b):
     """Quantize row[start:start + 256] into out[b]; return 1 if it holds a NaN or infinity (out[b]
     is then zeros).  ``row`` is contiguous: a permuted row is gathered before.  (One function:
@@ -119,7 +120,7 @@ def _chunk_rows(rows: int, n_probes: int) -> int:
     return max(1, min(PROBED_CHUNK_ROWS, rows // _TASKS_WANTED))
 
 
-@njit(cache=True)
+@kernel
 def _quantize_rows_blockwise(rows_buffer, first, count, variant, out, probes, measures):
     """Quantize stored rows first .. first + count - 1, held in rows_buffer[0 .. count - 1],
     block column by block column, measuring them unless ``measures`` has no columns.
@@ -181,7 +182,7 @@ def _gather_map(perm):
     return np.zeros(0, np.uint32) if perm is None else np.require(perm, np.uint32, ["C", "W"])
 
 
-@njit(parallel=True, cache=True, nogil=True)  # nogil: a worker writes files meanwhile
+@kernel(parallel=True, nogil=True)  # nogil: a worker writes files meanwhile
 def _quantize_blocks(x, row_perm, variant, out):
     """Block by block: parallel even for a tensor of a few long rows."""
     rows, k = x.shape
@@ -194,7 +195,7 @@ def _quantize_blocks(x, row_perm, variant, out):
     return non_finite
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@kernel(parallel=True, nogil=True)
 def _quantize_rows(x, row_perm, col_perm, variant, out, probes, measures, chunk):
     """By chunks of ``chunk`` rows, each copied (through the gather maps; an empty map is the
     identity) into a small contiguous buffer first, so that each row's measures are summed by one
@@ -224,7 +225,7 @@ def _quantize_rows(x, row_perm, col_perm, variant, out, probes, measures, chunk)
 QUANTIZE_KERNELS = (_quantize_blocks, _quantize_rows)
 
 
-@njit(parallel=True, cache=True)
+@kernel(parallel=True)
 def dequantize_q8k_blocks(blocks, out):
     """Dequantize ``blocks`` (n, 292) uint8 into ``out`` (n, 256) float32: ``d * qs``."""
     for b in prange(blocks.shape[0]):
@@ -233,7 +234,7 @@ def dequantize_q8k_blocks(blocks, out):
             out[b, j] = d * np.float32(block_quant(blocks, U64(b), j))
 
 
-@njit(parallel=True, cache=True)
+@kernel(parallel=True)
 def first_nonfinite_index(x):
     """Flat row-major index of the first NaN or infinity in ``x`` (rows, k), or -1."""
     rows, k = x.shape

@@ -104,6 +104,40 @@ def test_quantize_matches_ggml_on_many_blocks(name, weighted):
     assert np.array_equal(qstrat.quantize(x, name, imatrix=imatrix), expected)
 
 
+#: every GGML weight type; their searches are where a block can divide by zero
+WEIGHT_TYPES = BLOCK32 + ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
+
+
+def searches_dividing_by_zero(rows=48, k=256, seed=3):
+    """Normal rows with, at rows that fall to different threads, blocks where GGML's searches divide
+    by zero or overflow float32 (C gives inf or NaN and goes on), and the importance vector that
+    makes the first kind: weight only on the columns where those rows are zero."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, k))
+    weighted_zeros = np.arange(k) % 8 == 3
+    imatrix = np.where(weighted_zeros, rng.uniform(0.5, 2.0, k), 0.0).astype(np.float32)
+    # values <= 0, weighted only where 0: a trial moves the min to 0 while the max is 0
+    x[5] = np.where(weighted_zeros, 0.0, -np.abs(x[5]) * 50.0)
+    x[23] = np.where(weighted_zeros, 0.0, -np.abs(x[23]))
+    x[31] = x[31] * 1e12  # Q6_K's sums of squares overflow
+    x[40] = np.clip(x[40] * 2e38, -3.4e38, 3.4e38)  # max - min overflows
+    x[47] = np.where(weighted_zeros, 0.0, -np.abs(x[47]) * 1e-3)
+    return x.astype(np.float32), imatrix
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "imatrix"])
+@pytest.mark.parametrize("name", WEIGHT_TYPES)
+def test_blocks_whose_search_divides_by_zero_are_ggmls(name, weighted):
+    """Such blocks used to raise inside the kernel: a SystemError, or, on a worker thread, no error
+    and the rows that thread had not yet written returned as garbage."""
+    x, imatrix = searches_dividing_by_zero()
+    imatrix = imatrix if weighted else None
+    expected = ggml_quantize_chunk(int(block_type(name).ggml_type), x, imatrix)
+    got = qstrat.quantize(x, name, imatrix=imatrix)
+    differing = np.nonzero((got != expected).any(axis=1))[0]
+    assert not differing.size, f"rows differ from GGML: {differing.tolist()}"
+
+
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "imatrix"])
 @pytest.mark.parametrize("name", BLOCK32)
 def test_16bit_inputs_give_the_bytes_of_their_float32_values(name, weighted):
