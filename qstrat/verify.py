@@ -13,6 +13,24 @@ from qstrat.model import QuantizedModel, as_directory
 from qstrat.pipelines.journal import file_sha256
 
 
+def verify_gguf_file(path: str | os.PathLike) -> tuple[list[str], bool]:
+    """Every problem of a lone ``.gguf`` file (empty when it is intact), and whether its bytes could
+    be checked: a file qstrat writes records the sha256 of its tensor data (``qstrat.data_sha256``),
+    another tool's (or an older qstrat's) does not, and then only its structure is checked."""
+    from qstrat.io.gguf import GGUFModel, gguf_data_sha256
+
+    path = Path(path)
+    recorded = None
+    try:
+        recorded, actual = gguf_data_sha256(GGUFModel(path).reader)
+        if recorded is not None and recorded != actual:
+            return [f"{path}: the sha256 of its tensor data differs from the one it records (the file was changed or corrupted)"], True
+        with as_directory(path, follow_container=False) as unpacked:
+            return verify_output(unpacked), recorded is not None
+    except QstratError as err:  # a file that cannot be read back is a damaged one
+        return [str(err)], recorded is not None
+
+
 def verify_output(output_dir: str | os.PathLike) -> list[str]:
     """Every problem found (empty when the directory is intact), each naming its file; a
     manifest that is not one raises :class:`qstrat.errors.FormatError`.

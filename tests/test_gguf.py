@@ -129,6 +129,36 @@ def test_bad_gguf_is_a_clean_error(tmp_path):
     assert_clean_failure(run_cli("qstrat", "convert", str(tmp_path / "bad.gguf"), str(tmp_path / "o")), "bad.gguf")
 
 
+def test_verify_of_a_lone_gguf_checks_its_recorded_data_checksum(tmp_path):
+    out = tmp_path / "o"
+    config = ("--set", "format=q8_0", "--set", "outputs=[gguf]")
+    assert run_cli("qstrat", "run", str(REPO / "configs" / "function_preserving.yaml"), "-o", str(out), "-q", *config).returncode == 0
+    lone = tmp_path / "lone.gguf"
+    shutil.copyfile(out / "tiny-llama.gguf", lone)
+    result = run_cli("qstrat", "verify", str(lone))
+    assert result.returncode == 0 and result.stdout.strip() == f"{lone}: intact", result.stdout + result.stderr
+    # one bit of one tensor: the file still parses, and used to be called intact
+    tensor = GGUFReader(lone).tensors[3]
+    data = bytearray(lone.read_bytes())
+    data[int(tensor.data_offset) + tensor.n_bytes // 2] ^= 1
+    lone.write_bytes(bytes(data))
+    result = run_cli("qstrat", "verify", str(lone))
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert_clean_failure(result, "lone.gguf", "sha256 of its tensor data differs")
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(bytes(data[:-5000]))
+    assert run_cli("qstrat", "verify", str(truncated)).returncode == 3
+    # a file another tool wrote records no checksum: its structure is all that can be checked, and verify says so
+    foreign = tmp_path / "foreign.gguf"
+    shutil.copyfile(out / "tiny-llama.gguf", foreign)
+    reader = GGUFReader(foreign, "r+")
+    key = reader.fields["qstrat.data_sha256"]
+    reader.data[key.offset + 8:key.offset + 16] = np.frombuffer(b"foreign.", np.uint8)  # the key renamed, same length (after its u64 length)
+    del reader
+    result = run_cli("qstrat", "verify", str(foreign))
+    assert result.returncode == 0 and "records no checksum" in result.stdout, result.stdout + result.stderr
+
+
 def test_gguf_instead_of_q8k_files(tmp_path):
     out = tmp_path / "o"
     result = run_cli("qstrat", "run", str(REPO / "configs" / "attention_aware.yaml"), "-o", str(out), "-q", "--set", "outputs=[gguf]")

@@ -48,6 +48,10 @@ KEY_PREFIX = "qstrat."
 #: qstrat.layout of a file written in llama.cpp's layout (absent from the generic container)
 LLAMA_LAYOUT = "llama.cpp"
 GGUF_INPUT_LAYOUT = "gguf-input"  # names and metadata carried over from a GGUF input
+#: sha256 of every tensor's bytes in file order (padding excluded), for ``qstrat verify`` of a lone
+#: file; written as a placeholder of the same length and filled in once the data is written
+DATA_SHA256_KEY = KEY_PREFIX + "data_sha256"
+_PENDING_SHA256 = "qstrat-data-sha256-pending-" + "0" * 37
 
 
 #: safetensors dtype tag of a passed-through tensor -> numpy dtype of its bytes; each tag is
@@ -216,6 +220,7 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
         elif metadata.get("file_type") is not None:
             writer.add_file_type(int(metadata["file_type"]))  # llama.cpp's file type (a preset's, a GGUF input's)
         writer.add_string(KEY_PREFIX + "version", __version__)
+        writer.add_string(DATA_SHA256_KEY, _PENDING_SHA256)
         writer.add_string(KEY_PREFIX + "variant", str(metadata.get("variant") or "unknown"))
         writer.add_string(KEY_PREFIX + "config", json.dumps(metadata.get("config") or {}, sort_keys=True))
         if layout is not None:
@@ -252,10 +257,37 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
+        data_start = writer.fout[0].tell()
+        digest = hashlib.sha256()
         for _, produce, *_ in entries:
-            writer.write_tensor_data(produce())  # one tensor in memory at a time
+            payload = np.ascontiguousarray(produce())  # one tensor in memory at a time
+            digest.update(memoryview(payload).cast("B"))
+            writer.write_tensor_data(payload)
         writer.close()
+        _fill_in_data_sha256(tmp, data_start, digest.hexdigest())
     return target
+
+
+def _fill_in_data_sha256(path: Path, header_end: int, hexdigest: str) -> None:
+    """Overwrite the placeholder value of ``qstrat.data_sha256`` (same length) in the header."""
+    with open(path, "r+b") as file:
+        header = file.read(header_end)
+        at = header.find(_PENDING_SHA256.encode())
+        if at < 0 or header.find(_PENDING_SHA256.encode(), at + 1) >= 0:
+            raise OutputError(f"{path}: the data checksum's place in the header was not found once")
+        file.seek(at)
+        file.write(hexdigest.encode())
+
+
+def gguf_data_sha256(reader) -> tuple[str | None, str]:
+    """(the ``qstrat.data_sha256`` a GGUF file records, or None; the sha256 of its tensors' bytes)
+    for a ``gguf.GGUFReader`` of it."""
+    field = reader.fields.get(DATA_SHA256_KEY)
+    recorded = field.contents() if field is not None else None
+    digest = hashlib.sha256()
+    for tensor in reader.tensors:
+        digest.update(memoryview(np.ascontiguousarray(tensor.data)).cast("B"))
+    return recorded, digest.hexdigest()
 
 
 class GGUFModel:
