@@ -167,8 +167,8 @@ def preset_types(model: SafetensorsModel, config: RunConfig) -> dict[str, Tensor
     try:
         chosen = choose_types(config.preset, listed, n_head=n_head, n_head_kv=n_head_kv, n_layer=n_layer, n_expert=n_expert, arch=arch,
                               has_imatrix=config.imatrix is not None)
-    except PresetError as err:
-        raise InputError(f"{where}: {err}") from None
+    except PresetError as err:  # this preset cannot serve this model (or not without an imatrix): a setting to change
+        raise ConfigError(f"{where}: {err}") from None
     return {name: chosen[gguf_name] for name, gguf_name in names.items() if gguf_name in chosen}
 
 

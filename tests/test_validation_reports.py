@@ -250,3 +250,12 @@ def test_compare_refuses_an_unknown_strategy_and_an_output_that_is_a_file(tmp_pa
     assert taken.returncode == 3 and taken.stdout == ""  # refused before anything is computed
     assert_clean_failure(taken, "afile: exists and is not a directory (--output)")
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_compare_gives_a_preset_that_needs_an_imatrix_a_refused_row(tmp_path):
+    # the whole comparison used to stop (exit 2, no table) at q2_k_s without an importance matrix
+    result = run_cli("qstrat", "compare", str(REPO / "examples" / "tiny-llama"), "-f", "q2_k_s,q8_0", "-s", "identity", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {r["format"]: r for r in json.loads(result.stdout)["chains"]}
+    assert "q2_k_s requires importance data (imatrix)" in rows["q2_k_s"]["error"]
+    assert rows["q8_0"]["bits_per_weight"] == 8.5 and "error" not in rows["q8_0"]
