@@ -397,7 +397,7 @@ def inspect(path: Path = typer.Argument(..., help=".safetensors file, model dire
     from rich.console import Console
     from rich.table import Table
 
-    from qstrat.io.manifest import MANIFEST_NAME, read_manifest
+    from qstrat.io.manifest import MANIFEST_NAME, PASSTHROUGH_NAME, read_manifest
     from qstrat.io.safetensors import SafetensorsModel
     from qstrat.model import as_directory, refuse_unfinished
 
@@ -408,7 +408,8 @@ def inspect(path: Path = typer.Argument(..., help=".safetensors file, model dire
         if manifest is not None:
             stored = {e.storage for e in manifest.tensors.values()} - {"passthrough"}
             kinds = ", ".join(f"Q8K variant {manifest.variant}" if s == "q8k" else s for s in sorted(stored)) or "nothing quantized"
-            table = Table(title=f"{path} (qstrat output: {kinds})")
+            what = "GGUF" if path.is_file() else "qstrat output"  # a .gguf file another tool wrote reads back too
+            table = Table(title=f"{path} ({what}: {kinds})")
             for column in ("tensor", "shape", "dtype", "storage", "strategy", "permutation", "SQNR dB", "MSE"):
                 table.add_column(column)
             for name, e in sorted(manifest.tensors.items()):
@@ -420,6 +421,24 @@ def inspect(path: Path = typer.Argument(..., help=".safetensors file, model dire
                     e.permutation, "exact" if sqnr == "inf" else (f"{sqnr:.1f}" if sqnr is not None else ""),
                     f"{mse:.2e}" if mse is not None and mse != "inf" else "",
                 )
+        elif directory.is_dir() and any(directory.glob("*.q8k")):
+            # the original Rust tool's output: .q8k (+ .perm) files, no manifest
+            from qstrat.io.q8k import read_q8k_shape
+            from qstrat.model import QuantizedModel
+
+            model = QuantizedModel(directory)
+            count = sum(e.quantized for e in model.entries.values())
+            table = Table(title=f"{path} (no manifest, as the original tool writes: {count} Q8K tensors)")
+            for column in ("tensor", "shape", "storage", "permutation", "file"):
+                table.add_column(column)
+            for name in model:
+                entry = model.entries[name]
+                if entry.quantized:
+                    shape, storage, file = read_q8k_shape(directory / entry.files["q8k"]), "q8k", entry.files["q8k"]
+                else:
+                    shape, storage, file = model.passthrough_info(name).shape, "passthrough", PASSTHROUGH_NAME
+                permutation = "runtime (.perm)" if "perm" in entry.files else "none"
+                table.add_row(name, "x".join(map(str, shape)), storage, permutation, file)
         else:
             if directory.is_dir():
                 refuse_unfinished(directory)

@@ -92,6 +92,11 @@ def test_original_tool_directory_converts(tmp_path):
     assert "model.layers.0.mlp.up_proj.weight" in names and "model.layers.0.mlp.up_proj.weight.perm" in names
     loaded, expected = qstrat.load_model(tmp_path / "seed.gguf"), qstrat.load_model(out)
     assert all(np.array_equal(loaded[n], expected[n]) for n in loaded)
+    # inspect lists its tensors (it used to say there were no .safetensors files)
+    shown = run_cli("qstrat", "inspect", str(seed))
+    assert shown.returncode == 0, shown.stderr
+    words = " ".join(shown.stdout.split())  # the title wraps with a long path
+    assert f"{len(list(seed.glob('*.q8k')))} Q8K tensors" in words and "model.layers.0.mlp.up_proj.weight" in words and "runtime (.perm)" in words
 
 
 def test_long_names_are_shortened_and_mapped_back(tmp_path):
