@@ -238,6 +238,10 @@ def run(
             announce_first_compile(spec.config.block_types)
         reporter = Reporter(mode)
         exit_code = EXIT_OK
+        unchecked = spec.config.unchecked_thresholds
+        if mode != "quiet":
+            for sentence in unchecked:
+                print(f"warning: {sentence}", file=sys.stderr, flush=True)
         for job in spec.models:
             outcome = {"model": job.name, "input": str(job.input), "output": str(job.output)}
             try:
@@ -282,7 +286,7 @@ def run(
                             print(f"warning: {note}", file=sys.stderr, flush=True)
             outcomes.append(outcome)
         if json_output:
-            print(json.dumps({"models": outcomes, "exit_code": exit_code}))
+            print(json.dumps({"models": outcomes, "exit_code": exit_code, **({"warnings": unchecked} if unchecked else {})}))
         elif spec.batch and mode != "quiet":
             failed = [o["model"] for o in outcomes if o["status"] != "ok"]
             print(f"Batch: {len(outcomes) - len(failed)} of {len(outcomes)} models ok" + (f"; not ok: {', '.join(failed)}" if failed else ""))

@@ -75,6 +75,13 @@ class StrategyEntry(BaseModel):
     match: str | None = None
 
 
+#: the validation stage that measures what each threshold limits
+THRESHOLD_STAGES = {
+    "min_sqnr_db": "weight_error", "max_mse": "weight_error", "min_cosine": "weight_error",
+    "max_sum_test_mse": "sum_test", "max_gradient_test_mse": "gradient_test",
+}
+
+
 class Thresholds(_Strict):
     min_sqnr_db: float | None = None
     max_mse: float | None = Field(default=None, ge=0)
@@ -201,6 +208,21 @@ class RunConfig(_Strict):
 
         main = default_type(self.preset) if self.preset else self.format
         return frozenset([main, *(rule.format for rule in self.format_rules)])
+
+    @property
+    def unchecked_thresholds(self) -> list[str]:
+        """A sentence for each threshold set that this run does not check: validation is off, or
+        the stage that measures it is not among ``validation.stages``."""
+        validation = self.validation
+        unchecked = []
+        for key, stage in THRESHOLD_STAGES.items():
+            if getattr(validation.thresholds, key) is None:
+                continue
+            if not validation.enabled:
+                unchecked.append(f"validation.thresholds.{key} is not checked: validation.enabled is false")
+            elif stage not in validation.stages:
+                unchecked.append(f"validation.thresholds.{key} is not checked: validation.stages lacks {stage}")
+        return unchecked
 
     def rule_format(self, tensor_name: str) -> str | None:
         """The block type the first of ``format_rules`` matching ``tensor_name`` gives, if any."""

@@ -259,3 +259,16 @@ def test_compare_gives_a_preset_that_needs_an_imatrix_a_refused_row(tmp_path):
     rows = {r["format"]: r for r in json.loads(result.stdout)["chains"]}
     assert "q2_k_s requires importance data (imatrix)" in rows["q2_k_s"]["error"]
     assert rows["q8_0"]["bits_per_weight"] == 8.5 and "error" not in rows["q8_0"]
+
+
+def test_a_threshold_the_run_does_not_measure_is_a_warning(tmp_path):
+    config = str(REPO / "configs" / "attention_aware.yaml")  # min_sqnr_db: 20
+    off = run_cli("qstrat", "run", config, "-o", str(tmp_path / "off"), "--set", "validation.enabled=false")
+    assert off.returncode == 0, off.stderr
+    assert "warning: validation.thresholds.min_sqnr_db is not checked: validation.enabled is false" in off.stderr
+    staged = run_cli("qstrat", "run", config, "-o", str(tmp_path / "staged"), "--json",
+                     "--set", "validation.stages=[weight_error, sum_test]", "--set", "validation.thresholds.max_gradient_test_mse=1")
+    assert staged.returncode == 0 and staged.stderr == "", staged.stderr
+    assert json.loads(staged.stdout)["warnings"] == ["validation.thresholds.max_gradient_test_mse is not checked: validation.stages lacks gradient_test"]
+    measured = run_cli("qstrat", "run", config, "-o", str(tmp_path / "measured"), "--json")
+    assert "warnings" not in json.loads(measured.stdout)
