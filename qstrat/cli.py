@@ -24,6 +24,7 @@ from qstrat.errors import (
     QstratError,
     ValidationFailed,
 )
+from qstrat.entry import run_json_line
 from qstrat.interrupts import handle_stop_signals, ignore_stop_signals
 from qstrat.report import describe_container, describe_formats, describe_importance, describe_residual_choice, summarize
 from qstrat.results import QuantizationResult, TensorRecord
@@ -219,7 +220,7 @@ def run(
 
     def report_json(message: str, exit_code: int) -> None:
         # --json: one line on stdout whatever happens, a stopped run's included (a log of JSON lines stays one)
-        print(json.dumps({"models": outcomes, "error": message, "exit_code": exit_code}), flush=True)
+        print(run_json_line(outcomes, message, exit_code), flush=True)
 
     with user_errors(report_json if json_output else _print_error):
         spec = load_run_config(config, input_override=input or None, output_override=output, sets=set_ or ())

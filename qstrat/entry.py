@@ -7,6 +7,7 @@ line, as it does later, instead of the signal's default action.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from importlib import import_module
@@ -50,13 +51,28 @@ class _ReaderGoneGuard:
         return getattr(self._stream, name)
 
 
+def run_json_line(models: list[dict], error: str | None, exit_code: int) -> str:
+    """``qstrat run --json``'s line when something stopped the run (``error``)."""
+    return json.dumps({"models": models, "error": error, "exit_code": exit_code})
+
+
+def _is_run_json(argv: list[str]) -> bool:
+    """``qstrat run ... --json``: its one line on stdout is promised whatever stops it, a signal
+    while the command still loads included."""
+    words = [a for a in argv if not a.startswith("-")]
+    return bool(words) and words[0] == "run" and "--json" in argv
+
+
 def _start(module: str) -> None:
     handle_stop_signals()
     sys.stdout, sys.stderr = _ReaderGoneGuard(sys.stdout), _ReaderGoneGuard(sys.stderr)
     try:
         import_module(module).main()  # whose commands report a stop themselves, once under way
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        if _is_run_json(sys.argv[1:]):
+            print(run_json_line([], "interrupted", Interrupted.exit_code), flush=True)
+        else:
+            print("error: interrupted", file=sys.stderr)
         raise SystemExit(Interrupted.exit_code) from None
 
 

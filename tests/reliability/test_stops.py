@@ -1,5 +1,6 @@
 """Stop requests (Ctrl-C, SIGTERM) land where a run can stop; a worker death is exit 6 whenever noticed."""
 
+import json
 import os
 import signal
 import subprocess
@@ -134,6 +135,12 @@ def test_a_signal_while_the_command_loads_exits_130(tmp_path):
                             env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert result.returncode == 130, result.stderr
     assert result.stderr.strip() == "error: interrupted"
+    # qstrat run --json: its one JSON line on stdout, even this early, and nothing on stderr
+    code = "import sys; sys.argv = ['qstrat', 'run', 'c.yaml', '--json']; " + code
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 130 and result.stderr == "", result.stderr
+    assert json.loads(result.stdout) == {"models": [], "error": "interrupted", "exit_code": 130}
 
 
 def test_the_entry_points_take_signals_before_anything_heavy_loads():
