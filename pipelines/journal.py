@@ -44,14 +44,18 @@ def file_sha256(path: Path) -> str | None:
 
 
 def input_identity(model: SafetensorsModel) -> list[dict[str, object]]:
-    """Each input file's name, size and header hash: changes when the weights change."""
+    """Each input file's name, size, modification time and header hash.  New weights of the same
+    shapes (a retrained checkpoint downloaded over the old one) change only the data and the file's
+    time; hashing the data itself would read the whole model on every rerun."""
     identity = []
     for file in model.files:
         with open(file.path, "rb") as f:
             header = f.read(file.data_start)
-        identity.append(
-            {"file": file.path.name, "size": file.size, "header_sha256": hashlib.sha256(header[HEADER_LENGTH_BYTES:]).hexdigest()}
-        )
+            modified = os.fstat(f.fileno()).st_mtime_ns
+        identity.append({
+            "file": file.path.name, "size": file.size, "modified_ns": modified,
+            "header_sha256": hashlib.sha256(header[HEADER_LENGTH_BYTES:]).hexdigest(),
+        })
     return identity
 
 

@@ -51,6 +51,7 @@ from qstrat.io.manifest import (
     read_manifest,
     write_manifest,
 )
+from qstrat.io.names import TENSOR_FILE_SUFFIXES
 from qstrat.io.q8k import PERM_HEADER, Q8K_HEADER, WrittenFile
 from qstrat.io.safetensors import (
     SafetensorsModel,
@@ -77,15 +78,15 @@ def check_output_dir(output_dir: Path, model: SafetensorsModel) -> None:
 
 
 def _remove_outdated_files(output_dir: Path, previous: Manifest | None, records: list[TensorRecord]) -> None:
-    """Delete files the previous run wrote that this run did not (a stale .perm would be read)."""
-    if previous is None:
-        return
+    """Delete files an earlier run wrote that this run did not (a stale .perm would be read): those
+    the previous manifest lists, and every tensor file this run does not list, since a run stopped
+    after it removed that manifest (a --force one, say) leaves the earlier files behind unlisted."""
     current = {f.path for r in records for f in r.files.values()}
-    for entry in previous.tensors.values():
-        for file in entry.files.values():
-            if file.path not in current:
-                with contextlib.suppress(OSError):
-                    (output_dir / file.path).unlink()
+    earlier = {file.path for entry in previous.tensors.values() for file in entry.files.values()} if previous else set()
+    earlier |= {path.name for path in output_dir.iterdir() if path.suffix in TENSOR_FILE_SUFFIXES and path.is_file()}
+    for path in sorted(earlier - current):
+        with contextlib.suppress(OSError):
+            (output_dir / path).unlink()
 
 
 def write_passthrough(

@@ -276,6 +276,9 @@ def run(
                 summary = summarize(result)
                 if "imatrix" in summary:
                     outcome["imatrix"] = {"path": str(job.imatrix), **summary["imatrix"]}
+                if mode == "quiet" and not json_output:
+                    for failure in result.failures:  # what makes the exit code 4 (5 in a batch) is an error
+                        print(f"error: {job.name}: below threshold: {failure}", file=sys.stderr, flush=True)
                 if mode != "quiet":
                     print_summary(result, job.imatrix)
                     for failure in result.failures:

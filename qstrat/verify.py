@@ -7,6 +7,7 @@ from pathlib import Path
 
 from qstrat.errors import QstratError
 from qstrat.io.manifest import MANIFEST_NAME, PASSTHROUGH_NAME, read_manifest
+from qstrat.io.names import TENSOR_FILE_SUFFIXES
 from qstrat.io.q8k import check_permutation, read_perm, read_q8k
 from qstrat.io.qblock import read_blocks_header
 from qstrat.model import QuantizedModel, as_directory
@@ -55,6 +56,12 @@ def verify_output(output_dir: str | os.PathLike) -> list[str]:
             problems.append(f"{path}: {path.stat().st_size} bytes, the manifest says {file.size}")
         elif file_sha256(path) != file.sha256:
             problems.append(f"{path}: sha256 differs from the manifest (the file was changed or corrupted)")
+    # a tensor file the manifest does not list was left by an earlier run; a reader (Candle gathers
+    # with any .perm beside a .q8k) would take it for part of the model
+    problems += [
+        f"{path}: not listed in the manifest (a stale file of an earlier run; delete it, or rerun the run)"
+        for path in sorted(directory.iterdir()) if path.suffix in TENSOR_FILE_SUFFIXES and path.name not in checked
+    ]
     if problems:
         return problems
     if manifest.gguf_only:

@@ -16,6 +16,7 @@ from safetensors import safe_open
 import qstrat
 from qstrat.synthetic import write_model
 from tests.conftest import REPO
+from qstrat.io.names import JOURNAL_NAME
 from tests.helpers import (
     assert_clean_failure,
     communicate_or_dump_stacks,
@@ -283,6 +284,27 @@ def test_changed_config_is_refused_without_force(tmp_path):
     assert list((tmp_path / "o").glob("*.perm"))
 
 
+def test_new_weights_of_the_same_shapes_are_a_changed_input(tmp_path):
+    # a retrained checkpoint downloaded over the old one: same header and size, other data.  A
+    # rerun used to keep the old tensors (and a resumed one mixed old and new) and exit 0
+    model = make_llama_dir(tmp_path / "m", shards=1)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"input: {model}\noutput: {tmp_path}/o\n")
+    assert run_cli("qstrat", "run", str(config), "-q").returncode == 0
+    before = qstrat.load_model(tmp_path / "o")
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    for i in range(1, 4096, 4):  # the sign bit of the last values (2- or 4-byte little-endian): negated
+        data[-i] ^= 0x80
+    weights.write_bytes(bytes(data))
+    changed = run_cli("qstrat", "run", str(config), "-q")
+    assert_clean_failure(changed, "different config or input", "--force")
+    assert run_cli("qstrat", "run", str(config), "-q", "--force").returncode == 0
+    after = qstrat.load_model(tmp_path / "o")
+    assert any(not np.array_equal(before[n], after[n]) for n in before)
+    assert run_cli("qstrat", "run", str(config), "-q").returncode == 0  # unchanged since: nothing to refuse
+
+
 def test_batch_goes_on_past_a_failing_model(tmp_path):
     good = make_llama_dir(tmp_path / "models" / "good", shards=1)
     bad = tmp_path / "models" / "bad"
@@ -329,6 +351,11 @@ def test_threshold_failure_writes_everything_then_exits_4(tmp_path):
     failed = {f["tensor"] for f in manifest["validation"]["failed"]}
     assert failed and failed < set(manifest["tensors"])
     assert run_cli("qstrat", "verify", str(out)).returncode == 0
+    # --quiet prints only errors: these are what the exit code is about (it used to print nothing)
+    quiet = run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-o", str(out), "--quiet",
+                    "--set", "validation.thresholds.min_sqnr_db=33")
+    assert quiet.returncode == 4 and quiet.stdout == ""
+    assert sorted(line.split(": below threshold: ")[1].split(": ")[0] for line in quiet.stderr.splitlines()) == sorted(failed), quiet.stderr
 
 
 def test_progress_lines_when_not_a_terminal(tmp_path):
@@ -407,3 +434,27 @@ def test_an_error_in_a_set_flag_names_the_flag_not_the_file(tmp_path):
     crossed = run_cli("qstrat", "run", str(config), "--set", "format=q8_0", "--set", "validation.product=candle", "--dry-run")
     assert crossed.returncode == 2
     assert_clean_failure(crossed, "--set validation.product=candle: validation: product: candle multiplies Q8K blocks")
+
+
+def test_tensor_files_an_earlier_run_left_unlisted_are_removed_and_verify_names_them(tmp_path):
+    out = tmp_path / "o"
+    config = str(REPO / "configs" / "attention_aware.yaml")
+    assert run_cli("qstrat", "run", config, "-o", str(out), "-q").returncode == 0
+    perms = sorted(p.name for p in out.glob("*.perm"))
+    assert perms
+    # a --force run without permutations stopped after it removed the manifest: the .perm files stay,
+    # unlisted, and its rerun used to leave them there (Candle gathers with any .perm beside a .q8k)
+    (out / "manifest.json").unlink()
+    (out / JOURNAL_NAME).unlink()  # (that run's journal names its own config: as if it stopped before its first group)
+    rerun = run_cli("qstrat", "run", config, "-o", str(out), "-q", "--set", "strategies=[identity]")
+    assert rerun.returncode == 0, rerun.stderr
+    assert not list(out.glob("*.perm"))
+    assert run_cli("qstrat", "verify", str(out)).returncode == 0
+    fresh = tmp_path / "fresh"
+    assert run_cli("qstrat", "run", config, "-o", str(fresh), "-q", "--set", "strategies=[identity]").returncode == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in fresh.iterdir())
+    # one put back by hand: verify names it
+    (out / perms[0]).write_bytes((REPO / "examples" / "tiny-llama" / "config.json").read_bytes())
+    stale = run_cli("qstrat", "verify", str(out))
+    assert stale.returncode == 3
+    assert_clean_failure(stale, perms[0], "not listed in the manifest")

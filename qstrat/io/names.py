@@ -19,6 +19,9 @@ JOINT_PERMUTATIONS_NAME = "joint_permutations.safetensors"
 #: a run's journal of finished groups and its lock: a journal without a manifest is an unfinished run
 JOURNAL_NAME = ".qstrat-journal.jsonl"
 LOCK_NAME = ".qstrat.lock"
+#: the suffixes of each tensor's own files (.q8k blocks, .perm gather maps, .qblk blocks of another
+#: type): in an output directory, one its manifest does not list is a stale one
+TENSOR_FILE_SUFFIXES = (".q8k", ".perm", ".qblk")
 #: the residual stream's permutation in that file: one for every tensor it permutes
 RESIDUAL_PERMUTATION_KEY = "qstrat.residual_stream"
 
