@@ -225,14 +225,26 @@ def run(
     with user_errors(report_json if json_output else _print_error):
         spec = load_run_config(config, input_override=input or None, output_override=output, sets=set_ or ())
         if dry_run:
-            plans = {}
+            plans, failed = {}, 0
             for job in spec.models:
-                description = describe_plan(make_plan(open_model(job.input), spec.config_for(job)))
+                try:
+                    description = describe_plan(make_plan(open_model(job.input), spec.config_for(job)))
+                except QstratError as err:
+                    if not spec.batch:
+                        raise
+                    # a batch's plan goes on past a model that would fail, as its run does
+                    failed += 1
+                    plans[job.name] = {"output": str(job.output), "error": str(err)}
+                    if not json_output:
+                        print(f"error: {job.name}: {err}", file=sys.stderr)
+                    continue
                 plans[job.name] = {"output": str(job.output), **description}
                 if not json_output:
                     _print_plan(job.name, job.output, description)
             if json_output:
-                print(json.dumps({"dry_run": True, "models": plans}))
+                print(json.dumps({"dry_run": True, "models": plans, **({"exit_code": EXIT_BATCH_PARTIAL} if failed else {})}))
+            if failed:
+                raise typer.Exit(EXIT_BATCH_PARTIAL)
             return
         mode = "quiet" if quiet or json_output else ("bar" if sys.stdout.isatty() else "lines")
         if mode != "quiet":

@@ -305,6 +305,25 @@ def test_new_weights_of_the_same_shapes_are_a_changed_input(tmp_path):
     assert run_cli("qstrat", "run", str(config), "-q").returncode == 0  # unchanged since: nothing to refuse
 
 
+def test_a_batch_dry_run_goes_on_past_a_failing_model(tmp_path):
+    # it used to stop at the first bad model (exit 2, no model named, the later ones never planned)
+    for name in ("alpha", "charlie"):
+        make_llama_dir(tmp_path / "models" / name, shards=1)
+    bad = tmp_path / "models" / "bravo"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes((tmp_path / "models" / "alpha" / "model.safetensors").read_bytes()[:1000])
+    config = tmp_path / "batch.yaml"
+    config.write_text(f"input: ['{tmp_path}/models/*']\noutput: {tmp_path}/out/{{model}}\n")
+    shown = run_cli("qstrat", "run", str(config), "--dry-run")
+    assert shown.returncode == 5, shown.stderr
+    assert shown.stderr.startswith("error: bravo: ") and "alpha" in shown.stdout and "charlie" in shown.stdout
+    planned = run_cli("qstrat", "run", str(config), "--dry-run", "--json")
+    assert planned.returncode == 5
+    document = json.loads(planned.stdout)
+    assert sorted(document["models"]) == ["alpha", "bravo", "charlie"] and "error" in document["models"]["bravo"]
+    assert document["exit_code"] == 5 and not (tmp_path / "out").exists()
+
+
 def test_batch_goes_on_past_a_failing_model(tmp_path):
     good = make_llama_dir(tmp_path / "models" / "good", shards=1)
     bad = tmp_path / "models" / "bad"
