@@ -45,7 +45,7 @@ def seed_chain(permute: bool, strategy: StrategyType) -> list[str]:
 
 
 _TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+_FALSE = {"0", "false", "no", "off"}  # an empty value is an error, as for the other variables
 
 
 def parse_bool(value: str, where: str) -> bool:

@@ -36,6 +36,10 @@ def test_environment_pair_selects_the_original_tools_chain():
         environment_settings({"CANDLE_Q8K_STRATEGY": "l3"})  # checked even where it changes nothing
     with pytest.raises(qstrat.QstratError, match="CANDLE_Q8K_VARIANT: unknown Q8K variant"):
         environment_settings({"CANDLE_Q8K_VARIANT": "q4k"})
+    # set but empty: an error for every variable (these two used to mean off, dropping a config's thresholds or chain)
+    for name in ("CANDLE_Q8K_PERMUTE", "CANDLE_Q8K_VALIDATION", "CANDLE_Q8K_THREADS"):
+        with pytest.raises(qstrat.QstratError, match=f"{name}: expected .*, got ''"):
+            environment_settings({name: ""})
 
 
 def test_seed_constructor_builds_the_run_model():
