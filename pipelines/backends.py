@@ -47,7 +47,8 @@ def execution_backend(config: RunConfig, jobs, output: Path | None) -> Iterator[
     """
     parallel = config.parallel
     if parallel.backend == "loky":
-        workers = min(parallel.workers, len(jobs))
+        # more processes than cores only add memory (each maps and decodes tensors of its own)
+        workers = min(parallel.workers, len(jobs), local_cores())
         if workers <= 1:
             yield 1, numba_threads_per_worker(1)
             return

@@ -93,3 +93,15 @@ def test_a_failed_later_write_surfaces(tmp_path, monkeypatch):
         for result in worker.quantize_stream(jobs, "candle", None, out, 1):
             names.append(result.records[0].name)
     assert names == [jobs[0].members[0].info.name]  # nothing after the failed one is reported done
+
+
+def test_no_more_local_workers_start_than_there_are_cores():
+    from qstrat.pipelines.backends import execution_backend, local_cores
+    from qstrat.runconfig import RunConfig
+
+    groups = [_group(i, 1 << 20) for i in range(100)]
+    config = RunConfig(output="o", parallel={"workers": 48})
+    with execution_backend(config, groups, None) as (workers, threads):
+        assert (workers, threads) == (local_cores(), 1)  # one thread each (one worker, this process, on one core)
+    with execution_backend(config, groups[:1], None) as (workers, threads):
+        assert workers == 1
