@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from qstrat.blocks import DEFAULT_VARIANT, Q8K_VARIANTS
 from qstrat.errors import ConfigError, describe_validation_error
+from qstrat.io.names import JOURNAL_NAME, MANIFEST_NAME
 from qstrat.legacy import environment_settings
 from qstrat.strategies import StrategyChain, make_strategy
 from qstrat.validation import PRODUCTS, STAGES, ValidationSettings
@@ -439,10 +440,19 @@ def _model_inputs(patterns: Sequence[str], base: Path, from_file: bool) -> list[
             matches = sorted(Path(p) for p in glob.glob(str(resolved)))
             if not matches:
                 raise ConfigError(f"input: the pattern {pattern!r} matches nothing")
-            inputs.extend(matches)
+            # a run's own output directories (say, written beside the models) are not models: a nightly
+            # batch would otherwise quantize last night's outputs, and nest one more each night
+            models = [m for m in matches if not _is_output_directory(m)]
+            if not models:
+                raise ConfigError(f"input: the pattern {pattern!r} matches only qstrat output directories")
+            inputs.extend(models)
         else:
             inputs.append(resolved)
     return inputs
+
+
+def _is_output_directory(path: Path) -> bool:
+    return path.is_dir() and ((path / MANIFEST_NAME).is_file() or (path / JOURNAL_NAME).is_file())
 
 
 def _model_name(path: Path) -> str:

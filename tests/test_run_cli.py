@@ -343,6 +343,21 @@ def test_batch_goes_on_past_a_failing_model(tmp_path):
     assert alone.returncode == 5 and [m["status"] for m in json.loads(alone.stdout)["models"]] == ["failed"]
 
 
+def test_a_glob_skips_qstrat_output_directories(tmp_path):
+    # outputs written beside the models: the next night's glob used to quantize them too (0 tensors, "ok")
+    make_llama_dir(tmp_path / "models" / "alpha", shards=1)
+    config = tmp_path / "batch.yaml"
+    config.write_text(f"input: ['{tmp_path}/models/*']\noutput: {tmp_path}/models/{{model}}-q8k\n")
+    for night in range(2):
+        result = run_cli("qstrat", "run", str(config), "--json")
+        assert result.returncode == 0, result.stderr
+        assert [m["model"] for m in json.loads(result.stdout)["models"]] == ["alpha"]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["alpha", "alpha-q8k"]
+    only = run_cli("qstrat", "run", str(config), "-i", f"{tmp_path}/models/*-q8k")
+    assert only.returncode == 2
+    assert_clean_failure(only, "matches only qstrat output directories")
+
+
 def test_json_says_how_a_stopped_run_ended_on_one_line(tmp_path):
     # --json >> log 2>&1 (the README's cron line): whatever stops a run, one JSON line and nothing else
     good = make_llama_dir(tmp_path / "good", shards=1)
