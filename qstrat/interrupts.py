@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM as a stop request, acted on where a run can stop cleanly.
+"""Ctrl-C, SIGTERM and SIGHUP as a stop request, acted on where a run can stop cleanly.
 
 Python raises KeyboardInterrupt wherever the main thread happens to be.  In the loop that
 collects the workers' results, that may be a result callback or a journal write, outside
@@ -34,13 +34,17 @@ def _on_stop_signal(signum: int, frame: object) -> None:
 
 
 def handle_stop_signals() -> None:
-    """SIGINT and SIGTERM stop the process's run as described above (main thread only).
+    """SIGINT, SIGTERM and SIGHUP stop the process's run as described above (main thread only).
 
     For a command's whole process: the handlers stay, so that a second Ctrl-C cannot cut
     the exit short either."""
     _state.requested = False
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _on_stop_signal)
+    # a closed terminal stops the run as cleanly (its default left temporaries behind); under nohup
+    # SIGHUP is ignored, and stays so
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
+        signal.signal(signal.SIGHUP, _on_stop_signal)
 
 
 def ignore_stop_signals() -> None:

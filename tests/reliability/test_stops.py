@@ -21,7 +21,7 @@ from tests.helpers import assert_clean_failure, run_cli
 @pytest.fixture
 def stop_handlers():
     """The command line's handlers in this process, for one test."""
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     interrupts.handle_stop_signals()
     try:
         yield
@@ -141,6 +141,20 @@ def test_a_signal_while_the_command_loads_exits_130(tmp_path):
                             env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert result.returncode == 130 and result.stderr == "", result.stderr
     assert json.loads(result.stdout) == {"models": [], "error": "interrupted", "exit_code": 130}
+
+
+def test_a_hangup_stops_as_sigterm_does_unless_it_is_ignored(tmp_path):
+    (tmp_path / "hung_up.py").write_text(
+        "import os, signal\nos.kill(os.getpid(), signal.SIGHUP)\nprint('went on')\ndef main(): pass\n"
+    )
+    code = "from qstrat.entry import _start; _start('hung_up')"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    closed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert closed.returncode == 130 and closed.stderr.strip() == "error: interrupted", closed.stderr
+    # under nohup SIGHUP is ignored: it stays so (the run goes on)
+    nohup = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                           preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    assert nohup.returncode == 0 and nohup.stdout.strip() == "went on", nohup.stderr
 
 
 def test_the_entry_points_take_signals_before_anything_heavy_loads():
