@@ -34,7 +34,7 @@ from qstrat.blocks import KERNEL_STORAGE, check_finite
 from qstrat.convert import gguf_metadata
 from qstrat.errors import InputError, OutputError, WorkerLost
 from qstrat.formats import block_type
-from qstrat.interrupts import deferred_stops, interruptible_wait, raise_if_stop_requested
+from qstrat.interrupts import deferred_stops, interruptible_wait, raise_if_stop_requested, workers_deaf_to_interrupts
 from qstrat.io.atomic import describe_os_error, make_durable, remove_stale_temporaries
 from qstrat.io.gguf import write_gguf
 from qstrat.io.gguf_input import open_model
@@ -176,7 +176,8 @@ def _joblib_results(
     # batch_size=1: the tasks are sized already (TASK_BYTES, TASK_GROUPS); joblib's automatic
     # batching, seeing fast tasks, would hand the workers most of a run at once, so that the journal
     # lags far behind them and a worker's death near the start could go unnoticed
-    results = Parallel(n_jobs=n_jobs, return_as="generator", batch_size=1)(delayed(task)(batch) for batch in batches)
+    with workers_deaf_to_interrupts():  # joblib starts its workers and their manager thread in this call
+        results = Parallel(n_jobs=n_jobs, return_as="generator", batch_size=1)(delayed(task)(batch) for batch in batches)
     try:
         while True:
             with interruptible_wait():

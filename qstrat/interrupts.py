@@ -80,3 +80,27 @@ def interruptible_wait() -> Iterator[None]:
         yield
     finally:
         _state.waiting = False
+
+
+@contextlib.contextmanager
+def workers_deaf_to_interrupts() -> Iterator[None]:
+    """Worker processes started in here (and by the threads started in here) never receive SIGINT.
+
+    Ctrl-C in a terminal goes to the whole process group: a worker still importing printed its
+    KeyboardInterrupt traceback.  The run's own process stops its workers (joblib kills them); a
+    blocked signal mask is inherited through fork and exec, a handler is not.  A Ctrl-C meanwhile
+    waits for the block's end, when this process takes it as usual."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    from multiprocessing import resource_tracker
+
+    # started by the first spawn, the stdlib's resource tracker would unblock SIGINT on its way (it
+    # unblocks rather than restores); running already, it leaves the mask alone
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+

@@ -273,6 +273,29 @@ def test_sigterm_stops_cleanly(tmp_path):
     assert run_cli("qstrat", "verify", str(out)).returncode == 0
 
 
+def test_ctrl_c_to_the_process_group_while_workers_start_prints_no_traceback(tmp_path):
+    # a terminal's Ctrl-C reaches every process of the group: workers still importing printed their
+    # KeyboardInterrupt tracebacks (the run itself stopped with 130)
+    model = _many_tensor_model(tmp_path / "big")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"input: {model}\noutput: unused\nparallel: {{workers: 2}}\n")
+    out = tmp_path / "o"
+    process = _start(config, out)
+    try:
+        workers = wait_for(lambda: process.poll() is None and loky_workers(process.pid), 120, "a worker started")
+        time.sleep(0.1)  # into the worker's imports (before them, SIGINT's default action ends it silently)
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = communicate_or_dump_stacks(process, 60)
+        assert process.returncode == 130, stderr
+        assert stderr.strip() == "error: interrupted", stderr
+        wait_for(lambda: not group_members(process.pid), 10, f"no process of the run left ({workers})")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert (out / ".qstrat.lock").read_text() == ""
+    assert run_cli("qstrat", "run", str(config), "-o", str(out), "-q").returncode == 0
+
+
 def test_changed_config_is_refused_without_force(tmp_path):
     model = make_llama_dir(tmp_path / "m", shards=1)
     config = tmp_path / "c.yaml"
