@@ -246,18 +246,19 @@ def _index_in(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _check_imatrix(imatrix: object, k: int, entry: BlockType, shape: tuple[int, ...]) -> np.ndarray:
-    weights = np.asarray(imatrix)
-    if weights.shape != (k,) or not (np.issubdtype(weights.dtype, np.floating) or np.issubdtype(weights.dtype, np.integer)):
+    given = np.asarray(imatrix)
+    if given.shape != (k,) or not (np.issubdtype(given.dtype, np.floating) or np.issubdtype(given.dtype, np.integer)):
         raise InputError(
-            f"importance vector of shape {weights.shape} and dtype {weights.dtype} for {entry.name} data of shape {shape}: "
+            f"importance vector of shape {given.shape} and dtype {given.dtype} for {entry.name} data of shape {shape}: "
             f"expected ({k},) real numbers, one per column"
         )
-    weights = np.ascontiguousarray(weights, dtype=np.float32)
+    with np.errstate(over="ignore"):  # a float64 beyond float32 is named below, not warned about
+        weights = np.ascontiguousarray(given, dtype=np.float32)
     bad = np.flatnonzero(~(np.isfinite(weights) & (weights >= 0)))
     if bad.size:
         raise InputError(
-            f"importance vector for {entry.name} data of shape {shape} holds {weights[bad[0]]} at index {int(bad[0])}; "
-            "its values must be finite and >= 0"
+            f"importance vector for {entry.name} data of shape {shape} holds {given[bad[0]]} at index {int(bad[0])}; "
+            "its values must be finite, >= 0 and within float32's range"
         )
     return weights
 

@@ -1,5 +1,8 @@
 """GGUF block types against GGML itself (libggml-python through ctypes) and gguf-py."""
 
+import re
+import warnings
+
 import gguf
 import numpy as np
 import pytest
@@ -323,11 +326,13 @@ def test_errors_name_shape_type_and_index():
     good = np.ones((3, 64), np.float32)
     with pytest.raises(InputError, match=r"shape \(63,\).*q4_1 data of shape \(3, 64\).*\(64,\)"):
         qstrat.quantize(good, "q4_1", imatrix=np.ones(63))
-    for bad, index in ((-1.0, 7), (np.nan, 9), (np.inf, 2)):
+    for bad, index in ((-1.0, 7), (np.nan, 9), (np.inf, 2), (1e39, 5)):  # 1e39: a float64 beyond float32, named as given
         weights = np.ones(64)
         weights[index] = bad
-        with pytest.raises(InputError, match=rf"q5_0 data of shape \(3, 64\).*index {index}\b"):
-            qstrat.quantize(good, "q5_0", imatrix=weights)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no numpy overflow warning on the way
+            with pytest.raises(InputError, match=rf"q5_0 data of shape \(3, 64\) holds {re.escape(str(bad))} at index {index}\b"):
+                qstrat.quantize(good, "q5_0", imatrix=weights)
     with pytest.raises(InputError, match="cannot quantize dtype float64"):
         qstrat.quantize(good.astype(np.float64), "q8_0")
     with pytest.raises(InputError, match=r"q4_0 data must be uint8.*18 bytes.*\(2, 17\)"):
