@@ -28,7 +28,7 @@ from qstrat.pipelines.journal import (
     run_fingerprint,
 )
 from qstrat.pipelines.plan import GroupJob, Plan, make_plan, writes_q8k
-from qstrat.pipelines.worker import GroupResult, error_measure, quantize_batch, quantize_stream
+from qstrat.pipelines.worker import GroupResult, error_measure, numbered, quantize_batch, quantize_stream
 
 from qstrat.blocks import KERNEL_STORAGE, check_finite
 from qstrat.convert import gguf_metadata
@@ -165,8 +165,9 @@ def task_batches(ordered: list[GroupJob], workers: int) -> list[list[GroupJob]]:
 
 def _joblib_results(
     batches: list[list[GroupJob]], n_jobs: int, task: Callable[[list[GroupJob]], list[GroupResult]]
-) -> Iterator[GroupResult]:
-    """Every group's result, in order, from ``task`` run on each batch by joblib's workers.
+) -> Iterator[tuple[GroupJob, GroupResult]]:
+    """Every group with its result, from ``task`` run on each batch by joblib's workers, as the
+    batches finish: one that fails (a full disk) or a kill loses no finished batch's journal line.
 
     Closing this generator closes joblib's, and joblib aborts: it dispatches nothing more
     and terminates the workers of the executor it uses (kill_workers).  Its warning that
@@ -177,14 +178,17 @@ def _joblib_results(
     # batching, seeing fast tasks, would hand the workers most of a run at once, so that the journal
     # lags far behind them and a worker's death near the start could go unnoticed
     with workers_deaf_to_interrupts():  # joblib starts its workers and their manager thread in this call
-        results = Parallel(n_jobs=n_jobs, return_as="generator", batch_size=1)(delayed(task)(batch) for batch in batches)
+        results = Parallel(n_jobs=n_jobs, return_as="generator_unordered", batch_size=1)(
+            delayed(numbered)(task, index, batch) for index, batch in enumerate(batches)
+        )
     try:
         while True:
             with interruptible_wait():
-                batch_results = next(results, None)
-            if batch_results is None:
+                finished = next(results, None)
+            if finished is None:
                 return
-            yield from batch_results
+            index, batch_results = finished
+            yield from zip(batches[index], batch_results, strict=True)
     finally:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -207,24 +211,26 @@ def _run_groups(
     ordered = sorted(jobs, key=lambda g: (-g.nbytes, g.members[0].info.name))
     settings = config.validation_settings()
     with execution_backend(config, ordered, out) as (n_jobs, threads), deferred_stops():
-        results: Iterator[GroupResult]
+        results: Iterator
         if n_jobs == 1 and config.parallel.backend == "loky":
             # in this process, one stream over every group: writes overlap the computing throughout
             results = quantize_stream(ordered, config.variant, settings, out, threads)
+            # strict: after the last job, the stream ends too
+            finished = zip(ordered, results, strict=True)
         else:
             durable = config.parallel.backend == "dask"
             task = partial(quantize_batch, variant=config.variant, validation=settings, output_dir=out,
                            numba_threads=threads, durable=durable)
-            results = _joblib_results(task_batches(ordered, n_jobs), n_jobs, task)
+            # to its end, so that joblib's generator finishes and its idle workers are kept for the
+            # next run of this process
+            finished = results = _joblib_results(task_batches(ordered, n_jobs), n_jobs, task)
         try:
-            # strict: after the last job, ``results`` ends too, so joblib's generator finishes
-            # and its idle workers are kept for the next run of this process
-            for job, result in zip(ordered, results, strict=True):
+            for job, result in finished:
                 on_done(job, result.records, result.joint)
                 raise_if_stop_requested()
         except BrokenProcessPool as err:
             # whenever it is noticed, also while the first batches are dispatched
-            raise_if_stop_requested()  # Ctrl-C in a terminal reaches the workers too
+            raise_if_stop_requested()  # a signal to the whole process group (SIGTERM) reaches the workers too
             raise WorkerLost(f"a worker process died ({err.__class__.__name__}); rerun the same command to resume") from None
         finally:
             # early: the stream's writes under way finish; joblib kills the workers that have tasks

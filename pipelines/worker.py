@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -274,6 +274,11 @@ def quantize_stream(
                 yield finished(*pending.popleft())
         while pending:
             yield finished(*pending.popleft())
+
+
+def numbered(task: Callable[[list[GroupJob]], list[GroupResult]], index: int, jobs: list[GroupJob]) -> tuple[int, list[GroupResult]]:
+    """``(index, task(jobs))``: a task's results, with which batch they are (they arrive as they finish)."""
+    return index, task(jobs)
 
 
 def quantize_batch(

@@ -296,6 +296,22 @@ def test_ctrl_c_to_the_process_group_while_workers_start_prints_no_traceback(tmp
     assert run_cli("qstrat", "run", str(config), "-o", str(out), "-q").returncode == 0
 
 
+def test_a_failing_task_keeps_the_groups_other_workers_finished(tmp_path):
+    # groups are journaled as workers finish them: the largest (first dispatched) failing at its
+    # end used to take every other worker's finished groups down with it (a rerun redid them all)
+    rng = np.random.default_rng(0)
+    tensors = {f"small.{i}.weight": rng.standard_normal((64, 256)).astype(np.float32) for i in range(24)}
+    big = rng.standard_normal((16384, 4096)).astype(np.float32)
+    big[-1, -1] = np.nan
+    tensors["big.weight"] = big
+    model = write_model(tmp_path / "m", tensors, dtype="F32")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"input: {model}\noutput: {tmp_path}/o\nparallel: {{workers: 2}}\n")
+    failed = run_cli("qstrat", "run", str(config), "-q")
+    assert_clean_failure(failed, "big.weight", "non-finite")
+    assert journal_lines(tmp_path / "o") > 1  # its fingerprint, then the small groups the other worker finished
+
+
 def test_changed_config_is_refused_without_force(tmp_path):
     model = make_llama_dir(tmp_path / "m", shards=1)
     config = tmp_path / "c.yaml"
