@@ -51,7 +51,7 @@ from qstrat.io.manifest import (
     read_manifest,
     write_manifest,
 )
-from qstrat.io.names import TENSOR_FILE_SUFFIXES
+from qstrat.io.names import JOURNAL_NAME, unlisted_tensor_files
 from qstrat.io.q8k import PERM_HEADER, Q8K_HEADER, WrittenFile
 from qstrat.io.safetensors import (
     SafetensorsModel,
@@ -77,13 +77,15 @@ def check_output_dir(output_dir: Path, model: SafetensorsModel) -> None:
         raise InputError(f"output directory {output_dir} is the input; choose another")
 
 
-def _remove_outdated_files(output_dir: Path, previous: Manifest | None, records: list[TensorRecord]) -> None:
+def _remove_outdated_files(output_dir: Path, previous: Manifest | None, records: list[TensorRecord], earlier_run: bool) -> None:
     """Delete files an earlier run wrote that this run did not (a stale .perm would be read): those
-    the previous manifest lists, and every tensor file this run does not list, since a run stopped
-    after it removed that manifest (a --force one, say) leaves the earlier files behind unlisted."""
+    the previous manifest lists and, where a qstrat run was here before (``earlier_run``), every
+    tensor file this run does not list, since a run stopped after it removed that manifest (a
+    --force one, say) leaves the earlier files behind unlisted.  Anything else is left alone."""
     current = {f.path for r in records for f in r.files.values()}
     earlier = {file.path for entry in previous.tensors.values() for file in entry.files.values()} if previous else set()
-    earlier |= {path.name for path in output_dir.iterdir() if path.suffix in TENSOR_FILE_SUFFIXES and path.is_file()}
+    if earlier_run:
+        earlier |= set(unlisted_tensor_files(output_dir, current))
     for path in sorted(earlier - current):
         with contextlib.suppress(OSError):
             (output_dir / path).unlink()
@@ -353,12 +355,13 @@ def quantize_model(
     fingerprint = run_fingerprint(settings, model)
     with output_lock(out):
         previous = read_manifest_lenient(out)
+        earlier_run = previous is not None or (out / JOURNAL_NAME).exists()  # the directory is a qstrat output
         journal = _open_journal(out, fingerprint, force, previous)
         try:
             records, joint = _reuse_or_quantize_groups(plan, config, out, journal, progress)
         finally:
             journal.close()
-        records = _write_passthrough_and_permutations(out, plan, model, records, joint, previous, progress)
+        records = _write_passthrough_and_permutations(out, plan, model, records, joint, previous, earlier_run, progress)
         records = with_permutation_gains(records, plan)
         failures = threshold_failures(records, thresholds)
         manifest = _manifest(model, config.variant, settings, fingerprint, records, failures)
@@ -448,10 +451,11 @@ def _write_passthrough_and_permutations(
     records: list[TensorRecord],
     joint: dict[str, Permutation],
     previous: Manifest | None,
+    earlier_run: bool,
     progress: ProgressCallback | None,
 ) -> list[TensorRecord]:
     """Passthrough tensors and joint permutations written beside the quantized ones, files of
-    the previous run that this one did not write removed; every tensor's record, by name."""
+    earlier runs that this one did not write removed; every tensor's record, by name."""
     group_of = {m.info.name: g.group_id for g in plan.groups for m in g.members}
     passthrough = write_passthrough(out, plan, model.metadata, joint, group_of)
     if progress is not None and passthrough:
@@ -464,7 +468,7 @@ def _write_passthrough_and_permutations(
             r if r.joint_group is None and r.residual_axis is None else replace(r, files={**r.files, "joint_perm": joint_file})
             for r in records
         ]
-    _remove_outdated_files(out, previous, records)
+    _remove_outdated_files(out, previous, records, earlier_run)
     return records
 
 

@@ -129,8 +129,8 @@ def compare_model(
             if announce is not None:
                 announce(index, len(case_list), case)
             row: dict[str, object] = {"format": case.format, "chain": case.chain_label, "imatrix": case.imatrix is not None}
+            config = case_config(case, variant, workers)  # a bad option (--variant) stops the comparison
             try:
-                config = case_config(case, variant, workers)  # a preset that needs an importance matrix refuses here
                 if text is None:
                     result = evaluate_model(model, config)
                 else:

@@ -7,6 +7,7 @@ line, as it does later, instead of the signal's default action.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -16,10 +17,14 @@ from qstrat.errors import Interrupted
 from qstrat.interrupts import handle_stop_signals
 
 
+#: a write's errors when the reader has gone: a closed pipe (``| head``), a closed terminal (hangup)
+_READER_GONE = (errno.EPIPE, errno.EIO)
+
+
 class _ReaderGoneGuard:
-    """A standard stream that stops writing once its reader has gone (``qstrat run ... | head -1``):
-    the command goes on to its end and exit code, as it would with its output in a file, instead of
-    failing half-way on a broken pipe."""
+    """A standard stream that stops writing once its reader has gone (``qstrat run ... | head -1``,
+    a terminal closed under the run): the command goes on to its end and exit code, as it would with
+    its output in a file, instead of failing half-way on a broken pipe."""
 
     def __init__(self, stream) -> None:
         self._stream = stream
@@ -29,7 +34,9 @@ class _ReaderGoneGuard:
         if not self._gone:
             try:
                 return self._stream.write(text)
-            except BrokenPipeError:
+            except OSError as err:
+                if err.errno not in _READER_GONE:
+                    raise
                 self._reader_gone()
         return len(text)
 
@@ -37,7 +44,9 @@ class _ReaderGoneGuard:
         if not self._gone:
             try:
                 self._stream.flush()
-            except BrokenPipeError:
+            except OSError as err:
+                if err.errno not in _READER_GONE:
+                    raise
                 self._reader_gone()
 
     def _reader_gone(self) -> None:

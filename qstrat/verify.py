@@ -7,7 +7,7 @@ from pathlib import Path
 
 from qstrat.errors import QstratError
 from qstrat.io.manifest import MANIFEST_NAME, PASSTHROUGH_NAME, read_manifest
-from qstrat.io.names import TENSOR_FILE_SUFFIXES
+from qstrat.io.names import unlisted_tensor_files
 from qstrat.io.q8k import check_permutation, read_perm, read_q8k
 from qstrat.io.qblock import read_blocks_header
 from qstrat.model import QuantizedModel, as_directory
@@ -59,8 +59,8 @@ def verify_output(output_dir: str | os.PathLike) -> list[str]:
     # a tensor file the manifest does not list was left by an earlier run; a reader (Candle gathers
     # with any .perm beside a .q8k) would take it for part of the model
     problems += [
-        f"{path}: not listed in the manifest (a stale file of an earlier run; delete it, or rerun the run)"
-        for path in sorted(directory.iterdir()) if path.suffix in TENSOR_FILE_SUFFIXES and path.name not in checked
+        f"{directory / name}: not listed in the manifest (a stale file of an earlier run; delete it, or rerun the run)"
+        for name in unlisted_tensor_files(directory, checked)
     ]
     if problems:
         return problems

@@ -3,6 +3,8 @@
 import contextlib
 import json
 import os
+import pty
+import select
 import signal
 import subprocess
 import sys
@@ -16,7 +18,6 @@ from safetensors import safe_open
 import qstrat
 from qstrat.synthetic import write_model
 from tests.conftest import REPO
-from qstrat.io.names import JOURNAL_NAME
 from tests.helpers import (
     assert_clean_failure,
     communicate_or_dump_stacks,
@@ -312,6 +313,28 @@ def test_a_failing_task_keeps_the_groups_other_workers_finished(tmp_path):
     assert journal_lines(tmp_path / "o") > 1  # its fingerprint, then the small groups the other worker finished
 
 
+def test_a_closed_terminal_stops_the_run_with_130(tmp_path):
+    # the terminal goes away under a run: SIGHUP, then every write to it fails with EIO (it used to
+    # end the run with exit 1 and a traceback, in rich's progress bar or in the last error line)
+    model = _many_tensor_model(tmp_path / "big")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"input: {model}\noutput: unused\nstrategies: [l2_norm]\n")
+    out = tmp_path / "o"
+    pid, terminal = pty.fork()
+    if pid == 0:  # the run, on the terminal's other side: its progress bar shows
+        os.execv(str(Path(sys.executable).with_name("qstrat")), ["qstrat", "run", str(config), "-o", str(out)])
+    shown = b""
+    deadline = time.monotonic() + 120
+    while len(shown) < 200 and time.monotonic() < deadline:  # the bar is drawn: the run is under way
+        if select.select([terminal], [], [], 0.1)[0]:
+            shown += os.read(terminal, 4096)
+    os.close(terminal)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 130, shown
+    assert not list(out.glob(".*.tmp-*")) and (out / ".qstrat.lock").read_text() == ""
+    assert run_cli("qstrat", "run", str(config), "-o", str(out), "-q").returncode == 0
+
+
 def test_changed_config_is_refused_without_force(tmp_path):
     model = make_llama_dir(tmp_path / "m", shards=1)
     config = tmp_path / "c.yaml"
@@ -518,8 +541,7 @@ def test_tensor_files_an_earlier_run_left_unlisted_are_removed_and_verify_names_
     # a --force run without permutations stopped after it removed the manifest: the .perm files stay,
     # unlisted, and its rerun used to leave them there (Candle gathers with any .perm beside a .q8k)
     (out / "manifest.json").unlink()
-    (out / JOURNAL_NAME).unlink()  # (that run's journal names its own config: as if it stopped before its first group)
-    rerun = run_cli("qstrat", "run", config, "-o", str(out), "-q", "--set", "strategies=[identity]")
+    rerun = run_cli("qstrat", "run", config, "-o", str(out), "-q", "--force", "--set", "strategies=[identity]")
     assert rerun.returncode == 0, rerun.stderr
     assert not list(out.glob("*.perm"))
     assert run_cli("qstrat", "verify", str(out)).returncode == 0
@@ -531,3 +553,10 @@ def test_tensor_files_an_earlier_run_left_unlisted_are_removed_and_verify_names_
     stale = run_cli("qstrat", "verify", str(out))
     assert stale.returncode == 3
     assert_clean_failure(stale, perms[0], "not listed in the manifest")
+    # a first run into a directory that was no qstrat output deletes nothing of what was there
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.perm").write_text("mine")
+    assert run_cli("qstrat", "run", config, "-o", str(mine), "-q", "--set", "strategies=[identity]").returncode == 0
+    assert (mine / "notes.perm").read_text() == "mine"
+    assert_clean_failure(run_cli("qstrat", "verify", str(mine)), "notes.perm: not listed in the manifest")

@@ -259,6 +259,10 @@ def test_compare_gives_a_preset_that_needs_an_imatrix_a_refused_row(tmp_path):
     rows = {r["format"]: r for r in json.loads(result.stdout)["chains"]}
     assert "q2_k_s requires importance data (imatrix)" in rows["q2_k_s"]["error"]
     assert rows["q8_0"]["bits_per_weight"] == 8.5 and "error" not in rows["q8_0"]
+    # an option of the command itself is no case's refusal: it stops the comparison
+    bad = run_cli("qstrat", "compare", str(REPO / "examples" / "tiny-llama"), "-f", "q8_0", "-s", "identity", "--variant", "bogus")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert_clean_failure(bad, "variant")
 
 
 def test_a_threshold_the_run_does_not_measure_is_a_warning(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import urllib.parse
+from pathlib import Path
 
 #: the files of an output directory besides each tensor's own (see docs/formats.md)
 MANIFEST_NAME = "manifest.json"
@@ -63,3 +64,8 @@ def assign_file_stems(names: list[str]) -> dict[str, str]:
         taken.add(stem.casefold())
         stems[name] = stem
     return stems
+
+
+def unlisted_tensor_files(directory: Path, listed: set[str]) -> list[str]:
+    """The names of the tensor files in ``directory`` (by suffix) that ``listed`` does not hold."""
+    return sorted(p.name for p in directory.iterdir() if p.suffix in TENSOR_FILE_SUFFIXES and p.is_file() and p.name not in listed)
