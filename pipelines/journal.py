@@ -43,7 +43,7 @@ def file_sha256(path: Path) -> str | None:
     return digest.hexdigest()
 
 
-def input_identity(model: SafetensorsModel) -> list[dict[str, object]]:
+def input_identity(model: SafetensorsModel, with_times: bool = True) -> list[dict[str, object]]:
     """Each input file's name, size, modification time and header hash.  New weights of the same
     shapes (a retrained checkpoint downloaded over the old one) change only the data and the file's
     time; hashing the data itself would read the whole model on every rerun."""
@@ -52,15 +52,15 @@ def input_identity(model: SafetensorsModel) -> list[dict[str, object]]:
         with open(file.path, "rb") as f:
             header = f.read(file.data_start)
             modified = os.fstat(f.fileno()).st_mtime_ns
-        identity.append({
-            "file": file.path.name, "size": file.size, "modified_ns": modified,
-            "header_sha256": hashlib.sha256(header[HEADER_LENGTH_BYTES:]).hexdigest(),
-        })
+        entry = {"file": file.path.name, "size": file.size, "header_sha256": hashlib.sha256(header[HEADER_LENGTH_BYTES:]).hexdigest()}
+        identity.append({**entry, "modified_ns": modified} if with_times else entry)
     return identity
 
 
-def run_fingerprint(settings: dict[str, object], model: SafetensorsModel) -> str:
-    document = json.dumps({"settings": settings, "inputs": input_identity(model)}, sort_keys=True)
+def run_fingerprint(settings: dict[str, object], model: SafetensorsModel, with_times: bool = True) -> str:
+    """The run's settings and input files, hashed; ``with_times=False``: as qstrat wrote it before
+    it held the files' modification times (so that those outputs resume after an upgrade)."""
+    document = json.dumps({"settings": settings, "inputs": input_identity(model, with_times)}, sort_keys=True)
     return hashlib.sha256(document.encode()).hexdigest()
 
 
@@ -97,11 +97,15 @@ class Journal:
             except (ValueError, KeyError, TypeError):
                 break
 
-    def open(self, fresh: bool) -> None:
+    def open(self, fresh: bool, keep_loaded: bool = False) -> None:
+        """Append to the journal, or start it afresh under this fingerprint (with the groups loaded
+        from it, if ``keep_loaded``)."""
         try:
             if fresh or not self.path.exists():
                 with open(self.path, "w", encoding="utf-8") as f:
                     f.write(json.dumps({"fingerprint": self.fingerprint}) + "\n")
+                    for entry in self.done.values() if keep_loaded else ():
+                        f.write(json.dumps(entry, sort_keys=True, allow_nan=False) + "\n")
             self._file = open(self.path, "a", encoding="utf-8")
         except OSError as err:
             raise OutputError(describe_os_error(self.path, err)) from None

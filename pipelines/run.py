@@ -353,10 +353,11 @@ def quantize_model(
     if plan.importance is not None:
         settings["imatrix"] = plan.importance.describe()
     fingerprint = run_fingerprint(settings, model)
+    older = run_fingerprint(settings, model, with_times=False)
     with output_lock(out):
         previous = read_manifest_lenient(out)
         earlier_run = previous is not None or (out / JOURNAL_NAME).exists()  # the directory is a qstrat output
-        journal = _open_journal(out, fingerprint, force, previous)
+        journal = _open_journal(out, (fingerprint, older), force, previous)
         try:
             records, joint = _reuse_or_quantize_groups(plan, config, out, journal, progress)
         finally:
@@ -371,12 +372,16 @@ def quantize_model(
         return _publish(out, model.name, manifest, records, failures, settings, started, container, describe_residual(plan))
 
 
-def _open_journal(out: Path, fingerprint: str, force: bool, previous: Manifest | None) -> Journal:
+def _open_journal(out: Path, fingerprints: tuple[str, str], force: bool, previous: Manifest | None) -> Journal:
     """The journal of this run, keeping the finished groups of an earlier run of the same
-    fingerprint; the directory no longer looks complete, and holds no temporaries."""
+    fingerprint (``fingerprints``: today's, and the one an earlier qstrat wrote for the same run, without
+    the files' modification times);
+    the directory no longer looks complete, and holds no temporaries."""
+    fingerprint, older = fingerprints
     journal = Journal(out, fingerprint)
     earlier = journal.previous_fingerprint() or (previous.fingerprint if previous else None)
-    mixed = earlier is not None and earlier != fingerprint
+    upgraded = earlier is not None and earlier == older != fingerprint  # kept, and journaled under today's
+    mixed = earlier is not None and earlier not in fingerprints
     if mixed and not force:
         raise OutputError(
             f"output {out} holds results of a different config or input; rerun with --force to replace them"
@@ -390,7 +395,7 @@ def _open_journal(out: Path, fingerprint: str, force: bool, previous: Manifest |
         remove_stale_temporaries(out)
     except OSError as err:
         raise OutputError(describe_os_error(out, err)) from None
-    journal.open(fresh=mixed or not journal.done)
+    journal.open(fresh=mixed or upgraded or not journal.done, keep_loaded=upgraded)
     return journal
 
 

@@ -386,6 +386,29 @@ def test_a_batch_dry_run_goes_on_past_a_failing_model(tmp_path):
     assert document["exit_code"] == 5 and not (tmp_path / "out").exists()
 
 
+def test_an_output_of_the_fingerprint_without_file_times_resumes(tmp_path):
+    # an earlier qstrat's fingerprint held no modification times: its outputs are not "a different input"
+    from qstrat.io.gguf_input import open_model
+    from qstrat.pipelines.journal import run_fingerprint
+
+    model = make_llama_dir(tmp_path / "m", shards=1)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"input: {model}\noutput: {tmp_path}/o\n")
+    assert run_cli("qstrat", "run", str(config), "-q").returncode == 0
+    out = tmp_path / "o"
+    manifest = _manifest(out)
+    assert run_fingerprint(manifest["config"], open_model(model)) == manifest["fingerprint"]
+    older = run_fingerprint(manifest["config"], open_model(model), with_times=False)
+    for path in (out / "manifest.json", out / ".qstrat-journal.jsonl"):  # as that qstrat wrote them
+        path.write_text(path.read_text().replace(manifest["fingerprint"], older))
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.q8k")}
+    rerun = run_cli("qstrat", "run", str(config), "-q")
+    assert rerun.returncode == 0, rerun.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.q8k")} == before  # every group kept
+    assert _manifest(out)["fingerprint"] == manifest["fingerprint"]
+    assert json.loads((out / ".qstrat-journal.jsonl").read_text().splitlines()[0])["fingerprint"] == manifest["fingerprint"]
+
+
 def test_batch_goes_on_past_a_failing_model(tmp_path):
     good = make_llama_dir(tmp_path / "models" / "good", shards=1)
     bad = tmp_path / "models" / "bad"
