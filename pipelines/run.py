@@ -75,6 +75,10 @@ def check_output_dir(output_dir: Path, model: SafetensorsModel) -> None:
     inputs = {f.path.resolve() for f in model.files}
     if output_dir.resolve() in inputs or model.path.resolve() == output_dir.resolve():
         raise InputError(f"output directory {output_dir} is the input; choose another")
+    # a run writes <model>.gguf and passthrough.safetensors there: a GGUF input in it was overwritten
+    inside = sorted(str(path) for path in inputs if path.parent == output_dir.resolve())
+    if inside:
+        raise InputError(f"output directory {output_dir} holds the input {inside[0]}; choose another")
 
 
 def _remove_outdated_files(output_dir: Path, previous: Manifest | None, records: list[TensorRecord], earlier_run: bool) -> None:

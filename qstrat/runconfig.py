@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from qstrat.blocks import DEFAULT_VARIANT, Q8K_VARIANTS
 from qstrat.errors import ConfigError, describe_validation_error
-from qstrat.io.names import JOURNAL_NAME, MANIFEST_NAME
+from qstrat.io.names import JOURNAL_NAME, LOCK_NAME
 from qstrat.legacy import environment_settings
 from qstrat.strategies import StrategyChain, make_strategy
 from qstrat.validation import PRODUCTS, STAGES, ValidationSettings
@@ -442,7 +442,7 @@ def _model_inputs(patterns: Sequence[str], base: Path, from_file: bool) -> list[
                 raise ConfigError(f"input: the pattern {pattern!r} matches nothing")
             # a run's own output directories (say, written beside the models) are not models: a nightly
             # batch would otherwise quantize last night's outputs, and nest one more each night
-            models = [m for m in matches if not _is_output_directory(m)]
+            models = [m for m in matches if not _in_output_directory(m)]
             if not models:
                 raise ConfigError(f"input: the pattern {pattern!r} matches only qstrat output directories")
             inputs.extend(models)
@@ -451,8 +451,11 @@ def _model_inputs(patterns: Sequence[str], base: Path, from_file: bool) -> list[
     return inputs
 
 
-def _is_output_directory(path: Path) -> bool:
-    return path.is_dir() and ((path / MANIFEST_NAME).is_file() or (path / JOURNAL_NAME).is_file())
+def _in_output_directory(path: Path) -> bool:
+    """A qstrat output directory, or a file in one (a run's GGUF container): every run leaves its
+    lock file and journal there, names no model uses (``manifest.json`` is too common a name)."""
+    directory = path if path.is_dir() else path.parent
+    return (directory / LOCK_NAME).is_file() or (directory / JOURNAL_NAME).is_file()
 
 
 def _model_name(path: Path) -> str:
@@ -536,7 +539,9 @@ def load_run_config(
                 paths[key] = Path(template.format(model=name)) if template else None
             except (KeyError, IndexError, ValueError) as err:
                 raise ConfigError(f"{where}: {key} template {raw!r}: only {{model}} may be used ({err})") from None
-        if model_path.is_dir() and paths["output"].resolve() == model_path.resolve():
+        # a model file's own directory too: the run's <model>.gguf would overwrite a GGUF input there
+        own_directory = model_path if model_path.is_dir() else model_path.parent
+        if paths["output"].resolve() == own_directory.resolve():
             raise ConfigError(f"{origin['output']}: {paths['output']} is the input model's own directory; write the output elsewhere")
         models.append(ModelJob(name, model_path, paths["output"], paths["imatrix"]))
     writers: dict[Path, Path] = {}

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +12,9 @@ from qstrat import QuantizationConfig, StrategyType, quantize_safetensors
 from qstrat.errors import InputError, NonFiniteError, OutputError
 from qstrat.io.names import JOURNAL_NAME
 from qstrat.io.safetensors import SafetensorsModel, map_tensor, to_float32
+from qstrat.runconfig import RunConfig
 from qstrat.synthetic import llama_tensors, write_model
+from tests.conftest import REPO
 from tests.helpers import SMALL_SHAPE, assert_clean_failure, make_llama_dir, run_cli
 
 
@@ -179,3 +182,15 @@ def test_bad_inputs_through_the_api(tmp_path):
         QuantizationConfig(strategy_type="nope")
     with pytest.raises(qstrat.QstratError, match="variant"):
         QuantizationConfig(variant="q4k")
+
+
+def test_the_library_refuses_an_output_directory_that_holds_the_input(tmp_path):
+    # the run writes <model>.gguf and passthrough.safetensors there: a GGUF input was overwritten
+    source = tmp_path / "models" / "tiny.gguf"
+    source.parent.mkdir()
+    quantize_safetensors(REPO / "examples" / "tiny-llama", RunConfig.build({"format": "q8_0", "output": str(tmp_path / "o")}, "test"))
+    shutil.copyfile(tmp_path / "o" / "tiny-llama.gguf", source)
+    before = source.read_bytes()
+    with pytest.raises(InputError, match="holds the input"):
+        quantize_safetensors(source, RunConfig.build({"format": "q8_0", "output": str(source.parent)}, "test"))
+    assert source.read_bytes() == before

@@ -441,6 +441,10 @@ def test_a_glob_skips_qstrat_output_directories(tmp_path):
     only = run_cli("qstrat", "run", str(config), "-i", f"{tmp_path}/models/*-q8k")
     assert only.returncode == 2
     assert_clean_failure(only, "matches only qstrat output directories")
+    # a model directory with a manifest.json of its own is still a model
+    (tmp_path / "models" / "alpha" / "manifest.json").write_text('{"files": []}')
+    planned = run_cli("qstrat", "run", str(config), "--dry-run", "--json")
+    assert list(json.loads(planned.stdout)["models"]) == ["alpha"]
 
 
 def test_json_says_how_a_stopped_run_ended_on_one_line(tmp_path):
@@ -526,10 +530,14 @@ def test_output_paths_that_would_write_where_they_must_not(tmp_path):
     config, model = REPO / "configs" / "identity.yaml", REPO / "examples" / "tiny-llama"
     twin = tmp_path / "elsewhere" / "tiny-llama"
     twin.mkdir(parents=True)
+    gguf_input = tmp_path / "elsewhere" / "model.gguf"
+    gguf_input.write_bytes(b"GGUF")  # refused before it is read
     cases = [
         (["-o", ""], "--output: output: an empty path"),
         (["--set", "input="], "--set input=: input: an empty path"),
         (["-o", str(model)], f"--output: {model} is the input model's own directory"),
+        # a model file's directory: a GGUF input there was overwritten by the run's <model>.gguf
+        (["-i", str(gguf_input), "-o", str(gguf_input.parent)], f"--output: {gguf_input.parent} is the input model's own directory"),
         (["-i", str(model), "-i", str(twin), "-o", str(tmp_path / "out" / "{model}")],
          f"--output: {model} and {twin} would both write to {tmp_path / 'out' / 'tiny-llama'}"),
     ]
