@@ -284,13 +284,14 @@ def describe_residual(plan: Plan) -> dict[str, object] | None:
 
 
 def evaluate_model(
-    input_path: str | os.PathLike, config: RunConfig, progress: ProgressCallback | None = None
+    input_path: str | os.PathLike, config: RunConfig, progress: ProgressCallback | None = None, outputs: tuple[str, ...] = ()
 ) -> QuantizationResult:
-    """Quantize and measure every tensor in memory, writing nothing (for comparisons)."""
+    """Quantize and measure every tensor in memory, writing nothing (for comparisons).  ``outputs``:
+    plan as a run writing them would, so that what such a run refuses is refused here too."""
     started = time.perf_counter()
     config = config.evaluated()
     model = open_model(input_path)
-    plan = choose_residual(model, make_plan(model, config, outputs=()), config.variant)  # nothing is written
+    plan = choose_residual(model, make_plan(model, config, outputs=outputs), config.variant)  # nothing is written
     records: list[TensorRecord] = []
 
     def done(job, group_records, joint):

@@ -132,7 +132,7 @@ def compare_model(
             config = case_config(case, variant, workers)  # a bad option (--variant) stops the comparison
             try:
                 if text is None:
-                    result = evaluate_model(model, config)
+                    result = evaluate_model(model, config, outputs=config.output_kinds)  # refused as a run would be
                 else:
                     out = scratch / f"case{index}"
                     outputs = ("q8k",) if config.output_kinds == ("q8k",) else ("gguf",)

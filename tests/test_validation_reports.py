@@ -254,11 +254,14 @@ def test_compare_refuses_an_unknown_strategy_and_an_output_that_is_a_file(tmp_pa
 
 def test_compare_gives_a_preset_that_needs_an_imatrix_a_refused_row(tmp_path):
     # the whole comparison used to stop (exit 2, no table) at q2_k_s without an importance matrix
-    result = run_cli("qstrat", "compare", str(REPO / "examples" / "tiny-llama"), "-f", "q2_k_s,q8_0", "-s", "identity", "--json")
+    result = run_cli("qstrat", "compare", str(REPO / "examples" / "tiny-llama"), "-f", "q2_k_s,q8_0,q8_k", "-s", "identity,l2_norm", "--json")
     assert result.returncode == 0, result.stderr
-    rows = {r["format"]: r for r in json.loads(result.stdout)["chains"]}
-    assert "q2_k_s requires importance data (imatrix)" in rows["q2_k_s"]["error"]
-    assert rows["q8_0"]["bits_per_weight"] == 8.5 and "error" not in rows["q8_0"]
+    rows = {(r["format"], r["chain"]): r for r in json.loads(result.stdout)["chains"]}
+    assert "q2_k_s requires importance data (imatrix)" in rows["q2_k_s", "identity"]["error"]
+    assert rows["q8_0", "identity"]["bits_per_weight"] == 8.5 and "error" not in rows["q8_0", "identity"]
+    # a run-time permutation in a model written for llama.cpp: refused as the run refuses it (it had figures)
+    assert "llama.cpp cannot apply" in rows["q8_0", "l2_norm"]["error"]
+    assert rows["q8_k", "l2_norm"]["runtime_permutations"] == 15  # Candle's Q8K path gathers
     # an option of the command itself is no case's refusal: it stops the comparison
     bad = run_cli("qstrat", "compare", str(REPO / "examples" / "tiny-llama"), "-f", "q8_0", "-s", "identity", "--variant", "bogus")
     assert bad.returncode == 2 and bad.stdout == ""
