@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import math
 import os
 import time
 import warnings
@@ -60,11 +62,12 @@ from qstrat.io.safetensors import (
     write_safetensors,
 )
 from qstrat.model import QuantizedModel
-from qstrat.report import preload_plotting, write_reports
+from qstrat.report import REPORT_JSON, preload_plotting, write_reports
 from qstrat.results import QuantizationResult, TensorRecord, ThresholdFailure
 from qstrat.runconfig import RunConfig
 from qstrat.strategies import Permutation
 from qstrat.strategies.search import Reader, scale_group
+from qstrat.verify import file_problems
 
 ProgressCallback = Callable[[list[TensorRecord], int], None]  # records, bytes of input done
 
@@ -170,7 +173,7 @@ def task_batches(ordered: list[GroupJob], workers: int) -> list[list[GroupJob]]:
 
 
 def _joblib_results(
-    batches: list[list[GroupJob]], n_jobs: int, task: Callable[[list[GroupJob]], list[GroupResult]]
+    batches: list[list[GroupJob]], n_jobs: int, task: Callable[[list[GroupJob]], list[GroupResult]], local: bool
 ) -> Iterator[tuple[GroupJob, GroupResult]]:
     """Every group with its result, from ``task`` run on each batch by joblib's workers, as the
     batches finish: one that fails (a full disk) or a kill loses no finished batch's journal line.
@@ -183,7 +186,8 @@ def _joblib_results(
     # batch_size=1: the tasks are sized already (TASK_BYTES, TASK_GROUPS); joblib's automatic
     # batching, seeing fast tasks, would hand the workers most of a run at once, so that the journal
     # lags far behind them and a worker's death near the start could go unnoticed
-    with workers_deaf_to_interrupts():  # joblib starts its workers and their manager thread in this call
+    # joblib starts its local workers and their manager thread in this call (a cluster's are its own)
+    with workers_deaf_to_interrupts() if local else contextlib.nullcontext():
         results = Parallel(n_jobs=n_jobs, return_as="generator_unordered", batch_size=1)(
             delayed(numbered)(task, index, batch) for index, batch in enumerate(batches)
         )
@@ -217,7 +221,7 @@ def _run_groups(
     ordered = sorted(jobs, key=lambda g: (-g.nbytes, g.members[0].info.name))
     settings = config.validation_settings()
     with execution_backend(config, ordered, out) as (n_jobs, threads), deferred_stops():
-        results: Iterator
+        results: Iterator[GroupResult] | Iterator[tuple[GroupJob, GroupResult]]
         if n_jobs == 1 and config.parallel.backend == "loky":
             # in this process, one stream over every group: writes overlap the computing throughout
             results = quantize_stream(ordered, config.variant, settings, out, threads)
@@ -229,7 +233,7 @@ def _run_groups(
                            numba_threads=threads, durable=durable)
             # to its end, so that joblib's generator finishes and its idle workers are kept for the
             # next run of this process
-            finished = results = _joblib_results(task_batches(ordered, n_jobs), n_jobs, task)
+            finished = results = _joblib_results(task_batches(ordered, n_jobs), n_jobs, task, local=config.parallel.backend == "loky")
         try:
             for job, result in finished:
                 on_done(job, result.records, result.joint)
@@ -347,7 +351,7 @@ def quantize_model(
     outputs = config.output_kinds if outputs is None else tuple(outputs)
     force = config.force if force is None else force
     model = open_model(input_path)
-    plan = choose_residual(model, make_plan(model, config, outputs), config.variant)
+    plan = make_plan(model, config, outputs)
     out = Path(output_dir) if output_dir is not None else config.output_dir
     check_output_dir(out, model)
     try:
@@ -361,6 +365,11 @@ def quantize_model(
     older = run_fingerprint(settings, model, with_times=False)
     with output_lock(out):
         previous = read_manifest_lenient(out)
+        if previous is not None and previous.fingerprint == fingerprint and not file_problems(out, previous):
+            # the same run finished here and its files are intact: nothing to redo (a GGUF-only output
+            # keeps no tensor files for a rerun to reuse, and every night's cron run redid it whole)
+            return _up_to_date(out, previous, started)
+        plan = choose_residual(model, plan, config.variant)  # the search, only when something is to be done
         earlier_run = previous is not None or (out / JOURNAL_NAME).exists()  # the directory is a qstrat output
         journal = _open_journal(out, (fingerprint, older), force, previous)
         try:
@@ -555,6 +564,16 @@ def _publish(
     manifest.reports = {f.path: FileEntry(**vars(f)) for f in write_reports(result, name, settings, out)}
     result.manifest_path = write_manifest(out, manifest)
     return result
+
+
+def _up_to_date(out: Path, manifest: Manifest, started: float) -> QuantizationResult:
+    """The result of a finished run whose output is intact: its manifest's records and failures,
+    and its report's description of the GGUF container and of the residual order."""
+    records = [TensorRecord.from_manifest_entry(name, entry) for name, entry in sorted(manifest.tensors.items())]
+    failures = [ThresholdFailure(f.tensor, f.metric, math.nan if f.value is None else f.value, f.limit) for f in manifest.validation.failed]
+    summary = json.loads((out / REPORT_JSON).read_text(encoding="utf-8")).get("summary", {}) if REPORT_JSON in (manifest.reports or {}) else {}
+    return QuantizationResult(out, records, time.perf_counter() - started, out / MANIFEST_NAME, failures,
+                              summary.get("gguf"), summary.get("residual_stream"), up_to_date=True)
 
 
 def read_manifest_lenient(directory: Path) -> Manifest | None:

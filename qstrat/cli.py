@@ -274,7 +274,7 @@ def run(
                     print(f"error: {job.name}: {err}", file=sys.stderr)
             else:
                 outcome.update(
-                    status="threshold_failed" if result.failures else "ok",
+                    status="threshold_failed" if result.failures else "ok", up_to_date=result.up_to_date,
                     tensor_count=result.tensor_count,
                     skipped_count=result.skipped_count,
                     average_mse=None if math.isnan(result.average_mse) else result.average_mse,
@@ -292,6 +292,8 @@ def run(
                     for failure in result.failures:  # what makes the exit code 4 (5 in a batch) is an error
                         print(f"error: {job.name}: below threshold: {failure}", file=sys.stderr, flush=True)
                 if mode != "quiet":
+                    if result.up_to_date:
+                        print(f"{job.name}: up to date (this run finished here before and its files are intact): nothing redone")
                     print_summary(result, job.imatrix)
                     for failure in result.failures:
                         print(f"  below threshold: {failure}", flush=True)

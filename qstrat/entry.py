@@ -72,13 +72,14 @@ def _is_run_json(argv: list[str]) -> bool:
     return bool(words) and words[0] == "run" and "--json" in argv
 
 
-def _start(module: str) -> None:
+def _start(module: str, json_runs: bool = False) -> None:
+    """Run ``module``'s ``main``; ``json_runs``: its ``run --json`` promises a JSON line (qstrat's)."""
     handle_stop_signals()
     sys.stdout, sys.stderr = _ReaderGoneGuard(sys.stdout), _ReaderGoneGuard(sys.stderr)
     try:
         import_module(module).main()  # whose commands report a stop themselves, once under way
     except KeyboardInterrupt:
-        if _is_run_json(sys.argv[1:]):
+        if json_runs and _is_run_json(sys.argv[1:]):
             print(run_json_line([], "interrupted", Interrupted.exit_code), flush=True)
         else:
             print("error: interrupted", file=sys.stderr)
@@ -86,7 +87,7 @@ def _start(module: str) -> None:
 
 
 def qstrat() -> None:
-    _start("qstrat.cli")
+    _start("qstrat.cli", json_runs=True)
 
 
 def quantize_q8k() -> None:

@@ -101,7 +101,7 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
            "alone it selects no permutation, as in the original tool"),
     EnvVar("CANDLE_Q8K_THREADS", "parallel.workers", parse_positive_int, "1", "worker processes"),
     EnvVar("CANDLE_Q8K_VALIDATION", "validation.enabled", parse_bool, "1",
-           "`0` skips measuring the quantization error"),
+           "`1`/`true`/`yes`/`on` (any case): measure the quantization error; `0`/`false`/`no`/`off`: skip it"),
     EnvVar("CANDLE_Q8K_VARIANT", "variant", _parse_variant, DEFAULT_VARIANT,
            f"Q8K rounding variant: {', '.join(f'`{v}`' for v in Q8K_VARIANTS)}"),
 )

@@ -127,6 +127,8 @@ class QuantizationResult:
     container: dict[str, object] | None = None
     #: residual_stream's choice: {"order", "tensors", "readers", "mean_gain_db", "rejected"}; None without it
     residual: dict[str, object] | None = None
+    #: the same run had finished in the output directory, its files intact: nothing was redone
+    up_to_date: bool = False
 
     @property
     def quantized(self) -> list[TensorRecord]:

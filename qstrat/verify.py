@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from qstrat.errors import QstratError
-from qstrat.io.manifest import MANIFEST_NAME, PASSTHROUGH_NAME, read_manifest
+from qstrat.io.manifest import MANIFEST_NAME, PASSTHROUGH_NAME, Manifest, read_manifest
 from qstrat.io.names import unlisted_tensor_files
 from qstrat.io.q8k import check_permutation, read_perm, read_q8k
 from qstrat.io.qblock import read_blocks_header
@@ -18,13 +18,14 @@ def verify_gguf_file(path: str | os.PathLike) -> tuple[list[str], bool]:
     """Every problem of a lone ``.gguf`` file (empty when it is intact), and whether its bytes could
     be checked: a file qstrat writes records the sha256 of its tensor data (``qstrat.data_sha256``),
     another tool's (or an older qstrat's) does not, and then only its structure is checked."""
-    from qstrat.io.gguf import GGUFModel, gguf_data_sha256
+    from qstrat.io.gguf import GGUFModel, data_sha256, recorded_data_sha256
 
     path = Path(path)
     recorded = None
     try:
-        recorded, actual = gguf_data_sha256(GGUFModel(path).reader)
-        if recorded is not None and recorded != actual:
+        reader = GGUFModel(path).reader
+        recorded = recorded_data_sha256(reader)
+        if recorded is not None and recorded != data_sha256(reader):  # nothing to compare with: not read
             return [f"{path}: the sha256 of its tensor data differs from the one it records (the file was changed or corrupted)"], True
         with as_directory(path, follow_container=False) as unpacked:
             return verify_output(unpacked), recorded is not None
@@ -32,17 +33,9 @@ def verify_gguf_file(path: str | os.PathLike) -> tuple[list[str], bool]:
         return [str(err)], recorded is not None
 
 
-def verify_output(output_dir: str | os.PathLike) -> list[str]:
-    """Every problem found (empty when the directory is intact), each naming its file; a
-    manifest that is not one raises :class:`qstrat.errors.FormatError`.
-
-    Checks each file's size and sha256 against the manifest, each .q8k/.qblk/.perm against its
-    format and the tensor's shape and type, the passthrough file's contents, and every permutation.
-    """
-    directory = Path(output_dir)
-    manifest = read_manifest(directory)  # one that cannot be read is an error of its own (exit 2)
-    if manifest is None:
-        return [f"{directory / MANIFEST_NAME}: missing (the run did not finish, or this is not an output directory)"]
+def file_problems(directory: Path, manifest: Manifest) -> list[str]:
+    """Each file the manifest lists that is missing or differs from it (size, sha256), and each
+    tensor file it does not list: a run's files, as its manifest says, and nothing else."""
     problems: list[str] = []
     checked: set[str] = set()
     for file in manifest.files():
@@ -62,6 +55,21 @@ def verify_output(output_dir: str | os.PathLike) -> list[str]:
         f"{directory / name}: not listed in the manifest (a stale file of an earlier run; delete it, or rerun the run)"
         for name in unlisted_tensor_files(directory, checked)
     ]
+    return problems
+
+
+def verify_output(output_dir: str | os.PathLike) -> list[str]:
+    """Every problem found (empty when the directory is intact), each naming its file; a
+    manifest that is not one raises :class:`qstrat.errors.FormatError`.
+
+    Checks each file's size and sha256 against the manifest, each .q8k/.qblk/.perm against its
+    format and the tensor's shape and type, the passthrough file's contents, and every permutation.
+    """
+    directory = Path(output_dir)
+    manifest = read_manifest(directory)  # one that cannot be read is an error of its own (exit 2)
+    if manifest is None:
+        return [f"{directory / MANIFEST_NAME}: missing (the run did not finish, or this is not an output directory)"]
+    problems = file_problems(directory, manifest)
     if problems:
         return problems
     if manifest.gguf_only:

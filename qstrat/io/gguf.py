@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -39,6 +40,9 @@ from qstrat.io.q8k import read_perm, read_q8k, write_perm, write_q8k
 from qstrat.io.qblock import SUFFIX as QBLK_SUFFIX, read_blocks, write_blocks
 from qstrat.io.safetensors import map_tensor, to_float32, write_safetensors
 from qstrat.kernels import BLOCK_BYTES, QK_K
+
+if TYPE_CHECKING:
+    import gguf  # imported on first use (_gguf)
 
 GGML_MAX_NAME_BYTES = 63
 QUANTIZATION_VERSION = 2
@@ -264,30 +268,35 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
             digest.update(memoryview(payload).cast("B"))
             writer.write_tensor_data(payload)
         writer.close()
-        _fill_in_data_sha256(tmp, data_start, digest.hexdigest())
+        _fill_in_data_sha256(tmp, data_start, digest.hexdigest(), target)
     return target
 
 
-def _fill_in_data_sha256(path: Path, header_end: int, hexdigest: str) -> None:
-    """Overwrite the placeholder value of ``qstrat.data_sha256`` (same length) in the header."""
+def _fill_in_data_sha256(path: Path, header_end: int, hexdigest: str, target: Path) -> None:
+    """Overwrite the placeholder value of ``qstrat.data_sha256`` (same length) in the header of
+    ``path``, the temporary file of ``target``.  gguf-py's writer does not say where it put a value,
+    so the placeholder, unique in the header, is found by its bytes."""
     with open(path, "r+b") as file:
         header = file.read(header_end)
         at = header.find(_PENDING_SHA256.encode())
         if at < 0 or header.find(_PENDING_SHA256.encode(), at + 1) >= 0:
-            raise OutputError(f"{path}: the data checksum's place in the header was not found once")
+            raise OutputError(f"{target}: the data checksum's place in the header was not found once")
         file.seek(at)
         file.write(hexdigest.encode())
 
 
-def gguf_data_sha256(reader) -> tuple[str | None, str]:
-    """(the ``qstrat.data_sha256`` a GGUF file records, or None; the sha256 of its tensors' bytes)
-    for a ``gguf.GGUFReader`` of it."""
+def recorded_data_sha256(reader: gguf.GGUFReader) -> str | None:
+    """The ``qstrat.data_sha256`` a GGUF file records (None: another tool's, or an older qstrat's)."""
     field = reader.fields.get(DATA_SHA256_KEY)
-    recorded = field.contents() if field is not None else None
+    return field.contents() if field is not None else None
+
+
+def data_sha256(reader: gguf.GGUFReader) -> str:
+    """The sha256 of a GGUF file's tensors' bytes, in its tensor order, as ``write_gguf`` records it."""
     digest = hashlib.sha256()
     for tensor in reader.tensors:
         digest.update(memoryview(np.ascontiguousarray(tensor.data)).cast("B"))
-    return recorded, digest.hexdigest()
+    return digest.hexdigest()
 
 
 class GGUFModel:
@@ -419,6 +428,9 @@ class GGUFModel:
         if self._string("layout") == GGUF_INPUT_LAYOUT:
             return (f"a llama.cpp model (architecture {self._string('architecture', prefix='general.')}; "
                     "names, metadata and vocabulary of the GGUF it was quantized from)")
+        if self._string("version") is None:  # not written by qstrat: what llama.cpp makes of it is its own affair
+            return (f"a GGUF file another tool wrote (architecture {self._string('architecture', prefix='general.')}); "
+                    "qstrat reads its tensors")
         if any(int(t.tensor_type) == int(_gguf().GGMLQuantizationType.Q8_K) for t in self.tensors.values()):
             return "not a llama.cpp model: qstrat's container of Q8_K weights, which llama.cpp cannot run (Candle loads it)"
         return "not a llama.cpp model: qstrat's generic container (tensors under their own names, no hyperparameters or vocabulary)"

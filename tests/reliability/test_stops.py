@@ -136,7 +136,7 @@ def test_a_signal_while_the_command_loads_exits_130(tmp_path):
     assert result.returncode == 130, result.stderr
     assert result.stderr.strip() == "error: interrupted"
     # qstrat run --json: its one JSON line on stdout, even this early, and nothing on stderr
-    code = "import sys; sys.argv = ['qstrat', 'run', 'c.yaml', '--json']; " + code
+    code = "import sys; sys.argv = ['qstrat', 'run', 'c.yaml', '--json']; " + code.replace("')", "', json_runs=True)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert result.returncode == 130 and result.stderr == "", result.stderr
