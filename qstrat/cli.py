@@ -26,7 +26,14 @@ from qstrat.errors import (
 )
 from qstrat.entry import run_json_line
 from qstrat.interrupts import handle_stop_signals, ignore_stop_signals
-from qstrat.report import describe_container, describe_formats, describe_importance, describe_residual_choice, summarize
+from qstrat.report import (
+    describe_container,
+    describe_formats,
+    describe_importance,
+    describe_residual_choice,
+    larger_than_input,
+    summarize,
+)
 from qstrat.results import QuantizationResult, TensorRecord
 from qstrat.strategies import STRATEGIES
 
@@ -285,6 +292,13 @@ def run(
                     exit_code = ValidationFailed.exit_code
                 if result.container is not None:
                     outcome["gguf"] = result.container
+                input_bytes = sum(f.size for f in model.files)
+                output_bytes = sum(p.stat().st_size for p in job.output.iterdir() if p.is_file())
+                larger = larger_than_input(result, input_bytes, output_bytes)
+                if larger is not None:
+                    outcome["warnings"] = [larger]
+                    if mode != "quiet":
+                        print(f"warning: {job.name}: {larger}", file=sys.stderr, flush=True)
                 summary = summarize(result)
                 if "imatrix" in summary:
                     outcome["imatrix"] = {"path": str(job.imatrix), **summary["imatrix"]}

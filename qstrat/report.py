@@ -110,6 +110,22 @@ def describe_container(container: Mapping[str, object]) -> list[str]:
     return [head] + [f"{container['file']}: {note}" for note in container.get("notes") or ()]
 
 
+def larger_than_input(result: QuantizationResult, input_bytes: int, output_bytes: int) -> str | None:
+    """A sentence when the output takes a quarter more room than the input, or more: how many tensors
+    passed through and the commonest reason, by their bytes (Q8K of a GGUF model whose rows are not 256
+    long keeps most of it unquantized, decoded to F32).  Below that, reports and a manifest beside an
+    output that passes most tensors through unchanged say nothing surprising."""
+    if output_bytes <= 1.25 * input_bytes:
+        return None
+    passed = [r for r in result.tensors if not r.quantized]
+    by_reason: dict[str, int] = {}
+    for record in passed:
+        by_reason[record.reason or "not quantized"] = by_reason.get(record.reason or "not quantized", 0) + record.nbytes
+    reason = max(by_reason, key=by_reason.get) if by_reason else None
+    return (f"the output ({output_bytes / 1e6:.0f} MB) is larger than the input ({input_bytes / 1e6:.0f} MB): "
+            f"{len(passed)} of {len(result.tensors)} tensors are stored unquantized" + (f", most of them by bytes because {reason}" if reason else ""))
+
+
 def build_report(result: QuantizationResult, model: str, settings: Mapping[str, object]) -> dict[str, object]:
     tensors = {}
     failed = {f.name for f in result.failures}

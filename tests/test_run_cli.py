@@ -431,6 +431,22 @@ def test_a_finished_run_is_up_to_date_on_its_rerun(tmp_path):
     assert redone["up_to_date"] is False and run_cli("qstrat", "verify", str(out)).returncode == 0
 
 
+def test_an_output_much_larger_than_its_input_is_a_warning(tmp_path):
+    # Q8K of a GGUF model whose rows are not 256 long: its block-type tensors pass through decoded to F32
+    rng = np.random.default_rng(0)
+    model = write_model(tmp_path / "m", {f"l.{i}.weight": rng.standard_normal((256, 384)).astype(np.float32) for i in range(4)}, dtype="F32")
+    config = REPO / "configs" / "identity.yaml"
+    assert run_cli("qstrat", "run", str(config), "-i", str(model), "-o", str(tmp_path / "q4"), "-q", "--set", "format=q4_0").returncode == 0
+    source = next((tmp_path / "q4").glob("*.gguf"))
+    result = run_cli("qstrat", "run", str(config), "-i", str(source), "-o", str(tmp_path / "q8k"))
+    assert result.returncode == 0, result.stderr
+    assert "is larger than the input" in result.stderr and "row length 384 is not a multiple of 256" in result.stderr
+    quiet = run_cli("qstrat", "run", str(config), "-i", str(source), "-o", str(tmp_path / "q8k"), "--json")
+    assert "is larger than the input" in json.loads(quiet.stdout)["models"][0]["warnings"][0]
+    plain = run_cli("qstrat", "run", str(config), "-i", str(model), "-o", str(tmp_path / "plain"))
+    assert "larger than the input" not in plain.stderr  # passed through as they were: no bigger
+
+
 def test_batch_goes_on_past_a_failing_model(tmp_path):
     good = make_llama_dir(tmp_path / "models" / "good", shards=1)
     bad = tmp_path / "models" / "bad"
