@@ -650,7 +650,7 @@ def choose_types(
             # llama_model_quantize_impl throws "this quantization requires an imatrix!"
             raise PresetError(
                 f"{ftype} requires importance data (imatrix): {name} is {_type_name(new_type)}, which llama.cpp "
-                "refuses to make without it"
+                "refuses to make without it; give one with imatrix: (qstrat imatrix MODEL --text FILE makes it)"
             )
         chosen[name] = TensorChoice(_type_name(new_type), fallback_from, needs_imatrix)
 

@@ -154,10 +154,16 @@ def _fmt(value, spec):
 def render_markdown(report: Mapping[str, object]) -> str:
     s = report["summary"]
     validation = report["settings"].get("validation", {})
+    settings = report["settings"]
+    # what the run was asked for: a preset, a block type, or Q8K (the default), whose rounding variant
+    # matters only where Q8K blocks are written
+    asked = (f"Preset `{settings['preset']}`" if settings.get("preset") else f"Format `{settings.get('format') or 'q8k'}`")
+    if "q8k" in s["formats"]:
+        asked += f", Q8K variant `{settings.get('variant')}`"
     lines = [
         f"# Quantization report: {report['model']}",
         "",
-        f"Variant `{report['settings'].get('variant')}`; strategies "
+        f"{asked}; strategies "
         f"{', '.join(e['name'] for e in report['settings'].get('strategies', []))}; validation stages "
         f"{', '.join(validation.get('stages', [])) or 'off'}, matrix-vector product computed "
         f"{'as Candle does (input quantized to Q8K)' if validation.get('product') == 'candle' else 'with exact dequantized weights'}.",

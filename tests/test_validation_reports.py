@@ -279,3 +279,11 @@ def test_a_threshold_the_run_does_not_measure_is_a_warning(tmp_path):
     assert json.loads(staged.stdout)["warnings"] == ["validation.thresholds.max_gradient_test_mse is not checked: validation.stages lacks gradient_test"]
     measured = run_cli("qstrat", "run", config, "-o", str(tmp_path / "measured"), "--json")
     assert "warnings" not in json.loads(measured.stdout)
+
+
+def test_the_report_names_the_format_or_preset_and_the_q8k_variant_only_for_q8k(tmp_path):
+    config = str(REPO / "configs" / "identity.yaml")
+    for name, settings, head in (("preset", ["--set", "preset=q4_k_m"], "Preset `q4_k_m`; strategies identity"),
+                                 ("q8k", [], "Format `q8k`, Q8K variant `candle`; strategies identity")):
+        assert run_cli("qstrat", "run", config, "-o", str(tmp_path / name), "-q", *settings).returncode == 0
+        assert (tmp_path / name / "report.md").read_text().splitlines()[2].startswith(head)
