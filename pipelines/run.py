@@ -64,7 +64,7 @@ from qstrat.io.safetensors import (
 from qstrat.model import QuantizedModel
 from qstrat.report import REPORT_JSON, preload_plotting, write_reports
 from qstrat.results import QuantizationResult, TensorRecord, ThresholdFailure
-from qstrat.runconfig import RunConfig
+from qstrat.runconfig import THRESHOLDS, RunConfig
 from qstrat.strategies import Permutation
 from qstrat.strategies.search import Reader, scale_group
 from qstrat.verify import file_problems
@@ -317,15 +317,9 @@ def threshold_failures(records: list[TensorRecord], thresholds) -> list[Threshol
         m = record.metrics
         if not record.quantized or m is None:
             continue
-        for metric, limit, worse in (
-            ("sqnr_db", thresholds.min_sqnr_db, lambda v, t: v < t),
-            ("mse", thresholds.max_mse, lambda v, t: v > t),
-            ("cosine", thresholds.min_cosine, lambda v, t: v < t),
-            ("sum_test_mse", thresholds.max_sum_test_mse, lambda v, t: v > t),
-            ("gradient_test_mse", thresholds.max_gradient_test_mse, lambda v, t: v > t),
-        ):
-            value = getattr(m, metric)
-            if limit is not None and value is not None and worse(value, limit):
+        for key, (_, metric, bound) in THRESHOLDS.items():
+            limit, value = getattr(thresholds, key), getattr(m, metric)
+            if limit is not None and value is not None and (value < limit if bound == "min" else value > limit):
                 failures.append(ThresholdFailure(record.name, metric, value, limit))
     return failures
 

@@ -227,7 +227,7 @@ def run(
 
     def report_json(message: str, exit_code: int) -> None:
         # --json: one line on stdout whatever happens, a stopped run's included (a log of JSON lines stays one)
-        print(run_json_line(outcomes, message, exit_code), flush=True)
+        print(run_json_line(outcomes, exit_code, message), flush=True)
 
     with user_errors(report_json if json_output else _print_error):
         spec = load_run_config(config, input_override=input or None, output_override=output, sets=set_ or ())
@@ -318,7 +318,7 @@ def run(
                             print(f"warning: {note}", file=sys.stderr, flush=True)
             outcomes.append(outcome)
         if json_output:
-            print(json.dumps({"models": outcomes, "exit_code": exit_code, **({"warnings": unchecked} if unchecked else {})}))
+            print(run_json_line(outcomes, exit_code, warnings=unchecked))
         elif spec.batch and mode != "quiet":
             failed = [o["model"] for o in outcomes if o["status"] != "ok"]
             print(f"Batch: {len(outcomes) - len(failed)} of {len(outcomes)} models ok" + (f"; not ok: {', '.join(failed)}" if failed else ""))

@@ -60,9 +60,11 @@ class _ReaderGoneGuard:
         return getattr(self._stream, name)
 
 
-def run_json_line(models: list[dict], error: str | None, exit_code: int) -> str:
-    """``qstrat run --json``'s line when something stopped the run (``error``)."""
-    return json.dumps({"models": models, "error": error, "exit_code": exit_code})
+def run_json_line(models: list[dict], exit_code: int, error: str | None = None, warnings: list[str] | tuple = ()) -> str:
+    """``qstrat run --json``'s one line: each model's outcome, the exit code, what stopped the run
+    (``error``) if something did, and the run's warnings if there are any."""
+    return json.dumps({"models": models, "exit_code": exit_code, **({"error": error} if error is not None else {}),
+                       **({"warnings": list(warnings)} if warnings else {})})
 
 
 def _is_run_json(argv: list[str]) -> bool:
@@ -80,7 +82,7 @@ def _start(module: str, json_runs: bool = False) -> None:
         import_module(module).main()  # whose commands report a stop themselves, once under way
     except KeyboardInterrupt:
         if json_runs and _is_run_json(sys.argv[1:]):
-            print(run_json_line([], "interrupted", Interrupted.exit_code), flush=True)
+            print(run_json_line([], Interrupted.exit_code, "interrupted"), flush=True)
         else:
             print("error: interrupted", file=sys.stderr)
         raise SystemExit(Interrupted.exit_code) from None

@@ -76,10 +76,14 @@ class StrategyEntry(BaseModel):
     match: str | None = None
 
 
-#: the validation stage that measures what each threshold limits
-THRESHOLD_STAGES = {
-    "min_sqnr_db": "weight_error", "max_mse": "weight_error", "min_cosine": "weight_error",
-    "max_sum_test_mse": "sum_test", "max_gradient_test_mse": "gradient_test",
+#: each threshold: the validation stage that measures it, the tensor metric it limits, and whether a
+#: value below it ("min") or above it ("max") fails the tensor
+THRESHOLDS = {
+    "min_sqnr_db": ("weight_error", "sqnr_db", "min"),
+    "max_mse": ("weight_error", "mse", "max"),
+    "min_cosine": ("weight_error", "cosine", "min"),
+    "max_sum_test_mse": ("sum_test", "sum_test_mse", "max"),
+    "max_gradient_test_mse": ("gradient_test", "gradient_test_mse", "max"),
 }
 
 
@@ -90,7 +94,7 @@ class Thresholds(_Strict):
     max_sum_test_mse: float | None = Field(default=None, ge=0)
     max_gradient_test_mse: float | None = Field(default=None, ge=0)
 
-    @field_validator("min_sqnr_db", "max_mse", "min_cosine", "max_sum_test_mse", "max_gradient_test_mse", mode="before")
+    @field_validator(*THRESHOLDS, mode="before")
     @classmethod
     def _numbers(cls, value):
         # YAML reads 1e-3 as a string: accept numbers written that way, but nothing else
@@ -216,7 +220,7 @@ class RunConfig(_Strict):
         the stage that measures it is not among ``validation.stages``."""
         validation = self.validation
         unchecked = []
-        for key, stage in THRESHOLD_STAGES.items():
+        for key, (stage, _, _) in THRESHOLDS.items():
             if getattr(validation.thresholds, key) is None:
                 continue
             if not validation.enabled:

@@ -87,3 +87,14 @@ def test_the_library_refuses_settings_a_file_would_refuse(tmp_path):
     with pytest.raises(qstrat.QstratError, match="config is a QuantizationConfig"):
         qstrat.quantize_safetensors(REPO / "examples" / "tiny-llama", {"output": str(tmp_path / "o")})
     assert not (tmp_path / "o").exists()
+
+
+def test_every_threshold_has_its_stage_and_metric():
+    from qstrat.matrix import TensorMetrics
+    from qstrat.runconfig import THRESHOLDS, Thresholds
+    from qstrat.validation import STAGES
+
+    assert set(THRESHOLDS) == set(Thresholds.model_fields)
+    for stage, metric, bound in THRESHOLDS.values():
+        assert stage in STAGES and metric in TensorMetrics.__dataclass_fields__ and bound in ("min", "max")
+
