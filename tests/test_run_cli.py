@@ -250,12 +250,17 @@ def test_kill_9_then_rerun_is_identical_and_lock_is_exclusive(tmp_path):
     _same_dirs(out, reference)
 
 
-def test_sigterm_stops_cleanly(tmp_path):
+def _start_two_workers(tmp_path: Path) -> tuple[Path, Path, subprocess.Popen]:
+    """A run of many tensors on two workers, started in a process group of its own."""
     model = _many_tensor_model(tmp_path / "big")
     config = tmp_path / "c.yaml"
     config.write_text(f"input: {model}\noutput: unused\nparallel: {{workers: 2}}\n")
     out = tmp_path / "o"
-    process = _start(config, out)
+    return config, out, _start(config, out)
+
+
+def test_sigterm_stops_cleanly(tmp_path):
+    config, out, process = _start_two_workers(tmp_path)
     try:
         workers = wait_for(lambda: process.poll() is None and journal_lines(out) >= 5 and loky_workers(process.pid), 120,
                            "a run with workers and 5 journaled groups")
@@ -280,11 +285,7 @@ def test_sigterm_stops_cleanly(tmp_path):
 def test_ctrl_c_to_the_process_group_while_workers_start_prints_no_traceback(tmp_path):
     # a terminal's Ctrl-C reaches every process of the group: workers still importing printed their
     # KeyboardInterrupt tracebacks (the run itself stopped with 130)
-    model = _many_tensor_model(tmp_path / "big")
-    config = tmp_path / "c.yaml"
-    config.write_text(f"input: {model}\noutput: unused\nparallel: {{workers: 2}}\n")
-    out = tmp_path / "o"
-    process = _start(config, out)
+    config, out, process = _start_two_workers(tmp_path)
     try:
         workers = wait_for(lambda: process.poll() is None and loky_workers(process.pid), 120, "a worker started")
         time.sleep(0.1)  # into the worker's imports (before them, SIGINT's default action ends it silently)
