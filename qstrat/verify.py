@@ -25,7 +25,7 @@ def verify_gguf_file(path: str | os.PathLike) -> tuple[list[str], bool]:
     try:
         reader = GGUFModel(path).reader
         recorded = recorded_data_sha256(reader)
-        if recorded is not None and recorded != data_sha256(reader):  # nothing to compare with: not read
+        if recorded is not None and recorded != data_sha256(reader):  # the data is read only to compare it
             return [f"{path}: the sha256 of its tensor data differs from the one it records (the file was changed or corrupted)"], True
         with as_directory(path, follow_container=False) as unpacked:
             return verify_output(unpacked), recorded is not None
