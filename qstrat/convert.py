@@ -116,9 +116,12 @@ def gguf_metadata(model: QuantizedModel, source: str | os.PathLike | None = None
                 "again only from a run's output directory whose source model (config.json, tokenizer) is at hand: "
                 "use that GGUF itself, or convert the run's own output directory"
             )
-        # a GGUF input: its names, metadata and vocabulary carry over, as llama-quantize keeps them
+        # a GGUF input: its names, metadata and vocabulary carry over, as llama-quantize keeps them;
+        # a directory only converted from it (no run: no fingerprint) holds its tensors, of its file type
+        converted = manifest is not None and manifest.fingerprint is None
+        source_type = reader.fields.get("general.file_type")
         return {
-            "file_type": _file_type(config),
+            "file_type": (int(source_type.contents()) if source_type is not None else None) if converted else _file_type(config),
             "architecture": (manifest and manifest.source.architecture) or "qstrat",
             "name": None,
             "variant": (manifest and manifest.variant) or "unknown",

@@ -182,3 +182,16 @@ def test_gguf_instead_of_q8k_files(tmp_path):
     # a rerun repairs it
     assert run_cli("qstrat", "run", str(REPO / "configs" / "attention_aware.yaml"), "-o", str(out), "-q", "--set", "outputs=[gguf]").returncode == 0
     assert run_cli("qstrat", "verify", str(out)).returncode == 0
+
+
+def test_another_tools_gguf_converted_there_and_back_keeps_its_file_type(tmp_path):
+    # a directory converted from a GGUF holds its tensors as they were: the way back used to drop
+    # general.file_type (llama.cpp then printed "(guessed)")
+    from qstrat.reference import smollm2_gguf
+
+    source = smollm2_gguf()
+    assert run_cli("qstrat", "convert", str(source), str(tmp_path / "d")).returncode == 0
+    result = run_cli("qstrat", "convert", str(tmp_path / "d"), str(tmp_path / "back.gguf"))
+    assert result.returncode == 0, result.stderr
+    file_type = [GGUFReader(path).fields["general.file_type"].contents() for path in (source, tmp_path / "back.gguf")]
+    assert file_type[0] == file_type[1] == 3  # MOSTLY_Q4_1
