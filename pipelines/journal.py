@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from qstrat.errors import OutputError
-from qstrat.io.atomic import describe_os_error
+from qstrat.io.atomic import atomic_path, describe_os_error
 from qstrat.io.manifest import tensor_entry
 from qstrat.io.names import JOURNAL_NAME, LOCK_NAME
 from qstrat.io.safetensors import HEADER_LENGTH_BYTES, SafetensorsModel
@@ -68,6 +68,20 @@ def group_key(strategy: str, members: list[str]) -> str:
     return json.dumps([strategy, sorted(members)])
 
 
+def _intact(entry: dict, directory: Path) -> tuple[list[TensorRecord], dict[str, Permutation]] | None:
+    """A journal entry's records and joint permutations if every file it lists is as it says."""
+    try:
+        records = [TensorRecord.from_manifest_entry(name, tensor_entry(e)) for name, e in entry["records"].items()]
+        joint = {name: Permutation(np.asarray(j["perm"], dtype=np.int64), int(j["axis"])) for name, j in entry["joint"].items()}
+    except (ValueError, KeyError, TypeError):  # a line of another version: the group is redone
+        return None
+    for record in records:
+        for file in record.files.values():
+            if file_sha256(directory / file.path) != file.sha256:
+                return None
+    return records, joint
+
+
 class Journal:
     """Finished groups of one fingerprint, read on start and appended as groups finish."""
 
@@ -75,6 +89,7 @@ class Journal:
         self.path = directory / JOURNAL_NAME
         self.fingerprint = fingerprint
         self.done: dict[str, dict] = {}
+        self._reusable: dict[str, tuple[list[TensorRecord], dict[str, Permutation]]] = {}
         self._file = None
 
     def previous_fingerprint(self) -> str | None:
@@ -84,8 +99,9 @@ class Journal:
         except (OSError, ValueError, AttributeError):
             return None
 
-    def load(self) -> None:
-        """Read finished groups (a torn last line from a killed run is ignored)."""
+    def load(self, directory: Path) -> None:
+        """Read the finished groups whose files in ``directory`` are intact (a torn last line from a
+        killed run is ignored; a group whose files changed is redone, and dropped from the journal)."""
         try:
             lines = self.path.read_text(encoding="utf-8").splitlines()
         except OSError:
@@ -93,38 +109,31 @@ class Journal:
         for line in lines[1:]:
             try:
                 entry = json.loads(line)
-                self.done[entry["group"]] = entry
+                key = entry["group"]
             except (ValueError, KeyError, TypeError):
                 break
+            kept = _intact(entry, directory)
+            if kept is not None:
+                self.done[key], self._reusable[key] = entry, kept
+            else:
+                self.done.pop(key, None)
+                self._reusable.pop(key, None)
 
-    def open(self, fresh: bool, keep_loaded: bool = False) -> None:
-        """Append to the journal, or start it afresh under this fingerprint (with the groups loaded
-        from it, if ``keep_loaded``)."""
+    def open(self, keep_loaded: bool) -> None:
+        """Start the journal afresh under this fingerprint, with the groups loaded from it if
+        ``keep_loaded`` (once each: a rerun that redoes groups does not make it grow), then append."""
         try:
-            if fresh or not self.path.exists():
-                with open(self.path, "w", encoding="utf-8") as f:
-                    f.write(json.dumps({"fingerprint": self.fingerprint}) + "\n")
-                    for entry in self.done.values() if keep_loaded else ():
-                        f.write(json.dumps(entry, sort_keys=True, allow_nan=False) + "\n")
+            with atomic_path(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                f.write(json.dumps({"fingerprint": self.fingerprint}) + "\n")
+                for entry in self.done.values() if keep_loaded else ():
+                    f.write(json.dumps(entry, sort_keys=True, allow_nan=False) + "\n")
             self._file = open(self.path, "a", encoding="utf-8")
         except OSError as err:
             raise OutputError(describe_os_error(self.path, err)) from None
 
-    def reusable(self, key: str, directory: Path) -> tuple[list[TensorRecord], dict[str, Permutation]] | None:
-        """The records of a finished group whose files are intact, else None."""
-        entry = self.done.get(key)
-        if entry is None:
-            return None
-        try:
-            records = [TensorRecord.from_manifest_entry(name, tensor_entry(e)) for name, e in entry["records"].items()]
-        except ValueError:  # a line of another version: the group is redone
-            return None
-        for record in records:
-            for file in record.files.values():
-                if file_sha256(directory / file.path) != file.sha256:
-                    return None
-        joint = {name: Permutation(np.asarray(j["perm"], dtype=np.int64), int(j["axis"])) for name, j in entry["joint"].items()}
-        return records, joint
+    def reusable(self, key: str) -> tuple[list[TensorRecord], dict[str, Permutation]] | None:
+        """The records and joint permutations of a finished group whose files are intact, else None."""
+        return self._reusable.get(key)
 
     def record(self, key: str, records: list[TensorRecord], joint: dict[str, Permutation]) -> None:
         entry = {

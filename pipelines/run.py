@@ -385,17 +385,15 @@ def _open_journal(out: Path, fingerprints: tuple[str, str], force: bool, previou
     fingerprint (``fingerprints``: today's, and the one an earlier qstrat wrote for the same run, without
     the files' modification times);
     the directory no longer looks complete, and holds no temporaries."""
-    fingerprint, older = fingerprints
-    journal = Journal(out, fingerprint)
+    journal = Journal(out, fingerprints[0])
     earlier = journal.previous_fingerprint() or (previous.fingerprint if previous else None)
-    upgraded = earlier is not None and earlier == older != fingerprint  # kept, and journaled under today's
-    mixed = earlier is not None and earlier not in fingerprints
+    mixed = earlier is not None and earlier not in fingerprints  # the older one's groups are kept, journaled under today's
     if mixed and not force:
         raise OutputError(
             f"output {out} holds results of a different config or input; rerun with --force to replace them"
         )
     if not mixed:
-        journal.load()
+        journal.load(out)
     try:
         # Until the new manifest lands, the directory must not look complete.
         with contextlib.suppress(FileNotFoundError):
@@ -403,7 +401,7 @@ def _open_journal(out: Path, fingerprints: tuple[str, str], force: bool, previou
         remove_stale_temporaries(out)
     except OSError as err:
         raise OutputError(describe_os_error(out, err)) from None
-    journal.open(fresh=mixed or upgraded or not journal.done, keep_loaded=upgraded)
+    journal.open(keep_loaded=not mixed)
     return journal
 
 
@@ -426,7 +424,7 @@ def _reuse_or_quantize_groups(
     joint: dict[str, Permutation] = {}
     pending = []
     for job in plan.groups:
-        reused = journal.reusable(_journal_key(job), out)
+        reused = journal.reusable(_journal_key(job))
         if reused is None:
             pending.append(job)
             continue

@@ -428,8 +428,10 @@ def test_a_finished_run_is_up_to_date_on_its_rerun(tmp_path):
     assert outcome["up_to_date"] is True and outcome["tensor_count"] == first["tensor_count"]
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != LOCK_NAME} == times  # nothing rewritten
     (out / "report.md").unlink()  # a file missing: not up to date, the run is done again
+    lines = journal_lines(out)
     redone = json.loads(run_cli("qstrat", "run", config, *args).stdout)["models"][0]
     assert redone["up_to_date"] is False and run_cli("qstrat", "verify", str(out)).returncode == 0
+    assert journal_lines(out) == lines  # each group once: a rerun that redoes them used to add them again
 
 
 def test_an_output_much_larger_than_its_input_is_a_warning(tmp_path):
