@@ -88,7 +88,7 @@ class Journal:
     def __init__(self, directory: Path, fingerprint: str) -> None:
         self.path = directory / JOURNAL_NAME
         self.fingerprint = fingerprint
-        self.done: dict[str, dict] = {}
+        self._entries: dict[str, dict] = {}
         self._reusable: dict[str, tuple[list[TensorRecord], dict[str, Permutation]]] = {}
         self._file = None
 
@@ -114,9 +114,9 @@ class Journal:
                 break
             kept = _intact(entry, directory)
             if kept is not None:
-                self.done[key], self._reusable[key] = entry, kept
+                self._entries[key], self._reusable[key] = entry, kept
             else:
-                self.done.pop(key, None)
+                self._entries.pop(key, None)
                 self._reusable.pop(key, None)
 
     def open(self, keep_loaded: bool) -> None:
@@ -125,7 +125,7 @@ class Journal:
         try:
             with atomic_path(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
                 f.write(json.dumps({"fingerprint": self.fingerprint}) + "\n")
-                for entry in self.done.values() if keep_loaded else ():
+                for entry in self._entries.values() if keep_loaded else ():
                     f.write(json.dumps(entry, sort_keys=True, allow_nan=False) + "\n")
             self._file = open(self.path, "a", encoding="utf-8")
         except OSError as err:
