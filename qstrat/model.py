@@ -56,6 +56,8 @@ class QuantizedModel:
         from qstrat.io.manifest import read_manifest
 
         self.directory = Path(output_dir)
+        if not self.directory.exists():
+            raise InputError(f"{self.directory}: no such file or directory")
         if not self.directory.is_dir():
             raise InputError(f"{self.directory}: not an output directory")
         self.manifest = manifest if manifest is not None else read_manifest(self.directory)

@@ -144,9 +144,12 @@ def test_verify_catches_every_corruption(tmp_path):
     missing_file = run_cli("qstrat", "verify", str(out))
     assert missing_file.returncode == 3
     assert_clean_failure(missing_file, "up_proj.weight.q8k", "missing")
-    nowhere = run_cli("qstrat", "verify", str(tmp_path / "nowhere"))
-    assert nowhere.returncode == 2
-    assert_clean_failure(nowhere, "nowhere: no such file or directory")
+    # a missing path is said so by every command that reads an output (dequantize, convert said
+    # "not an output directory")
+    for command in (("verify",), ("dequantize", "d.safetensors"), ("convert", "c.gguf"), ("inspect",)):
+        nowhere = run_cli("qstrat", command[0], str(tmp_path / "nowhere"), *(str(tmp_path / a) for a in command[1:]))
+        assert nowhere.returncode == 2, command
+        assert_clean_failure(nowhere, "nowhere: no such file or directory")
 
 
 def test_dequantize_and_inspect(tmp_path):
