@@ -9,6 +9,7 @@ import contextlib
 import json
 import math
 import threading
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -118,10 +119,10 @@ def larger_than_input(result: QuantizationResult, input_bytes: int, output_bytes
     if output_bytes <= 1.25 * input_bytes:
         return None
     passed = [r for r in result.tensors if not r.quantized]
-    by_reason: dict[str, int] = {}
+    by_reason = Counter()
     for record in passed:
-        by_reason[record.reason or "not quantized"] = by_reason.get(record.reason or "not quantized", 0) + record.nbytes
-    reason = max(by_reason, key=by_reason.get) if by_reason else None
+        by_reason[record.reason or "not quantized"] += record.nbytes
+    reason = by_reason.most_common(1)[0][0] if by_reason else None
     return (f"the output ({output_bytes / 1e6:.0f} MB) is larger than the input ({input_bytes / 1e6:.0f} MB): "
             f"{len(passed)} of {len(result.tensors)} tensors are stored unquantized" + (f", most of them by bytes because {reason}" if reason else ""))
 
