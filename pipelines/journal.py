@@ -88,8 +88,8 @@ class Journal:
     def __init__(self, directory: Path, fingerprint: str) -> None:
         self.path = directory / JOURNAL_NAME
         self.fingerprint = fingerprint
-        self._entries: dict[str, dict] = {}
-        self._reusable: dict[str, tuple[list[TensorRecord], dict[str, Permutation]]] = {}
+        #: the finished groups whose files are intact: each one's journal entry, and what it holds
+        self._loaded: dict[str, tuple[dict, tuple[list[TensorRecord], dict[str, Permutation]]]] = {}
         self._file = None
 
     def previous_fingerprint(self) -> str | None:
@@ -114,10 +114,9 @@ class Journal:
                 break
             kept = _intact(entry, directory)
             if kept is not None:
-                self._entries[key], self._reusable[key] = entry, kept
+                self._loaded[key] = entry, kept
             else:
-                self._entries.pop(key, None)
-                self._reusable.pop(key, None)
+                self._loaded.pop(key, None)
 
     def open(self, keep_loaded: bool) -> None:
         """Start the journal afresh under this fingerprint, with the groups loaded from it if
@@ -125,7 +124,7 @@ class Journal:
         try:
             with atomic_path(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
                 f.write(json.dumps({"fingerprint": self.fingerprint}) + "\n")
-                for entry in self._entries.values() if keep_loaded else ():
+                for entry, _ in self._loaded.values() if keep_loaded else ():
                     f.write(json.dumps(entry, sort_keys=True, allow_nan=False) + "\n")
             self._file = open(self.path, "a", encoding="utf-8")
         except OSError as err:
@@ -133,7 +132,8 @@ class Journal:
 
     def reusable(self, key: str) -> tuple[list[TensorRecord], dict[str, Permutation]] | None:
         """The records and joint permutations of a finished group whose files are intact, else None."""
-        return self._reusable.get(key)
+        loaded = self._loaded.get(key)
+        return loaded[1] if loaded is not None else None
 
     def record(self, key: str, records: list[TensorRecord], joint: dict[str, Permutation]) -> None:
         entry = {
