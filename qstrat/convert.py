@@ -105,9 +105,9 @@ def gguf_metadata(model: QuantizedModel, source: str | os.PathLike | None = None
         source = manifest.source.path
     q8k = any("q8k" in e.files for e in model.entries.values())
     if source is not None and Path(source).suffix == ".gguf" and Path(source).is_file() and not q8k:
-        import gguf
+        from qstrat.io.gguf_read import open_gguf
 
-        reader = gguf.GGUFReader(source)  # parsed once: a large vocabulary takes a second or more
+        reader = open_gguf(source)  # parsed once: a large vocabulary takes a second or more
         if _names_mapped_back(reader, model.entries):
             # the directory came from a file qstrat wrote in llama.cpp's layout, its tensors mapped back to
             # Hugging Face names: carrying that file's metadata over them gives a file llama.cpp refuses

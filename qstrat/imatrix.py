@@ -94,10 +94,9 @@ def read_imatrix(path: str | os.PathLike) -> ImportanceMatrix:
 def _read_gguf(path: Path) -> ImportanceMatrix:
     import gguf
 
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as err:  # a third-party parser of untrusted bytes
-        raise FormatError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
+    from qstrat.io.gguf_read import open_gguf
+
+    reader = open_gguf(path)
     fields = {name: f.contents() for name, f in reader.fields.items()}
     missing = [key for key in (KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE) if key not in fields]
     if missing:

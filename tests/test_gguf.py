@@ -134,6 +134,26 @@ def test_bad_gguf_is_a_clean_error(tmp_path):
     assert_clean_failure(run_cli("qstrat", "convert", str(tmp_path / "bad.gguf"), str(tmp_path / "o")), "bad.gguf")
 
 
+def test_a_truncated_or_empty_gguf_is_named_as_such_by_every_reader(tmp_path):
+    out = tmp_path / "o"
+    assert run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-o", str(out), "-q",
+                   "--set", "format=q8_0").returncode == 0
+    data = (out / "tiny-llama.gguf").read_bytes()
+    cut_in_header, cut_in_data = tmp_path / "header" / "m.gguf", tmp_path / "data" / "m.gguf"
+    for path, size in ((cut_in_header, 300), (cut_in_data, len(data) - 5000)):
+        path.parent.mkdir()
+        path.write_bytes(data[:size])
+        message = f"{path}: truncated GGUF file ({size} bytes"
+        # gguf-py's own errors here were a reshape or an index out of bounds
+        assert_clean_failure(run_cli("qstrat", "inspect", str(path)), message)
+        assert_clean_failure(run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-i", str(path),
+                                     "-o", str(tmp_path / "again"), "-q", "--set", "format=q8_0"), message)
+        assert_clean_failure(run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-o", str(tmp_path / "w"),
+                                     "-q", "--set", "format=q4_k", "--set", f"imatrix={path}"), message)
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    assert_clean_failure(run_cli("qstrat", "inspect", str(tmp_path / "empty.gguf")), "empty.gguf: empty file")
+
+
 def test_verify_of_a_lone_gguf_checks_its_recorded_data_checksum(tmp_path):
     out = tmp_path / "o"
     config = ("--set", "format=q8_0", "--set", "outputs=[gguf]")

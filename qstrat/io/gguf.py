@@ -35,6 +35,7 @@ from qstrat.io.manifest import (
     new_manifest,
     write_manifest,
 )
+from qstrat.io.gguf_read import open_gguf
 from qstrat.io.names import RESIDUAL_PERMUTATION_KEY, assign_file_stems
 from qstrat.io.q8k import read_perm, read_q8k, write_perm, write_q8k
 from qstrat.io.qblock import SUFFIX as QBLK_SUFFIX, read_blocks, write_blocks
@@ -307,14 +308,9 @@ class GGUFModel:
     source dtype, and the tensors llama.cpp's converter generates (``rope_freqs``) left out."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        gguf = _gguf()
+        _gguf()  # checks gguf-py's Q8_K layout against qstrat's
         self.path = Path(path)
-        try:
-            self.reader = gguf.GGUFReader(self.path)
-        except FileNotFoundError:
-            raise FormatError(f"{self.path}: no such file") from None
-        except Exception as err:  # a third-party parser of untrusted bytes: any failure is a format error
-            raise FormatError(f"{self.path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
+        self.reader = open_gguf(self.path)
         renamed = dict(zip(self._strings("renamed.gguf"), self._strings("renamed.original")))
         self.tensors = {renamed.get(t.name, t.name): t for t in self.reader.tensors}
         self.llama_cpp = self._string("layout") == LLAMA_LAYOUT

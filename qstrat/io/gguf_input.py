@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qstrat.errors import FormatError, InputError
+from qstrat.errors import InputError
+from qstrat.io.gguf_read import open_gguf
 from qstrat.io.safetensors import TensorInfo
 
 #: GGML types read as they are, by their safetensors dtype tag
@@ -36,15 +37,8 @@ class GGUFInput:
     """A GGUF model read as a run's input; tensors by name (llama.cpp's names), read lazily."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        import gguf
-
         self.path = Path(path)
-        if not self.path.is_file():
-            raise InputError(f"{self.path}: no such file")
-        try:
-            self.reader = gguf.GGUFReader(self.path)
-        except Exception as err:  # a third-party parser of untrusted bytes: any failure is a format error
-            raise FormatError(f"{self.path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
+        self.reader = open_gguf(self.path)
         self.files = [GGUFFile(self.path, self.path.stat().st_size, int(self.reader.data_offset))]
         self.tensors: dict[str, TensorInfo] = {}
         for tensor in self.reader.tensors:

@@ -1,0 +1,53 @@
+"""Opening any GGUF file (a model, an importance matrix) with gguf-py's reader, with one error for bad bytes."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from qstrat.errors import FormatError, InputError
+
+if TYPE_CHECKING:
+    import gguf
+
+
+class _Truncated(Exception):
+    def __init__(self, needed: int) -> None:
+        self.needed = needed
+
+
+@functools.cache
+def _checked_reader() -> type:
+    import gguf
+
+    class CheckedReader(gguf.GGUFReader):
+        # every read of the header and of the tensors goes through _get: a read past the end is a
+        # truncated file (the parser itself would fail later, on a reshape or an index, saying neither)
+        def _get(self, offset, dtype, count=1, override_order=None):
+            end = int(offset) + int(count) * np.dtype(dtype).itemsize
+            if end > len(self.data):
+                raise _Truncated(end)
+            return super()._get(offset, dtype, count, override_order)
+
+    return CheckedReader
+
+
+def open_gguf(path: str | os.PathLike, what: str = "file") -> gguf.GGUFReader:
+    """A parsed GGUF file. A missing file is an InputError ("no such <what>"); bytes gguf-py cannot
+    parse are a FormatError naming the file, which says so when the file ends before its contents do."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such {what}")
+    size = path.stat().st_size
+    if size == 0:
+        raise FormatError(f"{path}: empty file, not a GGUF file")
+    try:
+        return _checked_reader()(path)
+    except _Truncated as err:
+        raise FormatError(f"{path}: truncated GGUF file ({size} bytes; its contents need at least {err.needed})") from None
+    except Exception as err:  # a third-party parser of untrusted bytes: any failure is a format error
+        raise FormatError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
