@@ -132,6 +132,7 @@ def write_passthrough(
                 residual_axis=along_stream.axis if along_stream is not None else None,
                 files={"safetensors": file},
                 reason=p.reason,
+                source_type=p.info.encoding,
             )
         )
     return records
@@ -304,7 +305,8 @@ def evaluate_model(
             progress(group_records, job.nbytes)
 
     _run_groups(list(plan.groups), config, None, done)
-    passthrough = [TensorRecord(p.info.name, p.info.shape, p.info.dtype, "passthrough", reason=p.reason) for p in plan.passthrough]
+    passthrough = [TensorRecord(p.info.name, p.info.shape, p.info.dtype, "passthrough", reason=p.reason, source_type=p.info.encoding)
+                   for p in plan.passthrough]
     tensors = with_permutation_gains(sorted(records + passthrough, key=lambda r: r.name), plan)
     return QuantizationResult(None, tensors, time.perf_counter() - started, residual=describe_residual(plan))
 

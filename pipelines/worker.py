@@ -185,6 +185,7 @@ def _quantize_members(
             name=info.name,
             shape=info.shape,
             dtype=info.dtype,
+            source_type=info.encoding,
             storage="q8k" if writes_q8k(member.choice) else member.choice.type_name,
             fallback_from=member.choice.fallback_from,
             imatrix=member.importance is not None if job.with_imatrix else None,

@@ -59,7 +59,7 @@ def summarize(result: QuantizationResult) -> dict[str, object]:
     metrics = [r.metrics for r in result.quantized if r.metrics is not None]
     sqnr = [m.sqnr_db for m in metrics if m.sqnr_db is not None]
     stored = sum(f.size for r in result.quantized for role, f in r.files.items() if role in ("q8k", "blocks", "perm"))
-    source = sum(r.nbytes for r in result.quantized)
+    source = sum(r.source_nbytes for r in result.quantized)
     formats: dict[str, int] = {}
     for r in result.quantized:
         formats[r.storage] = formats.get(r.storage, 0) + 1

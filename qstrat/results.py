@@ -42,18 +42,34 @@ class TensorRecord:
     #: 10 log10(error under identity / error under the chosen order) of the permutation that
     #: moves its columns, where the run measured it (reports only)
     permutation_gain_db: float | None = None
+    #: the block type a GGUF input stored the tensor in (``q4_1``, ...), which reading decoded to F32
+    source_type: str | None = None
 
     @property
     def quantized(self) -> bool:
         return self.storage != "passthrough"
 
     @property
-    def nbytes(self) -> int:
-        """Bytes of the source tensor."""
+    def numel(self) -> int:
         count = 1
         for d in self.shape:
             count *= d
-        return count * DTYPES[self.dtype].itemsize
+        return count
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensor as read (a GGUF input's block type decoded to F32)."""
+        return self.numel * DTYPES[self.dtype].itemsize
+
+    @property
+    def source_nbytes(self) -> int:
+        """Bytes of the tensor in its source file."""
+        if self.source_type is None:
+            return self.nbytes
+        import gguf
+
+        block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[self.source_type.upper()]]
+        return self.numel // block_size * type_size
 
     @classmethod
     def from_manifest_entry(cls, name: str, entry: TensorEntry) -> TensorRecord:
@@ -75,6 +91,7 @@ class TensorRecord:
             fallback_from=entry.fallback_from if quantized else None,
             imatrix=entry.imatrix if quantized else None,
             permutation_gain_db=(math.inf if entry.permutation_gain_db == "inf" else entry.permutation_gain_db) if quantized else None,
+            source_type=entry.source_type,
         )
 
     def manifest_entry(self) -> TensorEntry:
@@ -88,6 +105,7 @@ class TensorRecord:
             "files": {role: FileEntry(**vars(f)) for role, f in sorted(self.files.items())},
             "joint": Joint(group=self.joint_group, axis=self.joint_axis) if self.joint_group is not None else None,
             "residual_axis": self.residual_axis,
+            "source_type": self.source_type,
         }
         if self.quantized:
             metrics = Metrics(**self.metrics.as_dict()) if self.metrics else None

@@ -453,6 +453,28 @@ def test_an_output_much_larger_than_its_input_is_a_warning(tmp_path):
     assert "larger than the input" not in plain.stderr  # passed through as they were: no bigger
 
 
+def test_a_gguf_inputs_bytes_in_are_its_stored_bytes_and_its_type_is_recorded(tmp_path):
+    rng = np.random.default_rng(1)
+    model = write_model(tmp_path / "m", {f"l.{i}.weight": rng.standard_normal((64, 512)).astype(np.float32) for i in range(3)}, dtype="F32")
+    config = REPO / "configs" / "identity.yaml"
+    assert run_cli("qstrat", "run", str(config), "-i", str(model), "-o", str(tmp_path / "q4"), "-q", "--set", "format=q4_0").returncode == 0
+    source = next((tmp_path / "q4").glob("*.gguf"))
+    out = tmp_path / "q8"
+    assert run_cli("qstrat", "run", str(config), "-i", str(source), "-o", str(out), "-q", "--set", "format=q8_0").returncode == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {t["source_type"] for t in manifest["tensors"].values()} == {"q4_0"}
+    assert {t["dtype"] for t in manifest["tensors"].values()} == {"F32"}  # as read, decoded
+    # Q4_0 stores 32 values in 18 bytes: the report used to count the decoded float32 bytes (7 times more)
+    summary = json.loads((out / "report.json").read_text())["summary"]
+    assert summary["quantized_source_bytes"] == 3 * 64 * 512 // 32 * 18
+    assert f"{3 * 64 * 512 // 32 * 18:,} bytes in" in (out / "report.md").read_text()
+    assert run_cli("qstrat", "verify", str(out)).returncode == 0
+    plain = tmp_path / "plain"
+    assert run_cli("qstrat", "run", str(config), "-i", str(model), "-o", str(plain), "-q", "--set", "format=q8_0").returncode == 0
+    assert all("source_type" not in t for t in json.loads((plain / "manifest.json").read_text())["tensors"].values())
+    assert json.loads((plain / "report.json").read_text())["summary"]["quantized_source_bytes"] == 3 * 64 * 512 * 4
+
+
 def test_batch_goes_on_past_a_failing_model(tmp_path):
     good = make_llama_dir(tmp_path / "models" / "good", shards=1)
     bad = tmp_path / "models" / "bad"

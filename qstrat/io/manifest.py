@@ -87,7 +87,7 @@ class Joint(_Record):
 
 
 class _Entry(_Record):
-    _OMITTED_WHEN_NONE = ("joint", "residual_axis")
+    _OMITTED_WHEN_NONE = ("joint", "residual_axis", "source_type")
     shape: list[int]
     dtype: str
     permutation: Literal["none", "runtime", "joint"]
@@ -96,13 +96,24 @@ class _Entry(_Record):
     #: the axis that carries the residual stream, in a run with residual_stream (its permutation
     #: is the model's one, stored once)
     residual_axis: int | None = None
+    #: the block type a GGUF input stored the tensor in (``q4_1``, ...); ``dtype`` is then F32, as read
+    source_type: str | None = None
+
+    @field_validator("source_type")
+    @classmethod
+    def _a_ggml_type(cls, source_type: str | None) -> str | None:
+        import gguf
+
+        if source_type is not None and source_type.upper() not in gguf.GGMLQuantizationType.__members__:
+            raise ValueError(f"source_type {source_type!r} is not a GGML type")
+        return source_type
 
 
 class QuantizedEntry(_Entry):
     """A quantized tensor: ``storage`` is ``q8k`` (the original tool's .q8k file) or the GGUF
     block type it is stored in (``q4_k``, ...; a .qblk file or the GGUF container)."""
 
-    _OMITTED_WHEN_NONE = ("joint", "residual_axis", "fallback_from", "imatrix", "permutation_gain_db")
+    _OMITTED_WHEN_NONE = ("joint", "residual_axis", "source_type", "fallback_from", "imatrix", "permutation_gain_db")
     storage: str
     strategy: str | None
     metrics: Metrics | None
