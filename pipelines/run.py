@@ -190,7 +190,7 @@ def _joblib_results(
     # joblib starts its local workers and their manager thread in this call (a cluster's are its own)
     with workers_deaf_to_interrupts() if local else contextlib.nullcontext():
         results = Parallel(n_jobs=n_jobs, return_as="generator_unordered", batch_size=1)(
-            delayed(numbered)(task, index, batch) for index, batch in enumerate(batches)
+            delayed(numbered)(task, index, batch, os.getpid() if local else None) for index, batch in enumerate(batches)
         )
     try:
         while True:

@@ -8,6 +8,8 @@ process stores permuted (passthrough).
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -277,9 +279,34 @@ def quantize_stream(
             yield finished(*pending.popleft())
 
 
-def numbered(task: Callable[[list[GroupJob]], list[GroupResult]], index: int, jobs: list[GroupJob]) -> tuple[int, list[GroupResult]]:
-    """``(index, task(jobs))``: a task's results, with which batch they are (they arrive as they finish)."""
+def numbered(
+    task: Callable[[list[GroupJob]], list[GroupResult]], index: int, jobs: list[GroupJob], parent: int | None = None
+) -> tuple[int, list[GroupResult]]:
+    """``(index, task(jobs))``: a task's results, with which batch they are (they arrive as they finish).
+    ``parent``: in a local worker, the pid of the run that started it, which it does not outlive."""
+    if parent is not None:
+        exit_with_parent(parent)
     return index, task(jobs)
+
+
+_PARENT_WATCH = "qstrat-parent-watch"
+
+
+def exit_with_parent(parent: int) -> None:
+    """End this worker process within a second of ``parent``'s death (once per process).
+
+    A run killed with SIGKILL cannot stop its workers: they would go on writing into an output
+    directory whose lock is free again, and then sit idle, holding their buffers, until joblib's
+    idle timeout (minutes). Orphaned, a worker is adopted by another process: its parent pid changes."""
+    if any(thread.name == _PARENT_WATCH for thread in threading.enumerate()):
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name=_PARENT_WATCH, daemon=True).start()
 
 
 def quantize_batch(
