@@ -73,30 +73,31 @@ def _quantize_block(row, start, variant, out, b):
     else:
         iscale = np.float32(-127.0) / extreme
     if not np.isfinite(iscale):
-        # |max| below ~3.7e-37: no meaningful quants exist; the block dequantizes to zeros.
+        # |max| below ~3.7e-37: GGML's quants are all zero here (its nearest_int of +-inf and of NaN),
+        # and its d is 1 / iscale, a zero of the sign opposite to max's
         out[b, :] = 0
-        return 0
-    half = np.float32(0.5)
-    # One loop body serves every variant (a branch here gets the loop unswitched into a
-    # copy that LLVM vectorises badly): |x - rint(x)| is never -1, so ties never go away.
-    away_tie = half if variant != VARIANT_GGML else np.float32(-1.0)
-    for j in range(U64(QK_K)):
-        scaled = iscale * finite_to_float32(row[start + j])
-        rounded = (scaled + _ROUND_MAGIC) - _ROUND_MAGIC  # ties to even
-        # Rust's f32::round takes ties away from zero; scaled +- 0.5 is exact here.
-        away = scaled + np.copysign(half, scaled)
-        rounded = away if abs(scaled - rounded) == away_tie else rounded
-        # |scaled| <= 128 by construction, so one clamp is each variant's own clamp
-        # (ggml: min(127, v); candle: clamp(-128, 127); candle 0.9: min(127) + saturating cast).
-        rounded = np.float32(127.0) if rounded > np.float32(127.0) else rounded
-        rounded = np.float32(-128.0) if rounded < np.float32(-128.0) else rounded
-        out[b, U64(QS_OFFSET) + j] = np.uint8(np.int32(rounded) & 0xFF)
-    # bsums from the stored bytes: a horizontal float sum per group in the loop above cost
-    # almost as much as quantizing the group
-    for g in range(U64(QK_K // BSUM_GROUP)):
-        bits = group_quant_sum(out, b, g) & 0xFFFF
-        out[b, U64(BSUMS_OFFSET) + U64(2) * g] = np.uint8(bits & 0xFF)
-        out[b, U64(BSUMS_OFFSET + 1) + U64(2) * g] = np.uint8(bits >> 8)
+    else:
+        half = np.float32(0.5)
+        # One loop body serves every variant (a branch here gets the loop unswitched into a
+        # copy that LLVM vectorises badly): |x - rint(x)| is never -1, so ties never go away.
+        away_tie = half if variant != VARIANT_GGML else np.float32(-1.0)
+        for j in range(U64(QK_K)):
+            scaled = iscale * finite_to_float32(row[start + j])
+            rounded = (scaled + _ROUND_MAGIC) - _ROUND_MAGIC  # ties to even
+            # Rust's f32::round takes ties away from zero; scaled +- 0.5 is exact here.
+            away = scaled + np.copysign(half, scaled)
+            rounded = away if abs(scaled - rounded) == away_tie else rounded
+            # |scaled| <= 128 by construction, so one clamp is each variant's own clamp
+            # (ggml: min(127, v); candle: clamp(-128, 127); candle 0.9: min(127) + saturating cast).
+            rounded = np.float32(127.0) if rounded > np.float32(127.0) else rounded
+            rounded = np.float32(-128.0) if rounded < np.float32(-128.0) else rounded
+            out[b, U64(QS_OFFSET) + j] = np.uint8(np.int32(rounded) & 0xFF)
+        # bsums from the stored bytes: a horizontal float sum per group in the loop above cost
+        # almost as much as quantizing the group
+        for g in range(U64(QK_K // BSUM_GROUP)):
+            bits = group_quant_sum(out, b, g) & 0xFFFF
+            out[b, U64(BSUMS_OFFSET) + U64(2) * g] = np.uint8(bits & 0xFF)
+            out[b, U64(BSUMS_OFFSET + 1) + U64(2) * g] = np.uint8(bits >> 8)
     d = np.float32(np.float32(1.0) / iscale).view(np.uint32)
     for i in range(U64(4)):
         out[b, U64(D_OFFSET) + i] = np.uint8((d >> np.uint32(8 * i)) & np.uint32(0xFF))

@@ -122,12 +122,22 @@ def test_fused_row_and_column_gather():
     assert np.array_equal(quantize_rows(x, row_perm=rows, col_perm=cols), expected)
 
 
-def test_tiny_block_gives_zero_scale():
-    x = np.zeros((1, 256), dtype=np.float32)
-    x[0, 5] = 1e-38  # 127 / 1e-38 overflows float32
-    blocks = qstrat.quantize_blocks(x)
-    assert not blocks.any()
-    assert not qstrat.dequantize_blocks(blocks).any()
+def test_tiny_blocks_are_ggmls_and_dequantize_to_zeros():
+    # 127 / |max| overflows float32: GGML's d is 1 / iscale, a zero whose sign is max's opposite (qstrat
+    # wrote +0 for both signs), and its quants all zero
+    x = np.zeros((6, 256), dtype=np.float32)
+    x[0, 5] = 1e-38
+    x[1, 5] = -1e-38
+    x[2, 0], x[2, 9] = 1e-37, -3e-38
+    x[3, 200] = -np.float32(1e-45)  # subnormal
+    x[4, :] = np.float32(2e-38) * np.arange(256, dtype=np.float32) / 256
+    x[5, 7] = 1e-36  # 127 / 1e-36 is finite: an ordinary block next to the tiny ones
+    assert np.array_equal(qstrat.quantize_blocks(x, "ggml"), ggml_quantize_q8k(x))
+    assert np.array_equal(qstrat.quantize(x, "q8_k"), ggml_quantize_q8k(x).reshape(6, -1))
+    for variant in qstrat.Q8K_VARIANTS:
+        blocks = qstrat.quantize_blocks(x, variant)
+        assert not blocks[:5, 4:].any()  # quants and sums
+        assert not qstrat.dequantize_blocks(blocks[:5]).any()
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
