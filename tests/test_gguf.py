@@ -215,3 +215,48 @@ def test_another_tools_gguf_converted_there_and_back_keeps_its_file_type(tmp_pat
     assert result.returncode == 0, result.stderr
     file_type = [GGUFReader(path).fields["general.file_type"].contents() for path in (source, tmp_path / "back.gguf")]
     assert file_type[0] == file_type[1] == 3  # MOSTLY_Q4_1
+
+
+def test_tensors_of_dtypes_gguf_lacks_go_through_a_gguf_output_and_come_back(tmp_path):
+    # BOOL, unsigned and FP8 tensors (masks, token ids, FP8 checkpoints' scales) have no GGUF type: a
+    # run into GGUF failed after quantizing everything, naming no tensor; and load_model gave FP8 codes
+    from qstrat.io.safetensors import write_safetensors
+
+    rng = np.random.default_rng(3)
+    e4m3 = np.array([0x38, 0x40, 0xB8, 0x30, 0x7E, 0x01, 0x80, 0x00], dtype=np.uint8)  # OCP E4M3FN codes
+    e5m2 = np.array([0x3C, 0x40, 0xBC, 0x7B, 0x7C, 0x01, 0xFC, 0x80], dtype=np.uint8)
+    odd = {
+        "mask": ("BOOL", np.array([True, False, True, True])),
+        "ids": ("U8", np.arange(250, 256, dtype=np.uint8)),
+        "u16": ("U16", np.array([0, 1, 65535], dtype=np.uint16)),
+        "u32": ("U32", np.array([[7, 2**32 - 1]], dtype=np.uint32)),
+        "u64": ("U64", np.array([2**64 - 1, 3], dtype=np.uint64)),
+        "scale_e4m3": ("F8_E4M3", e4m3),
+        "scale_e5m2": ("F8_E5M2", e5m2),
+    }
+    weight = rng.standard_normal((8, 256)).astype(np.float32)
+    model = tmp_path / "m"
+    model.mkdir()
+    write_safetensors(model / "model.safetensors",
+                      [("w.weight", "F32", weight.shape, weight)] + [(n, tag, a.shape, a) for n, (tag, a) in odd.items()], {})
+    out = tmp_path / "o"
+    result = run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-i", str(model), "-o", str(out), "-q", "--set", "format=q4_k")
+    assert result.returncode == 0, result.stderr
+    reader = GGUFReader(next(out.glob("*.gguf")))
+    assert {t.name: t.tensor_type.name for t in reader.tensors if t.name != "w.weight"} == {
+        "mask": "I8", "ids": "I8", "u16": "I16", "u32": "I32", "u64": "I64", "scale_e4m3": "I8", "scale_e5m2": "I8"}
+    back = qstrat.load_model(out)
+    for name in ("mask", "ids", "u16", "u32", "u64"):
+        assert back[name].dtype == odd[name][1].dtype and np.array_equal(back[name], odd[name][1]), name
+    # FP8 as float32 values (the formats' spec: E4M3FN's largest is 448, E5M2's 57344, with infinities)
+    assert back["scale_e4m3"].tolist() == [1.0, 2.0, -1.0, 0.5, 448.0, 2.0**-9, -0.0, 0.0]
+    assert back["scale_e5m2"].tolist() == [1.0, 2.0, -1.0, 57344.0, np.inf, 2.0**-16, -np.inf, -0.0]
+    assert run_cli("qstrat", "verify", str(out)).returncode == 0
+    # to a directory and back: the passed-through bytes and dtypes are the source's
+    assert run_cli("qstrat", "convert", str(next(out.glob("*.gguf"))), str(tmp_path / "dir")).returncode == 0
+    with open(tmp_path / "dir" / "passthrough.safetensors", "rb") as stream:
+        header = json.loads(stream.read(int.from_bytes(stream.read(8), "little")))
+    assert {n: header[n]["dtype"] for n in odd} == {n: tag for n, (tag, _) in odd.items()}
+    again = SafetensorsModel(tmp_path / "dir" / "passthrough.safetensors").tensors
+    for name, (_, array) in odd.items():
+        assert np.asarray(map_tensor(again[name])).tobytes() == array.tobytes(), name

@@ -65,6 +65,9 @@ PASSTHROUGH_TYPES = {
     "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
     "I8": np.int8, "I16": np.int16, "I32": np.int32, "I64": np.int64,
 }
+#: safetensors dtypes GGUF has no type for: their bytes go unchanged into the signed integer type of
+#: their width, the dtype recorded (``qstrat.retyped``) so that reading them back restores it
+RETYPED = {"BOOL": "I8", "U8": "I8", "F8_E4M3": "I8", "F8_E5M2": "I8", "U16": "I16", "U32": "I32", "U64": "I64"}
 
 
 @functools.cache
@@ -99,11 +102,13 @@ def passthrough_tag(ggml_type: int) -> str | None:
 
 
 def _passthrough_entry(model, name: str, layout, gguf):
-    """(producer, numpy dtype, raw type, shape, nbytes, widened-from tag or None) of a passed-through tensor."""
+    """(producer, numpy dtype, raw type, shape, nbytes, source tag or None) of a passed-through tensor;
+    the source tag is the dtype of a tensor stored in another type (widened to F32, or retyped)."""
     info = model.passthrough_info(name)
-    if info.dtype not in PASSTHROUGH_TYPES:
-        raise OutputError(f"GGUF has no type for {info.dtype} tensors")
-    np_dtype = PASSTHROUGH_TYPES[info.dtype]
+    stored_tag = RETYPED.get(info.dtype, info.dtype)
+    if stored_tag not in PASSTHROUGH_TYPES:  # pragma: no cover - every safetensors dtype has a GGUF type or a RETYPED one
+        raise OutputError(f"{name}: GGUF has no type for {info.dtype} tensors")
+    np_dtype = PASSTHROUGH_TYPES[stored_tag]
     order = _row_order(layout, name, info.shape)
     llama_name = layout.names[name] if layout is not None else name
     if layout is not None and info.dtype in ("BF16", "F16") and (len(info.shape) <= 1 or llama_name.endswith("_norm.weight")):
@@ -120,7 +125,7 @@ def _passthrough_entry(model, name: str, layout, gguf):
 
     # the writer derives the type from the numpy dtype, except for bfloat16's raw bits
     raw = gguf.GGMLQuantizationType.BF16 if info.dtype == "BF16" else None
-    return produce, np.dtype(np_dtype), raw, info.shape, info.nbytes, None
+    return produce, np.dtype(np_dtype), raw, info.shape, info.nbytes, info.dtype if info.dtype in RETYPED else None
 
 
 def _row_order(layout, name: str, shape) -> np.ndarray | None:
@@ -149,6 +154,7 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
     perm_names, joint_names, joint_axes, joint_arrays = [], [], [], []
     residual_names, residual_axes, residual_perm = [], [], None
     widened: dict[str, str] = {}
+    retyped: dict[str, str] = {}
     # a file an engine loads (llama.cpp's layout, or a GGUF input's carried over) keeps joint
     # permutations in metadata: llama.cpp refuses tensors it does not expect
     for_engine = layout is not None or metadata.get("carried") is not None
@@ -179,7 +185,9 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
         else:
             produce, dtype, raw, shape, nbytes, source_tag = _passthrough_entry(model, name, layout, gguf)
             entries.append((name, produce, dtype, raw, shape, nbytes))
-            if source_tag is not None:
+            if source_tag in RETYPED:
+                retyped[name] = source_tag
+            elif source_tag is not None:
                 widened[name] = source_tag
         joint = model.joint_permutation(name)
         if joint is not None:
@@ -244,6 +252,9 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
             writer.add_array(KEY_PREFIX + "residual_perm", residual_perm.astype(np.int32).tolist())
             writer.add_array(KEY_PREFIX + "residual_tensors", residual_names)
             writer.add_array(KEY_PREFIX + "residual_axes", residual_axes)
+        if retyped:
+            writer.add_array(KEY_PREFIX + "retyped", list(retyped))
+            writer.add_array(KEY_PREFIX + "retyped_from", list(retyped.values()))
         if renamed:
             writer.add_array(KEY_PREFIX + "renamed.gguf", list(renamed.values()))
             writer.add_array(KEY_PREFIX + "renamed.original", list(renamed))
@@ -351,6 +362,10 @@ class GGUFModel:
                 raise FormatError(f"{self.path}: {KEY_PREFIX}rope_rows: {rows} rows of {name!r} do not split into {heads} heads")
         if set(self.widened.values()) - {"BF16", "F16"}:
             raise FormatError(f"{self.path}: {KEY_PREFIX}widened_from holds a dtype other than BF16 / F16")
+        self.retyped = self._pairs("retyped", self._strings("retyped_from"))
+        for name, tag in self.retyped.items():
+            if tag not in RETYPED or name not in self.tensors or passthrough_tag(int(self.tensors[name].tensor_type)) != RETYPED[tag]:
+                raise FormatError(f"{self.path}: {KEY_PREFIX}retyped: {name!r} is not stored as {RETYPED.get(tag, 'a type')} {tag} goes in")
         self.variant = self._string("variant")
         config = self._string("config")
         try:
@@ -415,6 +430,7 @@ class GGUFModel:
             else:
                 array = values.astype(np.float16)
             tag = source_tag
+        tag = self.retyped.get(name, tag)  # the same bytes
         return tag, np.ascontiguousarray(array).reshape(-1).view(np.uint8)
 
     def describe_layout(self) -> str:

@@ -242,13 +242,37 @@ def read_tensor(info: TensorInfo, buffer: np.ndarray) -> np.ndarray:
     return array
 
 
+def _fp8_values(exponent_bits: int, finite_only: bool) -> np.ndarray:
+    """The float32 value of each of the 256 codes of an 8-bit float with 1 sign bit, ``exponent_bits``
+    and the rest mantissa (OCP FP8: E4M3 is ``finite_only``, its one NaN at all ones; E5M2 is IEEE-like)."""
+    mantissa_bits = 7 - exponent_bits
+    bias = (1 << (exponent_bits - 1)) - 1
+    codes = np.arange(256)
+    exponent, mantissa = (codes >> mantissa_bits) & ((1 << exponent_bits) - 1), codes & ((1 << mantissa_bits) - 1)
+    fraction = mantissa / (1 << mantissa_bits)
+    magnitude = np.where(exponent == 0, fraction * 2.0 ** (1 - bias), (1 + fraction) * 2.0 ** (exponent - bias))
+    top = (1 << exponent_bits) - 1
+    if finite_only:
+        magnitude[(exponent == top) & (mantissa == (1 << mantissa_bits) - 1)] = np.nan
+    else:
+        magnitude[exponent == top] = np.where(mantissa[exponent == top] == 0, np.inf, np.nan)
+    return np.where(codes & 0x80, -magnitude, magnitude).astype(np.float32)
+
+
+#: float32 values of the FP8 codes safetensors names (F8_E4M3 is OCP's E4M3FN, as torch.float8_e4m3fn)
+FP8_VALUES = {"F8_E4M3": _fp8_values(4, finite_only=True), "F8_E5M2": _fp8_values(5, finite_only=False)}
+
+
 def to_float32(dtype: str, array: np.ndarray) -> np.ndarray:
     """Exact float32 values of data of safetensors dtype tag ``dtype``: BF16 as its uint16 bits
-    (widened), F16 as float16 or as its int16 bits (the kernels' view); other dtypes unchanged."""
+    (widened), F16 as float16 or as its int16 bits (the kernels' view), FP8 as its uint8 codes;
+    other dtypes unchanged."""
     if dtype == "BF16":
         return (array.astype(np.uint32) << np.uint32(16)).view(np.float32)
     if dtype == "F16":
         return array.view(np.float16).astype(np.float32)
+    if dtype in FP8_VALUES:
+        return FP8_VALUES[dtype][array.view(np.uint8)]
     return array
 
 
