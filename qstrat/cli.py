@@ -679,14 +679,15 @@ def eval_(
                 raise InputError(
                     f"{reference}: a vocabulary of {ref.n_vocab} tokens, the model's ({model}) has {llm.n_vocab}: "
                     "the KL divergence needs the same vocabulary"
-                )
+                )  # before the text is tokenized; evaluate compares the tokens too
             for path, engine_model in ((model, llm), (reference, ref)):
                 if engine_model is not None and engine_model.add_eos:
                     raise InputError(f"{path}: its vocabulary adds EOS to a text, which llama-perplexity refuses too")
             if llm.n_ctx_train is not None and ctx > llm.n_ctx_train:
                 print(f"warning: {model} was trained on contexts of {llm.n_ctx_train} tokens, --ctx is {ctx}", file=sys.stderr)
             stage("tokenizing")
-            figures = evaluate(llm, data, ctx=ctx, chunks=chunks, reference=ref, progress=callback, source=str(text))
+            figures = evaluate(llm, data, ctx=ctx, chunks=chunks, reference=ref, progress=callback, source=str(text),
+                               reference_name=str(reference))
         result = {
             **figures, "flash_attn": flash_attn, "engine": engine_used, "model": str(model), "reference": None if reference is None else str(reference),
             "text": str(text),

@@ -228,17 +228,30 @@ def evaluate(
     reference: Engine | None = None,
     progress: Callable[[int, int], None] | None = None,
     source: str = "the text",
+    reference_name: str = "the reference",
 ) -> dict[str, float | int | None]:
     """Perplexity of ``model`` over ``text`` (and, with ``reference``, the KL divergence and the other
     comparisons), chunk by chunk as llama-perplexity.  The tokens are the model's; the reference is
-    fed the very same tokens (its vocabulary must be the same size).  ``progress(done, total)`` is
-    called before the first chunk and after each; ``source`` names the text in errors."""
+    fed the very same tokens, so its vocabulary must be the model's: the same size, and the text
+    split into the same tokens.  ``progress(done, total)`` is called before the first chunk and after
+    each; ``source`` names the text and ``reference_name`` the reference in errors."""
     if reference is not None and reference.n_vocab != model.n_vocab:
         raise InputError(
-            f"the reference's vocabulary has {reference.n_vocab} tokens, the model's {model.n_vocab}: "
+            f"{reference_name}: a vocabulary of {reference.n_vocab} tokens, the model's has {model.n_vocab}: "
             "KL divergence needs the same vocabulary"
         )
-    tokens = model.tokenize(text)
+    tokens = list(model.tokenize(text))
+    if reference is not None:
+        # llama-perplexity checks only the size; another vocabulary of the same size gives figures
+        # of the reference fed tokens it would never have made (a KL divergence of nonsense)
+        theirs = list(reference.tokenize(text))
+        same_bos = reference.add_bos == model.add_bos and (not model.add_bos or reference.bos == model.bos)
+        if theirs != tokens or not same_bos:
+            at = next((i for i, (a, b) in enumerate(zip(tokens, theirs)) if a != b), min(len(tokens), len(theirs)))
+            raise InputError(
+                f"{reference_name}: its vocabulary is not the model's: it splits {source} into other tokens"
+                + (f" (from token {at} on)" if same_bos else " (another BOS)") + "; KL divergence needs the same vocabulary"
+            )
     n_chunks = chunk_count(len(tokens), ctx, chunks, source)
     bos = model.bos if model.add_bos else None
     rows = scored_positions(ctx)

@@ -178,6 +178,22 @@ def test_error_cases_are_one_line(smollm, tiny_gguf, wiki, tmp_path):
         assert result.stdout == ""
 
 
+def test_a_reference_of_another_vocabulary_of_the_same_size_is_refused(tiny_gguf, tmp_path):
+    # the same weights with another tokenizer of as many tokens: llama-perplexity checks only the size,
+    # and qstrat gave a KL divergence of 0 for a reference fed tokens it would never have made
+    write_model(tmp_path / "other", llama_tensors(TINY, seed=3), dtype="BF16", shards=1, config=hf_config(TINY))
+    make_bpe_tokenizer(tmp_path / "other", TINY.vocab_size, style="llama3", seed=5)
+    config = RunConfig.build({"format": "f32", "validation": {"stages": ["weight_error"]}}, "test")
+    assert quantize_model(tmp_path / "other", config, tmp_path / "out").container["llama_cpp"]
+    other = tmp_path / "out" / "other.gguf"
+    path = tmp_path / "tiny.txt"
+    path.write_text(" ".join(TOKENIZER_TEXT * 3))
+    result = run_cli("qstrat", "eval", str(tiny_gguf), "--text", str(path), "--ctx", "16", "--reference", str(other))
+    assert result.returncode == 2
+    assert_clean_failure(result, f"{other}: its vocabulary is not the model's: it splits {path} into other tokens (from token ")
+    assert result.stdout == ""
+
+
 def test_without_llama_cpp_python_a_clear_error(smollm, wiki, tmp_path):
     stub = tmp_path / "stub" / "llama_cpp"
     stub.mkdir(parents=True)
