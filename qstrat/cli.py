@@ -628,9 +628,16 @@ def _read_text(text: Path) -> bytes:
     from qstrat.evaluate import text_from_file
 
     try:
-        return text_from_file(text.read_bytes())
+        data = text.read_bytes()
     except OSError as err:
         raise InputError(f"{text}: cannot read the text ({err.strerror or err})") from None
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        # llama.cpp's tokenizers would read each bad byte as U+FFFD, silently: another text
+        raise InputError(f"{text}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
+                         "convert it first, e.g. iconv -f latin1 -t utf-8") from None
+    return text_from_file(data)
 
 
 def _check_counts(**flags: tuple[int | None, int]) -> None:
@@ -717,11 +724,11 @@ def imatrix(
     tokenizer.json.  Give the file to a run with the config
     key imatrix: (or to llama-quantize --imatrix).
     """
-    from qstrat.imatrix import compute_imatrix, write_imatrix
+    from qstrat.imatrix import MIN_BATCH_TOKENS, compute_imatrix, write_imatrix
 
     with user_errors(), contextlib.ExitStack() as stack:
         data = _read_text(text)
-        _check_counts(ctx=(ctx, 4), chunks=(chunks, 1))
+        _check_counts(ctx=(ctx, MIN_BATCH_TOKENS), chunks=(chunks, 1))
         bar, stage, callback = _eval_progress(sys.stderr.isatty())
         with bar:
             stage("loading")

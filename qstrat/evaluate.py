@@ -116,8 +116,9 @@ def text_from_file(data: bytes) -> bytes:
 
 # --- chunks ------------------------------------------------------------------------------------
 
-def chunk_count(n_tokens: int, ctx: int, chunks: int | None, source: str = "the text") -> int:
-    """``min(chunks, n_tokens // ctx)``; refuses fewer than ``2 * ctx`` tokens, as llama-perplexity."""
+def chunk_count(n_tokens: int, ctx: int, chunks: int | None, source: str = "the text", tool: str = "llama-perplexity") -> int:
+    """``min(chunks, n_tokens // ctx)``; refuses fewer than ``2 * ctx`` tokens, as llama-perplexity
+    and llama-imatrix (``tool``, named in the error) do."""
     if ctx < 4:
         raise InputError(f"a context of {ctx} tokens is too small (at least 4: the second half of each chunk is scored)")
     if chunks is not None and chunks < 1:
@@ -125,7 +126,7 @@ def chunk_count(n_tokens: int, ctx: int, chunks: int | None, source: str = "the 
     if n_tokens < 2 * ctx:
         raise InputError(
             f"{source}: {n_tokens} tokens, fewer than the {2 * ctx} needed with a context of {ctx} "
-            f"(two chunks, as llama-perplexity requires): give a longer text or a smaller --ctx"
+            f"(two chunks, as {tool} requires): give a longer text or a smaller --ctx"
         )
     available = n_tokens // ctx
     return available if chunks is None else min(chunks, available)

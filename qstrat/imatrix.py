@@ -234,7 +234,7 @@ def compute_imatrix(
     if ctx < MIN_BATCH_TOKENS:
         raise InputError(f"--ctx {ctx}: at least {MIN_BATCH_TOKENS} (llama-imatrix ignores matrix products of fewer tokens)")
     tokens = engine.tokenize(text)
-    n_chunks = chunk_count(len(tokens), ctx, chunks, dataset or "the text")
+    n_chunks = chunk_count(len(tokens), ctx, chunks, dataset or "the text", tool="llama-imatrix")
     bos = engine.bos if engine.add_bos else None
     entries: dict[str, ImportanceEntry] = {}
 

@@ -200,9 +200,17 @@ def test_imatrix_errors_are_one_line(model, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("too short\n")
     assert_clean_failure(run_cli("qstrat", "imatrix", str(directory), "--text", str(short), "-o", str(tmp_path / "x.gguf"), "--ctx", "32"),
-                         "fewer than the 64 needed")
+                         "fewer than the 64 needed with a context of 32 (two chunks, as llama-imatrix requires)")
     assert_clean_failure(run_cli("qstrat", "imatrix", str(directory), "--text", str(text), "-o", str(tmp_path / "x.gguf"), "--ctx", "8"),
                          "--ctx 8: at least 16")
+    assert_clean_failure(run_cli("qstrat", "imatrix", str(directory), "--text", str(text), "-o", str(tmp_path / "x.gguf"), "--ctx", "-3"),
+                         "--ctx -3: at least 16")  # it said 4, then 16 for 8
+    # a Latin-1 file: llama.cpp's tokenizer reads each bad byte as U+FFFD, and so the text was another, silently
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(Path(text).read_bytes()[:200] + "café".encode("latin-1") + Path(text).read_bytes()[200:])
+    for command in (("imatrix", str(directory), "-o", str(tmp_path / "x.gguf")), ("eval", str(directory)),
+                    ("compare", str(directory), "-f", "q8_0", "-s", "identity")):
+        assert_clean_failure(run_cli("qstrat", *command, "--text", str(latin1)), f"{latin1}: not UTF-8 text (byte 0xe9 at offset 203)")
     assert not (tmp_path / "x.gguf").exists()
 
 
