@@ -81,6 +81,10 @@ class LlamaCppModel:
             raise InputError(
                 f"{path}: llama.cpp cannot load this model ({err}; for a file qstrat wrote, qstrat inspect says why)"
             ) from None
+        except MemoryError:
+            # llama-cpp-python holds a whole context's logits (ctx x vocabulary float32) from the start
+            raise InputError(f"{path}: not enough memory for a context of {ctx} tokens (its logits, ctx x vocabulary "
+                             "float32, are held at once): give a smaller --ctx") from None
         self.path = path
         self.ctx = ctx
         try:
