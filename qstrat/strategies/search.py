@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qstrat.interrupts import raise_if_stop_requested
+
 
 #: rows per matrix the search quantizes after each swap (a seeded sample; whole matrices are judged after)
 DEFAULT_SAMPLE_ROWS = 256
@@ -222,6 +224,7 @@ def search_order(
     leading[top] = True
     kept: list[tuple[int, int]] = []
     for step in range(settings.budget):
+        raise_if_stop_requested()  # a run in one process acts on SIGTERM only where it checks
         if step == free_swaps:
             current = rank(committed, identity, False)
         move = rng.random()
@@ -326,6 +329,7 @@ def search_head_order(
     current = rank(committed, identity, free_swaps > 0)
     kept: list[tuple[int, int]] = []
     for step in range(settings.budget):
+        raise_if_stop_requested()  # a run in one process acts on SIGTERM only where it checks
         if step == free_swaps:
             current = rank(committed, identity, False)
         if per_group > 1 and (kv_heads == 1 or rng.random() < 0.5):
@@ -400,6 +404,7 @@ def search_value_channels(
     leading = min(head_dim, group_size)
     kept: list[tuple[int, int, int]] = []
     for step in range(settings.budget):
+        raise_if_stop_requested()  # a run in one process acts on SIGTERM only where it checks
         if step == free_swaps:
             current = rank(committed, identity, False)
         group = int(rng.integers(kv_heads))
