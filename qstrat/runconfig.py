@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,7 @@ THRESHOLDS = {
 
 
 class Thresholds(_Strict):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # JSON reports hold no NaN
     min_sqnr_db: float | None = None
     max_mse: float | None = Field(default=None, ge=0)
     min_cosine: float | None = Field(default=None, ge=-1, le=1)
@@ -462,6 +464,20 @@ def _in_output_directory(path: Path) -> bool:
     return (directory / LOCK_NAME).is_file() or (directory / JOURNAL_NAME).is_file()
 
 
+def fill_template(template: str, model: str, what: str) -> str:
+    """``template`` with each ``{model}`` replaced by the model's name (``{{`` and ``}}`` are braces);
+    any other field (``{model.name}``, ``{model!r}``, ``{0}``) is an error naming ``what``."""
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:  # an unmatched brace
+        raise ConfigError(f"{what}: only {{model}} may be used ({err})") from None
+    for name, spec, conversion in fields:
+        if name != "model" or spec or conversion:
+            field = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise ConfigError(f"{what}: only {{model}} may be used, not {field}")
+    return template.format(model=model)
+
+
 def _model_name(path: Path) -> str:
     return path.stem if path.suffix in (".safetensors", ".gguf") else path.name
 
@@ -511,7 +527,7 @@ def load_run_config(
     input_from_file, output_from_file, imatrix_from_file = (key in in_file and (key,) not in flags for key in ("input", "output", "imatrix"))
     #: where input and output came from, for their errors: the flag, or the file (and line)
     origin = {key: flags.get((key,)) or f"{where}: " + (f"line {lines[(key,)]}: " if (key,) in lines else "") + key
-              for key in ("input", "output")}
+              for key in ("input", "output", "imatrix")}
     for key in ("input", "output"):  # optional in the model (the library passes them otherwise), not in a file
         if data.get(key) is None:
             line = lines.get((key,))
@@ -529,20 +545,19 @@ def load_run_config(
             line = lines.get(("strategies", i))
             raise ConfigError(f"{where}: {f'line {line}: ' if line else ''}strategies.{i}: {err}") from None
     patterns = [schema.input] if isinstance(schema.input, str) else schema.input
+    if not patterns:
+        raise ConfigError(f"{origin['input']}: an empty list names no model to quantize")
     inputs = _model_inputs(patterns, base, input_from_file)
     output_template = str(_resolve(schema.output, base if output_from_file else Path.cwd()))
     if len(inputs) > 1 and "{model}" not in output_template:
-        raise ConfigError(f"{where}: output must contain {{model}} when the input names several models")
+        raise ConfigError(f"{origin['output']}: must contain {{model}} when the input names several models")
     imatrix_template = str(_resolve(schema.imatrix, base if imatrix_from_file else Path.cwd())) if schema.imatrix else None
     models = []
     for model_path in inputs:
         name = _model_name(model_path)
         paths = {}
         for key, template, raw in (("output", output_template, schema.output), ("imatrix", imatrix_template, schema.imatrix)):
-            try:
-                paths[key] = Path(template.format(model=name)) if template else None
-            except (KeyError, IndexError, ValueError) as err:
-                raise ConfigError(f"{where}: {key} template {raw!r}: only {{model}} may be used ({err})") from None
+            paths[key] = Path(fill_template(template, name, f"{origin[key]} template {raw!r}")) if template else None
         # a model file's own directory too: the run's <model>.gguf would overwrite a GGUF input there
         own_directory = model_path if model_path.is_dir() else model_path.parent
         if paths["output"].resolve() == own_directory.resolve():

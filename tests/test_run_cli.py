@@ -105,6 +105,14 @@ def test_precedence_defaults_yaml_environment_flags(tmp_path):
         ("input: x\ninput: z\noutput: y\n", ["line 2", "duplicate key 'input'"]),
         ("input: x\noutput: y\nvalidation:\n  thresholds: {min_sqnr_db: lots}\n", ["line 4", "min_sqnr_db"]),
         ("input: x\noutput: ''\n", ["line 2: output: an empty path"]),
+        # a NaN threshold was accepted, then the run crashed writing its report after all the work
+        ("input: x\noutput: y\nvalidation:\n  thresholds: {min_sqnr_db: .nan}\n", ["line 4", "min_sqnr_db", "finite number"]),
+        ("input: x\noutput: y\nvalidation:\n  thresholds: {max_mse: .inf}\n", ["line 4", "max_mse", "finite number"]),
+        # exit 0, nothing done: a nightly job reported success
+        ("input: []\noutput: y/{model}\n", ["line 1: input: an empty list names no model"]),
+        # str.format: an AttributeError, or a directory named after a bound method's address
+        (f"input: {REPO / 'examples' / 'tiny-llama'}\noutput: y/{{model.upper}}\n", ["line 2: output template", "not {model.upper}"]),
+        (f"input: {REPO / 'examples' / 'tiny-llama'}\noutput: y/{{model[x]}}\n", ["line 2: output template", "not {model[x]}"]),
     ],
 )
 def test_config_errors_name_key_and_line(tmp_path, text, fragments):
