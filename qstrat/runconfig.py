@@ -353,7 +353,14 @@ class _NoDuplicatesLoader(yaml.SafeLoader):
 def _construct_mapping(loader, node, deep=False):
     seen = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *anchor`: its keys are defaults the mapping's own keys override
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: a key must be a plain value, not a "
+                              f"{'list' if isinstance(key_node, yaml.SequenceNode) else 'mapping'}")
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, str):  # every key of a config is a name (YAML reads `1:` or `yes:` as others)
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key_node.value!r} is not a name; quote it if it is one")
         if key in seen:
             raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
         seen.add(key)

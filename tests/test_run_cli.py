@@ -91,6 +91,21 @@ def test_precedence_defaults_yaml_environment_flags(tmp_path):
     assert _manifest(tmp_path / "o1")["config"]["strategies"] == [{"name": "identity"}]
 
 
+def test_yaml_merge_keys_give_defaults_the_entry_overrides(tmp_path):
+    # the safe loader reads them; the duplicate-key check refused them ("could not determine a constructor")
+    config = tmp_path / "merge.yaml"
+    config.write_text(f"input: {REPO / 'examples' / 'tiny-llama'}\noutput: {tmp_path / 'o'}\nstrategies:\n"
+                      "  - &search {name: mlp_joint, budget: 10, seed: 3}\n  - <<: *search\n    name: head_order\n  - identity\n"
+                      "parallel: &p {workers: 1}\nvalidation: {<<: {enabled: true, stages: [weight_error]}, enabled: false}\n")
+    result = run_cli("qstrat", "run", str(config), "-q")
+    assert result.returncode == 0, result.stderr
+    settings = json.loads((tmp_path / "o" / "manifest.json").read_text())["config"]
+    assert [(s["name"], s["budget"], s["seed"]) for s in settings["strategies"][:2]] == [("mlp_joint", 10, 3), ("head_order", 10, 3)]
+    assert settings["validation"]["enabled"] is False  # the own key over the merged one
+    config.write_text(config.read_text() + "parallel: {workers: 2}\n")
+    assert_clean_failure(run_cli("qstrat", "run", str(config), "--dry-run"), "duplicate key 'parallel'")
+
+
 @pytest.mark.parametrize(
     "text, fragments",
     [
@@ -110,6 +125,10 @@ def test_precedence_defaults_yaml_environment_flags(tmp_path):
         ("input: x\noutput: y\nvalidation:\n  thresholds: {max_mse: .inf}\n", ["line 4", "max_mse", "finite number"]),
         # exit 0, nothing done: a nightly job reported success
         ("input: []\noutput: y/{model}\n", ["line 1: input: an empty list names no model"]),
+        # keys YAML reads as a list, a mapping or a number: a TypeError, or no line
+        ("input: x\noutput: y\n? [a, b]\n: 1\n", ["line 3: a key must be a plain value, not a list"]),
+        ("input: x\noutput: y\nvalidation:\n  {a: 1}: 2\n", ["line 4: a key must be a plain value, not a mapping"]),
+        ("input: x\noutput: y\n1: 2\n", ["line 3: key '1' is not a name"]),
         # str.format: an AttributeError, or a directory named after a bound method's address
         (f"input: {REPO / 'examples' / 'tiny-llama'}\noutput: y/{{model.upper}}\n", ["line 2: output template", "not {model.upper}"]),
         (f"input: {REPO / 'examples' / 'tiny-llama'}\noutput: y/{{model[x]}}\n", ["line 2: output template", "not {model[x]}"]),
