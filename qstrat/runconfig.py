@@ -459,6 +459,10 @@ def _model_inputs(patterns: Sequence[str], base: Path, from_file: bool) -> list[
             if not models:
                 raise ConfigError(f"input: the pattern {pattern!r} matches only qstrat output directories")
             inputs.extend(models)
+        elif resolved.is_dir() and _in_output_directory(resolved):
+            # its passthrough.safetensors would be read as the whole model: a model without its weights
+            raise ConfigError(f"input: {pattern} is a qstrat output directory, not a model: give its source model, "
+                              "or its .gguf file (a run with outputs: [gguf] writes one)")
         else:
             inputs.append(resolved)
     return inputs

@@ -569,6 +569,10 @@ def test_a_glob_skips_qstrat_output_directories(tmp_path):
     only = run_cli("qstrat", "run", str(config), "-i", f"{tmp_path}/models/*-q8k")
     assert only.returncode == 2
     assert_clean_failure(only, "matches only qstrat output directories")
+    # named outright: its passthrough.safetensors was read as the whole model (0 quantized, exit 0)
+    named = run_cli("qstrat", "run", str(config), "-i", f"{tmp_path}/models/alpha-q8k", "-o", str(tmp_path / "again"))
+    assert named.returncode == 2
+    assert_clean_failure(named, "alpha-q8k is a qstrat output directory, not a model")
     # a model directory with a manifest.json of its own is still a model
     (tmp_path / "models" / "alpha" / "manifest.json").write_text('{"files": []}')
     planned = run_cli("qstrat", "run", str(config), "--dry-run", "--json")
