@@ -408,13 +408,14 @@ def _parse_yaml(text: str, where: str) -> tuple[dict, dict[tuple, int]]:
 # -- overrides -----------------------------------------------------------------------------------
 
 
-def _set_path(data: dict, dotted: str, value: Any) -> None:
+def _set_path(data: dict, dotted: str, value: Any, origin: str | None = None) -> None:
+    """``data[a][b]... = value`` for ``dotted`` "a.b..."; ``origin`` names what gave it (default: --set)."""
     keys = dotted.split(".")
     target = data
     for key in keys[:-1]:
         child = target.setdefault(key, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {dotted}: {key!r} is not a section")
+            raise ConfigError(f"{origin or '--set ' + dotted}: {key!r} is not a section (the config holds {child!r} there)")
         target = child
     target[keys[-1]] = value
 
@@ -434,7 +435,7 @@ def parse_set_option(option: str) -> tuple[str, Any]:
 def apply_environment(data: dict, environ: Mapping[str, str]) -> None:
     """The ``CANDLE_Q8K_*`` variables set in ``environ``, written over ``data`` (the raw config)."""
     for key, value in environment_settings(environ).items():
-        _set_path(data, key, value)
+        _set_path(data, key, value, f"{key} from the CANDLE_Q8K_* environment variables")
 
 
 # -- loading -------------------------------------------------------------------------------------
@@ -555,6 +556,11 @@ def load_run_config(
                 raise ConfigError(f"{flags[('strategies',)]}: strategies.{i}: {err}") from None
             line = lines.get(("strategies", i))
             raise ConfigError(f"{where}: {f'line {line}: ' if line else ''}strategies.{i}: {err}") from None
+    try:
+        schema.strategy_chain()  # what only the whole chain shows (residual_stream twice, a match on the last entry)
+    except ConfigError as err:
+        line = lines.get(("strategies",))
+        raise ConfigError(f"{flags.get(('strategies',)) or where}: {f'line {line}: ' if line else ''}strategies: {err}") from None
     patterns = [schema.input] if isinstance(schema.input, str) else schema.input
     if not patterns:
         raise ConfigError(f"{origin['input']}: an empty list names no model to quantize")

@@ -91,6 +91,14 @@ def test_precedence_defaults_yaml_environment_flags(tmp_path):
     assert _manifest(tmp_path / "o1")["config"]["strategies"] == [{"name": "identity"}]
 
 
+def test_an_environment_variable_that_meets_a_scalar_is_named_as_such(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("input: x\noutput: y\nparallel: 3\n")
+    result = run_cli("qstrat", "run", str(config), env={"CANDLE_Q8K_THREADS": "2"})
+    assert_clean_failure(result, "parallel.workers from the CANDLE_Q8K_* environment variables: 'parallel' is not a section")
+    assert "--set" not in result.stderr  # no --set was given
+
+
 def test_yaml_merge_keys_give_defaults_the_entry_overrides(tmp_path):
     # the safe loader reads them; the duplicate-key check refused them ("could not determine a constructor")
     config = tmp_path / "merge.yaml"
@@ -125,6 +133,8 @@ def test_yaml_merge_keys_give_defaults_the_entry_overrides(tmp_path):
         ("input: x\noutput: y\nvalidation:\n  thresholds: {max_mse: .inf}\n", ["line 4", "max_mse", "finite number"]),
         # exit 0, nothing done: a nightly job reported success
         ("input: []\noutput: y/{model}\n", ["line 1: input: an empty list names no model"]),
+        # the last per-tensor entry takes every tensor left: its match was silently ignored
+        ("input: x\noutput: y\nstrategies: [{name: l2_norm, match: mlp}]\n", ["line 3", "match 'mlp' on the last entry"]),
         # keys YAML reads as a list, a mapping or a number: a TypeError, or no line
         ("input: x\noutput: y\n? [a, b]\n: 1\n", ["line 3: a key must be a plain value, not a list"]),
         ("input: x\noutput: y\nvalidation:\n  {a: 1}: 2\n", ["line 4: a key must be a plain value, not a mapping"]),

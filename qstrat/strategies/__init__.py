@@ -88,6 +88,11 @@ class StrategyChain:
         #: the model-level strategy (residual_stream), if the chain has one
         self.model_level = model_level[0] if model_level else None
         self.strategies = [s for s in strategies if not s.model_level] or [IdentityStrategy()]
+        last = self.strategies[-1]
+        if last.per_tensor and last.match is not None:
+            # it takes every quantizable tensor left (below): a match there was silently ignored
+            raise ConfigError(f"strategy {last.name}: match {last.match_source!r} on the last entry, which takes every "
+                              "tensor left whatever its name: add identity after it for the others")
 
     def assign(
         self, candidates: Mapping[str, Candidate], model_config: Mapping[str, object] | None = None
