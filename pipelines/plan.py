@@ -127,9 +127,9 @@ def tensor_choice(info: TensorInfo, config: RunConfig, preset_types: dict[str, T
         return f"{len(info.shape)}-D, only 2-D matrices are quantized"
     if not info.name.endswith(".weight"):
         return "name does not end in .weight"
-    for pattern in config.skip_list:
-        if pattern in info.name:
-            return f"matches skip pattern {pattern!r}"
+    pattern = config.skips(info.name)
+    if pattern is not None:
+        return f"matches skip pattern {pattern!r}"
     rows, k = info.shape
     if rows == 0 or k == 0:
         return "has no rows" if k else "row length 0"

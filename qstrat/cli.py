@@ -235,7 +235,9 @@ def run(
             plans, failed = {}, 0
             for job in spec.models:
                 try:
-                    description = describe_plan(make_plan(open_model(job.input), spec.config_for(job)))
+                    model = open_model(job.input)
+                    description = describe_plan(make_plan(model, spec.config_for(job)))
+                    warnings = spec.config.unmatched_rules(model.tensors)
                 except QstratError as err:
                     if not spec.batch:
                         raise
@@ -245,9 +247,11 @@ def run(
                     if not json_output:
                         print(f"error: {job.name}: {err}", file=sys.stderr)
                     continue
-                plans[job.name] = {"output": str(job.output), **description}
+                plans[job.name] = {"output": str(job.output), **description, **({"warnings": warnings} if warnings else {})}
                 if not json_output:
                     _print_plan(job.name, job.output, description)
+                    for warning in warnings:
+                        print(f"warning: {job.name}: {warning}", file=sys.stderr)
             if json_output:
                 print(json.dumps({"dry_run": True, "models": plans, **({"exit_code": EXIT_BATCH_PARTIAL} if failed else {})}))
             if failed:
@@ -295,10 +299,12 @@ def run(
                 input_bytes = sum(f.size for f in model.files)
                 output_bytes = sum(p.stat().st_size for p in job.output.iterdir() if p.is_file())
                 larger = larger_than_input(result, input_bytes, output_bytes)
-                if larger is not None:
-                    outcome["warnings"] = [larger]
+                warnings = spec.config.unmatched_rules(model.tensors) + ([larger] if larger is not None else [])
+                if warnings:
+                    outcome["warnings"] = warnings
                     if mode != "quiet":
-                        print(f"warning: {job.name}: {larger}", file=sys.stderr, flush=True)
+                        for warning in warnings:
+                            print(f"warning: {job.name}: {warning}", file=sys.stderr, flush=True)
                 summary = summarize(result)
                 if "imatrix" in summary:
                     outcome["imatrix"] = {"path": str(job.imatrix), **summary["imatrix"]}

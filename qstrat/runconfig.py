@@ -14,7 +14,7 @@ import glob
 import os
 import re
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -195,10 +195,18 @@ class RunConfig(_Strict):
 
     @property
     def skip_list(self) -> tuple[str, ...]:
-        """The skip patterns in force: the configured ones, or the default for the formats."""
+        """The skip patterns in force: the configured ones, or the default for the format: the
+        original tool's for Q8K (applied to the tensors no format rule matches, see ``skips``)."""
         if self.skip_patterns is not None:
             return tuple(self.skip_patterns)
-        return Q8K_SKIP_PATTERNS if not _other_formats(self.__dict__) else ()
+        return Q8K_SKIP_PATTERNS if self.format == DEFAULT_FORMAT and self.preset is None else ()
+
+    def skips(self, tensor_name: str) -> str | None:
+        """The skip pattern ``tensor_name`` contains, if it is skipped: a configured pattern skips any
+        tensor; Q8K's default only those no format rule gives a type (a rule asks for that tensor)."""
+        if self.skip_patterns is None and self.rule_format(tensor_name) is not None:
+            return None
+        return next((pattern for pattern in self.skip_list if pattern in tensor_name), None)
 
     @property
     def output_kinds(self) -> tuple[str, ...]:
@@ -230,6 +238,16 @@ class RunConfig(_Strict):
             elif stage not in validation.stages:
                 unchecked.append(f"validation.thresholds.{key} is not checked: validation.stages lacks {stage}")
         return unchecked
+
+    def unmatched_rules(self, tensor_names: Iterable[str]) -> list[str]:
+        """A sentence for each of ``format_rules`` that matches none of ``tensor_names`` (a misspelt
+        pattern: the run writes no tensor in its type, yet a Q8K run's output becomes GGUF for it)."""
+        names = list(tensor_names)
+        return [
+            f"format_rules.{i} (match {rule.match!r}, format {rule.format}) matches no tensor of the model"
+            for i, rule in enumerate(self.format_rules)
+            if not any(re.search(rule.match, name) for name in names)
+        ]
 
     def rule_format(self, tensor_name: str) -> str | None:
         """The block type the first of ``format_rules`` matching ``tensor_name`` gives, if any."""

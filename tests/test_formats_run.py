@@ -110,6 +110,27 @@ def test_format_rules_fallback_lines_report_and_reading_back(model_dir, tmp_path
     assert "model.gguf: a llama.cpp model (architecture llama)" in inspected.stdout
 
 
+def test_format_rules_in_a_q8k_run_leave_the_original_tools_skips_to_the_q8k_tensors(model_dir, tmp_path):
+    # a rule for the MLP dropped Q8K's default skip list for every tensor: the embedding went to Q8K
+    config = tmp_path / "rules.yaml"
+    config.write_text(f"input: {model_dir}\noutput: {tmp_path / 'out'}\n"
+                      "format_rules:\n  - {match: 'mlp\\.', format: q6_k}\n  - {match: 'lm_head', format: q8_0}\n"
+                      "  - {match: 'mpl', format: q4_0}\n")
+    result = run_cli("qstrat", "run", str(config), "--dry-run", "--json")
+    assert result.returncode == 0, result.stderr
+    (plan,) = json.loads(result.stdout)["models"].values()
+    formats = {t["name"]: t["format"] for t in plan["quantized"]}
+    assert formats["model.layers.0.mlp.gate_proj.weight"] == "q6_k" and formats["model.layers.0.self_attn.q_proj.weight"] == "q8k"
+    assert formats["lm_head.weight"] == "q8_0"  # a rule's tensor is quantized, skip pattern or not
+    passed = {t["name"]: t["reason"] for t in plan["passthrough"]}
+    assert passed["model.embed_tokens.weight"] == "matches skip pattern 'embed_tokens'"
+    # a rule matching nothing (misspelt) changes nothing but the output's kind: it is said
+    assert plan["warnings"] == ["format_rules.2 (match 'mpl', format q4_0) matches no tensor of the model"]
+    result = run_cli("qstrat", "run", str(config))
+    assert result.returncode == 0, result.stderr
+    assert f"warning: {model_dir.name}: format_rules.2 (match 'mpl', format q4_0) matches no tensor of the model" in result.stderr
+
+
 def test_preset_q4_k_m_follows_llama_cpp_rules(model_dir, tmp_path):
     config = tmp_path / "preset.yaml"
     config.write_text(f"input: {model_dir}\noutput: {tmp_path / 'out'}\npreset: Q4_K_M\n")
