@@ -61,11 +61,9 @@ def execution_backend(config: RunConfig, jobs, output: Path | None) -> Iterator[
         from distributed import Client
     except ImportError:
         raise ConfigError("parallel.backend: dask needs the dask extra (pip install 'qstrat[dask]')") from None
-    if not parallel.address:
-        raise ConfigError("parallel.address: the dask backend needs a scheduler address such as tcp://host:8786")
-    try:
+    try:  # the address's form was checked with the config (ParallelSection)
         client = Client(parallel.address, timeout="10s", set_as_default=False)
-    except (OSError, TimeoutError) as err:
+    except (OSError, TimeoutError, ValueError) as err:
         raise ConfigError(f"parallel.address: cannot reach the Dask scheduler at {parallel.address}: {err}") from None
     try:
         inputs = sorted({str(m.info.path) for job in jobs for m in job.members})

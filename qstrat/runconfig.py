@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 
 from qstrat.blocks import DEFAULT_VARIANT, Q8K_VARIANTS
 from qstrat.errors import ConfigError, describe_validation_error
@@ -135,10 +135,30 @@ class ValidationSection(_Strict):
     thresholds: Thresholds = Field(default_factory=Thresholds)
 
 
+#: a Dask scheduler's address: [scheme://]host:port, in a scheme distributed speaks
+_SCHEDULER_ADDRESS = re.compile(r"((tcp|tls|ucx|ws|wss)://)?(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):\d{1,5}")
+
+
 class ParallelSection(_Strict):
     workers: int = Field(default=1, ge=1)
     backend: Literal["loky", "dask"] = "loky"
     address: str | None = None  # tcp://host:port of a Dask scheduler
+
+    @field_validator("address")
+    @classmethod
+    def _scheduler_address(cls, value: str | None) -> str | None:
+        if value is not None and not _SCHEDULER_ADDRESS.fullmatch(value.strip()):
+            raise ValueError(f"{value!r} is not a scheduler address such as tcp://host:8786")
+        return value if value is None else value.strip()
+
+    @model_validator(mode="after")
+    def _address_for_dask(self) -> ParallelSection:
+        # checked when the config is read (a --dry-run says so), not once the output directory exists
+        if self.backend == "dask" and self.address is None:
+            raise ValueError("backend dask needs address: the scheduler's, such as tcp://host:8786")
+        if self.backend == "loky" and self.address is not None:
+            raise ValueError("address is a Dask scheduler's: set backend: dask too (local workers need none)")
+        return self
 
 
 class RunConfig(_Strict):

@@ -133,6 +133,12 @@ def test_yaml_merge_keys_give_defaults_the_entry_overrides(tmp_path):
         ("input: x\noutput: y\nvalidation:\n  thresholds: {max_mse: .inf}\n", ["line 4", "max_mse", "finite number"]),
         # exit 0, nothing done: a nightly job reported success
         ("input: []\noutput: y/{model}\n", ["line 1: input: an empty list names no model"]),
+        # a Dask address distributed cannot parse was an internal error; none passed --dry-run, then the
+        # run made its output directory and stopped; an address without backend dask was ignored
+        ("input: x\noutput: y\nparallel: {backend: dask, address: 'http://h:8786'}\n", ["line 3", "parallel.address", "not a scheduler address"]),
+        ("input: x\noutput: y\nparallel: {backend: dask, address: 'not a url'}\n", ["line 3", "parallel.address", "not a scheduler address"]),
+        ("input: x\noutput: y\nparallel: {backend: dask}\n", ["line 3", "backend dask needs address"]),
+        ("input: x\noutput: y\nparallel: {address: 'tcp://h:8786'}\n", ["line 3", "set backend: dask too"]),
         # the last per-tensor entry takes every tensor left: its match was silently ignored
         ("input: x\noutput: y\nstrategies: [{name: l2_norm, match: mlp}]\n", ["line 3", "match 'mlp' on the last entry"]),
         # keys YAML reads as a list, a mapping or a number: a TypeError, or no line
