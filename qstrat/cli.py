@@ -220,7 +220,7 @@ def run(
     """
     from qstrat.io.gguf_input import open_model
     from qstrat.pipelines.plan import make_plan
-    from qstrat.pipelines.run import describe_plan, quantize_model
+    from qstrat.pipelines.run import check_output_dir, describe_plan, quantize_model
     from qstrat.runconfig import load_run_config
 
     outcomes: list[dict] = []
@@ -236,6 +236,7 @@ def run(
             for job in spec.models:
                 try:
                     model = open_model(job.input)
+                    check_output_dir(job.output, model)  # what the run checks first, before its plan
                     description = describe_plan(make_plan(model, spec.config_for(job)))
                     warnings = spec.config.unmatched_rules(model.tensors)
                 except QstratError as err:

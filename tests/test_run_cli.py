@@ -168,6 +168,11 @@ def test_dry_run_writes_nothing(tmp_path):
     assert "matches skip pattern 'embed_tokens'" in result.stdout
     assert "MB of output" in result.stdout
     assert not (tmp_path / "o").exists()
+    # the error its run would stop at (exit 3): a dry run said the plan (exit 0)
+    (tmp_path / "afile").write_text("")
+    refused = run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-o", str(tmp_path / "afile"), "--dry-run")
+    assert refused.returncode == 3
+    assert_clean_failure(refused, "afile exists and is not a directory")
 
 
 def test_verify_catches_every_corruption(tmp_path):
