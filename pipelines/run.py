@@ -13,7 +13,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 from functools import partial
@@ -367,7 +367,7 @@ def quantize_model(
             return _up_to_date(out, previous, started)
         plan = choose_residual(model, plan, config.variant)  # the search, only when something is to be done
         earlier_run = previous is not None or (out / JOURNAL_NAME).exists()  # the directory is a qstrat output
-        journal = _open_journal(out, (fingerprint, older), force, previous)
+        journal = _open_journal(out, (fingerprint, older), force, previous, settings)
         try:
             records, joint = _reuse_or_quantize_groups(plan, config, out, journal, progress)
         finally:
@@ -382,7 +382,21 @@ def quantize_model(
         return _publish(out, model.name, manifest, records, failures, settings, started, container, describe_residual(plan))
 
 
-def _open_journal(out: Path, fingerprints: tuple[str, str], force: bool, previous: Manifest | None) -> Journal:
+def _settings_changes(before: Mapping[str, object], after: Mapping[str, object], prefix: str = "") -> list[str]:
+    """``key: old -> new`` for each setting that differs, nested keys dotted."""
+    changes = []
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            changes += _settings_changes(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changes.append(f"{prefix}{key}: {json.dumps(old)} -> {json.dumps(new)}")
+    return changes
+
+
+def _open_journal(
+    out: Path, fingerprints: tuple[str, str], force: bool, previous: Manifest | None, settings: Mapping[str, object]
+) -> Journal:
     """The journal of this run, keeping the finished groups of an earlier run of the same
     fingerprint (``fingerprints``: today's, and the one an earlier qstrat wrote for the same run, without
     the files' modification times);
@@ -391,9 +405,12 @@ def _open_journal(out: Path, fingerprints: tuple[str, str], force: bool, previou
     earlier = journal.previous_fingerprint() or (previous.fingerprint if previous else None)
     mixed = earlier is not None and earlier not in fingerprints  # the older one's groups are kept, journaled under today's
     if mixed and not force:
-        raise OutputError(
-            f"output {out} holds results of a different config or input; rerun with --force to replace them"
-        )
+        # what differs, when the finished run's manifest says (a run stopped early left only its journal)
+        changes = _settings_changes(previous.config, json.loads(json.dumps(settings))) if previous is not None else []
+        what = (f"a different config ({'; '.join(changes[:3])}{'; ...' if len(changes) > 3 else ''})" if changes
+                else "a different config or input" if previous is None
+                else "the same config on other input files (the model's files changed since)")
+        raise OutputError(f"output {out} holds results of {what}; rerun with --force to replace them")
     if not mixed:
         journal.load(out)
     try:

@@ -432,7 +432,11 @@ def test_changed_config_is_refused_without_force(tmp_path):
     config.write_text(f"input: {model}\noutput: {tmp_path}/o\n")
     assert run_cli("qstrat", "run", str(config), "-q").returncode == 0
     changed = run_cli("qstrat", "run", str(config), "-q", "--set", "strategies=[l2_norm]")
-    assert_clean_failure(changed, "different config or input", "--force")
+    # which setting differs, as the finished run's manifest recorded it
+    assert_clean_failure(changed, "holds results of a different config (strategies: [{\"name\": \"identity\"}] -> "
+                                  "[{\"name\": \"l2_norm\"}])", "--force")
+    threshold = run_cli("qstrat", "run", str(config), "-q", "--set", "validation.thresholds.min_sqnr_db=30")
+    assert_clean_failure(threshold, "(thresholds.min_sqnr_db: null -> 30.0)")
     assert run_cli("qstrat", "run", str(config), "-q", "--set", "strategies=[l2_norm]", "--force").returncode == 0
     assert list((tmp_path / "o").glob("*.perm"))
 
@@ -451,7 +455,7 @@ def test_new_weights_of_the_same_shapes_are_a_changed_input(tmp_path):
         data[-i] ^= 0x80
     weights.write_bytes(bytes(data))
     changed = run_cli("qstrat", "run", str(config), "-q")
-    assert_clean_failure(changed, "different config or input", "--force")
+    assert_clean_failure(changed, "the same config on other input files (the model's files changed since)", "--force")
     assert run_cli("qstrat", "run", str(config), "-q", "--force").returncode == 0
     after = qstrat.load_model(tmp_path / "o")
     assert any(not np.array_equal(before[n], after[n]) for n in before)
