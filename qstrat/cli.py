@@ -26,6 +26,7 @@ from qstrat.errors import (
 )
 from qstrat.entry import run_json_line
 from qstrat.interrupts import handle_stop_signals, ignore_stop_signals
+from qstrat.legacy import environment_help, unknown_variables
 from qstrat.report import (
     describe_container,
     describe_formats,
@@ -202,7 +203,7 @@ def _print_plan(name: str, output: Path, description: dict) -> None:
     print(f"  {len(description['quantized'])} to quantize, {len(description['passthrough'])} passed through, about {mb:.1f} MB of output")
 
 
-@app.command()
+@app.command(epilog="\b\nEnvironment (over the YAML file, under the flags):\n" + environment_help())
 def run(
     config: Path = typer.Argument(..., help="YAML run configuration (see configs/)"),
     input: list[str] = typer.Option(None, "--input", "-i", help="input model(s), replacing the config's (repeatable; globs allowed)"),
@@ -231,6 +232,9 @@ def run(
 
     with user_errors(report_json if json_output else _print_error):
         spec = load_run_config(config, input_override=input or None, output_override=output, sets=set_ or ())
+        if not (quiet or json_output):
+            for name in unknown_variables(os.environ):  # a misspelt one would change nothing, silently
+                print(f"warning: {name} is not a variable qstrat reads (see qstrat run --help)", file=sys.stderr, flush=True)
         if dry_run:
             plans, failed = {}, 0
             for job in spec.models:

@@ -4,6 +4,8 @@ environment variables, each defined once in :data:`ENVIRONMENT` (both commands, 
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -58,10 +60,8 @@ def parse_bool(value: str, where: str) -> bool:
 
 
 def parse_positive_int(value: str, where: str) -> int:
-    try:
-        number = int(value.strip())
-    except ValueError:
-        number = 0
+    # digits, as Rust's usize parse reads them (Python's int() would also take 1_0)
+    number = int(value.strip()) if re.fullmatch(r"\+?[0-9]+", value.strip()) else 0
     if number < 1:
         raise ConfigError(f"{where}: expected a positive integer, got {value!r}")
     return number
@@ -72,6 +72,7 @@ def _parse_strategy(value: str, where: str) -> StrategyType:
 
 
 def _parse_variant(value: str, where: str) -> str:
+    value = value.strip()  # as the other variables are read
     if value not in Q8K_VARIANTS:
         raise ConfigError(f"{where}: unknown Q8K variant {value!r}; choose one of {', '.join(Q8K_VARIANTS)}")
     return value
@@ -121,6 +122,11 @@ def environment_settings(environ: Mapping[str, str]) -> dict[str, object]:
         permute, strategy = (values.get(n, _BY_NAME[n].parse(_BY_NAME[n].default, n)) for n in (PERMUTE, STRATEGY))
         settings["strategies"] = seed_chain(permute, strategy)
     return settings
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """The ``CANDLE_Q8K_*`` variables set in ``environ`` that qstrat does not read (misspelt ones)."""
+    return sorted(name for name in environ if name.startswith("CANDLE_Q8K_") and name not in _BY_NAME)
 
 
 def environment_table() -> str:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import typer
 
 from qstrat.cli import EXIT_CODES_HELP, announce_first_compile, print_record, print_summary, run_command, user_errors
 from qstrat.config import QuantizationConfig
-from qstrat.legacy import environment_help
+from qstrat.legacy import environment_help, unknown_variables
 
 HELP = f"""Quantize a .safetensors file or model directory to Q8K files (original tool compatible).
 
@@ -28,6 +30,8 @@ def quantize_q8k(
     with user_errors():
         # like the original tool, replace whatever an earlier run left (an identical rerun still resumes)
         config = QuantizationConfig(output_dir=output_dir, force=True).with_environment()
+        for name in unknown_variables(os.environ):  # a misspelt one would change nothing, silently
+            print(f"warning: {name} is not a variable quantize_q8k reads (see quantize_q8k --help)", file=sys.stderr, flush=True)
         print(f"Input   : {input_path}")
         print(f"Output  : {output_dir}")
         print(f"Permute : {'off' if config.chain_entries() == ['identity'] else 'on'}")

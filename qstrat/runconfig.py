@@ -191,6 +191,13 @@ class RunConfig(_Strict):
             raise ValueError("an empty path")
         return value
 
+    @field_validator("skip_patterns")
+    @classmethod
+    def _patterns(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(not pattern for pattern in value):
+            raise ValueError("an empty pattern is in every name: it would skip every tensor")
+        return value
+
     @field_validator("preset")
     @classmethod
     def _preset(cls, value: str | None, info: ValidationInfo) -> str | None:
@@ -466,7 +473,8 @@ def parse_set_option(option: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
-        raise ConfigError(f"--set {option!r}: the value is not valid YAML") from None
+        raise ConfigError(f"--set {option!r}: the value is not valid YAML (quote a text holding {{, [, * or :, "
+                          f"as in --set '{key.strip()}=\"...\"')") from None
     return key.strip(), value
 
 

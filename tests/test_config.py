@@ -40,6 +40,22 @@ def test_environment_pair_selects_the_original_tools_chain():
     for name in ("CANDLE_Q8K_PERMUTE", "CANDLE_Q8K_VALIDATION", "CANDLE_Q8K_THREADS"):
         with pytest.raises(qstrat.QstratError, match=f"{name}: expected .*, got ''"):
             environment_settings({name: ""})
+    # digits only (Python's int() took 1_0 as 10); spaces around a value are dropped for every variable
+    for threads in ("1_0", "2.0", "0x2", "-1"):
+        with pytest.raises(qstrat.QstratError, match="CANDLE_Q8K_THREADS: expected a positive integer"):
+            environment_settings({"CANDLE_Q8K_THREADS": threads})
+    assert environment_settings({"CANDLE_Q8K_THREADS": " +2 ", "CANDLE_Q8K_VARIANT": " ggml\n"}) == {"parallel.workers": 2, "variant": "ggml"}
+
+
+def test_a_misspelt_variable_is_a_warning(tmp_path):
+    from tests.conftest import REPO
+    from tests.helpers import run_cli
+
+    result = run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-o", str(tmp_path / "o"), "--dry-run",
+                     env={"CANDLE_Q8K_THREAD": "2"})
+    assert result.returncode == 0
+    assert "warning: CANDLE_Q8K_THREAD is not a variable qstrat reads" in result.stderr
+    assert "CANDLE_Q8K_THREADS" in run_cli("qstrat", "run", "--help").stdout  # the variables, in run's help
 
 
 def test_seed_constructor_builds_the_run_model():

@@ -139,6 +139,7 @@ def test_yaml_merge_keys_give_defaults_the_entry_overrides(tmp_path):
         ("input: x\noutput: y\nparallel: {backend: dask, address: 'not a url'}\n", ["line 3", "parallel.address", "not a scheduler address"]),
         ("input: x\noutput: y\nparallel: {backend: dask}\n", ["line 3", "backend dask needs address"]),
         ("input: x\noutput: y\nparallel: {address: 'tcp://h:8786'}\n", ["line 3", "set backend: dask too"]),
+        ("input: x\noutput: y\nskip_patterns: ['']\n", ["line 3", "skip_patterns", "would skip every tensor"]),
         # the last per-tensor entry takes every tensor left: its match was silently ignored
         ("input: x\noutput: y\nstrategies: [{name: l2_norm, match: mlp}]\n", ["line 3", "match 'mlp' on the last entry"]),
         # keys YAML reads as a list, a mapping or a number: a TypeError, or no line
@@ -709,7 +710,9 @@ def test_an_error_in_a_set_flag_names_the_flag_not_the_file(tmp_path):
     config = REPO / "configs" / "identity.yaml"
     for option, message in (("foo=1", "--set foo=1: foo: unknown key"),
                             ("strategies=[bogus]", "--set strategies=[bogus]: strategies.0: unknown strategy 'bogus'"),
-                            ("variant=q4k", "--set variant=q4k: variant: Input should be")):
+                            ("variant=q4k", "--set variant=q4k: variant: Input should be"),
+                            # an unquoted template is a YAML mapping: the error says to quote it
+                            ("output={model}-q8", "the value is not valid YAML (quote a text holding {")):
         result = run_cli("qstrat", "run", str(config), "--set", option, "--dry-run")
         assert result.returncode == 2, result.stderr
         assert_clean_failure(result, message)
