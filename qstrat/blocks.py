@@ -137,9 +137,9 @@ def quantize_blocks(x: np.ndarray, variant: str = DEFAULT_VARIANT) -> np.ndarray
     try:
         return quantize_rows(rows, variant)
     except NonFiniteError:
-        if storage.ndim <= 2:
+        if storage.ndim == 2:
             raise
-        # the kernel names an index in the rows it sees: name it in the array's own shape instead
+        # the kernel names an index in the rows it sees (1-D: one row): name it in the array's own shape instead
         index = tuple(int(i) for i in np.unravel_index(int(first_nonfinite_index(rows)), storage.shape))
         raise NonFiniteError(f"data of shape {storage.shape} holds a non-finite value at index {index}; Q8K quantization refuses NaN and infinity") from None
 

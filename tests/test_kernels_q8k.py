@@ -153,6 +153,13 @@ def test_non_finite_refused_with_index(bad, dtype):
             qstrat.quantize_blocks(x.astype(dtype))
 
 
+def test_a_non_finite_value_of_a_1d_array_is_named_by_its_own_index():
+    x = np.zeros(512, dtype=np.float32)
+    x[300] = np.nan
+    with pytest.raises(NonFiniteError, match=r"index \(300,\)"):  # it said (0, 300)
+        qstrat.quantize_blocks(x)
+
+
 def test_every_float16_value_decodes_exactly():
     # all 63,488 finite binary16 bit patterns, subnormals included, in shuffled blocks
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)

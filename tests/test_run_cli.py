@@ -122,6 +122,9 @@ def test_yaml_merge_keys_give_defaults_the_entry_overrides(tmp_path):
         ("input: x\noutput: y\nvariant: q4k\n", ["line 3", "variant"]),
         ("input: x\noutput: y\nstrategies: [l3_norm]\n", ["unknown strategy 'l3_norm'"]),
         ("input: x\noutput: y\nstrategies:\n  - {name: l2_norm, colour: red}\n", ["l2_norm", "colour"]),
+        # only the unknown one: a valid match was named with it
+        ("input: x\noutput: y\nstrategies:\n  - {name: l2_norm, match: mlp, budget: 3}\n  - identity\n",
+         ["strategies.0: strategy l2_norm: unknown option(s) budget (its options: match)"]),
         ("input: [x\noutput: y\n", ["line", "column"]),
         ("input: !!python/object/apply:os.system ['echo hacked']\noutput: y\n", ["line 1"]),
         ("output: y\n", ["input", "missing"]),

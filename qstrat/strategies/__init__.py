@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -49,10 +51,12 @@ def make_strategy(spec: str | Mapping[str, object] | QuantizationStrategy) -> Qu
     name = options.pop("name", None)
     if name not in STRATEGIES:
         raise ConfigError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
-    try:
-        return STRATEGIES[name](**options)
-    except TypeError:
-        raise ConfigError(f"strategy {name}: unknown option(s) {', '.join(sorted(options))}") from None
+    accepted = inspect.signature(STRATEGIES[name]).parameters
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        known = ", ".join(accepted) or "none"
+        raise ConfigError(f"strategy {name}: unknown option(s) {', '.join(unknown)} (its options: {known})")
+    return STRATEGIES[name](**options)
 
 
 @dataclass(frozen=True)
