@@ -64,7 +64,7 @@ from qstrat.io.safetensors import (
 from qstrat.model import QuantizedModel
 from qstrat.report import REPORT_JSON, preload_plotting, write_reports
 from qstrat.results import QuantizationResult, TensorRecord, ThresholdFailure
-from qstrat.runconfig import THRESHOLDS, RunConfig
+from qstrat.runconfig import THRESHOLDS, RunConfig, fill_template
 from qstrat.strategies import Permutation
 from qstrat.strategies.search import Reader, scale_group
 from qstrat.verify import file_problems
@@ -348,7 +348,8 @@ def quantize_model(
     force = config.force if force is None else force
     model = open_model(input_path)
     plan = make_plan(model, config, outputs)
-    out = Path(output_dir) if output_dir is not None else config.output_dir
+    # a config's output may be a template, as in a file: {model} is the model's name
+    out = Path(output_dir) if output_dir is not None else Path(fill_template(str(config.output_dir), model.name, f"output {config.output!r}"))
     check_output_dir(out, model)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ import os
 from typing import TYPE_CHECKING
 
 from qstrat.config import QuantizationConfig
-from qstrat.errors import ConfigError
+from qstrat.errors import ConfigError, InputError
 from qstrat.results import QuantizationResult
 
 if TYPE_CHECKING:
@@ -25,6 +25,8 @@ def quantize_safetensors(input_path: str | os.PathLike, config: RunConfig | None
     )
     from qstrat.runconfig import RunConfig
 
+    if not isinstance(input_path, (str, os.PathLike)):
+        raise InputError(f"quantize_safetensors: input_path is one path (str or os.PathLike), not {type(input_path).__name__}")
     if config is not None and not isinstance(config, RunConfig):
         raise ConfigError(f"quantize_safetensors: config is a QuantizationConfig(...) (a RunConfig), not {type(config).__name__}")
     return quantize_model(input_path, config or QuantizationConfig())

@@ -103,6 +103,17 @@ def test_the_library_refuses_settings_a_file_would_refuse(tmp_path):
     with pytest.raises(qstrat.QstratError, match="config is a QuantizationConfig"):
         qstrat.quantize_safetensors(REPO / "examples" / "tiny-llama", {"output": str(tmp_path / "o")})
     assert not (tmp_path / "o").exists()
+    with pytest.raises(qstrat.QstratError, match="input_path is one path"):  # a TypeError from pathlib
+        qstrat.quantize_safetensors([REPO / "examples" / "tiny-llama"], QuantizationConfig(output_dir=tmp_path / "o"))
+
+
+def test_an_output_template_of_the_library_is_filled_as_a_files(tmp_path):
+    # RunConfig's keys are a config file's: {model} made a directory of that name
+    config = RunConfig.build({"output": str(tmp_path / "{model}-q8k"), "validation": {"enabled": False}}, "test")
+    result = qstrat.quantize_safetensors(REPO / "examples" / "tiny-llama", config)
+    assert result.output_dir == tmp_path / "tiny-llama-q8k" and (tmp_path / "tiny-llama-q8k" / "manifest.json").exists()
+    with pytest.raises(qstrat.QstratError, match=r"only \{model\} may be used, not \{model.name\}"):
+        qstrat.quantize_safetensors(REPO / "examples" / "tiny-llama", RunConfig.build({"output": str(tmp_path / "{model.name}")}, "test"))
 
 
 def test_every_threshold_has_its_stage_and_metric():
