@@ -116,7 +116,7 @@ def compare_model(
     with ``text``, the evaluation), and the results by case label.  ``announce(i, n, case)`` is
     called before each case.  A case a run refuses (a run-time permutation for a model written
     for llama.cpp, say) gets a row with its ``error``."""
-    from qstrat.evaluate import evaluate
+    from qstrat.evaluate import chunk_count, evaluate
     from qstrat.pipelines.run import evaluate_model, quantize_model
     from qstrat.report import summarize
 
@@ -124,6 +124,8 @@ def compare_model(
     rows, results = [], {}
     with contextlib.ExitStack() as stack:
         reference = stack.enter_context(_reference_engine(model)) if text is not None else None
+        if reference is not None:  # a text too short for --ctx stops the comparison now, not after a case's run
+            chunk_count(len(reference.tokenize(text)), ctx, chunks, text_name)
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qstrat-compare-"))) if text is not None else None
         for index, case in enumerate(case_list):
             if announce is not None:

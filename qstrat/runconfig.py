@@ -492,23 +492,24 @@ def _resolve(path_text: str, base: Path) -> Path:
     return Path(os.path.normpath(path if path.is_absolute() else base / path))
 
 
-def _model_inputs(patterns: Sequence[str], base: Path, from_file: bool) -> list[Path]:
+def _model_inputs(patterns: Sequence[str], base: Path, from_file: bool, origin: str = "input") -> list[Path]:
+    """The model paths ``patterns`` name; errors begin with ``origin`` (the flag, or the file, line and key)."""
     inputs: list[Path] = []
     for pattern in patterns:
         resolved = _resolve(pattern, base if from_file else Path.cwd())
         if glob.has_magic(str(resolved)):
             matches = sorted(Path(p) for p in glob.glob(str(resolved)))
             if not matches:
-                raise ConfigError(f"input: the pattern {pattern!r} matches nothing")
+                raise ConfigError(f"{origin}: the pattern {pattern!r} matches nothing")
             # a run's own output directories (say, written beside the models) are not models: a nightly
             # batch would otherwise quantize last night's outputs, and nest one more each night
             models = [m for m in matches if not _in_output_directory(m)]
             if not models:
-                raise ConfigError(f"input: the pattern {pattern!r} matches only qstrat output directories")
+                raise ConfigError(f"{origin}: the pattern {pattern!r} matches only qstrat output directories")
             inputs.extend(models)
         elif resolved.is_dir() and _in_output_directory(resolved):
             # its passthrough.safetensors would be read as the whole model: a model without its weights
-            raise ConfigError(f"input: {pattern} is a qstrat output directory, not a model: give its source model, "
+            raise ConfigError(f"{origin}: {pattern} is a qstrat output directory, not a model: give its source model, "
                               "or its .gguf file (a run with outputs: [gguf] writes one)")
         else:
             inputs.append(resolved)
@@ -588,6 +589,8 @@ def load_run_config(
               for key in ("input", "output", "imatrix")}
     for key in ("input", "output"):  # optional in the model (the library passes them otherwise), not in a file
         if data.get(key) is None:
+            if (key,) in flags:  # --set output=null
+                raise ConfigError(f"{flags[(key,)]}: {key}: must be set")
             line = lines.get((key,))
             raise ConfigError(f"{where}: {f'line {line}: ' if line else ''}{key}: " + ("must be set" if key in data else "required key is missing"))
     try:
@@ -610,7 +613,7 @@ def load_run_config(
     patterns = [schema.input] if isinstance(schema.input, str) else schema.input
     if not patterns:
         raise ConfigError(f"{origin['input']}: an empty list names no model to quantize")
-    inputs = _model_inputs(patterns, base, input_from_file)
+    inputs = _model_inputs(patterns, base, input_from_file, origin["input"])
     output_template = str(_resolve(schema.output, base if output_from_file else Path.cwd()))
     if len(inputs) > 1 and "{model}" not in output_template:
         raise ConfigError(f"{origin['output']}: must contain {{model}} when the input names several models")

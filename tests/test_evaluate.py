@@ -229,8 +229,8 @@ def test_evaluate_with_a_reference():
 def test_evaluate_refuses_short_texts_and_other_vocabularies():
     with pytest.raises(InputError, match="short.txt: 63 tokens, fewer than the 64 needed"):
         evaluate(FakeEngine(), b"x" * 63, ctx=32, source="short.txt")
-    with pytest.raises(InputError, match="vocabulary has 40 tokens, the model's 37"):
-        evaluate(FakeEngine(), b"x" * 100, ctx=32, reference=FakeEngine(n_vocab=40))
+    with pytest.raises(InputError, match="ref.gguf: a vocabulary of 40 tokens, the model's has 37"):
+        evaluate(FakeEngine(), b"x" * 100, ctx=32, reference=FakeEngine(n_vocab=40), reference_name="ref.gguf")
 
 
 def test_text_from_a_file_loses_one_final_newline_as_with_llama_cpps_f():

@@ -212,6 +212,10 @@ def test_imatrix_errors_are_one_line(model, tmp_path):
                     ("compare", str(directory), "-f", "q8_0", "-s", "identity")):
         assert_clean_failure(run_cli("qstrat", *command, "--text", str(latin1)), f"{latin1}: not UTF-8 text (byte 0xe9 at offset 203)")
     assert not (tmp_path / "x.gguf").exists()
+    # before any case is quantized (it was checked once the first case had run)
+    result = run_cli("qstrat", "compare", str(directory), "-f", "q8_0", "-s", "identity", "--text", str(short), "--ctx", "32")
+    assert_clean_failure(result, "fewer than the 64 needed")
+    assert "q8_0" not in result.stdout + result.stderr.replace(str(short), "")
 
 
 @pytest.mark.slow
