@@ -411,7 +411,7 @@ def _open_journal(
         what = (f"a different config ({'; '.join(changes[:3])}{'; ...' if len(changes) > 3 else ''})" if changes
                 else "a different config or input" if previous is None
                 else "the same config on other input files (the model's files changed since)")
-        raise OutputError(f"output {out} holds results of {what}; rerun with --force to replace them")
+        raise OutputError(f"output {out} holds results of {what}; rerun with --force (force=True in Python) to replace them")
     if not mixed:
         journal.load(out)
     try:

@@ -651,6 +651,13 @@ def _read_text(text: Path) -> bytes:
     return text_from_file(data)
 
 
+def _warn_beyond_training_context(model: Path, engine: object, ctx: int) -> None:
+    """A warning when --ctx exceeds the context the model was trained on (llama-perplexity's too)."""
+    trained = getattr(engine, "n_ctx_train", None)
+    if trained and ctx > trained:
+        print(f"warning: {model} was trained on contexts of {trained} tokens, --ctx is {ctx}", file=sys.stderr)
+
+
 def _check_counts(**flags: tuple[int | None, int]) -> None:
     for flag, (value, least) in flags.items():
         if value is not None and value < least:
@@ -701,8 +708,7 @@ def eval_(
             for path, engine_model in ((model, llm), (reference, ref)):
                 if engine_model is not None and engine_model.add_eos:
                     raise InputError(f"{path}: its vocabulary adds EOS to a text, which llama-perplexity refuses too")
-            if llm.n_ctx_train is not None and ctx > llm.n_ctx_train:
-                print(f"warning: {model} was trained on contexts of {llm.n_ctx_train} tokens, --ctx is {ctx}", file=sys.stderr)
+            _warn_beyond_training_context(model, llm, ctx)
             stage("tokenizing")
             figures = evaluate(llm, data, ctx=ctx, chunks=chunks, reference=ref, progress=callback, source=str(text),
                                reference_name=str(reference))
@@ -749,6 +755,7 @@ def imatrix(
                 engine, engine_used = BertEngine(model), "qstrat's numpy BERT forward (float64; tokens by the model's tokenizer.json)"
             else:
                 engine, engine_used = _open_engine(model, ctx, None, False, "numpy", stack, "model")
+            _warn_beyond_training_context(model, engine, ctx)
             stage("tokenizing")
             collected = compute_imatrix(engine, data, ctx, chunks, str(text), callback)
         write_imatrix(output, collected)

@@ -50,6 +50,7 @@ class LlamaParams:
     eps: float
     rope_base: float
     freq_scale: float  # 1 / linear rope scaling factor
+    n_ctx_train: int | None = None  # {arch}.context_length: the context it was trained on
 
     @classmethod
     def from_fields(cls, fields: dict, source: str) -> LlamaParams:
@@ -80,6 +81,7 @@ class LlamaParams:
             eps=float(key("attention.layer_norm_rms_epsilon")),
             rope_base=float(key("rope.freq_base", 10000.0)),
             freq_scale=1.0 / factor if scaling == "linear" and factor > 0 else 1.0,
+            n_ctx_train=int(fields[f"{arch}.context_length"]) if fields.get(f"{arch}.context_length") else None,
         )
 
 

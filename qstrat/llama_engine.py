@@ -151,7 +151,7 @@ class NumpyModel:
             raise InputError(f"{source}: {forward.n_vocab} token embeddings for a vocabulary of {tokenizer.n_vocab} tokens")
         self.forward, self.tokenizer = forward, tokenizer
         self.n_vocab, self.add_bos, self.add_eos, self.bos = tokenizer.n_vocab, tokenizer.add_bos, tokenizer.add_eos, tokenizer.bos
-        self.n_ctx_train = None
+        self.n_ctx_train = forward.params.n_ctx_train  # llama.cpp loads no hyperparameters with a vocabulary alone
 
     def tokenize(self, text: bytes) -> list[int]:
         return self.tokenizer.tokenize(text)

@@ -212,6 +212,11 @@ def test_imatrix_errors_are_one_line(model, tmp_path):
                     ("compare", str(directory), "-f", "q8_0", "-s", "identity")):
         assert_clean_failure(run_cli("qstrat", *command, "--text", str(latin1)), f"{latin1}: not UTF-8 text (byte 0xe9 at offset 203)")
     assert not (tmp_path / "x.gguf").exists()
+    # beyond the trained context (config.json's 2048): llama.cpp's engine warned, the numpy forward did not
+    for command in (("imatrix", str(directory), "-o", str(tmp_path / "x.gguf")), ("eval", str(directory))):
+        result = run_cli("qstrat", *command, "--text", str(text), "--ctx", "4096")
+        assert f"warning: {directory} was trained on contexts of 2048 tokens, --ctx is 4096" in result.stderr, result.stderr
+        assert_clean_failure(result, "fewer than the 8192 needed")
     # before any case is quantized (it was checked once the first case had run)
     result = run_cli("qstrat", "compare", str(directory), "-f", "q8_0", "-s", "identity", "--text", str(short), "--ctx", "32")
     assert_clean_failure(result, "fewer than the 64 needed")
