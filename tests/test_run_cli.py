@@ -528,13 +528,19 @@ def test_a_finished_run_is_up_to_date_on_its_rerun(tmp_path):
     assert journal_lines(out) == lines  # each group once: a rerun that redoes them used to add them again
 
 
+def _q4_0_gguf(tmp_path: Path, shape: tuple[int, int], count: int, seed: int) -> tuple[Path, Path]:
+    """A float32 model of ``count`` random matrices, and its Q4_0 GGUF written by a run."""
+    rng = np.random.default_rng(seed)
+    model = write_model(tmp_path / "m", {f"l.{i}.weight": rng.standard_normal(shape).astype(np.float32) for i in range(count)}, dtype="F32")
+    assert run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-i", str(model), "-o", str(tmp_path / "q4"), "-q",
+                   "--set", "format=q4_0").returncode == 0
+    return model, next((tmp_path / "q4").glob("*.gguf"))
+
+
 def test_an_output_much_larger_than_its_input_is_a_warning(tmp_path):
     # Q8K of a GGUF model whose rows are not 256 long: its block-type tensors pass through decoded to F32
-    rng = np.random.default_rng(0)
-    model = write_model(tmp_path / "m", {f"l.{i}.weight": rng.standard_normal((256, 384)).astype(np.float32) for i in range(4)}, dtype="F32")
+    model, source = _q4_0_gguf(tmp_path, (256, 384), 4, seed=0)
     config = REPO / "configs" / "identity.yaml"
-    assert run_cli("qstrat", "run", str(config), "-i", str(model), "-o", str(tmp_path / "q4"), "-q", "--set", "format=q4_0").returncode == 0
-    source = next((tmp_path / "q4").glob("*.gguf"))
     result = run_cli("qstrat", "run", str(config), "-i", str(source), "-o", str(tmp_path / "q8k"))
     assert result.returncode == 0, result.stderr
     assert "is larger than the input" in result.stderr and "row length 384 is not a multiple of 256" in result.stderr
@@ -545,11 +551,8 @@ def test_an_output_much_larger_than_its_input_is_a_warning(tmp_path):
 
 
 def test_a_gguf_inputs_bytes_in_are_its_stored_bytes_and_its_type_is_recorded(tmp_path):
-    rng = np.random.default_rng(1)
-    model = write_model(tmp_path / "m", {f"l.{i}.weight": rng.standard_normal((64, 512)).astype(np.float32) for i in range(3)}, dtype="F32")
+    model, source = _q4_0_gguf(tmp_path, (64, 512), 3, seed=1)
     config = REPO / "configs" / "identity.yaml"
-    assert run_cli("qstrat", "run", str(config), "-i", str(model), "-o", str(tmp_path / "q4"), "-q", "--set", "format=q4_0").returncode == 0
-    source = next((tmp_path / "q4").glob("*.gguf"))
     out = tmp_path / "q8"
     assert run_cli("qstrat", "run", str(config), "-i", str(source), "-o", str(out), "-q", "--set", "format=q8_0").returncode == 0
     manifest = json.loads((out / "manifest.json").read_text())
