@@ -77,6 +77,8 @@ def test_chain_conflicts_and_fallback():
     candidates = {n: Candidate(a.shape, a.ndim == 2 and "norm" not in n and "embed" not in n) for n in t.items() for n, a in [n]}
     with pytest.raises(ConfigError, match="claimed by both"):
         StrategyChain(["attention_aware", "head_order"]).assign(candidates, hf_config(GQA_SHAPE))
+    with pytest.raises(ConfigError, match="strategy mlp_joint appears twice in the chain"):  # "claimed by mlp_joint and mlp_joint"
+        StrategyChain(["mlp_joint", "mlp_joint", "identity"]).assign(candidates, hf_config(GQA_SHAPE))
     assignments = StrategyChain(["mlp_joint", "head_order", "l2_norm"]).assign(candidates, hf_config(GQA_SHAPE))
     owners = {m: a.strategy.name for a in assignments for m in a.members}
     assert owners["lm_head.weight"] == "l2_norm"

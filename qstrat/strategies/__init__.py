@@ -110,6 +110,9 @@ class StrategyChain:
             )
             for members in strategy.claim(offered, model_config):
                 for member in members:
+                    if member in owner and owner[member] == strategy.name:
+                        raise ConfigError(f"strategy {strategy.name} appears twice in the chain, and both claim tensor {member!r}: "
+                                          "keep one, or narrow each with match")
                     if member in owner:
                         raise ConfigError(
                             f"tensor {member!r} is claimed by both {owner[member]} and {strategy.name}; "
