@@ -364,8 +364,10 @@ class GGUFModel:
             raise FormatError(f"{self.path}: {KEY_PREFIX}widened_from holds a dtype other than BF16 / F16")
         self.retyped = self._pairs("retyped", self._strings("retyped_from"))
         for name, tag in self.retyped.items():
-            if tag not in RETYPED or name not in self.tensors or passthrough_tag(int(self.tensors[name].tensor_type)) != RETYPED[tag]:
-                raise FormatError(f"{self.path}: {KEY_PREFIX}retyped: {name!r} is not stored as {RETYPED.get(tag, 'a type')} {tag} goes in")
+            if tag not in RETYPED:
+                raise FormatError(f"{self.path}: {KEY_PREFIX}retyped_from: {tag!r} is not a dtype stored in another type")
+            if passthrough_tag(int(self.tensors[name].tensor_type)) != RETYPED[tag]:
+                raise FormatError(f"{self.path}: {KEY_PREFIX}retyped: {name!r} ({tag}) is not stored as {RETYPED[tag]}")
         self.variant = self._string("variant")
         config = self._string("config")
         try:
