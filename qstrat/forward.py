@@ -58,30 +58,37 @@ class LlamaParams:
         if arch not in ROPE_NEOX:
             raise InputError(f"{source}: architecture {arch!r}; the numpy forward computes {', '.join(ROPE_NEOX)}")
 
-        def key(name: str, default=None):
+        def key(name: str, default=None, kind: type = int, least: float | None = 1):
             value = fields.get(f"{arch}.{name}", default)
             if value is None:
                 raise InputError(f"{source}: no {arch}.{name} in the model's metadata")
-            return value
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise InputError(f"{source}: {arch}.{name} is {value!r}, not a number")
+            if least is not None and not value >= least:
+                raise InputError(f"{source}: {arch}.{name} is {value!r}; at least {least}")
+            return kind(value)
 
-        n_head = int(key("attention.head_count"))
-        n_embd = int(key("embedding_length"))
-        head_dim = int(key("attention.key_length", n_embd // n_head))
+        n_head = key("attention.head_count")
+        n_embd = key("embedding_length")
+        head_dim = key("attention.key_length", n_embd // n_head)
+        n_head_kv = key("attention.head_count_kv", n_head)
+        if n_head % n_head_kv:
+            raise InputError(f"{source}: {n_head} attention heads do not share {n_head_kv} key/value heads")
         scaling = str(fields.get(f"{arch}.rope.scaling.type", "none"))
         if scaling not in ("none", "linear"):
             raise InputError(f"{source}: rope scaling {scaling!r}; the numpy forward computes none or linear")
-        factor = float(fields.get(f"{arch}.rope.scaling.factor", 0.0) or 0.0)
+        factor = key("rope.scaling.factor", 0.0, kind=float, least=0)
         return cls(
             arch=arch,
-            n_layer=int(key("block_count")),
+            n_layer=key("block_count"),
             n_head=n_head,
-            n_head_kv=int(key("attention.head_count_kv", n_head)),
+            n_head_kv=n_head_kv,
             head_dim=head_dim,
-            n_rot=int(key("rope.dimension_count", head_dim)),
-            eps=float(key("attention.layer_norm_rms_epsilon")),
-            rope_base=float(key("rope.freq_base", 10000.0)),
+            n_rot=key("rope.dimension_count", head_dim, least=0),
+            eps=key("attention.layer_norm_rms_epsilon", kind=float, least=0),
+            rope_base=key("rope.freq_base", 10000.0, kind=float, least=0),
             freq_scale=1.0 / factor if scaling == "linear" and factor > 0 else 1.0,
-            n_ctx_train=int(fields[f"{arch}.context_length"]) if fields.get(f"{arch}.context_length") else None,
+            n_ctx_train=key("context_length", 0, least=0) or None,
         )
 
 

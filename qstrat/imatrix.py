@@ -119,9 +119,16 @@ def _read_gguf(path: Path) -> ImportanceMatrix:
         sums = pair[IN_SUM2].reshape(counts.size, -1) if counts.size and pair[IN_SUM2].size % counts.size == 0 else pair[IN_SUM2]
         _check_entry(path, name, sums, counts)
         entries[name] = ImportanceEntry(np.ascontiguousarray(sums), counts)
-    return ImportanceMatrix(
-        entries, [str(d) for d in fields[KEY_DATASETS]], int(fields[KEY_CHUNK_COUNT]), int(fields[KEY_CHUNK_SIZE])
-    )
+    datasets = fields[KEY_DATASETS]
+    if not isinstance(datasets, list) or not all(isinstance(d, str) for d in datasets):
+        raise FormatError(f"{path}: {KEY_DATASETS} is {datasets!r}, not an array of strings")
+    counts = {}
+    for key in (KEY_CHUNK_COUNT, KEY_CHUNK_SIZE):
+        value = fields[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise FormatError(f"{path}: {key} is {value!r}, not a count")
+        counts[key] = value
+    return ImportanceMatrix(entries, datasets, counts[KEY_CHUNK_COUNT], counts[KEY_CHUNK_SIZE])
 
 
 def _read_legacy(path: Path) -> ImportanceMatrix:

@@ -37,7 +37,7 @@ from qstrat.io.manifest import (
 )
 from qstrat.io.gguf_read import open_gguf
 from qstrat.io.names import RESIDUAL_PERMUTATION_KEY, assign_file_stems
-from qstrat.io.q8k import read_perm, read_q8k, write_perm, write_q8k
+from qstrat.io.q8k import check_permutation, read_perm, read_q8k, write_perm, write_q8k
 from qstrat.io.qblock import SUFFIX as QBLK_SUFFIX, read_blocks, write_blocks
 from qstrat.io.safetensors import map_tensor, to_float32, write_safetensors
 from qstrat.kernels import BLOCK_BYTES, QK_K
@@ -354,6 +354,9 @@ class GGUFModel:
                 raise FormatError(f"{self.path}: residual-stream permutation of a tensor {name!r} the file does not hold")
         #: the residual stream's permutation and the axis it permutes, per tensor it permutes
         self.residual: dict[str, tuple[np.ndarray, int]] = {n: (residual_perm, a) for n, a in zip(residual_names, residual_axes)}
+        for kind, permutations in (("joint", self.joint), ("residual-stream", self.residual)):
+            for name, (perm, axis) in permutations.items():
+                self._check_permutation(kind, name, perm, axis)
         self.row_heads = self._pairs("rope_rows", self._ints("rope_rows_heads"))
         self.widened = self._pairs("widened", self._strings("widened_from"))
         for name, heads in self.row_heads.items():
@@ -374,17 +377,43 @@ class GGUFModel:
             self.config = json.loads(config) if config else {}
         except ValueError:
             raise FormatError(f"{self.path}: {KEY_PREFIX}config is not JSON") from None
+        if not isinstance(self.config, dict):
+            raise FormatError(f"{self.path}: {KEY_PREFIX}config is not a JSON object")
         self.architecture = self._string("architecture", prefix="general.")
         if self.llama_cpp:
             self.architecture = self._string("source_architecture") or self.architecture
         self.name = self._string("name", prefix="general.")
 
+    def _check_permutation(self, kind: str, name: str, perm: np.ndarray, axis: int) -> None:
+        """A format error unless ``perm`` permutes axis ``axis`` of tensor ``name`` (as numpy orders axes)."""
+        if name not in self.tensors:
+            raise FormatError(f"{self.path}: {kind} permutation of a tensor {name!r} the file does not hold")
+        shape = tuple(int(d) for d in reversed(self.tensors[name].shape.tolist()))
+        if not 0 <= axis < len(shape):
+            raise FormatError(f"{self.path}: {kind} permutation of {name!r} along axis {axis}; the tensor has {len(shape)}")
+        check_permutation(perm, shape[axis], f"{self.path}: {kind} permutation of {name!r}")
+
+    def _field(self, key: str, kinds: tuple[str, ...]):
+        """The field ``key`` (None if absent), when its type is one of ``kinds`` (``STRING``, ``ARRAY
+        of STRING``, ``ARRAY of INT``): a file whose metadata says otherwise is a format error."""
+        gguf = _gguf()
+        field = self.reader.get_field(key)
+        if field is None:
+            return None
+        types = list(field.types)
+        kind = types[0].name if types[0] != gguf.GGUFValueType.ARRAY else "ARRAY of " + (types[1].name if len(types) > 1 else "STRING")
+        if "ARRAY of INT" in kinds and kind.startswith("ARRAY of ") and ("INT" in kind[9:]):
+            return field
+        if kind not in kinds:
+            raise FormatError(f"{self.path}: {key} is {kind}, expected {' or '.join(kinds)}")
+        return field
+
     def _string(self, key: str, prefix: str = KEY_PREFIX) -> str | None:
-        field = self.reader.get_field(prefix + key)
+        field = self._field(prefix + key, ("STRING",))
         return None if field is None else str(field.contents())
 
     def _strings(self, key: str) -> list[str]:
-        field = self.reader.get_field(KEY_PREFIX + key)
+        field = self._field(KEY_PREFIX + key, ("ARRAY of STRING",))
         return [] if field is None else [str(v) for v in field.contents()]
 
     def _pairs(self, key: str, values: list) -> dict:
@@ -395,7 +424,7 @@ class GGUFModel:
         return dict(zip(names, values))
 
     def _ints(self, key: str) -> list[int]:
-        field = self.reader.get_field(KEY_PREFIX + key)
+        field = self._field(KEY_PREFIX + key, ("ARRAY of INT",))
         return [] if field is None else [int(v) for v in field.contents()]
 
     def model_tensors(self) -> list[str]:

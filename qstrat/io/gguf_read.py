@@ -46,8 +46,28 @@ def open_gguf(path: str | os.PathLike, what: str = "file") -> gguf.GGUFReader:
     if size == 0:
         raise FormatError(f"{path}: empty file, not a GGUF file")
     try:
-        return _checked_reader()(path)
+        reader = _checked_reader()(path)
     except _Truncated as err:
         raise FormatError(f"{path}: truncated GGUF file ({size} bytes; its contents need at least {err.needed})") from None
     except Exception as err:  # a third-party parser of untrusted bytes: any failure is a format error
         raise FormatError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
+    _check_contents(reader, path)
+    return reader
+
+
+def _check_contents(reader: gguf.GGUFReader, path: Path) -> None:
+    """What gguf-py parses without a word and its users then trip over: strings that are not UTF-8
+    (gguf-py decodes them only when asked), tensors with a dimension of 0."""
+    import gguf
+
+    for key, field in reader.fields.items():
+        if gguf.GGUFValueType.STRING not in field.types:
+            continue
+        for index in field.data:
+            try:
+                bytes(field.parts[index]).decode("utf-8")
+            except UnicodeDecodeError:
+                raise FormatError(f"{path}: metadata {key!r} holds a string that is not UTF-8") from None
+    for tensor in reader.tensors:
+        if not all(int(d) > 0 for d in tensor.shape):
+            raise FormatError(f"{path}: tensor {tensor.name!r} has shape {tensor.shape.tolist()} (a dimension of 0)")

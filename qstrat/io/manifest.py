@@ -18,11 +18,13 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Discriminator,
+    Field,
     Tag,
     TypeAdapter,
     ValidationError,
     field_validator,
     model_serializer,
+    model_validator,
 )
 
 from qstrat._version import __version__
@@ -62,6 +64,8 @@ class FileEntry(_Record):
         relative = Path(path)
         if relative.is_absolute() or len(relative.parts) != 1 or relative.name in (".", ".."):
             raise ValueError(f"file {path!r} is outside the output directory")
+        if "\0" in path:
+            raise ValueError(f"file {path!r} holds a NUL byte, which no file name holds")
         return path
 
 
@@ -88,7 +92,7 @@ class Joint(_Record):
 
 class _Entry(_Record):
     _OMITTED_WHEN_NONE = ("joint", "residual_axis", "source_type")
-    shape: list[int]
+    shape: list[Annotated[int, Field(ge=0, lt=2**63)]]
     dtype: str
     permutation: Literal["none", "runtime", "joint"]
     files: dict[FileRole, FileEntry]
@@ -121,6 +125,12 @@ class QuantizedEntry(_Entry):
     imatrix: bool | None = None  # in a run with an importance matrix: whether it had this tensor's vector
     #: what the function-preserving permutation of its columns gained over none, measured (dB)
     permutation_gain_db: Metric = None
+
+    @model_validator(mode="after")
+    def _stored_somewhere(self) -> QuantizedEntry:
+        if not {"q8k", "blocks", "gguf"} & set(self.files):
+            raise ValueError("a quantized tensor lists no file holding its blocks (q8k, blocks or gguf)")
+        return self
 
     @field_validator("storage")
     @classmethod
@@ -191,7 +201,8 @@ class Manifest(_Record):
     @property
     def gguf_only(self) -> bool:
         """Whether the tensors are in the GGUF container only (``outputs: [gguf]``)."""
-        return bool(self.containers) and "q8k" not in self.config.get("outputs", ["q8k"])
+        outputs = self.config.get("outputs", ["q8k"])
+        return bool(self.containers) and (not isinstance(outputs, list) or "q8k" not in outputs)
 
     def files(self) -> list[FileEntry]:
         """Every file the manifest lists (a file shared by tensors once per tensor)."""
@@ -238,7 +249,7 @@ def read_manifest(directory: Path) -> Manifest | None:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise FormatError(f"{path}: not a readable manifest: {err}") from None
     # the format's identity first: a file of another kind or version says so, not which keys differ
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:

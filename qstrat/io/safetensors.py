@@ -135,6 +135,10 @@ class SafetensorsFile:
         data_len = self.size - self.data_start
         tensors: dict[str, TensorInfo] = {}
         for name, entry in header.items():
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:  # JSON's "\ud800": a name no file name, GGUF or terminal can hold
+                raise self._error(f"tensor name {name!r} is not valid Unicode (a lone surrogate)") from None
             tensors[name] = self._parse_entry(name, entry, data_len)
         # The tensors must tile the data section exactly: sorted by offset, each begins where
         # the previous ended, the last ends at the end of the file.

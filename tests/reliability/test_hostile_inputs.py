@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -184,3 +185,117 @@ def test_fuzzed_files_give_qstrat_errors_only(tmp_path_factory, kind):
             assert "\n" not in str(err) or kind == "manifest"
 
     check()
+
+
+def _gguf_with(path: Path, metadata: dict, rows: int = 2) -> Path:
+    """A GGUF of one Q8_0 tensor ``w.weight`` (rows x 32) and the given metadata (a value of bytes
+    is written as a string of those bytes)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path, "llama")
+    for key, value in metadata.items():
+        if isinstance(value, list):
+            writer.add_array(key, value)
+        elif isinstance(value, (str, bytes)):
+            writer.add_key_value(key, value, gguf.GGUFValueType.STRING)
+        else:
+            writer.add_uint32(key, value)
+    blocks = qstrat.quantize(np.ones((max(rows, 1), 32), dtype=np.float32), "q8_0")[:rows]
+    writer.add_tensor_info("w.weight", blocks.shape, np.dtype(np.uint8), blocks.nbytes, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.write_tensor_data(blocks)
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    "metadata, rows, message",
+    [
+        # each of these was an internal error ("unexpected ...") in load_model, inspect, verify or dequantize
+        ({"qstrat.joint_perm_tensors": ["w.weight"], "qstrat.joint_perm_axes": ["x"], "qstrat.joint_perm.0": [0, 1]}, 2,
+         "qstrat.joint_perm_axes is ARRAY of STRING, expected ARRAY of INT"),
+        ({"qstrat.joint_perm_tensors": ["w.weight"], "qstrat.joint_perm_axes": [5], "qstrat.joint_perm.0": [0, 1]}, 2,
+         "joint permutation of 'w.weight' along axis 5; the tensor has 2"),
+        ({"qstrat.joint_perm_tensors": ["w.weight"], "qstrat.joint_perm_axes": [0], "qstrat.joint_perm.0": [-1, 0]}, 2,
+         "joint permutation of 'w.weight': not a permutation of 0..1"),
+        ({"general.name": b"caf\xe9"}, 2, "metadata 'general.name' holds a string that is not UTF-8"),
+        ({"qstrat.config": "[1, 2]"}, 2, "qstrat.config is not a JSON object"),
+        ({}, 0, "tensor 'w.weight' has shape [32, 0] (a dimension of 0)"),
+    ],
+)
+def test_gguf_metadata_of_the_wrong_kind_is_a_format_error(tmp_path, metadata, rows, message):
+    path = _gguf_with(tmp_path / "m.gguf", metadata, rows)
+    with pytest.raises(QstratError, match=re.escape(message)):
+        qstrat.load_model(path)
+    assert_clean_failure(run_cli("qstrat", "inspect", str(path)), "m.gguf", message)
+
+
+def test_manifests_imatrices_and_names_of_the_wrong_kind_are_format_errors(tmp_path):
+    from qstrat.imatrix import ImportanceEntry, ImportanceMatrix, read_imatrix, write_imatrix
+
+    model = make_llama_dir(tmp_path / "m", shards=1)
+    out = tmp_path / "o"
+    qstrat.quantize_safetensors(model, qstrat.QuantizationConfig(output_dir=out, validation=False))
+    manifest = json.loads((out / "manifest.json").read_text())
+    name = next(n for n, t in manifest["tensors"].items() if t["storage"] == "q8k")
+    for edit, message in (
+        (lambda m: m["tensors"][name].update(files={}), "lists no file holding its blocks"),
+        (lambda m: m["tensors"][name]["files"]["q8k"].update(path="a\0b"), "holds a NUL byte"),
+        (lambda m: m["tensors"][name].update(shape=[2**70, -1]), "shape.0: Input should be less than"),
+    ):
+        broken = json.loads(json.dumps(manifest))
+        edit(broken)
+        (out / "manifest.json").write_text(json.dumps(broken))
+        with pytest.raises(QstratError, match=re.escape(message)):  # a KeyError, a ValueError, or accepted
+            qstrat.load_model(out)
+    (out / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(QstratError, match="not a readable manifest"):  # a RecursionError
+        qstrat.load_model(out)
+    # an importance matrix whose counts are text, whose datasets are a number
+    import gguf
+
+    good = tmp_path / "good.imatrix.gguf"
+    write_imatrix(good, ImportanceMatrix({"blk.0.attn_q.weight": ImportanceEntry(np.ones((1, 32), np.float32), np.ones(1, np.int64))},
+                                         ["text"], 1, 32))
+    for key, value, message in (("imatrix.chunk_count", "x", "imatrix.chunk_count is 'x', not a count"),
+                                ("imatrix.datasets", 5, "imatrix.datasets is 5, not an array of strings")):
+        reader = gguf.GGUFReader(good)
+        bad = tmp_path / "bad.imatrix.gguf"
+        writer = gguf.GGUFWriter(bad, arch=None)
+        for field in reader.fields.values():
+            if field.name.startswith("GGUF.") or field.name == "general.architecture":
+                continue
+            if field.name == key:
+                writer.add_key_value(key, value, gguf.GGUFValueType.STRING if isinstance(value, str) else gguf.GGUFValueType.UINT32)
+            elif field.types[0] == gguf.GGUFValueType.ARRAY:
+                writer.add_array(field.name, field.contents())
+            else:
+                writer.add_key_value(field.name, field.contents(), field.types[0])
+        for tensor in reader.tensors:
+            writer.add_tensor(tensor.name, np.asarray(tensor.data))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        with pytest.raises(QstratError, match=re.escape(message)):
+            read_imatrix(bad)
+    # a tensor name JSON spells with a lone surrogate: no file or terminal can hold it
+    raw_safetensors(tmp_path / "s.safetensors", {"x\ud800.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4)
+    with pytest.raises(QstratError, match="not valid Unicode"):
+        SafetensorsFile(tmp_path / "s.safetensors")
+
+
+def test_hyperparameters_of_the_wrong_kind_are_input_errors_of_the_numpy_forward():
+    from qstrat.forward import LlamaParams
+
+    good = {"general.architecture": "llama", "llama.attention.head_count": 4, "llama.embedding_length": 64,
+            "llama.block_count": 2, "llama.attention.layer_norm_rms_epsilon": 1e-5}
+    assert LlamaParams.from_fields(good, "m.gguf").n_head == 4
+    # a ZeroDivisionError, a float() ValueError, a reshape deep in the forward
+    for change, message in (({"llama.attention.head_count": 0}, "llama.attention.head_count is 0; at least 1"),
+                            ({"llama.attention.layer_norm_rms_epsilon": "x"}, "llama.attention.layer_norm_rms_epsilon is 'x', not a number"),
+                            ({"llama.attention.head_count_kv": 3}, "4 attention heads do not share 3 key/value heads")):
+        with pytest.raises(QstratError, match=re.escape(f"m.gguf: {message}")):
+            LlamaParams.from_fields({**good, **change}, "m.gguf")
