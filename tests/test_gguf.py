@@ -2,7 +2,10 @@
 
 import json
 import shutil
+import subprocess
+import sys
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -260,3 +263,23 @@ def test_tensors_of_dtypes_gguf_lacks_go_through_a_gguf_output_and_come_back(tmp
     again = SafetensorsModel(tmp_path / "dir" / "passthrough.safetensors").tensors
     for name, (_, array) in odd.items():
         assert np.asarray(map_tensor(again[name])).tobytes() == array.tobytes(), name
+
+
+def test_a_gguf_of_more_tensors_than_open_files_allowed_is_written(tmp_path):
+    # every tensor file was mapped at once: past `ulimit -n` tensors (MoE checkpoints hold thousands)
+    # the run failed with "Too many open files" once all the quantizing was done
+    rng = np.random.default_rng(5)
+    model = write_model(tmp_path / "m", {f"e.{i}.weight": rng.standard_normal((4, 256)).astype(np.float32) for i in range(300)}, dtype="F32")
+    limited = "ulimit -n 200; "
+    run = subprocess.run(["bash", "-c", limited + f"{Path(sys.executable).with_name('qstrat')} run {REPO / 'configs' / 'identity.yaml'} "
+                          f"-i {model} -o {tmp_path / 'o'} -q --set format=q8_0 --set validation.enabled=false"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert len(GGUFReader(tmp_path / "o" / "m.gguf").tensors) == 300
+    q8k = run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-i", str(model), "-o", str(tmp_path / "q8k"), "-q",
+                  "--set", "validation.enabled=false", "--set", "skip_patterns=[none]")
+    assert q8k.returncode == 0, q8k.stderr
+    convert = subprocess.run(["bash", "-c", limited + f"{Path(sys.executable).with_name('qstrat')} convert {tmp_path / 'q8k'} {tmp_path / 'c.gguf'}"],
+                             capture_output=True, text=True)
+    assert convert.returncode == 0, convert.stderr
+    assert len(GGUFReader(tmp_path / "c.gguf").tensors) == 300

@@ -37,8 +37,8 @@ from qstrat.io.manifest import (
 )
 from qstrat.io.gguf_read import open_gguf
 from qstrat.io.names import RESIDUAL_PERMUTATION_KEY, assign_file_stems
-from qstrat.io.q8k import check_permutation, read_perm, read_q8k, write_perm, write_q8k
-from qstrat.io.qblock import SUFFIX as QBLK_SUFFIX, read_blocks, write_blocks
+from qstrat.io.q8k import check_permutation, read_perm, read_q8k, read_q8k_shape, write_perm, write_q8k
+from qstrat.io.qblock import SUFFIX as QBLK_SUFFIX, read_blocks, read_blocks_header, write_blocks
 from qstrat.io.safetensors import map_tensor, to_float32, write_safetensors
 from qstrat.kernels import BLOCK_BYTES, QK_K
 
@@ -164,22 +164,31 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
         entry = model.entries[name]
         if entry.quantized:
             files = entry.files
+            # the headers now, the blocks when the tensor is written: a map (and a file descriptor) per
+            # tensor held at once ran out of descriptors past `ulimit -n` tensors, and reordered q/k
+            # rows held in memory grew with the layers
             if "q8k" in files:
-                stored, ggml_type = read_q8k(model.directory / files["q8k"]), gguf.GGMLQuantizationType.Q8_K
+                path, ggml_type = model.directory / files["q8k"], gguf.GGMLQuantizationType.Q8_K
+                (rows, k), read = read_q8k_shape(path), read_q8k
+                row_bytes = k // QK_K * BLOCK_BYTES
             else:
-                stored = read_blocks(model.directory / files["blocks"])
-                ggml_type = gguf.GGMLQuantizationType[stored.type_name.upper()]
-            payload = np.asarray(stored.blocks).reshape(stored.rows, -1)
-            order = _row_order(layout, name, (stored.rows, stored.k))
-            if order is not None:
-                # blocks run along a row: reordering rows of blocks gives exactly the blocks of
-                # the reordered matrix
-                payload = payload[order]
-            entries.append((name, lambda p=payload: p, np.uint8, ggml_type, payload.shape, payload.nbytes))
+                path, read = model.directory / files["blocks"], read_blocks
+                type_name, rows, k = read_blocks_header(path)
+                ggml_type = gguf.GGMLQuantizationType[type_name.upper()]
+                block_size, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
+                row_bytes = k // block_size * type_size
+            order = _row_order(layout, name, (rows, k))
+
+            def blocks(path=path, read=read, rows=rows, order=order):
+                stored = np.asarray(read(path).blocks).reshape(rows, -1)
+                # blocks run along a row: reordering rows of blocks gives exactly the blocks of the reordered matrix
+                return stored if order is None else stored[order]
+
+            entries.append((name, blocks, np.uint8, ggml_type, (rows, row_bytes), rows * row_bytes))
             if "perm" in files:
                 if layout is not None:
                     raise OutputError(f"{name}: a run-time permutation cannot be written for llama.cpp")
-                perm = read_perm(model.directory / files["perm"], stored.k).astype(np.int32)
+                perm = read_perm(model.directory / files["perm"], k).astype(np.int32)
                 entries.append((name + PERM_SUFFIX, lambda p=perm: p, np.int32, None, perm.shape, perm.nbytes))
                 perm_names.append(name + PERM_SUFFIX)
         else:
