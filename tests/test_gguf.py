@@ -1,6 +1,7 @@
 """GGUF output and conversion: readable by the gguf package, bit-exact with the .q8k files."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -283,3 +284,21 @@ def test_a_gguf_of_more_tensors_than_open_files_allowed_is_written(tmp_path):
                              capture_output=True, text=True)
     assert convert.returncode == 0, convert.stderr
     assert len(GGUFReader(tmp_path / "c.gguf").tensors) == 300
+
+
+def test_convert_removes_what_a_killed_convert_left_and_makes_the_target_directory(tmp_path):
+    out = tmp_path / "o"
+    assert run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-o", str(out), "-q").returncode == 0
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid no process has now: a convert killed with SIGKILL
+    target = tmp_path / "new" / "deeper" / "m.gguf"  # its directory did not exist: exit 3
+    target.parent.mkdir(parents=True)
+    dead, alive = target.parent / f".m.gguf.tmp-{gone.pid}", target.parent / f".m.gguf.tmp-{os.getpid()}"
+    dead.write_bytes(b"x" * 1000)
+    alive.write_bytes(b"y")  # a convert still writing keeps its file
+    assert run_cli("qstrat", "convert", str(out), str(target)).returncode == 0
+    assert not dead.exists() and alive.exists()
+    fresh = tmp_path / "made" / "here" / "m.gguf"
+    result = run_cli("qstrat", "convert", str(out), str(fresh))
+    assert result.returncode == 0, result.stderr
+    assert qstrat.load_model(fresh).keys() == qstrat.load_model(target).keys()

@@ -145,6 +145,30 @@ def make_durable(paths: Iterable[Path], directory: Path) -> None:
             raise OutputError(describe_os_error(Path(path), err)) from None
 
 
+def remove_dead_temporaries(directory: Path) -> int:
+    """Delete the temporaries in ``directory`` whose writer (the pid in their name) is gone: what a
+    command killed with SIGKILL left, while another still writing keeps its own; returns how many."""
+    removed = 0
+    for entry in Path(directory).glob(f".*{TEMP_MARKER}*"):
+        pid = entry.name.rsplit(TEMP_MARKER, 1)[1]
+        if not pid.isdigit() or _running(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            entry.unlink()
+            removed += 1
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: running
+        return True
+    return True
+
+
 def remove_stale_temporaries(directory: Path) -> int:
     """Delete temporaries left by interrupted runs; returns how many were removed."""
     removed = 0

@@ -12,6 +12,7 @@ tensor at a time) to a temporary name, then renamed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -23,7 +24,7 @@ import numpy as np
 
 from qstrat._version import __version__
 from qstrat.errors import FormatError, InputError, OutputError
-from qstrat.io.atomic import atomic_path, describe_os_error
+from qstrat.io.atomic import atomic_path, describe_os_error, remove_dead_temporaries
 from qstrat.io.manifest import (
     JOINT_PERMUTATIONS_NAME,
     PASSTHROUGH_NAME,
@@ -226,6 +227,12 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
         renamed = {n: g for n, g in stored_names.items() if g != n}
     if len(set(stored_names.values())) != len(entries):
         raise OutputError(f"{target}: two tensor names collide in GGUF's 63-byte limit")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(describe_os_error(target.parent, err)) from None
+    with contextlib.suppress(OSError):
+        remove_dead_temporaries(target.parent)  # a convert killed with SIGKILL left a whole model's worth
     with atomic_path(target) as tmp:
         architecture = layout.arch if layout is not None else str(metadata.get("architecture") or "qstrat")
         writer = gguf.GGUFWriter(tmp, architecture)
@@ -507,6 +514,7 @@ def gguf_to_directory(source: str | os.PathLike, output_dir: str | os.PathLike) 
         raise OutputError(f"output {out} exists and is not a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
+        remove_dead_temporaries(out)  # what a convert killed with SIGKILL left
     except OSError as err:
         raise OutputError(describe_os_error(out, err)) from None
     names = model.model_tensors()
