@@ -104,10 +104,14 @@ def gguf_metadata(model: QuantizedModel, source: str | os.PathLike | None = None
     if source is None and manifest is not None:
         source = manifest.source.path
     q8k = any("q8k" in e.files for e in model.entries.values())
+    reader = None
     if source is not None and Path(source).suffix == ".gguf" and Path(source).is_file() and not q8k:
         from qstrat.io.gguf_read import open_gguf
 
         reader = open_gguf(source)  # parsed once: a large vocabulary takes a second or more
+        if "qstrat.version" in reader.fields and "qstrat.layout" not in reader.fields:
+            reader = None  # qstrat's generic container: written again as such (carried over, it changed)
+    if reader is not None:
         if _names_mapped_back(reader, model.entries):
             # the directory came from a file qstrat wrote in llama.cpp's layout, its tensors mapped back to
             # Hugging Face names: carrying that file's metadata over them gives a file llama.cpp refuses

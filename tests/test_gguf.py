@@ -79,6 +79,14 @@ def test_gguf_directory_gguf_roundtrip_and_loading(tmp_path):
     for command in (("verify", str(first)), ("inspect", str(first)), ("dequantize", str(first), str(tmp_path / "d.safetensors"))):
         result = run_cli("qstrat", *command)
         assert result.returncode == 0, result.stderr
+    # a run's own GGUF of a model that is not a Llama: its directory was taken for a GGUF input's on
+    # the way back (qstrat.layout gguf-input added), and the file was not the same
+    model = write_model(tmp_path / "plain", {f"l.{i}.weight": np.ones((8, 256), np.float32) * i for i in range(3)}, dtype="F32")
+    assert run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-i", str(model), "-o", str(tmp_path / "u"), "-q",
+                   "--set", "format=q8_0").returncode == 0
+    own = tmp_path / "u" / "plain.gguf"
+    again = directory_to_gguf(gguf_to_directory(own, tmp_path / "plain-back"), tmp_path / "plain-again.gguf")
+    assert again.read_bytes() == own.read_bytes()
 
 
 def test_original_tool_directory_converts(tmp_path):
