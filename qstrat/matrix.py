@@ -109,15 +109,16 @@ class QuantizedMatrix:
 
 #: rows measured at a time (bounds the float64 temporaries of the numpy measures)
 _MEASURED_ROWS = 256
+#: values a GGUF type quantizes at a time (a multiple of _MEASURED_ROWS rows): 64 MB of float32
+_CHUNK_VALUES = 16 << 20
 
 
 def _stored_order(
-    storage: np.ndarray, row_perm: np.ndarray | None, col_perm: np.ndarray | None
+    storage: np.ndarray, row_perm: np.ndarray | None, col_perm: np.ndarray | None, rows: slice = slice(None)
 ) -> np.ndarray:
-    """Float32 values in stored order: ``storage[row_perm[i], col_perm[j]]``."""
-    stored = storage_to_float32(storage)
-    if row_perm is not None:
-        stored = np.take(stored, row_perm, axis=0)
+    """Float32 values in stored order, of the stored rows ``rows``: ``storage[row_perm[i], col_perm[j]]``."""
+    picked = storage[rows] if row_perm is None else np.take(storage, row_perm[rows], axis=0)
+    stored = storage_to_float32(picked)
     if col_perm is not None:
         stored = np.take(stored, col_perm, axis=1)
     return np.ascontiguousarray(stored)
@@ -205,58 +206,69 @@ def quantize_matrix_as(
     blocks (rows, row bytes), and the same measures, from the blocks dequantized as GGML does
     (``measure="error"``: only the squared errors, for comparing orders).
     An ``importance`` vector (source column order) goes to the quantizer in stored order, as
-    ``ggml_quantize_chunk``'s ``imatrix``, and weighs the weighted error."""
+    ``ggml_quantize_chunk``'s ``imatrix``, and weighs the weighted error.
+
+    Rows go through in chunks (every type quantizes each row on its own, so the bytes are the
+    same): the float32 copy in stored order is a chunk's, not the matrix's; whole, it and its
+    permuted copies took two to three times a 16-bit matrix's size again."""
     from qstrat.formats import block_type
 
     entry = block_type(type_name)
     if storage.ndim != 2 or storage.shape[1] % entry.block_size:
         raise InputError(f"tensor {tensor_name!r} has shape {storage.shape}; {entry.name} needs 2-D data whose rows are a multiple of {entry.block_size} long")
-    stored = _stored_order(storage, row_perm, col_perm)
+    n_rows, k = storage.shape
     weights = stored_importance(importance, col_perm)
-    blocks = entry.quantize_finite(stored, weights, lambda: check_finite(storage, tensor_name, entry.name.upper()))
     probes = dict(probes or {})
-    if not measure and not probes:
-        return QuantizedMatrix(blocks, None, {})
-    if measure == "error" and not probes:
-        return _errors_only(entry, stored, blocks, weights)
-    vectors = np.array(list(probes.values()), dtype=np.float64).reshape(len(probes), storage.shape[1])
-    measures = np.zeros((storage.shape[0], measure_columns(len(probes))), dtype=np.float64)
+    errors_only = measure == "error" and not probes
+    measured = bool(measure) or bool(probes)
+    vectors = np.array(list(probes.values()), dtype=np.float64).reshape(len(probes), k)
+    measures = np.zeros((n_rows, measure_columns(len(probes))), dtype=np.float64) if measured else None
+    blocks = np.empty((n_rows, entry.row_bytes(k)), dtype=np.uint8)
     weighted_error = weighted_reference = 0.0
-    for start in range(0, stored.shape[0], _MEASURED_ROWS):
-        rows = slice(start, start + _MEASURED_ROWS)
-        source = stored[rows].astype(np.float64)
-        back = entry.dequantize_rows(np.ascontiguousarray(blocks[rows]), stored.shape[1]).astype(np.float64)
-        error = source - back
-        part = measures[rows]
-        part[:, ERROR_SQUARES] = np.einsum("ij,ij->i", error, error)
-        part[:, REFERENCE_SQUARES] = np.einsum("ij,ij->i", source, source)
-        part[:, DEQUANTIZED_SQUARES] = np.einsum("ij,ij->i", back, back)
-        part[:, MAX_ABS_ERROR] = np.abs(error).max(axis=1) if error.size else 0.0
-        for i, vector in enumerate(vectors):
-            part[:, PROBE_COLUMNS + 2 * i] = source @ vector
-            part[:, PROBE_COLUMNS + 2 * i + 1] = error @ vector
-        if weights is not None:
-            weighted_error += float(np.einsum("ij,ij,j->", error, error, weights.astype(np.float64)))
-            weighted_reference += float(np.einsum("ij,ij,j->", source, source, weights.astype(np.float64)))
+    chunk = max(1, _CHUNK_VALUES // max(k, 1)) // _MEASURED_ROWS * _MEASURED_ROWS or _MEASURED_ROWS
+
+    def refuse_non_finite() -> None:
+        check_finite(storage, tensor_name, entry.name.upper())
+
+    if not entry.checks_finite:
+        refuse_non_finite()  # once for the whole matrix, not once per chunk
+    for first in range(0, n_rows, chunk):
+        picked = slice(first, min(first + chunk, n_rows))
+        stored = _stored_order(storage, row_perm, col_perm, picked)
+        if entry.checks_finite:
+            blocks[picked] = entry.quantize_finite(stored, weights, refuse_non_finite)
+        else:
+            blocks[picked] = entry.quantize_rows(stored, weights)
+        if not measured:
+            continue
+        for start in range(0, stored.shape[0], _MEASURED_ROWS):
+            rows = slice(start, start + _MEASURED_ROWS)
+            source = stored[rows].astype(np.float64)
+            back = entry.dequantize_rows(np.ascontiguousarray(blocks[picked][rows]), k).astype(np.float64)
+            error = source - back
+            part = measures[first + start : first + start + source.shape[0]]
+            part[:, ERROR_SQUARES] = np.einsum("ij,ij->i", error, error)
+            if weights is not None:
+                weighted_error += float(np.einsum("ij,ij,j->", error, error, weights.astype(np.float64)))
+                if not errors_only:
+                    weighted_reference += float(np.einsum("ij,ij,j->", source, source, weights.astype(np.float64)))
+            if errors_only:
+                continue
+            part[:, REFERENCE_SQUARES] = np.einsum("ij,ij->i", source, source)
+            part[:, DEQUANTIZED_SQUARES] = np.einsum("ij,ij->i", back, back)
+            part[:, MAX_ABS_ERROR] = np.abs(error).max(axis=1) if error.size else 0.0
+            for i, vector in enumerate(vectors):
+                part[:, PROBE_COLUMNS + 2 * i] = source @ vector
+                part[:, PROBE_COLUMNS + 2 * i + 1] = error @ vector
+    if not measured:
+        return QuantizedMatrix(blocks, None, {})
+    if errors_only:
+        return QuantizedMatrix(blocks, None, {}, float(measures[:, ERROR_SQUARES].sum()), weighted_error if weights is not None else None)
     products = {name: measures[:, PROBE_COLUMNS + 2 * i : PROBE_COLUMNS + 2 * i + 2] for i, name in enumerate(probes)}
     metrics = TensorMetrics.from_row_measures(measures, storage.size) if measure else None
     error_squares = float(measures[:, ERROR_SQUARES].sum()) if measure else None
     result = QuantizedMatrix(blocks, metrics, products, error_squares)
     return _weighted(result, weighted_error, weighted_reference) if measure and weights is not None else result
-
-
-def _errors_only(entry, stored: np.ndarray, blocks: np.ndarray, weights: np.ndarray | None) -> QuantizedMatrix:
-    """The squared error (and weighted error) alone, summed exactly as the full measures sum it:
-    what strategies compare orders by, at a fraction of the cost."""
-    per_row = np.zeros(stored.shape[0])
-    weighted = 0.0
-    for start in range(0, stored.shape[0], _MEASURED_ROWS):
-        rows = slice(start, start + _MEASURED_ROWS)
-        error = stored[rows].astype(np.float64) - entry.dequantize_rows(np.ascontiguousarray(blocks[rows]), stored.shape[1]).astype(np.float64)
-        per_row[rows] = np.einsum("ij,ij->i", error, error)
-        if weights is not None:
-            weighted += float(np.einsum("ij,ij,j->", error, error, weights.astype(np.float64)))
-    return QuantizedMatrix(blocks, None, {}, float(per_row.sum()), weighted if weights is not None else None)
 
 
 def squared_error(
