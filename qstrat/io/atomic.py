@@ -15,6 +15,7 @@ import ctypes
 import errno
 import hashlib
 import os
+import re
 import sys
 import threading
 from collections.abc import Iterable, Iterator
@@ -63,6 +64,9 @@ class HashingWriter:
 def describe_os_error(path: Path, err: OSError) -> str:
     if err.errno == errno.ENOSPC:
         return f"no space left on the device while writing {path}"
+    if err.errno is None and re.fullmatch(r"\d+ requested and \d+ written", str(err)):
+        # numpy's tofile says only this of a full disk (or an exhausted quota)
+        return f"no space left on the device while writing {path} (a short write: {err})"
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"permission denied writing {path}"
     return f"cannot write {path}: {err.strerror or err}"

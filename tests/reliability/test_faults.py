@@ -56,3 +56,22 @@ def test_read_only_output(tmp_path, small_disk):
     result = run_cli("quantize_q8k", str(model), str(small_disk / "o"))
     assert_clean_failure(result, str(small_disk / "o"))
     assert result.returncode == 3
+
+
+def test_a_disk_with_room_for_the_tensor_files_but_not_the_gguf_says_it_is_full(tmp_path):
+    # the GGUF is assembled while the tensor files are still there: numpy's short write said only
+    # "N requested and M written"
+    model = make_llama_dir(tmp_path / "m", shards=1)
+    config = ("--set", "format=q8_0", "--set", "outputs=[gguf]", "--set", "strategies=[identity]", "--set", "validation.enabled=false")
+    assert run_cli("qstrat", "run", str(CONFIG), "-i", str(model), "-o", str(tmp_path / "free"), "-q", *config).returncode == 0
+    size = next((tmp_path / "free").glob("*.gguf")).stat().st_size
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size * 3 // 2 // 4096 * 4096}", "tmpfs", str(mount)], check=True)
+    try:
+        result = run_cli("qstrat", "run", str(CONFIG), "-i", str(model), "-o", str(mount / "o"), "-q", *config)
+        assert_clean_failure(result, "no space left on the device while writing")
+        assert result.returncode == 3
+        assert not (mount / "o" / "manifest.json").exists() and not list((mount / "o").glob(".*.tmp-*"))
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
