@@ -16,17 +16,19 @@ from qstrat.pipelines.journal import file_sha256
 
 def verify_gguf_file(path: str | os.PathLike) -> tuple[list[str], bool]:
     """Every problem of a lone ``.gguf`` file (empty when it is intact), and whether its bytes could
-    be checked: a file qstrat writes records the sha256 of its tensor data (``qstrat.data_sha256``),
-    another tool's (or an older qstrat's) does not, and then only its structure is checked."""
-    from qstrat.io.gguf import GGUFModel, data_sha256, recorded_data_sha256
+    be checked: a file qstrat writes records the sha256 of its header and tensor data (``qstrat.sha256``;
+    an earlier qstrat's, ``qstrat.data_sha256``, of the data alone), another tool's does not, and then
+    only its structure is checked."""
+    from qstrat.io.gguf import SHA256_KEY, GGUFModel, file_sha256, recorded_sha256
 
     path = Path(path)
     recorded = None
     try:
         reader = GGUFModel(path).reader
-        recorded = recorded_data_sha256(reader)
-        if recorded is not None and recorded != data_sha256(reader):  # the data is read only to compare it
-            return [f"{path}: the sha256 of its tensor data differs from the one it records (the file was changed or corrupted)"], True
+        recorded = recorded_sha256(reader)
+        if recorded is not None and recorded[1] != file_sha256(reader, recorded[0]):  # the data is read only to compare it
+            what = "header and tensor data" if recorded[0] == SHA256_KEY else "tensor data"
+            return [f"{path}: the sha256 of its {what} differs from the one it records (the file was changed or corrupted)"], True
         with as_directory(path, follow_container=False) as unpacked:
             return verify_output(unpacked), recorded is not None
     except QstratError as err:  # a file that cannot be read back is a damaged one

@@ -181,19 +181,57 @@ def test_verify_of_a_lone_gguf_checks_its_recorded_data_checksum(tmp_path):
     lone.write_bytes(bytes(data))
     result = run_cli("qstrat", "verify", str(lone))
     assert result.returncode == 3, result.stdout + result.stderr
-    assert_clean_failure(result, "lone.gguf", "sha256 of its tensor data differs")
+    assert_clean_failure(result, "lone.gguf", "sha256 of its header and tensor data differs")
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(bytes(data[:-5000]))
     assert run_cli("qstrat", "verify", str(truncated)).returncode == 3
+    # the header too: a tensor's shape or a key's value changed loads differently, and was called intact
+    for edit in ("shape", "metadata"):
+        header = tmp_path / f"{edit}.gguf"
+        shutil.copyfile(out / "tiny-llama.gguf", header)
+        reader = GGUFReader(header, "r+")
+        if edit == "shape":
+            tensor = next(t for t in reader.tensors if len(t.shape) == 2 and t.shape[0] != t.shape[1])
+            dims = tensor.field.parts[3]  # ne: swapped, the same bytes read as another matrix
+            dims[0], dims[1] = int(dims[1]), int(dims[0])
+        else:
+            variant = reader.fields["qstrat.variant"]
+            variant.parts[-1][0] ^= 0x20  # a letter's case
+        del reader
+        assert_clean_failure(run_cli("qstrat", "verify", str(header)), f"{edit}.gguf", "sha256 of its header and tensor data differs")
     # a file another tool wrote records no checksum: its structure is all that can be checked, and verify says so
     foreign = tmp_path / "foreign.gguf"
     shutil.copyfile(out / "tiny-llama.gguf", foreign)
     reader = GGUFReader(foreign, "r+")
-    key = reader.fields["qstrat.data_sha256"]
+    key = reader.fields["qstrat.sha256"]
     reader.data[key.offset + 8:key.offset + 16] = np.frombuffer(b"foreign.", np.uint8)  # the key renamed, same length (after its u64 length)
     del reader
     result = run_cli("qstrat", "verify", str(foreign))
     assert result.returncode == 0 and "records no checksum" in result.stdout, result.stdout + result.stderr
+
+
+def test_a_gguf_of_an_earlier_qstrat_is_checked_against_its_data_checksum(tmp_path):
+    # qstrat.data_sha256: the tensor bytes alone, what files written before the header was covered record
+    import hashlib
+
+    import gguf
+
+    blocks = qstrat.quantize(np.linspace(-1, 1, 4 * 64, dtype=np.float32).reshape(4, 64), "q8_0")
+    path = tmp_path / "earlier.gguf"
+    writer = gguf.GGUFWriter(path, "qstrat")
+    writer.add_string("qstrat.version", "0.1.0")
+    writer.add_string("qstrat.data_sha256", hashlib.sha256(blocks.tobytes()).hexdigest())
+    writer.add_tensor("w.weight", blocks, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    result = run_cli("qstrat", "verify", str(path))
+    assert result.returncode == 0 and result.stdout.strip() == f"{path}: intact", result.stdout + result.stderr
+    data = bytearray(path.read_bytes())
+    data[int(GGUFReader(path).tensors[0].data_offset) + 5] ^= 1
+    path.write_bytes(bytes(data))
+    assert_clean_failure(run_cli("qstrat", "verify", str(path)), "sha256 of its tensor data differs")
 
 
 def test_gguf_instead_of_q8k_files(tmp_path):

@@ -54,10 +54,13 @@ KEY_PREFIX = "qstrat."
 #: qstrat.layout of a file written in llama.cpp's layout (absent from the generic container)
 LLAMA_LAYOUT = "llama.cpp"
 GGUF_INPUT_LAYOUT = "gguf-input"  # names and metadata carried over from a GGUF input
-#: sha256 of every tensor's bytes in file order (padding excluded), for ``qstrat verify`` of a lone
-#: file; written as a placeholder of the same length and filled in once the data is written
+#: sha256 of the file's header (this key's own value read as the placeholder) then every tensor's bytes in
+#: file order (padding excluded), for ``qstrat verify`` of a lone file; written as a placeholder of the
+#: same length and filled in once the data is written
+SHA256_KEY = KEY_PREFIX + "sha256"
+_PENDING_SHA256 = "qstrat-sha256-pending-" + "0" * 42
+#: what qstrat 0.x wrote before the header was covered: the tensor bytes alone (still checked)
 DATA_SHA256_KEY = KEY_PREFIX + "data_sha256"
-_PENDING_SHA256 = "qstrat-data-sha256-pending-" + "0" * 37
 
 
 #: safetensors dtype tag of a passed-through tensor -> numpy dtype of its bytes; each tag is
@@ -249,7 +252,7 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
         elif metadata.get("file_type") is not None:
             writer.add_file_type(int(metadata["file_type"]))  # llama.cpp's file type (a preset's, a GGUF input's)
         writer.add_string(KEY_PREFIX + "version", __version__)
-        writer.add_string(DATA_SHA256_KEY, _PENDING_SHA256)
+        writer.add_string(SHA256_KEY, _PENDING_SHA256)
         writer.add_string(KEY_PREFIX + "variant", str(metadata.get("variant") or "unknown"))
         writer.add_string(KEY_PREFIX + "config", json.dumps(metadata.get("config") or {}, sort_keys=True))
         if layout is not None:
@@ -289,39 +292,56 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
+        writer.fout[0].flush()
         data_start = writer.fout[0].tell()
-        digest = hashlib.sha256()
+        with open(tmp, "rb") as written:
+            digest = hashlib.sha256(written.read(data_start))  # the header, the placeholder in it
         for _, produce, *_ in entries:
             payload = np.ascontiguousarray(produce())  # one tensor in memory at a time
             digest.update(memoryview(payload).cast("B"))
             writer.write_tensor_data(payload)
         writer.close()
-        _fill_in_data_sha256(tmp, data_start, digest.hexdigest(), target)
+        _fill_in_sha256(tmp, data_start, digest.hexdigest(), target)
     return target
 
 
-def _fill_in_data_sha256(path: Path, header_end: int, hexdigest: str, target: Path) -> None:
-    """Overwrite the placeholder value of ``qstrat.data_sha256`` (same length) in the header of
-    ``path``, the temporary file of ``target``.  gguf-py's writer does not say where it put a value,
-    so the placeholder, unique in the header, is found by its bytes."""
+def _fill_in_sha256(path: Path, header_end: int, hexdigest: str, target: Path) -> None:
+    """Overwrite the placeholder value of ``qstrat.sha256`` (same length) in the header of ``path``,
+    the temporary file of ``target``.  gguf-py's writer does not say where it put a value, so the
+    placeholder, unique in the header, is found by its bytes."""
     with open(path, "r+b") as file:
         header = file.read(header_end)
         at = header.find(_PENDING_SHA256.encode())
         if at < 0 or header.find(_PENDING_SHA256.encode(), at + 1) >= 0:
-            raise OutputError(f"{target}: the data checksum's place in the header was not found once")
+            raise OutputError(f"{target}: the checksum's place in the header was not found once")
         file.seek(at)
         file.write(hexdigest.encode())
 
 
-def recorded_data_sha256(reader: gguf.GGUFReader) -> str | None:
-    """The ``qstrat.data_sha256`` a GGUF file records (None: another tool's, or an older qstrat's)."""
-    field = reader.fields.get(DATA_SHA256_KEY)
-    return field.contents() if field is not None else None
+def recorded_sha256(reader: gguf.GGUFReader) -> tuple[str, str] | None:
+    """(key, value) of the checksum a GGUF file records: ``qstrat.sha256`` (header and tensor data),
+    or an older qstrat's ``qstrat.data_sha256`` (tensor data); None for another tool's file."""
+    for key in (SHA256_KEY, DATA_SHA256_KEY):
+        field = reader.fields.get(key)
+        if field is not None:
+            return key, str(field.contents())
+    return None
 
 
-def data_sha256(reader: gguf.GGUFReader) -> str:
-    """The sha256 of a GGUF file's tensors' bytes, in its tensor order, as ``write_gguf`` records it."""
+def file_sha256(reader: gguf.GGUFReader, key: str) -> str:
+    """The checksum ``key`` of a GGUF file as ``write_gguf`` computes it: for ``qstrat.sha256``, its
+    header with that key's value read as the placeholder, then its tensors' bytes in tensor order;
+    for ``qstrat.data_sha256``, the tensors' bytes alone."""
     digest = hashlib.sha256()
+    if key == SHA256_KEY:
+        field = reader.fields[key]
+        value_at = field.offset + sum(part.nbytes for part in field.parts[:-1])  # the string's bytes come last
+        # the header as written: its key-values and tensor infos, not the alignment padding after them
+        parsed = list(reader.fields.values()) + [tensor.field for tensor in reader.tensors]
+        header_end = max(f.offset + sum(part.nbytes for part in f.parts) for f in parsed)
+        header = bytearray(reader.data[:header_end])
+        header[value_at : value_at + len(_PENDING_SHA256)] = _PENDING_SHA256.encode()
+        digest.update(header)
     for tensor in reader.tensors:
         digest.update(memoryview(np.ascontiguousarray(tensor.data)).cast("B"))
     return digest.hexdigest()
