@@ -35,6 +35,16 @@ def verify_gguf_file(path: str | os.PathLike) -> tuple[list[str], bool]:
         return [str(err)], recorded is not None
 
 
+def _as_in_gguf(entry) -> tuple:
+    """What a GGUF container keeps of a manifest entry: a quantized tensor's block type and shape (not
+    its source dtype); a tensor's dtype and shape otherwise (one written as f32, f16 or bf16 included)."""
+    if entry.storage in ("f32", "f16", "bf16"):
+        return ("passthrough", list(entry.shape), entry.storage.upper())
+    if entry.storage == "passthrough":
+        return ("passthrough", list(entry.shape), entry.dtype)
+    return (entry.storage, list(entry.shape))
+
+
 def file_problems(directory: Path, manifest: Manifest) -> list[str]:
     """Each file the manifest lists that is missing or differs from it (size, sha256), and each
     tensor file it does not list: a run's files, as its manifest says, and nothing else."""
@@ -79,7 +89,13 @@ def verify_output(output_dir: str | os.PathLike) -> list[str]:
         with as_directory(directory) as unpacked:
             loaded = QuantizedModel(unpacked)
             missing = sorted(set(manifest.tensors) - set(loaded.entries))
-            return [f"{directory}: tensor {name!r} is missing from the GGUF container" for name in missing]
+            problems = [f"{directory}: tensor {name!r} is missing from the GGUF container" for name in missing]
+            for name, entry in sorted(manifest.tensors.items()):
+                held = loaded.manifest.tensors.get(name) if loaded.manifest is not None else None
+                if held is not None and _as_in_gguf(held) != _as_in_gguf(entry):
+                    problems.append(f"{directory}: tensor {name!r} is {' '.join(map(str, _as_in_gguf(held)))} in the GGUF "
+                                    f"container, the manifest says {' '.join(map(str, _as_in_gguf(entry)))}")
+            return problems
     model = QuantizedModel(directory, manifest)
     for name, entry in sorted(manifest.tensors.items()):
         try:

@@ -241,6 +241,14 @@ def test_gguf_instead_of_q8k_files(tmp_path):
     assert not list(out.glob("*.q8k")) and not list(out.glob("*.perm")) and not (out / "passthrough.safetensors").exists()
     assert (out / "tiny-llama.gguf").exists()
     assert run_cli("qstrat", "verify", str(out)).returncode == 0
+    # the manifest's shapes and types against the container's (only its names were compared)
+    manifest = json.loads((out / "manifest.json").read_text())
+    edited = json.loads(json.dumps(manifest))
+    edited["tensors"]["lm_head.weight"]["shape"] = [256, 256]
+    (out / "manifest.json").write_text(json.dumps(edited))
+    assert_clean_failure(run_cli("qstrat", "verify", str(out)),
+                         "tensor 'lm_head.weight' is q8k [256, 512] in the GGUF container, the manifest says q8k [256, 256]")
+    (out / "manifest.json").write_text(json.dumps(manifest))
     reference = tmp_path / "ref"
     assert run_cli("qstrat", "run", str(REPO / "configs" / "attention_aware.yaml"), "-o", str(reference), "-q").returncode == 0
     loaded, expected = qstrat.load_model(out), qstrat.load_model(reference)
