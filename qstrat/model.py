@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from qstrat.errors import InputError
+from qstrat.errors import FormatError, InputError
 from qstrat.io.names import JOINT_PERMUTATIONS_NAME, JOURNAL_NAME, MANIFEST_NAME, PASSTHROUGH_NAME, RESIDUAL_PERMUTATION_KEY, decode_name
 from qstrat.io.q8k import check_permutation, read_perm, read_q8k, read_q8k_shape
 from qstrat.io.qblock import read_blocks, read_blocks_header
@@ -150,6 +150,12 @@ class QuantizedModel:
             array = np.array(to_float32(info.dtype, map_tensor(info)))
         else:
             stored = read_q8k(self.directory / entry.files["q8k"]) if "q8k" in entry.files else read_blocks(self.directory / entry.files["blocks"])
+            recorded = self.manifest.tensors.get(name) if self.manifest is not None else None
+            kind = "q8k" if "q8k" in entry.files else stored.type_name
+            if recorded is not None and (kind, [stored.rows, stored.k]) != (recorded.storage, list(recorded.shape)):
+                # a header of another type of the same size would dequantize to other values, silently
+                raise FormatError(f"{self.directory / entry.files.get('q8k', entry.files.get('blocks'))}: {kind} of shape "
+                                  f"{[stored.rows, stored.k]}, the manifest says {recorded.storage} of {list(recorded.shape)}")
             array = stored.dequantize()
             if "perm" in entry.files:
                 array = unpermute(array, read_perm(self.directory / entry.files["perm"], stored.k))

@@ -356,3 +356,19 @@ def test_convert_removes_what_a_killed_convert_left_and_makes_the_target_directo
     result = run_cli("qstrat", "convert", str(out), str(fresh))
     assert result.returncode == 0, result.stderr
     assert qstrat.load_model(fresh).keys() == qstrat.load_model(target).keys()
+
+
+def test_a_block_file_whose_header_names_another_type_is_refused_by_readers(tmp_path):
+    # IQ4_NL's blocks are Q4_0's size: a header naming it loaded as other values; verify caught it, load_model did not
+    from qstrat.io.qblock import read_blocks, write_blocks
+
+    out = tmp_path / "o"
+    assert run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-o", str(out), "-q", "--set", "format=q4_0").returncode == 0
+    directory = gguf_to_directory(out / "tiny-llama.gguf", tmp_path / "d")
+    path = next(directory.glob("*.qblk"))
+    stored = read_blocks(path)
+    blocks = np.array(stored.blocks)
+    write_blocks(path, blocks, "iq4_nl", stored.k)
+    with pytest.raises(qstrat.QstratError, match=f"{path.name}: iq4_nl of shape .*, the manifest says q4_0 of"):
+        qstrat.load_model(directory)
+    assert_clean_failure(run_cli("qstrat", "dequantize", str(directory), str(tmp_path / "x.safetensors")), "the manifest says q4_0")
