@@ -711,7 +711,7 @@ def eval_(
             _warn_beyond_training_context(model, llm, ctx)
             stage("tokenizing")
             figures = evaluate(llm, data, ctx=ctx, chunks=chunks, reference=ref, progress=callback, source=str(text),
-                               reference_name=str(reference))
+                               reference_name=str(reference), model_name=str(model))
         result = {
             **figures, "flash_attn": flash_attn, "engine": engine_used, "model": str(model), "reference": None if reference is None else str(reference),
             "text": str(text),

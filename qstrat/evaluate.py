@@ -230,12 +230,13 @@ def evaluate(
     progress: Callable[[int, int], None] | None = None,
     source: str = "the text",
     reference_name: str = "the reference",
+    model_name: str = "the model",
 ) -> dict[str, float | int | None]:
     """Perplexity of ``model`` over ``text`` (and, with ``reference``, the KL divergence and the other
     comparisons), chunk by chunk as llama-perplexity.  The tokens are the model's; the reference is
     fed the very same tokens, so its vocabulary must be the model's: the same size, and the text
     split into the same tokens.  ``progress(done, total)`` is called before the first chunk and after
-    each; ``source`` names the text and ``reference_name`` the reference in errors."""
+    each; ``source`` names the text, ``model_name`` and ``reference_name`` the models in errors."""
     if reference is not None and reference.n_vocab != model.n_vocab:
         raise InputError(
             f"{reference_name}: a vocabulary of {reference.n_vocab} tokens, the model's has {model.n_vocab}: "
@@ -264,6 +265,9 @@ def evaluate(
         next_tokens = tokens[index * ctx + rows.start + 1:(index + 1) * ctx]  # the text's own tokens
         logits = model.logits(chunk)[rows]
         reference_logits = reference.logits(chunk)[rows] if reference is not None else None
+        for name, values in ((model_name, logits), (reference_name, reference_logits)):
+            if values is not None and not np.isfinite(values).all():  # figures of NaN, exit 0, otherwise
+                raise InputError(f"{name}: its logits of chunk {index + 1} hold NaN or infinity (weights that do?)")
         scores.add(logits, next_tokens, reference_logits)
         if progress is not None:
             progress(index + 1, n_chunks)

@@ -231,6 +231,11 @@ def test_evaluate_refuses_short_texts_and_other_vocabularies():
         evaluate(FakeEngine(), b"x" * 63, ctx=32, source="short.txt")
     with pytest.raises(InputError, match="ref.gguf: a vocabulary of 40 tokens, the model's has 37"):
         evaluate(FakeEngine(), b"x" * 100, ctx=32, reference=FakeEngine(n_vocab=40), reference_name="ref.gguf")
+    # a model whose weights hold NaN: perplexity nan, exit 0 (a run refuses such weights; a GGUF of another tool may hold them)
+    broken = FakeEngine()
+    broken.table[:, 3] = np.nan
+    with pytest.raises(InputError, match=r"nan.gguf: its logits of chunk \d+ hold NaN or infinity"):
+        evaluate(broken, bytes(range(256)) * 4, ctx=32, model_name="nan.gguf")
 
 
 def test_text_from_a_file_loses_one_final_newline_as_with_llama_cpps_f():
