@@ -133,7 +133,11 @@ def test_bad_inputs_through_the_cli(tmp_path):
     assert_clean_failure(run_cli("quantize_q8k", str(tmp_path / "missing"), str(out)), "missing", "no such file")
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes((model_dir / "model.safetensors").read_bytes()[:-100])
-    assert_clean_failure(run_cli("quantize_q8k", str(truncated), str(out)), "truncated.safetensors", "truncated")
+    assert_clean_failure(run_cli("quantize_q8k", str(truncated), str(out)), "truncated.safetensors", "(truncated file?)")
+    # cut inside the first tensors: their data_offsets run past the file's end
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes((model_dir / "model.safetensors").read_bytes()[:3000])
+    assert_clean_failure(run_cli("quantize_q8k", str(cut), str(out)), "cut.safetensors", "data section (truncated file?)")
     result = run_cli("quantize_q8k", str(_nan_model(tmp_path)), str(out))
     assert_clean_failure(result, "model.layers.0.mlp.gate_proj.weight", "(5, 300)")
     assert not (out / "manifest.json").exists()

@@ -168,8 +168,11 @@ class SafetensorsFile:
             raise self._error(f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end]")
         begin, end = offsets
         if not 0 <= begin <= end <= data_len:
+            # an end past the file's, beginning inside it, is most often a file cut short (a download)
+            cut = 0 <= begin <= data_len < end
             raise self._error(
                 f"tensor {name!r}: data_offsets [{begin}, {end}] outside the {data_len}-byte data section"
+                + (" (truncated file?)" if cut else "")
             )
         numel = 1
         for d in shape:
