@@ -26,6 +26,7 @@ from qstrat.errors import (
 )
 from qstrat.entry import run_json_line
 from qstrat.interrupts import handle_stop_signals, ignore_stop_signals
+from qstrat.io.gguf_read import is_gguf_name
 from qstrat.legacy import environment_help, unknown_variables
 from qstrat.report import (
     describe_container,
@@ -497,7 +498,7 @@ def inspect(path: Path = typer.Argument(..., help=".safetensors file, model dire
                 table.add_row(info.name, "x".join(map(str, info.shape)), info.dtype, str(info.nbytes), info.path.name)
         console.print(table)
         # what a GGUF file is: a model llama.cpp runs, or qstrat's container
-        containers = [path] if path.is_file() and path.suffix == ".gguf" else []
+        containers = [path] if path.is_file() and is_gguf_name(path) else []
         if manifest is not None and path.is_dir():
             containers += [path / c for c in manifest.containers or {} if (path / c).is_file()]
         if containers:
@@ -518,7 +519,7 @@ def convert(
     with user_errors():
         if source.is_dir():
             print(f"wrote {directory_to_gguf(source, target)}")
-        elif source.suffix == ".gguf" or source.is_file():
+        elif is_gguf_name(source) or source.is_file():
             print(f"wrote {gguf_to_directory(source, target)}")
         else:
             raise InputError(f"{source}: no such file or directory")
@@ -534,7 +535,7 @@ def verify(output_dir: Path = typer.Argument(..., help="output directory or .ggu
         if not output_dir.exists():
             raise InputError(f"{output_dir}: no such file or directory")
         checked = True
-        if output_dir.is_file() and output_dir.suffix == ".gguf":
+        if output_dir.is_file() and is_gguf_name(output_dir):
             problems, checked = verify_gguf_file(output_dir)
         else:
             problems = verify_output(output_dir)

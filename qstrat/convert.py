@@ -9,6 +9,7 @@ from pathlib import Path
 
 from qstrat.errors import InputError
 from qstrat.io.gguf import KEY_PREFIX, LLAMA_LAYOUT, gguf_to_directory, write_gguf
+from qstrat.io.gguf_read import is_gguf_name
 from qstrat.model import QuantizedModel
 from qstrat.presets import file_type
 
@@ -105,7 +106,7 @@ def gguf_metadata(model: QuantizedModel, source: str | os.PathLike | None = None
         source = manifest.source.path
     q8k = any("q8k" in e.files for e in model.entries.values())
     reader = None
-    if source is not None and Path(source).suffix == ".gguf" and Path(source).is_file() and not q8k:
+    if source is not None and is_gguf_name(source) and Path(source).is_file() and not q8k:
         from qstrat.io.gguf_read import open_gguf
 
         reader = open_gguf(source)  # parsed once: a large vocabulary takes a second or more

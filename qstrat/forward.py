@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from qstrat.errors import InputError
+from qstrat.io.gguf_read import is_gguf_name
 
 #: llama.cpp architectures this forward computes, and whether their rotary embedding is NEOX's
 #: (pairs i and i + n_rot/2) rather than the normal one (pairs 2i and 2i+1): llama_model_rope_type
@@ -262,7 +263,7 @@ def _from_output(directory: Path, scratch: Path) -> tuple[LlamaForward, Path]:
     if not source.exists():
         raise InputError(f"{directory}: its source model {source} is not at hand (the forward needs its configuration and tokenizer)")
     tensors = {name: np.ascontiguousarray(values, dtype=np.float32) for name, values in load_model(directory, original=True).items()}
-    if source.is_file() and source.suffix == ".gguf":
+    if source.is_file() and is_gguf_name(source):
         return _from_gguf(source, tensors), source
     return _from_hf(source, scratch, tensors)
 

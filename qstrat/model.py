@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from qstrat.errors import FormatError, InputError
+from qstrat.io.gguf_read import is_gguf_name
 from qstrat.io.names import JOINT_PERMUTATIONS_NAME, JOURNAL_NAME, MANIFEST_NAME, PASSTHROUGH_NAME, RESIDUAL_PERMUTATION_KEY, decode_name
 from qstrat.io.q8k import check_permutation, read_perm, read_q8k, read_q8k_shape
 from qstrat.io.qblock import read_blocks, read_blocks_header
@@ -178,7 +179,7 @@ def as_directory(path: str | os.PathLike, follow_container: bool = True) -> Iter
         manifest = read_manifest(path)
         if manifest is not None and manifest.gguf_only:
             path = path / next(iter(manifest.containers))
-    if path.is_file() and path.suffix == ".gguf":
+    if path.is_file() and is_gguf_name(path):
         with tempfile.TemporaryDirectory(prefix="qstrat-gguf-") as tmp:
             yield gguf_to_directory(path, Path(tmp) / "model")
     else:

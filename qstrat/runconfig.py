@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from qstrat.blocks import DEFAULT_VARIANT, Q8K_VARIANTS
 from qstrat.errors import ConfigError, describe_validation_error
+from qstrat.io.gguf_read import is_gguf_name
 from qstrat.io.names import JOURNAL_NAME, LOCK_NAME
 from qstrat.legacy import environment_settings
 from qstrat.strategies import StrategyChain, make_strategy
@@ -538,7 +539,7 @@ def fill_template(template: str, model: str, what: str) -> str:
 
 
 def _model_name(path: Path) -> str:
-    return path.stem if path.suffix in (".safetensors", ".gguf") else path.name
+    return path.stem if path.suffix == ".safetensors" or is_gguf_name(path) else path.name
 
 
 def load_run_config(

@@ -372,3 +372,17 @@ def test_a_block_file_whose_header_names_another_type_is_refused_by_readers(tmp_
     with pytest.raises(qstrat.QstratError, match=f"{path.name}: iq4_nl of shape .*, the manifest says q4_0 of"):
         qstrat.load_model(directory)
     assert_clean_failure(run_cli("qstrat", "dequantize", str(directory), str(tmp_path / "x.safetensors")), "the manifest says q4_0")
+
+
+def test_a_gguf_named_in_upper_case_is_read_as_one(tmp_path):
+    # llama.cpp does not mind the case; load_model called M.GGUF "not an output directory"
+    out = tmp_path / "o"
+    assert run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-o", str(out), "-q", "--set", "format=q8_0").returncode == 0
+    upper = tmp_path / "M.GGUF"
+    shutil.copyfile(out / "tiny-llama.gguf", upper)
+    assert qstrat.load_model(upper).keys() == qstrat.load_model(out).keys()
+    assert run_cli("qstrat", "verify", str(upper)).stdout.strip() == f"{upper}: intact"
+    again = run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-i", str(upper), "-o", str(tmp_path / "again"), "-q",
+                    "--set", "format=q4_0")
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "again" / "M.gguf").is_file()

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from qstrat.errors import InputError
-from qstrat.io.gguf_read import open_gguf
+from qstrat.io.gguf_read import is_gguf_name, open_gguf
 from qstrat.io.safetensors import TensorInfo
 
 #: GGML types read as they are, by their safetensors dtype tag
@@ -99,6 +99,6 @@ def open_model(path: str | os.PathLike):
     from qstrat.io.safetensors import SafetensorsModel
 
     path = Path(path)
-    if path.suffix == ".gguf" and not path.is_dir():
+    if is_gguf_name(path) and not path.is_dir():
         return GGUFInput(path)
     return SafetensorsModel(path)

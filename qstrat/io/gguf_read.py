@@ -15,6 +15,11 @@ if TYPE_CHECKING:
     import gguf
 
 
+def is_gguf_name(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is named as a GGUF file is (``.gguf``, in any case: llama.cpp does not mind)."""
+    return Path(path).suffix.lower() == ".gguf"
+
+
 class _Truncated(Exception):
     def __init__(self, needed: int) -> None:
         self.needed = needed
