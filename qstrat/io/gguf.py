@@ -437,7 +437,9 @@ class GGUFModel:
         if field is None:
             return None
         types = list(field.types)
-        kind = types[0].name if types[0] != gguf.GGUFValueType.ARRAY else "ARRAY of " + (types[1].name if len(types) > 1 else "STRING")
+        if types == [gguf.GGUFValueType.ARRAY] and any(k.startswith("ARRAY of ") for k in kinds):
+            return field  # an empty array: of any element type
+        kind = types[0].name if types[0] != gguf.GGUFValueType.ARRAY else "ARRAY of " + types[1].name
         if "ARRAY of INT" in kinds and kind.startswith("ARRAY of ") and ("INT" in kind[9:]):
             return field
         if kind not in kinds:
