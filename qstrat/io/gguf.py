@@ -376,8 +376,6 @@ class GGUFModel:
         self.joint: dict[str, tuple[np.ndarray, int]] = {}
         for i, (name, axis) in enumerate(zip(joint_names, axes)):
             if in_metadata:
-                if name not in self.tensors:
-                    raise FormatError(f"{self.path}: joint permutation of a tensor {name!r} the file does not hold")
                 self.joint[name] = (np.asarray(self._ints(f"joint_perm.{i}"), dtype=np.int64), axis)
             else:
                 self.joint[name[: -len(JOINT_SUFFIX)]] = (np.asarray(self.tensors[name].data).astype(np.int64), axis)
@@ -385,12 +383,9 @@ class GGUFModel:
         residual_perm = np.asarray(self._ints("residual_perm"), dtype=np.int64)
         if len(residual_names) != len(residual_axes) or (residual_names and not residual_perm.size):
             raise FormatError(f"{self.path}: residual-stream permutation metadata is inconsistent")
-        for name in residual_names:
-            if name not in self.tensors:
-                raise FormatError(f"{self.path}: residual-stream permutation of a tensor {name!r} the file does not hold")
         #: the residual stream's permutation and the axis it permutes, per tensor it permutes
         self.residual: dict[str, tuple[np.ndarray, int]] = {n: (residual_perm, a) for n, a in zip(residual_names, residual_axes)}
-        for kind, permutations in (("joint", self.joint), ("residual-stream", self.residual)):
+        for kind, permutations in (("joint", self.joint), ("residual-stream", self.residual)):  # each tensor held, each map whole
             for name, (perm, axis) in permutations.items():
                 self._check_permutation(kind, name, perm, axis)
         self.row_heads = self._pairs("rope_rows", self._ints("rope_rows_heads"))
