@@ -149,13 +149,14 @@ def make_durable(paths: Iterable[Path], directory: Path) -> None:
             raise OutputError(describe_os_error(Path(path), err)) from None
 
 
-def remove_dead_temporaries(directory: Path) -> int:
-    """Delete the temporaries in ``directory`` whose writer (the pid in their name) is gone: what a
-    command killed with SIGKILL left, while another still writing keeps its own; returns how many."""
+def remove_stale_temporaries(directory: Path, *, keep_live_writers: bool = False) -> int:
+    """Delete temporaries left by interrupted writers; returns how many were removed.  A run holding
+    its output's lock removes every one; ``keep_live_writers`` keeps those whose writer (the pid in
+    their name) still runs, for a directory no lock guards (a convert's target)."""
     removed = 0
     for entry in Path(directory).glob(f".*{TEMP_MARKER}*"):
         pid = entry.name.rsplit(TEMP_MARKER, 1)[1]
-        if not pid.isdigit() or _running(int(pid)):
+        if keep_live_writers and (not pid.isdigit() or _running(int(pid))):
             continue
         with contextlib.suppress(OSError):
             entry.unlink()
@@ -171,13 +172,3 @@ def _running(pid: int) -> bool:
     except OSError:  # another user's process: running
         return True
     return True
-
-
-def remove_stale_temporaries(directory: Path) -> int:
-    """Delete temporaries left by interrupted runs; returns how many were removed."""
-    removed = 0
-    for entry in Path(directory).glob(f".*{TEMP_MARKER}*"):
-        with contextlib.suppress(OSError):
-            entry.unlink()
-            removed += 1
-    return removed

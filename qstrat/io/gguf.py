@@ -24,7 +24,7 @@ import numpy as np
 
 from qstrat._version import __version__
 from qstrat.errors import FormatError, InputError, OutputError
-from qstrat.io.atomic import atomic_path, describe_os_error, remove_dead_temporaries
+from qstrat.io.atomic import atomic_path, describe_os_error, remove_stale_temporaries
 from qstrat.io.manifest import (
     JOINT_PERMUTATIONS_NAME,
     PASSTHROUGH_NAME,
@@ -235,7 +235,7 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
     except OSError as err:
         raise OutputError(describe_os_error(target.parent, err)) from None
     with contextlib.suppress(OSError):
-        remove_dead_temporaries(target.parent)  # a convert killed with SIGKILL left a whole model's worth
+        remove_stale_temporaries(target.parent, keep_live_writers=True)  # a convert killed with SIGKILL left a model's worth
     with atomic_path(target) as tmp:
         architecture = layout.arch if layout is not None else str(metadata.get("architecture") or "qstrat")
         writer = gguf.GGUFWriter(tmp, architecture)
@@ -531,7 +531,7 @@ def gguf_to_directory(source: str | os.PathLike, output_dir: str | os.PathLike) 
         raise OutputError(f"output {out} exists and is not a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        remove_dead_temporaries(out)  # what a convert killed with SIGKILL left
+        remove_stale_temporaries(out, keep_live_writers=True)  # what a convert killed with SIGKILL left
     except OSError as err:
         raise OutputError(describe_os_error(out, err)) from None
     names = model.model_tensors()
