@@ -42,6 +42,14 @@ class StoredTensor:
     residual_axis: int | None = None  # the axis residual_stream permuted, if it did
 
 
+def header_disagreement(path: Path, kind: str, shape: tuple[int, int], recorded) -> str | None:
+    """A sentence when a tensor file's header (``kind``: ``q8k`` or its block type, ``shape``: rows, k)
+    is not what the manifest records of its tensor (``recorded``: its entry)."""
+    if (kind, list(shape)) == (recorded.storage, list(recorded.shape)):
+        return None
+    return f"{path}: {kind} of shape {list(shape)}, the manifest says {recorded.storage} of {list(recorded.shape)}"
+
+
 def refuse_unfinished(directory: Path) -> None:
     """A clear error for the directory of a qstrat run that stopped before its manifest: its files are
     only some of the model's (the Rust tool's directories, read without a manifest, have no journal)."""
@@ -152,11 +160,11 @@ class QuantizedModel:
         else:
             stored = read_q8k(self.directory / entry.files["q8k"]) if "q8k" in entry.files else read_blocks(self.directory / entry.files["blocks"])
             recorded = self.manifest.tensors.get(name) if self.manifest is not None else None
-            kind = "q8k" if "q8k" in entry.files else stored.type_name
-            if recorded is not None and (kind, [stored.rows, stored.k]) != (recorded.storage, list(recorded.shape)):
-                # a header of another type of the same size would dequantize to other values, silently
-                raise FormatError(f"{self.directory / entry.files.get('q8k', entry.files.get('blocks'))}: {kind} of shape "
-                                  f"{[stored.rows, stored.k]}, the manifest says {recorded.storage} of {list(recorded.shape)}")
+            if recorded is not None:  # a header of another type of the same size would dequantize to other values
+                path = self.directory / entry.files.get("q8k", entry.files.get("blocks"))
+                problem = header_disagreement(path, "q8k" if "q8k" in entry.files else stored.type_name, (stored.rows, stored.k), recorded)
+                if problem is not None:
+                    raise FormatError(problem)
             array = stored.dequantize()
             if "perm" in entry.files:
                 array = unpermute(array, read_perm(self.directory / entry.files["perm"], stored.k))

@@ -10,7 +10,7 @@ from qstrat.io.manifest import MANIFEST_NAME, PASSTHROUGH_NAME, Manifest, read_m
 from qstrat.io.names import unlisted_tensor_files
 from qstrat.io.q8k import check_permutation, read_perm, read_q8k
 from qstrat.io.qblock import read_blocks_header
-from qstrat.model import QuantizedModel, as_directory
+from qstrat.model import QuantizedModel, as_directory, header_disagreement
 from qstrat.pipelines.journal import file_sha256
 
 
@@ -107,8 +107,9 @@ def verify_output(output_dir: str | os.PathLike) -> list[str]:
                     path = directory / entry.files["blocks"].path
                     type_name, *shape = read_blocks_header(path)
                     shape = tuple(shape)
-                if list(shape) != entry.shape or type_name != entry.storage:
-                    problems.append(f"{path}: {type_name} of shape {shape}, manifest {entry.storage} of {entry.shape}")
+                problem = header_disagreement(path, type_name, shape, entry)
+                if problem is not None:
+                    problems.append(problem)
                 if "perm" in entry.files:
                     read_perm(directory / entry.files["perm"].path, shape[1])
             else:
