@@ -5,7 +5,6 @@ environment variables, each defined once in :data:`ENVIRONMENT` (both commands, 
 from __future__ import annotations
 
 import re
-
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
