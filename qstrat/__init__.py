@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and readers
     from qstrat.formats import dequantize, quantize
     from qstrat.io.q8k import Q8KTensor, read_perm, read_q8k
     from qstrat.matrix import TensorMetrics
-    from qstrat.model import load_model
+    from qstrat.model import OpenModel, load_model, open_model
     from qstrat.results import QuantizationResult, TensorRecord
     from qstrat.strategies import QuantizationStrategy, StrategyChain
 
@@ -42,6 +42,8 @@ _EXPORTS = {
     "read_q8k": "qstrat.io.q8k",
     "TensorMetrics": "qstrat.matrix",
     "load_model": "qstrat.model",
+    "open_model": "qstrat.model",
+    "OpenModel": "qstrat.model",
     "QuantizationResult": "qstrat.results",
     "TensorRecord": "qstrat.results",
     "QuantizationStrategy": "qstrat.strategies",

@@ -560,10 +560,9 @@ def dequantize(
 ) -> None:
     """Write the whole model back to one .safetensors file (quantized tensors as F32)."""
     from qstrat.export import dequantize_to_safetensors
-    from qstrat.model import as_directory
 
-    with user_errors(), as_directory(output_dir) as directory:
-        count = dequantize_to_safetensors(directory, target, original=not function_layout)
+    with user_errors():
+        count = dequantize_to_safetensors(output_dir, target, original=not function_layout)
         print(f"wrote {count} tensors to {target}")
 
 

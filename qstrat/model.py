@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +17,7 @@ from qstrat.io.gguf_read import is_gguf_name
 from qstrat.io.names import JOINT_PERMUTATIONS_NAME, JOURNAL_NAME, MANIFEST_NAME, PASSTHROUGH_NAME, RESIDUAL_PERMUTATION_KEY, decode_name
 from qstrat.io.q8k import check_permutation, read_perm, read_q8k, read_q8k_shape
 from qstrat.io.qblock import read_blocks, read_blocks_header
-from qstrat.io.safetensors import SafetensorsFile, TensorInfo, map_tensor, to_float32
+from qstrat.io.safetensors import DTYPES, SafetensorsFile, TensorInfo, map_tensor, to_float32
 
 if TYPE_CHECKING:
     from qstrat.io.manifest import Manifest
@@ -30,6 +30,17 @@ def unpermute(stored: np.ndarray, perm: np.ndarray, axis: int = 1) -> np.ndarray
     index[axis] = perm
     original[tuple(index)] = stored
     return original
+
+
+def undo_permutations(array: np.ndarray, permutations, where: str) -> np.ndarray:
+    """``array`` with each ``(perm, axis)`` of ``permutations`` (None: none) undone.  A tensor's
+    joint and residual-stream permutations permute different axes, so their order does not matter."""
+    for permutation in permutations:
+        if permutation is not None:
+            perm, axis = permutation
+            check_permutation(perm, array.shape[axis], where)
+            array = unpermute(array, perm, axis)
+    return array
 
 
 @dataclass(frozen=True)
@@ -134,14 +145,25 @@ class QuantizedModel:
         return np.asarray(map_tensor(joint.tensors[RESIDUAL_PERMUTATION_KEY]), dtype=np.int64), axis
 
     def undo_joint(self, name: str, array: np.ndarray) -> np.ndarray:
-        """``array`` with the tensor's function-preserving permutations undone (they permute
-        different axes, so the order does not matter)."""
-        for joint in (self.joint_permutation(name), self.residual_permutation(name)):
-            if joint is not None:
-                perm, axis = joint
-                check_permutation(perm, array.shape[axis], f"{self.directory / JOINT_PERMUTATIONS_NAME}: {name}")
-                array = unpermute(array, perm, axis)
-        return array
+        """``array`` with the tensor's function-preserving permutations undone."""
+        permutations = (self.joint_permutation(name), self.residual_permutation(name))
+        return undo_permutations(array, permutations, f"{self.directory / JOINT_PERMUTATIONS_NAME}: {name}")
+
+    def is_quantized(self, name: str) -> bool:
+        return self.entries[name].quantized
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, from its file's header (nothing is read or dequantized)."""
+        return self.quantized_shape(name) if self.entries[name].quantized else self.passthrough_info(name).shape
+
+    def passthrough_dtype(self, name: str) -> str:
+        """A passed-through tensor's safetensors dtype tag."""
+        return self.passthrough_info(name).dtype
+
+    def stored_passthrough(self, name: str) -> tuple[str, np.ndarray]:
+        """A passed-through tensor as stored: its dtype tag and its values (mapped, bf16 as uint16 bits)."""
+        info = self.passthrough_info(name)
+        return info.dtype, map_tensor(info)
 
     def quantized_shape(self, name: str) -> tuple[int, int]:
         """(rows, k) of a quantized tensor, from its file's header."""
@@ -155,8 +177,7 @@ class QuantizedModel:
         (bfloat16 as exactly equal float32); ``original`` also undoes joint permutations."""
         entry = self.entries[name]
         if not entry.quantized:
-            info = self.passthrough_info(name)
-            array = np.array(to_float32(info.dtype, map_tensor(info)))
+            array = np.array(to_float32(*self.stored_passthrough(name)))
         else:
             stored = read_q8k(self.directory / entry.files["q8k"]) if "q8k" in entry.files else read_blocks(self.directory / entry.files["blocks"])
             recorded = self.manifest.tensors.get(name) if self.manifest is not None else None
@@ -194,6 +215,116 @@ def as_directory(path: str | os.PathLike, follow_container: bool = True) -> Iter
         yield path
 
 
+class GGUFTensors:
+    """A qstrat GGUF file (or another tool's) read lazily, tensor by tensor, without unpacking it:
+    what :class:`QuantizedModel` gives of an output directory."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        from qstrat.io.gguf import GGUFModel  # gguf-py is imported on first use
+
+        self.file = GGUFModel(path)
+        self.path = self.file.path
+        self.types = self.file.block_types()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.types)  # sorted
+
+    def is_quantized(self, name: str) -> bool:
+        return self.types[name] is not None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.file.shape(name)
+
+    def passthrough_dtype(self, name: str) -> str:
+        return self.file.passthrough_dtype(name)
+
+    def stored_passthrough(self, name: str) -> tuple[str, np.ndarray]:
+        tag, raw = self.file.passthrough_bytes(name, list(self.shape(name)))
+        return tag, raw.view(DTYPES[tag]).reshape(self.shape(name))
+
+    def tensor(self, name: str, original: bool = False) -> np.ndarray:
+        """As :meth:`QuantizedModel.tensor`."""
+        if self.types[name] is None:
+            array = np.array(to_float32(*self.stored_passthrough(name)))
+        else:
+            stored = self.file.stored_tensor(name, self.types[name])
+            array = stored.dequantize()
+            perm = self.file.runtime_perm(name)
+            if perm is not None:
+                perm = perm.astype(np.int64)
+                check_permutation(perm, stored.k, f"{self.path}: {name}.perm")
+                array = unpermute(array, perm)
+        return self.undo_joint(name, array) if original else array
+
+    def undo_joint(self, name: str, array: np.ndarray) -> np.ndarray:
+        return undo_permutations(array, (self.file.joint.get(name), self.file.residual.get(name)), f"{self.path}: {name}")
+
+
+class OpenModel(Mapping[str, np.ndarray]):
+    """A quantized model as a read-only mapping, name -> numpy array, read lazily: a tensor is read and
+    dequantized each time it is looked up, and not kept, so a model larger than memory can be walked
+    tensor by tensor.  ``shape(name)`` reads only headers.  Made by :func:`open_model`."""
+
+    def __init__(self, reader: QuantizedModel | GGUFTensors, original: bool) -> None:
+        self._reader: QuantizedModel | GGUFTensors | None = reader
+        self._names = tuple(reader)
+        self.original = original
+
+    @property
+    def reader(self) -> QuantizedModel | GGUFTensors:
+        if self._reader is None:
+            raise ValueError("the model is closed")
+        return self._reader
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._names:
+            raise KeyError(name)
+        return self.reader.tensor(name, self.original)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, without reading its values."""
+        if name not in self._names:
+            raise KeyError(name)
+        return tuple(self.reader.shape(name))
+
+    def close(self) -> None:
+        """Let go of the files (arrays already returned stay valid: each is a copy)."""
+        self._reader = None
+
+    def __enter__(self) -> OpenModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_model(path: str | os.PathLike, original: bool = False) -> OpenModel:
+    """A quantized model, read lazily: an output directory, one written by the original Rust tool,
+    or a qstrat ``.gguf`` file (read in place, not unpacked).  Each tensor comes as
+    :func:`load_model` gives it (``original`` as there), read when it is looked up."""
+    path = Path(path)
+    if path.is_dir():
+        # pydantic (the manifest's model) is imported on first use, not with `import qstrat`
+        from qstrat.io.manifest import read_manifest
+
+        manifest = read_manifest(path)
+        if manifest is not None and manifest.gguf_only:  # the model lives in its container only
+            return OpenModel(GGUFTensors(path / next(iter(manifest.containers))), original)
+        return OpenModel(QuantizedModel(path, manifest), original)
+    if path.is_file() and is_gguf_name(path):
+        return OpenModel(GGUFTensors(path), original)
+    return OpenModel(QuantizedModel(path), original)  # its errors: no such file, not an output directory
+
+
 def load_model(output_dir: str | os.PathLike, original: bool = False) -> dict[str, np.ndarray]:
     """Every tensor of a quantized model as numpy arrays, by name.
 
@@ -203,6 +334,5 @@ def load_model(output_dir: str | os.PathLike, original: bool = False) -> dict[st
     is in its source layout.  A directory written by the original Rust tool (``.q8k`` and
     ``.perm`` files, no manifest) loads too, and so does a qstrat ``.gguf`` file.
     """
-    with as_directory(output_dir) as directory:
-        model = QuantizedModel(directory)
-        return {name: model.tensor(name, original) for name in model}
+    with open_model(output_dir, original) as model:
+        return dict(model.items())

@@ -386,3 +386,66 @@ def test_a_gguf_named_in_upper_case_is_read_as_one(tmp_path):
                     "--set", "format=q4_0")
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "again" / "M.gguf").is_file()
+
+
+def test_open_model_walks_a_gguf_in_place_one_tensor_at_a_time(tmp_path):
+    # load_model unpacked a GGUF into a temporary copy and dequantized every tensor at once: a 7B model
+    # (28 GB as float32) could not be read back on a 24 GB machine
+    rng = np.random.default_rng(0)
+    tensors = {f"l.{i}.weight": rng.standard_normal((1024, 1024)).astype(np.float32) for i in range(24)}
+    model = write_model(tmp_path / "m", tensors, dtype="F32")
+    assert run_cli("qstrat", "run", str(REPO / "configs" / "l2_norm.yaml"), "-i", str(model), "-o", str(tmp_path / "o"), "-q",
+                   "--set", "outputs=[q8k, gguf]").returncode == 0
+    expected = qstrat.load_model(tmp_path / "o")  # the directory's .q8k and .perm files
+    largest = 1024 * 1024 * 4
+    tracemalloc.start()
+    with qstrat.open_model(tmp_path / "o" / "m.gguf") as opened:
+        assert len(opened) == len(tensors) and opened.shape("l.3.weight") == (1024, 1024)
+        for name in opened:
+            assert np.array_equal(opened[name], expected[name]), name
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 4 * largest, (peak, largest)
+    with pytest.raises(KeyError):
+        opened["no.such.tensor"]
+    with pytest.raises(ValueError, match="closed"):
+        opened["l.0.weight"]
+
+
+def test_open_model_reads_each_tensor_when_it_is_looked_up(tmp_path):
+    out = tmp_path / "o"
+    assert run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-o", str(out), "-q").returncode == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    broken, entry = next((n, e) for n, e in manifest["tensors"].items() if e["storage"] == "q8k")
+    q8k = out / entry["files"]["q8k"]["path"]
+    q8k.write_bytes(q8k.read_bytes()[:100])  # cut inside the blocks
+    with qstrat.open_model(out) as opened:
+        assert broken in opened
+        intact = [n for n in opened if n != broken]
+        assert all(opened[n].shape == opened.shape(n) for n in intact)
+        with pytest.raises(qstrat.QstratError, match=str(q8k.name)):
+            opened[broken]
+    with pytest.raises(qstrat.QstratError):
+        qstrat.load_model(out)
+
+
+def test_dequantize_of_a_llama_gguf_is_that_of_its_directory(tmp_path):
+    # the GGUF is read in place: q/k rows in llama.cpp's order, 1-D tensors widened to F32, joint permutations
+    from qstrat.synthetic import write_tiny_llama
+
+    model = write_tiny_llama(tmp_path / "llama")
+    assert run_cli("qstrat", "run", str(REPO / "configs" / "residual_stream.yaml"), "-i", str(model), "-o", str(tmp_path / "o"),
+                   "-q", "--set", "format=q4_k").returncode == 0
+    gguf = tmp_path / "o" / "llama.gguf"
+    assert GGUFReader(gguf).get_field("qstrat.layout") is not None
+    unpacked = gguf_to_directory(gguf, tmp_path / "unpacked")
+    for flags in ((), ("--function-layout",)):
+        written = []
+        for source in (gguf, unpacked):
+            target = tmp_path / f"{source.name}{len(flags)}.safetensors"
+            result = run_cli("qstrat", "dequantize", str(source), str(target), *flags)
+            assert result.returncode == 0, result.stderr
+            written.append(target.read_bytes())
+        assert written[0] == written[1]
+    dtypes = {t.dtype for t in SafetensorsModel(tmp_path / "llama.gguf0.safetensors").tensors.values()}
+    assert dtypes == {"F32", "BF16"}

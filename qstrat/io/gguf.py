@@ -38,8 +38,8 @@ from qstrat.io.manifest import (
 )
 from qstrat.io.gguf_read import open_gguf
 from qstrat.io.names import RESIDUAL_PERMUTATION_KEY, assign_file_stems
-from qstrat.io.q8k import check_permutation, read_perm, read_q8k, read_q8k_shape, write_perm, write_q8k
-from qstrat.io.qblock import SUFFIX as QBLK_SUFFIX, read_blocks, read_blocks_header, write_blocks
+from qstrat.io.q8k import Q8KTensor, check_permutation, read_perm, read_q8k, read_q8k_shape, write_perm, write_q8k
+from qstrat.io.qblock import SUFFIX as QBLK_SUFFIX, BlockTensor, read_blocks, read_blocks_header, write_blocks
 from qstrat.io.safetensors import map_tensor, to_float32, write_safetensors
 from qstrat.kernels import BLOCK_BYTES, QK_K
 
@@ -419,7 +419,7 @@ class GGUFModel:
         """A format error unless ``perm`` permutes axis ``axis`` of tensor ``name`` (as numpy orders axes)."""
         if name not in self.tensors:
             raise FormatError(f"{self.path}: {kind} permutation of a tensor {name!r} the file does not hold")
-        shape = tuple(int(d) for d in reversed(self.tensors[name].shape.tolist()))
+        shape = self.shape(name)
         if not 0 <= axis < len(shape):
             raise FormatError(f"{self.path}: {kind} permutation of {name!r} along axis {axis}; the tensor has {len(shape)}")
         check_permutation(perm, shape[axis], f"{self.path}: {kind} permutation of {name!r}")
@@ -465,6 +465,39 @@ class GGUFModel:
         others = self.perm_names | self.joint_companions | self.generated
         return sorted(n for n in self.tensors if n not in others)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape as numpy orders it (GGUF lists the row length first)."""
+        return tuple(int(d) for d in reversed(self.tensors[name].shape.tolist()))
+
+    def block_types(self) -> dict[str, str | None]:
+        """The registry's block type of each of the model's tensors, None for a passed-through one."""
+        types = {}
+        for name in self.model_tensors():
+            try:
+                types[name] = block_type_of(self.tensors[name])
+            except (InputError, ValueError):
+                raise InputError(f"{self.path}: tensor {name!r} has GGML type {int(self.tensors[name].tensor_type)}, not one qstrat reads") from None
+        return types
+
+    def stored_tensor(self, name: str, type_name: str) -> Q8KTensor | BlockTensor:
+        """A quantized tensor's blocks (mapped, not copied), its rows in the source's order."""
+        shape = self.shape(name)
+        if len(shape) != 2:
+            raise InputError(f"{self.path}: {type_name} tensor {name!r} has shape {list(shape)}; qstrat reads 2-D ones")
+        rows, k = shape
+        data = np.asarray(self.tensors[name].data)
+        if type_name == "q8_k":
+            if k % QK_K:
+                raise InputError(f"{self.path}: Q8_K tensor {name!r} has row length {k}")
+            return Q8KTensor(rows, k, data.reshape(rows * (k // QK_K), BLOCK_BYTES))
+        return BlockTensor(type_name, rows, k, self.source_rows(name, data.view(np.uint8).reshape(rows, -1)))
+
+    def runtime_perm(self, name: str) -> np.ndarray | None:
+        """A quantized tensor's run-time gather map (its ``.perm`` companion), if it has one."""
+        if name + PERM_SUFFIX not in self.perm_names:
+            return None
+        return np.asarray(self.tensors[name + PERM_SUFFIX].data)
+
     def source_rows(self, name: str, array: np.ndarray) -> np.ndarray:
         """``array`` (a tensor's stored rows) in the source's row order."""
         heads = self.row_heads.get(name)
@@ -476,25 +509,29 @@ class GGUFModel:
         source[rope_row_order(array.shape[0], heads)] = array
         return source
 
-    def passthrough_bytes(self, name: str, shape: list[int]) -> tuple[str, np.ndarray]:
-        """(dtype tag, raw bytes) of a passed-through tensor, as the source held it."""
+    def passthrough_dtype(self, name: str) -> str:
+        """The safetensors dtype tag of a passed-through tensor as the source held it."""
         tensor = self.tensors[name]
         tag = passthrough_tag(int(tensor.tensor_type))
         if tag is None:
             raise InputError(f"{self.path}: tensor {name!r} has GGML type {int(tensor.tensor_type)}, not one qstrat writes")
-        array = np.asarray(tensor.data).reshape(-1)
-        if tag == "BF16":
+        if tag == "F32" and name in self.widened:
+            return self.widened[name]
+        return self.retyped.get(name, tag)  # the same bytes
+
+    def passthrough_bytes(self, name: str, shape: list[int]) -> tuple[str, np.ndarray]:
+        """(dtype tag, raw bytes) of a passed-through tensor, as the source held it."""
+        tag, stored = self.passthrough_dtype(name), passthrough_tag(int(self.tensors[name].tensor_type))
+        array = np.asarray(self.tensors[name].data).reshape(-1)
+        if stored == "BF16":
             array = array.view(np.uint16)  # the reader gives bfloat16 as raw bytes
         array = self.source_rows(name, array.reshape(shape) if shape else array)
-        source_tag = self.widened.get(name)
-        if source_tag is not None and tag == "F32":
+        if stored == "F32" and name in self.widened:
             values = np.ascontiguousarray(array, dtype=np.float32)
-            if source_tag == "BF16":
+            if tag == "BF16":
                 array = (values.view(np.uint32) >> 16).astype(np.uint16)  # exact: widened from bfloat16
             else:
                 array = values.astype(np.float16)
-            tag = source_tag
-        tag = self.retyped.get(name, tag)  # the same bytes
         return tag, np.ascontiguousarray(array).reshape(-1).view(np.uint8)
 
     def describe_layout(self) -> str:
@@ -535,47 +572,35 @@ def gguf_to_directory(source: str | os.PathLike, output_dir: str | os.PathLike) 
     except OSError as err:
         raise OutputError(describe_os_error(out, err)) from None
     names = model.model_tensors()
-    types = {}
-    for name in names:
-        try:
-            types[name] = block_type_of(model.tensors[name])
-        except (InputError, ValueError):
-            raise InputError(f"{model.path}: tensor {name!r} has GGML type {int(model.tensors[name].tensor_type)}, not one qstrat reads") from None
+    types = model.block_types()
     quantized = [n for n in names if types[n] is not None]
     stems = assign_file_stems(quantized)
     entries: dict[str, QuantizedEntry | PassthroughEntry] = {}
     passthrough, joint = [], []
     for name in names:
-        tensor = model.tensors[name]
-        shape = [int(d) for d in reversed(tensor.shape.tolist())]
+        shape = model.shape(name)
         joint_perm = model.joint.get(name)
         axis = None if joint_perm is None else joint_perm[1]
         residual_axis = model.residual[name][1] if name in model.residual else None
-        common = {"shape": shape, "permutation": "none" if axis is None and residual_axis is None else "joint",
+        common = {"shape": list(shape), "permutation": "none" if axis is None and residual_axis is None else "joint",
                   "joint": None if axis is None else Joint(group=None, axis=axis), "residual_axis": residual_axis}
         if name in stems:
-            type_name = types[name]
-            if len(shape) != 2:
-                raise InputError(f"{model.path}: {type_name} tensor {name!r} has shape {shape}; qstrat reads 2-D ones")
-            rows, k = shape
-            if type_name == "q8_k":
-                if k % QK_K:
-                    raise InputError(f"{model.path}: Q8_K tensor {name!r} has row length {k}")
-                blocks = np.asarray(tensor.data).reshape(rows * (k // QK_K), BLOCK_BYTES)
-                files = {"q8k": write_q8k(out / f"{stems[name]}.q8k", blocks, rows, k)}
+            stored = model.stored_tensor(name, types[name])
+            if types[name] == "q8_k":
+                files = {"q8k": write_q8k(out / f"{stems[name]}.q8k", stored.blocks, stored.rows, stored.k)}
             else:
-                blocks = model.source_rows(name, np.asarray(tensor.data).view(np.uint8).reshape(rows, -1))
-                files = {"blocks": write_blocks(out / f"{stems[name]}{QBLK_SUFFIX}", blocks, type_name, k)}
-            if name + PERM_SUFFIX in model.perm_names:
-                files["perm"] = write_perm(out / f"{stems[name]}.perm", np.asarray(model.tensors[name + PERM_SUFFIX].data))
+                files = {"blocks": write_blocks(out / f"{stems[name]}{QBLK_SUFFIX}", stored.blocks, types[name], stored.k)}
+            perm = model.runtime_perm(name)
+            if perm is not None:
+                files["perm"] = write_perm(out / f"{stems[name]}.perm", perm)
                 if axis is None:
                     common["permutation"] = "runtime"
             files = {role: FileEntry(**vars(f)) for role, f in files.items()}
-            storage = "q8k" if type_name == "q8_k" else type_name
+            storage = "q8k" if types[name] == "q8_k" else types[name]
             entries[name] = QuantizedEntry(storage=storage, dtype="unknown", strategy=None, metrics=None, files=files, **common)
         else:
-            tag, raw = model.passthrough_bytes(name, shape)
-            passthrough.append((name, tag, tuple(shape), raw))
+            tag, raw = model.passthrough_bytes(name, list(shape))
+            passthrough.append((name, tag, shape, raw))
             entries[name] = PassthroughEntry(storage="passthrough", dtype=tag, reason="from GGUF", files={}, **common)
         if axis is not None:
             joint.append((name, "I64", (len(joint_perm[0]),), joint_perm[0].astype("<i8")))
