@@ -248,35 +248,41 @@ def quantize_stream(
     here).  ``durable`` fsyncs each file here: for workers on other hosts, whose writes the main
     process cannot flush.  Closing the generator early waits for the writes under way.
     """
+    # numba's thread count is per calling thread: a one-worker run computes in its caller's thread,
+    # whose own setting comes back when the generator ends
+    previous = numba.get_num_threads()
     numba.set_num_threads(numba_threads)
-    roundtrip = validation is not None and "roundtrip" in validation.stages
-    buffer: list[np.ndarray] = []  # the input of the group at hand; reused by the next
-    pending: deque[tuple[list[TensorRecord | Future], dict[str, Permutation]]] = deque()
+    try:
+        roundtrip = validation is not None and "roundtrip" in validation.stages
+        buffer: list[np.ndarray] = []  # the input of the group at hand; reused by the next
+        pending: deque[tuple[list[TensorRecord | Future], dict[str, Permutation]]] = deque()
 
-    def finished(records: list[TensorRecord | Future], joint: dict[str, Permutation]) -> GroupResult:
-        return GroupResult([r.result() if isinstance(r, Future) else r for r in records], joint)
+        def finished(records: list[TensorRecord | Future], joint: dict[str, Permutation]) -> GroupResult:
+            return GroupResult([r.result() if isinstance(r, Future) else r for r in records], joint)
 
-    with ThreadPoolExecutor(_WRITES_IN_FLIGHT, thread_name_prefix="qstrat-write") as writer:
-        in_flight: deque[Future] = deque()
-        for job in jobs:
-            computed, joint = _quantize_members(job, variant, validation, buffer)
-            records: list[TensorRecord | Future] = []
-            while computed:
-                # handed over one by one, so that only the writer keeps a member's blocks alive
-                member = computed.pop(0)
-                if output_dir is None:
-                    records.append(member.record)
-                    continue
-                while len(in_flight) >= _WRITES_IN_FLIGHT:
-                    in_flight.popleft().result()
-                in_flight.append(writer.submit(_write_member, member, output_dir, roundtrip, durable))
-                records.append(in_flight[-1])
-            member = None  # the last one too: only the writer holds it now
-            pending.append((records, joint))
-            while pending and all(r.done() for r in pending[0][0] if isinstance(r, Future)):
+        with ThreadPoolExecutor(_WRITES_IN_FLIGHT, thread_name_prefix="qstrat-write") as writer:
+            in_flight: deque[Future] = deque()
+            for job in jobs:
+                computed, joint = _quantize_members(job, variant, validation, buffer)
+                records: list[TensorRecord | Future] = []
+                while computed:
+                    # handed over one by one, so that only the writer keeps a member's blocks alive
+                    member = computed.pop(0)
+                    if output_dir is None:
+                        records.append(member.record)
+                        continue
+                    while len(in_flight) >= _WRITES_IN_FLIGHT:
+                        in_flight.popleft().result()
+                    in_flight.append(writer.submit(_write_member, member, output_dir, roundtrip, durable))
+                    records.append(in_flight[-1])
+                member = None  # the last one too: only the writer holds it now
+                pending.append((records, joint))
+                while pending and all(r.done() for r in pending[0][0] if isinstance(r, Future)):
+                    yield finished(*pending.popleft())
+            while pending:
                 yield finished(*pending.popleft())
-        while pending:
-            yield finished(*pending.popleft())
+    finally:
+        numba.set_num_threads(previous)
 
 
 def numbered(

@@ -198,3 +198,20 @@ def test_the_library_refuses_an_output_directory_that_holds_the_input(tmp_path):
     with pytest.raises(InputError, match="holds the input"):
         quantize_safetensors(source, RunConfig.build({"format": "q8_0", "output": str(source.parent)}, "test"))
     assert source.read_bytes() == before
+
+
+def test_a_one_worker_run_leaves_its_callers_numba_threads_as_they_were(tmp_path):
+    # a one-worker run computes in the caller's thread: it set numba's thread count there for good
+    import numba
+
+    from qstrat.pipelines.backends import local_cores
+
+    if local_cores() < 2 or numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs two cores: a run on one uses one thread, the caller's own setting")
+    model = write_model(tmp_path / "m", {"layer.weight": np.ones((4, 256), np.float32)}, dtype="F32")
+    numba.set_num_threads(1)
+    try:
+        result = quantize_safetensors(model, QuantizationConfig(output_dir=tmp_path / "o", validation=False, workers=1))
+        assert result.tensor_count == 1 and numba.get_num_threads() == 1
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
