@@ -17,12 +17,16 @@ from qstrat._version import __version__
 from qstrat.blocks import Q8K_VARIANTS
 from qstrat.config import QuantizationConfig
 from qstrat.errors import (
+    EXIT_BATCH_PARTIAL,
+    EXIT_INTERNAL,
+    EXIT_OK,
     ConfigError,
     InputError,
     Interrupted,
     OutputError,
     QstratError,
     ValidationFailed,
+    exit_codes_help,
 )
 from qstrat.entry import run_json_line
 from qstrat.interrupts import handle_stop_signals, ignore_stop_signals
@@ -39,14 +43,7 @@ from qstrat.report import (
 from qstrat.results import QuantizationResult, TensorRecord
 from qstrat.strategies import STRATEGIES
 
-EXIT_OK = 0
-EXIT_INTERNAL = 1
-EXIT_BATCH_PARTIAL = 5
-EXIT_CODES_HELP = (
-    "Exit codes: 0 success; 1 unexpected internal error; 2 bad input, configuration or usage; 3 output not writable or in use; "
-    "4 a tensor failed a validation threshold; 5 some models of a batch failed; 6 a worker process died "
-    "(rerun to resume); 130 interrupted."
-)
+EXIT_CODES_HELP = exit_codes_help()
 
 app = typer.Typer(
     add_completion=False,

@@ -6,17 +6,52 @@ in one place and scripts can tell failures apart (see the README's "Exit codes")
 
 from __future__ import annotations
 
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_OUTPUT = 3
+EXIT_THRESHOLD = 4
+EXIT_BATCH_PARTIAL = 5
+EXIT_WORKER_LOST = 6
+EXIT_INTERRUPTED = 130
+
+#: every exit code of both commands: (the few words of ``--help``, the README's sentence)
+EXIT_CODES: dict[int, tuple[str, str]] = {
+    EXIT_OK: ("success", "success"),
+    EXIT_INTERNAL: ("unexpected internal error", "an unexpected internal error (a bug: please report it with the message)"),
+    EXIT_USAGE: ("bad input, configuration or usage",
+                 "bad input, configuration or usage (the message names the file, tensor, key or line)"),
+    EXIT_OUTPUT: ("output not writable or in use",
+                  "the output cannot be written (not a directory, permissions, disk full), is in use by another run, "
+                  "or holds results of another config (`--force`)"),
+    EXIT_THRESHOLD: ("a tensor failed a validation threshold",
+                     "a tensor fell past a validation threshold (everything else was written; the manifest lists the failures)"),
+    EXIT_BATCH_PARTIAL: ("some models of a batch failed", "some models of a batch failed (the others were written)"),
+    EXIT_WORKER_LOST: ("a worker process died (rerun to resume)",
+                       "a worker process died (killed, out of memory); rerun the same command to resume"),
+    EXIT_INTERRUPTED: ("interrupted", "interrupted (Ctrl-C, SIGTERM)"),
+}
+
+
+def exit_codes_help() -> str:
+    """One sentence for ``--help``."""
+    return "Exit codes: " + "; ".join(f"{code} {words}" for code, (words, _) in EXIT_CODES.items()) + "."
+
+
+def exit_codes_table() -> str:
+    """The README's table (tests/test_config.py checks that it is there)."""
+    rows = [f"| {code} | {sentence} |" for code, (_, sentence) in EXIT_CODES.items()]
+    return "\n".join(["| code | meaning |", "| --- | --- |", *rows])
+
 
 class QstratError(Exception):
     """Base of every user-facing error; ``str(err)`` is a one-line message."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class InputError(QstratError):
     """An input file, directory or tensor is missing, malformed or unsupported."""
-
-    exit_code = 2
 
 
 class FormatError(InputError):
@@ -30,31 +65,29 @@ class NonFiniteError(InputError):
 class ConfigError(QstratError):
     """A configuration value, flag or environment variable is invalid."""
 
-    exit_code = 2
-
 
 class OutputError(QstratError):
     """The output cannot be written (permissions, disk full, busy, inconsistent)."""
 
-    exit_code = 3
+    exit_code = EXIT_OUTPUT
 
 
 class ValidationFailed(QstratError):
     """A quantized tensor fell below a configured quality threshold."""
 
-    exit_code = 4
+    exit_code = EXIT_THRESHOLD
 
 
 class WorkerLost(QstratError):
     """A worker process died mid-run (killed, out of memory); a rerun resumes."""
 
-    exit_code = 6
+    exit_code = EXIT_WORKER_LOST
 
 
 class Interrupted(QstratError):
     """The run was stopped by a signal before it finished."""
 
-    exit_code = 130
+    exit_code = EXIT_INTERRUPTED
 
 
 #: loc entries pydantic adds for the members of a union: not keys a user wrote

@@ -18,6 +18,18 @@ def test_readme_has_the_environment_table_of_the_code():
     assert environment_table() in (REPO / "README.md").read_text()
 
 
+def test_readme_and_help_have_the_exit_codes_of_the_code():
+    from qstrat.errors import EXIT_CODES, QstratError, exit_codes_table
+
+    assert exit_codes_table() in (REPO / "README.md").read_text()
+    def with_subclasses(cls: type) -> set[type]:
+        return {cls}.union(*(with_subclasses(c) for c in cls.__subclasses__()))
+
+    assert {c.exit_code for c in with_subclasses(QstratError)} <= set(EXIT_CODES)  # each documented
+    result = run_cli("qstrat", "--help")
+    assert all(f"{code} {words}" in " ".join(result.stdout.split()) for code, (words, _) in EXIT_CODES.items())
+
+
 @pytest.mark.parametrize("var", [v for v in ENVIRONMENT if v.key != "strategies"], ids=lambda v: v.name)
 def test_documented_defaults_are_the_models(var):
     value = RunConfig().model_dump()
