@@ -219,12 +219,15 @@ class GGUFTensors:
     """A qstrat GGUF file (or another tool's) read lazily, tensor by tensor, without unpacking it:
     what :class:`QuantizedModel` gives of an output directory."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, manifest: Manifest | None = None) -> None:
+        """``manifest``: the run's, when the file is an output directory's container (it names the
+        tensors quantized to F32/F16/BF16, which read back as quantized ones: float32)."""
         from qstrat.io.gguf import GGUFModel  # gguf-py is imported on first use
 
         self.file = GGUFModel(path)
         self.path = self.file.path
-        self.types = self.file.block_types()
+        float_quantized = () if manifest is None else [n for n, e in manifest.tensors.items() if e.storage in ("f32", "f16", "bf16")]
+        self.types = self.file.block_types(float_quantized)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.types)  # sorted
@@ -318,7 +321,7 @@ def open_model(path: str | os.PathLike, original: bool = False) -> OpenModel:
 
         manifest = read_manifest(path)
         if manifest is not None and manifest.gguf_only:  # the model lives in its container only
-            return OpenModel(GGUFTensors(path / next(iter(manifest.containers))), original)
+            return OpenModel(GGUFTensors(path / next(iter(manifest.containers)), manifest), original)
         return OpenModel(QuantizedModel(path, manifest), original)
     if path.is_file() and is_gguf_name(path):
         return OpenModel(GGUFTensors(path), original)

@@ -449,3 +449,29 @@ def test_dequantize_of_a_llama_gguf_is_that_of_its_directory(tmp_path):
         assert written[0] == written[1]
     dtypes = {t.dtype for t in SafetensorsModel(tmp_path / "llama.gguf0.safetensors").tensors.values()}
     assert dtypes == {"F32", "BF16"}
+
+
+@pytest.mark.parametrize("fmt", ["f32", "f16", "q8_0"])
+def test_run_time_permutations_of_float_types_are_undone_on_reading(tmp_path, fmt):
+    # a tensor stored as F32/F16 (the format, or q8_0's fallback for rows of 300) came back from the GGUF
+    # as a passed-through tensor, its columns still in the run-time order: wrong values, verify intact
+    rng = np.random.default_rng(0)
+    source = {name: (rng.standard_normal((8, k)) * rng.permutation(np.linspace(0.1, 5, k))).astype(np.float32)
+              for name, k in (("a.weight", 256), ("b.weight", 300))}
+    model = write_model(tmp_path / "m", source, dtype="F32")
+    out = tmp_path / "o"
+    result = run_cli("qstrat", "run", str(REPO / "configs" / "l2_norm.yaml"), "-i", str(model), "-o", str(out), "-q", "--set", f"format={fmt}")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tensors"]["b.weight"]["storage"] == ("f32" if fmt == "f32" else "f16")
+    assert manifest["tensors"]["b.weight"]["permutation"] == "runtime"
+    expected = {n: a if fmt == "f32" or (fmt == "q8_0" and n == "a.weight") else a.astype(np.float16).astype(np.float32)
+                for n, a in source.items()}
+    assert run_cli("qstrat", "dequantize", str(out), str(tmp_path / "d.safetensors")).returncode == 0
+    written = SafetensorsModel(tmp_path / "d.safetensors").tensors
+    unpacked = gguf_to_directory(out / "m.gguf", tmp_path / "unpacked")
+    for loaded in (qstrat.load_model(out), qstrat.load_model(out / "m.gguf"), qstrat.load_model(unpacked)):
+        for name in ("b.weight",) if fmt == "q8_0" else source:
+            assert np.array_equal(loaded[name], expected[name]), name
+    assert written["b.weight"].dtype == "F32" and np.array_equal(map_tensor(written["b.weight"]), expected["b.weight"])
+    assert directory_to_gguf(unpacked, tmp_path / "again.gguf").read_bytes() == (out / "m.gguf").read_bytes()

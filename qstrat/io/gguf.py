@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -71,6 +72,8 @@ PASSTHROUGH_TYPES = {
 }
 #: safetensors dtypes GGUF has no type for: their bytes go unchanged into the signed integer type of
 #: their width, the dtype recorded (``qstrat.retyped``) so that reading them back restores it
+#: the float types a run also quantizes "to" (format f32, f16 or bf16, or a fallback type)
+FLOAT_TYPES = ("F32", "F16", "BF16")
 RETYPED = {"BOOL": "I8", "U8": "I8", "F8_E4M3": "I8", "F8_E5M2": "I8", "U16": "I16", "U32": "I32", "U64": "I64"}
 
 
@@ -469,12 +472,21 @@ class GGUFModel:
         """A tensor's shape as numpy orders it (GGUF lists the row length first)."""
         return tuple(int(d) for d in reversed(self.tensors[name].shape.tolist()))
 
-    def block_types(self) -> dict[str, str | None]:
-        """The registry's block type of each of the model's tensors, None for a passed-through one."""
+    def block_types(self, float_quantized: Collection[str] = ()) -> dict[str, str | None]:
+        """The registry's block type of each of the model's tensors, None for a passed-through one.
+
+        An F32/F16/BF16 tensor is one of those types (not passed through) when it has a run-time
+        permutation, which reading must undo, or when ``float_quantized`` (the run's manifest) names it."""
         types = {}
         for name in self.model_tensors():
+            tag = passthrough_tag(int(self.tensors[name].tensor_type))
             try:
-                types[name] = block_type_of(self.tensors[name])
+                if tag in FLOAT_TYPES and (name + PERM_SUFFIX in self.perm_names or name in float_quantized):
+                    from qstrat.formats import block_type  # the registry loads the kernels: only when needed
+
+                    types[name] = block_type(tag).name
+                else:
+                    types[name] = block_type_of(self.tensors[name])
             except (InputError, ValueError):
                 raise InputError(f"{self.path}: tensor {name!r} has GGML type {int(self.tensors[name].tensor_type)}, not one qstrat reads") from None
         return types
