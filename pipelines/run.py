@@ -248,7 +248,7 @@ def _run_groups(
             results.close()
 
 
-def choose_residual(model: SafetensorsModel, plan: Plan, variant: str) -> Plan:
+def choose_residual(plan: Plan, variant: str) -> Plan:
     """The plan with residual_stream's permutation chosen (if the chain has it): measured on
     every quantized tensor whose columns are the stream, in its target type."""
     if plan.residual is None:
@@ -296,7 +296,7 @@ def evaluate_model(
     started = time.perf_counter()
     config = config.evaluated()
     model = open_model(input_path)
-    plan = choose_residual(model, make_plan(model, config, outputs=outputs), config.variant)  # nothing is written
+    plan = choose_residual(make_plan(model, config, outputs=outputs), config.variant)  # nothing is written
     records: list[TensorRecord] = []
 
     def done(job, group_records, joint):
@@ -366,7 +366,7 @@ def quantize_model(
             # the same run finished here and its files are intact: nothing to redo (a GGUF-only output
             # keeps no tensor files for a rerun to reuse, and every night's cron run redid it whole)
             return _up_to_date(out, previous, started)
-        plan = choose_residual(model, plan, config.variant)  # the search, only when something is to be done
+        plan = choose_residual(plan, config.variant)  # the search, only when something is to be done
         earlier_run = previous is not None or (out / JOURNAL_NAME).exists()  # the directory is a qstrat output
         journal = _open_journal(out, (fingerprint, older), force, previous, settings)
         try:

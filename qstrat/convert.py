@@ -88,7 +88,7 @@ def carried_fields(reader) -> list[tuple[str, object, object, object]]:
 
     fields = []
     for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key.startswith("qstrat.") or key in _REWRITTEN_KEYS:
+        if key.startswith("GGUF.") or key.startswith(KEY_PREFIX) or key in _REWRITTEN_KEYS:
             continue
         value_type = field.types[0]
         element_type = field.types[1] if value_type == gguf.GGUFValueType.ARRAY else None
@@ -110,7 +110,7 @@ def gguf_metadata(model: QuantizedModel, source: str | os.PathLike | None = None
         from qstrat.io.gguf_read import open_gguf
 
         reader = open_gguf(source)  # parsed once: a large vocabulary takes a second or more
-        if "qstrat.version" in reader.fields and "qstrat.layout" not in reader.fields:
+        if KEY_PREFIX + "version" in reader.fields and KEY_PREFIX + "layout" not in reader.fields:
             reader = None  # qstrat's generic container: written again as such (carried over, it changed)
     if reader is not None:
         if _names_mapped_back(reader, model.entries):

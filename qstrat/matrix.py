@@ -269,10 +269,3 @@ def quantize_matrix_as(
     error_squares = float(measures[:, ERROR_SQUARES].sum()) if measure else None
     result = QuantizedMatrix(blocks, metrics, products, error_squares)
     return _weighted(result, weighted_error, weighted_reference) if measure and weights is not None else result
-
-
-def squared_error(
-    storage: np.ndarray, variant: str, row_perm: np.ndarray | None = None, col_perm: np.ndarray | None = None
-) -> float:
-    """Total squared Q8K error of ``storage`` under the given permutations (for choosing orders)."""
-    return quantize_matrix(storage, variant, row_perm, col_perm).error_squares

@@ -30,7 +30,6 @@ from qstrat.legacy import environment_settings
 from qstrat.strategies import StrategyChain, make_strategy
 from qstrat.validation import PRODUCTS, STAGES, ValidationSettings
 
-VALIDATION_STAGES = STAGES
 OUTPUT_FORMATS = ("q8k", "gguf")
 #: the block type of the original tool, written as .q8k files with the configured ``variant``
 DEFAULT_FORMAT = "q8_k"
@@ -131,7 +130,7 @@ class FormatRule(_Strict):
 
 class ValidationSection(_Strict):
     enabled: bool = True
-    stages: list[Literal[VALIDATION_STAGES]] = Field(default_factory=lambda: list(VALIDATION_STAGES))  # type: ignore[valid-type]
+    stages: list[Literal[STAGES]] = Field(default_factory=lambda: list(STAGES))  # type: ignore[valid-type]
     product: Literal[PRODUCTS] = "exact"  # type: ignore[valid-type]
     thresholds: Thresholds = Field(default_factory=Thresholds)
 

@@ -1,4 +1,4 @@
-"""Validation stages, registered by the name a user writes in the config.
+"""Validation stages, by the name a user writes in the config.
 
 - ``weight_error``: MSE, relative Frobenius error, SQNR, max error, cosine of W^ against W.
 - ``sum_test`` (the original tool's Method 1): x = ones(k); MSE over rows of W'x - W^x.

@@ -1,6 +1,7 @@
 """One run model: the original tool's constructor and environment, YAML, and the README's table."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,3 +138,15 @@ def test_every_threshold_has_its_stage_and_metric():
     for stage, metric, bound in THRESHOLDS.values():
         assert stage in STAGES and metric in TensorMetrics.__dataclass_fields__ and bound in ("min", "max")
 
+
+
+def test_the_readmes_architecture_names_every_module():
+    import re
+    import subprocess
+
+    readme = (REPO / "README.md").read_text()
+    architecture = readme[readme.index("## Architecture") : readme.index("## License")]
+    tracked = subprocess.run(["git", "ls-files", "qstrat", "kernels", "pipelines"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    modules = [Path(f) for f in tracked if f.endswith(".py") and Path(f).stem not in ("__init__", "__main__", "_version")]
+    assert modules
+    assert [str(m) for m in modules if not re.search(rf"\b{re.escape(m.stem)}\b", architecture)] == []

@@ -37,7 +37,7 @@ from qstrat.io.manifest import (
     new_manifest,
     write_manifest,
 )
-from qstrat.io.gguf_read import open_gguf
+from qstrat.io.gguf_read import PASSTHROUGH_TYPES, open_gguf
 from qstrat.io.names import RESIDUAL_PERMUTATION_KEY, assign_file_stems
 from qstrat.io.q8k import Q8KTensor, check_permutation, read_perm, read_q8k, read_q8k_shape, write_perm, write_q8k
 from qstrat.io.qblock import SUFFIX as QBLK_SUFFIX, BlockTensor, read_blocks, read_blocks_header, write_blocks
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
     import gguf  # imported on first use (_gguf)
 
 GGML_MAX_NAME_BYTES = 63
-QUANTIZATION_VERSION = 2
 PERM_SUFFIX = ".perm"
 JOINT_SUFFIX = ".joint_perm"
 KEY_PREFIX = "qstrat."
@@ -64,16 +63,10 @@ _PENDING_SHA256 = "qstrat-sha256-pending-" + "0" * 42
 DATA_SHA256_KEY = KEY_PREFIX + "data_sha256"
 
 
-#: safetensors dtype tag of a passed-through tensor -> numpy dtype of its bytes; each tag is
-#: also the name of its GGML type (BF16 goes as raw bits: numpy has no bfloat16)
-PASSTHROUGH_TYPES = {
-    "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
-    "I8": np.int8, "I16": np.int16, "I32": np.int32, "I64": np.int64,
-}
-#: safetensors dtypes GGUF has no type for: their bytes go unchanged into the signed integer type of
-#: their width, the dtype recorded (``qstrat.retyped``) so that reading them back restores it
 #: the float types a run also quantizes "to" (format f32, f16 or bf16, or a fallback type)
 FLOAT_TYPES = ("F32", "F16", "BF16")
+#: safetensors dtypes GGUF has no type for: their bytes go unchanged into the signed integer type of
+#: their width, the dtype recorded (``qstrat.retyped``) so that reading them back restores it
 RETYPED = {"BOOL": "I8", "U8": "I8", "F8_E4M3": "I8", "F8_E5M2": "I8", "U16": "I16", "U32": "I32", "U64": "I64"}
 
 
@@ -242,7 +235,7 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
     with atomic_path(target) as tmp:
         architecture = layout.arch if layout is not None else str(metadata.get("architecture") or "qstrat")
         writer = gguf.GGUFWriter(tmp, architecture)
-        writer.add_quantization_version(QUANTIZATION_VERSION)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         if metadata.get("carried") is not None:
             writer.add_string(KEY_PREFIX + "layout", GGUF_INPUT_LAYOUT)
             for key, value, value_type, element_type in metadata["carried"]:

@@ -17,11 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from qstrat.errors import InputError
-from qstrat.io.gguf_read import is_gguf_name, open_gguf
+from qstrat.io.gguf_read import PASSTHROUGH_TYPES, is_gguf_name, open_gguf
 from qstrat.io.safetensors import TensorInfo
-
-#: GGML types read as they are, by their safetensors dtype tag
-RAW_TYPES = {"F32": "F32", "F16": "F16", "BF16": "BF16", "I8": "I8", "I16": "I16", "I32": "I32", "I64": "I64", "F64": "F64"}
 
 
 @dataclass(frozen=True)
@@ -51,8 +48,8 @@ class GGUFInput:
         ggml_type = gguf.GGMLQuantizationType(int(tensor.tensor_type))
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
         offset, stored = int(tensor.data_offset), int(tensor.n_bytes)
-        if ggml_type.name in RAW_TYPES:
-            return TensorInfo(tensor.name, RAW_TYPES[ggml_type.name], shape, self.path, offset, stored)
+        if ggml_type.name in PASSTHROUGH_TYPES:  # safetensors has a dtype of the same name
+            return TensorInfo(tensor.name, ggml_type.name, shape, self.path, offset, stored)
         from qstrat.formats import FORMATS  # the registry loads the kernels: only for quantized tensors
 
         name = ggml_type.name.lower()

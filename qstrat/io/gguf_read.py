@@ -14,6 +14,13 @@ from qstrat.errors import FormatError, InputError
 if TYPE_CHECKING:
     import gguf
 
+#: safetensors dtype tag of a tensor GGUF and safetensors both hold as plain values -> numpy dtype of its
+#: bytes; each tag is also the name of its GGML type (BF16 goes as raw bits: numpy has no bfloat16)
+PASSTHROUGH_TYPES = {
+    "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
+    "I8": np.int8, "I16": np.int16, "I32": np.int32, "I64": np.int64,
+}
+
 
 def is_gguf_name(path: str | os.PathLike) -> bool:
     """Whether ``path`` is named as a GGUF file is (``.gguf``, in any case: llama.cpp does not mind)."""
