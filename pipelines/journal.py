@@ -22,26 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from qstrat.errors import OutputError
-from qstrat.io.atomic import atomic_path, describe_os_error
+from qstrat.io.atomic import atomic_path, describe_os_error, file_sha256
 from qstrat.io.manifest import tensor_entry
 from qstrat.io.names import JOURNAL_NAME, LOCK_NAME
 from qstrat.io.safetensors import HEADER_LENGTH_BYTES, SafetensorsModel
 from qstrat.results import TensorRecord
 from qstrat.strategies import Permutation
-
-HASH_CHUNK = 1 << 22
-
-
-def file_sha256(path: Path) -> str | None:
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(HASH_CHUNK):
-                digest.update(chunk)
-    except OSError:
-        return None
-    return digest.hexdigest()
-
 
 def input_identity(model: SafetensorsModel, with_times: bool = True) -> list[dict[str, object]]:
     """Each input file's name, size, modification time and header hash.  New weights of the same

@@ -24,7 +24,6 @@ from qstrat.kernels import BLOCK_BYTES, QK_K
 from qstrat.pipelines.backends import execution_backend
 from qstrat.pipelines.journal import (
     Journal,
-    file_sha256,
     group_key,
     output_lock,
     run_fingerprint,
@@ -37,7 +36,7 @@ from qstrat.convert import gguf_metadata
 from qstrat.errors import InputError, OutputError, WorkerLost
 from qstrat.formats import block_type
 from qstrat.interrupts import deferred_stops, interruptible_wait, raise_if_stop_requested, workers_deaf_to_interrupts
-from qstrat.io.atomic import describe_os_error, make_durable, remove_stale_temporaries
+from qstrat.io.atomic import describe_os_error, file_sha256, make_durable, remove_stale_temporaries
 from qstrat.io.gguf import write_gguf
 from qstrat.io.gguf_input import open_model
 from qstrat.io.manifest import (

@@ -11,7 +11,7 @@ from qstrat.io.names import unlisted_tensor_files
 from qstrat.io.q8k import check_permutation, read_perm, read_q8k
 from qstrat.io.qblock import read_blocks_header
 from qstrat.model import QuantizedModel, as_directory, header_disagreement
-from qstrat.pipelines.journal import file_sha256
+from qstrat.io.atomic import file_sha256
 
 
 def verify_gguf_file(path: str | os.PathLike) -> tuple[list[str], bool]:
@@ -19,14 +19,14 @@ def verify_gguf_file(path: str | os.PathLike) -> tuple[list[str], bool]:
     be checked: a file qstrat writes records the sha256 of its header and tensor data (``qstrat.sha256``;
     an earlier qstrat's, ``qstrat.data_sha256``, of the data alone), another tool's does not, and then
     only its structure is checked."""
-    from qstrat.io.gguf import SHA256_KEY, GGUFModel, file_sha256, recorded_sha256
+    from qstrat.io.gguf import SHA256_KEY, GGUFModel, gguf_sha256, recorded_sha256
 
     path = Path(path)
     recorded = None
     try:
         reader = GGUFModel(path).reader
         recorded = recorded_sha256(reader)
-        if recorded is not None and recorded[1] != file_sha256(reader, recorded[0]):  # the data is read only to compare it
+        if recorded is not None and recorded[1] != gguf_sha256(reader, recorded[0]):  # the data is read only to compare it
             what = "header and tensor data" if recorded[0] == SHA256_KEY else "tensor data"
             return [f"{path}: the sha256 of its {what} differs from the one it records (the file was changed or corrupted)"], True
         with as_directory(path, follow_container=False) as unpacked:

@@ -172,3 +172,18 @@ def _running(pid: int) -> bool:
     except OSError:  # another user's process: running
         return True
     return True
+
+
+_HASH_CHUNK = 1 << 22
+
+
+def file_sha256(path: Path) -> str | None:
+    """The sha256 of a file's bytes (what a manifest records of each file); None if it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()

@@ -324,7 +324,7 @@ def recorded_sha256(reader: gguf.GGUFReader) -> tuple[str, str] | None:
     return None
 
 
-def file_sha256(reader: gguf.GGUFReader, key: str) -> str:
+def gguf_sha256(reader: gguf.GGUFReader, key: str) -> str:
     """The checksum ``key`` of a GGUF file as ``write_gguf`` computes it: for ``qstrat.sha256``, its
     header with that key's value read as the placeholder, then its tensors' bytes in tensor order;
     for ``qstrat.data_sha256``, the tensors' bytes alone."""
