@@ -52,7 +52,7 @@ from qstrat.io.manifest import (
     read_manifest,
     write_manifest,
 )
-from qstrat.io.names import JOURNAL_NAME, unlisted_tensor_files
+from qstrat.io.names import JOURNAL_NAME, storage_name, unlisted_tensor_files
 from qstrat.io.q8k import PERM_HEADER, Q8K_HEADER, WrittenFile
 from qstrat.io.safetensors import (
     SafetensorsModel,
@@ -257,7 +257,7 @@ def choose_residual(plan: Plan, variant: str) -> Plan:
     for name, job in readers.items():
         array = map_tensor(job.info).view(KERNEL_STORAGE[job.info.dtype])
         check_finite(array, name)
-        arrays[name] = Reader(array, "q8_k" if writes_q8k(job.choice) else job.choice.type_name, job.importance)
+        arrays[name] = Reader(array, job.choice.type_name, job.importance)
     block = max((block_type(reader.type_name).block_size for reader in arrays.values()), default=QK_K)
     group = scale_group(reader.type_name for reader in arrays.values())
     choice = plan.residual.strategy.choose(arrays, error_measure(readers.values(), variant), block, group)
@@ -611,7 +611,7 @@ def describe_plan(plan: Plan) -> dict[str, object]:
                 size += PERM_HEADER.size + 4 * k if permutation == "runtime" else 0
                 quantized.append(
                     {"name": member.info.name, "shape": list(member.info.shape), "dtype": member.info.dtype,
-                     "format": "q8k" if writes_q8k(choice) else choice.type_name,
+                     "format": storage_name(choice.type_name),
                      **({"fallback_from": choice.fallback_from} if choice.fallback_from else {}),
                      "strategy": group.strategy.name, "permutation": permutation}
                 )

@@ -23,6 +23,7 @@ from qstrat.pipelines.plan import GroupJob, TensorChoice, TensorJob, writes_q8k
 
 from qstrat.blocks import KERNEL_STORAGE, check_finite
 from qstrat.errors import QstratError
+from qstrat.io.names import storage_name
 from qstrat.io.q8k import check_permutation, write_perm, write_q8k
 from qstrat.io.qblock import SUFFIX as QBLK_SUFFIX, write_blocks
 from qstrat.io.safetensors import read_tensor
@@ -112,7 +113,7 @@ class ErrorMeasure:
     def reader(self, name: str, storage: np.ndarray) -> Reader:
         member = self.members.get(name)
         choice = self._choice(name)
-        return Reader(storage, "q8_k" if writes_q8k(choice) else choice.type_name, member.importance if member else None)
+        return Reader(storage, choice.type_name, member.importance if member else None)
 
 
 def error_measure(jobs: Iterable[TensorJob], variant: str) -> ErrorMeasure:
@@ -188,7 +189,7 @@ def _quantize_members(
             shape=info.shape,
             dtype=info.dtype,
             source_type=info.encoding,
-            storage="q8k" if writes_q8k(member.choice) else member.choice.type_name,
+            storage=storage_name(member.choice.type_name),
             fallback_from=member.choice.fallback_from,
             imatrix=member.importance is not None if job.with_imatrix else None,
             strategy=job.strategy.name,

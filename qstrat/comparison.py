@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qstrat.errors import ConfigError, InputError
+from qstrat.io.names import storage_type_name
 from qstrat.results import QuantizationResult, TensorRecord
 from qstrat.runconfig import RunConfig
 
@@ -76,7 +77,7 @@ def stored_bytes(record: TensorRecord) -> int:
     from qstrat.formats import block_type
 
     rows, k = record.shape
-    return rows * block_type("q8_k" if record.storage == "q8k" else record.storage).row_bytes(k)
+    return rows * block_type(storage_type_name(record.storage)).row_bytes(k)
 
 
 def size_figures(result: QuantizationResult) -> dict[str, float | int]:

@@ -38,7 +38,7 @@ from qstrat.io.manifest import (
     write_manifest,
 )
 from qstrat.io.gguf_read import PASSTHROUGH_TYPES, open_gguf
-from qstrat.io.names import RESIDUAL_PERMUTATION_KEY, assign_file_stems
+from qstrat.io.names import RESIDUAL_PERMUTATION_KEY, assign_file_stems, storage_name
 from qstrat.io.q8k import Q8KTensor, check_permutation, read_perm, read_q8k, read_q8k_shape, write_perm, write_q8k
 from qstrat.io.qblock import SUFFIX as QBLK_SUFFIX, BlockTensor, read_blocks, read_blocks_header, write_blocks
 from qstrat.io.safetensors import map_tensor, to_float32, write_safetensors
@@ -601,7 +601,7 @@ def gguf_to_directory(source: str | os.PathLike, output_dir: str | os.PathLike) 
                 if axis is None:
                     common["permutation"] = "runtime"
             files = {role: FileEntry(**vars(f)) for role, f in files.items()}
-            storage = "q8k" if types[name] == "q8_k" else types[name]
+            storage = storage_name(types[name])
             entries[name] = QuantizedEntry(storage=storage, dtype="unknown", strategy=None, metrics=None, files=files, **common)
         else:
             tag, raw = model.passthrough_bytes(name, list(shape))

@@ -25,6 +25,19 @@ LOCK_NAME = ".qstrat.lock"
 TENSOR_FILE_SUFFIXES = (".q8k", ".perm", ".qblk")
 #: the residual stream's permutation in that file: one for every tensor it permutes
 RESIDUAL_PERMUTATION_KEY = "qstrat.residual_stream"
+#: a manifest's ``storage`` of the original tool's Q8K (``.q8k`` files); any other type is stored under
+#: its registry name
+Q8K_STORAGE = "q8k"
+
+
+def storage_name(type_name: str) -> str:
+    """A manifest's ``storage`` of a tensor quantized to block type ``type_name``."""
+    return Q8K_STORAGE if type_name == "q8_k" else type_name
+
+
+def storage_type_name(storage: str) -> str:
+    """The registry's block type of a manifest's ``storage`` (a quantized one)."""
+    return "q8_k" if storage == Q8K_STORAGE else storage
 
 SAFE_CHARACTERS = re.compile(r"[A-Za-z0-9._-]")
 MAX_FILE_NAME_BYTES = 255
