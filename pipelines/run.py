@@ -38,7 +38,7 @@ from qstrat.formats import block_type
 from qstrat.interrupts import deferred_stops, interruptible_wait, raise_if_stop_requested, workers_deaf_to_interrupts
 from qstrat.io.atomic import describe_os_error, file_sha256, make_durable, remove_stale_temporaries
 from qstrat.io.gguf import write_gguf
-from qstrat.io.gguf_input import open_model
+from qstrat.io.gguf_input import open_input
 from qstrat.io.manifest import (
     JOINT_PERMUTATIONS_NAME,
     RESIDUAL_PERMUTATION_KEY,
@@ -294,7 +294,7 @@ def evaluate_model(
     plan as a run writing them would, so that what such a run refuses is refused here too."""
     started = time.perf_counter()
     config = config.evaluated()
-    model = open_model(input_path)
+    model = open_input(input_path)
     plan = choose_residual(make_plan(model, config, outputs=outputs), config.variant)  # nothing is written
     records: list[TensorRecord] = []
 
@@ -345,7 +345,7 @@ def quantize_model(
     started = time.perf_counter()
     outputs = config.output_kinds if outputs is None else tuple(outputs)
     force = config.force if force is None else force
-    model = open_model(input_path)
+    model = open_input(input_path)
     plan = make_plan(model, config, outputs)
     # a config's output may be a template, as in a file: {model} is the model's name
     out = Path(output_dir) if output_dir is not None else Path(fill_template(str(config.output_dir), model.name, f"output {config.output!r}"))

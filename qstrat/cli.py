@@ -14,7 +14,7 @@ from pathlib import Path
 import typer
 
 from qstrat._version import __version__
-from qstrat.blocks import Q8K_VARIANTS
+from qstrat.blocks import DEFAULT_VARIANT, Q8K_VARIANTS
 from qstrat.config import QuantizationConfig
 from qstrat.errors import (
     EXIT_BATCH_PARTIAL,
@@ -217,7 +217,7 @@ def run(
     Precedence: built-in defaults < the YAML file < CANDLE_Q8K_* environment < flags.
     A rerun resumes: tensors whose files are intact are kept.
     """
-    from qstrat.io.gguf_input import open_model
+    from qstrat.io.gguf_input import open_input
     from qstrat.pipelines.plan import make_plan
     from qstrat.pipelines.run import check_output_dir, describe_plan, quantize_model
     from qstrat.runconfig import load_run_config
@@ -237,7 +237,7 @@ def run(
             plans, failed = {}, 0
             for job in spec.models:
                 try:
-                    model = open_model(job.input)
+                    model = open_input(job.input)
                     check_output_dir(job.output, model)  # what the run checks first, before its plan
                     description = describe_plan(make_plan(model, spec.config_for(job)))
                     warnings = spec.config.unmatched_rules(model.tensors)
@@ -272,7 +272,7 @@ def run(
         for job in spec.models:
             outcome = {"model": job.name, "input": str(job.input), "output": str(job.output)}
             try:
-                model = open_model(job.input)
+                model = open_input(job.input)
                 with reporter.model(job.name, sum(t.nbytes for t in model)):
                     result = quantize_model(
                         job.input, spec.config_for(job), job.output, reporter, force=force, thresholds=spec.thresholds,
@@ -342,7 +342,7 @@ def quantize(
     strategy: list[str] = typer.Option(
         ["identity"], "--strategy", "-s", help=f"strategy chain, in order (repeat the flag): {', '.join(STRATEGIES)}"
     ),
-    variant: str = typer.Option("candle", help=f"Q8K rounding variant: {', '.join(Q8K_VARIANTS)}"),
+    variant: str = typer.Option(DEFAULT_VARIANT, help=f"Q8K rounding variant: {', '.join(Q8K_VARIANTS)}"),
     workers: int = typer.Option(1, help="worker processes"),
     validation: bool = typer.Option(True, help="measure each tensor's weight error"),
     force: bool = typer.Option(False, "--force", help="replace results of a different config or input"),
@@ -392,7 +392,7 @@ def compare(
     text: Path = typer.Option(None, "--text", "-t", help="also evaluate each case on this text (perplexity, KL divergence from the source model; numpy forward, Llama family)"),
     ctx: int = typer.Option(512, "--ctx", "-c", help="with --text: tokens per chunk"),
     chunks: int = typer.Option(None, "--chunks", help="with --text: at most this many chunks"),
-    variant: str = typer.Option("candle", help=f"Q8K rounding variant: {', '.join(Q8K_VARIANTS)}"),
+    variant: str = typer.Option(DEFAULT_VARIANT, help=f"Q8K rounding variant: {', '.join(Q8K_VARIANTS)}"),
     workers: int = typer.Option(1, help="worker processes"),
     output: Path = typer.Option(None, "--output", "-o", help="also write compare.json, compare.md and compare.png here"),
     json_output: bool = typer.Option(False, "--json", help="print the table as one JSON line"),
@@ -403,7 +403,7 @@ def compare(
     is written; with it, each case goes through a temporary directory."""
     from qstrat.comparison import cases, compare_model, render_comparison
     from qstrat.io.atomic import atomic_writer
-    from qstrat.io.gguf_input import open_model
+    from qstrat.io.gguf_input import open_input
     from qstrat.report import plot_sqnr, sqnr_series
 
     with user_errors():
@@ -414,7 +414,7 @@ def compare(
             raise OutputError(f"{output}: exists and is not a directory (--output)")
         data = _read_text(text) if text is not None else None
         case_list = cases([f for f in formats.split(",") if f.strip()], parse_chains(strategies), imatrix)
-        name = open_model(model).name
+        name = open_input(model).name
 
         def announce(index: int, total: int, case) -> None:
             if sys.stderr.isatty():

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from qstrat.blocks import DEFAULT_VARIANT
 from qstrat.errors import ConfigError, InputError
 from qstrat.io.names import storage_type_name
 from qstrat.results import QuantizationResult, TensorRecord
@@ -105,7 +106,7 @@ def compare_model(
     model: str | Path,
     case_list: Sequence[Case],
     *,
-    variant: str = "candle",
+    variant: str = DEFAULT_VARIANT,
     workers: int = 1,
     text: bytes | None = None,
     ctx: int = 512,

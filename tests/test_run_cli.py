@@ -487,7 +487,7 @@ def test_a_batch_dry_run_goes_on_past_a_failing_model(tmp_path):
 
 def test_an_output_of_the_fingerprint_without_file_times_resumes(tmp_path):
     # an earlier qstrat's fingerprint held no modification times: its outputs are not "a different input"
-    from qstrat.io.gguf_input import open_model
+    from qstrat.io.gguf_input import open_input
     from qstrat.pipelines.journal import run_fingerprint
 
     model = make_llama_dir(tmp_path / "m", shards=1)
@@ -496,8 +496,8 @@ def test_an_output_of_the_fingerprint_without_file_times_resumes(tmp_path):
     assert run_cli("qstrat", "run", str(config), "-q").returncode == 0
     out = tmp_path / "o"
     manifest = _manifest(out)
-    assert run_fingerprint(manifest["config"], open_model(model)) == manifest["fingerprint"]
-    older = run_fingerprint(manifest["config"], open_model(model), with_times=False)
+    assert run_fingerprint(manifest["config"], open_input(model)) == manifest["fingerprint"]
+    older = run_fingerprint(manifest["config"], open_input(model), with_times=False)
     for path in (out / "manifest.json", out / ".qstrat-journal.jsonl"):  # as that qstrat wrote them
         path.write_text(path.read_text().replace(manifest["fingerprint"], older))
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.q8k")}

@@ -13,12 +13,16 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from qstrat.errors import InputError
 from qstrat.io.gguf_read import PASSTHROUGH_TYPES, is_gguf_name, open_gguf
 from qstrat.io.safetensors import TensorInfo
+
+if TYPE_CHECKING:
+    from qstrat.io.safetensors import SafetensorsModel
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,7 @@ class GGUFInput:
         return len(self.tensors)
 
 
-def open_model(path: str | os.PathLike):
+def open_input(path: str | os.PathLike) -> GGUFInput | SafetensorsModel:
     """A run's input: a GGUF model file, or a .safetensors file or model directory."""
     from qstrat.io.safetensors import SafetensorsModel
 
