@@ -18,6 +18,7 @@ from qstrat.synthetic import (
     llama_tensors,
     write_model,
 )
+from tests.conftest import REPO
 from tests.forward import bert_encoder, bert_tensors, llama_forward
 
 GQA_SHAPE = LlamaShape(vocab_size=64, hidden_size=512, intermediate_size=768, num_hidden_layers=2,
@@ -206,3 +207,20 @@ def test_output_is_deterministic_across_tensor_order_and_workers(tmp_path):
                 assert (out / name).read_bytes() == (outs[0] / name).read_bytes(), name
     for perm_file in outs[0].glob("*.perm"):
         qstrat.read_perm(perm_file)
+
+
+def test_head_geometry_that_does_not_divide_names_where_it_came_from(tmp_path):
+    # the message said only "8 heads cannot share 3 key/value heads": not that config.json said so
+    from tests.helpers import make_llama_dir, run_cli
+
+    model = make_llama_dir(tmp_path / "m")
+    config = json.loads((model / "config.json").read_text())
+    config["num_key_value_heads"] = config["num_attention_heads"] - 1
+    (model / "config.json").write_text(json.dumps(config))
+    result = run_cli("qstrat", "run", str(REPO / "configs" / "function_preserving.yaml"), "-i", str(model), "-o", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "the model's config.json (num_attention_heads, num_key_value_heads)" in result.stderr
+    assert "num_heads and num_kv_heads options" in result.stderr
+    options = {"name": "head_order", "num_heads": 8, "num_kv_heads": 3}
+    with pytest.raises(ConfigError, match="from the strategy's options"):
+        StrategyChain([options]).assign({n: Candidate(a.shape, a.ndim == 2) for n, a in llama_tensors(GQA_SHAPE, 0).items()}, {})

@@ -244,7 +244,12 @@ class HeadOrderStrategy(_SearchedWithBudget):
         kv_heads = kv_heads or model_config.get("num_key_value_heads") or heads
         head_dim = head_dim or model_config.get("head_dim") or hidden // heads
         if not all(isinstance(v, int) and v > 0 for v in (kv_heads, head_dim)) or heads % kv_heads:
-            raise ConfigError(f"strategy head_order: {heads} heads cannot share {kv_heads} key/value heads")
+            options = self.geometry_options
+            origin = ("the strategy's options" if options[0] and options[1]
+                      else "the strategy's options and the model's config.json" if options[0] or options[1]
+                      else "the model's config.json (num_attention_heads, num_key_value_heads)")
+            raise ConfigError(f"strategy head_order: {heads} heads cannot share {kv_heads} key/value heads (from {origin}); "
+                              "set the strategy's num_heads and num_kv_heads options to the model's")
         return heads, kv_heads, head_dim
 
     def claim(self, candidates: Mapping[str, Candidate], model_config: Mapping[str, object]) -> list[tuple[str, ...]]:
