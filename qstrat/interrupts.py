@@ -7,12 +7,18 @@ handler raises at once only outside such a loop, or while the loop waits inside 
 (which then aborts itself: no more dispatch, its workers killed).  Anywhere else in the loop
 it only records the request, and the loop stops after the result at hand.  Signals after the
 first are ignored: the process is already on its way out, and its cleanup must run whole.
+
+Python drops an exception raised where it cannot propagate (a weakref callback, ``__del__``: "Exception
+ignored in ...").  A stop request raised there would be lost, and every signal after it ignored: the
+command would run to its end, deaf.  Such a request is delivered again, by the same signal.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import sys
+import threading
 from collections.abc import Iterator
 
 
@@ -20,6 +26,8 @@ class _StopState:
     requested = False
     deferred = False  # inside a result loop: raise only while it waits
     waiting = False
+    raised: tuple[int, KeyboardInterrupt] | None = None  # the last stop raised, and by which signal
+    exiting = False  # the exit code is decided: signals are ignored for good
 
 
 _state = _StopState()
@@ -30,7 +38,23 @@ def _on_stop_signal(signum: int, frame: object) -> None:
         return
     _state.requested = True
     if not _state.deferred or _state.waiting:
-        raise KeyboardInterrupt
+        stop = KeyboardInterrupt()
+        _state.raised = (signum, stop)
+        raise stop
+
+
+def _redeliver_dropped_stop(unraisable: object, previous=sys.unraisablehook) -> None:
+    """sys.unraisablehook: a stop request that Python dropped is raised again by the same signal, sent
+    from another thread a moment later: raised from here, its handler would run inside this hook, which
+    drops exceptions too."""
+    raised = _state.raised
+    if raised is not None and getattr(unraisable, "exc_value", None) is raised[1] and not _state.exiting:
+        _state.raised, _state.requested = None, False
+        resend = threading.Timer(0.01, signal.raise_signal, (raised[0],))
+        resend.daemon = True
+        resend.start()
+        return
+    previous(unraisable)
 
 
 def handle_stop_signals() -> None:
@@ -39,8 +63,10 @@ def handle_stop_signals() -> None:
     For a command's whole process: the handlers stay, so that a second Ctrl-C cannot cut
     the exit short either."""
     _state.requested = False
+    _state.exiting = False
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _on_stop_signal)
+    sys.unraisablehook = _redeliver_dropped_stop
     # a closed terminal stops the run as cleanly (its default left temporaries behind); under nohup
     # SIGHUP is ignored, and stays so
     if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
@@ -51,6 +77,7 @@ def ignore_stop_signals() -> None:
     """The command is over and its exit code decided: a signal while the interpreter exits
     (joining the worker pool's threads) must not end it with a traceback."""
     _state.requested = True
+    _state.exiting = True
 
 
 def raise_if_stop_requested() -> None:

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -22,12 +23,14 @@ from tests.helpers import assert_clean_failure, run_cli
 def stop_handlers():
     """The command line's handlers in this process, for one test."""
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    previous_hook = sys.unraisablehook
     interrupts.handle_stop_signals()
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        sys.unraisablehook = previous_hook
         interrupts._state.requested = False
 
 
@@ -71,6 +74,23 @@ def test_once_the_command_is_over_signals_are_ignored(stop_handlers):
     interrupts.ignore_stop_signals()  # as the command line does before the interpreter exits
     signal.raise_signal(signal.SIGTERM)
     signal.raise_signal(signal.SIGINT)
+
+
+def test_a_stop_python_drops_is_delivered_again(stop_handlers):
+    # a signal handled inside a weakref callback or __del__ (seen while a command imported its modules):
+    # Python printed "Exception ignored", the command ran on to exit 0, and every later signal was ignored
+    class StoppedWhileCollected:
+        def __del__(self) -> None:
+            signal.raise_signal(signal.SIGTERM)  # its handler runs here, inside __del__
+            sum(range(1000))
+
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        StoppedWhileCollected()
+        reached.append("after the object is gone")
+        time.sleep(5)  # a signal ends the sleep
+        raise AssertionError("the stop request was lost")
+    assert len(reached) <= 1
 
 
 def _model(tmp_path, count=24):
