@@ -1,4 +1,4 @@
-"""Resumable runs: a journal of finished groups, and a lock on the output directory.
+"""Resumable runs: a journal of finished groups (the output directory's lock is io/atomic.output_lock).
 
 The journal (``.qstrat-journal.jsonl``) starts with the run's fingerprint (config and input
 identity) and gains one line per finished group, flushed to disk before the next is
@@ -10,13 +10,9 @@ never interrupted.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +20,7 @@ import numpy as np
 from qstrat.errors import OutputError
 from qstrat.io.atomic import atomic_path, describe_os_error, file_sha256
 from qstrat.io.manifest import tensor_entry
-from qstrat.io.names import JOURNAL_NAME, LOCK_NAME
+from qstrat.io.names import JOURNAL_NAME
 from qstrat.io.safetensors import HEADER_LENGTH_BYTES, SafetensorsModel
 from qstrat.results import TensorRecord
 from qstrat.strategies import Permutation
@@ -141,32 +137,3 @@ class Journal:
             self._file = None
 
 
-@contextlib.contextmanager
-def output_lock(directory: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the output directory for the whole run.
-
-    An OS file lock (flock): it is released when the process dies, however it dies, so a
-    lock left by a killed run never blocks the next one.
-    """
-    path = directory / LOCK_NAME
-    try:
-        handle = open(path, "a+", encoding="utf-8")
-    except OSError as err:
-        raise OutputError(describe_os_error(path, err)) from None
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise OutputError(f"output {directory} is in use by {holder}; wait for it to finish") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
-        handle.flush()
-        try:
-            yield
-        finally:
-            handle.truncate(0)  # released: an empty lock file names nobody
-    finally:
-        handle.close()

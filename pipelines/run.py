@@ -22,12 +22,7 @@ from pathlib import Path
 import numpy as np
 from qstrat.kernels import BLOCK_BYTES, QK_K
 from qstrat.pipelines.backends import execution_backend
-from qstrat.pipelines.journal import (
-    Journal,
-    group_key,
-    output_lock,
-    run_fingerprint,
-)
+from qstrat.pipelines.journal import Journal, group_key, run_fingerprint
 from qstrat.pipelines.plan import GroupJob, Plan, make_plan, writes_q8k
 from qstrat.pipelines.worker import GroupResult, error_measure, numbered, quantize_batch, quantize_stream
 
@@ -36,7 +31,7 @@ from qstrat.convert import gguf_metadata
 from qstrat.errors import InputError, OutputError, WorkerLost
 from qstrat.formats import block_type
 from qstrat.interrupts import deferred_stops, interruptible_wait, raise_if_stop_requested, workers_deaf_to_interrupts
-from qstrat.io.atomic import describe_os_error, file_sha256, make_durable, remove_stale_temporaries
+from qstrat.io.atomic import describe_os_error, file_sha256, make_durable, output_lock, remove_stale_temporaries
 from qstrat.io.gguf import write_gguf
 from qstrat.io.gguf_input import open_input
 from qstrat.io.manifest import (

@@ -7,8 +7,10 @@ import json
 import os
 from pathlib import Path
 
-from qstrat.errors import InputError
-from qstrat.io.gguf import KEY_PREFIX, LLAMA_LAYOUT, gguf_to_directory, write_gguf
+from qstrat.errors import InputError, OutputError
+from qstrat.io.atomic import TEMP_MARKER, atomic_path, describe_os_error, output_lock, remove_stale_temporaries
+from qstrat.io.gguf import KEY_PREFIX, LLAMA_LAYOUT, GGUFModel, unpack_gguf, write_gguf
+from qstrat.io.names import JOURNAL_NAME, LOCK_NAME, MANIFEST_NAME, unlisted_tensor_files
 from qstrat.io.gguf_read import is_gguf_name
 from qstrat.model import QuantizedModel
 from qstrat.presets import file_type
@@ -160,6 +162,46 @@ def directory_to_gguf(output_dir: str | os.PathLike, target: str | os.PathLike) 
     with as_directory(output_dir) as directory:
         model = QuantizedModel(directory)
         return write_gguf(model, target, gguf_metadata(model, source))
+
+
+def gguf_to_directory(source: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+    """An output directory (.q8k / .qblk, .perm, passthrough, manifest) from a qstrat GGUF file.
+
+    As a run does, under the directory's lock: the previous manifest goes first and a journal marks
+    the directory unfinished until the new manifest is written, so a convert stopped half-way leaves
+    a directory every reader refuses (the same command finishes it), never one that reads as a
+    complete model; tensor files of a model converted there before are removed.  A directory holding
+    files qstrat did not write is refused."""
+    model = GGUFModel(source)  # parsed first: a bad file leaves the target untouched
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        others = [e.name for e in out.iterdir() if e.name != LOCK_NAME and TEMP_MARKER not in e.name]
+    except OSError as err:
+        raise OutputError(describe_os_error(out, err)) from None
+    if others and not {MANIFEST_NAME, JOURNAL_NAME} & set(others):
+        raise OutputError(f"output {out} holds files qstrat did not write (no {MANIFEST_NAME}); convert into a new or empty directory")
+    with output_lock(out):
+        try:
+            remove_stale_temporaries(out)  # what a convert killed with SIGKILL left: the lock says none writes
+            (out / MANIFEST_NAME).unlink(missing_ok=True)
+            with atomic_path(out / JOURNAL_NAME) as tmp:
+                tmp.write_text(json.dumps({"fingerprint": None, "convert": str(model.path)}) + "\n", encoding="utf-8")
+        except OSError as err:
+            raise OutputError(describe_os_error(out, err)) from None
+        unpack_gguf(model, out)
+        from qstrat.io.manifest import read_manifest
+
+        listed = {f.path for e in read_manifest(out).tensors.values() for f in e.files.values()}
+        try:
+            for stale in unlisted_tensor_files(out, listed):
+                (out / stale).unlink()
+            (out / JOURNAL_NAME).unlink()
+        except OSError as err:
+            raise OutputError(describe_os_error(out, err)) from None
+    return out
 
 
 __all__ = ["directory_to_gguf", "gguf_metadata", "gguf_to_directory"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qstrat.io.atomic import remove_stale_temporaries
 from qstrat.io.safetensors import write_safetensors
 from qstrat.model import open_model
 
@@ -18,6 +19,9 @@ def dequantize_to_safetensors(model_path: str | os.PathLike, target: str | os.Pa
     (default) restores the source layout; otherwise joint permutations stay folded in (the
     function-equivalent layout).  Returns how many tensors were written.
     """
+    target = Path(target)
+    # a dequantize killed with SIGKILL left its temporary (a whole model's worth) beside the target
+    remove_stale_temporaries(target.parent, keep_live_writers=True, of=target.name)
     with open_model(model_path, original) as opened:
         model = opened.reader
         items = []
@@ -30,5 +34,5 @@ def dequantize_to_safetensors(model_path: str | os.PathLike, target: str | os.Pa
                 items.append((name, model.passthrough_dtype(name), tuple(model.shape(name)), raw))
             else:
                 items.append((name, "F32", tuple(model.shape(name)), lambda name=name: opened[name]))
-        write_safetensors(Path(target), items, {"format": "pt", "qstrat": "dequantized"})
+        write_safetensors(target, items, {"format": "pt", "qstrat": "dequantized"})
     return len(items)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from qstrat.errors import FormatError, InputError
+from qstrat.io.atomic import process_running
 from qstrat.io.gguf_read import is_gguf_name
 from qstrat.io.names import JOINT_PERMUTATIONS_NAME, JOURNAL_NAME, MANIFEST_NAME, PASSTHROUGH_NAME, RESIDUAL_PERMUTATION_KEY, decode_name
 from qstrat.io.q8k import check_permutation, read_perm, read_q8k, read_q8k_shape
@@ -65,7 +67,7 @@ def refuse_unfinished(directory: Path) -> None:
     """A clear error for the directory of a qstrat run that stopped before its manifest: its files are
     only some of the model's (the Rust tool's directories, read without a manifest, have no journal)."""
     if (directory / JOURNAL_NAME).exists() and not (directory / MANIFEST_NAME).exists():
-        raise InputError(f"{directory}: an unfinished qstrat run (a journal, no manifest.json); run the same command again to finish it")
+        raise InputError(f"{directory}: an unfinished qstrat run or convert (a journal, no manifest.json); run the same command again to finish it")
 
 
 class QuantizedModel:
@@ -192,6 +194,20 @@ class QuantizedModel:
         return self.undo_joint(name, array) if original else array
 
 
+#: the temporary directories GGUF files are unpacked into, named with the unpacking process's pid
+_UNPACKED_PREFIX = "qstrat-gguf-"
+
+
+def _remove_stale_unpacked() -> None:
+    """Remove this user's unpacked copies whose process is gone: one killed with SIGKILL skips the
+    cleanup, and a model's worth of files would stay in the temporary directory for good."""
+    with contextlib.suppress(OSError):
+        for entry in Path(tempfile.gettempdir()).glob(f"{_UNPACKED_PREFIX}*-*"):
+            pid = entry.name[len(_UNPACKED_PREFIX):].split("-", 1)[0]
+            if pid.isdigit() and not process_running(int(pid)) and entry.is_dir() and entry.stat().st_uid == os.getuid():
+                shutil.rmtree(entry, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def as_directory(path: str | os.PathLike, follow_container: bool = True) -> Iterator[Path]:
     """An output directory for ``path``: itself, or a GGUF file unpacked into a temporary one.
@@ -200,7 +216,7 @@ def as_directory(path: str | os.PathLike, follow_container: bool = True) -> Iter
     with ``follow_container`` that container is unpacked.
     """
     # pydantic and gguf are imported on first use, not with `import qstrat`
-    from qstrat.io.gguf import gguf_to_directory
+    from qstrat.io.gguf import GGUFModel, unpack_gguf
     from qstrat.io.manifest import read_manifest
 
     path = Path(path)
@@ -209,8 +225,11 @@ def as_directory(path: str | os.PathLike, follow_container: bool = True) -> Iter
         if manifest is not None and manifest.gguf_only:
             path = path / next(iter(manifest.containers))
     if path.is_file() and is_gguf_name(path):
-        with tempfile.TemporaryDirectory(prefix="qstrat-gguf-") as tmp:
-            yield gguf_to_directory(path, Path(tmp) / "model")
+        model = GGUFModel(path)
+        _remove_stale_unpacked()
+        with tempfile.TemporaryDirectory(prefix=f"{_UNPACKED_PREFIX}{os.getpid()}-") as tmp:
+            unpack_gguf(model, Path(tmp))
+            yield Path(tmp)
     else:
         yield path
 

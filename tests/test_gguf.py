@@ -475,3 +475,84 @@ def test_run_time_permutations_of_float_types_are_undone_on_reading(tmp_path, fm
             assert np.array_equal(loaded[name], expected[name]), name
     assert written["b.weight"].dtype == "F32" and np.array_equal(map_tensor(written["b.weight"]), expected["b.weight"])
     assert directory_to_gguf(unpacked, tmp_path / "again.gguf").read_bytes() == (out / "m.gguf").read_bytes()
+
+
+def _stopped_after(count: int):
+    """A write_blocks that stops the process's work (as SIGTERM does) after ``count`` tensors."""
+    from qstrat.io import gguf as gguf_io
+
+    written = []
+    real = gguf_io.write_blocks
+
+    def write_blocks(*args, **kwargs):
+        if len(written) == count:
+            raise KeyboardInterrupt
+        written.append(args[0])
+        return real(*args, **kwargs)
+
+    return write_blocks
+
+
+def test_a_convert_to_a_directory_stopped_half_way_is_refused_until_finished(tmp_path, monkeypatch):
+    # its first tensor files stayed with no manifest: read as the original tool's directory, a partial
+    # model loaded without an error; into a directory of another model, that one's manifest stayed
+    # over a mix of old and new files (wrong values, verify's word aside)
+    model = write_model(tmp_path / "m", {f"l.{i}.weight": np.full((8, 256), i + 1, np.float32) for i in range(6)}, dtype="F32")
+    other = write_model(tmp_path / "n", {f"l.{i}.weight": np.full((8, 256), -i - 1, np.float32) for i in range(9)}, dtype="F32")
+    for source, name in ((model, "m"), (other, "n")):
+        assert run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-i", str(source), "-o", str(tmp_path / f"{name}-out"),
+                       "-q", "--set", "format=q8_0").returncode == 0
+    first, second = tmp_path / "m-out" / "m.gguf", tmp_path / "n-out" / "n.gguf"
+    fresh = {n: a for n, a in qstrat.load_model(first).items()}
+    for target in (tmp_path / "new", tmp_path / "used"):
+        if target.name == "used":
+            gguf_to_directory(second, target)  # a directory of another model
+        with monkeypatch.context() as patch:
+            patch.setattr("qstrat.io.gguf.write_blocks", _stopped_after(2))
+            with pytest.raises(KeyboardInterrupt):
+                gguf_to_directory(first, target)
+        for command in (("inspect", str(target)), ("dequantize", str(target), str(tmp_path / "d.safetensors")),
+                        ("convert", str(target), str(tmp_path / "x.gguf"))):
+            refused = run_cli("qstrat", *command)
+            assert refused.returncode == 2
+            assert_clean_failure(refused, "an unfinished qstrat run or convert")
+        assert run_cli("qstrat", "verify", str(target)).returncode != 0
+        with pytest.raises(qstrat.QstratError, match="unfinished"):
+            qstrat.load_model(target)
+        result = run_cli("qstrat", "convert", str(first), str(target))  # the same command finishes it
+        assert result.returncode == 0, result.stderr
+        assert run_cli("qstrat", "verify", str(target)).returncode == 0
+        loaded = qstrat.load_model(target)
+        assert loaded.keys() == fresh.keys() and all(np.array_equal(loaded[n], fresh[n]) for n in fresh)
+        assert len(list(target.glob("*.qblk"))) == len(fresh)  # the other model's extra tensor files are gone
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    refused = run_cli("qstrat", "convert", str(first), str(foreign))
+    assert refused.returncode == 3
+    assert_clean_failure(refused, "holds files qstrat did not write")
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+
+def test_what_a_killed_dequantize_or_reader_left_is_removed(tmp_path):
+    out = tmp_path / "o"
+    assert run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-o", str(out), "-q", "--set", "outputs=[q8k, gguf]").returncode == 0
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid no process has now: a command killed with SIGKILL
+    target = tmp_path / "d.safetensors"
+    dead, alive = tmp_path / f".d.safetensors.tmp-{gone.pid}", tmp_path / f".d.safetensors.tmp-{os.getpid()}"
+    other = tmp_path / f".e.safetensors.tmp-{gone.pid}"  # another file's: not this command's to judge
+    for path in (dead, alive, other):
+        path.write_bytes(b"x")
+    assert run_cli("qstrat", "dequantize", str(out), str(target)).returncode == 0
+    assert not dead.exists() and alive.exists() and other.exists()
+    import tempfile
+
+    unpacked = Path(tempfile.gettempdir()) / f"qstrat-gguf-{gone.pid}-test"  # a reader killed while it unpacked a GGUF
+    unpacked.mkdir()
+    (unpacked / "manifest.json").write_text("{}")
+    try:
+        assert run_cli("qstrat", "inspect", str(out / "tiny-llama.gguf")).returncode == 0
+        assert not unpacked.exists()
+    finally:
+        shutil.rmtree(unpacked, ignore_errors=True)

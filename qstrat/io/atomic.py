@@ -13,9 +13,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
+import glob
 import hashlib
 import os
 import re
+import socket
 import sys
 import threading
 from collections.abc import Iterable, Iterator
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from qstrat.errors import OutputError
+from qstrat.io.names import LOCK_NAME
 
 TEMP_MARKER = ".tmp-"
 _OVERLAP_BYTES = 4 << 20  # below this, a thread costs more than it saves
@@ -149,14 +153,15 @@ def make_durable(paths: Iterable[Path], directory: Path) -> None:
             raise OutputError(describe_os_error(Path(path), err)) from None
 
 
-def remove_stale_temporaries(directory: Path, *, keep_live_writers: bool = False) -> int:
+def remove_stale_temporaries(directory: Path, *, keep_live_writers: bool = False, of: str | None = None) -> int:
     """Delete temporaries left by interrupted writers; returns how many were removed.  A run holding
     its output's lock removes every one; ``keep_live_writers`` keeps those whose writer (the pid in
-    their name) still runs, for a directory no lock guards (a convert's target)."""
+    their name) still runs, for a directory no lock guards; ``of``: only those of that file name (in a
+    directory of the user's, where nothing else is qstrat's)."""
     removed = 0
-    for entry in Path(directory).glob(f".*{TEMP_MARKER}*"):
+    for entry in Path(directory).glob(f".{'*' if of is None else glob.escape(of)}{TEMP_MARKER}*"):
         pid = entry.name.rsplit(TEMP_MARKER, 1)[1]
-        if keep_live_writers and (not pid.isdigit() or _running(int(pid))):
+        if keep_live_writers and (not pid.isdigit() or process_running(int(pid))):
             continue
         with contextlib.suppress(OSError):
             entry.unlink()
@@ -164,7 +169,8 @@ def remove_stale_temporaries(directory: Path, *, keep_live_writers: bool = False
     return removed
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` exists (a writer whose temporaries must stay)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -187,3 +193,34 @@ def file_sha256(path: Path) -> str | None:
     except OSError:
         return None
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def output_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the output directory for the whole run.
+
+    An OS file lock (flock): it is released when the process dies, however it dies, so a
+    lock left by a killed run never blocks the next one.
+    """
+    path = directory / LOCK_NAME
+    try:
+        handle = open(path, "a+", encoding="utf-8")
+    except OSError as err:
+        raise OutputError(describe_os_error(path, err)) from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise OutputError(f"output {directory} is in use by {holder}; wait for it to finish") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)  # released: an empty lock file names nobody
+    finally:
+        handle.close()

@@ -565,17 +565,9 @@ def block_type_of(tensor) -> str | None:
     return block_type(ggml_type).name
 
 
-def gguf_to_directory(source: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
-    """An output directory (.q8k, .perm, passthrough, manifest) from a qstrat GGUF file."""
-    model = GGUFModel(source)
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output {out} exists and is not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(out, keep_live_writers=True)  # what a convert killed with SIGKILL left
-    except OSError as err:
-        raise OutputError(describe_os_error(out, err)) from None
+def unpack_gguf(model: GGUFModel, out: Path) -> None:
+    """Write the tensor files, passthrough and permutation files of a GGUF file read back into the
+    directory ``out``, then its manifest (last).  What the directory held before is the caller's affair."""
     names = model.model_tensors()
     types = model.block_types()
     quantized = [n for n in names if types[n] is not None]
@@ -622,7 +614,6 @@ def gguf_to_directory(source: str | os.PathLike, output_dir: str | os.PathLike) 
                 entries[name].files["joint_perm"] = FileEntry(path=JOINT_PERMUTATIONS_NAME, size=jsize, sha256=jsha)
     source = Source(path=str(model.path.resolve()), architecture=model.architecture, name=model.name, files=[model.path.name])
     write_manifest(out, new_manifest(source=source, config=model.config, variant=model.variant, tensors=entries, failed=[]))
-    return out
 
 
-__all__ = ["GGUFModel", "gguf_name", "gguf_to_directory", "write_gguf"]
+__all__ = ["GGUFModel", "gguf_name", "unpack_gguf", "write_gguf"]

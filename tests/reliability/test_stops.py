@@ -123,7 +123,7 @@ def test_sigterm_during_a_result_callback_stops_after_it(tmp_path, stop_handlers
                     ["inspect", str(out)]):
         refused = run_cli("qstrat", *command)
         assert refused.returncode == 2, refused.stderr
-        assert_clean_failure(refused, f"{out}: an unfinished qstrat run (a journal, no manifest.json)")
+        assert_clean_failure(refused, f"{out}: an unfinished qstrat run or convert (a journal, no manifest.json)")
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x.safetensors").exists()
     interrupts._state.requested = False  # as in a new process
     quantize_model(model, config, out)  # a rerun completes
