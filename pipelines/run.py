@@ -20,7 +20,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from qstrat.kernels import BLOCK_BYTES, QK_K
+from qstrat.kernels import QK_K
 from qstrat.pipelines.backends import execution_backend
 from qstrat.pipelines.journal import Journal, group_key, run_fingerprint
 from qstrat.pipelines.plan import GroupJob, Plan, make_plan, writes_q8k
@@ -48,7 +48,7 @@ from qstrat.io.manifest import (
     write_manifest,
 )
 from qstrat.io.names import JOURNAL_NAME, storage_name, unlisted_tensor_files
-from qstrat.io.q8k import PERM_HEADER, Q8K_HEADER, WrittenFile
+from qstrat.io.q8k import WrittenFile, perm_file_size, q8k_file_size
 from qstrat.io.safetensors import (
     SafetensorsModel,
     map_tensor,
@@ -599,11 +599,8 @@ def describe_plan(plan: Plan) -> dict[str, object]:
             if member.quantize:
                 rows, k = member.info.shape
                 choice = member.choice
-                if writes_q8k(choice):
-                    size += Q8K_HEADER.size + rows * (k // QK_K) * BLOCK_BYTES
-                else:
-                    size += rows * block_type(choice.type_name).row_bytes(k)
-                size += PERM_HEADER.size + 4 * k if permutation == "runtime" else 0
+                size += q8k_file_size(rows, k) if writes_q8k(choice) else rows * block_type(choice.type_name).row_bytes(k)
+                size += perm_file_size(k) if permutation == "runtime" else 0
                 quantized.append(
                     {"name": member.info.name, "shape": list(member.info.shape), "dtype": member.info.dtype,
                      "format": storage_name(choice.type_name),

@@ -59,6 +59,16 @@ class WrittenFile:
     sha256: str
 
 
+def q8k_file_size(rows: int, k: int) -> int:
+    """Bytes of the .q8k file of a rows x k matrix."""
+    return Q8K_HEADER.size + rows * (k // QK_K) * BLOCK_BYTES
+
+
+def perm_file_size(k: int) -> int:
+    """Bytes of the .perm file of a permutation of k columns."""
+    return PERM_HEADER.size + k * PERM_INDEX_DTYPE.itemsize
+
+
 def q8k_header(rows: int, k: int) -> bytes:
     if k % QK_K or k <= 0 or rows < 0 or rows > U32_MAX or k > U32_MAX:
         raise InputError(f"cannot store a {rows} x {k} matrix as Q8K (k must be a positive multiple of {QK_K})")
@@ -103,7 +113,7 @@ def read_q8k_shape(path: str | os.PathLike) -> tuple[int, int]:
         raise FormatError(f"{path}: dtype tag 0x{dtype_tag:X} is not Q8K (0x{Q8K_DTYPE_TAG:X})")
     if k == 0 or k % QK_K or blocks_per_row != k // QK_K:
         raise FormatError(f"{path}: k = {k} and blocks_per_row = {blocks_per_row} do not agree (k/256)")
-    expected = Q8K_HEADER.size + rows * blocks_per_row * BLOCK_BYTES
+    expected = q8k_file_size(rows, k)
     if size != expected:
         raise FormatError(f"{path}: {size} bytes, but a {rows} x {k} Q8K matrix takes {expected}")
     return rows, k
@@ -188,7 +198,7 @@ def read_perm(path: str | os.PathLike, k: int | None = None) -> np.ndarray:
     magic, count = PERM_HEADER.unpack(head[: PERM_HEADER.size])
     if magic != PERM_MAGIC:
         raise FormatError(f"{path}: not a .perm file (magic 0x{magic:08X}, expected 0x{PERM_MAGIC:08X})")
-    expected = PERM_HEADER.size + count * PERM_INDEX_DTYPE.itemsize
+    expected = perm_file_size(count)
     if size != expected:
         raise FormatError(f"{path}: {size} bytes, but {count} indices take {expected}")
     if k is not None and count != k:
