@@ -164,6 +164,15 @@ def directory_to_gguf(output_dir: str | os.PathLike, target: str | os.PathLike) 
         return write_gguf(model, target, gguf_metadata(model, source))
 
 
+def _holds_qstrat_manifest(directory: Path) -> bool:
+    from qstrat.io.manifest import read_manifest
+
+    try:
+        return read_manifest(directory) is not None
+    except (InputError, OSError):
+        return False
+
+
 def gguf_to_directory(source: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
     """An output directory (.q8k / .qblk, .perm, passthrough, manifest) from a qstrat GGUF file.
 
@@ -172,23 +181,25 @@ def gguf_to_directory(source: str | os.PathLike, output_dir: str | os.PathLike) 
     a directory every reader refuses (the same command finishes it), never one that reads as a
     complete model; tensor files of a model converted there before are removed.  A directory holding
     files qstrat did not write is refused."""
-    model = GGUFModel(source)  # parsed first: a bad file leaves the target untouched
+    model = GGUFModel(source)
+    model.checked_types()  # every tensor checked first: a bad file leaves the target untouched
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {out} exists and is not a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        others = [e.name for e in out.iterdir() if e.name != LOCK_NAME and TEMP_MARKER not in e.name]
+        others = {e.name for e in out.iterdir() if e.name != LOCK_NAME and TEMP_MARKER not in e.name}
     except OSError as err:
         raise OutputError(describe_os_error(out, err)) from None
-    if others and not {MANIFEST_NAME, JOURNAL_NAME} & set(others):
-        raise OutputError(f"output {out} holds files qstrat did not write (no {MANIFEST_NAME}); convert into a new or empty directory")
+    if others and JOURNAL_NAME not in others and not _holds_qstrat_manifest(out):
+        raise OutputError(f"output {out} holds files qstrat did not write (no qstrat {MANIFEST_NAME}); convert into a new or empty directory")
     with output_lock(out):
         try:
-            remove_stale_temporaries(out)  # what a convert killed with SIGKILL left: the lock says none writes
+            # what a convert killed with SIGKILL left (a dequantize into this directory may be writing: kept)
+            remove_stale_temporaries(out, keep_live_writers=True)
             (out / MANIFEST_NAME).unlink(missing_ok=True)
             with atomic_path(out / JOURNAL_NAME) as tmp:
-                tmp.write_text(json.dumps({"fingerprint": None, "convert": str(model.path)}) + "\n", encoding="utf-8")
+                tmp.write_text(json.dumps({"fingerprint": None, "convert": str(model.path.resolve())}) + "\n", encoding="utf-8")
         except OSError as err:
             raise OutputError(describe_os_error(out, err)) from None
         unpack_gguf(model, out)

@@ -12,8 +12,22 @@ from qstrat.io.safetensors import write_safetensors
 from qstrat.model import open_model
 
 
+#: quantized "to" a 16-bit float type: its values are exactly that type's, written in it (half the bytes)
+_EXACT_16_BIT = {"f16": "F16", "bf16": "BF16"}
+
+
+def _in_dtype(values: np.ndarray, tag: str) -> np.ndarray:
+    """float32 ``values`` that are exactly ``tag``'s as that dtype's array (bfloat16 as its bits)."""
+    if tag == "F16":
+        return values.astype(np.float16)
+    if tag == "BF16":
+        return (np.ascontiguousarray(values, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    return values
+
+
 def dequantize_to_safetensors(model_path: str | os.PathLike, target: str | os.PathLike, original: bool = True) -> int:
-    """Dequantized tensors as F32, passed-through ones in their own dtype, one tensor at a time.
+    """Dequantized tensors as F32 (those stored as F16 or BF16 in that dtype, exactly), passed-through
+    ones in their own dtype, one tensor at a time.
 
     ``model_path`` is an output directory or a qstrat ``.gguf`` file (read in place).  ``original``
     (default) restores the source layout; otherwise joint permutations stay folded in (the
@@ -33,6 +47,7 @@ def dequantize_to_safetensors(model_path: str | os.PathLike, target: str | os.Pa
 
                 items.append((name, model.passthrough_dtype(name), tuple(model.shape(name)), raw))
             else:
-                items.append((name, "F32", tuple(model.shape(name)), lambda name=name: opened[name]))
+                tag = _EXACT_16_BIT.get(model.stored_type(name), "F32")
+                items.append((name, tag, tuple(model.shape(name)), lambda name=name, tag=tag: _in_dtype(opened[name], tag)))
         write_safetensors(target, items, {"format": "pt", "qstrat": "dequantized"})
     return len(items)

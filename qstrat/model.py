@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +16,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from qstrat.errors import FormatError, InputError
-from qstrat.io.atomic import process_running
 from qstrat.io.gguf_read import is_gguf_name
 from qstrat.io.names import JOINT_PERMUTATIONS_NAME, JOURNAL_NAME, MANIFEST_NAME, PASSTHROUGH_NAME, RESIDUAL_PERMUTATION_KEY, decode_name
 from qstrat.io.q8k import check_permutation, read_perm, read_q8k, read_q8k_shape
@@ -154,6 +155,11 @@ class QuantizedModel:
     def is_quantized(self, name: str) -> bool:
         return self.entries[name].quantized
 
+    def stored_type(self, name: str) -> str:
+        """A quantized tensor's block type (the registry's name), from its file's header."""
+        files = self.entries[name].files
+        return "q8_k" if "q8k" in files else read_blocks_header(self.directory / files["blocks"])[0]
+
     def shape(self, name: str) -> tuple[int, ...]:
         """A tensor's shape, from its file's header (nothing is read or dequantized)."""
         return self.quantized_shape(name) if self.entries[name].quantized else self.passthrough_info(name).shape
@@ -194,18 +200,41 @@ class QuantizedModel:
         return self.undo_joint(name, array) if original else array
 
 
-#: the temporary directories GGUF files are unpacked into, named with the unpacking process's pid
+#: the temporary directories GGUF files are unpacked into; each is flock-ed by its reader while in use
 _UNPACKED_PREFIX = "qstrat-gguf-"
+_UNPACKED_GRACE_S = 10  # a directory this young may not be locked yet
+
+
+@contextlib.contextmanager
+def _locked_directory(path: Path, blocking: bool) -> Iterator[bool]:
+    """Hold an flock on the directory ``path`` (released when the holder dies, however it dies);
+    yields whether it was taken (always, if ``blocking``)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
 
 
 def _remove_stale_unpacked() -> None:
-    """Remove this user's unpacked copies whose process is gone: one killed with SIGKILL skips the
-    cleanup, and a model's worth of files would stay in the temporary directory for good."""
+    """Remove this user's unpacked copies that no reader holds: one killed with SIGKILL skips the
+    cleanup, and a model's worth of files would stay in the temporary directory for good.  A lock,
+    not a pid, tells: pids do not identify a process across containers sharing the directory."""
+    now = time.time()
     with contextlib.suppress(OSError):
-        for entry in Path(tempfile.gettempdir()).glob(f"{_UNPACKED_PREFIX}*-*"):
-            pid = entry.name[len(_UNPACKED_PREFIX):].split("-", 1)[0]
-            if pid.isdigit() and not process_running(int(pid)) and entry.is_dir() and entry.stat().st_uid == os.getuid():
-                shutil.rmtree(entry, ignore_errors=True)
+        for entry in Path(tempfile.gettempdir()).glob(f"{_UNPACKED_PREFIX}*"):
+            with contextlib.suppress(OSError):
+                status = entry.lstat()
+                if not entry.is_dir() or entry.is_symlink() or status.st_uid != os.getuid() or now - status.st_mtime < _UNPACKED_GRACE_S:
+                    continue
+                with _locked_directory(entry, blocking=False) as free:
+                    if free:
+                        shutil.rmtree(entry, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -227,7 +256,7 @@ def as_directory(path: str | os.PathLike, follow_container: bool = True) -> Iter
     if path.is_file() and is_gguf_name(path):
         model = GGUFModel(path)
         _remove_stale_unpacked()
-        with tempfile.TemporaryDirectory(prefix=f"{_UNPACKED_PREFIX}{os.getpid()}-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=_UNPACKED_PREFIX) as tmp, _locked_directory(Path(tmp), blocking=True):
             unpack_gguf(model, Path(tmp))
             yield Path(tmp)
     else:
@@ -254,6 +283,9 @@ class GGUFTensors:
     def is_quantized(self, name: str) -> bool:
         return self.types[name] is not None
 
+    def stored_type(self, name: str) -> str:
+        return self.types[name]
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self.file.shape(name)
 
@@ -271,10 +303,8 @@ class GGUFTensors:
         else:
             stored = self.file.stored_tensor(name, self.types[name])
             array = stored.dequantize()
-            perm = self.file.runtime_perm(name)
+            perm = self.file.runtime_perm(name, stored.k)
             if perm is not None:
-                perm = perm.astype(np.int64)
-                check_permutation(perm, stored.k, f"{self.path}: {name}.perm")
                 array = unpermute(array, perm)
         return self.undo_joint(name, array) if original else array
 
@@ -290,6 +320,7 @@ class OpenModel(Mapping[str, np.ndarray]):
     def __init__(self, reader: QuantizedModel | GGUFTensors, original: bool) -> None:
         self._reader: QuantizedModel | GGUFTensors | None = reader
         self._names = tuple(reader)
+        self._known = frozenset(self._names)
         self.original = original
 
     @property
@@ -299,12 +330,12 @@ class OpenModel(Mapping[str, np.ndarray]):
         return self._reader
 
     def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self._names:
+        if name not in self._known:
             raise KeyError(name)
         return self.reader.tensor(name, self.original)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._names
+        return name in self._known
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
@@ -314,7 +345,7 @@ class OpenModel(Mapping[str, np.ndarray]):
 
     def shape(self, name: str) -> tuple[int, ...]:
         """A tensor's shape, without reading its values."""
-        if name not in self._names:
+        if name not in self._known:
             raise KeyError(name)
         return tuple(self.reader.shape(name))
 

@@ -16,7 +16,7 @@ import qstrat
 from qstrat.convert import directory_to_gguf, gguf_to_directory
 from qstrat.io.gguf import GGML_MAX_NAME_BYTES, PASSTHROUGH_TYPES, passthrough_tag
 from qstrat.kernels import BLOCK_BYTES, QK_K
-from qstrat.io.safetensors import SafetensorsModel, map_tensor
+from qstrat.io.safetensors import SafetensorsModel, map_tensor, to_float32
 from qstrat.synthetic import write_model
 from tests.conftest import REPO
 from tests.helpers import assert_clean_failure, run_cli
@@ -473,7 +473,9 @@ def test_run_time_permutations_of_float_types_are_undone_on_reading(tmp_path, fm
     for loaded in (qstrat.load_model(out), qstrat.load_model(out / "m.gguf"), qstrat.load_model(unpacked)):
         for name in ("b.weight",) if fmt == "q8_0" else source:
             assert np.array_equal(loaded[name], expected[name]), name
-    assert written["b.weight"].dtype == "F32" and np.array_equal(map_tensor(written["b.weight"]), expected["b.weight"])
+    # written in its own dtype when that holds its values exactly (F16), else F32
+    assert written["b.weight"].dtype == ("F32" if fmt == "f32" else "F16")
+    assert np.array_equal(to_float32(written["b.weight"].dtype, map_tensor(written["b.weight"])), expected["b.weight"])
     assert directory_to_gguf(unpacked, tmp_path / "again.gguf").read_bytes() == (out / "m.gguf").read_bytes()
 
 
@@ -525,13 +527,43 @@ def test_a_convert_to_a_directory_stopped_half_way_is_refused_until_finished(tmp
         loaded = qstrat.load_model(target)
         assert loaded.keys() == fresh.keys() and all(np.array_equal(loaded[n], fresh[n]) for n in fresh)
         assert len(list(target.glob("*.qblk"))) == len(fresh)  # the other model's extra tensor files are gone
-    foreign = tmp_path / "foreign"
-    foreign.mkdir()
-    (foreign / "notes.txt").write_text("mine")
-    refused = run_cli("qstrat", "convert", str(first), str(foreign))
-    assert refused.returncode == 3
-    assert_clean_failure(refused, "holds files qstrat did not write")
-    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    for mine in ({"notes.txt": "mine"}, {"manifest.json": "{}", "notes.perm": "mine"}):  # a manifest.json, not qstrat's
+        foreign = tmp_path / f"foreign{len(mine)}"
+        foreign.mkdir()
+        for name, text in mine.items():
+            (foreign / name).write_text(text)
+        refused = run_cli("qstrat", "convert", str(first), str(foreign))
+        assert refused.returncode == 3
+        assert_clean_failure(refused, "holds files qstrat did not write")
+        assert sorted(p.name for p in foreign.iterdir()) == sorted(mine)
+
+
+def test_a_convert_of_a_bad_gguf_leaves_the_directory_as_it_was(tmp_path):
+    # a tensor's own error (here a run-time permutation of the wrong length) came up only once the
+    # target's manifest was gone: its good model was then refused as unfinished, for good
+    import gguf
+
+    model = write_model(tmp_path / "m", {"a.weight": np.ones((8, 256), np.float32)}, dtype="F32")
+    assert run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-i", str(model), "-o", str(tmp_path / "o"), "-q",
+                   "--set", "format=q8_0").returncode == 0
+    target = tmp_path / "d"
+    assert run_cli("qstrat", "convert", str(tmp_path / "o" / "m.gguf"), str(target)).returncode == 0
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    bad = tmp_path / "bad.gguf"
+    writer = gguf.GGUFWriter(bad, "qstrat")
+    writer.add_string("qstrat.version", "0")
+    writer.add_array("qstrat.perm_tensors", ["a.weight.perm"])
+    writer.add_tensor("a.weight", np.ones((8, 256), np.float16))
+    writer.add_tensor("a.weight.perm", np.arange(100, dtype=np.int32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    refused = run_cli("qstrat", "convert", str(bad), str(target))
+    assert refused.returncode == 2
+    assert_clean_failure(refused, f"{bad}: a.weight.perm")
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert run_cli("qstrat", "verify", str(target)).returncode == 0
 
 
 def test_what_a_killed_dequantize_or_reader_left_is_removed(tmp_path):
@@ -548,11 +580,20 @@ def test_what_a_killed_dequantize_or_reader_left_is_removed(tmp_path):
     assert not dead.exists() and alive.exists() and other.exists()
     import tempfile
 
-    unpacked = Path(tempfile.gettempdir()) / f"qstrat-gguf-{gone.pid}-test"  # a reader killed while it unpacked a GGUF
-    unpacked.mkdir()
-    (unpacked / "manifest.json").write_text("{}")
+    import fcntl
+
+    # a reader killed while it unpacked a GGUF, and one still reading (its lock held, as a reader's in
+    # another container would be: pids do not tell there)
+    killed, reading = (Path(tempfile.mkdtemp(prefix=f"qstrat-gguf-{what}-")) for what in ("killed", "reading"))
+    for unpacked in (killed, reading):
+        (unpacked / "manifest.json").write_text("{}")
+        os.utime(unpacked, (0, 0))  # older than a reader's first moments
+    held = os.open(reading, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)
     try:
         assert run_cli("qstrat", "inspect", str(out / "tiny-llama.gguf")).returncode == 0
-        assert not unpacked.exists()
+        assert not killed.exists() and reading.exists()
     finally:
-        shutil.rmtree(unpacked, ignore_errors=True)
+        os.close(held)
+        shutil.rmtree(killed, ignore_errors=True)
+        shutil.rmtree(reading, ignore_errors=True)

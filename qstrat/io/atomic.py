@@ -161,7 +161,7 @@ def remove_stale_temporaries(directory: Path, *, keep_live_writers: bool = False
     removed = 0
     for entry in Path(directory).glob(f".{'*' if of is None else glob.escape(of)}{TEMP_MARKER}*"):
         pid = entry.name.rsplit(TEMP_MARKER, 1)[1]
-        if keep_live_writers and (not pid.isdigit() or process_running(int(pid))):
+        if keep_live_writers and (not pid.isdigit() or _running(int(pid))):
             continue
         with contextlib.suppress(OSError):
             entry.unlink()
@@ -169,8 +169,7 @@ def remove_stale_temporaries(directory: Path, *, keep_live_writers: bool = False
     return removed
 
 
-def process_running(pid: int) -> bool:
-    """Whether process ``pid`` exists (a writer whose temporaries must stay)."""
+def _running(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

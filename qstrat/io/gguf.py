@@ -497,11 +497,25 @@ class GGUFModel:
             return Q8KTensor(rows, k, data.reshape(rows * (k // QK_K), BLOCK_BYTES))
         return BlockTensor(type_name, rows, k, self.source_rows(name, data.view(np.uint8).reshape(rows, -1)))
 
-    def runtime_perm(self, name: str) -> np.ndarray | None:
-        """A quantized tensor's run-time gather map (its ``.perm`` companion), if it has one."""
+    def runtime_perm(self, name: str, k: int) -> np.ndarray | None:
+        """A quantized tensor's run-time gather map (its ``.perm`` companion), if it has one, checked
+        to permute its ``k`` columns."""
         if name + PERM_SUFFIX not in self.perm_names:
             return None
-        return np.asarray(self.tensors[name + PERM_SUFFIX].data)
+        perm = np.asarray(self.tensors[name + PERM_SUFFIX].data).astype(np.int64)
+        check_permutation(perm, k, f"{self.path}: {name}{PERM_SUFFIX}")
+        return perm
+
+    def checked_types(self, float_quantized: Collection[str] = ()) -> dict[str, str | None]:
+        """:meth:`block_types`, once every tensor has passed the checks reading it makes (its type, shape
+        and run-time permutation): for writers that must refuse a bad file before touching anything."""
+        types = self.block_types(float_quantized)
+        for name, type_name in types.items():
+            if type_name is None:
+                self.passthrough_dtype(name)
+            else:
+                self.runtime_perm(name, self.stored_tensor(name, type_name).k)
+        return types
 
     def source_rows(self, name: str, array: np.ndarray) -> np.ndarray:
         """``array`` (a tensor's stored rows) in the source's row order."""
@@ -569,7 +583,7 @@ def unpack_gguf(model: GGUFModel, out: Path) -> None:
     """Write the tensor files, passthrough and permutation files of a GGUF file read back into the
     directory ``out``, then its manifest (last).  What the directory held before is the caller's affair."""
     names = model.model_tensors()
-    types = model.block_types()
+    types = model.checked_types()  # its errors name the GGUF file, not the files written from it
     quantized = [n for n in names if types[n] is not None]
     stems = assign_file_stems(quantized)
     entries: dict[str, QuantizedEntry | PassthroughEntry] = {}
@@ -587,7 +601,7 @@ def unpack_gguf(model: GGUFModel, out: Path) -> None:
                 files = {"q8k": write_q8k(out / f"{stems[name]}.q8k", stored.blocks, stored.rows, stored.k)}
             else:
                 files = {"blocks": write_blocks(out / f"{stems[name]}{QBLK_SUFFIX}", stored.blocks, types[name], stored.k)}
-            perm = model.runtime_perm(name)
+            perm = model.runtime_perm(name, stored.k)
             if perm is not None:
                 files["perm"] = write_perm(out / f"{stems[name]}.perm", perm)
                 if axis is None:
