@@ -417,6 +417,7 @@ def test_a_closed_terminal_stops_the_run_with_130(tmp_path):
     out = tmp_path / "o"
     pid, terminal = pty.fork()
     if pid == 0:  # the run, on the terminal's other side: its progress bar shows
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal's session, also when pytest runs under nohup
         os.execv(str(Path(sys.executable).with_name("qstrat")), ["qstrat", "run", str(config), "-o", str(out)])
     shown = b""
     deadline = time.monotonic() + 120

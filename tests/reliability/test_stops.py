@@ -169,7 +169,9 @@ def test_a_hangup_stops_as_sigterm_does_unless_it_is_ignored(tmp_path):
     )
     code = "from qstrat.entry import _start; _start('hung_up')"
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    closed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    # a terminal's session, whatever this one's is (pytest under nohup ignores SIGHUP, and children inherit that)
+    closed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     assert closed.returncode == 130 and closed.stderr.strip() == "error: interrupted", closed.stderr
     # under nohup SIGHUP is ignored: it stays so (the run goes on)
     nohup = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
