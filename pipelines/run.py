@@ -362,7 +362,7 @@ def quantize_model(
             return _up_to_date(out, previous, started)
         plan = choose_residual(plan, config.variant)  # the search, only when something is to be done
         earlier_run = previous is not None or (out / JOURNAL_NAME).exists()  # the directory is a qstrat output
-        journal = _open_journal(out, (fingerprint, older), force, previous, settings)
+        journal = _open_journal(out, (fingerprint, older), force, previous, settings, model.path)
         try:
             records, joint = _reuse_or_quantize_groups(plan, config, out, journal, progress)
         finally:
@@ -390,7 +390,8 @@ def _settings_changes(before: Mapping[str, object], after: Mapping[str, object],
 
 
 def _open_journal(
-    out: Path, fingerprints: tuple[str, str], force: bool, previous: Manifest | None, settings: Mapping[str, object]
+    out: Path, fingerprints: tuple[str, str], force: bool, previous: Manifest | None, settings: Mapping[str, object],
+    source: Path,
 ) -> Journal:
     """The journal of this run, keeping the finished groups of an earlier run of the same
     fingerprint (``fingerprints``: today's, and the one an earlier qstrat wrote for the same run, without
@@ -402,9 +403,12 @@ def _open_journal(
     if mixed and not force:
         # what differs, when the finished run's manifest says (a run stopped early left only its journal)
         changes = _settings_changes(previous.config, json.loads(json.dumps(settings))) if previous is not None else []
-        what = (f"a different config ({'; '.join(changes[:3])}{'; ...' if len(changes) > 3 else ''})" if changes
+        other_model = previous is not None and Path(previous.source.path).resolve() != source.resolve()
+        if other_model:
+            changes.insert(0, f"input: {previous.source.path} -> {source.resolve()}")
+        what = (f"a different {'input' if other_model else 'config'} ({'; '.join(changes[:3])}{'; ...' if len(changes) > 3 else ''})" if changes
                 else "a different config or input" if previous is None
-                else "the same config on other input files (the model's files changed since)")
+                else "the same config on its input's files, changed since")
         raise OutputError(f"output {out} holds results of {what}; rerun with --force (force=True in Python) to replace them")
     if not mixed:
         journal.load(out)

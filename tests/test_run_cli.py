@@ -444,6 +444,10 @@ def test_changed_config_is_refused_without_force(tmp_path):
     assert_clean_failure(threshold, "(thresholds.min_sqnr_db: null -> 30.0)")
     assert run_cli("qstrat", "run", str(config), "-q", "--set", "strategies=[l2_norm]", "--force").returncode == 0
     assert list((tmp_path / "o").glob("*.perm"))
+    # another model into the same output: its path is named (it was "the same config on other input files")
+    other = make_llama_dir(tmp_path / "n", shards=1, seed=7)
+    moved = run_cli("qstrat", "run", str(config), "-q", "-i", str(other), "--set", "strategies=[l2_norm]")
+    assert_clean_failure(moved, f"holds results of a different input (input: {model} -> {other.resolve()})", "--force")
 
 
 def test_new_weights_of_the_same_shapes_are_a_changed_input(tmp_path):
@@ -460,7 +464,7 @@ def test_new_weights_of_the_same_shapes_are_a_changed_input(tmp_path):
         data[-i] ^= 0x80
     weights.write_bytes(bytes(data))
     changed = run_cli("qstrat", "run", str(config), "-q")
-    assert_clean_failure(changed, "the same config on other input files (the model's files changed since)", "--force")
+    assert_clean_failure(changed, "the same config on its input's files, changed since", "--force")
     assert run_cli("qstrat", "run", str(config), "-q", "--force").returncode == 0
     after = qstrat.load_model(tmp_path / "o")
     assert any(not np.array_equal(before[n], after[n]) for n in before)
