@@ -112,19 +112,26 @@ def describe_container(container: Mapping[str, object]) -> list[str]:
 
 
 def larger_than_input(result: QuantizationResult, input_bytes: int, output_bytes: int) -> str | None:
-    """A sentence when the output takes a quarter more room than the input, or more: how many tensors
-    passed through and the commonest reason, by their bytes (Q8K of a GGUF model whose rows are not 256
-    long keeps most of it unquantized, decoded to F32).  Below that, reports and a manifest beside an
-    output that passes most tensors through unchanged say nothing surprising."""
+    """A sentence when the output takes a quarter more room than the input, or more, saying why: the
+    tensors passed through (Q8K of a GGUF model whose rows are not 256 long keeps most of it unquantized,
+    decoded to F32; the commonest reason, by their bytes), or the quantized ones, when their type takes
+    more room than the input's (Q4_1 to Q8_0).  Below that, reports and a manifest beside an output that
+    passes most tensors through unchanged say nothing surprising."""
     if output_bytes <= 1.25 * input_bytes:
         return None
+    head = f"the output ({output_bytes / 1e6:.0f} MB) is larger than the input ({input_bytes / 1e6:.0f} MB): "
     passed = [r for r in result.tensors if not r.quantized]
+    quantized_in = sum(r.source_nbytes for r in result.quantized)
+    quantized_out = sum(f.size for r in result.quantized for role, f in r.files.items() if role in ("q8k", "blocks", "perm"))
+    if quantized_out - quantized_in > sum(r.nbytes for r in passed):
+        types = ", ".join(sorted({r.storage for r in result.quantized}))
+        return head + (f"its {len(result.quantized)} quantized tensors take {quantized_out / 1e6:.0f} MB in {types}, "
+                       f"against {quantized_in / 1e6:.0f} MB as the input stored them")
     by_reason = Counter()
     for record in passed:
         by_reason[record.reason or "not quantized"] += record.nbytes
     reason = by_reason.most_common(1)[0][0] if by_reason else None
-    return (f"the output ({output_bytes / 1e6:.0f} MB) is larger than the input ({input_bytes / 1e6:.0f} MB): "
-            f"{len(passed)} of {len(result.tensors)} tensors are stored unquantized" + (f", most of them by bytes because {reason}" if reason else ""))
+    return head + f"{len(passed)} of {len(result.tensors)} tensors are stored unquantized" + (f", most of them by bytes because {reason}" if reason else "")
 
 
 def build_report(result: QuantizationResult, model: str, settings: Mapping[str, object]) -> dict[str, object]:

@@ -553,6 +553,10 @@ def test_an_output_much_larger_than_its_input_is_a_warning(tmp_path):
     assert "is larger than the input" in json.loads(quiet.stdout)["models"][0]["warnings"][0]
     plain = run_cli("qstrat", "run", str(config), "-i", str(model), "-o", str(tmp_path / "plain"))
     assert "larger than the input" not in plain.stderr  # passed through as they were: no bigger
+    # Q4_0 to Q8_0: the quantized tensors grow, not the few passed through (which it used to blame)
+    wider = run_cli("qstrat", "run", str(config), "-i", str(source), "-o", str(tmp_path / "q8_0"), "--set", "format=q8_0")
+    assert wider.returncode == 0, wider.stderr
+    assert "is larger than the input" in wider.stderr and "quantized tensors take" in wider.stderr and "in q8_0, against" in wider.stderr
 
 
 def test_a_gguf_inputs_bytes_in_are_its_stored_bytes_and_its_type_is_recorded(tmp_path):
