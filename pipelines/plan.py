@@ -154,7 +154,7 @@ def preset_types(model: SafetensorsModel, config: RunConfig) -> dict[str, Tensor
     hf = read_model_config(model)
     where = f"{model.path}: preset {config.preset}"
     try:
-        arch = gguf_arch(str(hf.get("model_type")))
+        arch = gguf_arch(hf.get("model_type"))
         n_layer, n_head = int(hf["num_hidden_layers"]), int(hf["num_attention_heads"])
         n_head_kv = int(hf.get("num_key_value_heads") or n_head)
         n_expert = int(hf.get("num_local_experts") or 0)

@@ -489,6 +489,8 @@ def plan_layout(
     """llama.cpp's layout of a model with these tensors (HF name -> shape), or None and why not."""
     from qstrat.presets import PresetError, gguf_arch, gguf_tensor_names
 
+    if hparams.get("model_type") is None:
+        return None, "its architecture is unknown: no config.json (with model_type) beside its weights"
     model_type = str(hparams.get("model_type"))
     if model_type not in LLAMA_FAMILY:
         return None, f"model_type {model_type!r} is not one qstrat writes for llama.cpp ({', '.join(LLAMA_FAMILY)})"

@@ -203,8 +203,10 @@ _ARCHS: dict[str, gguf.MODEL_ARCH] = {
 }
 
 
-def _arch(arch: str) -> gguf.MODEL_ARCH:
+def _arch(arch: str | None) -> gguf.MODEL_ARCH:
     key = arch.strip().lower() if isinstance(arch, str) else arch
+    if key is None:
+        raise PresetError("llama.cpp's type rules need the model's architecture: no config.json (with model_type) beside its weights")
     if key not in _ARCHS:
         raise PresetError(
             f"llama.cpp's type rules are mirrored for the llama family only ({', '.join(_ARCHS)}); got {arch!r}"
@@ -212,7 +214,7 @@ def _arch(arch: str) -> gguf.MODEL_ARCH:
     return _ARCHS[key]
 
 
-def gguf_arch(model_type: str) -> str:
+def gguf_arch(model_type: str | None) -> str:
     """The GGUF architecture name (``general.architecture``) for a config.json ``model_type``
     of the llama family: ``llama`` and ``mistral`` -> ``llama``, ``qwen2`` -> ``qwen2``."""
     return gguf.MODEL_ARCH_NAMES[_arch(model_type)]

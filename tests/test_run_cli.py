@@ -766,3 +766,18 @@ def test_tensor_files_an_earlier_run_left_unlisted_are_removed_and_verify_names_
     assert run_cli("qstrat", "run", config, "-o", str(mine), "-q", "--set", "strategies=[identity]").returncode == 0
     assert (mine / "notes.perm").read_text() == "mine"
     assert_clean_failure(run_cli("qstrat", "verify", str(mine)), "notes.perm: not listed in the manifest")
+
+
+def test_a_model_without_config_json_is_named_as_such(tmp_path):
+    # "got 'None'" and "model_type 'None'": the missing config.json was not said
+    model = make_llama_dir(tmp_path / "m", shards=1)
+    (model / "config.json").unlink()
+    config = str(REPO / "configs" / "identity.yaml")
+    preset = run_cli("qstrat", "run", config, "-i", str(model), "-o", str(tmp_path / "o"), "--set", "preset=q4_k_m")
+    assert preset.returncode == 2
+    assert_clean_failure(preset, "no config.json (with model_type) beside its weights")
+    text = tmp_path / "t.txt"
+    text.write_text("word " * 4000)
+    evaluated = run_cli("qstrat", "eval", str(model), "--text", str(text))
+    assert evaluated.returncode == 2
+    assert_clean_failure(evaluated, "its architecture is unknown: no config.json (with model_type) beside its weights")
