@@ -512,6 +512,10 @@ def _model_inputs(patterns: Sequence[str], base: Path, from_file: bool, origin: 
             raise ConfigError(f"{origin}: {pattern} is a qstrat output directory, not a model: give its source model, "
                               "or its .gguf file (a run with outputs: [gguf] writes one)")
         else:
+            if from_file and len(patterns) == 1 and not resolved.exists() and not Path(os.path.expanduser(pattern)).is_absolute():
+                # one model that is not there (a batch goes on past a missing one): say where it was looked for
+                raise ConfigError(f"{origin}: {pattern} names {resolved}, which does not exist "
+                                  "(a relative input in a config file is relative to the file's directory)")
             inputs.append(resolved)
     return inputs
 

@@ -150,3 +150,13 @@ def test_the_readmes_architecture_names_every_module():
     modules = [Path(f) for f in tracked if f.endswith(".py") and Path(f).stem not in ("__init__", "__main__", "_version")]
     assert modules
     assert [str(m) for m in modules if not re.search(rf"\b{re.escape(m.stem)}\b", architecture)] == []
+
+
+def test_a_missing_relative_input_says_it_is_relative_to_the_config_file(tmp_path):
+    config = tmp_path / "configs" / "c.yaml"
+    config.parent.mkdir()
+    config.write_text("input: examples/tiny-llama\noutput: out\n")
+    result = run_cli("qstrat", "run", str(config))
+    assert result.returncode == 2
+    assert f"line 1: input: examples/tiny-llama names {tmp_path / 'configs' / 'examples' / 'tiny-llama'}, which does not exist" in result.stderr
+    assert "relative to the file's directory" in result.stderr
