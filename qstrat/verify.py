@@ -7,10 +7,10 @@ from pathlib import Path
 
 from qstrat.errors import QstratError
 from qstrat.io.manifest import MANIFEST_NAME, PASSTHROUGH_NAME, Manifest, read_manifest
-from qstrat.io.names import unlisted_tensor_files
+from qstrat.io.names import storage_name, unlisted_tensor_files
 from qstrat.io.q8k import check_permutation, read_perm, read_q8k
 from qstrat.io.qblock import read_blocks_header
-from qstrat.model import QuantizedModel, as_directory, header_disagreement
+from qstrat.model import QuantizedModel, header_disagreement
 from qstrat.io.atomic import file_sha256
 
 
@@ -29,8 +29,9 @@ def verify_gguf_file(path: str | os.PathLike) -> tuple[list[str], bool]:
         if recorded is not None and recorded[1] != gguf_sha256(reader, recorded[0]):  # the data is read only to compare it
             what = "header and tensor data" if recorded[0] == SHA256_KEY else "tensor data"
             return [f"{path}: the sha256 of its {what} differs from the one it records (the file was changed or corrupted)"], True
-        with as_directory(path, follow_container=False) as unpacked:
-            return verify_output(unpacked), recorded is not None
+        # read back in place: every tensor's type, shape and permutations (the checks a reader makes)
+        GGUFModel(path).checked_types()
+        return [], recorded is not None
     except QstratError as err:  # a file that cannot be read back is a damaged one
         return [str(err)], recorded is not None
 
@@ -43,6 +44,17 @@ def _as_in_gguf(entry) -> tuple:
     if entry.storage == "passthrough":
         return ("passthrough", list(entry.shape), entry.dtype)
     return (entry.storage, list(entry.shape))
+
+
+def _held_in_gguf(container, name: str, type_name: str | None) -> tuple:
+    """:func:`_as_in_gguf` of a tensor as a GGUF container holds it (``type_name``: its block type, or
+    None when it reads back as passed through)."""
+    shape = list(container.shape(name))
+    if type_name is None:
+        return ("passthrough", shape, container.passthrough_dtype(name))
+    if type_name in ("f32", "f16", "bf16"):
+        return ("passthrough", shape, type_name.upper())
+    return (storage_name(type_name), shape)
 
 
 def file_problems(directory: Path, manifest: Manifest) -> list[str]:
@@ -85,17 +97,19 @@ def verify_output(output_dir: str | os.PathLike) -> list[str]:
     if problems:
         return problems
     if manifest.gguf_only:
-        # GGUF only: the container's checksum matched; its tensors must be the manifest's
-        with as_directory(directory) as unpacked:
-            loaded = QuantizedModel(unpacked)
-            missing = sorted(set(manifest.tensors) - set(loaded.entries))
-            problems = [f"{directory}: tensor {name!r} is missing from the GGUF container" for name in missing]
-            for name, entry in sorted(manifest.tensors.items()):
-                held = loaded.manifest.tensors.get(name) if loaded.manifest is not None else None
-                if held is not None and _as_in_gguf(held) != _as_in_gguf(entry):
-                    problems.append(f"{directory}: tensor {name!r} is {' '.join(map(str, _as_in_gguf(held)))} in the GGUF "
+        # GGUF only: the container's checksum matched; its tensors, read in place, must be the manifest's
+        from qstrat.io.gguf import GGUFModel
+
+        container = GGUFModel(directory / next(iter(manifest.containers)))
+        types = container.checked_types()
+        problems = [f"{directory}: tensor {name!r} is missing from the GGUF container" for name in sorted(set(manifest.tensors) - set(types))]
+        for name, entry in sorted(manifest.tensors.items()):
+            if name in types:
+                held = _held_in_gguf(container, name, types[name])
+                if held != _as_in_gguf(entry):
+                    problems.append(f"{directory}: tensor {name!r} is {' '.join(map(str, held))} in the GGUF "
                                     f"container, the manifest says {' '.join(map(str, _as_in_gguf(entry)))}")
-            return problems
+        return problems
     model = QuantizedModel(directory, manifest)
     for name, entry in sorted(manifest.tensors.items()):
         try:

@@ -597,3 +597,26 @@ def test_what_a_killed_dequantize_or_reader_left_is_removed(tmp_path):
         os.close(held)
         shutil.rmtree(killed, ignore_errors=True)
         shutil.rmtree(reading, ignore_errors=True)
+
+
+def test_verify_reads_a_gguf_in_place(tmp_path, monkeypatch):
+    # it unpacked the whole model into the temporary directory (a 7B model's 4 GB, on a tmpfs: memory)
+    import tempfile
+
+    from qstrat.verify import verify_gguf_file, verify_output
+
+    outs = []
+    for outputs in ("[gguf]", "[q8k, gguf]"):
+        out = tmp_path / outputs.strip("[]").replace(", ", "-")
+        result = run_cli("qstrat", "run", str(REPO / "configs" / "function_preserving.yaml"), "-o", str(out), "-q",
+                         "--set", f"outputs={outputs}", *(("--set", "format=q4_k") if outputs == "[gguf]" else ()))
+        assert result.returncode == 0, result.stderr
+        outs.append(out)
+
+    def no_copies(*args, **kwargs):
+        raise AssertionError("verify unpacked a GGUF into a temporary directory")
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", no_copies)
+    for out in outs:
+        assert verify_output(out) == []
+        assert verify_gguf_file(out / "tiny-llama.gguf") == ([], True)
