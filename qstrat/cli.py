@@ -436,6 +436,26 @@ def compare(
             plot_sqnr({label: sqnr_series(r) for label, r in results.items()}, output / "compare.png", f"{name}: SQNR per tensor and case")
 
 
+def _gguf_table(path: Path):
+    """``inspect``'s table of a GGUF file (qstrat's or another tool's), read in place."""
+    from rich.table import Table
+
+    from qstrat.io.gguf import GGUFModel
+    from qstrat.io.names import storage_name
+
+    model = GGUFModel(path)
+    types = model.checked_types()
+    stored = sorted({storage_name(t) for t in types.values() if t is not None})
+    kinds = ", ".join(f"Q8K variant {model.variant}" if s == "q8k" else s for s in stored) or "nothing quantized"
+    table = Table(title=f"{path} (GGUF: {kinds})")
+    for column in ("tensor", "shape", "dtype", "storage", "permutation"):
+        table.add_column(column)
+    for name, type_name in types.items():
+        dtype, storage = ("", storage_name(type_name)) if type_name is not None else (model.passthrough_dtype(name), "passthrough")
+        table.add_row(name, "x".join(map(str, model.shape(name))), dtype, storage, model.permutation_kind(name))
+    return table
+
+
 @app.command()
 def inspect(path: Path = typer.Argument(..., help=".safetensors file, model directory or output directory")) -> None:
     """Print a table of the tensors of a model or of a quantized output directory."""
@@ -444,17 +464,19 @@ def inspect(path: Path = typer.Argument(..., help=".safetensors file, model dire
 
     from qstrat.io.manifest import MANIFEST_NAME, PASSTHROUGH_NAME, read_manifest
     from qstrat.io.safetensors import SafetensorsModel
-    from qstrat.model import as_directory, refuse_unfinished
+    from qstrat.model import refuse_unfinished
 
     # an output directory's own manifest has the metrics, also when its tensors are in a GGUF container
-    with user_errors(), as_directory(path, follow_container=False) as directory:
+    with user_errors():
         console = Console(width=max(120, Console().width))
+        directory = path
         manifest = read_manifest(directory) if directory.is_dir() and (directory / MANIFEST_NAME).exists() else None
-        if manifest is not None:
+        if path.is_file() and is_gguf_name(path):
+            table = _gguf_table(path)  # read in place
+        elif manifest is not None:
             stored = {e.storage for e in manifest.tensors.values()} - {"passthrough"}
             kinds = ", ".join(f"Q8K variant {manifest.variant}" if s == "q8k" else s for s in sorted(stored)) or "nothing quantized"
-            what = "GGUF" if path.is_file() else "qstrat output"  # a .gguf file another tool wrote reads back too
-            table = Table(title=f"{path} ({what}: {kinds})")
+            table = Table(title=f"{path} (qstrat output: {kinds})")
             for column in ("tensor", "shape", "dtype", "storage", "strategy", "permutation", "SQNR dB", "MSE"):
                 table.add_column(column)
             for name, e in sorted(manifest.tensors.items()):

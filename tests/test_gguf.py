@@ -590,8 +590,10 @@ def test_what_a_killed_dequantize_or_reader_left_is_removed(tmp_path):
         os.utime(unpacked, (0, 0))  # older than a reader's first moments
     held = os.open(reading, os.O_RDONLY)
     fcntl.flock(held, fcntl.LOCK_EX)
+    only_gguf = tmp_path / "q8_0"  # an outputs: [gguf] directory: convert reads it through an unpacked copy
+    assert run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-o", str(only_gguf), "-q", "--set", "format=q8_0").returncode == 0
     try:
-        assert run_cli("qstrat", "inspect", str(out / "tiny-llama.gguf")).returncode == 0
+        assert run_cli("qstrat", "convert", str(only_gguf), str(tmp_path / "again.gguf")).returncode == 0
         assert not killed.exists() and reading.exists()
     finally:
         os.close(held)
@@ -599,7 +601,7 @@ def test_what_a_killed_dequantize_or_reader_left_is_removed(tmp_path):
         shutil.rmtree(reading, ignore_errors=True)
 
 
-def test_verify_reads_a_gguf_in_place(tmp_path, monkeypatch):
+def test_verify_and_inspect_read_a_gguf_in_place(tmp_path, monkeypatch, capsys):
     # it unpacked the whole model into the temporary directory (a 7B model's 4 GB, on a tmpfs: memory)
     import tempfile
 
@@ -617,6 +619,11 @@ def test_verify_reads_a_gguf_in_place(tmp_path, monkeypatch):
         raise AssertionError("verify unpacked a GGUF into a temporary directory")
 
     monkeypatch.setattr(tempfile, "TemporaryDirectory", no_copies)
+    from qstrat.cli import inspect
+
     for out in outs:
         assert verify_output(out) == []
         assert verify_gguf_file(out / "tiny-llama.gguf") == ([], True)
+        inspect(out / "tiny-llama.gguf")
+        shown = capsys.readouterr().out
+        assert "model.layers.0.mlp.down_proj.weight" in shown and "joint" in shown

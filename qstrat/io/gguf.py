@@ -506,6 +506,13 @@ class GGUFModel:
         check_permutation(perm, k, f"{self.path}: {name}{PERM_SUFFIX}")
         return perm
 
+    def permutation_kind(self, name: str) -> str:
+        """A manifest's ``permutation`` of a tensor: ``runtime`` (a ``.perm`` companion; no joint
+        permutation), else ``joint`` (function-preserving: a joint or the residual stream's), else ``none``."""
+        if name + PERM_SUFFIX in self.perm_names and name not in self.joint:
+            return "runtime"
+        return "joint" if name in self.joint or name in self.residual else "none"
+
     def checked_types(self, float_quantized: Collection[str] = ()) -> dict[str, str | None]:
         """:meth:`block_types`, once every tensor has passed the checks reading it makes (its type, shape
         and run-time permutation): for writers that must refuse a bad file before touching anything."""
@@ -593,7 +600,7 @@ def unpack_gguf(model: GGUFModel, out: Path) -> None:
         joint_perm = model.joint.get(name)
         axis = None if joint_perm is None else joint_perm[1]
         residual_axis = model.residual[name][1] if name in model.residual else None
-        common = {"shape": list(shape), "permutation": "none" if axis is None and residual_axis is None else "joint",
+        common = {"shape": list(shape), "permutation": model.permutation_kind(name),
                   "joint": None if axis is None else Joint(group=None, axis=axis), "residual_axis": residual_axis}
         if name in stems:
             stored = model.stored_tensor(name, types[name])
@@ -604,8 +611,6 @@ def unpack_gguf(model: GGUFModel, out: Path) -> None:
             perm = model.runtime_perm(name, stored.k)
             if perm is not None:
                 files["perm"] = write_perm(out / f"{stems[name]}.perm", perm)
-                if axis is None:
-                    common["permutation"] = "runtime"
             files = {role: FileEntry(**vars(f)) for role, f in files.items()}
             storage = storage_name(types[name])
             entries[name] = QuantizedEntry(storage=storage, dtype="unknown", strategy=None, metrics=None, files=files, **common)
