@@ -82,10 +82,10 @@ def _names_mapped_back(reader, names) -> bool:
     return layout is not None and str(layout.contents()) == LLAMA_LAYOUT and not set(names) <= {t.name for t in reader.tensors}
 
 
-def carried_fields(reader) -> list[tuple[str, object, object, object]]:
+def carried_fields(reader, source: str | os.PathLike) -> list[tuple[str, object, object, object]]:
     """(key, value, GGUF value type, element type of an array) of every key-value pair of a
-    GGUF input (``reader``: its gguf.GGUFReader) that its output keeps: hyperparameters,
-    vocabulary, chat template, general.*."""
+    GGUF input (``reader``: its gguf.GGUFReader, of the file ``source``) that its output keeps:
+    hyperparameters, vocabulary, chat template, general.*."""
     import gguf
 
     fields = []
@@ -93,6 +93,9 @@ def carried_fields(reader) -> list[tuple[str, object, object, object]]:
         if key.startswith("GGUF.") or key.startswith(KEY_PREFIX) or key in _REWRITTEN_KEYS:
             continue
         value_type = field.types[0]
+        if value_type == gguf.GGUFValueType.ARRAY and len(field.types) == 1:
+            # dropped, the key could be one llama.cpp requires (tokenizer.ggml.merges of a BPE vocabulary)
+            raise InputError(f"{source}: metadata {key!r} is an empty array, which the GGUF writer (gguf-py) cannot write")
         element_type = field.types[1] if value_type == gguf.GGUFValueType.ARRAY else None
         fields.append((key, field.contents(), value_type, element_type))
     return fields
@@ -127,6 +130,8 @@ def gguf_metadata(model: QuantizedModel, source: str | os.PathLike | None = None
         # a directory only converted from it (no run: no fingerprint) holds its tensors, of its file type
         converted = manifest is not None and manifest.fingerprint is None
         source_type = reader.fields.get("general.file_type")
+        if source_type is not None and (len(source_type.types) != 1 or type(source_type.contents()) is not int):
+            raise InputError(f"{source}: general.file_type is not an integer")
         return {
             "file_type": (int(source_type.contents()) if source_type is not None else None) if converted else _file_type(config),
             "architecture": (manifest and manifest.source.architecture) or "qstrat",
@@ -134,7 +139,7 @@ def gguf_metadata(model: QuantizedModel, source: str | os.PathLike | None = None
             "variant": (manifest and manifest.variant) or "unknown",
             "config": config,
             "layout": None,
-            "carried": carried_fields(reader),
+            "carried": carried_fields(reader, source),
             "not_llama_cpp": None,
         }
     layout, why_not = llama_layout(model, Path(source) if source is not None else None)

@@ -100,8 +100,11 @@ def verify_output(output_dir: str | os.PathLike) -> list[str]:
         # GGUF only: the container's checksum matched; its tensors, read in place, must be the manifest's
         from qstrat.io.gguf import GGUFModel
 
-        container = GGUFModel(directory / next(iter(manifest.containers)))
-        types = container.checked_types()
+        try:
+            container = GGUFModel(directory / next(iter(manifest.containers)))
+            types = container.checked_types()
+        except QstratError as err:  # matching its checksum, yet not readable: damaged as any other file
+            return [str(err)]
         problems = [f"{directory}: tensor {name!r} is missing from the GGUF container" for name in sorted(set(manifest.tensors) - set(types))]
         for name, entry in sorted(manifest.tensors.items()):
             if name in types:

@@ -189,3 +189,31 @@ def make_sentencepiece_tokenizer(directory: Path, vocab_size: int, seed: int = 0
     corpus.unlink()
     (directory / "tokenizer.vocab").unlink()
     return text
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def _gguf_value(vtype: int, value: object, element: int | None = None) -> bytes:
+    if vtype == 8:  # STRING
+        encoded = value.encode() if isinstance(value, str) else bytes(value)
+        return struct.pack("<Q", len(encoded)) + encoded
+    if vtype == 9:  # ARRAY
+        return struct.pack("<IQ", element, len(value)) + b"".join(_gguf_value(element, v) for v in value)
+    return struct.pack(_GGUF_SCALARS[vtype], value)
+
+
+def raw_gguf(path: Path, kvs: list[tuple], tensors: list[tuple[str, int, tuple[int, ...], bytes, int]]) -> Path:
+    """A GGUF v3 file written byte by byte, so that a test can make what gguf-py's writer refuses (an empty
+    array) or never writes (offsets of its choosing).  ``kvs``: (key, GGUF value type, value[, element type]);
+    ``tensors``: (name, GGML type, shape as GGUF's ne, data, offset from the data section's start)."""
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kvs))
+    for key, vtype, value, *element in kvs:
+        head += _gguf_value(8, key) + struct.pack("<I", vtype) + _gguf_value(vtype, value, *element)
+    for name, ggml_type, ne, _, offset in tensors:
+        head += _gguf_value(8, name) + struct.pack("<I", len(ne)) + struct.pack(f"<{len(ne)}Q", *ne) + struct.pack("<IQ", ggml_type, offset)
+    data = bytearray(max((offset + len(raw) for *_, raw, offset in tensors), default=0))
+    for *_, raw, offset in tensors:
+        data[offset : offset + len(raw)] = raw
+    path.write_bytes(head + b"\0" * (-len(head) % 32) + bytes(data))
+    return path

@@ -354,7 +354,10 @@ class GGUFModel:
         _gguf()  # checks gguf-py's Q8_K layout against qstrat's
         self.path = Path(path)
         self.reader = open_gguf(self.path)
-        renamed = dict(zip(self._strings("renamed.gguf"), self._strings("renamed.original")))
+        stored_names, original_names = self._strings("renamed.gguf"), self._strings("renamed.original")
+        if len(stored_names) != len(original_names) or not set(stored_names) <= {t.name for t in self.reader.tensors}:
+            raise FormatError(f"{self.path}: {KEY_PREFIX}renamed metadata is inconsistent")
+        renamed = dict(zip(stored_names, original_names))
         self.tensors = {renamed.get(t.name, t.name): t for t in self.reader.tensors}
         self.llama_cpp = self._string("layout") == LLAMA_LAYOUT
         self.generated = set(self._strings("generated"))
@@ -366,9 +369,18 @@ class GGUFModel:
         # joint permutations as metadata arrays (files engines load) or companion tensors
         in_metadata = bool(joint_names) and KEY_PREFIX + "joint_perm.0" in self.reader.fields
         self.joint_companions = set() if in_metadata else set(joint_names)
-        for companion in list(self.perm_names) + list(self.joint_companions):
-            if companion not in self.tensors:
-                raise FormatError(f"{self.path}: companion tensor {companion!r} is missing")
+        for companion, suffix in [(c, PERM_SUFFIX) for c in self.perm_names] + [(c, JOINT_SUFFIX) for c in self.joint_companions]:
+            self._check_companion(companion, suffix)
+        if self._string("version") is not None:  # qstrat wrote it: every gather map is listed
+            unlisted = sorted(n for n in self.tensors if n.endswith(PERM_SUFFIX) and n[: -len(PERM_SUFFIX)] in self.tensors
+                              and n not in self.perm_names)
+            if unlisted:
+                raise FormatError(f"{self.path}: tensor {unlisted[0]!r} is a gather map {KEY_PREFIX}perm_tensors does not list")
+        # the one tensor llama.cpp's converter generates (llama3's rope scaling): anything else is the model's
+        generated = {_gguf().TENSOR_NAMES[_gguf().MODEL_TENSOR.ROPE_FREQS] + ".weight"}
+        if self.generated - generated:
+            raise FormatError(f"{self.path}: {KEY_PREFIX}generated names {sorted(self.generated - generated)[0]!r}, "
+                              "not a tensor llama.cpp's converter generates")
         self.joint: dict[str, tuple[np.ndarray, int]] = {}
         for i, (name, axis) in enumerate(zip(joint_names, axes)):
             if in_metadata:
@@ -410,6 +422,16 @@ class GGUFModel:
         if self.llama_cpp:
             self.architecture = self._string("source_architecture") or self.architecture
         self.name = self._string("name", prefix="general.")
+
+    def _check_companion(self, companion: str, suffix: str) -> None:
+        """A format error unless ``companion`` is a 1-D I32 tensor of the file named after one of its tensors."""
+        tensor = self.tensors.get(companion)
+        if tensor is None:
+            raise FormatError(f"{self.path}: companion tensor {companion!r} is missing")
+        if not companion.endswith(suffix) or companion[: -len(suffix)] not in self.tensors:
+            raise FormatError(f"{self.path}: companion tensor {companion!r} does not name a tensor of the file (<name>{suffix})")
+        if passthrough_tag(int(tensor.tensor_type)) != "I32" or len(tensor.shape) != 1:
+            raise FormatError(f"{self.path}: companion tensor {companion!r} is not a 1-D I32 tensor")
 
     def _check_permutation(self, kind: str, name: str, perm: np.ndarray, axis: int) -> None:
         """A format error unless ``perm`` permutes axis ``axis`` of tensor ``name`` (as numpy orders axes)."""
@@ -454,7 +476,10 @@ class GGUFModel:
 
     def _ints(self, key: str) -> list[int]:
         field = self._field(KEY_PREFIX + key, ("ARRAY of INT",))
-        return [] if field is None else [int(v) for v in field.contents()]
+        values = [] if field is None else [int(v) for v in field.contents()]
+        if any(not -(2**63) <= v < 2**63 for v in values):
+            raise FormatError(f"{self.path}: {KEY_PREFIX}{key} holds a value out of range")
+        return values
 
     def model_tensors(self) -> list[str]:
         """Names of the model's own tensors (companions and generated tensors excluded), sorted."""
@@ -558,7 +583,10 @@ class GGUFModel:
                 array = (values.view(np.uint32) >> 16).astype(np.uint16)  # exact: widened from bfloat16
             else:
                 array = values.astype(np.float16)
-        return tag, np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        if tag == "BOOL" and raw.size and raw.max() > 1:  # stored as I8: any byte fits, a bool is 0 or 1
+            raise FormatError(f"{self.path}: tensor {name!r} ({KEY_PREFIX}retyped BOOL) holds bytes other than 0 and 1")
+        return tag, raw
 
     def describe_layout(self) -> str:
         """One line: whether llama.cpp runs this file."""

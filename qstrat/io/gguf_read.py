@@ -83,3 +83,23 @@ def _check_contents(reader: gguf.GGUFReader, path: Path) -> None:
     for tensor in reader.tensors:
         if not all(int(d) > 0 for d in tensor.shape):
             raise FormatError(f"{path}: tensor {tensor.name!r} has shape {tensor.shape.tolist()} (a dimension of 0)")
+    _check_layout(reader, path)
+
+
+def _check_layout(reader: gguf.GGUFReader, path: Path) -> None:
+    """Every tensor's data aligned, inside the file and apart from the others' (as ggml's loader requires):
+    gguf-py maps whatever offsets a file gives, wrapping past 2**64, so a bad one read other bytes silently."""
+    size = path.stat().st_size
+    spans = []
+    for tensor in reader.tensors:
+        offset = int(tensor.field.parts[-1][0])  # relative to the data section, as written (not wrapped)
+        start = int(reader.data_offset) + offset
+        if offset % reader.alignment:
+            raise FormatError(f"{path}: tensor {tensor.name!r} starts at offset {offset}, not a multiple of the alignment {reader.alignment}")
+        if start + int(tensor.n_bytes) > size:
+            raise FormatError(f"{path}: tensor {tensor.name!r} ends past the end of the file (truncated GGUF file?)")
+        spans.append((start, start + int(tensor.n_bytes), tensor.name))
+    spans.sort()
+    for (_, end, name), (start, _, other) in zip(spans, spans[1:]):
+        if start < end:
+            raise FormatError(f"{path}: the data of tensors {name!r} and {other!r} overlap")

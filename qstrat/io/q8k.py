@@ -168,7 +168,8 @@ def q8k_file_holds(path: str | os.PathLike, blocks: np.ndarray) -> bool:
 def check_permutation(perm: np.ndarray, k: int, where: str) -> None:
     """Raise FormatError unless ``perm`` holds each of 0..k-1 exactly once."""
     if perm.shape != (k,):
-        raise FormatError(f"{where}: permutation has {perm.shape[0] if perm.ndim else 0} entries, expected {k}")
+        held = f"{perm.shape[0]} entries" if perm.ndim == 1 else f"shape {list(perm.shape)}"
+        raise FormatError(f"{where}: permutation has {held}, expected {k} entries")
     if k and (perm.min() < 0 or perm.max() >= k or np.bincount(perm.astype(np.int64), minlength=k).max() != 1):
         raise FormatError(f"{where}: not a permutation of 0..{k - 1} (an index is repeated or out of range)")
 

@@ -20,6 +20,7 @@ from qstrat.errors import QstratError
 from qstrat.io.manifest import read_manifest
 from qstrat.io.safetensors import SafetensorsFile, write_safetensors
 from qstrat.synthetic import write_model
+from tests.conftest import REPO
 from tests.helpers import assert_clean_failure, communicate_or_dump_stacks, make_llama_dir, raw_safetensors, run_cli
 
 HOSTILE_NAMES = [
@@ -299,3 +300,98 @@ def test_hyperparameters_of_the_wrong_kind_are_input_errors_of_the_numpy_forward
                             ({"llama.attention.head_count_kv": 3}, "4 attention heads do not share 3 key/value heads")):
         with pytest.raises(QstratError, match=re.escape(f"m.gguf: {message}")):
             LlamaParams.from_fields({**good, **change}, "m.gguf")
+
+
+def _gguf_mutant(path: Path, kvs: dict, tensors: dict) -> Path:
+    """A small qstrat generic container (a.weight F16 with its gather map, b.weight F32), with ``kvs``
+    (key -> (type, value[, element type]), None to drop) and ``tensors`` (name -> changes) applied."""
+    from tests.helpers import raw_gguf
+
+    base_kvs = {"general.architecture": (8, "qstrat"), "qstrat.version": (8, "0"), "qstrat.perm_tensors": (9, ["a.weight.perm"], 8)}
+    base_tensors = {"a.weight": (1, (32, 4), np.ones(128, np.float16).tobytes(), 0),
+                    "a.weight.perm": (26, (32,), np.arange(32, dtype=np.int32)[::-1].tobytes(), 256),
+                    "b.weight": (0, (32,), np.ones(32, np.float32).tobytes(), 384)}
+    base_kvs.update(kvs)
+    for name, change in tensors.items():
+        base_tensors[name] = change if change is None else tuple(change.get(i, part) for i, part in enumerate(base_tensors.get(name, (0, (1,), b"", 0))))
+    return raw_gguf(path, [(k, *v) for k, v in base_kvs.items() if v is not None],
+                    [(n, *t) for n, t in base_tensors.items() if t is not None])
+
+
+GGUF_MUTANTS = {
+    # an OverflowError, then an internal error, for a value past int64
+    "a permutation value past int64": ({"qstrat.residual_perm": (9, [2**64 - 1], 10), "qstrat.residual_tensors": (9, ["b.weight"], 8),
+                                        "qstrat.residual_axes": (9, [0], 5)}, {}, "qstrat.residual_perm holds a value out of range"),
+    # the rest were read without a word: a tensor dropped, or read under its stored name, or without its gather
+    "renamed lists of two lengths": ({"qstrat.renamed.gguf": (9, ["a.weight"], 8), "qstrat.renamed.original": (9, ["x", "y"], 8)}, {},
+                                     "renamed metadata is inconsistent"),
+    "generated names a model tensor": ({"qstrat.generated": (9, ["b.weight"], 8)}, {}, "generated names 'b.weight'"),
+    "a gather map list naming a model tensor": ({"qstrat.perm_tensors": (9, ["a.weight.perm", "b.weight"], 8)}, {},
+                                                "companion tensor 'b.weight' does not name a tensor of the file"),
+    "an unlisted gather map": ({"qstrat.perm_tensors": None}, {}, "'a.weight.perm' is a gather map qstrat.perm_tensors does not list"),
+    "a gather map of floats": ({}, {"a.weight.perm": {0: 0, 2: (np.arange(32, dtype=np.float32) + 0.5).tobytes()}},
+                               "companion tensor 'a.weight.perm' is not a 1-D I32 tensor"),
+    "a misaligned tensor": ({}, {"b.weight": {3: 392}}, "starts at offset 392, not a multiple of the alignment 32"),
+    "overlapping tensors": ({}, {"b.weight": {3: 224}}, "the data of tensors 'a.weight' and 'b.weight' overlap"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GGUF_MUTANTS))
+def test_a_gguf_whose_structure_lies_is_refused_by_every_reader(tmp_path, case):
+    kvs, tensors, message = GGUF_MUTANTS[case]
+    path = _gguf_mutant(tmp_path / "m.gguf", kvs, tensors)
+    with pytest.raises(QstratError, match=re.escape(message)):
+        qstrat.load_model(path)
+    checked = run_cli("qstrat", "verify", str(path))
+    assert checked.returncode == 3
+    assert_clean_failure(checked, message)
+    assert qstrat.load_model(_gguf_mutant(tmp_path / "good.gguf", {}, {})).keys() == {"a.weight", "b.weight"}
+
+
+def test_gguf_metadata_a_writer_cannot_carry_is_an_input_error(tmp_path):
+    # convert GGUF -> directory -> GGUF of another tool's file: an empty metadata array (gguf-py's writer
+    # refuses one) and a file type that is text ended in an internal error
+    from tests.helpers import raw_gguf
+
+    weight = [("a.weight", 0, (32, 2), np.ones(64, np.float32).tobytes(), 0)]
+    for kv, message in (((("tokenizer.ggml.merges", 9, [], 8)), "metadata 'tokenizer.ggml.merges' is an empty array"),
+                        ((("general.file_type", 8, "q4_1")), "general.file_type is not an integer")):
+        source = raw_gguf(tmp_path / "other.gguf", [("general.architecture", 8, "llama"), kv], weight)
+        directory = tmp_path / f"d-{len(message)}"
+        assert run_cli("qstrat", "convert", str(source), str(directory)).returncode == 0
+        back = run_cli("qstrat", "convert", str(directory), str(tmp_path / "back.gguf"))
+        assert back.returncode == 2
+        assert_clean_failure(back, message)
+    retyped = _gguf_mutant(tmp_path / "bool.gguf", {"qstrat.retyped": (9, ["c"], 8), "qstrat.retyped_from": (9, ["BOOL"], 8)},
+                           {"c": {0: 24, 1: (4,), 2: bytes([0, 1, 5, 1]), 3: 512}})
+    with pytest.raises(QstratError, match="holds bytes other than 0 and 1"):
+        qstrat.load_model(retyped)
+
+
+def test_verify_of_a_directory_calls_its_unreadable_container_damaged(tmp_path):
+    # its checksum matched the manifest's, and the structure error came out as exit 2; a lone file's is exit 3
+    out = tmp_path / "o"
+    assert run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-o", str(out), "-q", "--set", "format=q8_0").returncode == 0
+    container = next(out.glob("*.gguf"))
+    _gguf_mutant(container, {"qstrat.generated": (9, ["b.weight"], 8)}, {})
+    import hashlib
+
+    size, digest = container.stat().st_size, hashlib.sha256(container.read_bytes()).hexdigest()
+    text = (out / "manifest.json").read_text()
+    manifest = json.loads(text)
+
+    def matched(node):
+        if isinstance(node, dict):
+            if node.get("path") == container.name:
+                node.update(size=size, sha256=digest)
+            for value in node.values():
+                matched(value)
+        elif isinstance(node, list):
+            for value in node:
+                matched(value)
+
+    matched(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    checked = run_cli("qstrat", "verify", str(out))
+    assert checked.returncode == 3
+    assert_clean_failure(checked, "generated names 'b.weight'")
