@@ -215,3 +215,17 @@ def test_a_one_worker_run_leaves_its_callers_numba_threads_as_they_were(tmp_path
         assert result.tensor_count == 1 and numba.get_num_threads() == 1
     finally:
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+
+@pytest.mark.parametrize("section", ["### Arrays to GGUF block types (Python API)", "### Python"])
+def test_the_readmes_python_examples_run_as_written(tmp_path, section):
+    # the Python example once opened a file its own config never writes
+    import subprocess
+    import sys
+
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("```python\n", readme.index(f"\n{section}\n")) + len("```python\n")
+    code = readme[start : readme.index("```", start)]
+    shutil.copy(REPO / "examples" / "tiny-llama" / "model.safetensors", tmp_path / "model.safetensors")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
