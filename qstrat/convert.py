@@ -129,11 +129,14 @@ def gguf_metadata(model: QuantizedModel, source: str | os.PathLike | None = None
         # a GGUF input: its names, metadata and vocabulary carry over, as llama-quantize keeps them;
         # a directory only converted from it (no run: no fingerprint) holds its tensors, of its file type
         converted = manifest is not None and manifest.fingerprint is None
-        source_type = reader.fields.get("general.file_type")
-        if source_type is not None and (len(source_type.types) != 1 or type(source_type.contents()) is not int):
-            raise InputError(f"{source}: general.file_type is not an integer")
+        file_type = _file_type(config)
+        if converted:
+            source_type = reader.fields.get("general.file_type")
+            if source_type is not None and (len(source_type.types) != 1 or type(source_type.contents()) is not int):
+                raise InputError(f"{source}: general.file_type is not an integer")
+            file_type = int(source_type.contents()) if source_type is not None else None
         return {
-            "file_type": (int(source_type.contents()) if source_type is not None else None) if converted else _file_type(config),
+            "file_type": file_type,
             "architecture": (manifest and manifest.source.architecture) or "qstrat",
             "name": None,
             "variant": (manifest and manifest.variant) or "unknown",
