@@ -36,25 +36,15 @@ def verify_gguf_file(path: str | os.PathLike) -> tuple[list[str], bool]:
         return [str(err)], recorded is not None
 
 
-def _as_in_gguf(entry) -> tuple:
-    """What a GGUF container keeps of a manifest entry: a quantized tensor's block type and shape (not
-    its source dtype); a tensor's dtype and shape otherwise (one written as f32, f16 or bf16 included)."""
-    if entry.storage in ("f32", "f16", "bf16"):
-        return ("passthrough", list(entry.shape), entry.storage.upper())
-    if entry.storage == "passthrough":
-        return ("passthrough", list(entry.shape), entry.dtype)
-    return (entry.storage, list(entry.shape))
-
-
-def _held_in_gguf(container, name: str, type_name: str | None) -> tuple:
-    """:func:`_as_in_gguf` of a tensor as a GGUF container holds it (``type_name``: its block type, or
-    None when it reads back as passed through)."""
-    shape = list(container.shape(name))
-    if type_name is None:
-        return ("passthrough", shape, container.passthrough_dtype(name))
-    if type_name in ("f32", "f16", "bf16"):
-        return ("passthrough", shape, type_name.upper())
-    return (storage_name(type_name), shape)
+def _as_in_gguf(storage: str, shape, dtype: str | None) -> tuple:
+    """What a GGUF container keeps of a tensor (``storage``: a manifest's; ``dtype``: a passed-through
+    one's): a quantized tensor's block type and shape (not its source dtype); a tensor's dtype and shape
+    otherwise (one written as f32, f16 or bf16 included)."""
+    if storage in ("f32", "f16", "bf16"):
+        return ("passthrough", list(shape), storage.upper())
+    if storage == "passthrough":
+        return ("passthrough", list(shape), dtype)
+    return (storage, list(shape))
 
 
 def file_problems(directory: Path, manifest: Manifest) -> list[str]:
@@ -108,10 +98,13 @@ def verify_output(output_dir: str | os.PathLike) -> list[str]:
         problems = [f"{directory}: tensor {name!r} is missing from the GGUF container" for name in sorted(set(manifest.tensors) - set(types))]
         for name, entry in sorted(manifest.tensors.items()):
             if name in types:
-                held = _held_in_gguf(container, name, types[name])
-                if held != _as_in_gguf(entry):
+                passed = types[name] is None
+                held = _as_in_gguf("passthrough" if passed else storage_name(types[name]), container.shape(name),
+                                   container.passthrough_dtype(name) if passed else None)
+                recorded = _as_in_gguf(entry.storage, entry.shape, entry.dtype)
+                if held != recorded:
                     problems.append(f"{directory}: tensor {name!r} is {' '.join(map(str, held))} in the GGUF "
-                                    f"container, the manifest says {' '.join(map(str, _as_in_gguf(entry)))}")
+                                    f"container, the manifest says {' '.join(map(str, recorded))}")
         return problems
     model = QuantizedModel(directory, manifest)
     for name, entry in sorted(manifest.tensors.items()):
