@@ -190,7 +190,7 @@ def gguf_to_directory(source: str | os.PathLike, output_dir: str | os.PathLike) 
     complete model; tensor files of a model converted there before are removed.  A directory holding
     files qstrat did not write is refused."""
     model = GGUFModel(source)
-    model.checked_types()  # every tensor checked first: a bad file leaves the target untouched
+    types = model.checked_types()  # every tensor checked first: a bad file leaves the target untouched
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {out} exists and is not a directory")
@@ -210,7 +210,7 @@ def gguf_to_directory(source: str | os.PathLike, output_dir: str | os.PathLike) 
                 tmp.write_text(json.dumps({"fingerprint": None, "convert": str(model.path.resolve())}) + "\n", encoding="utf-8")
         except OSError as err:
             raise OutputError(describe_os_error(out, err)) from None
-        unpack_gguf(model, out)
+        unpack_gguf(model, out, types)
         from qstrat.io.manifest import read_manifest
 
         listed = {f.path for e in read_manifest(out).tensors.values() for f in e.files.values()}

@@ -614,11 +614,13 @@ def block_type_of(tensor) -> str | None:
     return block_type(ggml_type).name
 
 
-def unpack_gguf(model: GGUFModel, out: Path) -> None:
+def unpack_gguf(model: GGUFModel, out: Path, types: dict[str, str | None] | None = None) -> None:
     """Write the tensor files, passthrough and permutation files of a GGUF file read back into the
-    directory ``out``, then its manifest (last).  What the directory held before is the caller's affair."""
+    directory ``out``, then its manifest (last).  What the directory held before is the caller's affair.
+    ``types``: the model's :meth:`GGUFModel.checked_types`, when the caller has them already."""
     names = model.model_tensors()
-    types = model.checked_types()  # its errors name the GGUF file, not the files written from it
+    if types is None:
+        types = model.checked_types()  # its errors name the GGUF file, not the files written from it
     quantized = [n for n in names if types[n] is not None]
     stems = assign_file_stems(quantized)
     entries: dict[str, QuantizedEntry | PassthroughEntry] = {}
