@@ -436,6 +436,11 @@ def compare(
             plot_sqnr({label: sqnr_series(r) for label, r in results.items()}, output / "compare.png", f"{name}: SQNR per tensor and case")
 
 
+def _stored_kinds(storages: set[str], variant: str | None) -> str:
+    """What an inspected model is quantized to, for its table's title."""
+    return ", ".join(f"Q8K variant {variant}" if s == "q8k" else s for s in sorted(storages)) or "nothing quantized"
+
+
 def _gguf_table(path: Path):
     """``inspect``'s table of a GGUF file (qstrat's or another tool's), read in place."""
     from rich.table import Table
@@ -445,8 +450,7 @@ def _gguf_table(path: Path):
 
     model = GGUFModel(path)
     types = model.checked_types()
-    stored = sorted({storage_name(t) for t in types.values() if t is not None})
-    kinds = ", ".join(f"Q8K variant {model.variant}" if s == "q8k" else s for s in stored) or "nothing quantized"
+    kinds = _stored_kinds({storage_name(t) for t in types.values() if t is not None}, model.variant)
     table = Table(title=f"{path} (GGUF: {kinds})")
     for column in ("tensor", "shape", "dtype", "storage", "permutation"):
         table.add_column(column)
@@ -469,13 +473,12 @@ def inspect(path: Path = typer.Argument(..., help=".safetensors file, model dire
     # an output directory's own manifest has the metrics, also when its tensors are in a GGUF container
     with user_errors():
         console = Console(width=max(120, Console().width))
-        directory = path
-        manifest = read_manifest(directory) if directory.is_dir() and (directory / MANIFEST_NAME).exists() else None
+        manifest = read_manifest(path) if path.is_dir() and (path / MANIFEST_NAME).exists() else None
         if path.is_file() and is_gguf_name(path):
             table = _gguf_table(path)  # read in place
         elif manifest is not None:
             stored = {e.storage for e in manifest.tensors.values()} - {"passthrough"}
-            kinds = ", ".join(f"Q8K variant {manifest.variant}" if s == "q8k" else s for s in sorted(stored)) or "nothing quantized"
+            kinds = _stored_kinds(stored, manifest.variant)
             table = Table(title=f"{path} (qstrat output: {kinds})")
             for column in ("tensor", "shape", "dtype", "storage", "strategy", "permutation", "SQNR dB", "MSE"):
                 table.add_column(column)
@@ -488,12 +491,12 @@ def inspect(path: Path = typer.Argument(..., help=".safetensors file, model dire
                     e.permutation, "exact" if sqnr == "inf" else (f"{sqnr:.1f}" if sqnr is not None else ""),
                     f"{mse:.2e}" if mse is not None and mse != "inf" else "",
                 )
-        elif directory.is_dir() and any(directory.glob("*.q8k")):
+        elif path.is_dir() and any(path.glob("*.q8k")):
             # the original Rust tool's output: .q8k (+ .perm) files, no manifest
             from qstrat.io.q8k import read_q8k_shape
             from qstrat.model import QuantizedModel
 
-            model = QuantizedModel(directory)
+            model = QuantizedModel(path)
             count = sum(e.quantized for e in model.entries.values())
             table = Table(title=f"{path} (no manifest, as the original tool writes: {count} Q8K tensors)")
             for column in ("tensor", "shape", "storage", "permutation", "file"):
@@ -501,14 +504,14 @@ def inspect(path: Path = typer.Argument(..., help=".safetensors file, model dire
             for name in model:
                 entry = model.entries[name]
                 if entry.quantized:
-                    shape, storage, file = read_q8k_shape(directory / entry.files["q8k"]), "q8k", entry.files["q8k"]
+                    shape, storage, file = read_q8k_shape(path / entry.files["q8k"]), "q8k", entry.files["q8k"]
                 else:
                     shape, storage, file = model.passthrough_info(name).shape, "passthrough", PASSTHROUGH_NAME
                 permutation = "runtime (.perm)" if "perm" in entry.files else "none"
                 table.add_row(name, "x".join(map(str, shape)), storage, permutation, file)
         else:
-            if directory.is_dir():
-                refuse_unfinished(directory)
+            if path.is_dir():
+                refuse_unfinished(path)
             model = SafetensorsModel(path)
             table = Table(title=f"{path} ({len(model)} tensors in {len(model.files)} file(s))")
             for column in ("tensor", "shape", "dtype", "bytes", "file"):
