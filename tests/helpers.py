@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -38,6 +40,17 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300,
     process = subprocess.Popen(command + list(args[1:]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=cwd)
     stdout, stderr = communicate_or_dump_stacks(process, timeout)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+@contextlib.contextmanager
+def held_lock(path: Path):
+    """Hold an flock on ``path``, as a writer still writing its temporary holds one."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def communicate_or_dump_stacks(process: subprocess.Popen, timeout: float) -> tuple[str, str]:

@@ -19,7 +19,7 @@ from qstrat.kernels import BLOCK_BYTES, QK_K
 from qstrat.io.safetensors import SafetensorsModel, map_tensor, to_float32
 from qstrat.synthetic import write_model
 from tests.conftest import REPO
-from tests.helpers import assert_clean_failure, run_cli
+from tests.helpers import assert_clean_failure, held_lock, run_cli
 
 TYPES = {"F32": GGMLQuantizationType.F32, "BF16": GGMLQuantizationType.BF16, "F16": GGMLQuantizationType.F16}
 
@@ -343,15 +343,16 @@ def test_a_gguf_of_more_tensors_than_open_files_allowed_is_written(tmp_path):
 def test_convert_removes_what_a_killed_convert_left_and_makes_the_target_directory(tmp_path):
     out = tmp_path / "o"
     assert run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-o", str(out), "-q").returncode == 0
-    gone = subprocess.Popen(["true"])
-    gone.wait()  # a pid no process has now: a convert killed with SIGKILL
     target = tmp_path / "new" / "deeper" / "m.gguf"  # its directory did not exist: exit 3
     target.parent.mkdir(parents=True)
-    dead, alive = target.parent / f".m.gguf.tmp-{gone.pid}", target.parent / f".m.gguf.tmp-{os.getpid()}"
+    # a convert killed with SIGKILL (its lock went with it), and one still writing in another container,
+    # whose pid is this process's own (each container's first process is pid 1): its lock tells, not its pid
+    dead, alive = target.parent / ".m.gguf.tmp-4-0badc0de", target.parent / f".m.gguf.tmp-{os.getpid()}-0c0ffee0"
     dead.write_bytes(b"x" * 1000)
-    alive.write_bytes(b"y")  # a convert still writing keeps its file
-    assert run_cli("qstrat", "convert", str(out), str(target)).returncode == 0
-    assert not dead.exists() and alive.exists()
+    alive.write_bytes(b"y")
+    with held_lock(alive):
+        assert run_cli("qstrat", "convert", str(out), str(target)).returncode == 0
+        assert not dead.exists() and alive.exists()
     fresh = tmp_path / "made" / "here" / "m.gguf"
     result = run_cli("qstrat", "convert", str(out), str(fresh))
     assert result.returncode == 0, result.stderr
@@ -569,15 +570,16 @@ def test_a_convert_of_a_bad_gguf_leaves_the_directory_as_it_was(tmp_path):
 def test_what_a_killed_dequantize_or_reader_left_is_removed(tmp_path):
     out = tmp_path / "o"
     assert run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-o", str(out), "-q", "--set", "outputs=[q8k, gguf]").returncode == 0
-    gone = subprocess.Popen(["true"])
-    gone.wait()  # a pid no process has now: a command killed with SIGKILL
     target = tmp_path / "d.safetensors"
-    dead, alive = tmp_path / f".d.safetensors.tmp-{gone.pid}", tmp_path / f".d.safetensors.tmp-{os.getpid()}"
-    other = tmp_path / f".e.safetensors.tmp-{gone.pid}"  # another file's: not this command's to judge
-    for path in (dead, alive, other):
+    # killed with SIGKILL: an earlier qstrat's name (a pid alone) and this one's; a dequantize still writing
+    dead, dead_too = tmp_path / f".d.safetensors.tmp-{os.getpid()}", tmp_path / ".d.safetensors.tmp-7-1234abcd"
+    alive = tmp_path / f".d.safetensors.tmp-{os.getpid()}-5678ef01"
+    other = tmp_path / ".e.safetensors.tmp-7-1234abcd"  # another file's: not this command's to judge
+    for path in (dead, dead_too, alive, other):
         path.write_bytes(b"x")
-    assert run_cli("qstrat", "dequantize", str(out), str(target)).returncode == 0
-    assert not dead.exists() and alive.exists() and other.exists()
+    with held_lock(alive):
+        assert run_cli("qstrat", "dequantize", str(out), str(target)).returncode == 0
+        assert not dead.exists() and not dead_too.exists() and alive.exists() and other.exists()
     import tempfile
 
     import fcntl
@@ -627,3 +629,15 @@ def test_verify_and_inspect_read_a_gguf_in_place(tmp_path, monkeypatch, capsys):
         inspect(out / "tiny-llama.gguf")
         shown = capsys.readouterr().out
         assert "model.layers.0.mlp.down_proj.weight" in shown and "joint" in shown
+
+
+def test_a_writer_holds_its_temporary_and_writers_of_one_pid_never_share_a_name(tmp_path):
+    # what the cleaners above rely on: the writer's lock, held from the temporary's creation to its rename
+    from qstrat.io.atomic import atomic_path, remove_stale_temporaries, temp_path_for
+
+    target = tmp_path / "m.gguf"
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"partial")
+        assert remove_stale_temporaries(tmp_path, keep_live_writers=True) == 0 and tmp.exists()
+    assert target.read_bytes() == b"partial" and not list(tmp_path.glob(".*"))
+    assert temp_path_for(target) != temp_path_for(target)  # pid 1 in two containers sharing a volume

@@ -1,7 +1,11 @@
 """Atomic file output: write to a hidden temporary name beside the target, fsync, rename.
 
 A reader therefore sees either no file or a complete one; an interrupted run leaves only
-``.<name>.tmp-<pid>`` files, which never look like outputs and are removed on the next run.
+``.<name>.tmp-<pid>-<random>`` files, which never look like outputs and are removed on the next run.
+Each writer holds an flock on its temporary while it writes, so a cleaner in a directory no lock
+guards tells a live writer's file from a dead one's by that lock alone: pids do not tell, across
+containers (pid namespaces) or hosts sharing a volume, and the random part keeps two writers with the
+same pid (each its container's pid 1) from sharing a name.
 A run writes its many per-tensor files without the fsync (``durable=False``) and makes them
 durable together with :func:`make_durable` before its manifest: one flush of the disk cache
 instead of one per file.  Until then a power loss can tear a renamed file; resuming checks
@@ -18,6 +22,7 @@ import glob
 import hashlib
 import os
 import re
+import secrets
 import socket
 import sys
 import threading
@@ -33,7 +38,19 @@ _OVERLAP_BYTES = 4 << 20  # below this, a thread costs more than it saves
 
 
 def temp_path_for(path: Path) -> Path:
-    return path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}")
+    return path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _create_held(tmp: Path, target: Path) -> int:
+    """Create ``tmp`` (a fresh name) and return a descriptor holding an exclusive flock on it, which
+    marks its writer as alive until the descriptor is closed (by the writer, or by its death)."""
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as err:
+        raise OutputError(describe_os_error(target, err)) from None
+    with contextlib.suppress(OSError):  # a filesystem without flock: the file is still written
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
 
 
 class HashingWriter:
@@ -85,6 +102,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     tmp = temp_path_for(path)
+    held = _create_held(tmp, path)  # writers open the same file again: the lock is on it, not on them
     try:
         yield tmp
         os.replace(tmp, path)
@@ -96,6 +114,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+    finally:
+        os.close(held)
 
 
 @contextlib.contextmanager
@@ -155,13 +175,12 @@ def make_durable(paths: Iterable[Path], directory: Path) -> None:
 
 def remove_stale_temporaries(directory: Path, *, keep_live_writers: bool = False, of: str | None = None) -> int:
     """Delete temporaries left by interrupted writers; returns how many were removed.  A run holding
-    its output's lock removes every one; ``keep_live_writers`` keeps those whose writer (the pid in
-    their name) still runs, for a directory no lock guards; ``of``: only those of that file name (in a
-    directory of the user's, where nothing else is qstrat's)."""
+    its output's lock removes every one; ``keep_live_writers`` keeps those whose writer still holds
+    its lock on them (it is alive, in whatever container or host), for a directory no lock guards;
+    ``of``: only those of that file name (in a directory of the user's, where nothing else is qstrat's)."""
     removed = 0
     for entry in Path(directory).glob(f".{'*' if of is None else glob.escape(of)}{TEMP_MARKER}*"):
-        pid = entry.name.rsplit(TEMP_MARKER, 1)[1]
-        if keep_live_writers and (not pid.isdigit() or _running(int(pid))):
+        if keep_live_writers and _held(entry):
             continue
         with contextlib.suppress(OSError):
             entry.unlink()
@@ -169,14 +188,24 @@ def remove_stale_temporaries(directory: Path, *, keep_live_writers: bool = False
     return removed
 
 
-def _running(pid: int) -> bool:
+def _held(path: Path) -> bool:
+    """Whether a writer holds its lock on the temporary ``path`` (one that cannot be opened to tell
+    counts as held: another user's, say)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
         return False
-    except OSError:  # another user's process: running
+    except OSError:
         return True
-    return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # no flock on this filesystem: nothing tells a live writer, so keep it
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 _HASH_CHUNK = 1 << 22
