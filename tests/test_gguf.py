@@ -19,7 +19,7 @@ from qstrat.kernels import BLOCK_BYTES, QK_K
 from qstrat.io.safetensors import SafetensorsModel, map_tensor, to_float32
 from qstrat.synthetic import write_model
 from tests.conftest import REPO
-from tests.helpers import assert_clean_failure, held_lock, run_cli
+from tests.helpers import assert_clean_failure, held_lock, raw_gguf, run_cli
 
 TYPES = {"F32": GGMLQuantizationType.F32, "BF16": GGMLQuantizationType.BF16, "F16": GGMLQuantizationType.F16}
 
@@ -641,3 +641,45 @@ def test_a_writer_holds_its_temporary_and_writers_of_one_pid_never_share_a_name(
         assert remove_stale_temporaries(tmp_path, keep_live_writers=True) == 0 and tmp.exists()
     assert target.read_bytes() == b"partial" and not list(tmp_path.glob(".*"))
     assert temp_path_for(target) != temp_path_for(target)  # pid 1 in two containers sharing a volume
+
+
+def test_the_gguf_parser_gives_gguf_pys_own_fields_for_every_value_type(tmp_path):
+    # qstrat parses arrays in one pass (gguf-py's element-by-element parse took seconds for a large
+    # vocabulary); what it gives must be exactly what gguf-py's reader gives
+    import gguf
+
+    from qstrat.io.gguf_read import open_gguf
+
+    path = tmp_path / "all.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    scalar_types = [t for t in gguf.GGUFValueType if t not in (gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING)]
+    for value_type in scalar_types:
+        values = [True, False, True] if value_type == gguf.GGUFValueType.BOOL else [0, 1, 2, 100]
+        writer.add_key_value(f"array.{value_type.name}", values, gguf.GGUFValueType.ARRAY, sub_type=value_type)
+        writer.add_key_value(f"scalar.{value_type.name}", values[1], value_type)
+    writer.add_array("strings", ["", "é中", "x" * 300, "tok"] * 50)
+    writer.add_key_value("nested", [[1, 2], [3]], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.ARRAY)
+    writer.add_string("string", "end")
+    writer.add_tensor("w", np.arange(64, dtype=np.float32).reshape(2, 32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    empty = raw_gguf(tmp_path / "empty.gguf", [("general.architecture", 8, "llama"), ("empty", 9, [], 5), ("after", 9, ["a"], 8)], [])
+    for file in (path, empty):  # gguf-py's writer refuses empty arrays; other tools write them
+        ours, theirs = open_gguf(file), GGUFReader(file)
+        assert list(ours.fields) == list(theirs.fields)
+        for key, field in theirs.fields.items():
+            mine = ours.fields[key]
+            assert (mine.offset, mine.types, mine.data) == (field.offset, field.types, field.data), key
+            assert [(p.dtype, p.tobytes()) for p in mine.parts] == [(p.dtype, p.tobytes()) for p in field.parts], key
+            assert mine.contents() == field.contents(), key
+    ours, theirs = open_gguf(path), GGUFReader(path)
+    assert len(ours.fields) > 2 * len(scalar_types) + 4 and np.array_equal(ours.tensors[0].data, theirs.tensors[0].data)
+    # cut inside the strings: a truncated file, as before
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[: ours.fields["strings"].offset + 2000])
+    from qstrat.errors import FormatError
+
+    with pytest.raises(FormatError, match="truncated"):
+        open_gguf(cut)
