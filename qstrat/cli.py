@@ -441,14 +441,12 @@ def _stored_kinds(storages: set[str], variant: str | None) -> str:
     return ", ".join(f"Q8K variant {variant}" if s == "q8k" else s for s in sorted(storages)) or "nothing quantized"
 
 
-def _gguf_table(path: Path):
-    """``inspect``'s table of a GGUF file (qstrat's or another tool's), read in place."""
+def _gguf_table(path: Path, model):
+    """``inspect``'s table of a GGUF file (qstrat's or another tool's; ``model``, its GGUFModel), read in place."""
     from rich.table import Table
 
-    from qstrat.io.gguf import GGUFModel
     from qstrat.io.names import storage_name
 
-    model = GGUFModel(path)
     types = model.checked_types()
     kinds = _stored_kinds({storage_name(t) for t in types.values() if t is not None}, model.variant)
     table = Table(title=f"{path} (GGUF: {kinds})")
@@ -474,8 +472,12 @@ def inspect(path: Path = typer.Argument(..., help=".safetensors file, model dire
     with user_errors():
         console = Console(width=max(120, Console().width))
         manifest = read_manifest(path) if path.is_dir() and (path / MANIFEST_NAME).exists() else None
+        opened = {}  # a GGUF file's header parsed once (a large vocabulary takes a while)
         if path.is_file() and is_gguf_name(path):
-            table = _gguf_table(path)  # read in place
+            from qstrat.io.gguf import GGUFModel
+
+            opened[path] = GGUFModel(path)
+            table = _gguf_table(path, opened[path])  # read in place
         elif manifest is not None:
             stored = {e.storage for e in manifest.tensors.values()} - {"passthrough"}
             kinds = _stored_kinds(stored, manifest.variant)
@@ -527,7 +529,7 @@ def inspect(path: Path = typer.Argument(..., help=".safetensors file, model dire
             from qstrat.io.gguf import GGUFModel
 
             for container in containers:
-                print(f"{container.name}: {GGUFModel(container).describe_layout()}")
+                print(f"{container.name}: {(opened.get(container) or GGUFModel(container)).describe_layout()}")
 
 
 @app.command()
