@@ -252,7 +252,11 @@ def choose_residual(plan: Plan, variant: str) -> Plan:
     for name, job in readers.items():
         array = map_tensor(job.info).view(KERNEL_STORAGE[job.info.dtype])
         check_finite(array, name)
-        arrays[name] = Reader(array, job.choice.type_name, job.importance)
+        # a GGUF input's block type is decoded again at each use rather than held: one reader's
+        # float32 copy at a time (every reader's, for a 7B model, is some 19 GB)
+        source = partial(map_tensor, job.info) if job.info.encoding else array
+        arrays[name] = Reader(source, job.choice.type_name, job.importance)
+        del array
     block = max((block_type(reader.type_name).block_size for reader in arrays.values()), default=QK_K)
     group = scale_group(reader.type_name for reader in arrays.values())
     choice = plan.residual.strategy.choose(arrays, error_measure(readers.values(), variant), block, group)

@@ -19,7 +19,7 @@ then two value channels of one group, in every head of that group at once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,11 +93,19 @@ def rank(errors: Mapping[str, float], identity: Mapping[str, float], free: bool)
 
 @dataclass(frozen=True)
 class Reader:
-    """A matrix whose columns a search orders: its kernel storage, block type and importance vector."""
+    """A matrix whose columns a search orders: its kernel storage, block type and importance vector.
 
-    array: np.ndarray
+    ``source`` is the storage (mapped: the page cache holds it), or a function that makes it afresh
+    on each use: a GGUF input's block types decode to new float32 arrays, and holding every reader's
+    at once would take four bytes per weight of the whole model."""
+
+    source: np.ndarray | Callable[[], np.ndarray]
     type_name: str
     importance: np.ndarray | None = None
+
+    @property
+    def array(self) -> np.ndarray:
+        return self.source() if callable(self.source) else self.source
 
 
 @dataclass
