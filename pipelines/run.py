@@ -63,7 +63,9 @@ from qstrat.strategies import Permutation
 from qstrat.strategies.search import Reader, scale_group
 from qstrat.verify import file_problems
 
-ProgressCallback = Callable[[list[TensorRecord], int], None]  # records, bytes of input done
+#: records, bytes of input done; a callback with a ``stage(text)`` method is also told of work that
+#: precedes the first records (the residual-stream search: minutes on a 7B model)
+ProgressCallback = Callable[[list[TensorRecord], int], None]
 
 
 def check_output_dir(output_dir: Path, model: SafetensorsModel) -> None:
@@ -242,12 +244,14 @@ def _run_groups(
             results.close()
 
 
-def choose_residual(plan: Plan, variant: str) -> Plan:
+def choose_residual(plan: Plan, variant: str, progress: ProgressCallback | None = None) -> Plan:
     """The plan with residual_stream's permutation chosen (if the chain has it): measured on
     every quantized tensor whose columns are the stream, in its target type."""
     if plan.residual is None:
         return plan
     readers = plan.residual_readers()
+    if hasattr(progress, "stage"):
+        progress.stage(f"choosing the residual-stream order over {len(readers)} matrices")
     arrays = {}
     for name, job in readers.items():
         array = map_tensor(job.info).view(KERNEL_STORAGE[job.info.dtype])
@@ -294,7 +298,7 @@ def evaluate_model(
     started = time.perf_counter()
     config = config.evaluated()
     model = open_input(input_path)
-    plan = choose_residual(make_plan(model, config, outputs=outputs), config.variant)  # nothing is written
+    plan = choose_residual(make_plan(model, config, outputs=outputs), config.variant, progress)  # nothing is written
     records: list[TensorRecord] = []
 
     def done(job, group_records, joint):
@@ -364,7 +368,7 @@ def quantize_model(
             # the same run finished here and its files are intact: nothing to redo (a GGUF-only output
             # keeps no tensor files for a rerun to reuse, and every night's cron run redid it whole)
             return _up_to_date(out, previous, started)
-        plan = choose_residual(plan, config.variant)  # the search, only when something is to be done
+        plan = choose_residual(plan, config.variant, progress)  # the search, only when something is to be done
         earlier_run = previous is not None or (out / JOURNAL_NAME).exists()  # the directory is a qstrat output
         journal = _open_journal(out, (fingerprint, older), force, previous, settings, model.path)
         try:

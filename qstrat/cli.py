@@ -172,12 +172,20 @@ class Reporter:
             TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TextColumn("{task.fields[tensors]} tensors"),
             TimeRemainingColumn(), transient=False,
         ) as progress:
-            self._progress = progress
+            self._progress, self._name = progress, name
             self._task = progress.add_task(name, total=total_bytes, tensors=0)
             try:
                 yield
             finally:
                 self._progress = None
+
+    def stage(self, text: str) -> None:
+        """Work before the first tensor is done (a search that takes minutes): said, so that a
+        silent start does not look like a hang."""
+        if self.mode == "lines":
+            print(f"  {text}", flush=True)
+        elif self._progress is not None:
+            self._progress.update(self._task, description=f"{self._name}: {text}")
 
     def __call__(self, records: list[TensorRecord], nbytes: int) -> None:
         if self.mode == "lines":
@@ -185,7 +193,7 @@ class Reporter:
                 print(format_record(record), flush=True)
         elif self._progress is not None:
             done = self._progress.tasks[0].fields["tensors"] + len(records)
-            self._progress.update(self._task, advance=nbytes, tensors=done)
+            self._progress.update(self._task, advance=nbytes, tensors=done, description=self._name)
 
 
 def _print_plan(name: str, output: Path, description: dict) -> None:

@@ -345,6 +345,8 @@ def test_a_gguf_inputs_joint_permutations_stay_out_of_its_tensors(llama_dir, f32
     result = run_cli("qstrat", "run", str(REPO / "configs/residual_stream.yaml"), "-i", str(f32_run[0] / "tiny.gguf"),
                      "-o", str(tmp_path / "again"), "--set", "format=q4_0")
     assert result.returncode == 0, result.stderr
+    # the search (over the embeddings, the head and q, k, v, gate, up) precedes the first tensor's line: said
+    assert result.stdout.splitlines()[:2] == ["tiny: quantizing", f"  choosing the residual-stream order over {2 + 5 * SHAPE.num_hidden_layers} matrices"]
     again = tmp_path / "again" / "tiny.gguf"
     reader = GGUFReader(again)
     assert not [t.name for t in reader.tensors if t.name.endswith(".joint_perm")]
