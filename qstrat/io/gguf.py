@@ -37,7 +37,7 @@ from qstrat.io.manifest import (
     new_manifest,
     write_manifest,
 )
-from qstrat.io.gguf_read import PASSTHROUGH_TYPES, open_gguf
+from qstrat.io.gguf_read import PASSTHROUGH_TYPES, open_gguf, unreadable_type
 from qstrat.io.names import RESIDUAL_PERMUTATION_KEY, assign_file_stems, storage_name
 from qstrat.io.q8k import Q8KTensor, check_permutation, read_perm, read_q8k, read_q8k_shape, write_perm, write_q8k
 from qstrat.io.qblock import SUFFIX as QBLK_SUFFIX, BlockTensor, read_blocks, read_blocks_header, write_blocks
@@ -506,7 +506,7 @@ class GGUFModel:
                 else:
                     types[name] = block_type_of(self.tensors[name])
             except (InputError, ValueError):
-                raise InputError(f"{self.path}: tensor {name!r} has GGML type {int(self.tensors[name].tensor_type)}, not one qstrat reads") from None
+                raise unreadable_type(self.path, name, int(self.tensors[name].tensor_type)) from None
         return types
 
     def stored_tensor(self, name: str, type_name: str) -> Q8KTensor | BlockTensor:
@@ -565,7 +565,7 @@ class GGUFModel:
         tensor = self.tensors[name]
         tag = passthrough_tag(int(tensor.tensor_type))
         if tag is None:
-            raise InputError(f"{self.path}: tensor {name!r} has GGML type {int(tensor.tensor_type)}, not one qstrat writes")
+            raise unreadable_type(self.path, name, int(tensor.tensor_type))
         if tag == "F32" and name in self.widened:
             return self.widened[name]
         return self.retyped.get(name, tag)  # the same bytes

@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from qstrat.errors import InputError
-from qstrat.io.gguf_read import PASSTHROUGH_TYPES, is_gguf_name, open_gguf
+from qstrat.io.gguf_read import PASSTHROUGH_TYPES, is_gguf_name, open_gguf, unreadable_type
 from qstrat.io.safetensors import TensorInfo
 
 if TYPE_CHECKING:
@@ -49,7 +48,10 @@ class GGUFInput:
     def _info(self, tensor) -> TensorInfo:
         import gguf
 
-        ggml_type = gguf.GGMLQuantizationType(int(tensor.tensor_type))
+        try:
+            ggml_type = gguf.GGMLQuantizationType(int(tensor.tensor_type))
+        except ValueError:
+            raise unreadable_type(self.path, tensor.name, int(tensor.tensor_type)) from None
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
         offset, stored = int(tensor.data_offset), int(tensor.n_bytes)
         if ggml_type.name in PASSTHROUGH_TYPES:  # safetensors has a dtype of the same name
@@ -58,7 +60,7 @@ class GGUFInput:
 
         name = ggml_type.name.lower()
         if name not in FORMATS:
-            raise InputError(f"{self.path}: tensor {tensor.name!r} is {ggml_type.name}, a type qstrat cannot read")
+            raise unreadable_type(self.path, tensor.name, int(ggml_type))
         numel = int(np.prod(shape, dtype=np.int64))
         return TensorInfo(tensor.name, "F32", shape, self.path, offset, numel * 4, encoding=name, stored_nbytes=stored)
 

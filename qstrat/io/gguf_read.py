@@ -23,6 +23,21 @@ PASSTHROUGH_TYPES = {
 }
 
 
+def unreadable_type(path: str | os.PathLike, tensor: str, type_id: int) -> InputError:
+    """The error for a tensor stored in a GGML type qstrat does not read: the type by name (its number
+    when gguf-py does not know it) and the types qstrat reads."""
+    import gguf
+
+    from qstrat.formats import FORMATS  # the registry loads the kernels: only on this error's path
+
+    try:
+        name = f"{gguf.GGMLQuantizationType(type_id).name},"
+    except ValueError:
+        name = f"GGML type {type_id}, unknown to gguf-py,"
+    readable = sorted(set(PASSTHROUGH_TYPES) | {t.upper() for t in FORMATS})
+    return InputError(f"{path}: tensor {tensor!r} is {name} a type qstrat cannot read (it reads {', '.join(readable)})")
+
+
 def is_gguf_name(path: str | os.PathLike) -> bool:
     """Whether ``path`` is named as a GGUF file is (``.gguf``, in any case: llama.cpp does not mind)."""
     return Path(path).suffix.lower() == ".gguf"

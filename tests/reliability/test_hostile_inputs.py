@@ -21,7 +21,7 @@ from qstrat.io.manifest import read_manifest
 from qstrat.io.safetensors import SafetensorsFile, write_safetensors
 from qstrat.synthetic import write_model
 from tests.conftest import REPO
-from tests.helpers import assert_clean_failure, communicate_or_dump_stacks, make_llama_dir, raw_safetensors, run_cli
+from tests.helpers import assert_clean_failure, communicate_or_dump_stacks, make_llama_dir, raw_gguf, raw_safetensors, run_cli
 
 HOSTILE_NAMES = [
     "../../escape.weight", "/abs/path.weight", "a/b.weight", "a\\b.weight", "nul\0byte.weight", "new\nline.weight",
@@ -305,8 +305,6 @@ def test_hyperparameters_of_the_wrong_kind_are_input_errors_of_the_numpy_forward
 def _gguf_mutant(path: Path, kvs: dict, tensors: dict) -> Path:
     """A small qstrat generic container (a.weight F16 with its gather map, b.weight F32), with ``kvs``
     (key -> (type, value[, element type]), None to drop) and ``tensors`` (name -> changes) applied."""
-    from tests.helpers import raw_gguf
-
     base_kvs = {"general.architecture": (8, "qstrat"), "qstrat.version": (8, "0"), "qstrat.perm_tensors": (9, ["a.weight.perm"], 8)}
     base_tensors = {"a.weight": (1, (32, 4), np.ones(128, np.float16).tobytes(), 0),
                     "a.weight.perm": (26, (32,), np.arange(32, dtype=np.int32)[::-1].tobytes(), 256),
@@ -395,3 +393,15 @@ def test_verify_of_a_directory_calls_its_unreadable_container_damaged(tmp_path):
     checked = run_cli("qstrat", "verify", str(out))
     assert checked.returncode == 3
     assert_clean_failure(checked, "generated names 'b.weight'")
+
+
+def test_a_gguf_tensor_in_a_type_qstrat_does_not_read_is_named_by_every_command(tmp_path):
+    # TQ1_0 (ternary, 54 bytes per 256 values): llama.cpp has it, qstrat neither reads nor writes it
+    weight = ("blk.0.ffn_down.weight", 34, (256, 2), bytes(2 * 54), 0)
+    path = raw_gguf(tmp_path / "tq.gguf", [("general.architecture", 8, "llama")], [weight])
+    for command in (["inspect", str(path)], ["verify", str(path)], ["dequantize", str(path), str(tmp_path / "d.safetensors")],
+                    ["convert", str(path), str(tmp_path / "dir")], ["quantize", str(path), str(tmp_path / "q")],
+                    ["run", str(REPO / "configs" / "identity.yaml"), "-i", str(path), "-o", str(tmp_path / "r"), "--set", "format=q8_0"]):
+        result = run_cli("qstrat", *command)
+        assert result.returncode in (2, 3) and "Traceback" not in result.stderr, (command, result.stderr)
+        assert "'blk.0.ffn_down.weight' is TQ1_0, a type qstrat cannot read (it reads BF16, F16, F32" in result.stderr + result.stdout, command
