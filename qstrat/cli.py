@@ -455,13 +455,17 @@ def _gguf_table(path: Path, model):
 
     from qstrat.io.names import storage_name
 
-    types = model.checked_types()
-    kinds = _stored_kinds({storage_name(t) for t in types.values() if t is not None}, model.variant)
+    from qstrat.formats import FORMATS
+
+    stored = model.stored_type_names()
+    if set(stored.values()) <= FORMATS.keys():  # else a type qstrat does not read (IQ2_XXS, TQ1_0): listed by name
+        stored = {n: storage_name(t) for n, t in model.checked_types().items() if t is not None}
+    kinds = _stored_kinds(set(stored.values()), model.variant)
     table = Table(title=f"{path} (GGUF: {kinds})")
     for column in ("tensor", "shape", "dtype", "storage", "permutation"):
         table.add_column(column)
-    for name, type_name in types.items():
-        dtype, storage = ("", storage_name(type_name)) if type_name is not None else (model.passthrough_dtype(name), "passthrough")
+    for name in model.model_tensors():
+        dtype, storage = ("", stored[name]) if name in stored else (model.passthrough_dtype(name), "passthrough")
         table.add_row(name, "x".join(map(str, model.shape(name))), dtype, storage, model.permutation_kind(name))
     return table
 

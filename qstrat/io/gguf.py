@@ -509,6 +509,19 @@ class GGUFModel:
                 raise unreadable_type(self.path, name, int(self.tensors[name].tensor_type)) from None
         return types
 
+    def stored_type_names(self) -> dict[str, str]:
+        """The GGML type name (lower case) of each of the model's tensors not passed through, readable by
+        qstrat or not: what a listing shows of a file another tool wrote in types qstrat does not read."""
+        names = {}
+        for name in self.model_tensors():
+            type_id = int(self.tensors[name].tensor_type)
+            if passthrough_tag(type_id) is None:
+                try:
+                    names[name] = _gguf().GGMLQuantizationType(type_id).name.lower()
+                except ValueError:
+                    names[name] = f"ggml type {type_id}"
+        return names
+
     def stored_tensor(self, name: str, type_name: str) -> Q8KTensor | BlockTensor:
         """A quantized tensor's blocks (mapped, not copied), its rows in the source's order."""
         shape = self.shape(name)
@@ -596,8 +609,11 @@ class GGUFModel:
             return (f"a llama.cpp model (architecture {self._string('architecture', prefix='general.')}; "
                     "names, metadata and vocabulary of the GGUF it was quantized from)")
         if self._string("version") is None:  # not written by qstrat: what llama.cpp makes of it is its own affair
-            return (f"a GGUF file another tool wrote (architecture {self._string('architecture', prefix='general.')}); "
-                    "qstrat reads its tensors")
+            from qstrat.formats import FORMATS
+
+            unread = sorted(set(self.stored_type_names().values()) - FORMATS.keys())
+            what = f"qstrat cannot read its {', '.join(unread)} tensors" if unread else "qstrat reads its tensors"
+            return f"a GGUF file another tool wrote (architecture {self._string('architecture', prefix='general.')}); {what}"
         if any(int(t.tensor_type) == int(_gguf().GGMLQuantizationType.Q8_K) for t in self.tensors.values()):
             return "not a llama.cpp model: qstrat's container of Q8_K weights, which llama.cpp cannot run (Candle loads it)"
         return "not a llama.cpp model: qstrat's generic container (tensors under their own names, no hyperparameters or vocabulary)"

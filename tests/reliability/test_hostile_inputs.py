@@ -399,7 +399,10 @@ def test_a_gguf_tensor_in_a_type_qstrat_does_not_read_is_named_by_every_command(
     # TQ1_0 (ternary, 54 bytes per 256 values): llama.cpp has it, qstrat neither reads nor writes it
     weight = ("blk.0.ffn_down.weight", 34, (256, 2), bytes(2 * 54), 0)
     path = raw_gguf(tmp_path / "tq.gguf", [("general.architecture", 8, "llama")], [weight])
-    for command in (["inspect", str(path)], ["verify", str(path)], ["dequantize", str(path), str(tmp_path / "d.safetensors")],
+    listed = run_cli("qstrat", "inspect", str(path))  # listed all the same, by its type's name
+    assert listed.returncode == 0 and "tq1_0" in listed.stdout and "blk.0.ffn_down.weight" in listed.stdout, listed.stderr
+    assert "another tool wrote (architecture llama); qstrat cannot read its tq1_0 tensors" in listed.stdout
+    for command in (["verify", str(path)], ["dequantize", str(path), str(tmp_path / "d.safetensors")],
                     ["convert", str(path), str(tmp_path / "dir")], ["quantize", str(path), str(tmp_path / "q")],
                     ["run", str(REPO / "configs" / "identity.yaml"), "-i", str(path), "-o", str(tmp_path / "r"), "--set", "format=q8_0"]):
         result = run_cli("qstrat", *command)
