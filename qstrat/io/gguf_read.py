@@ -114,7 +114,20 @@ def open_gguf(path: str | os.PathLike, what: str = "file") -> gguf.GGUFReader:
     except Exception as err:  # a third-party parser of untrusted bytes: any failure is a format error
         raise FormatError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
     _check_contents(reader, path)
+    _refuse_split(reader, path)
     return reader
+
+
+def _refuse_split(reader: gguf.GGUFReader, path: Path) -> None:
+    """A part of a split GGUF (``model-00001-of-00003.gguf``) holds only some of the model's tensors:
+    read alone it gave a model short of the others, without a word."""
+    import gguf
+
+    field = reader.fields.get(gguf.Keys.Split.LLM_KV_SPLIT_COUNT)
+    count = field.contents() if field is not None and len(field.types) == 1 else None
+    if isinstance(count, int) and count > 1:
+        raise InputError(f"{path}: one part of a GGUF split into {count} files ({gguf.Keys.Split.LLM_KV_SPLIT_COUNT}); "
+                         f"qstrat reads whole files: merge the parts first (llama.cpp's llama-gguf-split --merge {path} merged.gguf)")
 
 
 def _check_contents(reader: gguf.GGUFReader, path: Path) -> None:

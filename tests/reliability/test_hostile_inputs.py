@@ -408,3 +408,25 @@ def test_a_gguf_tensor_in_a_type_qstrat_does_not_read_is_named_by_every_command(
         result = run_cli("qstrat", *command)
         assert result.returncode in (2, 3) and "Traceback" not in result.stderr, (command, result.stderr)
         assert "'blk.0.ffn_down.weight' is TQ1_0, a type qstrat cannot read (it reads BF16, F16, F32" in result.stderr + result.stdout, command
+
+
+def test_one_part_of_a_split_gguf_is_refused_by_every_command(tmp_path):
+    # gguf-py's writer splits as llama-gguf-split does: each part holds some tensors and split.count
+    import gguf
+
+    writer = gguf.GGUFWriter(tmp_path / "m.gguf", "llama", split_max_tensors=2)
+    for i in range(5):
+        writer.add_tensor(f"t{i}.weight", np.full((2, 32), i, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    first = tmp_path / "m-00001-of-00003.gguf"
+    assert first.is_file()
+    for command in (["inspect", str(first)], ["verify", str(first)], ["dequantize", str(first), str(tmp_path / "d.safetensors")],
+                    ["convert", str(first), str(tmp_path / "dir")], ["quantize", str(first), str(tmp_path / "q")],
+                    ["run", str(REPO / "configs" / "identity.yaml"), "-i", str(first), "-o", str(tmp_path / "r"), "--set", "format=q8_0"]):
+        result = run_cli("qstrat", *command)
+        assert result.returncode in (2, 3) and "Traceback" not in result.stderr, (command, result.stderr)
+        assert "one part of a GGUF split into 3 files (split.count)" in result.stderr + result.stdout, command
+    assert not (tmp_path / "d.safetensors").exists() and not (tmp_path / "r").exists()
