@@ -273,7 +273,13 @@ def make_plan(model: SafetensorsModel, config: RunConfig, outputs: tuple[str, ..
     passthrough = tuple(
         PassthroughTensor(model.tensors[name], reason) for name, reason in sorted(reasons.items())
     )
-    check_llama_cpp_target(model, config, groups, config.output_kinds if outputs is None else tuple(outputs))
+    outputs = config.output_kinds if outputs is None else tuple(outputs)
+    check_llama_cpp_target(model, config, groups, outputs)
+    empty = sorted(info.name for info in model if "gguf" in outputs and 0 in info.shape)
+    if empty:  # GGUF readers (gguf-py's, llama.cpp's checks of tensor data) take no tensor without values
+        shape = tuple(model.tensors[empty[0]].shape)
+        raise InputError(f"{model.tensors[empty[0]].path}: tensor {empty[0]!r} has shape {shape}, no values, which a GGUF "
+                         f"file cannot hold for qstrat's readers ({len(empty)} such tensor(s)); write outputs: [q8k] (format q8_k) instead")
     if residual is not None:
         _check_residual_axes(groups, residual)
     return Plan(groups, passthrough, importance, residual)

@@ -224,6 +224,9 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
         extra = []
         stored_names = {n: gguf_name(n) for n, *_ in entries}
         renamed = {n: g for n, g in stored_names.items() if g != n}
+    empty = next((name for name, *_, shape, nbytes in entries if 0 in tuple(shape)), None)
+    if empty is not None:  # GGUF readers (gguf-py's, qstrat's) take no tensor without values
+        raise InputError(f"{model.directory}: tensor {empty!r} has no values, which a GGUF file cannot hold for qstrat's readers")
     if len(set(stored_names.values())) != len(entries):
         raise OutputError(f"{target}: two tensor names collide in GGUF's 63-byte limit")
     try:

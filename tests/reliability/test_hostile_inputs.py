@@ -430,3 +430,15 @@ def test_one_part_of_a_split_gguf_is_refused_by_every_command(tmp_path):
         assert result.returncode in (2, 3) and "Traceback" not in result.stderr, (command, result.stderr)
         assert "one part of a GGUF split into 3 files (split.count)" in result.stderr + result.stdout, command
     assert not (tmp_path / "d.safetensors").exists() and not (tmp_path / "r").exists()
+
+
+def test_a_tensor_without_values_is_refused_where_a_gguf_is_written(tmp_path):
+    # a .q8k directory passes it through; a GGUF cannot hold it for qstrat's readers (this was exit 1)
+    model = make_llama_dir(tmp_path / "m", shards=1)
+    write_safetensors(model / "extra.safetensors", [("model.empty.weight", "F32", (0, 256), np.zeros((0, 256), np.float32))])
+    q8k = run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-i", str(model), "-o", str(tmp_path / "q8k"))
+    assert q8k.returncode == 0, q8k.stderr
+    for command in (["run", str(REPO / "configs" / "identity.yaml"), "-i", str(model), "-o", str(tmp_path / "g"), "--set", "format=q8_0"],
+                    ["convert", str(tmp_path / "q8k"), str(tmp_path / "c.gguf")]):
+        assert_clean_failure(run_cli("qstrat", *command), "'model.empty.weight'", "no values")
+    assert not (tmp_path / "g").exists() and not (tmp_path / "c.gguf").exists()
