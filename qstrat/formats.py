@@ -49,9 +49,18 @@ class BlockType:
     uses_imatrix: bool  # whether an importance vector changes the bytes
     checks_finite: bool = False  # quantize_rows raises NonFiniteBlocks itself (no scan needed first)
     kernels: str | None = None  # the kernel module it compiles on first use (kernels/<name>.py)
+    #: byte offsets in a block of its float16 fields (scales, minimums; every value of F16), which
+    #: overflow to infinity past 65504 however finite the input (GGML writes that, llama.cpp refuses it)
+    half_fields: tuple[int, ...] = ()
 
     def row_bytes(self, k: int) -> int:
         return k // self.block_size * self.type_size
+
+    def overflows(self, blocks: np.ndarray) -> bool:
+        """Whether a float16 field of these blocks is infinite or NaN (its exponent bits, all in
+        the high byte, all set): from finite input, values too large for the type."""
+        view = blocks.reshape(-1, self.type_size)
+        return any(bool(np.any(view[:, offset + 1] & 0x7C == 0x7C)) for offset in self.half_fields)
 
     def quantize_finite(self, rows: np.ndarray, imatrix: np.ndarray | None, refuse_non_finite: Callable[[], None]) -> np.ndarray:
         """``quantize_rows`` of data that must be finite.  ``refuse_non_finite`` raises naming the
@@ -79,6 +88,7 @@ def register(
     checks_finite: bool = False,
     kernel_layout: tuple[int, int] | None = None,
     kernels: ModuleType | None = None,
+    half_fields: tuple[int, ...] = (),
 ) -> BlockType:
     """Add a type under its lower-case GGUF name.  ``kernel_layout`` (block size, bytes per
     block) is what the kernels were written for; it must equal GGUF's.  ``kernels``: the
@@ -88,7 +98,7 @@ def register(
         raise AssertionError(f"{ggml_type.name}: kernel layout {kernel_layout} != GGUF's {(block_size, type_size)}")
     entry = BlockType(
         ggml_type.name.lower(), ggml_type, block_size, type_size, quantize_rows, dequantize_rows, uses_imatrix,
-        checks_finite, kernels.__name__.rsplit(".", 1)[-1] if kernels is not None else None,
+        checks_finite, kernels.__name__.rsplit(".", 1)[-1] if kernels is not None else None, half_fields,
     )
     FORMATS[entry.name] = entry
     return entry
@@ -112,14 +122,15 @@ def _legacy(code: int) -> tuple[QuantizeRows, DequantizeRows]:
     return quantize_legacy, dequantize_legacy
 
 
-for _type, _code, _weighted in (
-    (QuantizationType.Q8_0, legacy.Q8_0, False),  # GGML ignores the vector for Q8_0
-    (QuantizationType.Q4_0, legacy.Q4_0, True),
-    (QuantizationType.Q4_1, legacy.Q4_1, True),
-    (QuantizationType.Q5_0, legacy.Q5_0, True),
-    (QuantizationType.Q5_1, legacy.Q5_1, True),
+for _type, _code, _weighted, _halves in (  # d first; the _1 types' minimum m after it
+    (QuantizationType.Q8_0, legacy.Q8_0, False, (0,)),  # GGML ignores the vector for Q8_0
+    (QuantizationType.Q4_0, legacy.Q4_0, True, (0,)),
+    (QuantizationType.Q4_1, legacy.Q4_1, True, (0, 2)),
+    (QuantizationType.Q5_0, legacy.Q5_0, True, (0,)),
+    (QuantizationType.Q5_1, legacy.Q5_1, True, (0, 2)),
 ):
-    register(_type, *_legacy(_code), uses_imatrix=_weighted, checks_finite=True, kernel_layout=(legacy.QK, legacy.BLOCK_BYTES[_code]), kernels=legacy)
+    register(_type, *_legacy(_code), uses_imatrix=_weighted, checks_finite=True, kernel_layout=(legacy.QK, legacy.BLOCK_BYTES[_code]),
+             kernels=legacy, half_fields=_halves)
 
 
 # --- the K-quants: 256-value super-blocks (kernels/kquants.py)
@@ -140,14 +151,15 @@ def _kquant(code: int) -> tuple[QuantizeRows, DequantizeRows]:
     return quantize_kquant, dequantize_kquant
 
 
-for _type, _code in (
-    (QuantizationType.Q2_K, kquants.Q2_K),
-    (QuantizationType.Q3_K, kquants.Q3_K),
-    (QuantizationType.Q4_K, kquants.Q4_K),
-    (QuantizationType.Q5_K, kquants.Q5_K),
-    (QuantizationType.Q6_K, kquants.Q6_K),
+for _type, _code, _halves in (  # the super-block's d (and dmin), as block_q*_K in ggml-common.h places them
+    (QuantizationType.Q2_K, kquants.Q2_K, (80, 82)),
+    (QuantizationType.Q3_K, kquants.Q3_K, (108,)),
+    (QuantizationType.Q4_K, kquants.Q4_K, (0, 2)),
+    (QuantizationType.Q5_K, kquants.Q5_K, (0, 2)),
+    (QuantizationType.Q6_K, kquants.Q6_K, (208,)),
 ):
-    register(_type, *_kquant(_code), uses_imatrix=True, checks_finite=True, kernel_layout=(QK_K, kquants.BLOCK_BYTES[_code]), kernels=kquants)
+    register(_type, *_kquant(_code), uses_imatrix=True, checks_finite=True, kernel_layout=(QK_K, kquants.BLOCK_BYTES[_code]),
+             kernels=kquants, half_fields=_halves)
 
 
 # --- IQ4_NL: 32-value blocks of indices into a non-linear table (kernels/iq4nl.py); llama.cpp's
@@ -172,7 +184,7 @@ def _dequantize_iq4nl(blocks: np.ndarray, k: int) -> np.ndarray:
 
 register(
     QuantizationType.IQ4_NL, _quantize_iq4nl, _dequantize_iq4nl,
-    uses_imatrix=True, checks_finite=True, kernel_layout=(legacy.QK, iq4nl.BLOCK_BYTES), kernels=iq4nl,
+    uses_imatrix=True, checks_finite=True, kernel_layout=(legacy.QK, iq4nl.BLOCK_BYTES), kernels=iq4nl, half_fields=(0,),
 )
 
 
@@ -220,7 +232,8 @@ def _dequantize_bf16(blocks: np.ndarray, k: int) -> np.ndarray:
 
 
 register(QuantizationType.F32, _quantize_f32, _dequantize_f32, uses_imatrix=False, kernel_layout=(1, 4))
-register(QuantizationType.F16, _encoder(False), _dequantize_f16, uses_imatrix=False, checks_finite=True, kernel_layout=(1, 2), kernels=half)
+register(QuantizationType.F16, _encoder(False), _dequantize_f16, uses_imatrix=False, checks_finite=True, kernel_layout=(1, 2), kernels=half,
+         half_fields=(0,))
 register(QuantizationType.BF16, _encoder(True), _dequantize_bf16, uses_imatrix=False, checks_finite=True, kernel_layout=(1, 2), kernels=half)
 
 
@@ -294,8 +307,18 @@ def quantize(data: np.ndarray, qtype: str | QuantizationType, imatrix: np.ndarra
                 f"{entry.name} quantization refuses NaN and infinity"
             )
 
+    # values too large for the type give GGML's bytes here, infinite scales included (a run refuses them)
     out = entry.quantize_finite(rows, weights if entry.uses_imatrix else None, refuse_non_finite)
     return out.reshape(array.shape[:-1] + (entry.row_bytes(k),))
+
+
+def too_large(rows: np.ndarray, shape: tuple[int, ...], type_name: str) -> str:
+    """Why ``rows`` (2-D kernel storage, of data of ``shape``) overflowed ``type_name``'s float16 fields."""
+    values = np.abs(storage_to_float32(rows))
+    flat = int(np.argmax(values))
+    return (f"its largest value, {float(values.reshape(-1)[flat]):.4g} at index {_index_in(flat, tuple(shape))}, is too large for "
+            f"{type_name}: a float16 scale or value of its blocks overflows to infinity (past 65504), which llama.cpp refuses; "
+            "a type with float32 or bfloat16 range (bf16, f32) holds it")
 
 
 def dequantize(data: np.ndarray, qtype: str | QuantizationType) -> np.ndarray:

@@ -20,7 +20,7 @@ from qstrat.blocks import (
     storage_to_float32,
     variant_code,
 )
-from qstrat.errors import InputError
+from qstrat.errors import InputError, NonFiniteError
 from qstrat.kernels import measure_columns, quantize_rows_q8k
 from qstrat.kernels.metrics import (
     DEQUANTIZED_SQUARES,
@@ -211,7 +211,7 @@ def quantize_matrix_as(
     Rows go through in chunks (every type quantizes each row on its own, so the bytes are the
     same): the float32 copy in stored order is a chunk's, not the matrix's; whole, it and its
     permuted copies took two to three times a 16-bit matrix's size again."""
-    from qstrat.formats import block_type
+    from qstrat.formats import block_type, too_large
 
     entry = block_type(type_name)
     if storage.ndim != 2 or storage.shape[1] % entry.block_size:
@@ -239,6 +239,8 @@ def quantize_matrix_as(
             blocks[picked] = entry.quantize_finite(stored, weights, refuse_non_finite)
         else:
             blocks[picked] = entry.quantize_rows(stored, weights)
+        if entry.overflows(blocks[picked]):
+            raise NonFiniteError(f"tensor {tensor_name!r}: {too_large(storage, storage.shape, entry.name)}")
         if not measured:
             continue
         for start in range(0, stored.shape[0], _MEASURED_ROWS):

@@ -367,3 +367,24 @@ def test_a_matrix_quantized_in_row_chunks_is_ggmls_and_measured_as_a_whole(name,
     assert chunked.weighted_error_squares == whole.weighted_error_squares
     errors = matrix.quantize_matrix_as(storage, name, rows, cols, measure="error", importance=importance)
     assert errors.error_squares == whole.error_squares
+
+
+@pytest.mark.parametrize("name", [n for n, t in FORMATS.items() if t.half_fields])
+def test_blocks_whose_float16_fields_overflow_are_found_exactly_where_ggml_writes_infinity(name):
+    # GGML's float16 scales (and F16's values) overflow past 65504: its bytes then dequantize to inf or
+    # NaN, a file llama.cpp refuses to load. The API gives GGML's bytes; a run refuses them (overflows)
+    entry = block_type(name)
+    k = max(entry.block_size, 256)
+    base = np.random.default_rng(5).standard_normal((1, k)).astype(np.float32)
+    seen = set()
+    for magnitude in (6.0e4, 6.6e4, 5.0e5, 1.0e6, 8.0e6, 9.0e6, 1.0e8, 1.0e12, 3.0e38):
+        for sign in (1.0, -1.0):
+            x = base.copy()
+            x[0, 7] = sign * magnitude
+            ggml = ggml_quantize_chunk(int(entry.ggml_type), x, None)
+            assert np.array_equal(qstrat.quantize(x, name), ggml), (name, sign * magnitude)
+            symbol = name[:-1] + "K" if name.endswith("_k") else name  # dequantize_row_q4_K
+            infinite = not np.all(np.isfinite(ggml.view("<f2") if name == "f16" else ggml_dequantize_row(symbol, ggml, k)))
+            assert entry.overflows(ggml) == infinite, (name, sign * magnitude)
+            seen.add(infinite)
+    assert seen == {True, False}

@@ -442,3 +442,21 @@ def test_a_tensor_without_values_is_refused_where_a_gguf_is_written(tmp_path):
                     ["convert", str(tmp_path / "q8k"), str(tmp_path / "c.gguf")]):
         assert_clean_failure(run_cli("qstrat", *command), "'model.empty.weight'", "no values")
     assert not (tmp_path / "g").exists() and not (tmp_path / "c.gguf").exists()
+
+
+def test_values_too_large_for_the_type_are_refused_with_or_without_validation(tmp_path):
+    # GGML writes an infinite float16 scale for them (llama.cpp refuses the file); this was exit 1 with
+    # validation (an infinite SQNR) and a model of inf/NaN without it
+    x = np.random.default_rng(2).standard_normal((4, 512)).astype(np.float32)
+    x[3, 17] = 1.0e7
+    model = tmp_path / "m"
+    model.mkdir()
+    write_safetensors(model / "model.safetensors", [("w.weight", "F32", x.shape, x)])
+    for format_name in ("q8_0", "f16"):
+        for validation in ("true", "false"):
+            result = run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-i", str(model), "-o", str(tmp_path / f"o-{format_name}-{validation}"),
+                             "--set", f"format={format_name}", "--set", f"validation.enabled={validation}")
+            assert result.returncode == 2, result.stderr
+            assert_clean_failure(result, "'w.weight'", "1e+07 at index (3, 17), is too large for " + format_name)
+    compared = run_cli("qstrat", "compare", str(model), "--strategies", "identity", "--formats", "f16")
+    assert_clean_failure(compared, "'w.weight'", "too large for f16")
