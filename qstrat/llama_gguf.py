@@ -483,6 +483,43 @@ class LlamaLayout:
             v.special.add_to_gguf(writer, quiet=True)
 
 
+#: the tensors every layer of a Llama-family model has, by llama.cpp's name
+_LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def _shape_disagreement(tensors: dict[str, tuple[int, ...]], names: dict[str, str], hparams: dict,
+                        n_layer: int, n_head: int, n_head_kv: int) -> str | None:
+    """Where config.json and the tensors disagree on what llama.cpp checks when it loads the file
+    (every layer's tensors, each of the shape the hyperparameters give), or None."""
+    by_name = {gguf_name: hf for hf, gguf_name in names.items()}
+    for layer in range(n_layer):
+        missing = [t for t in _LAYER_TENSORS if f"blk.{layer}.{t}.weight" not in by_name]
+        if missing:
+            return f"config.json gives {n_layer} layers (num_hidden_layers), and layer {layer} has no {missing[0]} tensor"
+    n_embd = int(hparams["hidden_size"])
+    head_dim = int(hparams.get("head_dim") or n_embd // n_head)
+    n_ff, n_vocab = hparams.get("intermediate_size"), hparams.get("vocab_size")
+    q, kv = n_head * head_dim, n_head_kv * head_dim
+    expected = {
+        "token_embd.weight": (n_vocab, n_embd), "output.weight": (n_vocab, n_embd), "output_norm.weight": (n_embd,),
+        "attn_norm.weight": (n_embd,), "ffn_norm.weight": (n_embd,), "attn_q.weight": (q, n_embd),
+        "attn_k.weight": (kv, n_embd), "attn_v.weight": (kv, n_embd), "attn_output.weight": (n_embd, q),
+        "attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,),
+        "ffn_gate.weight": (n_ff, n_embd), "ffn_up.weight": (n_ff, n_embd), "ffn_down.weight": (n_embd, n_ff),
+    }
+    for gguf_name, hf in sorted(by_name.items()):
+        role = gguf_name.split(".", 2)[2] if gguf_name.startswith("blk.") else gguf_name
+        want = expected.get(role)
+        if want is None or any(d is None for d in want):
+            continue
+        want = tuple(int(d) for d in want)
+        if tuple(tensors[hf]) != want:
+            return (f"tensor {hf} has shape {list(tensors[hf])}, and config.json's hyperparameters (hidden_size {n_embd}, "
+                    f"{n_head} heads of {head_dim}, {n_head_kv} key/value heads, intermediate_size {n_ff}, vocab_size {n_vocab}) "
+                    f"give {list(want)}: llama.cpp refuses a file where they differ")
+    return None
+
+
 def plan_layout(
     tensors: dict[str, tuple[int, ...]], hparams: dict, source: Path | None
 ) -> tuple[LlamaLayout | None, str]:
@@ -516,6 +553,9 @@ def plan_layout(
             return None, f"tensor {hf} has no llama.cpp name"
     if len(set(names.values())) != len(names):
         return None, "two tensors map to one llama.cpp name"
+    disagreement = _shape_disagreement(tensors, names, hparams, n_layer, n_head, n_head_kv)
+    if disagreement is not None:
+        return None, disagreement
     row_heads = {}
     if arch == "llama":  # LlamaModel.undo_permute; Qwen2Model does not permute (NEOX rotary embedding)
         for hf in names:

@@ -388,3 +388,20 @@ def test_a_byte_fallback_bpe_is_llamas_even_when_it_ignores_merges(tmp_path):
                      "decoder": {"type": "Sequence", "decoders": []}, "added_tokens": [{"id": 1, "content": "<s>", "special": True}]}
         (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer))
         assert read_vocabulary(tmp_path, "llama", len(vocab), []).model == expected
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("hidden_size", 1024, "hidden_size 1024"),
+    ("num_hidden_layers", SHAPE.num_hidden_layers + 1, f"layer {SHAPE.num_hidden_layers} has no attn_norm tensor"),
+    ("vocab_size", SHAPE.vocab_size + 8, f"vocab_size {SHAPE.vocab_size + 8}"),
+    ("intermediate_size", 2 * SHAPE.intermediate_size, f"intermediate_size {2 * SHAPE.intermediate_size}"),
+])
+def test_a_config_that_disagrees_with_the_tensors_gives_no_llama_cpp_model(tmp_path, key, value, fragment):
+    # llama.cpp checks every tensor's shape against the hyperparameters and refused such files, which
+    # the run had called llama.cpp models
+    model = write_model(tmp_path / "m", llama_tensors(SHAPE, 1), dtype="F32", shards=1, config={**hf_config(SHAPE), key: value})
+    result = run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-i", str(model), "-o", str(tmp_path / "o"),
+                     "--set", "format=q8_0", "--json")
+    assert result.returncode == 0, result.stderr
+    gguf_summary = json.loads(result.stdout.splitlines()[-1])["models"][0]["gguf"]
+    assert gguf_summary["llama_cpp"] is False and fragment in gguf_summary["reason"], gguf_summary
