@@ -99,6 +99,9 @@ class SafetensorsFile:
                 prefix = f.read(HEADER_LENGTH_BYTES)
                 if len(prefix) < HEADER_LENGTH_BYTES:
                     raise self._error(f"file is {self.size} bytes, shorter than the 8-byte header length")
+                if prefix.startswith(b"GGUF"):  # an Ollama blob, a .bin: qstrat tells GGUF files by their suffix
+                    raise InputError(f"{self.path}: a GGUF file (it starts with GGUF's magic) without the .gguf suffix "
+                                     "qstrat reads GGUF files by: link or copy it to a name ending in .gguf")
                 (header_len,) = struct.unpack("<Q", prefix)
                 if header_len > min(MAX_HEADER_BYTES, self.size - HEADER_LENGTH_BYTES):
                     raise self._error(

@@ -460,3 +460,11 @@ def test_values_too_large_for_the_type_are_refused_with_or_without_validation(tm
             assert_clean_failure(result, "'w.weight'", "1e+07 at index (3, 17), is too large for " + format_name)
     compared = run_cli("qstrat", "compare", str(model), "--strategies", "identity", "--formats", "f16")
     assert_clean_failure(compared, "'w.weight'", "too large for f16")
+
+
+def test_a_gguf_file_without_its_suffix_is_named_as_one(tmp_path):
+    # an Ollama blob (sha256-...) is a GGUF file; read as safetensors it gave "header length ... exceeds"
+    blob = raw_gguf(tmp_path / "sha256-0123abcd", [("general.architecture", 8, "llama")], [("w", 0, (32, 2), bytes(256), 0)])
+    assert_clean_failure(run_cli("qstrat", "inspect", str(blob)), "a GGUF file", "name ending in .gguf")
+    blob.rename(tmp_path / "model.gguf")
+    assert run_cli("qstrat", "inspect", str(tmp_path / "model.gguf")).returncode == 0
