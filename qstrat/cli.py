@@ -582,8 +582,8 @@ def verify(output_dir: Path = typer.Argument(..., help="output directory or .ggu
         if checked:
             print(f"{output_dir}: intact")
         else:
-            print(f"{output_dir}: intact as far as its structure goes (it records no checksum of its data: "
-                  "written by another tool or an older qstrat)")
+            print(f"{output_dir}: intact as far as its structure goes (it records no checksum of its present data: "
+                  "written or rewritten by another tool, or by an older qstrat)")
 
 
 @app.command()

@@ -208,6 +208,27 @@ def test_verify_of_a_lone_gguf_checks_its_recorded_data_checksum(tmp_path):
     del reader
     result = run_cli("qstrat", "verify", str(foreign))
     assert result.returncode == 0 and "records no checksum" in result.stdout, result.stdout + result.stderr
+    # rewritten in another type by a tool that copies every key, as llama.cpp's quantizer does (run in
+    # tests/test_llama_quantize.py): its checksum is stale, and the file not damaged
+    import gguf
+
+    source, rewritten = GGUFReader(out / "tiny-llama.gguf"), tmp_path / "rewritten.gguf"
+    writer = gguf.GGUFWriter(rewritten, str(source.fields["general.architecture"].contents()))
+    for key, field in source.fields.items():
+        if not key.startswith("GGUF.") and key != "general.architecture":
+            writer.add_key_value(key, field.contents(), field.types[0], sub_type=field.types[-1] if len(field.types) > 1 else None)
+    for tensor in source.tensors:
+        if tensor.tensor_type == GGMLQuantizationType.Q8_0:
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            writer.add_tensor(tensor.name, gguf.quants.quantize(values, GGMLQuantizationType.Q4_0), raw_dtype=GGMLQuantizationType.Q4_0)
+        else:
+            writer.add_tensor(tensor.name, np.asarray(tensor.data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    result = run_cli("qstrat", "verify", str(rewritten))
+    assert result.returncode == 0 and "rewritten by another tool" in result.stdout, result.stdout + result.stderr
 
 
 def test_a_gguf_of_an_earlier_qstrat_is_checked_against_its_data_checksum(tmp_path):

@@ -17,7 +17,7 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,6 +61,20 @@ SHA256_KEY = KEY_PREFIX + "sha256"
 _PENDING_SHA256 = "qstrat-sha256-pending-" + "0" * 42
 #: what qstrat 0.x wrote before the header was covered: the tensor bytes alone (still checked)
 DATA_SHA256_KEY = KEY_PREFIX + "data_sha256"
+#: sha256 of the tensor table (stored name, GGML type, bytes of each tensor, in file order): a tool that
+#: rewrites the file in other types (llama.cpp's quantizer, which copies every key) changes it, damage
+#: to the data does not, so that verify can tell a rewritten file from a corrupted one
+TABLE_SHA256_KEY = KEY_PREFIX + "tensor_table_sha256"
+
+
+def tensor_table_sha256(rows: Iterable[tuple[str, int, int]]) -> str:
+    """The value of ``qstrat.tensor_table_sha256`` for these (stored name, GGML type id, bytes) rows."""
+    return hashlib.sha256(json.dumps([[str(n), int(t), int(b)] for n, t, b in rows]).encode()).hexdigest()
+
+
+def read_tensor_table_sha256(reader: gguf.GGUFReader) -> str:
+    """``tensor_table_sha256`` of the tensors a GGUF file holds now."""
+    return tensor_table_sha256((t.name, int(t.tensor_type), int(t.n_bytes)) for t in reader.tensors)
 
 
 #: the float types a run also quantizes "to" (format f32, f16 or bf16, or a fallback type)
@@ -252,6 +266,9 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
             writer.add_file_type(int(metadata["file_type"]))  # llama.cpp's file type (a preset's, a GGUF input's)
         writer.add_string(KEY_PREFIX + "version", __version__)
         writer.add_string(SHA256_KEY, _PENDING_SHA256)
+        writer.add_string(TABLE_SHA256_KEY, tensor_table_sha256(
+            (stored_names[name], int(raw) if raw is not None else int(gguf.GGMLQuantizationType[_TAGS[np.dtype(dtype)]]), nbytes)
+            for name, _, dtype, raw, _, nbytes in entries))
         writer.add_string(KEY_PREFIX + "variant", str(metadata.get("variant") or "unknown"))
         writer.add_string(KEY_PREFIX + "config", json.dumps(metadata.get("config") or {}, sort_keys=True))
         if layout is not None:
@@ -302,6 +319,10 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
         writer.close()
         _fill_in_sha256(tmp, data_start, digest.hexdigest(), target)
     return target
+
+
+#: numpy dtype -> the GGML type name gguf-py's writer gives a tensor of it (bfloat16 goes as a raw type)
+_TAGS = {np.dtype(t): tag for tag, t in PASSTHROUGH_TYPES.items() if tag != "BF16"}
 
 
 def _fill_in_sha256(path: Path, header_end: int, hexdigest: str, target: Path) -> None:
