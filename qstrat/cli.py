@@ -311,12 +311,15 @@ def run(
                 output_bytes = sum(p.stat().st_size for p in job.output.iterdir() if p.is_file())
                 larger = larger_than_input(result, input_bytes, output_bytes)
                 warnings = spec.config.unmatched_rules(model.tensors) + ([larger] if larger is not None else [])
+                summary = summarize(result)
+                if "imatrix" in summary and not summary["imatrix"]["used"]:  # another model's, or names that differ
+                    warnings.append(f"the importance matrix {job.imatrix} has a vector for none of the "
+                                    f"{len(summary['imatrix']['missing'])} quantized tensors: they were quantized without one")
                 if warnings:
                     outcome["warnings"] = warnings
                     if mode != "quiet":
                         for warning in warnings:
                             print(f"warning: {job.name}: {warning}", file=sys.stderr, flush=True)
-                summary = summarize(result)
                 if "imatrix" in summary:
                     outcome["imatrix"] = {"path": str(job.imatrix), **summary["imatrix"]}
                 if mode == "quiet" and not json_output:

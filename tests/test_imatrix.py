@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 
 from qstrat.imatrix import read_imatrix
 from qstrat.io.gguf import GGUFModel
-from qstrat.io.safetensors import SafetensorsModel, map_tensor, to_float32
+from qstrat.io.safetensors import SafetensorsModel, map_tensor, to_float32, write_safetensors
 from qstrat.pipelines.run import quantize_model
 from qstrat.reference import ggml_quantize_chunk
 from qstrat.runconfig import RunConfig
@@ -312,3 +312,18 @@ def test_importance_vectors_move_with_joint_permutations(model, tmp_path):
             unmoved = ggml_quantize_chunk(int(GGMLQuantizationType.Q4_0), np.ascontiguousarray(sources[name][:, perm]), imatrix=vector)
             assert not np.array_equal(stored, unmoved), name  # the vector did move
     assert permuted, "mlp_joint kept every down projection in place: the test checks nothing"
+
+
+def test_an_imatrix_that_names_none_of_the_models_tensors_is_a_warning(model, tmp_path):
+    # another model's importance matrix: nothing to weight with, which the report showed only as used 0
+    _, _, imatrix, _ = model
+    other = tmp_path / "other"
+    other.mkdir()
+    x = np.random.default_rng(0).standard_normal((8, 256)).astype(np.float32)
+    write_safetensors(other / "model.safetensors", [("encoder.dense.weight", "F32", x.shape, x)])
+    result = run_with_imatrix(other, imatrix, tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    line = json.loads(result.stdout.strip().splitlines()[-1])["models"][0]
+    assert line["imatrix"]["used"] == 0
+    assert (f"the importance matrix {imatrix} has a vector for none of the 1 quantized tensors: they were quantized "
+            "without one") in line["warnings"], line
