@@ -19,7 +19,7 @@ def verify_gguf_file(path: str | os.PathLike) -> tuple[list[str], bool]:
     be checked: a file qstrat writes records the sha256 of its header and tensor data (``qstrat.sha256``;
     an earlier qstrat's, ``qstrat.data_sha256``, of the data alone), another tool's does not, and then
     only its structure is checked."""
-    from qstrat.io.gguf import SHA256_KEY, TABLE_SHA256_KEY, GGUFModel, gguf_sha256, read_tensor_table_sha256, recorded_sha256
+    from qstrat.io.gguf import SHA256_KEY, GGUFModel, gguf_sha256, recorded_sha256
 
     path = Path(path)
     recorded = None
@@ -27,10 +27,7 @@ def verify_gguf_file(path: str | os.PathLike) -> tuple[list[str], bool]:
         model = GGUFModel(path)
         recorded = recorded_sha256(model.reader)
         if recorded is not None and recorded[1] != gguf_sha256(model.reader, recorded[0]):  # the data is read only to compare it
-            table = model.reader.fields.get(TABLE_SHA256_KEY)
-            if table is not None and str(table.contents()) != read_tensor_table_sha256(model.reader):
-                # another tool rewrote it in other types, copying qstrat's keys (llama.cpp's quantizer
-                # does): its checksum is of a file that is gone, so only its structure can be checked
+            if model.rewritten():  # its checksum is of a file that is gone: only its structure can be checked
                 recorded = None
             else:
                 what = "header and tensor data" if recorded[0] == SHA256_KEY else "tensor data"

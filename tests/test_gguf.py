@@ -229,6 +229,9 @@ def test_verify_of_a_lone_gguf_checks_its_recorded_data_checksum(tmp_path):
     writer.close()
     result = run_cli("qstrat", "verify", str(rewritten))
     assert result.returncode == 0 and "rewritten by another tool" in result.stdout, result.stdout + result.stderr
+    listed = run_cli("qstrat", "inspect", str(rewritten))
+    assert listed.returncode == 0 and "rewritten by another tool since qstrat wrote it" in listed.stdout, listed.stdout + listed.stderr
+    assert "rewritten" not in run_cli("qstrat", "inspect", str(out / "tiny-llama.gguf")).stdout
 
 
 def test_a_gguf_of_an_earlier_qstrat_is_checked_against_its_data_checksum(tmp_path):

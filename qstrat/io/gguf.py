@@ -625,8 +625,18 @@ class GGUFModel:
             raise FormatError(f"{self.path}: tensor {name!r} ({KEY_PREFIX}retyped BOOL) holds bytes other than 0 and 1")
         return tag, raw
 
+    def rewritten(self) -> bool:
+        """Whether another tool rewrote this qstrat file in other types, copying qstrat's keys (llama.cpp's
+        quantizer does): the tensor table is not the one qstrat recorded, and its checksum is stale."""
+        table = self._string("tensor_table_sha256")
+        return table is not None and table != read_tensor_table_sha256(self.reader)
+
     def describe_layout(self) -> str:
-        """One line: whether llama.cpp runs this file."""
+        """One line: whether llama.cpp runs this file (and whether another tool rewrote it)."""
+        line = self._describe_layout()
+        return line + "; rewritten by another tool since qstrat wrote it (its tensors are not those qstrat recorded)" if self.rewritten() else line
+
+    def _describe_layout(self) -> str:
         if self.llama_cpp:
             return f"a llama.cpp model (architecture {self._string('architecture', prefix='general.')})"
         if self._string("layout") == GGUF_INPUT_LAYOUT:
