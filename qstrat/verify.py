@@ -17,8 +17,8 @@ from qstrat.io.atomic import file_sha256
 def verify_gguf_file(path: str | os.PathLike) -> tuple[list[str], bool]:
     """Every problem of a lone ``.gguf`` file (empty when it is intact), and whether its bytes could
     be checked: a file qstrat writes records the sha256 of its header and tensor data (``qstrat.sha256``;
-    an earlier qstrat's, ``qstrat.data_sha256``, of the data alone), another tool's does not, and then
-    only its structure is checked."""
+    an earlier qstrat's, ``qstrat.data_sha256``, of the data alone), another tool's does not, nor does one
+    another tool rewrote in other types (its record is of a file that is gone): then only its structure is checked."""
     from qstrat.io.gguf import SHA256_KEY, GGUFModel, gguf_sha256, recorded_sha256
 
     path = Path(path)
