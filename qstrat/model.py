@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shutil
 import tempfile
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from qstrat.errors import FormatError, InputError
+from qstrat.io.atomic import flock_path
 from qstrat.io.gguf_read import is_gguf_name
 from qstrat.io.names import JOINT_PERMUTATIONS_NAME, JOURNAL_NAME, MANIFEST_NAME, PASSTHROUGH_NAME, RESIDUAL_PERMUTATION_KEY, decode_name
 from qstrat.io.q8k import check_permutation, read_perm, read_q8k, read_q8k_shape
@@ -205,22 +205,6 @@ _UNPACKED_PREFIX = "qstrat-gguf-"
 _UNPACKED_GRACE_S = 10  # a directory this young may not be locked yet
 
 
-@contextlib.contextmanager
-def _locked_directory(path: Path, blocking: bool) -> Iterator[bool]:
-    """Hold an flock on the directory ``path`` (released when the holder dies, however it dies);
-    yields whether it was taken (always, if ``blocking``)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
-
-
 def _remove_stale_unpacked() -> None:
     """Remove this user's unpacked copies that no reader holds: one killed with SIGKILL skips the
     cleanup, and a model's worth of files would stay in the temporary directory for good.  A lock,
@@ -232,7 +216,7 @@ def _remove_stale_unpacked() -> None:
                 status = entry.lstat()
                 if not entry.is_dir() or entry.is_symlink() or status.st_uid != os.getuid() or now - status.st_mtime < _UNPACKED_GRACE_S:
                     continue
-                with _locked_directory(entry, blocking=False) as free:
+                with flock_path(entry, blocking=False) as free:
                     if free:
                         shutil.rmtree(entry, ignore_errors=True)
 
@@ -256,7 +240,7 @@ def as_directory(path: str | os.PathLike, follow_container: bool = True) -> Iter
     if path.is_file() and is_gguf_name(path):
         model = GGUFModel(path)
         _remove_stale_unpacked()
-        with tempfile.TemporaryDirectory(prefix=_UNPACKED_PREFIX) as tmp, _locked_directory(Path(tmp), blocking=True):
+        with tempfile.TemporaryDirectory(prefix=_UNPACKED_PREFIX) as tmp, flock_path(Path(tmp), blocking=True):
             unpack_gguf(model, Path(tmp))
             yield Path(tmp)
     else:

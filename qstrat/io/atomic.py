@@ -180,32 +180,34 @@ def remove_stale_temporaries(directory: Path, *, keep_live_writers: bool = False
     ``of``: only those of that file name (in a directory of the user's, where nothing else is qstrat's)."""
     removed = 0
     for entry in Path(directory).glob(f".{'*' if of is None else glob.escape(of)}{TEMP_MARKER}*"):
-        if keep_live_writers and _held(entry):
-            continue
+        # one that cannot be opened or locked to tell (another user's; no flock here) is kept
         with contextlib.suppress(OSError):
-            entry.unlink()
+            if keep_live_writers:
+                with flock_path(entry, blocking=False) as free:
+                    if not free:
+                        continue
+                    entry.unlink()  # under its lock: no writer can take it meanwhile
+            else:
+                entry.unlink()
             removed += 1
     return removed
 
 
-def _held(path: Path) -> bool:
-    """Whether a writer holds its lock on the temporary ``path`` (one that cannot be opened to tell
-    counts as held: another user's, say)."""
+@contextlib.contextmanager
+def flock_path(path: Path, blocking: bool) -> Iterator[bool]:
+    """Hold an exclusive flock on the file or directory ``path`` (released when the holder dies, however
+    it dies); yields whether it was taken (always, if ``blocking``).  A live holder, in whatever
+    container or host, is told by its lock: pids do not tell across pid namespaces."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:  # no flock on this filesystem: nothing tells a live writer, so keep it
-        return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
     finally:
         os.close(fd)
-    return False
 
 
 _HASH_CHUNK = 1 << 22
