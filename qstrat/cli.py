@@ -458,10 +458,8 @@ def _gguf_table(path: Path, model):
 
     from qstrat.io.names import storage_name
 
-    from qstrat.formats import FORMATS
-
-    stored = model.stored_type_names()
-    if set(stored.values()) <= FORMATS.keys():  # else a type qstrat does not read (IQ2_XXS, TQ1_0): listed by name
+    stored = model.stored_type_names()  # a type qstrat does not read (IQ2_XXS, TQ1_0) is listed by its name
+    if not model.unreadable_types():
         stored = {n: storage_name(t) for n, t in model.checked_types().items() if t is not None}
     kinds = _stored_kinds(set(stored.values()), model.variant)
     table = Table(title=f"{path} (GGUF: {kinds})")

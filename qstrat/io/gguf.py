@@ -546,6 +546,12 @@ class GGUFModel:
                     names[name] = f"ggml type {type_id}"
         return names
 
+    def unreadable_types(self) -> list[str]:
+        """The GGML types (lower case) of the model's tensors that qstrat does not read (IQ2_XXS, TQ1_0, ...)."""
+        from qstrat.formats import FORMATS  # the registry loads the kernels: only when asked
+
+        return sorted(set(self.stored_type_names().values()) - FORMATS.keys())
+
     def stored_tensor(self, name: str, type_name: str) -> Q8KTensor | BlockTensor:
         """A quantized tensor's blocks (mapped, not copied), its rows in the source's order."""
         shape = self.shape(name)
@@ -643,9 +649,7 @@ class GGUFModel:
             return (f"a llama.cpp model (architecture {self._string('architecture', prefix='general.')}; "
                     "names, metadata and vocabulary of the GGUF it was quantized from)")
         if self._string("version") is None:  # not written by qstrat: what llama.cpp makes of it is its own affair
-            from qstrat.formats import FORMATS
-
-            unread = sorted(set(self.stored_type_names().values()) - FORMATS.keys())
+            unread = self.unreadable_types()
             what = f"qstrat cannot read its {', '.join(unread)} tensors" if unread else "qstrat reads its tensors"
             return f"a GGUF file another tool wrote (architecture {self._string('architecture', prefix='general.')}); {what}"
         if any(int(t.tensor_type) == int(_gguf().GGMLQuantizationType.Q8_K) for t in self.tensors.values()):
