@@ -8,21 +8,12 @@ from pathlib import Path
 import numpy as np
 
 from qstrat.io.atomic import remove_stale_temporaries
-from qstrat.io.safetensors import write_safetensors
+from qstrat.io.safetensors import exact_in, write_safetensors
 from qstrat.model import open_model
 
 
 #: quantized "to" a 16-bit float type: its values are exactly that type's, written in it (half the bytes)
 _EXACT_16_BIT = {"f16": "F16", "bf16": "BF16"}
-
-
-def _in_dtype(values: np.ndarray, tag: str) -> np.ndarray:
-    """float32 ``values`` that are exactly ``tag``'s as that dtype's array (bfloat16 as its bits)."""
-    if tag == "F16":
-        return values.astype(np.float16)
-    if tag == "BF16":
-        return (np.ascontiguousarray(values, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
-    return values
 
 
 def dequantize_to_safetensors(model_path: str | os.PathLike, target: str | os.PathLike, original: bool = True) -> int:
@@ -48,6 +39,6 @@ def dequantize_to_safetensors(model_path: str | os.PathLike, target: str | os.Pa
                 items.append((name, model.passthrough_dtype(name), tuple(model.shape(name)), raw))
             else:
                 tag = _EXACT_16_BIT.get(model.stored_type(name), "F32")
-                items.append((name, tag, tuple(model.shape(name)), lambda name=name, tag=tag: _in_dtype(opened[name], tag)))
+                items.append((name, tag, tuple(model.shape(name)), lambda name=name, tag=tag: exact_in(tag, opened[name])))
         write_safetensors(target, items, {"format": "pt", "qstrat": "dequantized"})
     return len(items)

@@ -41,7 +41,7 @@ from qstrat.io.gguf_read import PASSTHROUGH_TYPES, open_gguf, unreadable_type
 from qstrat.io.names import RESIDUAL_PERMUTATION_KEY, assign_file_stems, storage_name
 from qstrat.io.q8k import Q8KTensor, check_permutation, read_perm, read_q8k, read_q8k_shape, write_perm, write_q8k
 from qstrat.io.qblock import SUFFIX as QBLK_SUFFIX, BlockTensor, read_blocks, read_blocks_header, write_blocks
-from qstrat.io.safetensors import map_tensor, to_float32, write_safetensors
+from qstrat.io.safetensors import exact_in, map_tensor, to_float32, write_safetensors
 from qstrat.kernels import BLOCK_BYTES, QK_K
 
 if TYPE_CHECKING:
@@ -621,11 +621,7 @@ class GGUFModel:
             array = array.view(np.uint16)  # the reader gives bfloat16 as raw bytes
         array = self.source_rows(name, array.reshape(shape) if shape else array)
         if stored == "F32" and name in self.widened:
-            values = np.ascontiguousarray(array, dtype=np.float32)
-            if tag == "BF16":
-                array = (values.view(np.uint32) >> 16).astype(np.uint16)  # exact: widened from bfloat16
-            else:
-                array = values.astype(np.float16)
+            array = exact_in(tag, array)  # exact: widened from that dtype
         raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
         if tag == "BOOL" and raw.size and raw.max() > 1:  # stored as I8: any byte fits, a bool is 0 or 1
             raise FormatError(f"{self.path}: tensor {name!r} ({KEY_PREFIX}retyped BOOL) holds bytes other than 0 and 1")

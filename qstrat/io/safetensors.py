@@ -273,6 +273,16 @@ def _fp8_values(exponent_bits: int, finite_only: bool) -> np.ndarray:
 FP8_VALUES = {"F8_E4M3": _fp8_values(4, finite_only=True), "F8_E5M2": _fp8_values(5, finite_only=False)}
 
 
+def exact_in(dtype: str, values: np.ndarray) -> np.ndarray:
+    """``to_float32``'s inverse for F16 and BF16: float32 ``values`` that are exactly that dtype's, as
+    its array (BF16 as its uint16 bits); other dtypes unchanged."""
+    if dtype == "BF16":
+        return (np.ascontiguousarray(values, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    if dtype == "F16":
+        return values.astype(np.float16)
+    return values
+
+
 def to_float32(dtype: str, array: np.ndarray) -> np.ndarray:
     """Exact float32 values of data of safetensors dtype tag ``dtype``: BF16 as its uint16 bits
     (widened), F16 as float16 or as its int16 bits (the kernels' view), FP8 as its uint8 codes;
