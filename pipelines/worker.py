@@ -26,7 +26,7 @@ from qstrat.errors import QstratError
 from qstrat.io.names import storage_name
 from qstrat.io.q8k import check_permutation, write_perm, write_q8k
 from qstrat.io.qblock import SUFFIX as QBLK_SUFFIX, write_blocks
-from qstrat.io.safetensors import read_tensor
+from qstrat.io.safetensors import TensorInfo, map_blocks, read_tensor
 from qstrat.matrix import QuantizedMatrix, TensorMetrics, quantize_matrix, quantize_matrix_as
 from qstrat.results import TensorRecord
 from qstrat.strategies import Permutation
@@ -88,6 +88,15 @@ def _quantized(
     if writes_q8k(choice):
         return quantize_matrix(storage, variant, row_perm, col_perm, **measuring)
     return quantize_matrix_as(storage, choice.type_name, row_perm, col_perm, **measuring)
+
+
+def _copied_blocks(info: TensorInfo, choice: TensorChoice, row_perm: np.ndarray | None, col_perm: np.ndarray | None) -> np.ndarray | None:
+    """The input's own blocks of a GGUF input's tensor already in the type it is written in and
+    not permuted: llama.cpp copies such a tensor (llama-quant.cpp: quantize only when the type
+    changes), where requantizing its decoded values would lose a little more."""
+    if info.encoding != choice.type_name or writes_q8k(choice) or row_perm is not None or col_perm is not None:
+        return None
+    return map_blocks(info)
 
 
 class ErrorMeasure:
@@ -173,9 +182,11 @@ def _quantize_members(
         permutation = permutations[info.name]
         row_perm, col_perm = _gather_maps(job, info.name, permutation, member.residual)
         probes = {stage: probe_vector(stage, info.shape[1]) for stage in ("sum_test", "gradient_test") if stage in stages}
+        copied = _copied_blocks(info, member.choice, row_perm, col_perm)
         outcome = _quantized(
-            arrays[info.name], member.choice, variant, row_perm, col_perm,
-            tensor_name=info.name, measure="weight_error" in stages, probes=probes, importance=member.importance,
+            arrays[info.name], member.choice, variant, row_perm, col_perm, tensor_name=info.name,
+            measure="weight_error" in stages, probes=probes, importance=member.importance,
+            **({"given": copied} if copied is not None else {}),
         )
         metrics = outcome.metrics
         if probes:
@@ -191,7 +202,8 @@ def _quantize_members(
             source_type=info.encoding,
             storage=storage_name(member.choice.type_name),
             fallback_from=member.choice.fallback_from,
-            imatrix=member.importance is not None if job.with_imatrix else None,
+            imatrix=member.importance is not None if job.with_imatrix and copied is None else None,
+            copied=copied is not None,
             strategy=job.strategy.name,
             permutation=kind if permutation is not None else ("joint" if member.residual is not None else "none"),
             joint_group=job.group_id if kind == "joint" and permutation is not None else None,

@@ -84,20 +84,26 @@ def fallback_note(fallback_from: str | None, shape) -> str:
     return f" (fallback: {fallback_from} cannot take rows of {shape[-1]}, as llama.cpp)"
 
 
+def _db(value: float) -> str:
+    """A tensor line's SQNR: ``31.2dB``, or ``exact`` (no error at all)."""
+    return "exact" if value == math.inf else f"{value:.1f}dB"
+
+
 def format_record(record: TensorRecord) -> str:
     shape = "x".join(str(d) for d in record.shape)
     if record.quantized:
         quality = ""
         m = record.metrics
         if m is not None and m.mse is not None:
-            quality = f" mse={m.mse:.3e} sqnr={m.sqnr_db:.1f}dB"
+            quality = f" mse={m.mse:.3e} sqnr={_db(m.sqnr_db)}"
         if m is not None and m.weighted_sqnr_db is not None:
-            quality += f" weighted_sqnr={m.weighted_sqnr_db:.1f}dB"
+            quality += f" weighted_sqnr={_db(m.weighted_sqnr_db)}"
         if m is not None and m.gradient_test_mse is not None:
             quality += f" gradient_test={m.gradient_test_mse:.3e}"
         fallback = fallback_note(record.fallback_from, record.shape)
         importance = " (no importance vector in the imatrix)" if record.imatrix is False else ""
-        return f"  {record.storage:<5} {record.name} [{shape}] {record.strategy} perm={record.permutation}{quality}{fallback}{importance}"
+        copied = f" (copied: already {record.storage} in the input)" if record.copied else ""
+        return f"  {record.storage:<5} {record.name} [{shape}] {record.strategy} perm={record.permutation}{quality}{fallback}{importance}{copied}"
     return f"  pass  {record.name} [{shape}] {record.dtype}: {record.reason}"
 
 
@@ -111,7 +117,8 @@ def summary_line(result: QuantizationResult) -> str:
     detail = ""
     if set(summary["formats"]) - {"q8k"}:  # a Q8K run's line stays the original tool's
         fallbacks = f"; {len(summary['fallbacks'])} by llama.cpp's fallback" if summary["fallbacks"] else ""
-        detail = f" ({describe_formats(summary['formats'])}{fallbacks})"
+        copied = f"; {summary['copied_count']} copied from the input as they were" if summary["copied_count"] else ""
+        detail = f" ({describe_formats(summary['formats'])}{fallbacks}{copied})"
     return (
         f"Done in {result.elapsed_s:.2f}s. Quantized: {result.tensor_count}{detail}, skipped: {result.skipped_count}, "
         f"average MSE: {mse}. Output: {result.output_dir}"
@@ -307,9 +314,7 @@ def run(
                     exit_code = ValidationFailed.exit_code
                 if result.container is not None:
                     outcome["gguf"] = result.container
-                input_bytes = sum(f.size for f in model.files)
-                output_bytes = sum(p.stat().st_size for p in job.output.iterdir() if p.is_file())
-                larger = larger_than_input(result, input_bytes, output_bytes)
+                larger = larger_than_input(result, sum(f.size for f in model.files))
                 warnings = spec.config.unmatched_rules(model.tensors) + ([larger] if larger is not None else [])
                 summary = summarize(result)
                 if "imatrix" in summary and not summary["imatrix"]["used"]:  # another model's, or names that differ

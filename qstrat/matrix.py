@@ -201,12 +201,15 @@ def quantize_matrix_as(
     measure: bool | str = True,
     probes: Mapping[str, np.ndarray] | None = None,
     importance: np.ndarray | None = None,
+    given: np.ndarray | None = None,
 ) -> QuantizedMatrix:
     """:func:`quantize_matrix` for a GGUF block type of the registry (``qstrat.formats``):
     blocks (rows, row bytes), and the same measures, from the blocks dequantized as GGML does
     (``measure="error"``: only the squared errors, for comparing orders).
     An ``importance`` vector (source column order) goes to the quantizer in stored order, as
     ``ggml_quantize_chunk``'s ``imatrix``, and weighs the weighted error.
+    ``given`` blocks (rows, row bytes) in this type, unpermuted, are taken as they are and only
+    measured: a GGUF input's tensor already in the type asked for, which llama.cpp copies.
 
     Rows go through in chunks (every type quantizes each row on its own, so the bytes are the
     same): the float32 copy in stored order is a chunk's, not the matrix's; whole, it and its
@@ -223,19 +226,25 @@ def quantize_matrix_as(
     measured = bool(measure) or bool(probes)
     vectors = np.array(list(probes.values()), dtype=np.float64).reshape(len(probes), k)
     measures = np.zeros((n_rows, measure_columns(len(probes))), dtype=np.float64) if measured else None
-    blocks = np.empty((n_rows, entry.row_bytes(k)), dtype=np.uint8)
+    if given is not None and (given.shape != (n_rows, entry.row_bytes(k)) or row_perm is not None or col_perm is not None):
+        raise ValueError(f"given blocks of tensor {tensor_name!r} are not {entry.name} blocks of its unpermuted rows")
+    blocks = np.empty((n_rows, entry.row_bytes(k)), dtype=np.uint8) if given is None else given
     weighted_error = weighted_reference = 0.0
     chunk = max(1, _CHUNK_VALUES // max(k, 1)) // _MEASURED_ROWS * _MEASURED_ROWS or _MEASURED_ROWS
 
     def refuse_non_finite() -> None:
         check_finite(storage, tensor_name, entry.name.upper())
 
-    if not entry.checks_finite:
+    if not entry.checks_finite or given is not None:
         refuse_non_finite()  # once for the whole matrix, not once per chunk
+    if given is not None and not measured:
+        return QuantizedMatrix(blocks, None, {})
     for first in range(0, n_rows, chunk):
         picked = slice(first, min(first + chunk, n_rows))
         stored = _stored_order(storage, row_perm, col_perm, picked)
-        if entry.checks_finite:
+        if given is not None:
+            pass  # measured only
+        elif entry.checks_finite:
             blocks[picked] = entry.quantize_finite(stored, weights, refuse_non_finite)
         else:
             blocks[picked] = entry.quantize_rows(stored, weights)

@@ -72,6 +72,8 @@ def summarize(result: QuantizationResult) -> dict[str, object]:
             if r.fallback_from
         ],
         **_importance_summary(result),
+        # a GGUF input's tensors already in the type asked for, written as they were (as llama.cpp does)
+        "copied_count": sum(r.copied for r in result.quantized),
         "skipped_count": result.skipped_count,
         "average_mse": None if math.isnan(result.average_mse) else result.average_mse,
         # exact tensors (infinite SQNR) are left out of the mean; JSON has no infinity: "inf"
@@ -111,22 +113,33 @@ def describe_container(container: Mapping[str, object]) -> list[str]:
     return [head] + [f"{container['file']}: {note}" for note in container.get("notes") or ()]
 
 
-def larger_than_input(result: QuantizationResult, input_bytes: int, output_bytes: int) -> str | None:
-    """A sentence when the output takes a quarter more room than the input, or more, saying why: the
+def byte_size(count: int) -> str:
+    """A size for a sentence: ``840 bytes``, ``55 kB``, ``1.4 MB``, ``13 GB`` (two significant figures at least)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            value = count / scale
+            return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
+    return f"{count} bytes"
+
+
+def larger_than_input(result: QuantizationResult, input_bytes: int) -> str | None:
+    """A sentence when the output's tensor files (not its reports or manifest, whose few kB made every
+    tiny model "larger") take a quarter more room than the input, or more, saying why: the
     tensors passed through (Q8K of a GGUF model whose rows are not 256 long keeps most of it unquantized,
     decoded to F32; the commonest reason, by their bytes), or the quantized ones, when their type takes
     more room than the input's (Q4_1 to Q8_0).  Below that, reports and a manifest beside an output that
     passes most tensors through unchanged say nothing surprising."""
+    output_bytes = sum({f.path: f.size for r in result.tensors for f in r.files.values()}.values())
     if output_bytes <= 1.25 * input_bytes:
         return None
-    head = f"the output ({output_bytes / 1e6:.0f} MB) is larger than the input ({input_bytes / 1e6:.0f} MB): "
+    head = f"the output ({byte_size(output_bytes)}) is larger than the input ({byte_size(input_bytes)}): "
     passed = [r for r in result.tensors if not r.quantized]
     quantized_in = sum(r.source_nbytes for r in result.quantized)
     quantized_out = sum(f.size for r in result.quantized for role, f in r.files.items() if role in ("q8k", "blocks", "perm"))
     if quantized_out - quantized_in > sum(r.nbytes for r in passed):
         types = ", ".join(sorted({r.storage for r in result.quantized}))
-        return head + (f"its {len(result.quantized)} quantized tensors take {quantized_out / 1e6:.0f} MB in {types}, "
-                       f"against {quantized_in / 1e6:.0f} MB as the input stored them")
+        return head + (f"its {len(result.quantized)} quantized tensors take {byte_size(quantized_out)} in {types}, "
+                       f"against {byte_size(quantized_in)} as the input stored them")
     by_reason = Counter()
     for record in passed:
         by_reason[record.reason or "not quantized"] += record.nbytes
@@ -146,6 +159,12 @@ def build_report(result: QuantizationResult, model: str, settings: Mapping[str, 
     return {"model": model, "settings": dict(settings), "summary": summarize(result), "tensors": tensors}
 
 
+def describe_copied(count: int) -> str:
+    """The line saying how many of a GGUF input's tensors were copied rather than requantized."""
+    return (f"{count} tensor{'s' if count != 1 else ''} already in the type asked for in the input GGUF: "
+            "copied as they were, not requantized (as llama.cpp does; exact against the input)")
+
+
 def describe_formats(formats: Mapping[str, int]) -> str:
     """``q4_k 10, q6_k 2``: tensors per stored format."""
     return ", ".join(f"{name} {count}" for name, count in formats.items()) or "none"
@@ -157,6 +176,12 @@ def _fmt(value, spec):
     if value == "inf" or value == math.inf:
         return "exact"
     return format(value, spec)
+
+
+def _db(value) -> str:
+    """A SQNR in a sentence: ``31.25 dB``, or ``exact``."""
+    text = _fmt(value, ".2f")
+    return text if text in ("—", "exact") else f"{text} dB"
 
 
 def render_markdown(report: Mapping[str, object]) -> str:
@@ -182,11 +207,12 @@ def render_markdown(report: Mapping[str, object]) -> str:
             f"- fallback: {f['tensor']} is {f['written']}: {f['asked']} cannot take rows of {f['row_length']} (llama.cpp's rule)"
             for f in s["fallbacks"]
         ],
+        *([f"- {describe_copied(s['copied_count'])}"] if s.get("copied_count") else []),
         *([f"- {describe_importance(s, (report['settings'].get('imatrix') or {}).get('path'))}, "
-           f"importance-weighted SQNR mean {_fmt(s['imatrix']['mean_weighted_sqnr_db'], '.2f')} dB"] if "imatrix" in s else []),
+           f"importance-weighted SQNR mean {_db(s['imatrix']['mean_weighted_sqnr_db'])}"] if "imatrix" in s else []),
         *([f"- {describe_residual_choice(s['residual_stream'])}"] if "residual_stream" in s else []),
-        f"- weight MSE (mean) {_fmt(s['average_mse'], '.3e')}, SQNR mean {_fmt(s['mean_sqnr_db'], '.2f')} dB, "
-        f"worst {_fmt(s['worst_sqnr_db'], '.2f')} dB",
+        f"- weight MSE (mean) {_fmt(s['average_mse'], '.3e')}, SQNR mean {_db(s['mean_sqnr_db'])}, "
+        f"worst {_db(s['worst_sqnr_db'])}",
         f"- sum test MSE (mean) {_fmt(s['average_sum_test_mse'], '.3e')}, gradient test MSE (mean) "
         f"{_fmt(s['average_gradient_test_mse'], '.3e')}",
         f"- quantized tensors: {s['quantized_source_bytes']:,} bytes in, {s['quantized_output_bytes']:,} bytes out",

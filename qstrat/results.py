@@ -44,6 +44,8 @@ class TensorRecord:
     permutation_gain_db: float | None = None
     #: the block type a GGUF input stored the tensor in (``q4_1``, ...), which reading decoded to F32
     source_type: str | None = None
+    #: a GGUF input's blocks, already in ``storage``'s type, written as they were (not requantized)
+    copied: bool = False
 
     @property
     def quantized(self) -> bool:
@@ -92,6 +94,7 @@ class TensorRecord:
             imatrix=entry.imatrix if quantized else None,
             permutation_gain_db=(math.inf if entry.permutation_gain_db == "inf" else entry.permutation_gain_db) if quantized else None,
             source_type=entry.source_type,
+            copied=bool(entry.copied) if quantized else False,
         )
 
     def manifest_entry(self) -> TensorEntry:
@@ -110,7 +113,8 @@ class TensorRecord:
         if self.quantized:
             metrics = Metrics(**self.metrics.as_dict()) if self.metrics else None
             return QuantizedEntry(storage=self.storage, strategy=self.strategy, metrics=metrics, fallback_from=self.fallback_from,
-                                  imatrix=self.imatrix, permutation_gain_db=_json_gain(self.permutation_gain_db), **common)
+                                  imatrix=self.imatrix, permutation_gain_db=_json_gain(self.permutation_gain_db),
+                                  copied=self.copied or None, **common)
         return PassthroughEntry(storage="passthrough", reason=self.reason, **common)
 
 

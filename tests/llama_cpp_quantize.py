@@ -11,7 +11,9 @@ Each job is one call of ``llama_model_quantize`` on its input with llama.cpp's d
 parameters (``llama_model_quantize_default_params``: no importance matrix, output tensor
 quantized, no requantization), one thread (or the job's ``"nthread"``), ``ftype`` (a ``LLAMA_FTYPE`` value,
 ``gguf.LlamaFileType``) and, if the job says ``"pure": true``, ``params.pure`` (every
-tensor the file type's default type, the row-length fallback aside) and, if the job names an
+tensor the file type's default type, the row-length fallback aside), if it says
+``"requantize": true``, ``params.allow_requantize`` (a quantized input: llama.cpp copies each
+tensor already in the type it chooses and requantizes the others' decoded values) and, if the job names an
 ``"imatrix"`` (a GGUF imatrix file), the importance data llama-quantize's ``load_imatrix`` makes
 of it (float32 ``in_sum2 / counts``, read here with gguf-py).  Jobs run in order;
 each output is written under a temporary name and renamed to ``out`` when it is complete,
@@ -64,6 +66,7 @@ def main() -> None:
         params.ftype = int(job["ftype"])
         params.nthread = int(job.get("nthread", 1))
         params.pure = bool(job.get("pure", False))
+        params.allow_requantize = bool(job.get("requantize", False))
         if job.get("imatrix"):
             params.imatrix, kept = importance_data(job["imatrix"], llama_cpp)
         in_path, out = job["in"], job["out"]

@@ -93,6 +93,11 @@ PURE_MODELS = ("kl", "odd")
 #: weighted K-quant and legacy paths, the guard of q4_0 and q5_0 on the first ffn_down layers (with an
 #: imatrix only) and q2_k_s, which requires one
 IMATRIX_PRESETS = ("q4_k_m", "q4_0", "q5_0", "q2_k_s", "q3_k_s")
+#: presets applied to llama.cpp's Q4_K_M of a model made with an importance matrix (what users
+#: download), by both quantizers: every tensor already in its type copied (q4_k_m: all of them),
+#: the others requantized from their decoded values (with that imatrix, Q4_K's bytes are no fixed
+#: point of requantizing them without one)
+REQUANTIZED = ("q4_k_m", "q5_k_m", "q3_k_m")
 
 
 def qstrat_gguf(model_dir: Path, out: Path, **settings) -> Path:
@@ -184,6 +189,12 @@ def models(tmp_path_factory):
             model.llama[f"imatrix-{preset}"] = root / name / f"llama-imatrix-{preset}.gguf"
             jobs.append({"in": str(model.f32), "out": str(model.llama[f"imatrix-{preset}"]), "ftype": file_type(preset),
                          "imatrix": str(model.imatrix)})
+    for preset in REQUANTIZED:
+        for name in ("kl", "deep"):
+            model = made[name]
+            model.llama[f"requantized-{preset}"] = root / name / f"llama-requantized-{preset}.gguf"
+            jobs.append({"in": str(model.llama["imatrix-q4_k_m"]), "out": str(model.llama[f"requantized-{preset}"]),
+                         "ftype": file_type(preset), "requantize": True})
     quantizer = LlamaQuantizer(jobs, root / "llama-quantize.log")
     try:
         yield made, quantizer
@@ -305,6 +316,23 @@ def test_presets_with_an_imatrix_are_llama_cpp_quantizations(models, tmp_path, p
         types = assert_same_tensors(ours, theirs, f"{name}, preset {preset} with an imatrix")
         if preset == "q4_0" and name == "deep":  # the guard: the first ffn_down layer (i < n/8) is Q4_1
             assert types["blk.0.ffn_down.weight"] == "Q4_1" and types["blk.1.ffn_down.weight"] == "Q4_0"
+
+
+@pytest.mark.parametrize("preset", REQUANTIZED)
+def test_a_quantized_gguf_is_requantized_as_llama_cpp_requantizes_it(models, tmp_path, preset):
+    """A quantized GGUF input (llama.cpp's Q4_K_M, made with an importance matrix): each preset gives
+    llama.cpp's types and bytes, copying every tensor already in the type it chooses."""
+    made, quantizer = models
+    for name in ("kl", "deep"):
+        source = quantizer.wait_for(made[name].llama["imatrix-q4_k_m"])
+        config = RunConfig.build({"validation": {"enabled": False}, "preset": preset}, "test")
+        quantize_model(source, config, tmp_path / name)
+        theirs = quantizer.wait_for(made[name].llama[f"requantized-{preset}"])
+        assert_same_tensors(tmp_path / name / source.name, theirs, f"{name}, preset {preset} of llama.cpp's Q4_K_M")
+        manifest = json.loads((tmp_path / name / "manifest.json").read_text())["tensors"]
+        copied = {n for n, t in manifest.items() if t.get("copied")}
+        kept = {n for n, t in manifest.items() if t.get("source_type") and t["source_type"] == t["storage"]}
+        assert copied == kept and copied, f"{name}, {preset}: copied {sorted(copied)}, kept their type {sorted(kept)}"
 
 
 def test_the_models_exercise_the_rules(models):

@@ -533,12 +533,12 @@ def test_a_finished_run_is_up_to_date_on_its_rerun(tmp_path):
     assert journal_lines(out) == lines  # each group once: a rerun that redoes them used to add them again
 
 
-def _q4_0_gguf(tmp_path: Path, shape: tuple[int, int], count: int, seed: int) -> tuple[Path, Path]:
-    """A float32 model of ``count`` random matrices, and its Q4_0 GGUF written by a run."""
+def _q4_0_gguf(tmp_path: Path, shape: tuple[int, int], count: int, seed: int, type_name: str = "q4_0") -> tuple[Path, Path]:
+    """A float32 model of ``count`` random matrices, and its Q4_0 (or ``type_name``) GGUF written by a run."""
     rng = np.random.default_rng(seed)
     model = write_model(tmp_path / "m", {f"l.{i}.weight": rng.standard_normal(shape).astype(np.float32) for i in range(count)}, dtype="F32")
     assert run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-i", str(model), "-o", str(tmp_path / "q4"), "-q",
-                   "--set", "format=q4_0").returncode == 0
+                   "--set", f"format={type_name}").returncode == 0
     return model, next((tmp_path / "q4").glob("*.gguf"))
 
 
@@ -576,6 +576,34 @@ def test_a_gguf_inputs_bytes_in_are_its_stored_bytes_and_its_type_is_recorded(tm
     assert run_cli("qstrat", "run", str(config), "-i", str(model), "-o", str(plain), "-q", "--set", "format=q8_0").returncode == 0
     assert all("source_type" not in t for t in json.loads((plain / "manifest.json").read_text())["tensors"].values())
     assert json.loads((plain / "report.json").read_text())["summary"]["quantized_source_bytes"] == 3 * 64 * 512 * 4
+
+
+def test_a_gguf_inputs_tensors_already_in_the_type_asked_for_are_copied(tmp_path):
+    # llama.cpp copies them; requantizing their decoded values moved Q5_K's values (Q3_K's and IQ4_NL's too)
+    from gguf import GGUFReader
+
+    _, source = _q4_0_gguf(tmp_path, (64, 512), 3, seed=2, type_name="q5_k")
+    stored = {t.name: bytes(t.data) for t in GGUFReader(source).tensors}
+    config = REPO / "configs" / "identity.yaml"
+    out = tmp_path / "again"
+    result = run_cli("qstrat", "run", str(config), "-i", str(source), "-o", str(out), "--set", "format=q5_k")
+    assert result.returncode == 0, result.stderr
+    written = {t.name: bytes(t.data) for t in GGUFReader(out / source.name).tensors}
+    assert written == stored
+    assert "Quantized: 3 (q5_k 3; 3 copied from the input as they were)" in result.stdout
+    assert "sqnr=exact" in result.stdout and "(copied: already q5_k in the input)" in result.stdout
+    assert "larger than the input" not in result.stderr  # its reports and manifest are no part of the model
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {t["copied"] for t in manifest["tensors"].values()} == {True}
+    assert json.loads((out / "report.json").read_text())["summary"]["copied_count"] == 3
+    assert "3 tensors already in the type asked for in the input GGUF: copied as they were" in (out / "report.md").read_text()
+    assert run_cli("qstrat", "verify", str(out)).returncode == 0
+    # another type is requantized; a permutation moves the columns across blocks, so it requantizes too
+    for name, settings in (("q8_0", ["--set", "format=q8_0"]), ("permuted", ["--set", "format=q5_k", "--set", "strategies=[l2_norm]"])):
+        other = run_cli("qstrat", "run", str(config), "-i", str(source), "-o", str(tmp_path / name), "-q", *settings)
+        assert other.returncode == 0, other.stderr
+        tensors = json.loads((tmp_path / name / "manifest.json").read_text())["tensors"].values()
+        assert all("copied" not in t for t in tensors) and all(t["metrics"]["sqnr_db"] != "inf" for t in tensors)
 
 
 def test_batch_goes_on_past_a_failing_model(tmp_path):

@@ -117,7 +117,7 @@ class QuantizedEntry(_Entry):
     """A quantized tensor: ``storage`` is ``q8k`` (the original tool's .q8k file) or the GGUF
     block type it is stored in (``q4_k``, ...; a .qblk file or the GGUF container)."""
 
-    _OMITTED_WHEN_NONE = ("joint", "residual_axis", "source_type", "fallback_from", "imatrix", "permutation_gain_db")
+    _OMITTED_WHEN_NONE = ("joint", "residual_axis", "source_type", "fallback_from", "imatrix", "permutation_gain_db", "copied")
     storage: str
     strategy: str | None
     metrics: Metrics | None
@@ -125,11 +125,15 @@ class QuantizedEntry(_Entry):
     imatrix: bool | None = None  # in a run with an importance matrix: whether it had this tensor's vector
     #: what the function-preserving permutation of its columns gained over none, measured (dB)
     permutation_gain_db: Metric = None
+    #: true for a GGUF input's blocks already in ``storage``'s type, written as they were (llama.cpp copies them)
+    copied: Literal[True] | None = None
 
     @model_validator(mode="after")
     def _stored_somewhere(self) -> QuantizedEntry:
         if not {"q8k", "blocks", "gguf"} & set(self.files):
             raise ValueError("a quantized tensor lists no file holding its blocks (q8k, blocks or gguf)")
+        if self.copied and self.source_type != self.storage:
+            raise ValueError(f"a tensor copied from its input is stored in its input's type, not {self.storage} from {self.source_type}")
         return self
 
     @field_validator("storage")

@@ -196,6 +196,18 @@ def _decoded(info: TensorInfo, stored: np.ndarray) -> np.ndarray:
     return dequantize(stored.reshape(rows, -1), info.encoding).reshape(info.shape)
 
 
+def _mapped_bytes(info: TensorInfo, nbytes: int) -> np.ndarray:
+    """A read-only uint8 view of the tensor's ``nbytes`` bytes in its file (no copy)."""
+    try:
+        with open(info.path, "rb") as f:
+            # mmap needs a page-aligned offset: map from the page start, then slice.
+            page_start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
+            mapped = mmap.mmap(f.fileno(), info.offset + nbytes - page_start, access=mmap.ACCESS_READ, offset=page_start)
+    except (OSError, ValueError) as err:
+        raise InputError(f"{info.path}: cannot map tensor {info.name!r}: {err}") from None
+    return np.frombuffer(mapped, dtype=np.uint8, count=nbytes, offset=info.offset - page_start)
+
+
 def map_tensor(info: TensorInfo) -> np.ndarray:
     """A read-only array over the tensor's bytes in its file (no copy; bf16 as uint16 bits);
     a tensor stored in a block type comes decoded (a new float32 array)."""
@@ -203,19 +215,21 @@ def map_tensor(info: TensorInfo) -> np.ndarray:
     stored_nbytes = info.stored_nbytes if info.encoding else info.nbytes
     if stored_nbytes == 0:
         return np.zeros(info.shape, dtype=dtype)
-    try:
-        with open(info.path, "rb") as f:
-            # mmap needs a page-aligned offset: map from the page start, then slice.
-            page_start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
-            mapped = mmap.mmap(
-                f.fileno(), info.offset + stored_nbytes - page_start, access=mmap.ACCESS_READ, offset=page_start
-            )
-    except (OSError, ValueError) as err:
-        raise InputError(f"{info.path}: cannot map tensor {info.name!r}: {err}") from None
-    buffer = np.frombuffer(mapped, dtype=np.uint8, count=stored_nbytes, offset=info.offset - page_start)
+    buffer = _mapped_bytes(info, stored_nbytes)
     if info.encoding:
         return _decoded(info, buffer)
     return buffer.view(dtype).reshape(info.shape)
+
+
+def map_blocks(info: TensorInfo) -> np.ndarray:
+    """A read-only view of a tensor stored in a block type as it is stored, not decoded:
+    (rows, bytes of a row's blocks), rows over every axis but the last."""
+    if not info.encoding:
+        raise ValueError(f"tensor {info.name!r} is not stored in a block type")
+    rows = int(np.prod(info.shape[:-1], dtype=np.int64)) if len(info.shape) > 1 else 1
+    if info.stored_nbytes == 0:
+        return np.zeros((rows, 0), dtype=np.uint8)
+    return _mapped_bytes(info, info.stored_nbytes).reshape(rows, -1)
 
 
 _READ_CHUNK = 1 << 30  # bytes per read() call: some systems refuse single reads of 2 GiB or more
