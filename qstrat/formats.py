@@ -2,7 +2,9 @@
 
 Each type slots in with its ``gguf.GGMLQuantizationType``; block size and bytes per block come
 from ``gguf.GGML_QUANT_SIZES`` and are checked against the kernels' own layout constants when
-the type registers, so a layout can never silently disagree with GGUF.
+the type registers, so a layout can never silently disagree with GGUF.  The types qstrat writes
+are ``FORMATS``; ``DECODED_ONLY`` holds the types it only reads (IQ1..IQ3, IQ4_XS, TQ, MXFP4: files
+other tools made), decoded by gguf-py's dequantizers, which equal GGML's.
 
 >>> blocks = quantize(weights, "q4_0")              # (rows, k / 32 * 18) uint8   # doctest: +SKIP
 >>> values = dequantize(blocks, "q4_0")             # (rows, k) float32           # doctest: +SKIP
@@ -73,6 +75,24 @@ class BlockType:
         except NonFiniteBlocks:
             refuse_non_finite()
             raise  # the kernel and the scan disagree: a bug
+
+
+@dataclass(frozen=True)
+class DecodedType:
+    """One GGUF tensor type qstrat reads but does not write: gguf-py decodes it."""
+
+    name: str
+    ggml_type: QuantizationType
+    block_size: int
+    type_size: int
+
+    def row_bytes(self, k: int) -> int:
+        return k // self.block_size * self.type_size
+
+    def dequantize_rows(self, blocks: np.ndarray, k: int) -> np.ndarray:
+        from gguf.quants import dequantize as decode  # numpy only; its lookup grids are built on first use
+
+        return decode(blocks, self.ggml_type).astype(np.float32, copy=False).reshape(blocks.shape[0], k)
 
 
 #: name -> type, in registration order
@@ -237,7 +257,31 @@ register(QuantizationType.F16, _encoder(False), _dequantize_f16, uses_imatrix=Fa
 register(QuantizationType.BF16, _encoder(True), _dequantize_bf16, uses_imatrix=False, checks_finite=True, kernel_layout=(1, 2), kernels=half)
 
 
+# --- types read only: what llama.cpp's IQ and ternary presets and gpt-oss's MXFP4 store; qstrat
+# does not quantize to them (their searches need GGML's lattice tables), so a run decodes them
+
+#: name -> type, the types qstrat reads but does not write
+DECODED_ONLY: dict[str, DecodedType] = {
+    t.name.lower(): DecodedType(t.name.lower(), t, *gguf.GGML_QUANT_SIZES[t])
+    for t in (QuantizationType.IQ2_XXS, QuantizationType.IQ2_XS, QuantizationType.IQ2_S, QuantizationType.IQ3_XXS,
+              QuantizationType.IQ3_S, QuantizationType.IQ1_S, QuantizationType.IQ1_M, QuantizationType.IQ4_XS,
+              QuantizationType.TQ1_0, QuantizationType.TQ2_0, QuantizationType.MXFP4)
+}
+
+
 # --- public API
+
+
+def readable_type(qtype: str | QuantizationType) -> BlockType | DecodedType:
+    """A type qstrat reads, by name or ``gguf.GGMLQuantizationType``: one it writes (:func:`block_type`)
+    or one it only decodes (``DECODED_ONLY``)."""
+    if isinstance(qtype, (str, QuantizationType)):
+        name = qtype.name.lower() if isinstance(qtype, QuantizationType) else qtype.strip().lower()
+        if name in DECODED_ONLY:
+            return DECODED_ONLY[name]
+        if name not in FORMATS:
+            raise InputError(f"unknown or unsupported quantization type {qtype!r}; qstrat reads {', '.join([*FORMATS, *DECODED_ONLY])}")
+    return block_type(qtype)
 
 
 def block_type(qtype: str | QuantizationType) -> BlockType:
@@ -323,8 +367,9 @@ def too_large(rows: np.ndarray, shape: tuple[int, ...], type_name: str) -> str:
 
 def dequantize(data: np.ndarray, qtype: str | QuantizationType) -> np.ndarray:
     """Dequantize GGUF type ``qtype`` bytes (uint8, last dimension whole blocks) to float32,
-    as GGML's ``dequantize_row_*``: shape ``data.shape[:-1] + (values per row,)``."""
-    entry = block_type(qtype)
+    as GGML's ``dequantize_row_*``: shape ``data.shape[:-1] + (values per row,)``.  Takes every
+    type qstrat writes and those it only reads (``DECODED_ONLY``)."""
+    entry = readable_type(qtype)
     array = np.asarray(data)
     if array.dtype != np.uint8 or array.ndim == 0 or array.shape[-1] == 0 or array.shape[-1] % entry.type_size:
         raise InputError(

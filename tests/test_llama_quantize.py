@@ -98,6 +98,11 @@ IMATRIX_PRESETS = ("q4_k_m", "q4_0", "q5_0", "q2_k_s", "q3_k_s")
 #: the others requantized from their decoded values (with that imatrix, Q4_K's bytes are no fixed
 #: point of requantizing them without one)
 REQUANTIZED = ("q4_k_m", "q5_k_m", "q3_k_m")
+#: llama.cpp's file types in the types qstrat reads but does not write (made with the importance
+#: matrix, which the lowest-bit ones require), each then requantized to q4_k_m by both quantizers;
+#: together they store every such type but MXFP4 (llama.cpp gives it to MoE experts only)
+DECODED_FILE_TYPES = {name: int(_F[f"MOSTLY_{name.upper()}"]) for name in (
+    "iq2_xxs", "iq2_xs", "iq2_m", "iq3_xxs", "iq3_m", "iq1_s", "iq1_m", "iq4_xs", "tq1_0", "tq2_0")}
 
 
 def qstrat_gguf(model_dir: Path, out: Path, **settings) -> Path:
@@ -195,6 +200,12 @@ def models(tmp_path_factory):
             model.llama[f"requantized-{preset}"] = root / name / f"llama-requantized-{preset}.gguf"
             jobs.append({"in": str(model.llama["imatrix-q4_k_m"]), "out": str(model.llama[f"requantized-{preset}"]),
                          "ftype": file_type(preset), "requantize": True})
+    for file_type_name, ftype in DECODED_FILE_TYPES.items():
+        model = made["kl"]
+        made_file, requantized = root / "kl" / f"llama-{file_type_name}.gguf", root / "kl" / f"llama-{file_type_name}-q4_k_m.gguf"
+        model.llama[file_type_name], model.llama[f"{file_type_name}-q4_k_m"] = made_file, requantized
+        jobs.append({"in": str(model.f32), "out": str(made_file), "ftype": ftype, "imatrix": str(model.imatrix)})
+        jobs.append({"in": str(made_file), "out": str(requantized), "ftype": file_type("q4_k_m"), "requantize": True})
     quantizer = LlamaQuantizer(jobs, root / "llama-quantize.log")
     try:
         yield made, quantizer
@@ -333,6 +344,23 @@ def test_a_quantized_gguf_is_requantized_as_llama_cpp_requantizes_it(models, tmp
         copied = {n for n, t in manifest.items() if t.get("copied")}
         kept = {n for n, t in manifest.items() if t.get("source_type") and t["source_type"] == t["storage"]}
         assert copied == kept and copied, f"{name}, {preset}: copied {sorted(copied)}, kept their type {sorted(kept)}"
+
+
+def test_llama_cpps_lowest_bit_files_are_read_as_llama_cpp_reads_them(models, tmp_path):
+    """llama.cpp's IQ1..IQ3, IQ4_XS and ternary files, requantized to q4_k_m: qstrat decodes the types it
+    does not write exactly as GGML does, so its file is llama.cpp's own requantization, byte for byte."""
+    from qstrat.formats import DECODED_ONLY
+
+    made, quantizer = models
+    seen = set()
+    for file_type_name in DECODED_FILE_TYPES:
+        source = quantizer.wait_for(made["kl"].llama[file_type_name])
+        seen |= {t.lower() for t in read_gguf(source).types().values()}
+        config = RunConfig.build({"validation": {"enabled": False}, "preset": "q4_k_m"}, "test")
+        quantize_model(source, config, tmp_path / file_type_name)
+        theirs = quantizer.wait_for(made["kl"].llama[f"{file_type_name}-q4_k_m"])
+        assert_same_tensors(tmp_path / file_type_name / source.name, theirs, f"q4_k_m of llama.cpp's {file_type_name}")
+    assert set(DECODED_ONLY) - seen == {"mxfp4"}, sorted(set(DECODED_ONLY) - seen)
 
 
 def test_the_models_exercise_the_rules(models):

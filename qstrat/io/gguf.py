@@ -547,10 +547,10 @@ class GGUFModel:
         return names
 
     def unreadable_types(self) -> list[str]:
-        """The GGML types (lower case) of the model's tensors that qstrat does not read (IQ2_XXS, TQ1_0, ...)."""
-        from qstrat.formats import FORMATS  # the registry loads the kernels: only when asked
+        """The GGML types (lower case) of the model's tensors that qstrat does not read (NVFP4, types newer than gguf-py, ...)."""
+        from qstrat.formats import DECODED_ONLY, FORMATS  # the registry loads the kernels: only when asked
 
-        return sorted(set(self.stored_type_names().values()) - FORMATS.keys())
+        return sorted(set(self.stored_type_names().values()) - FORMATS.keys() - DECODED_ONLY.keys())
 
     def stored_tensor(self, name: str, type_name: str) -> Q8KTensor | BlockTensor:
         """A quantized tensor's blocks (mapped, not copied), its rows in the source's order."""
@@ -659,9 +659,9 @@ def block_type_of(tensor) -> str | None:
     ggml_type = _gguf().GGMLQuantizationType(int(tensor.tensor_type))
     if ggml_type.name in PASSTHROUGH_TYPES:
         return None
-    from qstrat.formats import block_type  # the registry loads the kernels: only when a file has quantized tensors
+    from qstrat.formats import readable_type  # the registry loads the kernels: only when a file has quantized tensors
 
-    return block_type(ggml_type).name
+    return readable_type(ggml_type).name
 
 
 def unpack_gguf(model: GGUFModel, out: Path, types: dict[str, str | None] | None = None) -> None:

@@ -2,8 +2,8 @@
 
 Each tensor appears as a :class:`qstrat.io.safetensors.TensorInfo` in numpy order: F32 / F16 /
 BF16 ones as they are stored (the pipeline reads their bytes like a safetensors tensor's), every
-block type qstrat reads (Q4_0..Q8_0, the K-quants, IQ4_NL, Q8_K) as float32 values that reading
-decodes with qstrat's dequantizers, which are byte-identical with GGML's.  The file's key-value
+block type qstrat reads (Q4_0..Q8_0, the K-quants, IQ4_NL, Q8_K, and the types it only decodes: IQ1..IQ3,
+IQ4_XS, TQ1_0/TQ2_0, MXFP4) as float32 values that reading decodes exactly as GGML does.  The file's key-value
 metadata (architecture, hyperparameters, tokenizer) is kept for the output.
 """
 
@@ -56,10 +56,10 @@ class GGUFInput:
         offset, stored = int(tensor.data_offset), int(tensor.n_bytes)
         if ggml_type.name in PASSTHROUGH_TYPES:  # safetensors has a dtype of the same name
             return TensorInfo(tensor.name, ggml_type.name, shape, self.path, offset, stored)
-        from qstrat.formats import FORMATS  # the registry loads the kernels: only for quantized tensors
+        from qstrat.formats import DECODED_ONLY, FORMATS  # the registry loads the kernels: only for quantized tensors
 
         name = ggml_type.name.lower()
-        if name not in FORMATS:
+        if name not in FORMATS and name not in DECODED_ONLY:
             raise unreadable_type(self.path, tensor.name, int(ggml_type))
         numel = int(np.prod(shape, dtype=np.int64))
         return TensorInfo(tensor.name, "F32", shape, self.path, offset, numel * 4, encoding=name, stored_nbytes=stored)

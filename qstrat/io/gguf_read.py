@@ -28,13 +28,13 @@ def unreadable_type(path: str | os.PathLike, tensor: str, type_id: int) -> Input
     when gguf-py does not know it) and the types qstrat reads."""
     import gguf
 
-    from qstrat.formats import FORMATS  # the registry loads the kernels: only on this error's path
+    from qstrat.formats import DECODED_ONLY, FORMATS  # the registry loads the kernels: only on this error's path
 
     try:
         name = f"{gguf.GGMLQuantizationType(type_id).name},"
     except ValueError:
         name = f"GGML type {type_id}, unknown to gguf-py,"
-    readable = sorted(set(PASSTHROUGH_TYPES) | {t.upper() for t in FORMATS})
+    readable = sorted(set(PASSTHROUGH_TYPES) | {t.upper() for t in [*FORMATS, *DECODED_ONLY]})
     return InputError(f"{path}: tensor {tensor!r} is {name} a type qstrat cannot read (it reads {', '.join(readable)})")
 
 

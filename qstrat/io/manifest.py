@@ -139,10 +139,11 @@ class QuantizedEntry(_Entry):
     @field_validator("storage")
     @classmethod
     def _known(cls, storage: str) -> str:
-        from qstrat.formats import FORMATS  # the registry loads the kernels: only when a manifest is read
+        from qstrat.formats import DECODED_ONLY, FORMATS  # the registry loads the kernels: only when a manifest is read
 
-        if storage != "q8k" and (storage not in FORMATS or storage == "q8_k"):
-            raise ValueError(f"storage {storage!r} is not 'q8k', 'passthrough' or a block type qstrat writes")
+        # a type qstrat only decodes comes from a GGUF that `qstrat convert` unpacked
+        if storage != "q8k" and (storage not in FORMATS or storage == "q8_k") and storage not in DECODED_ONLY:
+            raise ValueError(f"storage {storage!r} is not 'q8k', 'passthrough' or a block type qstrat reads")
         return storage
 
 

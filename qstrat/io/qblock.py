@@ -1,4 +1,4 @@
-"""``.qblk`` files: one tensor of any GGUF block type qstrat writes other than Q8K, as rows of blocks.
+"""``.qblk`` files: one tensor of any GGUF block type qstrat reads other than Q8K, as rows of blocks.
 
 A 24-byte header of six little-endian u32 — magic 0x4B4C4251 (bytes "QBLK"), version 1, the
 GGML type (``gguf.GGMLQuantizationType`` value), rows, k (values per row), bytes per row — then
@@ -46,9 +46,10 @@ class BlockTensor:
 
 
 def _type(type_name: str):
-    from qstrat.formats import block_type  # the registry loads the kernels: only when a file is used
+    # a type qstrat only decodes (IQ2_XXS, ...) comes from a GGUF that `qstrat convert` unpacked
+    from qstrat.formats import readable_type  # the registry loads the kernels: only when a file is used
 
-    return block_type(type_name)
+    return readable_type(type_name)
 
 
 def write_blocks(path: str | os.PathLike, blocks: np.ndarray, type_name: str, k: int, *, durable: bool = True) -> WrittenFile:

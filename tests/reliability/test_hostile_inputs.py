@@ -396,12 +396,15 @@ def test_verify_of_a_directory_calls_its_unreadable_container_damaged(tmp_path):
 
 
 def test_a_gguf_tensor_in_a_type_qstrat_does_not_read_is_named_by_every_command(tmp_path):
-    # TQ1_0 (ternary, 54 bytes per 256 values): llama.cpp has it, qstrat neither reads nor writes it
-    weight = ("blk.0.ffn_down.weight", 34, (256, 2), bytes(2 * 54), 0)
-    path = raw_gguf(tmp_path / "tq.gguf", [("general.architecture", 8, "llama")], [weight])
+    # Q8_1 (GGML's activation type): gguf-py has no dequantizer for it, nor has qstrat
+    import gguf
+
+    block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_1][1]  # as gguf-py sizes it
+    weight = ("blk.0.ffn_down.weight", 9, (256, 2), bytes(2 * 8 * block_bytes), 0)
+    path = raw_gguf(tmp_path / "q8_1.gguf", [("general.architecture", 8, "llama")], [weight])
     listed = run_cli("qstrat", "inspect", str(path))  # listed all the same, by its type's name
-    assert listed.returncode == 0 and "tq1_0" in listed.stdout and "blk.0.ffn_down.weight" in listed.stdout, listed.stderr
-    assert "another tool wrote (architecture llama); qstrat cannot read its tq1_0 tensors" in listed.stdout
+    assert listed.returncode == 0 and "q8_1" in listed.stdout and "blk.0.ffn_down.weight" in listed.stdout, listed.stderr
+    assert "another tool wrote (architecture llama); qstrat cannot read its q8_1 tensors" in listed.stdout
     verified = run_cli("qstrat", "verify", str(path))  # not damaged: its structure is checked
     assert verified.returncode == 0 and "intact as far as its structure goes" in verified.stdout, verified.stderr
     for command in (["dequantize", str(path), str(tmp_path / "d.safetensors")],
@@ -409,7 +412,7 @@ def test_a_gguf_tensor_in_a_type_qstrat_does_not_read_is_named_by_every_command(
                     ["run", str(REPO / "configs" / "identity.yaml"), "-i", str(path), "-o", str(tmp_path / "r"), "--set", "format=q8_0"]):
         result = run_cli("qstrat", *command)
         assert result.returncode in (2, 3) and "Traceback" not in result.stderr, (command, result.stderr)
-        assert "'blk.0.ffn_down.weight' is TQ1_0, a type qstrat cannot read (it reads BF16, F16, F32" in result.stderr + result.stdout, command
+        assert "'blk.0.ffn_down.weight' is Q8_1, a type qstrat cannot read (it reads BF16, F16, F32" in result.stderr + result.stdout, command
 
 
 def test_one_part_of_a_split_gguf_is_refused_by_every_command(tmp_path):
