@@ -9,7 +9,7 @@ from pathlib import Path
 
 from qstrat.errors import InputError, OutputError
 from qstrat.io.atomic import TEMP_MARKER, atomic_path, describe_os_error, output_lock, remove_stale_temporaries
-from qstrat.io.gguf import KEY_PREFIX, LLAMA_LAYOUT, GGUFModel, unpack_gguf, write_gguf
+from qstrat.io.gguf import KEY_PREFIX, LLAMA_LAYOUT, GGUFModel, check_unpackable, unpack_gguf, write_gguf
 from qstrat.io.names import JOURNAL_NAME, LOCK_NAME, MANIFEST_NAME, unlisted_tensor_files
 from qstrat.io.gguf_read import is_gguf_name
 from qstrat.model import QuantizedModel
@@ -191,6 +191,7 @@ def gguf_to_directory(source: str | os.PathLike, output_dir: str | os.PathLike) 
     files qstrat did not write is refused."""
     model = GGUFModel(source)
     types = model.checked_types()  # every tensor checked first: a bad file leaves the target untouched
+    check_unpackable(model, types)
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {out} exists and is not a directory")

@@ -290,6 +290,7 @@ class GGUFTensors:
             perm = self.file.runtime_perm(name, stored.k)
             if perm is not None:
                 array = unpermute(array, perm)
+            array = array.reshape(self.shape(name))  # a stack of matrices (MoE experts) from its rows
         return self.undo_joint(name, array) if original else array
 
     def undo_joint(self, name: str, array: np.ndarray) -> np.ndarray:

@@ -707,3 +707,45 @@ def test_the_gguf_parser_gives_gguf_pys_own_fields_for_every_value_type(tmp_path
 
     with pytest.raises(FormatError, match="truncated"):
         open_gguf(cut)
+
+
+def test_a_moe_ggufs_stacked_experts_are_read_by_every_reader(tmp_path):
+    # llama.cpp stores a MoE model's experts as one 3-D tensor (ne = [k, rows, experts]), each row
+    # quantized on its own; readers refused it ("qstrat reads 2-D ones") and verify called the file damaged
+    import gguf
+
+    from qstrat.reference import ggml_dequantize_row, ggml_quantize_chunk
+
+    rng = np.random.default_rng(5)
+    experts = (rng.standard_normal((4, 64, 256)) * 0.05).astype(np.float32)
+    stored = {"blk.0.ffn_up_exps.weight": ("q4_k", experts), "blk.0.ffn_down_exps.weight": ("q8_0", experts.transpose(0, 2, 1)[:, :64, :64] * 3)}
+    path = tmp_path / "moe.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    expected = {}
+    for name, (type_name, values) in stored.items():
+        rows = np.ascontiguousarray(values.reshape(-1, values.shape[-1]))
+        blocks = ggml_quantize_chunk(int(GGMLQuantizationType[type_name.upper()]), rows)
+        writer.add_tensor(name, blocks.reshape(values.shape[:-1] + (-1,)), raw_dtype=GGMLQuantizationType[type_name.upper()])
+        symbol = type_name[:-1] + "K" if type_name.endswith("_k") else type_name  # GGML's dequantize_row_q4_K
+        expected[name] = ggml_dequantize_row(symbol, blocks, values.shape[-1]).reshape(values.shape)
+    writer.add_tensor("blk.0.ffn_norm.weight", np.ones(256, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    listed = run_cli("qstrat", "inspect", str(path))
+    assert listed.returncode == 0 and "4x64x256" in listed.stdout and "4x64x64" in listed.stdout, listed.stdout + listed.stderr
+    verified = run_cli("qstrat", "verify", str(path))
+    assert verified.returncode == 0 and "intact as far as its structure goes" in verified.stdout, verified.stdout + verified.stderr
+    decoded = run_cli("qstrat", "dequantize", str(path), str(tmp_path / "values.safetensors"))
+    assert decoded.returncode == 0, decoded.stderr
+    from safetensors.numpy import load_file
+
+    values = load_file(tmp_path / "values.safetensors")
+    for name, want in expected.items():
+        assert values[name].shape == want.shape and np.array_equal(values[name], want), name
+        assert np.array_equal(qstrat.load_model(path)[name], want) and qstrat.open_model(path)[name].shape == want.shape
+    # an output directory's tensor files are matrices: convert says so, and writes nothing
+    converted = run_cli("qstrat", "convert", str(path), str(tmp_path / "dir"))
+    assert_clean_failure(converted, "(a stack of matrices, as a MoE model's experts); an output directory holds 2-D")
+    assert not (tmp_path / "dir").exists()

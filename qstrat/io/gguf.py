@@ -553,11 +553,11 @@ class GGUFModel:
         return sorted(set(self.stored_type_names().values()) - FORMATS.keys() - DECODED_ONLY.keys())
 
     def stored_tensor(self, name: str, type_name: str) -> Q8KTensor | BlockTensor:
-        """A quantized tensor's blocks (mapped, not copied), its rows in the source's order."""
+        """A quantized tensor's blocks (mapped, not copied), its rows in the source's order.  A tensor of
+        more than two dimensions (a MoE model's stacked experts) comes as the rows of all its matrices,
+        one after another, as GGML stores them (each row is quantized on its own)."""
         shape = self.shape(name)
-        if len(shape) != 2:
-            raise InputError(f"{self.path}: {type_name} tensor {name!r} has shape {list(shape)}; qstrat reads 2-D ones")
-        rows, k = shape
+        rows, k = int(np.prod(shape[:-1], dtype=np.int64)), shape[-1]
         data = np.asarray(self.tensors[name].data)
         if type_name == "q8_k":
             if k % QK_K:
@@ -664,6 +664,17 @@ def block_type_of(tensor) -> str | None:
     return readable_type(ggml_type).name
 
 
+def check_unpackable(model: GGUFModel, types: dict[str, str | None]) -> None:
+    """Refuse a file whose quantized tensors an output directory cannot hold: its ``.qblk`` and ``.q8k``
+    files are matrices, and a MoE model's stacked experts (3-D) are not."""
+    for name, type_name in types.items():
+        shape = model.shape(name)
+        if type_name is not None and len(shape) != 2:
+            raise InputError(f"{model.path}: {type_name} tensor {name!r} has shape {list(shape)} (a stack of matrices, as a "
+                             "MoE model's experts); an output directory holds 2-D quantized tensors only: read the GGUF "
+                             "itself (inspect, dequantize, load_model)")
+
+
 def unpack_gguf(model: GGUFModel, out: Path, types: dict[str, str | None] | None = None) -> None:
     """Write the tensor files, passthrough and permutation files of a GGUF file read back into the
     directory ``out``, then its manifest (last).  What the directory held before is the caller's affair.
@@ -671,6 +682,7 @@ def unpack_gguf(model: GGUFModel, out: Path, types: dict[str, str | None] | None
     names = model.model_tensors()
     if types is None:
         types = model.checked_types()  # its errors name the GGUF file, not the files written from it
+    check_unpackable(model, types)
     quantized = [n for n in names if types[n] is not None]
     stems = assign_file_stems(quantized)
     entries: dict[str, QuantizedEntry | PassthroughEntry] = {}
