@@ -160,7 +160,9 @@ def preset_types(model: SafetensorsModel, config: RunConfig) -> dict[str, Tensor
         n_expert = int(hf.get("num_local_experts") or 0)
     except KeyError as err:
         raise InputError(f"{where} needs config.json's {err.args[0]}") from None
-    except (PresetError, TypeError, ValueError) as err:
+    except PresetError as err:  # not an architecture the rules serve: a setting to change (compare goes on to its other cases)
+        raise ConfigError(f"{where}: {err}") from None
+    except (TypeError, ValueError) as err:
         raise InputError(f"{where}: {err}") from None
     names = gguf_tensor_names(list(model.tensors), arch, n_layer)
     listed = [(gguf_name, model.tensors[name].shape) for name, gguf_name in names.items() if gguf_name is not None]

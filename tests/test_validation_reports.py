@@ -268,6 +268,21 @@ def test_compare_gives_a_preset_that_needs_an_imatrix_a_refused_row(tmp_path):
     assert_clean_failure(bad, "variant")
 
 
+def test_compare_gives_a_preset_a_model_of_another_architecture_cannot_take_a_refused_row(tmp_path):
+    # llama.cpp's rules are mirrored for the Llama family: a BERT model's q4_k_m stopped the whole comparison
+    from qstrat.synthetic import write_model
+    from tests.forward import bert_tensors
+
+    model = write_model(tmp_path / "bert", bert_tensors(256, 512, 1), dtype="F32", config={"model_type": "bert", "architectures": ["BertModel"]})
+    result = run_cli("qstrat", "compare", str(model), "-f", "q8_0,q4_k_m", "-s", "identity", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {r["format"]: r for r in json.loads(result.stdout)["chains"]}
+    assert "mirrored for the llama family only" in rows["q4_k_m"]["error"] and rows["q8_0"]["bits_per_weight"] == 8.5
+    run = run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-i", str(model), "-o", str(tmp_path / "o"), "--set", "preset=q4_k_m")
+    assert run.returncode == 2
+    assert_clean_failure(run, "preset q4_k_m: llama.cpp's type rules are mirrored for the llama family only")
+
+
 def test_a_threshold_the_run_does_not_measure_is_a_warning(tmp_path):
     config = str(REPO / "configs" / "attention_aware.yaml")  # min_sqnr_db: 20
     off = run_cli("qstrat", "run", config, "-o", str(tmp_path / "off"), "--set", "validation.enabled=false")
