@@ -179,6 +179,14 @@ def ggml_types_all_cores(x: np.ndarray) -> None:
         ours, reference = alternated(lambda: quantize(x, name), lambda: gguf.quants.quantize(x, entry.ggml_type), 5, 3)
         target = "(>= 20)" if entry.block_size > 1 else "(a numpy cast: no target)"
         row(f"{name}, against gguf-py", ours, reference, x.nbytes, f"gguf.quants.quantize, numpy {target}")
+    # a run checks each type's float16 fields after quantizing (values too large for them): its cost
+    # beside the quantizer's own time on the same matrix
+    for name in ("f16", "q8_0", "q4_k"):
+        entry = FORMATS[name]
+        blocks = entry.quantize_rows(x, None)
+        quantizing, checking = alternated(lambda: entry.quantize_rows(x, None), lambda: entry.overflows(blocks), 5)
+        print(f"| {name}, float16 overflow check | {checking / quantizing * 100:6.1f} % | of its quantizing time "
+              f"({quantizing * 1e3:.0f} ms) | a run's check after quantizing (small) |", flush=True)
     bits = float32_to_bf16_bits(x)
     bf16 = bits.view(KERNEL_STORAGE["BF16"])  # as a run reads it
     # the same values as float32: the K-quants' searches take a time that depends on the values

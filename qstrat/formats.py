@@ -61,8 +61,9 @@ class BlockType:
     def overflows(self, blocks: np.ndarray) -> bool:
         """Whether a float16 field of these blocks is infinite or NaN (its exponent bits, all in
         the high byte, all set): from finite input, values too large for the type."""
-        view = blocks.reshape(-1, self.type_size)
-        return any(bool(np.any(view[:, offset + 1] & 0x7C == 0x7C)) for offset in self.half_fields)
+        if not self.half_fields or blocks.size == 0:
+            return False
+        return half.count_overflowed_halves(blocks.reshape(-1, self.type_size), np.array(self.half_fields, dtype=np.int64)) > 0
 
     def quantize_finite(self, rows: np.ndarray, imatrix: np.ndarray | None, refuse_non_finite: Callable[[], None]) -> np.ndarray:
         """``quantize_rows`` of data that must be finite.  ``refuse_non_finite`` raises naming the
