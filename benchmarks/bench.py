@@ -186,7 +186,7 @@ def ggml_types_all_cores(x: np.ndarray) -> None:
         blocks = entry.quantize_rows(x, None)
         quantizing, checking = alternated(lambda: entry.quantize_rows(x, None), lambda: entry.overflows(blocks), 5)
         print(f"| {name}, float16 overflow check | {checking / quantizing * 100:6.1f} % | of its quantizing time "
-              f"({quantizing * 1e3:.0f} ms) | a run's check after quantizing (small) |", flush=True)
+              f"({quantizing * 1e3:.0f} ms) | a run's check after quantizing |", flush=True)
     bits = float32_to_bf16_bits(x)
     bf16 = bits.view(KERNEL_STORAGE["BF16"])  # as a run reads it
     # the same values as float32: the K-quants' searches take a time that depends on the values

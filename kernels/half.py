@@ -110,3 +110,13 @@ def count_overflowed_halves(blocks, offsets):
         for j in range(offsets.shape[0]):
             count += np.int64((blocks[b, offsets[j] + 1] & 0x7C) == 0x7C)
     return count
+
+
+@kernel(parallel=True, nogil=True)
+def count_infinite_halves(bits):
+    """How many of ``bits`` (uint16 binary16 values, contiguous) are infinite or NaN: F16's blocks,
+    all halves, in a loop that vectorises (the per-block loop above ran at half F16's encoding speed)."""
+    count = 0
+    for i in prange(bits.shape[0]):
+        count += np.int64((bits[i] & 0x7C00) == 0x7C00)
+    return count

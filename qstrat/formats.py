@@ -63,6 +63,8 @@ class BlockType:
         the high byte, all set): from finite input, values too large for the type."""
         if not self.half_fields or blocks.size == 0:
             return False
+        if self.type_size == 2:  # F16: every value is a half
+            return half.count_infinite_halves(np.ascontiguousarray(blocks).reshape(-1).view(np.uint16)) > 0
         return half.count_overflowed_halves(blocks.reshape(-1, self.type_size), np.array(self.half_fields, dtype=np.int64)) > 0
 
     def quantize_finite(self, rows: np.ndarray, imatrix: np.ndarray | None, refuse_non_finite: Callable[[], None]) -> np.ndarray:
