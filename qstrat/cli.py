@@ -38,6 +38,7 @@ from qstrat.report import (
     describe_importance,
     describe_residual_choice,
     larger_than_input,
+    stacked_passthrough,
     summarize,
 )
 from qstrat.results import QuantizationResult, TensorRecord
@@ -255,7 +256,7 @@ def run(
                     model = open_input(job.input)
                     check_output_dir(job.output, model)  # what the run checks first, before its plan
                     description = describe_plan(make_plan(model, spec.config_for(job)))
-                    warnings = spec.config.unmatched_rules(model.tensors)
+                    warnings = spec.config.unmatched_rules(model.tensors) + [w for w in [stacked_passthrough(model.tensors)] if w]
                 except QstratError as err:
                     if not spec.batch:
                         raise
@@ -288,6 +289,9 @@ def run(
             outcome = {"model": job.name, "input": str(job.input), "output": str(job.output)}
             try:
                 model = open_input(job.input)
+                stacked = stacked_passthrough(model.tensors)
+                if stacked is not None and mode != "quiet":  # before the run: most of a MoE model's bytes
+                    print(f"warning: {job.name}: {stacked}", file=sys.stderr, flush=True)
                 with reporter.model(job.name, sum(t.nbytes for t in model)):
                     result = quantize_model(
                         job.input, spec.config_for(job), job.output, reporter, force=force, thresholds=spec.thresholds,
@@ -320,8 +324,8 @@ def run(
                 if "imatrix" in summary and not summary["imatrix"]["used"]:  # another model's, or names that differ
                     warnings.append(f"the importance matrix {job.imatrix} has a vector for none of the "
                                     f"{len(summary['imatrix']['missing'])} quantized tensors: they were quantized without one")
-                if warnings:
-                    outcome["warnings"] = warnings
+                if warnings or stacked:
+                    outcome["warnings"] = ([stacked] if stacked else []) + warnings  # stacked: said when the run began
                     if mode != "quiet":
                         for warning in warnings:
                             print(f"warning: {job.name}: {warning}", file=sys.stderr, flush=True)

@@ -122,6 +122,22 @@ def byte_size(count: int) -> str:
     return f"{count} bytes"
 
 
+def stacked_passthrough(tensors: Mapping[str, object]) -> str | None:
+    """A sentence when a GGUF input holds quantized tensors of more than two dimensions (a MoE model's
+    experts, most of its weights): a run passes them through decoded to F32, and says so before it starts,
+    not only in its size warning at the end (``tensors``: name -> TensorInfo)."""
+    stacked = sorted(name for name, info in tensors.items() if info.encoding and len(info.shape) > 2)
+    if not stacked:
+        return None
+    stored = sum(tensors[name].stored_nbytes for name in stacked)
+    decoded = sum(tensors[name].nbytes for name in stacked)
+    names = ", ".join(stacked[:3]) + (", ..." if len(stacked) > 3 else "")
+    many = len(stacked) != 1
+    return (f"{len(stacked)} quantized tensor{'s' if many else ''} of more than two dimensions (a MoE model's experts: "
+            f"{names}) {'pass' if many else 'passes'} through decoded to F32, not quantized (qstrat quantizes matrices): {byte_size(stored)} as the "
+            f"input stores them, {byte_size(decoded)} in the output")
+
+
 def larger_than_input(result: QuantizationResult, input_bytes: int) -> str | None:
     """A sentence when the output's tensor files (not its reports or manifest, whose few kB made every
     tiny model "larger") take a quarter more room than the input, or more, saying why: the

@@ -745,6 +745,14 @@ def test_a_moe_ggufs_stacked_experts_are_read_by_every_reader(tmp_path):
     for name, want in expected.items():
         assert values[name].shape == want.shape and np.array_equal(values[name], want), name
         assert np.array_equal(qstrat.load_model(path)[name], want) and qstrat.open_model(path)[name].shape == want.shape
+    # a run passes them through decoded to F32 (it quantizes matrices), and says so before it starts
+    run = run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-i", str(path), "-o", str(tmp_path / "q4"), "--set", "format=q4_k")
+    assert run.returncode == 0, run.stderr
+    assert ("warning: moe: 2 quantized tensors of more than two dimensions (a MoE model's experts: blk.0.ffn_down_exps.weight, "
+            "blk.0.ffn_up_exps.weight) pass through decoded to F32") in run.stderr
+    held = GGUFReader(tmp_path / "q4" / "moe.gguf")
+    assert {t.name: t.tensor_type for t in held.tensors if "exps" in t.name} == dict.fromkeys(expected, GGMLQuantizationType.F32)
+    assert all(np.array_equal(qstrat.load_model(tmp_path / "q4")[name], want) for name, want in expected.items())
     # an output directory's tensor files are matrices: convert says so, and writes nothing
     converted = run_cli("qstrat", "convert", str(path), str(tmp_path / "dir"))
     assert_clean_failure(converted, "(a stack of matrices, as a MoE model's experts); an output directory holds 2-D")
