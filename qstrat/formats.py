@@ -95,7 +95,8 @@ class DecodedType:
     def dequantize_rows(self, blocks: np.ndarray, k: int) -> np.ndarray:
         from gguf.quants import dequantize as decode  # numpy only; its lookup grids are built on first use
 
-        return decode(blocks, self.ggml_type).astype(np.float32, copy=False).reshape(blocks.shape[0], k)
+        with np.errstate(all="ignore"):  # blocks of inf/NaN scales decode to inf/NaN, as GGML's do, without numpy's warning
+            return decode(blocks, self.ggml_type).astype(np.float32, copy=False).reshape(blocks.shape[0], k)
 
 
 #: name -> type, in registration order

@@ -208,8 +208,9 @@ def quantize_matrix_as(
     (``measure="error"``: only the squared errors, for comparing orders).
     An ``importance`` vector (source column order) goes to the quantizer in stored order, as
     ``ggml_quantize_chunk``'s ``imatrix``, and weighs the weighted error.
-    ``given`` blocks (rows, row bytes) in this type, unpermuted, are taken as they are and only
-    measured: a GGUF input's tensor already in the type asked for, which llama.cpp copies.
+    ``given`` blocks (rows, row bytes) in this type, of the stored rows (``row_perm`` applied; no
+    ``col_perm``), are taken as they are and only measured: a GGUF input's tensor already in the
+    type asked for, which llama.cpp copies.
 
     Rows go through in chunks (every type quantizes each row on its own, so the bytes are the
     same): the float32 copy in stored order is a chunk's, not the matrix's; whole, it and its
@@ -226,8 +227,8 @@ def quantize_matrix_as(
     measured = bool(measure) or bool(probes)
     vectors = np.array(list(probes.values()), dtype=np.float64).reshape(len(probes), k)
     measures = np.zeros((n_rows, measure_columns(len(probes))), dtype=np.float64) if measured else None
-    if given is not None and (given.shape != (n_rows, entry.row_bytes(k)) or row_perm is not None or col_perm is not None):
-        raise ValueError(f"given blocks of tensor {tensor_name!r} are not {entry.name} blocks of its unpermuted rows")
+    if given is not None and (given.shape != (n_rows, entry.row_bytes(k)) or col_perm is not None):
+        raise ValueError(f"given blocks of tensor {tensor_name!r} are not {entry.name} blocks of its rows, columns in place")
     blocks = np.empty((n_rows, entry.row_bytes(k)), dtype=np.uint8) if given is None else given
     weighted_error = weighted_reference = 0.0
     chunk = max(1, _CHUNK_VALUES // max(k, 1)) // _MEASURED_ROWS * _MEASURED_ROWS or _MEASURED_ROWS

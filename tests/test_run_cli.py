@@ -606,6 +606,47 @@ def test_a_gguf_inputs_tensors_already_in_the_type_asked_for_are_copied(tmp_path
         assert all("copied" not in t for t in tensors) and all(t["metrics"]["sqnr_db"] != "inf" for t in tensors)
 
 
+def test_a_joint_strategy_keeps_the_copies_of_a_gguf_inputs_tensors(tmp_path):
+    # mlp_joint and head_order measured identity by requantizing the decoded values, so an order could
+    # "gain" over it and the tensor was requantized: a loss against the input, which a copy does not have
+    from gguf import GGUFReader
+
+    from qstrat.synthetic import LlamaShape, hf_config, llama_tensors
+
+    shape = LlamaShape(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    tensors, rng = llama_tensors(shape, seed=5), np.random.default_rng(0)
+    for i in range(2):  # columns of very different scales: the model where reordering them pays
+        scale = np.exp(rng.standard_normal(512) * 1.5).astype(np.float32)
+        tensors[f"model.layers.{i}.mlp.down_proj.weight"] *= scale[None, :]
+        tensors[f"model.layers.{i}.mlp.up_proj.weight"] /= np.sqrt(scale)[:, None]
+        tensors[f"model.layers.{i}.self_attn.o_proj.weight"] *= np.exp(rng.standard_normal(256) * 1.5).astype(np.float32)[None, :]
+    model = write_model(tmp_path / "st", tensors, dtype="F32", config=hf_config(shape))
+    first = run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-i", str(model), "-o", str(tmp_path / "q3"), "-q", "--set", "format=q3_k")
+    assert first.returncode == 0, first.stderr
+    source = next((tmp_path / "q3").glob("*.gguf"))
+    config = tmp_path / "joint.yaml"
+    config.write_text(f"input: {source}\noutput: {tmp_path / 'again'}\nformat: q3_k\nstrategies:\n"
+                      "  - {name: mlp_joint, budget: 400}\n  - {name: head_order, budget: 200}\n  - identity\n")
+    again = run_cli("qstrat", "run", str(config), "-q")
+    assert again.returncode == 0, again.stderr
+    manifest = json.loads((tmp_path / "again" / "manifest.json").read_text())["tensors"]
+    assert all(t.get("copied") and t["permutation"] == "none" for t in manifest.values() if t["storage"] != "passthrough")
+    written = {t.name: bytes(t.data) for t in GGUFReader(tmp_path / "again" / source.name).tensors}
+    assert written == {t.name: bytes(t.data) for t in GGUFReader(source).tensors}
+    # down projections in another type move their columns; gate and up move only their rows, whose blocks
+    # are copied in the new order (each row's blocks stand alone) and read back as the input's values
+    config.write_text(config.read_text().replace("format: q3_k", "format: q3_k\nformat_rules:\n  - {match: ffn_down, format: q8_0}")
+                      .replace(str(tmp_path / "again"), str(tmp_path / "moved")))
+    moved = run_cli("qstrat", "run", str(config), "-q")
+    assert moved.returncode == 0, moved.stderr
+    manifest = json.loads((tmp_path / "moved" / "manifest.json").read_text())["tensors"]
+    rows_moved = [n for n, t in manifest.items() if ("ffn_gate" in n or "ffn_up" in n) and t["permutation"] == "joint"]
+    assert rows_moved and all(manifest[n].get("copied") for n in rows_moved)
+    restored = qstrat.load_model(tmp_path / "moved", original=True)
+    held = {t.name: qstrat.dequantize(np.asarray(t.data), t.tensor_type.name) for t in GGUFReader(source).tensors if t.name in rows_moved}
+    assert all(np.array_equal(restored[n], held[n]) for n in rows_moved)
+
+
 def test_batch_goes_on_past_a_failing_model(tmp_path):
     good = make_llama_dir(tmp_path / "models" / "good", shards=1)
     bad = tmp_path / "models" / "bad"
