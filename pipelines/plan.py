@@ -27,6 +27,13 @@ def writes_q8k(choice: TensorChoice) -> bool:
     return choice.type_name == DEFAULT_FORMAT
 
 
+def in_its_type(info: TensorInfo, choice: TensorChoice) -> bool:
+    """Whether a GGUF input stores the tensor in the type it is written in: unless its columns move,
+    it is copied (llama.cpp's quantizer quantizes only when the type changes; requantizing the decoded
+    values would lose a little more).  Q8K files are always the run's variant of the original tool."""
+    return info.encoding == choice.type_name and not writes_q8k(choice)
+
+
 @dataclass(frozen=True)
 class TensorJob:
     """One tensor of a group: where it is read from, and (if quantized) its file stem and type."""

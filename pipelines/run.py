@@ -23,7 +23,7 @@ import numpy as np
 from qstrat.kernels import QK_K
 from qstrat.pipelines.backends import execution_backend
 from qstrat.pipelines.journal import Journal, group_key, run_fingerprint
-from qstrat.pipelines.plan import GroupJob, Plan, make_plan, writes_q8k
+from qstrat.pipelines.plan import GroupJob, Plan, in_its_type, make_plan, writes_q8k
 from qstrat.pipelines.worker import GroupResult, error_measure, numbered, quantize_batch, quantize_stream
 
 from qstrat.blocks import KERNEL_STORAGE, check_finite
@@ -617,6 +617,10 @@ def describe_plan(plan: Plan) -> dict[str, object]:
                     {"name": member.info.name, "shape": list(member.info.shape), "dtype": member.info.dtype,
                      "format": storage_name(choice.type_name),
                      **({"fallback_from": choice.fallback_from} if choice.fallback_from else {}),
+                     **({"source_type": member.info.encoding} if member.info.encoding else {}),
+                     # copied unless a permutation moves its columns, which only the run's measures decide
+                     **({"copied": True} if in_its_type(member.info, choice) and permutation == "none"
+                        and (plan.residual is None or member.info.name not in plan.residual.axes) else {}),
                      "strategy": group.strategy.name, "permutation": permutation}
                 )
     passthrough = [{"name": p.info.name, "shape": list(p.info.shape), "dtype": p.info.dtype, "reason": p.reason} for p in plan.passthrough]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numba
 import numpy as np
-from qstrat.pipelines.plan import GroupJob, TensorChoice, TensorJob, writes_q8k
+from qstrat.pipelines.plan import GroupJob, TensorChoice, TensorJob, in_its_type, writes_q8k
 
 from qstrat.blocks import KERNEL_STORAGE, check_finite
 from qstrat.errors import QstratError
@@ -90,17 +90,10 @@ def _quantized(
     return quantize_matrix_as(storage, choice.type_name, row_perm, col_perm, **measuring)
 
 
-def _in_its_type(info: TensorInfo, choice: TensorChoice) -> bool:
-    """Whether a GGUF input stores the tensor in the type it is written in: llama.cpp copies such a
-    tensor (llama-quant.cpp quantizes only when the type changes), where requantizing its decoded
-    values would lose a little more.  (Q8K files are always the run's variant of the original tool.)"""
-    return info.encoding == choice.type_name and not writes_q8k(choice)
-
-
 def _copied_blocks(info: TensorInfo, choice: TensorChoice, row_perm: np.ndarray | None, col_perm: np.ndarray | None) -> np.ndarray | None:
-    """The input's own blocks of a tensor in its type (:func:`_in_its_type`), its rows in the order
+    """The input's own blocks of a tensor in its type (``plan.in_its_type``), its rows in the order
     asked (each row's blocks stand alone); None when its columns move, which changes the blocks."""
-    if col_perm is not None or not _in_its_type(info, choice):
+    if col_perm is not None or not in_its_type(info, choice):
         return None
     blocks = map_blocks(info)
     return blocks if row_perm is None else np.take(blocks, row_perm, axis=0)
@@ -121,7 +114,7 @@ class ErrorMeasure:
 
     def __call__(self, name: str, storage: np.ndarray, col_perm: np.ndarray | None) -> float:
         member = self.members.get(name)
-        if col_perm is None and member is not None and member.choice is not None and _in_its_type(member.info, member.choice) \
+        if col_perm is None and member is not None and member.choice is not None and in_its_type(member.info, member.choice) \
                 and (member.residual is None or member.residual.axis == 0):
             return 0.0  # its columns in place, it is copied as the input stores it: no order can beat that
         importance = member.importance if member else None

@@ -209,7 +209,8 @@ def _print_plan(name: str, output: Path, description: dict) -> None:
     for q in description["quantized"]:
         shape = "x".join(map(str, q["shape"]))
         fallback = fallback_note(q.get("fallback_from"), q["shape"])
-        print(f"  {q['format']:<5} {q['name']} [{shape}] {q['dtype']} {q['strategy']} ({q['permutation']}){fallback}")
+        copied = f" (copied: already {q['format']} in the input)" if q.get("copied") else ""
+        print(f"  {q['format']:<5} {q['name']} [{shape}] {q['dtype']} {q['strategy']} ({q['permutation']}){fallback}{copied}")
     for p in description["passthrough"]:
         shape = "x".join(map(str, p["shape"]))
         print(f"  pass  {p['name']} [{shape}] {p['dtype']}: {p['reason']}")
@@ -309,6 +310,7 @@ def run(
                 outcome.update(
                     status="threshold_failed" if result.failures else "ok", up_to_date=result.up_to_date,
                     tensor_count=result.tensor_count,
+                    copied_count=sum(t.copied for t in result.quantized),
                     skipped_count=result.skipped_count,
                     average_mse=None if math.isnan(result.average_mse) else result.average_mse,
                     failures=[f.as_dict() for f in result.failures],

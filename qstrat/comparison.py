@@ -162,8 +162,10 @@ def render_comparison(model: str, rows: Sequence[dict[str, object]], evaluated: 
     """The comparison as a Markdown table (``evaluated``: what the figures of the text were computed on)."""
     from qstrat.report import _fmt
     with_imatrix = any(r["imatrix"] for r in rows)
-    head = ["format", "chain"] + (["imatrix"] if with_imatrix else []) + [
-        "quantized", "bits/weight", "model MB", "mean SQNR dB", "worst SQNR dB"]
+    # a GGUF input's tensors copied in their type are exact, left out of the mean SQNR: say how many
+    with_copies = any(r.get("copied_count") for r in rows)
+    head = ["format", "chain"] + (["imatrix"] if with_imatrix else []) + ["quantized"] + (["copied exact"] if with_copies else []) + [
+        "bits/weight", "model MB", "mean SQNR dB", "worst SQNR dB"]
     head += ["weighted SQNR dB"] if with_imatrix else []
     head += ["sum test MSE", "gradient test MSE", "runtime perms", "joint perms"]
     head += ["perplexity", "KL divergence", "same top token"] if evaluated else []
@@ -177,7 +179,8 @@ def render_comparison(model: str, rows: Sequence[dict[str, object]], evaluated: 
             lines.append("| " + " | ".join(cells + [f"refused: {r['error']}"] + [""] * (len(head) - len(cells) - 1)) + " |")
             continue
         weighted = (r.get("imatrix_summary") or {}).get("mean_weighted_sqnr_db")
-        cells += [str(r["tensor_count"]), _fmt(r["bits_per_weight"], ".3f"), _fmt(r["model_bytes"] / 1e6, ".2f"),
+        cells += [str(r["tensor_count"])] + ([str(r.get("copied_count", 0))] if with_copies else [])
+        cells += [_fmt(r["bits_per_weight"], ".3f"), _fmt(r["model_bytes"] / 1e6, ".2f"),
                   _fmt(r["mean_sqnr_db"], ".2f"), _fmt(r["worst_sqnr_db"], ".2f")]
         cells += [_fmt(weighted, ".2f")] if with_imatrix else []
         cells += [_fmt(r["average_sum_test_mse"], ".3e"), _fmt(r["average_gradient_test_mse"], ".3e"),

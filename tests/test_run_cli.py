@@ -597,6 +597,14 @@ def test_a_gguf_inputs_tensors_already_in_the_type_asked_for_are_copied(tmp_path
     assert {t["copied"] for t in manifest["tensors"].values()} == {True}
     assert json.loads((out / "report.json").read_text())["summary"]["copied_count"] == 3
     assert "3 tensors already in the type asked for in the input GGUF: copied as they were" in (out / "report.md").read_text()
+    planned = run_cli("qstrat", "run", str(config), "-i", str(source), "-o", str(tmp_path / "plan"), "--set", "format=q5_k", "--dry-run", "--json")
+    assert [q.get("copied") for q in json.loads(planned.stdout)["models"]["m"]["quantized"]] == [True] * 3
+    quiet = run_cli("qstrat", "run", str(config), "-i", str(source), "-o", str(out), "--set", "format=q5_k", "--json")
+    assert json.loads(quiet.stdout)["models"][0]["copied_count"] == 3
+    compared = run_cli("qstrat", "compare", str(source), "-f", "q5_k,q8_0", "-s", "identity", "-o", str(tmp_path / "cmp"))
+    assert compared.returncode == 0, compared.stderr
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| quantized | copied exact |" in table and "| q5_k | identity | 3 | 3 |" in table and "| q8_0 | identity | 3 | 0 |" in table
     assert run_cli("qstrat", "verify", str(out)).returncode == 0
     # another type is requantized; a permutation moves the columns across blocks, so it requantizes too
     for name, settings in (("q8_0", ["--set", "format=q8_0"]), ("permuted", ["--set", "format=q5_k", "--set", "strategies=[l2_norm]"])):
