@@ -194,13 +194,10 @@ def _float32(info) -> np.ndarray:
 
 def _from_gguf(path: Path, tensors: dict[str, np.ndarray] | None = None) -> LlamaForward:
     """A GGUF model's forward (``tensors``, by llama.cpp name, replace the file's)."""
-    from qstrat.io.gguf import KEY_PREFIX
     from qstrat.io.gguf_input import GGUFInput
 
-    model = GGUFInput(path)
+    model = GGUFInput(path)  # refuses qstrat's container with run-time permutations (a gather the forward does not apply)
     fields = model.fields()
-    if fields.get(f"{KEY_PREFIX}perm_tensors"):  # qstrat's container for Candle: a gather this forward does not apply
-        raise InputError(f"{path}: holds run-time permutations (.perm); evaluate the output directory it came from")
     params = LlamaParams.from_fields(fields, str(path))
     if tensors is None:
         tensors = {info.name: _float32(info) for info in model}

@@ -757,3 +757,21 @@ def test_a_moe_ggufs_stacked_experts_are_read_by_every_reader(tmp_path):
     converted = run_cli("qstrat", "convert", str(path), str(tmp_path / "dir"))
     assert_clean_failure(converted, "(a stack of matrices, as a MoE model's experts); an output directory holds 2-D")
     assert not (tmp_path / "dir").exists()
+
+
+def test_a_qstrat_gguf_with_run_time_permutations_is_no_runs_input(tmp_path):
+    # its matrices hold permuted columns and its .perm gather maps passed through as model tensors:
+    # the output failed qstrat's own verify
+    rng = np.random.default_rng(8)
+    model = write_model(tmp_path / "m", {f"l.{i}.weight": rng.standard_normal((32, 256)).astype(np.float32) for i in range(2)}, dtype="F32")
+    made = run_cli("qstrat", "run", str(REPO / "configs" / "l2_norm.yaml"), "-i", str(model), "-o", str(tmp_path / "perm"), "-q",
+                   "--set", "format=q8_0")
+    assert made.returncode == 0, made.stderr
+    again = run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-i", str(tmp_path / "perm" / "m.gguf"),
+                    "-o", str(tmp_path / "again"), "--set", "format=q8_0")
+    assert_clean_failure(again, "m.gguf: holds run-time permutations (.perm gather maps, for Candle), which only those gathers undo")
+    assert again.returncode == 2 and not (tmp_path / "again").exists()
+    # the way the message gives: its original weights, then a run
+    assert run_cli("qstrat", "dequantize", str(tmp_path / "perm" / "m.gguf"), str(tmp_path / "w.safetensors")).returncode == 0
+    assert run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-i", str(tmp_path / "w.safetensors"),
+                   "-o", str(tmp_path / "plain"), "-q", "--set", "format=q8_0").returncode == 0

@@ -247,7 +247,7 @@ def test_eval_by_the_numpy_forward_measures_a_q8k_run(model, tmp_path):
     # qstrat's Q8K container with run-time permutations: the gather is not the forward's to apply
     quantize_model(directory, RunConfig.build({"strategies": ["l2_norm"], "outputs": ["q8k", "gguf"]}, "test"), tmp_path / "perm")
     assert_clean_failure(run_cli("qstrat", "eval", str(tmp_path / "perm" / "tiny.gguf"), "--engine", "numpy", *args),
-                         "holds run-time permutations (.perm); evaluate the output directory")
+                         "holds run-time permutations (.perm gather maps, for Candle), which only those gathers undo")
     permuted = json.loads(run_cli("qstrat", "eval", str(tmp_path / "perm"), "--reference", str(directory), *args).stdout)
     assert 0 < permuted["kl_divergence"] < 0.01  # the directory: its gather undone on reading
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from qstrat.errors import InputError
 from qstrat.io.gguf_read import PASSTHROUGH_TYPES, is_gguf_name, open_gguf, unreadable_type
 from qstrat.io.safetensors import TensorInfo
 
@@ -39,6 +40,12 @@ class GGUFInput:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.reader = open_gguf(self.path)
+        if "qstrat.perm_tensors" in self.reader.fields:
+            # its matrices hold permuted columns that only the .perm gathers undo: read as they are, they
+            # are not the model, and the gather maps would pass through as model tensors
+            raise InputError(f"{self.path}: holds run-time permutations (.perm gather maps, for Candle), which only those "
+                             "gathers undo, so it is no run's or forward's input: use the output directory it came from, "
+                             "the model it was made from, or `qstrat dequantize` it to a .safetensors file of the original weights")
         self.files = [GGUFFile(self.path, self.path.stat().st_size, int(self.reader.data_offset))]
         self.tensors: dict[str, TensorInfo] = {}
         for tensor in self.reader.tensors:
