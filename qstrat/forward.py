@@ -261,8 +261,25 @@ def _from_output(directory: Path, scratch: Path) -> tuple[LlamaForward, Path]:
         raise InputError(f"{directory}: its source model {source} is not at hand (the forward needs its configuration and tokenizer)")
     tensors = {name: np.ascontiguousarray(values, dtype=np.float32) for name, values in load_model(directory, original=True).items()}
     if source.is_file() and is_gguf_name(source):
-        return _from_gguf(source, tensors), source
+        return _from_gguf(source, _stored_as_in(source, tensors)), source
     return _from_hf(source, scratch, tensors)
+
+
+def _stored_as_in(source: Path, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``tensors`` (a directory converted from GGUF ``source``, as reading gives them) under the names and in
+    the row order ``source`` stores them: a qstrat GGUF, or one llama.cpp's quantizer rewrote from it, reads
+    back under the Hugging Face names with q/k rows in their order, while the forward takes llama.cpp's."""
+    from qstrat.io.gguf import GGUFModel
+    from qstrat.llama_gguf import rope_row_order
+
+    model = GGUFModel(source)
+    stored = {}
+    for name, values in tensors.items():
+        heads = model.row_heads.get(name)
+        if heads is not None:
+            values = np.ascontiguousarray(values[rope_row_order(values.shape[0], heads)])
+        stored[model.tensors[name].name if name in model.tensors else name] = values
+    return stored
 
 
 @contextlib.contextmanager
