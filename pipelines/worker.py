@@ -188,8 +188,9 @@ def _quantize_members(
         copied = _copied_blocks(info, member.choice, row_perm, col_perm)
         outcome = _quantized(
             arrays[info.name], member.choice, variant, row_perm, col_perm, tensor_name=info.name,
-            measure="weight_error" in stages, probes=probes, importance=member.importance,
-            **({"given": copied} if copied is not None else {}),
+            measure="weight_error" in stages, probes=probes,
+            # a copy uses no importance vector: no importance-weighted figure beside its imatrix field's None
+            **({"given": copied} if copied is not None else {"importance": member.importance}),
         )
         metrics = outcome.metrics
         if probes:
