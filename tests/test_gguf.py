@@ -748,8 +748,8 @@ def test_a_moe_ggufs_stacked_experts_are_read_by_every_reader(tmp_path):
     # a run passes them through decoded to F32 (it quantizes matrices), and says so before it starts
     run = run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-i", str(path), "-o", str(tmp_path / "q4"), "--set", "format=q4_k")
     assert run.returncode == 0, run.stderr
-    assert ("warning: moe: 2 weight tensors of more than two dimensions (a MoE model's experts: blk.0.ffn_down_exps.weight, "
-            "blk.0.ffn_up_exps.weight) are not quantized (qstrat quantizes matrices) but passed through, decoded to F32") in run.stderr
+    assert ("warning: moe: 2 weight tensors of more than two dimensions, such as a MoE model's experts (blk.0.ffn_down_exps.weight, "
+            "blk.0.ffn_up_exps.weight), are not quantized (qstrat quantizes matrices) but passed through, decoded to F32") in run.stderr
     # an F32 model's experts too: its output is no larger than the input, so nothing else said so
     f32 = run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-i", str(tmp_path / "values.safetensors"),
                   "-o", str(tmp_path / "f32-q4"), "--set", "format=q4_k", "--json")
