@@ -302,3 +302,21 @@ def test_the_report_names_the_format_or_preset_and_the_q8k_variant_only_for_q8k(
                                  ("q8k", [], "Format `q8k`, Q8K variant `candle`; strategies identity")):
         assert run_cli("qstrat", "run", config, "-o", str(tmp_path / name), "-q", *settings).returncode == 0
         assert (tmp_path / name / "report.md").read_text().splitlines()[2].startswith(head)
+
+
+def test_weights_of_more_than_two_dimensions_are_a_warning_only_where_they_weigh():
+    # a MoE model's experts are most of it; a vision tower's convolutions would be a warning every night
+    from pathlib import Path
+
+    from qstrat.io.safetensors import TensorInfo
+    from qstrat.report import stacked_passthrough
+
+    def info(name, shape):
+        return TensorInfo(name, "F32", shape, Path("m.safetensors"), 0, 4 * math.prod(shape))
+
+    matrix = info("w.weight", (1024, 1024))
+    assert stacked_passthrough({"w.weight": matrix, "conv.weight": info("conv.weight", (64, 3, 16, 16))}) is None
+    experts = info("blk.0.ffn_up_exps.weight", (8, 1024, 1024))
+    sentence = stacked_passthrough({"w.weight": matrix, experts.name: experts})
+    assert sentence == ("1 weight tensor of more than two dimensions, such as a MoE model's experts (blk.0.ffn_up_exps.weight), "
+                        "is not quantized (qstrat quantizes matrices) but passed through: 34 MB in the input, 34 MB in the output")
