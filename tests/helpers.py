@@ -230,3 +230,25 @@ def raw_gguf(path: Path, kvs: list[tuple], tensors: list[tuple[str, int, tuple[i
         data[offset : offset + len(raw)] = raw
     path.write_bytes(head + b"\0" * (-len(head) % 32) + bytes(data))
     return path
+
+
+def rewrite_gguf(source: Path, target: Path, retype, keep_qstrat_keys: bool = True) -> Path:
+    """``source`` rewritten with gguf-py as another tool (llama.cpp's quantizer) rewrites a file: every
+    key copied (qstrat's own too, unless ``keep_qstrat_keys`` is false), each tensor as
+    ``retype(tensor)`` gives it: ``(array, raw GGML type or None)``."""
+    import gguf
+
+    reader = gguf.GGUFReader(source)
+    writer = gguf.GGUFWriter(target, str(reader.fields["general.architecture"].contents()))
+    skipped = ("GGUF.",) if keep_qstrat_keys else ("GGUF.", "qstrat.")
+    for key, field in reader.fields.items():
+        if not key.startswith(skipped) and key != "general.architecture":
+            writer.add_key_value(key, field.contents(), field.types[0], sub_type=field.types[-1] if len(field.types) > 1 else None)
+    for tensor in reader.tensors:
+        array, raw_type = retype(tensor)
+        writer.add_tensor(tensor.name, array, raw_dtype=raw_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target

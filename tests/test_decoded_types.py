@@ -19,7 +19,7 @@ from qstrat.formats import DECODED_ONLY, FORMATS
 from qstrat.reference import ggml_dequantize_row, ggml_quantize_chunk
 from qstrat.synthetic import LlamaShape
 from tests.conftest import REPO
-from tests.helpers import make_llama_dir, run_cli
+from tests.helpers import make_llama_dir, rewrite_gguf, run_cli
 
 TYPES = list(DECODED_ONLY)
 #: two layers: 16 matrices, every row 512 or 768 long (the 256-value types' blocks divide them)
@@ -67,28 +67,20 @@ def decoded_gguf(tmp_path_factory):
     made = run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-i", str(model), "-o", str(root / "f32"), "-q",
                    "--set", "format=f32", "--set", "outputs=[gguf]")
     assert made.returncode == 0, made.stderr
-    source = GGUFReader(root / "f32" / "tiny.gguf")
-    path = root / "decoded.gguf"
-    writer = gguf.GGUFWriter(path, str(source.fields["general.architecture"].contents()))
-    for key, field in source.fields.items():
-        if not key.startswith(("GGUF.", "qstrat.")) and key != "general.architecture":
-            writer.add_key_value(key, field.contents(), field.types[0], sub_type=field.types[-1] if len(field.types) > 1 else None)
-    stored = {}
-    matrices = [t for t in source.tensors if len(t.shape) == 2]
+    source = root / "f32" / "tiny.gguf"
+    matrices = [t.name for t in GGUFReader(source).tensors if len(t.shape) == 2]
     assert len(matrices) >= len(TYPES)
-    for i, tensor in enumerate(source.tensors):
+    stored = {}
+
+    def in_decoded_types(tensor):
         values = np.asarray(tensor.data, dtype=np.float32)
-        if tensor in matrices:
-            type_name = TYPES[matrices.index(tensor) % len(TYPES)]
-            blocks = _ggml_bytes(type_name, values, seed=i)
-            stored[tensor.name] = (type_name, blocks)
-            writer.add_tensor(tensor.name, blocks, raw_dtype=gguf.GGMLQuantizationType[type_name.upper()])
-        else:
-            writer.add_tensor(tensor.name, values)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        if tensor.name not in matrices:
+            return values, None
+        type_name = TYPES[matrices.index(tensor.name) % len(TYPES)]
+        stored[tensor.name] = (type_name, _ggml_bytes(type_name, values, seed=matrices.index(tensor.name)))
+        return stored[tensor.name][1], gguf.GGMLQuantizationType[type_name.upper()]
+
+    path = rewrite_gguf(source, root / "decoded.gguf", in_decoded_types, keep_qstrat_keys=False)
     # GGML's values of each matrix, in numpy order
     values = {name: ggml_dequantize_row(type_name, blocks, blocks.shape[1] // DECODED_ONLY[type_name].type_size
                                         * DECODED_ONLY[type_name].block_size) for name, (type_name, blocks) in stored.items()}

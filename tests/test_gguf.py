@@ -19,7 +19,7 @@ from qstrat.kernels import BLOCK_BYTES, QK_K
 from qstrat.io.safetensors import SafetensorsModel, map_tensor, to_float32
 from qstrat.synthetic import write_model
 from tests.conftest import REPO
-from tests.helpers import assert_clean_failure, held_lock, raw_gguf, run_cli
+from tests.helpers import assert_clean_failure, held_lock, raw_gguf, rewrite_gguf, run_cli
 
 TYPES = {"F32": GGMLQuantizationType.F32, "BF16": GGMLQuantizationType.BF16, "F16": GGMLQuantizationType.F16}
 
@@ -212,21 +212,13 @@ def test_verify_of_a_lone_gguf_checks_its_recorded_data_checksum(tmp_path):
     # tests/test_llama_quantize.py): its checksum is stale, and the file not damaged
     import gguf
 
-    source, rewritten = GGUFReader(out / "tiny-llama.gguf"), tmp_path / "rewritten.gguf"
-    writer = gguf.GGUFWriter(rewritten, str(source.fields["general.architecture"].contents()))
-    for key, field in source.fields.items():
-        if not key.startswith("GGUF.") and key != "general.architecture":
-            writer.add_key_value(key, field.contents(), field.types[0], sub_type=field.types[-1] if len(field.types) > 1 else None)
-    for tensor in source.tensors:
-        if tensor.tensor_type == GGMLQuantizationType.Q8_0:
-            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-            writer.add_tensor(tensor.name, gguf.quants.quantize(values, GGMLQuantizationType.Q4_0), raw_dtype=GGMLQuantizationType.Q4_0)
-        else:
-            writer.add_tensor(tensor.name, np.asarray(tensor.data))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    def q4_0(tensor):  # its Q8_0 matrices in Q4_0, every other tensor as it was
+        if tensor.tensor_type != GGMLQuantizationType.Q8_0:
+            return np.asarray(tensor.data), None
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        return gguf.quants.quantize(values, GGMLQuantizationType.Q4_0), GGMLQuantizationType.Q4_0
+
+    rewritten = rewrite_gguf(out / "tiny-llama.gguf", tmp_path / "rewritten.gguf", q4_0)
     result = run_cli("qstrat", "verify", str(rewritten))
     assert result.returncode == 0 and "rewritten by another tool" in result.stdout, result.stdout + result.stderr
     listed = run_cli("qstrat", "inspect", str(rewritten))

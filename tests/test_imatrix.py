@@ -21,7 +21,7 @@ from qstrat.pipelines.run import quantize_model
 from qstrat.reference import ggml_quantize_chunk
 from qstrat.runconfig import RunConfig
 from qstrat.synthetic import LlamaShape, hf_config, llama_tensors, write_model
-from tests.helpers import assert_clean_failure, make_bpe_tokenizer, run_cli
+from tests.helpers import assert_clean_failure, make_bpe_tokenizer, rewrite_gguf, run_cli
 
 SHAPE = LlamaShape(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2)
@@ -332,25 +332,16 @@ def test_an_imatrix_that_names_none_of_the_models_tensors_is_a_warning(model, tm
 def test_a_directory_converted_from_a_rewritten_qstrat_gguf_is_evaluated_as_the_file(model, tmp_path):
     # llama.cpp's quantizer copies qstrat's keys into its file, so the directory `qstrat convert` makes of it
     # reads back under the Hugging Face names, which the forward of its GGUF source did not find
-    import gguf
-
     directory, text, _, _ = model
     quantize_model(directory, RunConfig.build({"format": "f32", "outputs": ["gguf"], "validation": {"enabled": False}}, "test"), tmp_path / "f32")
-    source, rewritten = GGUFReader(tmp_path / "f32" / "tiny.gguf"), tmp_path / "rewritten.gguf"
-    writer = gguf.GGUFWriter(rewritten, str(source.fields["general.architecture"].contents()))
-    for key, field in source.fields.items():
-        if not key.startswith("GGUF.") and key != "general.architecture":
-            writer.add_key_value(key, field.contents(), field.types[0], sub_type=field.types[-1] if len(field.types) > 1 else None)
-    for tensor in source.tensors:
+
+    def q8_0(tensor):  # what llama.cpp's Q8_0 gives its matrices (GGML's bytes)
         values = np.asarray(tensor.data, dtype=np.float32)
-        if values.ndim == 2:  # what llama.cpp's Q8_0 gives (GGML's bytes)
-            writer.add_tensor(tensor.name, ggml_quantize_chunk(int(GGMLQuantizationType.Q8_0), values), raw_dtype=GGMLQuantizationType.Q8_0)
-        else:
-            writer.add_tensor(tensor.name, values)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        if values.ndim != 2:
+            return values, None
+        return ggml_quantize_chunk(int(GGMLQuantizationType.Q8_0), values), GGMLQuantizationType.Q8_0
+
+    rewritten = rewrite_gguf(tmp_path / "f32" / "tiny.gguf", tmp_path / "rewritten.gguf", q8_0)
     converted = run_cli("qstrat", "convert", str(rewritten), str(tmp_path / "dir"))
     assert converted.returncode == 0, converted.stderr
     args = ("--text", str(text), "--ctx", "32", "--chunks", "2", "--engine", "numpy", "--json")
