@@ -54,11 +54,20 @@ def describe_importance(summary: Mapping[str, object], path: object) -> str | No
         f"importance matrix {path}: vectors for all {use['used']} quantized tensors")
 
 
+def quantized_output_bytes(result: QuantizationResult) -> int:
+    """The quantized tensors' bytes in the output: their .q8k and .perm files, and the blocks of their
+    .qblk files without its header (what a GGUF holds of them; the headers made a copied model "larger")."""
+    from qstrat.io.qblock import QBLK_HEADER
+
+    return sum(f.size - (QBLK_HEADER.size if role == "blocks" else 0)
+               for r in result.quantized for role, f in r.files.items() if role in ("q8k", "blocks", "perm"))
+
+
 def summarize(result: QuantizationResult) -> dict[str, object]:
     """Per-model figures: counts, averages and extremes of the metrics, sizes, time."""
     metrics = [r.metrics for r in result.quantized if r.metrics is not None]
     sqnr = [m.sqnr_db for m in metrics if m.sqnr_db is not None]
-    stored = sum(f.size for r in result.quantized for role, f in r.files.items() if role in ("q8k", "blocks", "perm"))
+    stored = quantized_output_bytes(result)
     source = sum(r.source_nbytes for r in result.quantized)
     formats: dict[str, int] = {}
     for r in result.quantized:
@@ -157,7 +166,7 @@ def larger_than_input(result: QuantizationResult, input_bytes: int) -> str | Non
     head = f"the output ({byte_size(output_bytes)}) is larger than the input ({byte_size(input_bytes)}): "
     passed = [r for r in result.tensors if not r.quantized]
     quantized_in = sum(r.source_nbytes for r in result.quantized)
-    quantized_out = sum(f.size for r in result.quantized for role, f in r.files.items() if role in ("q8k", "blocks", "perm"))
+    quantized_out = quantized_output_bytes(result)
     if quantized_out - quantized_in > sum(r.nbytes for r in passed):
         types = ", ".join(sorted({r.storage for r in result.quantized}))
         return head + (f"its {len(result.quantized)} quantized tensors take {byte_size(quantized_out)} in {types}, "

@@ -595,7 +595,9 @@ def test_a_gguf_inputs_tensors_already_in_the_type_asked_for_are_copied(tmp_path
     assert "larger than the input" not in result.stderr  # its reports and manifest are no part of the model
     manifest = json.loads((out / "manifest.json").read_text())
     assert {t["copied"] for t in manifest["tensors"].values()} == {True}
-    assert json.loads((out / "report.json").read_text())["summary"]["copied_count"] == 3
+    summary = json.loads((out / "report.json").read_text())["summary"]
+    assert summary["copied_count"] == 3
+    assert summary["quantized_output_bytes"] == summary["quantized_source_bytes"] == sum(len(b) for b in stored.values())
     assert "3 tensors already in the type asked for in the input GGUF: copied as they were" in (out / "report.md").read_text()
     planned = run_cli("qstrat", "run", str(config), "-i", str(source), "-o", str(tmp_path / "plan"), "--set", "format=q5_k", "--dry-run", "--json")
     assert [q.get("copied") for q in json.loads(planned.stdout)["models"]["m"]["quantized"]] == [True] * 3
