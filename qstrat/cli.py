@@ -307,10 +307,11 @@ def run(
                 if not json_output:
                     print(f"error: {job.name}: {err}", file=sys.stderr)
             else:
+                summary = summarize(result)
                 outcome.update(
                     status="threshold_failed" if result.failures else "ok", up_to_date=result.up_to_date,
                     tensor_count=result.tensor_count,
-                    copied_count=sum(t.copied for t in result.quantized),
+                    copied_count=summary["copied_count"],
                     skipped_count=result.skipped_count,
                     average_mse=None if math.isnan(result.average_mse) else result.average_mse,
                     failures=[f.as_dict() for f in result.failures],
@@ -322,7 +323,6 @@ def run(
                     outcome["gguf"] = result.container
                 larger = larger_than_input(result, sum(f.size for f in model.files))
                 warnings = spec.config.unmatched_rules(model.tensors) + ([larger] if larger is not None else [])
-                summary = summarize(result)
                 if "imatrix" in summary and not summary["imatrix"]["used"]:  # another model's, or names that differ
                     warnings.append(f"the importance matrix {job.imatrix} has a vector for none of the "
                                     f"{len(summary['imatrix']['missing'])} quantized tensors: they were quantized without one")
@@ -469,7 +469,7 @@ def _gguf_table(path: Path, model):
 
     from qstrat.io.names import storage_name
 
-    stored = model.stored_type_names()  # a type qstrat does not read (IQ2_XXS, TQ1_0) is listed by its name
+    stored = model.stored_type_names()  # a type qstrat does not read (Q8_1, ...) is listed by its name
     if not model.unreadable_types():
         stored = {n: storage_name(t) for n, t in model.checked_types().items() if t is not None}
     kinds = _stored_kinds(set(stored.values()), model.variant)

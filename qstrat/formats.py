@@ -39,13 +39,22 @@ class NonFiniteBlocks(Exception):
 
 
 @dataclass(frozen=True)
-class BlockType:
-    """One GGUF tensor type qstrat writes."""
+class TypeLayout:
+    """A GGUF tensor type's name and block layout (from ``gguf.GGML_QUANT_SIZES``)."""
 
     name: str
     ggml_type: QuantizationType
     block_size: int  # values per block
     type_size: int  # bytes per block
+
+    def row_bytes(self, k: int) -> int:
+        return k // self.block_size * self.type_size
+
+
+@dataclass(frozen=True)
+class BlockType(TypeLayout):
+    """One GGUF tensor type qstrat writes."""
+
     quantize_rows: QuantizeRows
     dequantize_rows: DequantizeRows
     uses_imatrix: bool  # whether an importance vector changes the bytes
@@ -54,9 +63,6 @@ class BlockType:
     #: byte offsets in a block of its float16 fields (scales, minimums; every value of F16), which
     #: overflow to infinity past 65504 however finite the input (GGML writes that, llama.cpp refuses it)
     half_fields: tuple[int, ...] = ()
-
-    def row_bytes(self, k: int) -> int:
-        return k // self.block_size * self.type_size
 
     def overflows(self, blocks: np.ndarray) -> bool:
         """Whether a float16 field of these blocks is infinite or NaN (its exponent bits, all in
@@ -81,16 +87,8 @@ class BlockType:
 
 
 @dataclass(frozen=True)
-class DecodedType:
+class DecodedType(TypeLayout):
     """One GGUF tensor type qstrat reads but does not write: gguf-py decodes it."""
-
-    name: str
-    ggml_type: QuantizationType
-    block_size: int
-    type_size: int
-
-    def row_bytes(self, k: int) -> int:
-        return k // self.block_size * self.type_size
 
     def dequantize_rows(self, blocks: np.ndarray, k: int) -> np.ndarray:
         from gguf.quants import dequantize as decode  # numpy only; its lookup grids are built on first use

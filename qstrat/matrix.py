@@ -243,14 +243,13 @@ def quantize_matrix_as(
     for first in range(0, n_rows, chunk):
         picked = slice(first, min(first + chunk, n_rows))
         stored = _stored_order(storage, row_perm, col_perm, picked)
-        if given is not None:
-            pass  # measured only
-        elif entry.checks_finite:
-            blocks[picked] = entry.quantize_finite(stored, weights, refuse_non_finite)
-        else:
-            blocks[picked] = entry.quantize_rows(stored, weights)
-        if entry.overflows(blocks[picked]):
-            raise NonFiniteError(f"tensor {tensor_name!r}: {too_large(storage, storage.shape, entry.name)}")
+        if given is None:  # given blocks are measured only; finite values (checked above) come from finite fields
+            if entry.checks_finite:
+                blocks[picked] = entry.quantize_finite(stored, weights, refuse_non_finite)
+            else:
+                blocks[picked] = entry.quantize_rows(stored, weights)
+            if entry.overflows(blocks[picked]):
+                raise NonFiniteError(f"tensor {tensor_name!r}: {too_large(storage, storage.shape, entry.name)}")
         if not measured:
             continue
         for start in range(0, stored.shape[0], _MEASURED_ROWS):

@@ -33,7 +33,7 @@ def verify_gguf_file(path: str | os.PathLike) -> tuple[list[str], bool]:
                 what = "header and tensor data" if recorded[0] == SHA256_KEY else "tensor data"
                 return [f"{path}: the sha256 of its {what} differs from the one it records (the file was changed or corrupted)"], True
         # read back in place: every tensor's type, shape and permutations (the checks a reader makes);
-        # another tool's types qstrat does not read (IQ2_XXS, ...) are not damage: its structure was checked
+        # another tool's types qstrat does not read (Q8_1, ...) are not damage: its structure was checked
         if not model.unreadable_types():
             model.checked_types()
         return [], recorded is not None

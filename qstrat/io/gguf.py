@@ -678,11 +678,12 @@ def check_unpackable(model: GGUFModel, types: dict[str, str | None]) -> None:
 def unpack_gguf(model: GGUFModel, out: Path, types: dict[str, str | None] | None = None) -> None:
     """Write the tensor files, passthrough and permutation files of a GGUF file read back into the
     directory ``out``, then its manifest (last).  What the directory held before is the caller's affair.
-    ``types``: the model's :meth:`GGUFModel.checked_types`, when the caller has them already."""
+    ``types``: the model's :meth:`GGUFModel.checked_types`, when the caller has them already (and has
+    passed them to :func:`check_unpackable`)."""
     names = model.model_tensors()
-    if types is None:
+    if types is None:  # a caller with them (convert) has made both checks before touching its directory
         types = model.checked_types()  # its errors name the GGUF file, not the files written from it
-    check_unpackable(model, types)
+        check_unpackable(model, types)
     quantized = [n for n in names if types[n] is not None]
     stems = assign_file_stems(quantized)
     entries: dict[str, QuantizedEntry | PassthroughEntry] = {}
