@@ -19,7 +19,21 @@ from qstrat.io.safetensors import (
     TensorInfo,
     read_model_config,
 )
-from qstrat.strategies import Candidate, Permutation, QuantizationStrategy, ResidualChoice, ResidualStreamStrategy
+from qstrat.strategies import (
+    Assignment,
+    Candidate,
+    IdentityStrategy,
+    Permutation,
+    QuantizationStrategy,
+    ResidualChoice,
+    ResidualStreamStrategy,
+)
+
+
+def stacked_rows(shape: tuple[int, ...]) -> int:
+    """The rows a tensor's blocks run along: a stack of matrices (a MoE model's experts, 3-D)
+    is quantized as the rows of all its matrices, as GGUF stores it."""
+    return int(np.prod(shape[:-1], dtype=np.int64))
 
 
 def writes_q8k(choice: TensorChoice) -> bool:
@@ -41,7 +55,8 @@ class TensorJob:
     info: TensorInfo
     stem: str | None  # None: not quantized, only permuted with its group into the passthrough file
     choice: TensorChoice | None = None
-    #: the importance vector (float32, one value per column in source order), with an imatrix
+    #: the importance vector (float32, one value per column in source order; a stack's: one per
+    #: matrix, as rows), with an imatrix
     importance: np.ndarray | None = field(default=None, compare=False, repr=False)
     #: the model's residual-stream permutation on this tensor's axis that carries the stream
     residual: Permutation | None = field(default=None, compare=False, repr=False)
@@ -130,14 +145,14 @@ def tensor_choice(info: TensorInfo, config: RunConfig, preset_types: dict[str, T
     fallback where a type's blocks do not divide the rows."""
     if info.dtype not in FLOAT_DTYPES:
         return f"dtype {info.dtype} is not quantizable"
-    if len(info.shape) != 2:
-        return f"{len(info.shape)}-D, only 2-D matrices are quantized"
+    if len(info.shape) not in (2, 3):
+        return f"{len(info.shape)}-D, only 2-D matrices (and 3-D stacks of them) are quantized"
     if not info.name.endswith(".weight"):
         return "name does not end in .weight"
     pattern = config.skips(info.name)
     if pattern is not None:
         return f"matches skip pattern {pattern!r}"
-    rows, k = info.shape
+    rows, k = stacked_rows(info.shape), info.shape[-1]
     if rows == 0 or k == 0:
         return "has no rows" if k else "row length 0"
     asked = config.rule_format(info.name)
@@ -145,12 +160,20 @@ def tensor_choice(info: TensorInfo, config: RunConfig, preset_types: dict[str, T
         chosen = preset_types.get(info.name)
         return chosen if chosen is not None else f"llama.cpp's {config.preset} does not quantize it"
     asked = asked or config.format
+    if asked == DEFAULT_FORMAT and len(info.shape) == 3:
+        return "3-D: a stack of matrices (a MoE model's experts), which the original tool's Q8K does not hold; GGUF block types do"
     if asked == DEFAULT_FORMAT:
         # the original tool's Q8K has no fallback: such a tensor passes through, as there
         block = block_type(asked).block_size
         return TensorChoice(asked, None) if k % block == 0 else f"row length {k} is not a multiple of {block}"
     fitting = fallback_type(asked, k)
     return TensorChoice(fitting, None if fitting == asked else asked)
+
+
+def tensor_choices(model: SafetensorsModel, config: RunConfig) -> dict[str, TensorChoice | str]:
+    """:func:`tensor_choice` of every tensor of ``model``: its block type, or why it is not quantized."""
+    by_preset = preset_types(model, config)
+    return {info.name: tensor_choice(info, config, by_preset) for info in model}
 
 
 def preset_types(model: SafetensorsModel, config: RunConfig) -> dict[str, TensorChoice]:
@@ -211,16 +234,18 @@ def importance_vectors(model: SafetensorsModel, config: RunConfig, quantized: di
     for name, info in sorted(quantized.items()):
         key = names.get(name, name)
         vector = imatrix.vector(key)
-        k = info.shape[1]
-        if vector is not None and vector.size != k:
+        # one vector per matrix: a stack's (MoE experts) are rows, as llama-quantize slices them
+        matrices, k = (info.shape[0] if len(info.shape) == 3 else 1), info.shape[-1]
+        if vector is not None and vector.size != matrices * k:
             if key == "token_embd.weight":  # llama-quantize ignores a token embedding's mismatch
                 vector = None
             else:
-                raise InputError(f"imatrix {path}: {key} has {vector.size} values; tensor {name!r} has rows of {k}")
+                expected = f"rows of {k}" if matrices == 1 else f"{matrices} matrices with rows of {k} ({matrices * k} values)"
+                raise InputError(f"imatrix {path}: {key} has {vector.size} values; tensor {name!r} has {expected}")
         if vector is None:
             missing.append(name)
         else:
-            vectors[name] = vector
+            vectors[name] = vector if matrices == 1 else vector.reshape(matrices, k)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     use = ImportanceUse(path, digest, tuple(imatrix.datasets), imatrix.chunk_count, tuple(sorted(vectors)), tuple(missing))
     return vectors, use
@@ -251,19 +276,20 @@ def make_plan(model: SafetensorsModel, config: RunConfig, outputs: tuple[str, ..
     """Assign every tensor of ``model`` to a strategy group and/or the passthrough file.
     ``outputs`` (default: the config's) decide whether the run writes a llama.cpp GGUF, which
     refuses run-time permutations."""
-    by_preset = preset_types(model, config)
-    choices = {info.name: tensor_choice(info, config, by_preset) for info in model}
+    choices = tensor_choices(model, config)
     reasons = {name: c for name, c in choices.items() if isinstance(c, str)}
-    # joint groups may hold float tensors that are not quantized (biases), never other dtypes
+    # joint groups may hold float tensors that are not quantized (biases), never other dtypes;
+    # stacks of matrices (MoE experts) are quantized as they are: no strategy permutes them
     candidates = {
         name: Candidate(info.shape, name not in reasons)
         for name, info in model.tensors.items()
-        if info.dtype in FLOAT_DTYPES
+        if info.dtype in FLOAT_DTYPES and len(info.shape) <= 2
     }
     stems = assign_file_stems([n for n in choices if n not in reasons])
     vectors, importance = importance_vectors(model, config, {n: model.tensors[n] for n in stems})
     chain = config.strategy_chain()
     assignments = chain.assign(candidates, read_model_config(model))
+    assignments += [Assignment(IdentityStrategy(), (name,)) for name in sorted(stems) if name not in candidates]
     residual = None
     if chain.model_level is not None:
         residual = ResidualPlan(chain.model_level, chain.model_level.axes({n: i.shape for n, i in model.tensors.items()}))

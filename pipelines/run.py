@@ -23,7 +23,7 @@ import numpy as np
 from qstrat.kernels import QK_K
 from qstrat.pipelines.backends import execution_backend
 from qstrat.pipelines.journal import Journal, group_key, run_fingerprint
-from qstrat.pipelines.plan import GroupJob, Plan, in_its_type, make_plan, writes_q8k
+from qstrat.pipelines.plan import GroupJob, Plan, in_its_type, make_plan, stacked_rows, writes_q8k
 from qstrat.pipelines.worker import GroupResult, error_measure, numbered, quantize_batch, quantize_stream
 
 from qstrat.blocks import KERNEL_STORAGE, check_finite
@@ -609,7 +609,7 @@ def describe_plan(plan: Plan) -> dict[str, object]:
         permutation = group.strategy.planned_permutation([m.info.name for m in group.members])
         for member in group.members:
             if member.quantize:
-                rows, k = member.info.shape
+                rows, k = stacked_rows(member.info.shape), member.info.shape[-1]
                 choice = member.choice
                 size += q8k_file_size(rows, k) if writes_q8k(choice) else rows * block_type(choice.type_name).row_bytes(k)
                 size += perm_file_size(k) if permutation == "runtime" else 0

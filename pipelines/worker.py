@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numba
 import numpy as np
-from qstrat.pipelines.plan import GroupJob, TensorChoice, TensorJob, in_its_type, writes_q8k
+from qstrat.pipelines.plan import GroupJob, TensorChoice, TensorJob, in_its_type, stacked_rows, writes_q8k
 
 from qstrat.blocks import KERNEL_STORAGE, check_finite
 from qstrat.errors import QstratError
@@ -184,10 +184,11 @@ def _quantize_members(
         info = member.info
         permutation = permutations[info.name]
         row_perm, col_perm = _gather_maps(job, info.name, permutation, member.residual)
-        probes = {stage: probe_vector(stage, info.shape[1]) for stage in ("sum_test", "gradient_test") if stage in stages}
+        probes = {stage: probe_vector(stage, info.shape[-1]) for stage in ("sum_test", "gradient_test") if stage in stages}
         copied = _copied_blocks(info, member.choice, row_perm, col_perm)
         outcome = _quantized(
-            arrays[info.name], member.choice, variant, row_perm, col_perm, tensor_name=info.name,
+            # a stack of matrices (MoE experts) as the rows of all of them, as GGUF stores it
+            arrays[info.name].reshape(stacked_rows(info.shape), info.shape[-1]), member.choice, variant, row_perm, col_perm, tensor_name=info.name,
             measure="weight_error" in stages, probes=probes,
             # a copy uses no importance vector: no importance-weighted figure beside its imatrix field's None
             **({"given": copied} if copied is not None else {"importance": member.importance}),
@@ -227,7 +228,7 @@ def _write_member(member: _QuantizedMember, output_dir: Path, roundtrip: bool, d
     """Write one member's files; unless ``durable``, the run makes them durable all at once before
     its manifest (see qstrat.io.atomic)."""
     begin = time.perf_counter()
-    rows, k = member.record.shape
+    rows, k = stacked_rows(member.record.shape), member.record.shape[-1]
     if member.record.storage == "q8k":
         files = {"q8k": write_q8k(output_dir / f"{member.stem}.q8k", member.blocks, rows, k, durable=durable)}
     else:

@@ -235,7 +235,7 @@ def run(
     A rerun resumes: tensors whose files are intact are kept.
     """
     from qstrat.io.gguf_input import open_input
-    from qstrat.pipelines.plan import make_plan
+    from qstrat.pipelines.plan import make_plan, tensor_choices
     from qstrat.pipelines.run import check_output_dir, describe_plan, quantize_model
     from qstrat.runconfig import load_run_config
 
@@ -257,7 +257,8 @@ def run(
                     model = open_input(job.input)
                     check_output_dir(job.output, model)  # what the run checks first, before its plan
                     description = describe_plan(make_plan(model, spec.config_for(job)))
-                    warnings = spec.config.unmatched_rules(model.tensors) + [w for w in [stacked_passthrough(model.tensors)] if w]
+                    passed = {p["name"]: p["reason"] for p in description["passthrough"]}
+                    warnings = spec.config.unmatched_rules(model.tensors) + [w for w in [stacked_passthrough(model.tensors, passed)] if w]
                 except QstratError as err:
                     if not spec.batch:
                         raise
@@ -290,7 +291,8 @@ def run(
             outcome = {"model": job.name, "input": str(job.input), "output": str(job.output)}
             try:
                 model = open_input(job.input)
-                stacked = stacked_passthrough(model.tensors)
+                reasons = {name: c for name, c in tensor_choices(model, spec.config_for(job)).items() if isinstance(c, str)}
+                stacked = stacked_passthrough(model.tensors, reasons)
                 if stacked is not None and mode != "quiet":  # before the run: most of a MoE model's bytes
                     print(f"warning: {job.name}: {stacked}", file=sys.stderr, flush=True)
                 with reporter.model(job.name, sum(t.nbytes for t in model)):

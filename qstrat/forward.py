@@ -58,6 +58,9 @@ class LlamaParams:
         arch = str(fields.get("general.architecture", ""))
         if arch not in ROPE_NEOX:
             raise InputError(f"{source}: architecture {arch!r}; the numpy forward computes {', '.join(ROPE_NEOX)}")
+        if fields.get(f"{arch}.expert_count"):
+            raise InputError(f"{source}: a mixture-of-experts model ({arch}.expert_count {fields[f'{arch}.expert_count']}): the numpy "
+                             "forward computes dense models only; llama.cpp's llama-imatrix and llama-perplexity run this one")
 
         def key(name: str, default=None, kind: type = int, least: float | None = 1):
             value = fields.get(f"{arch}.{name}", default)

@@ -132,11 +132,24 @@ def _weighted(result: QuantizedMatrix, weighted_error: float, weighted_reference
 
 
 def stored_importance(importance: np.ndarray | None, col_perm: np.ndarray | None) -> np.ndarray | None:
-    """An importance vector in stored column order (it moves with the columns it weighs)."""
+    """An importance vector (or one per matrix of a stack, as rows) in stored column order (it
+    moves with the columns it weighs)."""
     if importance is None:
         return None
     vector = np.asarray(importance, dtype=np.float32)
-    return np.ascontiguousarray(vector if col_perm is None else vector[col_perm])
+    return np.ascontiguousarray(vector if col_perm is None else vector[..., col_perm])
+
+
+def _row_segments(n_rows: int, chunk: int, groups: int) -> list[tuple[int, int, int]]:
+    """(first row, end row, group) of each chunk of at most ``chunk`` rows, none across the
+    boundary of ``groups`` equal groups of rows (the matrices of a stack, each with its own
+    importance vector)."""
+    per_group = n_rows // groups if groups else n_rows
+    return [
+        (first, min(first + chunk, (g + 1) * per_group), g)
+        for g in range(max(groups, 1))
+        for first in range(g * per_group, (g + 1) * per_group, chunk)
+    ]
 
 
 def quantize_matrix(
@@ -211,6 +224,9 @@ def quantize_matrix_as(
     ``given`` blocks (rows, row bytes) in this type, of the stored rows (``row_perm`` applied; no
     ``col_perm``), are taken as they are and only measured: a GGUF input's tensor already in the
     type asked for, which llama.cpp copies.
+    A stack of matrices (a MoE model's experts) comes as the rows of all of them, and its
+    ``importance`` as one vector per matrix (rows of a 2-D array), each for its matrix's rows, as
+    llama.cpp quantizes a 3-D tensor matrix by matrix.
 
     Rows go through in chunks (every type quantizes each row on its own, so the bytes are the
     same): the float32 copy in stored order is a chunk's, not the matrix's; whole, it and its
@@ -222,6 +238,11 @@ def quantize_matrix_as(
         raise InputError(f"tensor {tensor_name!r} has shape {storage.shape}; {entry.name} needs 2-D data whose rows are a multiple of {entry.block_size} long")
     n_rows, k = storage.shape
     weights = stored_importance(importance, col_perm)
+    groups = 0 if weights is None else (weights.shape[0] if weights.ndim == 2 else 1)
+    if weights is not None and (weights.shape[-1] != k or weights.ndim > 2 or (weights.ndim == 2 and (n_rows % groups or row_perm is not None))):
+        raise ValueError(f"importance of shape {weights.shape} for tensor {tensor_name!r} of shape {storage.shape}"
+                         + (" with its rows permuted" if row_perm is not None else ""))
+    weights = None if weights is None else weights.reshape(max(groups, 1), k)
     probes = dict(probes or {})
     errors_only = measure == "error" and not probes
     measured = bool(measure) or bool(probes)
@@ -240,14 +261,15 @@ def quantize_matrix_as(
         refuse_non_finite()  # once for the whole matrix, not once per chunk
     if given is not None and not measured:
         return QuantizedMatrix(blocks, None, {})
-    for first in range(0, n_rows, chunk):
-        picked = slice(first, min(first + chunk, n_rows))
+    for first, end, group in _row_segments(n_rows, chunk, groups):
+        picked = slice(first, end)
         stored = _stored_order(storage, row_perm, col_perm, picked)
+        weighing = None if weights is None else weights[group]  # this matrix's importance vector
         if given is None:  # given blocks are measured only; finite values (checked above) come from finite fields
             if entry.checks_finite:
-                blocks[picked] = entry.quantize_finite(stored, weights, refuse_non_finite)
+                blocks[picked] = entry.quantize_finite(stored, weighing, refuse_non_finite)
             else:
-                blocks[picked] = entry.quantize_rows(stored, weights)
+                blocks[picked] = entry.quantize_rows(stored, weighing)
             if entry.overflows(blocks[picked]):
                 raise NonFiniteError(f"tensor {tensor_name!r}: {too_large(storage, storage.shape, entry.name)}")
         if not measured:
@@ -259,10 +281,10 @@ def quantize_matrix_as(
             error = source - back
             part = measures[first + start : first + start + source.shape[0]]
             part[:, ERROR_SQUARES] = np.einsum("ij,ij->i", error, error)
-            if weights is not None:
-                weighted_error += float(np.einsum("ij,ij,j->", error, error, weights.astype(np.float64)))
+            if weighing is not None:
+                weighted_error += float(np.einsum("ij,ij,j->", error, error, weighing.astype(np.float64)))
                 if not errors_only:
-                    weighted_reference += float(np.einsum("ij,ij,j->", source, source, weights.astype(np.float64)))
+                    weighted_reference += float(np.einsum("ij,ij,j->", source, source, weighing.astype(np.float64)))
             if errors_only:
                 continue
             part[:, REFERENCE_SQUARES] = np.einsum("ij,ij->i", source, source)

@@ -54,12 +54,17 @@ class StoredTensor:
     files: dict[str, str] = field(default_factory=dict)
     joint_axis: int | None = None  # the axis of its joint permutation, if it has one
     residual_axis: int | None = None  # the axis residual_stream permuted, if it did
+    #: the shape the manifest records, for a stack of matrices (MoE experts, 3-D), whose file holds
+    #: the rows of all of them; None for a matrix (its file's header says it) or without a manifest
+    stack_shape: tuple[int, ...] | None = None
 
 
 def header_disagreement(path: Path, kind: str, shape: tuple[int, int], recorded) -> str | None:
     """A sentence when a tensor file's header (``kind``: ``q8k`` or its block type, ``shape``: rows, k)
-    is not what the manifest records of its tensor (``recorded``: its entry)."""
-    if (kind, list(shape)) == (recorded.storage, list(recorded.shape)):
+    is not what the manifest records of its tensor (``recorded``: its entry; a stack of matrices'
+    file holds the rows of all of them)."""
+    stored = [int(np.prod(recorded.shape[:-1], dtype=np.int64)), recorded.shape[-1]] if len(recorded.shape) == 3 else list(recorded.shape)
+    if (kind, list(shape)) == (recorded.storage, stored):
         return None
     return f"{path}: {kind} of shape {list(shape)}, the manifest says {recorded.storage} of {list(recorded.shape)}"
 
@@ -91,7 +96,8 @@ class QuantizedModel:
         else:
             self.entries = {
                 name: StoredTensor(
-                    e.storage != "passthrough", {role: f.path for role, f in e.files.items()}, e.joint.axis if e.joint else None, e.residual_axis
+                    e.storage != "passthrough", {role: f.path for role, f in e.files.items()}, e.joint.axis if e.joint else None, e.residual_axis,
+                    tuple(e.shape) if "blocks" in e.files and len(e.shape) == 3 else None,
                 )
                 for name, e in self.manifest.tensors.items()
             }
@@ -173,12 +179,19 @@ class QuantizedModel:
         info = self.passthrough_info(name)
         return info.dtype, map_tensor(info)
 
-    def quantized_shape(self, name: str) -> tuple[int, int]:
-        """(rows, k) of a quantized tensor, from its file's header."""
-        files = self.entries[name].files
-        if "q8k" in files:
-            return read_q8k_shape(self.directory / files["q8k"])
-        return read_blocks_header(self.directory / files["blocks"])[1:]
+    def quantized_shape(self, name: str) -> tuple[int, ...]:
+        """(rows, k) of a quantized tensor, from its file's header; a stack of matrices' shape
+        from the manifest, once its file's header holds as many rows."""
+        entry = self.entries[name]
+        if "q8k" in entry.files:
+            return read_q8k_shape(self.directory / entry.files["q8k"])
+        type_name, rows, k = read_blocks_header(self.directory / entry.files["blocks"])
+        if entry.stack_shape is None:
+            return rows, k
+        problem = header_disagreement(self.directory / entry.files["blocks"], type_name, (rows, k), self.manifest.tensors[name])
+        if problem is not None:
+            raise FormatError(problem)
+        return entry.stack_shape
 
     def tensor(self, name: str, original: bool = False) -> np.ndarray:
         """One tensor: dequantized float32 (run-time permutation undone) or as passed through
@@ -195,6 +208,8 @@ class QuantizedModel:
                 if problem is not None:
                     raise FormatError(problem)
             array = stored.dequantize()
+            if entry.stack_shape is not None:
+                array = array.reshape(entry.stack_shape)  # checked against the header above
             if "perm" in entry.files:
                 array = unpermute(array, read_perm(self.directory / entry.files["perm"], stored.k))
         return self.undo_joint(name, array) if original else array

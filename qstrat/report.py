@@ -131,16 +131,16 @@ def byte_size(count: int) -> str:
     return f"{count} bytes"
 
 
-def stacked_passthrough(tensors: Mapping[str, object]) -> str | None:
-    """A sentence when weights of more than two dimensions are a tenth of the model or more (a MoE model's
-    stacked experts are most of it; a vision tower's convolutions are not worth a nightly warning): a run
-    passes them through unquantized (those a GGUF input stores in a block type decoded to F32), and says so
-    before it starts, not only in its size warning at the end, which an F32 input's run does not even reach
-    (``tensors``: name -> TensorInfo)."""
+def stacked_passthrough(tensors: Mapping[str, object], reasons: Mapping[str, str]) -> str | None:
+    """A sentence when weights of more than two dimensions that a run passes through unquantized
+    (``reasons``: name -> why, of the tensors it does not quantize) are a tenth of the model or more:
+    a MoE model's stacked experts are most of it (a vision tower's convolutions are not worth a nightly
+    warning).  Said before the run starts, not only in its size warning at the end, which an F32
+    input's run does not even reach (``tensors``: name -> TensorInfo)."""
     from qstrat.io.safetensors import FLOAT_DTYPES
 
-    stacked = sorted(name for name, info in tensors.items()
-                     if len(info.shape) > 2 and name.endswith(".weight") and (info.encoding or info.dtype in FLOAT_DTYPES))
+    stacked = sorted(name for name, info in tensors.items() if name in reasons
+                     and len(info.shape) > 2 and name.endswith(".weight") and (info.encoding or info.dtype in FLOAT_DTYPES))
     written = sum(tensors[name].nbytes for name in stacked)
     if not stacked or written < 0.1 * sum(info.nbytes for info in tensors.values()):
         return None
@@ -149,7 +149,7 @@ def stacked_passthrough(tensors: Mapping[str, object]) -> str | None:
     names = ", ".join(stacked[:3]) + (", ..." if len(stacked) > 3 else "")
     many = len(stacked) != 1
     return (f"{len(stacked)} weight tensor{'s' if many else ''} of more than two dimensions, such as a MoE model's experts ({names}), "
-            f"{'are' if many else 'is'} not quantized (qstrat quantizes matrices) but passed through"
+            f"{'are' if many else 'is'} not quantized ({stacked[0]}: {reasons[stacked[0]]}) but passed through"
             f"{', decoded to F32' if decoded else ''}: {byte_size(stored)} in the input, {byte_size(written)} in the output")
 
 

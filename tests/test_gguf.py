@@ -737,24 +737,111 @@ def test_a_moe_ggufs_stacked_experts_are_read_by_every_reader(tmp_path):
     for name, want in expected.items():
         assert values[name].shape == want.shape and np.array_equal(values[name], want), name
         assert np.array_equal(qstrat.load_model(path)[name], want) and qstrat.open_model(path)[name].shape == want.shape
-    # a run passes them through decoded to F32 (it quantizes matrices), and says so before it starts
-    run = run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-i", str(path), "-o", str(tmp_path / "q4"), "--set", "format=q4_k")
-    assert run.returncode == 0, run.stderr
-    assert ("warning: moe: 2 weight tensors of more than two dimensions, such as a MoE model's experts (blk.0.ffn_down_exps.weight, "
-            "blk.0.ffn_up_exps.weight), are not quantized (qstrat quantizes matrices) but passed through, decoded to F32") in run.stderr
-    # an F32 model's experts too: its output is no larger than the input, so nothing else said so
-    f32 = run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-i", str(tmp_path / "values.safetensors"),
-                  "-o", str(tmp_path / "f32-q4"), "--set", "format=q4_k", "--json")
-    assert f32.returncode == 0, f32.stderr
-    assert any("2 weight tensors of more than two dimensions" in w and "but passed through: 328 kB in the input, 328 kB in the output" in w
-               for w in json.loads(f32.stdout)["models"][0]["warnings"])
-    held = GGUFReader(tmp_path / "q4" / "moe.gguf")
-    assert {t.name: t.tensor_type for t in held.tensors if "exps" in t.name} == dict.fromkeys(expected, GGMLQuantizationType.F32)
-    assert all(np.array_equal(qstrat.load_model(tmp_path / "q4")[name], want) for name, want in expected.items())
-    # an output directory's tensor files are matrices: convert says so, and writes nothing
+    # a directory holds them too (a .qblk file of all their rows), and gives the same GGUF back
     converted = run_cli("qstrat", "convert", str(path), str(tmp_path / "dir"))
-    assert_clean_failure(converted, "(a stack of matrices, as a MoE model's experts); an output directory holds 2-D")
-    assert not (tmp_path / "dir").exists()
+    assert converted.returncode == 0, converted.stderr
+    assert all(np.array_equal(qstrat.load_model(tmp_path / "dir")[name], want) for name, want in expected.items())
+    back = run_cli("qstrat", "convert", str(tmp_path / "dir"), str(tmp_path / "back.gguf"))
+    assert back.returncode == 0, back.stderr
+    assert stored_blocks(tmp_path / "back.gguf") == stored_blocks(path)
+
+
+def stored_blocks(path: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
+    """Each tensor of a GGUF file: its GGML type, its shape (numpy order) and its bytes."""
+    return {t.name: (t.tensor_type.name, tuple(int(d) for d in reversed(t.shape.tolist())), bytes(np.asarray(t.data).tobytes()))
+            for t in GGUFReader(path).tensors}
+
+
+def test_a_moe_models_stacked_experts_are_quantized_expert_by_expert_as_ggml_does(tmp_path):
+    # llama.cpp quantizes a 3-D tensor matrix by matrix, each with its own importance vector (its
+    # imatrix holds one per expert); runs passed experts through, decoded to F32: a MoE model's output
+    # was several times llama.cpp's
+    import gguf
+
+    from qstrat.imatrix import ImportanceEntry, ImportanceMatrix, write_imatrix
+    from qstrat.reference import ggml_quantize_chunk
+
+    rng = np.random.default_rng(6)
+    experts = {"blk.0.ffn_gate_exps.weight": (rng.standard_normal((4, 64, 256)) * 0.05).astype(np.float32),
+               "blk.0.ffn_up_exps.weight": (rng.standard_normal((4, 64, 256)) * 0.05).astype(np.float32),
+               "blk.0.ffn_down_exps.weight": (rng.standard_normal((4, 256, 64)) * 0.05).astype(np.float32)}
+    experts["blk.0.ffn_up_exps.weight"][2, 5, :40] *= 30  # an outlier in one expert only
+    path = tmp_path / "moe.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_uint32("llama.expert_count", 4)
+    up_blocks = ggml_quantize_chunk(int(GGMLQuantizationType.Q4_K), experts["blk.0.ffn_up_exps.weight"].reshape(-1, 256))
+    for name, values in experts.items():
+        if name == "blk.0.ffn_up_exps.weight":  # stored in a block type, as llama.cpp's files are
+            writer.add_tensor(name, up_blocks.reshape(4, 64, -1), raw_dtype=GGMLQuantizationType.Q4_K)
+        else:
+            writer.add_tensor(name, values)
+    writer.add_tensor("blk.0.ffn_gate_inp.weight", (rng.standard_normal((4, 256)) * 0.05).astype(np.float32))
+    writer.add_tensor("blk.0.ffn_norm.weight", np.ones(256, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    decoded = qstrat.load_model(path)
+    config = str(REPO / "configs" / "identity.yaml")
+
+    # format q4_k: the F32 experts quantized, the Q4_K ones copied; rows of 64 take llama.cpp's fallback
+    run = run_cli("qstrat", "run", config, "-i", str(path), "-o", str(tmp_path / "q4"), "--set", "format=q4_k", "--json")
+    assert run.returncode == 0, run.stderr
+    assert "warning" not in run.stderr and json.loads(run.stdout)["models"][0]["copied_count"] == 1
+    held = stored_blocks(tmp_path / "q4" / "moe.gguf")
+    gate = ggml_quantize_chunk(int(GGMLQuantizationType.Q4_K), experts["blk.0.ffn_gate_exps.weight"].reshape(-1, 256))
+    down = ggml_quantize_chunk(int(GGMLQuantizationType.Q5_0), experts["blk.0.ffn_down_exps.weight"].reshape(-1, 64))
+    assert held["blk.0.ffn_gate_exps.weight"] == ("Q4_K", (4, 64, 256), gate.tobytes())
+    assert held["blk.0.ffn_up_exps.weight"] == ("Q4_K", (4, 64, 256), up_blocks.tobytes())
+    assert held["blk.0.ffn_down_exps.weight"] == ("Q5_0", (4, 256, 64), down.tobytes())
+    assert held["blk.0.ffn_gate_inp.weight"][:2] == ("Q4_K", (4, 256))
+    manifest = json.loads((tmp_path / "q4" / "manifest.json").read_text())["tensors"]
+    assert manifest["blk.0.ffn_down_exps.weight"]["shape"] == [4, 256, 64] and manifest["blk.0.ffn_down_exps.weight"]["fallback_from"] == "q4_k"
+    assert run_cli("qstrat", "verify", str(tmp_path / "q4")).returncode == 0
+    loaded, from_file = qstrat.load_model(tmp_path / "q4"), qstrat.load_model(tmp_path / "q4" / "moe.gguf")
+    assert all(loaded[n].shape == experts[n].shape and np.array_equal(loaded[n], from_file[n]) for n in experts)
+    assert np.array_equal(loaded["blk.0.ffn_up_exps.weight"], decoded["blk.0.ffn_up_exps.weight"])
+
+    # with an importance matrix: each expert quantized with its own vector
+    sums = rng.uniform(0.0, 4.0, (4, 256)).astype(np.float32)
+    sums[1, :128] *= 50
+    counts = np.array([10, 3, 0, 7])  # an expert no token reached: its vector is ones, as llama-quantize makes it
+    entries = {"blk.0.ffn_up_exps.weight": ImportanceEntry(sums, counts)}
+    write_imatrix(tmp_path / "imatrix.gguf", ImportanceMatrix(entries, ["text"], 1, 32))
+    weighted = run_cli("qstrat", "run", config, "-i", str(path), "-o", str(tmp_path / "q5"), "--set", "format=q5_k",
+                       "--set", f"imatrix={tmp_path / 'imatrix.gguf'}")
+    assert weighted.returncode == 0, weighted.stderr
+    vectors = [sums[e] / counts[e] if counts[e] else np.ones(256, np.float32) for e in range(4)]
+    up = decoded["blk.0.ffn_up_exps.weight"]
+    want = b"".join(ggml_quantize_chunk(int(GGMLQuantizationType.Q5_K), up[e], vectors[e].astype(np.float32)).tobytes() for e in range(4))
+    assert stored_blocks(tmp_path / "q5" / "moe.gguf")["blk.0.ffn_up_exps.weight"][2] == want
+    one_vector = b"".join(ggml_quantize_chunk(int(GGMLQuantizationType.Q5_K), up[e], vectors[0].astype(np.float32)).tobytes() for e in range(4))
+    assert want != one_vector  # the experts' vectors differ where it shows
+    # an importance matrix of one vector for a stack of four is refused, naming both
+    write_imatrix(tmp_path / "flat.gguf", ImportanceMatrix({"blk.0.ffn_up_exps.weight": ImportanceEntry(sums[:1], counts[:1])}, ["text"], 1, 32))
+    flat = run_cli("qstrat", "run", config, "-i", str(path), "-o", str(tmp_path / "flat"), "--set", "format=q5_k",
+                   "--set", f"imatrix={tmp_path / 'flat.gguf'}")
+    assert_clean_failure(flat, "blk.0.ffn_up_exps.weight has 256 values", "4 matrices with rows of 256 (1024 values)")
+
+    # the original tool's Q8K holds matrices: stacks pass through, said before the run starts, with why
+    q8k = run_cli("qstrat", "run", config, "-i", str(path), "-o", str(tmp_path / "q8k"))
+    assert q8k.returncode == 0, q8k.stderr
+    assert ("warning: moe: 3 weight tensors of more than two dimensions, such as a MoE model's experts (blk.0.ffn_down_exps.weight, "
+            "blk.0.ffn_gate_exps.weight, blk.0.ffn_up_exps.weight), are not quantized (blk.0.ffn_down_exps.weight: 3-D: a stack of "
+            "matrices (a MoE model's experts), which the original tool's Q8K does not hold; GGUF block types do) but passed through, "
+            "decoded to F32") in q8k.stderr
+    assert all(np.array_equal(qstrat.load_model(tmp_path / "q8k")[n], decoded[n]) for n in experts)
+    # a joint strategy leaves them alone; residual_stream does not know them, and says so
+    joint = run_cli("qstrat", "run", str(REPO / "configs" / "function_preserving.yaml"), "-i", str(path), "-o", str(tmp_path / "joint"),
+                    "--set", "format=q8_0")
+    assert joint.returncode == 0, joint.stderr
+    residual = run_cli("qstrat", "run", str(REPO / "configs" / "residual_stream.yaml"), "-i", str(path), "-o", str(tmp_path / "residual"),
+                       "--set", "format=q8_0")
+    assert_clean_failure(residual, "blk.0.ffn_down_exps.weight' is not one it knows")
+    # qstrat's importance matrix comes from its numpy forward, of dense models: llama.cpp's for this one
+    (tmp_path / "text.txt").write_text("some words to read\n" * 20)
+    collected = run_cli("qstrat", "imatrix", str(path), "--text", str(tmp_path / "text.txt"), "-o", str(tmp_path / "mine.gguf"))
+    assert_clean_failure(collected, "a mixture-of-experts model (llama.expert_count 4): the numpy forward computes dense models only")
 
 
 def test_a_qstrat_gguf_with_run_time_permutations_is_no_runs_input(tmp_path):

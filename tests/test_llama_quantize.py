@@ -105,6 +105,67 @@ DECODED_FILE_TYPES = {name: int(_F[f"MOSTLY_{name.upper()}"]) for name in (
     "iq2_xxs", "iq2_xs", "iq2_m", "iq3_xxs", "iq3_m", "iq1_s", "iq1_m", "iq4_xs", "tq1_0", "tq2_0")}
 
 
+#: the MoE model: the kl model's layers with 8 experts each (2 used a token), llama.cpp's layout
+#: (ffn_gate_inp, ffn_{gate,up,down}_exps), as llama.cpp's own GGUF of a Mixtral holds them.  8
+#: experts take the presets' rules for them (attn_v and attn_k of 8-expert models)
+MOE_EXPERTS, MOE_USED = 8, 2
+MOE_PRESETS = ("q4_k_m", "q3_k_m", "q5_k_s", "q2_k", "q8_0")
+MOE_IMATRIX_PRESETS = ("q4_k_m", "q4_0")
+
+
+def moe_gguf(dense: Path, target: Path, seed: int = 4) -> Path:
+    """``dense`` (an F32 llama.cpp GGUF) with each layer's MLP replaced by a mixture of experts, F32."""
+    reader = gguf.GGUFReader(dense)
+    arch = str(reader.fields["general.architecture"].contents())
+    writer = gguf.GGUFWriter(target, arch)
+    for key, field in reader.fields.items():
+        if not key.startswith(("GGUF.", "qstrat.")) and key != "general.architecture":
+            writer.add_key_value(key, field.contents(), field.types[0], sub_type=field.types[-1] if len(field.types) > 1 else None)
+    writer.add_uint32(f"{arch}.expert_count", MOE_EXPERTS)
+    writer.add_uint32(f"{arch}.expert_used_count", MOE_USED)
+    rng = np.random.default_rng(seed)
+    for tensor in reader.tensors:
+        name = tensor.name
+        if name.endswith(("ffn_gate.weight", "ffn_up.weight")):
+            continue
+        if not name.endswith("ffn_down.weight"):
+            writer.add_tensor(name, np.asarray(tensor.data))
+            continue
+        layer = name.rsplit(".", 2)[0]
+        ff, hidden = (int(d) for d in tensor.shape.tolist())  # ffn_down's ne: [ff, hidden]
+        scales = rng.uniform(0.5, 2.0, (MOE_EXPERTS, 1, 1)).astype(np.float32)  # experts of other magnitudes
+        writer.add_tensor(f"{layer}.ffn_gate_inp.weight", (rng.standard_normal((MOE_EXPERTS, hidden)) * 0.3).astype(np.float32))
+        for projection, rows, k in (("gate", ff, hidden), ("up", ff, hidden), ("down", hidden, ff)):
+            values = rng.standard_normal((MOE_EXPERTS, rows, k)).astype(np.float32) * (scales / np.sqrt(k))
+            writer.add_tensor(f"{layer}.ffn_{projection}_exps.weight", np.ascontiguousarray(values, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
+
+
+def moe_imatrix(model: Path, target: Path, seed: int = 5) -> Path:
+    """An importance matrix for every matrix of ``model`` (a GGUF), one vector per expert of a stack,
+    one expert that no token reached (llama-quantize gives it ones)."""
+    from qstrat.imatrix import ImportanceEntry, ImportanceMatrix, write_imatrix
+
+    rng = np.random.default_rng(seed)
+    entries = {}
+    for tensor in gguf.GGUFReader(model).tensors:
+        ne = [int(d) for d in tensor.shape.tolist()]
+        if len(ne) < 2 or tensor.name.startswith("token_embd"):
+            continue
+        matrices = ne[2] if len(ne) == 3 else 1
+        sums = rng.gamma(0.5, 4.0, (matrices, ne[0])).astype(np.float32)
+        counts = rng.integers(5, 40, matrices)
+        if matrices > 1:
+            counts[3] = 0
+        entries[tensor.name] = ImportanceEntry(sums * counts[:, None], counts)
+    write_imatrix(target, ImportanceMatrix(entries, ["made up"], 4, 32))
+    return target
+
+
 def qstrat_gguf(model_dir: Path, out: Path, **settings) -> Path:
     """qstrat's GGUF of a Hugging Face directory, as ``qstrat run --set key=value`` writes it."""
     config = RunConfig.build({"validation": {"enabled": False}, **settings}, "test")
@@ -209,6 +270,31 @@ def models(tmp_path_factory):
     quantizer = LlamaQuantizer(jobs, root / "llama-quantize.log")
     try:
         yield made, quantizer
+    finally:
+        quantizer.close()
+
+
+@pytest.fixture(scope="module")
+def moe(models, tmp_path_factory):
+    """The MoE model (kl's layers with experts), its importance matrix, and llama.cpp quantizing it."""
+    made, _ = models
+    root = tmp_path_factory.mktemp("llama-quantize-moe")
+    model = Model(root, moe_gguf(made["kl"].f32, root / "moe.gguf"), {})
+    model.imatrix = moe_imatrix(model.f32, root / "imatrix.gguf")
+    jobs = []
+    for preset in MOE_PRESETS:
+        model.llama[preset] = root / f"llama-{preset}.gguf"
+        jobs.append({"in": str(model.f32), "out": str(model.llama[preset]), "ftype": file_type(preset)})
+    for preset in MOE_IMATRIX_PRESETS:
+        model.llama[f"imatrix-{preset}"] = root / f"llama-imatrix-{preset}.gguf"
+        jobs.append({"in": str(model.f32), "out": str(model.llama[f"imatrix-{preset}"]), "ftype": file_type(preset),
+                     "imatrix": str(model.imatrix)})
+    model.llama["requantized-q5_k_m"] = root / "llama-requantized-q5_k_m.gguf"
+    jobs.append({"in": str(model.llama["imatrix-q4_k_m"]), "out": str(model.llama["requantized-q5_k_m"]),
+                 "ftype": file_type("q5_k_m"), "requantize": True})
+    quantizer = LlamaQuantizer(jobs, root / "llama-quantize.log")
+    try:
+        yield model, quantizer
     finally:
         quantizer.close()
 
@@ -361,6 +447,38 @@ def test_llama_cpps_lowest_bit_files_are_read_as_llama_cpp_reads_them(models, tm
         theirs = quantizer.wait_for(made["kl"].llama[f"{file_type_name}-q4_k_m"])
         assert_same_tensors(tmp_path / file_type_name / source.name, theirs, f"q4_k_m of llama.cpp's {file_type_name}")
     assert set(DECODED_ONLY) - seen == {"mxfp4"}, sorted(set(DECODED_ONLY) - seen)
+
+
+def test_a_moe_models_experts_are_quantized_as_llama_cpp_quantizes_them(moe, tmp_path):
+    """A MoE GGUF's stacked experts (ffn_*_exps, 3-D): every preset gives them llama.cpp's types and
+    bytes, matrix by matrix, with an importance matrix of one vector per expert too, and a requantized
+    MoE file copies the stacks already in their type; llama.cpp runs qstrat's file, close to the F32 one."""
+    model, quantizer = moe
+    cases = [(p, {"preset": p}, p) for p in MOE_PRESETS]
+    cases += [(f"imatrix-{p}", {"preset": p, "imatrix": str(model.imatrix)}, f"imatrix-{p}") for p in MOE_IMATRIX_PRESETS]
+    for label, settings, job in cases:
+        config = RunConfig.build({"validation": {"enabled": False}, **settings}, "test")
+        quantize_model(model.f32, config, tmp_path / label)
+        types = assert_same_tensors(tmp_path / label / model.f32.name, quantizer.wait_for(model.llama[job]), f"MoE, {label}")
+        stacks = {n: t for n, t in types.items() if "_exps" in n}
+        assert len(stacks) == 3 * KL_SHAPE.num_hidden_layers and "F32" not in stacks.values(), (label, stacks)
+    assert types["blk.0.ffn_gate_inp.weight"] == "F32"  # llama.cpp never quantizes the router
+    source = quantizer.wait_for(model.llama["imatrix-q4_k_m"])
+    config = RunConfig.build({"validation": {"enabled": False}, "preset": "q5_k_m"}, "test")
+    quantize_model(source, config, tmp_path / "requantized")
+    assert_same_tensors(tmp_path / "requantized" / source.name, quantizer.wait_for(model.llama["requantized-q5_k_m"]), "MoE, q5_k_m of Q4_K_M")
+    manifest = json.loads((tmp_path / "requantized" / "manifest.json").read_text())["tensors"]
+    assert any(t.get("copied") for n, t in manifest.items() if "_exps" in n)
+    # llama.cpp evaluates qstrat's MoE files: finite logits, nearer the F32 model's with more bits
+    files = {"f32": model.f32, **{p: tmp_path / p / model.f32.name for p in ("q8_0", "q4_k_m", "q2_k")}}
+    requests = [{"model": str(path), "out": str(tmp_path / f"{name}.npy"), "tokens": KL_TOKENS} for name, path in files.items()]
+    result = subprocess.run([sys.executable, str(PROBE), "--batch", json.dumps(requests)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"llama.cpp could not run the MoE files:\n{result.stderr[-3000:]}"
+    logits = {name: np.load(tmp_path / f"{name}.npy") for name in files}
+    assert all(np.all(np.isfinite(v)) and v.shape == (len(KL_TOKENS), KL_SHAPE.vocab_size) for v in logits.values())
+    # measured: 0.018, 0.16, 0.28 nats (routing to 2 of 8 experts turns small errors into other experts)
+    kl = {p: mean_kl(logits["f32"], logits[p]) for p in ("q8_0", "q4_k_m", "q2_k")}
+    assert 0 < kl["q8_0"] < kl["q4_k_m"] < kl["q2_k"], kl
 
 
 def test_the_models_exercise_the_rules(models):

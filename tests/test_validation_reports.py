@@ -315,8 +315,10 @@ def test_weights_of_more_than_two_dimensions_are_a_warning_only_where_they_weigh
         return TensorInfo(name, "F32", shape, Path("m.safetensors"), 0, 4 * math.prod(shape))
 
     matrix = info("w.weight", (1024, 1024))
-    assert stacked_passthrough({"w.weight": matrix, "conv.weight": info("conv.weight", (64, 3, 16, 16))}) is None
+    conv = info("conv.weight", (64, 3, 16, 16))
+    assert stacked_passthrough({"w.weight": matrix, "conv.weight": conv}, {"conv.weight": "4-D"}) is None
     experts = info("blk.0.ffn_up_exps.weight", (8, 1024, 1024))
-    sentence = stacked_passthrough({"w.weight": matrix, experts.name: experts})
+    assert stacked_passthrough({"w.weight": matrix, experts.name: experts}, {}) is None  # quantized
+    sentence = stacked_passthrough({"w.weight": matrix, experts.name: experts}, {experts.name: "3-D, not Q8K"})
     assert sentence == ("1 weight tensor of more than two dimensions, such as a MoE model's experts (blk.0.ffn_up_exps.weight), "
-                        "is not quantized (qstrat quantizes matrices) but passed through: 34 MB in the input, 34 MB in the output")
+                        "is not quantized (blk.0.ffn_up_exps.weight: 3-D, not Q8K) but passed through: 34 MB in the input, 34 MB in the output")

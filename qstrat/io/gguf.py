@@ -198,7 +198,9 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
                 # blocks run along a row: reordering rows of blocks gives exactly the blocks of the reordered matrix
                 return stored if order is None else stored[order]
 
-            entries.append((name, blocks, np.uint8, ggml_type, (rows, row_bytes), rows * row_bytes))
+            # a stack of matrices (MoE experts): its file holds the rows of all of them
+            stack = model.quantized_shape(name)[:-1] if entry.stack_shape is not None else (rows,)
+            entries.append((name, blocks, np.uint8, ggml_type, (*stack, row_bytes), rows * row_bytes))
             if "perm" in files:
                 if layout is not None:
                     raise OutputError(f"{name}: a run-time permutation cannot be written for llama.cpp")
@@ -665,14 +667,14 @@ def block_type_of(tensor) -> str | None:
 
 
 def check_unpackable(model: GGUFModel, types: dict[str, str | None]) -> None:
-    """Refuse a file whose quantized tensors an output directory cannot hold: its ``.qblk`` and ``.q8k``
-    files are matrices, and a MoE model's stacked experts (3-D) are not."""
+    """Refuse a file whose quantized tensors an output directory cannot hold: a ``.qblk`` file holds a
+    matrix or the rows of a stack of them (a MoE model's experts, 3-D), a ``.q8k`` file a matrix."""
     for name, type_name in types.items():
         shape = model.shape(name)
-        if type_name is not None and len(shape) != 2:
-            raise InputError(f"{model.path}: {type_name} tensor {name!r} has shape {list(shape)} (a stack of matrices, as a "
-                             "MoE model's experts); an output directory holds 2-D quantized tensors only: read the GGUF "
-                             "itself (inspect, dequantize, load_model)")
+        if type_name is not None and (len(shape) > 3 or (len(shape) == 3 and type_name == "q8_k")):
+            held = "2-D quantized tensors and 3-D stacks of GGUF block types" if len(shape) > 3 else "Q8_K matrices, not stacks of them"
+            raise InputError(f"{model.path}: {type_name} tensor {name!r} has shape {list(shape)}; an output directory holds "
+                             f"{held}: read the GGUF itself (inspect, dequantize, load_model)")
 
 
 def unpack_gguf(model: GGUFModel, out: Path, types: dict[str, str | None] | None = None) -> None:
