@@ -46,8 +46,10 @@ def _importance_summary(result: QuantizationResult) -> dict[str, object]:
 def describe_importance(summary: Mapping[str, object], path: object) -> str | None:
     """The line saying which importance matrix a run used, and for which tensors it had none."""
     use = summary.get("imatrix")
-    if not use:
-        return None
+    if not use:  # a run with one whose quantized tensors all kept the input's blocks, which used none
+        copied = summary.get("copied_count") or 0
+        return None if path is None or not copied else (
+            f"importance matrix {path}: used for no tensor, since all {copied} quantized tensors were copied as the input stored them")
     missing = use["missing"]
     none_for = f"; none for {len(missing)}: {', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}" if missing else ""
     return f"importance matrix {path}: vectors for {use['used']} tensors{none_for} (quantized without one)" if missing else (
@@ -219,6 +221,7 @@ def render_markdown(report: Mapping[str, object]) -> str:
     s = report["summary"]
     validation = report["settings"].get("validation", {})
     settings = report["settings"]
+    imatrix_path = (settings.get("imatrix") or {}).get("path")
     # what the run was asked for: a preset, a block type, or Q8K (the default), whose rounding variant
     # matters only where Q8K blocks are written
     asked = (f"Preset `{settings['preset']}`" if settings.get("preset") else f"Format `{settings.get('format') or 'q8k'}`")
@@ -239,8 +242,8 @@ def render_markdown(report: Mapping[str, object]) -> str:
             for f in s["fallbacks"]
         ],
         *([f"- {describe_copied(s['copied_count'])}"] if s.get("copied_count") else []),
-        *([f"- {describe_importance(s, (report['settings'].get('imatrix') or {}).get('path'))}, "
-           f"importance-weighted SQNR mean {_db(s['imatrix']['mean_weighted_sqnr_db'])}"] if "imatrix" in s else []),
+        *([f"- {describe_importance(s, imatrix_path)}, importance-weighted SQNR mean {_db(s['imatrix']['mean_weighted_sqnr_db'])}"]
+          if "imatrix" in s else [f"- {line}"] if (line := describe_importance(s, imatrix_path)) else []),
         *([f"- {describe_residual_choice(s['residual_stream'])}"] if "residual_stream" in s else []),
         f"- weight MSE (mean) {_fmt(s['average_mse'], '.3e')}, SQNR mean {_db(s['mean_sqnr_db'])}, "
         f"worst {_db(s['worst_sqnr_db'])}",

@@ -608,6 +608,16 @@ def test_a_gguf_inputs_tensors_already_in_the_type_asked_for_are_copied(tmp_path
     table = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| quantized | copied exact |" in table and "| q5_k | identity | 3 | 3 |" in table and "| q8_0 | identity | 3 | 0 |" in table
     assert run_cli("qstrat", "verify", str(out)).returncode == 0
+    # an importance matrix the copies did not use: said, not left out of the summary and the report
+    from qstrat.imatrix import ImportanceEntry, ImportanceMatrix, write_imatrix
+
+    imatrix = tmp_path / "imatrix.gguf"
+    write_imatrix(imatrix, ImportanceMatrix({n: ImportanceEntry(np.ones((1, 512), np.float32), np.array([4])) for n in stored}, ["t"], 1, 32))
+    weighted = run_cli("qstrat", "run", str(config), "-i", str(source), "-o", str(tmp_path / "weighted"), "--set", "format=q5_k",
+                       "--set", f"imatrix={imatrix}")
+    said = f"mportance matrix {imatrix}: used for no tensor, since all 3 quantized tensors were copied as the input stored them"
+    assert weighted.returncode == 0 and said in weighted.stdout, weighted.stdout + weighted.stderr
+    assert said in (tmp_path / "weighted" / "report.md").read_text()
     # another type is requantized; a permutation moves the columns across blocks, so it requantizes too
     for name, settings in (("q8_0", ["--set", "format=q8_0"]), ("permuted", ["--set", "format=q5_k", "--set", "strategies=[l2_norm]"])):
         other = run_cli("qstrat", "run", str(config), "-i", str(source), "-o", str(tmp_path / name), "-q", *settings)
