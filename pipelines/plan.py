@@ -10,7 +10,15 @@ import numpy as np
 
 from qstrat.errors import ConfigError, InputError
 from qstrat.formats import block_type
-from qstrat.presets import PresetError, TensorChoice, choose_types, fallback_type, gguf_arch, gguf_tensor_names
+from qstrat.presets import (
+    PresetError,
+    TensorChoice,
+    choose_types,
+    fallback_type,
+    gguf_arch,
+    gguf_tensor_names,
+    tensor_allows_quantization,
+)
 from qstrat.runconfig import DEFAULT_FORMAT, RunConfig
 from qstrat.io.names import assign_file_stems
 from qstrat.io.safetensors import (
@@ -159,9 +167,13 @@ def tensor_choice(info: TensorInfo, config: RunConfig, preset_types: dict[str, T
     if asked is None and config.preset is not None:
         chosen = preset_types.get(info.name)
         return chosen if chosen is not None else f"llama.cpp's {config.preset} does not quantize it"
+    if asked is None and config.format != DEFAULT_FORMAT and not tensor_allows_quantization(info.name, info.shape):
+        # a uniform format is llama.cpp's pure quantization, which keeps a MoE router, position and
+        # token-type embeddings as they are; the original tool's Q8K quantizes every matrix
+        return f"llama.cpp never quantizes it (nor does its pure {config.format}); a format_rules entry can"
     asked = asked or config.format
     if asked == DEFAULT_FORMAT and len(info.shape) == 3:
-        return "3-D: a stack of matrices (a MoE model's experts), which the original tool's Q8K does not hold; GGUF block types do"
+        return "3-D: a stack of matrices (a MoE model's experts); Q8_K holds matrices only (the original tool's .q8k files): give stacks a GGUF block type"
     if asked == DEFAULT_FORMAT:
         # the original tool's Q8K has no fallback: such a tensor passes through, as there
         block = block_type(asked).block_size
@@ -241,7 +253,8 @@ def importance_vectors(model: SafetensorsModel, config: RunConfig, quantized: di
                 vector = None
             else:
                 expected = f"rows of {k}" if matrices == 1 else f"{matrices} matrices with rows of {k} ({matrices * k} values)"
-                raise InputError(f"imatrix {path}: {key} has {vector.size} values; tensor {name!r} has {expected}")
+                held = f" ({vector.size // k} of {k})" if vector.size % k == 0 and vector.size > k else ""
+                raise InputError(f"imatrix {path}: {key} has {vector.size} values{held}; tensor {name!r} has {expected}")
         if vector is None:
             missing.append(name)
         else:

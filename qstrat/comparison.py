@@ -10,6 +10,8 @@ tool's Q8_K included, which llama.cpp cannot run).
 
 from __future__ import annotations
 
+import math
+
 import contextlib
 import shutil
 import tempfile
@@ -77,7 +79,7 @@ def stored_bytes(record: TensorRecord) -> int:
     """Bytes of a quantized tensor's blocks in its type (run-time permutations aside)."""
     from qstrat.formats import block_type
 
-    rows, k = record.shape
+    rows, k = math.prod(record.shape[:-1]), record.shape[-1]  # a stack of matrices (MoE experts): all their rows
     return rows * block_type(storage_type_name(record.storage)).row_bytes(k)
 
 

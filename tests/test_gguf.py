@@ -794,7 +794,7 @@ def test_a_moe_models_stacked_experts_are_quantized_expert_by_expert_as_ggml_doe
     assert held["blk.0.ffn_gate_exps.weight"] == ("Q4_K", (4, 64, 256), gate.tobytes())
     assert held["blk.0.ffn_up_exps.weight"] == ("Q4_K", (4, 64, 256), up_blocks.tobytes())
     assert held["blk.0.ffn_down_exps.weight"] == ("Q5_0", (4, 256, 64), down.tobytes())
-    assert held["blk.0.ffn_gate_inp.weight"][:2] == ("Q4_K", (4, 256))
+    assert held["blk.0.ffn_gate_inp.weight"][:2] == ("F32", (4, 256))  # the router: llama.cpp's pure q4_k keeps it too
     manifest = json.loads((tmp_path / "q4" / "manifest.json").read_text())["tensors"]
     assert manifest["blk.0.ffn_down_exps.weight"]["shape"] == [4, 256, 64] and manifest["blk.0.ffn_down_exps.weight"]["fallback_from"] == "q4_k"
     assert run_cli("qstrat", "verify", str(tmp_path / "q4")).returncode == 0
@@ -821,14 +821,15 @@ def test_a_moe_models_stacked_experts_are_quantized_expert_by_expert_as_ggml_doe
     write_imatrix(tmp_path / "flat.gguf", ImportanceMatrix({"blk.0.ffn_up_exps.weight": ImportanceEntry(sums[:1], counts[:1])}, ["text"], 1, 32))
     flat = run_cli("qstrat", "run", config, "-i", str(path), "-o", str(tmp_path / "flat"), "--set", "format=q5_k",
                    "--set", f"imatrix={tmp_path / 'flat.gguf'}")
-    assert_clean_failure(flat, "blk.0.ffn_up_exps.weight has 256 values", "4 matrices with rows of 256 (1024 values)")
+    assert_clean_failure(flat, "blk.0.ffn_up_exps.weight has 256 values;", "4 matrices with rows of 256 (1024 values)")
 
     # the original tool's Q8K holds matrices: stacks pass through, said before the run starts, with why
     q8k = run_cli("qstrat", "run", config, "-i", str(path), "-o", str(tmp_path / "q8k"))
     assert q8k.returncode == 0, q8k.stderr
     assert ("warning: moe: 3 weight tensors of more than two dimensions, such as a MoE model's experts (blk.0.ffn_down_exps.weight, "
             "blk.0.ffn_gate_exps.weight, blk.0.ffn_up_exps.weight), are not quantized (blk.0.ffn_down_exps.weight: 3-D: a stack of "
-            "matrices (a MoE model's experts), which the original tool's Q8K does not hold; GGUF block types do) but passed through, "
+            "matrices (a MoE model's experts); Q8_K holds matrices only (the original tool's .q8k files): give stacks a GGUF block type) "
+            "but passed through, "
             "decoded to F32") in q8k.stderr
     assert all(np.array_equal(qstrat.load_model(tmp_path / "q8k")[n], decoded[n]) for n in experts)
     # a joint strategy leaves them alone; residual_stream does not know them, and says so
@@ -837,7 +838,11 @@ def test_a_moe_models_stacked_experts_are_quantized_expert_by_expert_as_ggml_doe
     assert joint.returncode == 0, joint.stderr
     residual = run_cli("qstrat", "run", str(REPO / "configs" / "residual_stream.yaml"), "-i", str(path), "-o", str(tmp_path / "residual"),
                        "--set", "format=q8_0")
-    assert_clean_failure(residual, "blk.0.ffn_down_exps.weight' is not one it knows")
+    assert_clean_failure(residual, "blk.0.ffn_down_exps.weight' holds a mixture-of-experts model's experts", "it refuses MoE models")
+    compared = run_cli("qstrat", "compare", str(path), "-f", "q4_k,q8_0", "-s", "identity", "--json")
+    assert compared.returncode == 0, compared.stderr
+    rows = json.loads(compared.stdout)["chains"]
+    assert [(r["format"], r["tensor_count"]) for r in rows] == [("q4_k", 3), ("q8_0", 3)] and rows[0]["bits_per_weight"] < rows[1]["bits_per_weight"]
     # qstrat's importance matrix comes from its numpy forward, of dense models: llama.cpp's for this one
     (tmp_path / "text.txt").write_text("some words to read\n" * 20)
     collected = run_cli("qstrat", "imatrix", str(path), "--text", str(tmp_path / "text.txt"), "-o", str(tmp_path / "mine.gguf"))

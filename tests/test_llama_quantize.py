@@ -289,6 +289,9 @@ def moe(models, tmp_path_factory):
         model.llama[f"imatrix-{preset}"] = root / f"llama-imatrix-{preset}.gguf"
         jobs.append({"in": str(model.f32), "out": str(model.llama[f"imatrix-{preset}"]), "ftype": file_type(preset),
                      "imatrix": str(model.imatrix)})
+    for type_name in ("q4_k", "q8_0"):
+        model.llama[f"pure-{type_name}"] = root / f"llama-pure-{type_name}.gguf"
+        jobs.append({"in": str(model.f32), "out": str(model.llama[f"pure-{type_name}"]), "ftype": int(PURE[type_name]), "pure": True})
     model.llama["requantized-q5_k_m"] = root / "llama-requantized-q5_k_m.gguf"
     jobs.append({"in": str(model.llama["imatrix-q4_k_m"]), "out": str(model.llama["requantized-q5_k_m"]),
                  "ftype": file_type("q5_k_m"), "requantize": True})
@@ -450,12 +453,13 @@ def test_llama_cpps_lowest_bit_files_are_read_as_llama_cpp_reads_them(models, tm
 
 
 def test_a_moe_models_experts_are_quantized_as_llama_cpp_quantizes_them(moe, tmp_path):
-    """A MoE GGUF's stacked experts (ffn_*_exps, 3-D): every preset gives them llama.cpp's types and
-    bytes, matrix by matrix, with an importance matrix of one vector per expert too, and a requantized
+    """A MoE GGUF's stacked experts (ffn_*_exps, 3-D): every preset and uniform format gives them llama.cpp's
+    types and bytes, matrix by matrix, with an importance matrix of one vector per expert too, and a requantized
     MoE file copies the stacks already in their type; llama.cpp runs qstrat's file, close to the F32 one."""
     model, quantizer = moe
     cases = [(p, {"preset": p}, p) for p in MOE_PRESETS]
     cases += [(f"imatrix-{p}", {"preset": p, "imatrix": str(model.imatrix)}, f"imatrix-{p}") for p in MOE_IMATRIX_PRESETS]
+    cases += [(f"format-{t}", {"format": t}, f"pure-{t}") for t in ("q4_k", "q8_0")]  # the router stays F32 there too
     for label, settings, job in cases:
         config = RunConfig.build({"validation": {"enabled": False}, **settings}, "test")
         quantize_model(model.f32, config, tmp_path / label)

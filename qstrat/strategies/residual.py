@@ -79,6 +79,9 @@ def residual_axis(name: str) -> int | None:
     for pattern, axis in _COMPILED:
         if pattern.search(name):
             return axis
+    if "_exps." in name:
+        raise ConfigError(f"strategy residual_stream: tensor {name!r} holds a mixture-of-experts model's experts, whose "
+                          "hidden dimension it does not move: it refuses MoE models")
     raise ConfigError(
         f"strategy residual_stream: tensor {name!r} is not one it knows (Llama-family and BERT models); "
         "permuting the hidden dimension around an unknown tensor could change the model's function"
