@@ -40,5 +40,6 @@ def dequantize_to_safetensors(model_path: str | os.PathLike, target: str | os.Pa
             else:
                 tag = _EXACT_16_BIT.get(model.stored_type(name), "F32")
                 items.append((name, tag, tuple(model.shape(name)), lambda name=name, tag=tag: exact_in(tag, opened[name])))
+        target.parent.mkdir(parents=True, exist_ok=True)  # as convert makes its file's directory
         write_safetensors(target, items, {"format": "pt", "qstrat": "dequantized"})
     return len(items)

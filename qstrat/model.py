@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from qstrat.errors import FormatError, InputError
-from qstrat.io.atomic import flock_path
+from qstrat.io.atomic import file_sha256, flock_path
 from qstrat.io.gguf_read import is_gguf_name
 from qstrat.io.names import JOINT_PERMUTATIONS_NAME, JOURNAL_NAME, MANIFEST_NAME, PASSTHROUGH_NAME, RESIDUAL_PERMUTATION_KEY, decode_name
 from qstrat.io.q8k import check_permutation, read_perm, read_q8k, read_q8k_shape
@@ -79,7 +79,9 @@ def refuse_unfinished(directory: Path) -> None:
 class QuantizedModel:
     """An output directory (or one written by the original Rust tool), read lazily."""
 
-    def __init__(self, output_dir: str | os.PathLike, manifest: Manifest | None = None) -> None:
+    def __init__(self, output_dir: str | os.PathLike, manifest: Manifest | None = None, check_files: bool = True) -> None:
+        """``check_files``: check each file's bytes against the manifest's sha256 before its values are
+        read (:meth:`intact`); off where the caller has just written or checked them (a run, verify)."""
         # pydantic (the manifest's model) is imported on first use, not with `import qstrat`
         from qstrat.io.manifest import read_manifest
 
@@ -102,6 +104,9 @@ class QuantizedModel:
                 for name, e in self.manifest.tensors.items()
             }
         self._joint: SafetensorsFile | None = None
+        #: the manifest's sha256 of each file (by its path in the directory), while not yet checked
+        self._unchecked: dict[str, str] = {} if self.manifest is None or not check_files else {
+            f.path: f.sha256 for e in self.manifest.tensors.values() for f in e.files.values()}
 
     def _seed_entries(self) -> dict[str, StoredTensor]:
         """Entries for a directory without manifest: .q8k (+ .perm) files and any passthrough."""
@@ -123,6 +128,20 @@ class QuantizedModel:
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self.entries))
 
+    def intact(self, relative: str) -> Path:
+        """The path of one of the directory's files, once its bytes are those the manifest records
+        (each file checked once, before its values are first read): a file changed since the run
+        must not pass as the model, nor be sealed by ``convert`` in a GGUF with a fresh checksum."""
+        path = self.directory / relative
+        expected = self._unchecked.get(relative)
+        if expected is not None:
+            found = file_sha256(path)
+            if found != expected:
+                why = "cannot be read" if found is None else "differs from the manifest's sha256 (changed or corrupted since it was written)"
+                raise FormatError(f"{path}: {why}; qstrat verify {self.directory} checks every file")
+            self._unchecked.pop(relative, None)
+        return path
+
     def passthrough_info(self, name: str) -> TensorInfo:
         if self._passthrough is None or name not in self._passthrough.tensors:
             raise InputError(f"{self.directory / PASSTHROUGH_NAME}: tensor {name!r} named by the manifest is missing")
@@ -140,7 +159,7 @@ class QuantizedModel:
 
     def _joint_file(self) -> SafetensorsFile:
         if self._joint is None:
-            self._joint = SafetensorsFile(self.directory / JOINT_PERMUTATIONS_NAME)
+            self._joint = SafetensorsFile(self.intact(JOINT_PERMUTATIONS_NAME))
         return self._joint
 
     def residual_permutation(self, name: str) -> tuple[np.ndarray, int] | None:
@@ -177,6 +196,7 @@ class QuantizedModel:
     def stored_passthrough(self, name: str) -> tuple[str, np.ndarray]:
         """A passed-through tensor as stored: its dtype tag and its values (mapped, bf16 as uint16 bits)."""
         info = self.passthrough_info(name)
+        self.intact(PASSTHROUGH_NAME)
         return info.dtype, map_tensor(info)
 
     def quantized_shape(self, name: str) -> tuple[int, ...]:
@@ -200,7 +220,7 @@ class QuantizedModel:
         if not entry.quantized:
             array = np.array(to_float32(*self.stored_passthrough(name)))
         else:
-            stored = read_q8k(self.directory / entry.files["q8k"]) if "q8k" in entry.files else read_blocks(self.directory / entry.files["blocks"])
+            stored = read_q8k(self.intact(entry.files["q8k"])) if "q8k" in entry.files else read_blocks(self.intact(entry.files["blocks"]))
             recorded = self.manifest.tensors.get(name) if self.manifest is not None else None
             if recorded is not None:  # a header of another type of the same size would dequantize to other values
                 path = self.directory / entry.files.get("q8k", entry.files.get("blocks"))
@@ -211,7 +231,7 @@ class QuantizedModel:
             if entry.stack_shape is not None:
                 array = array.reshape(entry.stack_shape)  # checked against the header above
             if "perm" in entry.files:
-                array = unpermute(array, read_perm(self.directory / entry.files["perm"], stored.k))
+                array = unpermute(array, read_perm(self.intact(entry.files["perm"]), stored.k))
         return self.undo_joint(name, array) if original else array
 
 

@@ -385,7 +385,16 @@ def test_a_block_file_whose_header_names_another_type_is_refused_by_readers(tmp_
     path = next(directory.glob("*.qblk"))
     stored = read_blocks(path)
     blocks = np.array(stored.blocks)
-    write_blocks(path, blocks, "iq4_nl", stored.k)
+    written = write_blocks(path, blocks, "iq4_nl", stored.k)
+    with pytest.raises(qstrat.QstratError, match=f"{path.name}: differs from the manifest's sha256"):
+        qstrat.load_model(directory)
+    # the manifest edited to the new file's checksum: the header's type still disagrees with its storage
+    from qstrat.io.atomic import file_sha256
+
+    manifest = json.loads((directory / "manifest.json").read_text())
+    entry = next(e for e in manifest["tensors"].values() if e["files"].get("blocks", {}).get("path") == path.name)
+    entry["files"]["blocks"].update(size=written.size, sha256=file_sha256(path))
+    (directory / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(qstrat.QstratError, match=f"{path.name}: iq4_nl of shape .*, the manifest says q4_0 of"):
         qstrat.load_model(directory)
     assert_clean_failure(run_cli("qstrat", "dequantize", str(directory), str(tmp_path / "x.safetensors")), "the manifest says q4_0")

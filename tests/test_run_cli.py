@@ -16,6 +16,7 @@ import pytest
 from safetensors import safe_open
 
 import qstrat
+from qstrat.errors import FormatError
 from qstrat.synthetic import write_model
 from tests.conftest import REPO
 from qstrat.io.names import LOCK_NAME
@@ -191,6 +192,13 @@ def test_verify_catches_every_corruption(tmp_path):
         corrupted[len(corrupted) // 2] ^= 0x01
         path.write_bytes(bytes(corrupted))
         assert_clean_failure(run_cli("qstrat", "verify", str(out)), path.name)
+        if path.name in ("passthrough.safetensors", "joint_permutations.safetensors", "model.layers.0.mlp.down_proj.weight.q8k"):
+            # the readers check a file's bytes before its values pass as the model's (convert sealed them
+            # in a GGUF with a fresh checksum, dequantize and load_model read them as they were)
+            with pytest.raises(FormatError, match=f"{path.name}: differs from the manifest's sha256"):
+                qstrat.load_model(out, original=True)
+            assert_clean_failure(run_cli("qstrat", "convert", str(out), str(tmp_path / "sealed.gguf")), path.name, "verify")
+            assert not (tmp_path / "sealed.gguf").exists()
         path.write_bytes(original)
     (out / "model.layers.0.mlp.up_proj.weight.q8k").unlink()
     missing_file = run_cli("qstrat", "verify", str(out))
@@ -208,7 +216,7 @@ def test_dequantize_and_inspect(tmp_path):
     out = tmp_path / "o"
     assert run_cli("qstrat", "run", str(REPO / "configs" / "function_preserving.yaml"), "-o", str(out), "-q").returncode == 0
     for flag in ([], ["--function-layout"]):
-        target = tmp_path / f"back{len(flag)}.safetensors"
+        target = tmp_path / f"made{len(flag)}" / f"back{len(flag)}.safetensors"  # its directory made, as convert's
         result = run_cli("qstrat", "dequantize", str(out), str(target), *flag)
         assert result.returncode == 0, result.stderr
         with safe_open(target, framework="numpy") as f:

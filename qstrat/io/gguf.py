@@ -41,7 +41,7 @@ from qstrat.io.gguf_read import PASSTHROUGH_TYPES, open_gguf, unreadable_type
 from qstrat.io.names import RESIDUAL_PERMUTATION_KEY, assign_file_stems, storage_name
 from qstrat.io.q8k import Q8KTensor, check_permutation, read_perm, read_q8k, read_q8k_shape, write_perm, write_q8k
 from qstrat.io.qblock import SUFFIX as QBLK_SUFFIX, BlockTensor, read_blocks, read_blocks_header, write_blocks
-from qstrat.io.safetensors import exact_in, map_tensor, to_float32, write_safetensors
+from qstrat.io.safetensors import exact_in, to_float32, write_safetensors
 from qstrat.kernels import BLOCK_BYTES, QK_K
 
 if TYPE_CHECKING:
@@ -128,13 +128,13 @@ def _passthrough_entry(model, name: str, layout, gguf):
     if layout is not None and info.dtype in ("BF16", "F16") and (len(info.shape) <= 1 or llama_name.endswith("_norm.weight")):
         # convert_hf_to_gguf writes 1-D tensors and norms as F32 (exactly the same values)
         def widened(info=info, order=order):
-            array = np.asarray(to_float32(info.dtype, np.asarray(map_tensor(info))), dtype=np.float32)
+            array = np.asarray(to_float32(info.dtype, np.asarray(model.stored_passthrough(name)[1])), dtype=np.float32)
             return array if order is None else array[order]
 
         return widened, np.dtype(np.float32), None, info.shape, info.numel * 4, info.dtype
 
     def produce(info=info, t=np_dtype, order=order):
-        array = np.asarray(map_tensor(info)).view(t)
+        array = np.asarray(model.stored_passthrough(name)[1]).view(t)
         return array if order is None else array[order]
 
     # the writer derives the type from the numpy dtype, except for bfloat16's raw bits
@@ -194,7 +194,7 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
             order = _row_order(layout, name, (rows, k))
 
             def blocks(path=path, read=read, rows=rows, order=order):
-                stored = np.asarray(read(path).blocks).reshape(rows, -1)
+                stored = np.asarray(read(model.intact(path.name)).blocks).reshape(rows, -1)
                 # blocks run along a row: reordering rows of blocks gives exactly the blocks of the reordered matrix
                 return stored if order is None else stored[order]
 
@@ -204,7 +204,7 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
             if "perm" in files:
                 if layout is not None:
                     raise OutputError(f"{name}: a run-time permutation cannot be written for llama.cpp")
-                perm = read_perm(model.directory / files["perm"], k).astype(np.int32)
+                perm = read_perm(model.intact(files["perm"]), k).astype(np.int32)
                 entries.append((name + PERM_SUFFIX, lambda p=perm: p, np.int32, None, perm.shape, perm.nbytes))
                 perm_names.append(name + PERM_SUFFIX)
         else:
