@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qstrat.io.atomic import remove_stale_temporaries
+from qstrat.errors import OutputError
+from qstrat.io.atomic import describe_os_error, remove_stale_temporaries
 from qstrat.io.safetensors import exact_in, write_safetensors
 from qstrat.model import open_model
 
@@ -40,6 +41,9 @@ def dequantize_to_safetensors(model_path: str | os.PathLike, target: str | os.Pa
             else:
                 tag = _EXACT_16_BIT.get(model.stored_type(name), "F32")
                 items.append((name, tag, tuple(model.shape(name)), lambda name=name, tag=tag: exact_in(tag, opened[name])))
-        target.parent.mkdir(parents=True, exist_ok=True)  # as convert makes its file's directory
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)  # as convert makes its file's directory
+        except OSError as err:
+            raise OutputError(describe_os_error(target.parent, err)) from None
         write_safetensors(target, items, {"format": "pt", "qstrat": "dequantized"})
     return len(items)

@@ -217,6 +217,9 @@ def test_dequantize_and_inspect(tmp_path):
     assert run_cli("qstrat", "run", str(REPO / "configs" / "function_preserving.yaml"), "-o", str(out), "-q").returncode == 0
     for flag in ([], ["--function-layout"]):
         target = tmp_path / f"made{len(flag)}" / f"back{len(flag)}.safetensors"  # its directory made, as convert's
+        (tmp_path / "a-file").write_text("")  # a directory that cannot be made: a clear error, exit 3
+        blocked = run_cli("qstrat", "dequantize", str(out), str(tmp_path / "a-file" / "x.safetensors"))
+        assert blocked.returncode == 3 and "cannot write" in blocked.stderr and "Traceback" not in blocked.stderr, blocked.stderr
         result = run_cli("qstrat", "dequantize", str(out), str(target), *flag)
         assert result.returncode == 0, result.stderr
         with safe_open(target, framework="numpy") as f:
