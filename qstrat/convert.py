@@ -190,6 +190,7 @@ def gguf_to_directory(source: str | os.PathLike, output_dir: str | os.PathLike) 
     complete model; tensor files of a model converted there before are removed.  A directory holding
     files qstrat did not write is refused."""
     model = GGUFModel(source)
+    model.check_intact()  # a changed file must not come out with fresh checksums
     types = model.checked_types()  # every tensor checked first: a bad file leaves the target untouched
     check_unpackable(model, types)
     out = Path(output_dir)

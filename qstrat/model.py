@@ -235,6 +235,12 @@ class QuantizedModel:
         return self.undo_joint(name, array) if original else array
 
 
+def container_of(directory: Path, manifest: Manifest) -> tuple[Path, str]:
+    """The GGUF container of a directory written with ``outputs: [gguf]``, and its sha256 the manifest records."""
+    name, entry = next(iter(manifest.containers.items()))
+    return directory / name, entry.sha256
+
+
 #: the temporary directories GGUF files are unpacked into; each is flock-ed by its reader while in use
 _UNPACKED_PREFIX = "qstrat-gguf-"
 _UNPACKED_GRACE_S = 10  # a directory this young may not be locked yet
@@ -268,12 +274,14 @@ def as_directory(path: str | os.PathLike, follow_container: bool = True) -> Iter
     from qstrat.io.manifest import read_manifest
 
     path = Path(path)
+    expected_sha256 = None
     if path.is_dir() and follow_container:
         manifest = read_manifest(path)
         if manifest is not None and manifest.gguf_only:
-            path = path / next(iter(manifest.containers))
+            path, expected_sha256 = container_of(path, manifest)
     if path.is_file() and is_gguf_name(path):
         model = GGUFModel(path)
+        model.check_intact(expected_sha256)  # unpacked, its files get fresh checksums
         _remove_stale_unpacked()
         with tempfile.TemporaryDirectory(prefix=_UNPACKED_PREFIX) as tmp, flock_path(Path(tmp), blocking=True):
             unpack_gguf(model, Path(tmp))
@@ -286,12 +294,16 @@ class GGUFTensors:
     """A qstrat GGUF file (or another tool's) read lazily, tensor by tensor, without unpacking it:
     what :class:`QuantizedModel` gives of an output directory."""
 
-    def __init__(self, path: str | os.PathLike, manifest: Manifest | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, manifest: Manifest | None = None, expected_sha256: str | None = None) -> None:
         """``manifest``: the run's, when the file is an output directory's container (it names the
-        tensors quantized to F32/F16/BF16, which read back as quantized ones: float32)."""
+        tensors quantized to F32/F16/BF16, which read back as quantized ones: float32), and
+        ``expected_sha256`` the file's sha256 it records.  The file's bytes are checked before the
+        first tensor's values are read (:meth:`GGUFModel.check_intact`)."""
         from qstrat.io.gguf import GGUFModel  # gguf-py is imported on first use
 
         self.file = GGUFModel(path)
+        self._expected_sha256 = expected_sha256
+        self._unchecked = True
         self.path = self.file.path
         float_quantized = () if manifest is None else [n for n, e in manifest.tensors.items() if e.storage in ("f32", "f16", "bf16")]
         self.types = self.file.block_types(float_quantized)
@@ -311,7 +323,13 @@ class GGUFTensors:
     def passthrough_dtype(self, name: str) -> str:
         return self.file.passthrough_dtype(name)
 
+    def _intact(self) -> None:
+        if self._unchecked:
+            self.file.check_intact(self._expected_sha256)
+            self._unchecked = False
+
     def stored_passthrough(self, name: str) -> tuple[str, np.ndarray]:
+        self._intact()
         tag, raw = self.file.passthrough_bytes(name, list(self.shape(name)))
         return tag, raw.view(DTYPES[tag]).reshape(self.shape(name))
 
@@ -320,6 +338,7 @@ class GGUFTensors:
         if self.types[name] is None:
             array = np.array(to_float32(*self.stored_passthrough(name)))
         else:
+            self._intact()
             stored = self.file.stored_tensor(name, self.types[name])
             array = stored.dequantize()
             perm = self.file.runtime_perm(name, stored.k)
@@ -391,7 +410,8 @@ def open_model(path: str | os.PathLike, original: bool = False) -> OpenModel:
 
         manifest = read_manifest(path)
         if manifest is not None and manifest.gguf_only:  # the model lives in its container only
-            return OpenModel(GGUFTensors(path / next(iter(manifest.containers)), manifest), original)
+            container, expected_sha256 = container_of(path, manifest)
+            return OpenModel(GGUFTensors(container, manifest, expected_sha256), original)
         return OpenModel(QuantizedModel(path, manifest), original)
     if path.is_file() and is_gguf_name(path):
         return OpenModel(GGUFTensors(path), original)

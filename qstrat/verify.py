@@ -10,7 +10,7 @@ from qstrat.io.manifest import MANIFEST_NAME, PASSTHROUGH_NAME, Manifest, read_m
 from qstrat.io.names import storage_name, unlisted_tensor_files
 from qstrat.io.q8k import check_permutation, read_perm, read_q8k
 from qstrat.io.qblock import read_blocks_header
-from qstrat.model import QuantizedModel, header_disagreement
+from qstrat.model import QuantizedModel, container_of, header_disagreement
 from qstrat.io.atomic import file_sha256
 
 
@@ -19,26 +19,22 @@ def verify_gguf_file(path: str | os.PathLike) -> tuple[list[str], bool]:
     be checked: a file qstrat writes records the sha256 of its header and tensor data (``qstrat.sha256``;
     an earlier qstrat's, ``qstrat.data_sha256``, of the data alone), another tool's does not, nor does one
     another tool rewrote in other types (its record is of a file that is gone): then only its structure is checked."""
-    from qstrat.io.gguf import SHA256_KEY, GGUFModel, gguf_sha256, recorded_sha256
+    from qstrat.io.gguf import GGUFModel
 
     path = Path(path)
-    recorded = None
+    checked = False
     try:
         model = GGUFModel(path)
-        recorded = recorded_sha256(model.reader)
-        if recorded is not None and recorded[1] != gguf_sha256(model.reader, recorded[0]):  # the data is read only to compare it
-            if model.rewritten():  # its checksum is of a file that is gone: only its structure can be checked
-                recorded = None
-            else:
-                what = "header and tensor data" if recorded[0] == SHA256_KEY else "tensor data"
-                return [f"{path}: the sha256 of its {what} differs from the one it records (the file was changed or corrupted)"], True
+        problem, checked = model.checksum_problem()  # the data is read only to compare it
+        if problem is not None:
+            return [problem], True
         # read back in place: every tensor's type, shape and permutations (the checks a reader makes);
         # another tool's types qstrat does not read (Q8_1, ...) are not damage: its structure was checked
         if not model.unreadable_types():
             model.checked_types()
-        return [], recorded is not None
+        return [], checked
     except QstratError as err:  # a file that cannot be read back is a damaged one
-        return [str(err)], recorded is not None
+        return [str(err)], checked
 
 
 def _as_in_gguf(storage: str, shape, dtype: str | None) -> tuple:
@@ -96,7 +92,7 @@ def verify_output(output_dir: str | os.PathLike) -> list[str]:
         from qstrat.io.gguf import GGUFModel
 
         try:
-            container = GGUFModel(directory / next(iter(manifest.containers)))
+            container = GGUFModel(container_of(directory, manifest)[0])
             types = container.checked_types()
         except QstratError as err:  # matching its checksum, yet not readable: damaged as any other file
             return [str(err)]

@@ -273,6 +273,29 @@ def test_gguf_instead_of_q8k_files(tmp_path):
     data[len(data) // 2] ^= 1
     (out / "tiny-llama.gguf").write_bytes(bytes(data))
     assert_clean_failure(run_cli("qstrat", "verify", str(out)), "tiny-llama.gguf")
+    # every reader compares the container with the manifest's sha256 before reading a value: the changed
+    # file passed as the model, and convert gave it fresh checksums
+    with pytest.raises(qstrat.QstratError, match="tiny-llama.gguf: differs from the manifest's sha256"):
+        qstrat.load_model(out)
+    with qstrat.open_model(out) as opened:
+        assert opened.shape("lm_head.weight") == (256, 512)  # headers only: no values read, nothing checked
+        with pytest.raises(qstrat.QstratError, match="tiny-llama.gguf: differs from the manifest's sha256"):
+            opened["lm_head.weight"]
+    for command in (("dequantize", "x.safetensors"), ("convert", "sealed.gguf")):
+        failed = run_cli("qstrat", command[0], str(out), str(tmp_path / command[1]))
+        assert failed.returncode == 2
+        assert_clean_failure(failed, "tiny-llama.gguf: differs from the manifest's sha256")
+        assert not (tmp_path / command[1]).exists()
+    # the lone file records its own checksum: read or unpacked, a changed one is refused as well
+    lone = tmp_path / "lone.gguf"
+    lone.write_bytes(bytes(data))
+    with pytest.raises(qstrat.QstratError, match="lone.gguf: the sha256 of its header and tensor data differs"):
+        qstrat.load_model(lone)
+    assert_clean_failure(run_cli("qstrat", "convert", str(lone), str(tmp_path / "unpacked")), "lone.gguf: the sha256")
+    assert not (tmp_path / "unpacked" / "manifest.json").exists()
+    data[len(data) // 2] ^= 1
+    lone.write_bytes(bytes(data))
+    assert qstrat.load_model(lone).keys() == expected.keys()
     # a rerun repairs it
     assert run_cli("qstrat", "run", str(REPO / "configs" / "attention_aware.yaml"), "-o", str(out), "-q", "--set", "outputs=[gguf]").returncode == 0
     assert run_cli("qstrat", "verify", str(out)).returncode == 0

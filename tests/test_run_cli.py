@@ -186,13 +186,15 @@ def test_verify_catches_every_corruption(tmp_path):
     assert result.returncode == 0, result.stderr
     ok = run_cli("qstrat", "verify", str(out))
     assert ok.returncode == 0 and "intact" in ok.stdout
+    read_back = {"passthrough.safetensors", "joint_permutations.safetensors", "model.layers.0.mlp.down_proj.weight.q8k"}
+    assert read_back <= {p.name for p in out.iterdir()}
     for path in sorted(p for p in out.iterdir() if not p.name.startswith(".") and p.name != "manifest.json"):
         original = path.read_bytes()
         corrupted = bytearray(original)
         corrupted[len(corrupted) // 2] ^= 0x01
         path.write_bytes(bytes(corrupted))
         assert_clean_failure(run_cli("qstrat", "verify", str(out)), path.name)
-        if path.name in ("passthrough.safetensors", "joint_permutations.safetensors", "model.layers.0.mlp.down_proj.weight.q8k"):
+        if path.name in read_back:
             # the readers check a file's bytes before its values pass as the model's (convert sealed them
             # in a GGUF with a fresh checksum, dequantize and load_model read them as they were)
             with pytest.raises(FormatError, match=f"{path.name}: differs from the manifest's sha256"):

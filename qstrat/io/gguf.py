@@ -25,7 +25,7 @@ import numpy as np
 
 from qstrat._version import __version__
 from qstrat.errors import FormatError, InputError, OutputError
-from qstrat.io.atomic import atomic_path, describe_os_error, remove_stale_temporaries
+from qstrat.io.atomic import atomic_path, describe_os_error, file_sha256, remove_stale_temporaries
 from qstrat.io.manifest import (
     JOINT_PERMUTATIONS_NAME,
     PASSTHROUGH_NAME,
@@ -634,6 +634,33 @@ class GGUFModel:
         quantizer does): the tensor table is not the one qstrat recorded, and its checksum is stale."""
         table = self._string("tensor_table_sha256")
         return table is not None and table != read_tensor_table_sha256(self.reader)
+
+    def checksum_problem(self) -> tuple[str | None, bool]:
+        """A sentence if the file's bytes differ from the checksum qstrat recorded in it (None if they
+        match), and whether they could be checked: another tool's file records none, and one another
+        tool rewrote in other types records that of a file that is gone."""
+        recorded = recorded_sha256(self.reader)
+        if recorded is None:
+            return None, False
+        if recorded[1] == gguf_sha256(self.reader, recorded[0]):
+            return None, True
+        if self.rewritten():
+            return None, False
+        what = "header and tensor data" if recorded[0] == SHA256_KEY else "tensor data"
+        return f"{self.path}: the sha256 of its {what} differs from the one it records (the file was changed or corrupted)", True
+
+    def check_intact(self, expected_sha256: str | None = None) -> None:
+        """Stop with a :class:`FormatError` naming the file if its bytes are not those written: the
+        whole file's sha256 against ``expected_sha256`` (an output directory's manifest records its
+        container's), else the checksum qstrat recorded in the file, if it still applies."""
+        if expected_sha256 is not None:
+            if file_sha256(self.path) != expected_sha256:
+                raise FormatError(f"{self.path}: differs from the manifest's sha256 (changed or corrupted since it was "
+                                  f"written); qstrat verify {self.path.parent} checks every file")
+            return
+        problem, _ = self.checksum_problem()
+        if problem is not None:
+            raise FormatError(f"{problem}; qstrat verify {self.path} checks it")
 
     def describe_layout(self) -> str:
         """One line: whether llama.cpp runs this file (and whether another tool rewrote it)."""
