@@ -228,10 +228,10 @@ class QuantizedModel:
                 if problem is not None:
                     raise FormatError(problem)
             array = stored.dequantize()
+            if "perm" in entry.files:  # it permutes each row's k columns: undone before a stack is shaped
+                array = unpermute(array, read_perm(self.intact(entry.files["perm"]), stored.k))
             if entry.stack_shape is not None:
                 array = array.reshape(entry.stack_shape)  # checked against the header above
-            if "perm" in entry.files:
-                array = unpermute(array, read_perm(self.intact(entry.files["perm"]), stored.k))
         return self.undo_joint(name, array) if original else array
 
 

@@ -897,3 +897,34 @@ def test_a_qstrat_gguf_with_run_time_permutations_is_no_runs_input(tmp_path):
     assert run_cli("qstrat", "dequantize", str(tmp_path / "perm" / "m.gguf"), str(tmp_path / "w.safetensors")).returncode == 0
     assert run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-i", str(tmp_path / "w.safetensors"),
                    "-o", str(tmp_path / "plain"), "-q", "--set", "format=q8_0").returncode == 0
+
+
+def test_a_stack_with_a_run_time_gather_map_is_unpermuted_along_its_columns(tmp_path):
+    # a .perm permutes the k columns of every row; a directory's reader reshaped a stack to (experts,
+    # rows, k) first and then unpermuted its rows (axis 1), where the GGUF's own reader was right
+    import gguf
+
+    from qstrat.reference import ggml_quantize_chunk
+
+    rng = np.random.default_rng(11)
+    stack = (rng.standard_normal((3, 8, 64)) * 0.05).astype(np.float32)
+    perm = rng.permutation(64).astype(np.int32)  # stored column i holds source column perm[i]
+    blocks = ggml_quantize_chunk(int(GGMLQuantizationType.Q8_0), stack[:, :, perm].reshape(-1, 64))
+    path = tmp_path / "gathered.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_array("qstrat.perm_tensors", ["blk.0.ffn_up_exps.weight.perm"])
+    writer.add_tensor("blk.0.ffn_up_exps.weight", blocks.reshape(3, 8, -1), raw_dtype=GGMLQuantizationType.Q8_0)
+    writer.add_tensor("blk.0.ffn_up_exps.weight.perm", perm)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    from_file = qstrat.load_model(path)["blk.0.ffn_up_exps.weight"]
+    assert from_file.shape == (3, 8, 64)
+    np.testing.assert_allclose(from_file, stack, atol=0.002)  # Q8_0's error, columns in the source order
+    result = run_cli("qstrat", "convert", str(path), str(tmp_path / "d"))
+    assert result.returncode == 0, result.stderr
+    assert run_cli("qstrat", "verify", str(tmp_path / "d")).returncode == 0
+    assert np.array_equal(qstrat.load_model(tmp_path / "d")["blk.0.ffn_up_exps.weight"], from_file)
+    assert run_cli("qstrat", "convert", str(tmp_path / "d"), str(tmp_path / "back.gguf")).returncode == 0
+    assert np.array_equal(qstrat.load_model(tmp_path / "back.gguf")["blk.0.ffn_up_exps.weight"], from_file)
