@@ -110,6 +110,30 @@ def test_format_rules_fallback_lines_report_and_reading_back(model_dir, tmp_path
     assert "model.gguf: a llama.cpp model (architecture llama)" in inspected.stdout
 
 
+def test_a_convolutions_3d_weight_is_a_stack_of_rows_as_llama_cpp_quantizes_it(tmp_path):
+    # a checkpoint's conv weight [out, in, kernel] is quantized along its last axis, as llama.cpp treats
+    # any 3-D tensor: a kernel of 3 fits no block, so it falls back to F16; a skip pattern keeps it
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    tensors = {"conv.weight": (rng.standard_normal((16, 4, 3)) * 0.1).astype(np.float32),
+               "fc.weight": (rng.standard_normal((64, 256)) * 0.05).astype(np.float32)}
+    (tmp_path / "m").mkdir()
+    save_file(tensors, str(tmp_path / "m" / "model.safetensors"))
+    config = str(REPO / "configs" / "identity.yaml")
+    result = run_cli("qstrat", "run", config, "-i", str(tmp_path / "m"), "-o", str(tmp_path / "o"), "--set", "format=q4_0")
+    assert result.returncode == 0, result.stderr
+    assert "conv.weight [16x4x3]" in result.stdout and "(fallback: q4_0 cannot take rows of 3, as llama.cpp)" in result.stdout
+    entry = json.loads((tmp_path / "o" / "manifest.json").read_text())["tensors"]["conv.weight"]
+    assert (entry["storage"], entry["shape"], entry["fallback_from"]) == ("f16", [16, 4, 3], "q4_0")
+    assert np.array_equal(qstrat.load_model(tmp_path / "o")["conv.weight"], tensors["conv.weight"].astype(np.float16).astype(np.float32))
+    kept = run_cli("qstrat", "run", config, "-i", str(tmp_path / "m"), "-o", str(tmp_path / "kept"), "-q",
+                   "--set", "format=q4_0", "--set", "skip_patterns=[conv]")
+    assert kept.returncode == 0, kept.stderr
+    assert json.loads((tmp_path / "kept" / "manifest.json").read_text())["tensors"]["conv.weight"]["storage"] == "passthrough"
+    assert np.array_equal(qstrat.load_model(tmp_path / "kept")["conv.weight"], tensors["conv.weight"])
+
+
 def test_format_rules_in_a_q8k_run_leave_the_original_tools_skips_to_the_q8k_tensors(model_dir, tmp_path):
     # a rule for the MLP dropped Q8K's default skip list for every tensor: the embedding went to Q8K
     config = tmp_path / "rules.yaml"
