@@ -868,6 +868,11 @@ def test_a_moe_models_stacked_experts_are_quantized_expert_by_expert_as_ggml_doe
     joint = run_cli("qstrat", "run", str(REPO / "configs" / "function_preserving.yaml"), "-i", str(path), "-o", str(tmp_path / "joint"),
                     "--set", "format=q8_0")
     assert joint.returncode == 0, joint.stderr
+    held = stored_blocks(tmp_path / "joint" / "moe.gguf")
+    tensors = json.loads((tmp_path / "joint" / "manifest.json").read_text())["tensors"]
+    for name in experts:  # in place: GGML's Q8_0 of the source rows (the Q4_K stack's decoded ones)
+        want = ggml_quantize_chunk(int(GGMLQuantizationType.Q8_0), decoded[name].reshape(-1, experts[name].shape[-1]))
+        assert held[name] == ("Q8_0", experts[name].shape, want.tobytes()) and tensors[name]["permutation"] == "none"
     residual = run_cli("qstrat", "run", str(REPO / "configs" / "residual_stream.yaml"), "-i", str(path), "-o", str(tmp_path / "residual"),
                        "--set", "format=q8_0")
     assert_clean_failure(residual, "blk.0.ffn_down_exps.weight' holds a mixture-of-experts model's experts", "it refuses MoE models")
