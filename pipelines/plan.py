@@ -26,6 +26,7 @@ from qstrat.io.safetensors import (
     SafetensorsModel,
     TensorInfo,
     read_model_config,
+    stacked_rows,
 )
 from qstrat.strategies import (
     Assignment,
@@ -36,12 +37,6 @@ from qstrat.strategies import (
     ResidualChoice,
     ResidualStreamStrategy,
 )
-
-
-def stacked_rows(shape: tuple[int, ...]) -> int:
-    """The rows a tensor's blocks run along: a stack of matrices (a MoE model's experts, 3-D)
-    is quantized as the rows of all its matrices, as GGUF stores it."""
-    return int(np.prod(shape[:-1], dtype=np.int64))
 
 
 def writes_q8k(choice: TensorChoice) -> bool:

@@ -23,7 +23,7 @@ import numpy as np
 from qstrat.kernels import QK_K
 from qstrat.pipelines.backends import execution_backend
 from qstrat.pipelines.journal import Journal, group_key, run_fingerprint
-from qstrat.pipelines.plan import GroupJob, Plan, in_its_type, make_plan, stacked_rows, writes_q8k
+from qstrat.pipelines.plan import GroupJob, Plan, in_its_type, make_plan, writes_q8k
 from qstrat.pipelines.worker import GroupResult, error_measure, numbered, quantize_batch, quantize_stream
 
 from qstrat.blocks import KERNEL_STORAGE, check_finite
@@ -53,6 +53,7 @@ from qstrat.io.safetensors import (
     SafetensorsModel,
     map_tensor,
     read_model_config,
+    stacked_rows,
     write_safetensors,
 )
 from qstrat.model import QuantizedModel

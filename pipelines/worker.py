@@ -19,14 +19,14 @@ from pathlib import Path
 
 import numba
 import numpy as np
-from qstrat.pipelines.plan import GroupJob, TensorChoice, TensorJob, in_its_type, stacked_rows, writes_q8k
+from qstrat.pipelines.plan import GroupJob, TensorChoice, TensorJob, in_its_type, writes_q8k
 
 from qstrat.blocks import KERNEL_STORAGE, check_finite
 from qstrat.errors import QstratError
 from qstrat.io.names import storage_name
 from qstrat.io.q8k import check_permutation, write_perm, write_q8k
 from qstrat.io.qblock import SUFFIX as QBLK_SUFFIX, write_blocks
-from qstrat.io.safetensors import TensorInfo, map_blocks, read_tensor
+from qstrat.io.safetensors import TensorInfo, map_blocks, read_tensor, stacked_rows
 from qstrat.matrix import QuantizedMatrix, TensorMetrics, quantize_matrix, quantize_matrix_as
 from qstrat.results import TensorRecord
 from qstrat.strategies import Permutation

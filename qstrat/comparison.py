@@ -10,8 +10,6 @@ tool's Q8_K included, which llama.cpp cannot run).
 
 from __future__ import annotations
 
-import math
-
 import contextlib
 import shutil
 import tempfile
@@ -78,8 +76,9 @@ def case_config(case: Case, variant: str, workers: int) -> RunConfig:
 def stored_bytes(record: TensorRecord) -> int:
     """Bytes of a quantized tensor's blocks in its type (run-time permutations aside)."""
     from qstrat.formats import block_type
+    from qstrat.io.safetensors import stacked_rows
 
-    rows, k = math.prod(record.shape[:-1]), record.shape[-1]  # a stack of matrices (MoE experts): all their rows
+    rows, k = stacked_rows(record.shape), record.shape[-1]
     return rows * block_type(storage_type_name(record.storage)).row_bytes(k)
 
 

@@ -20,7 +20,7 @@ from qstrat.io.gguf_read import is_gguf_name
 from qstrat.io.names import JOINT_PERMUTATIONS_NAME, JOURNAL_NAME, MANIFEST_NAME, PASSTHROUGH_NAME, RESIDUAL_PERMUTATION_KEY, decode_name
 from qstrat.io.q8k import check_permutation, read_perm, read_q8k, read_q8k_shape
 from qstrat.io.qblock import read_blocks, read_blocks_header
-from qstrat.io.safetensors import DTYPES, SafetensorsFile, TensorInfo, map_tensor, to_float32
+from qstrat.io.safetensors import DTYPES, SafetensorsFile, TensorInfo, map_tensor, stacked_rows, to_float32
 
 if TYPE_CHECKING:
     from qstrat.io.manifest import Manifest
@@ -63,7 +63,7 @@ def header_disagreement(path: Path, kind: str, shape: tuple[int, int], recorded)
     """A sentence when a tensor file's header (``kind``: ``q8k`` or its block type, ``shape``: rows, k)
     is not what the manifest records of its tensor (``recorded``: its entry; a stack of matrices'
     file holds the rows of all of them)."""
-    stored = [int(np.prod(recorded.shape[:-1], dtype=np.int64)), recorded.shape[-1]] if len(recorded.shape) == 3 else list(recorded.shape)
+    stored = [stacked_rows(recorded.shape), recorded.shape[-1]] if len(recorded.shape) == 3 else list(recorded.shape)
     if (kind, list(shape)) == (recorded.storage, stored):
         return None
     return f"{path}: {kind} of shape {list(shape)}, the manifest says {recorded.storage} of {list(recorded.shape)}"

@@ -41,7 +41,7 @@ from qstrat.io.gguf_read import PASSTHROUGH_TYPES, open_gguf, unreadable_type
 from qstrat.io.names import RESIDUAL_PERMUTATION_KEY, assign_file_stems, storage_name
 from qstrat.io.q8k import Q8KTensor, check_permutation, read_perm, read_q8k, read_q8k_shape, write_perm, write_q8k
 from qstrat.io.qblock import SUFFIX as QBLK_SUFFIX, BlockTensor, read_blocks, read_blocks_header, write_blocks
-from qstrat.io.safetensors import exact_in, to_float32, write_safetensors
+from qstrat.io.safetensors import exact_in, stacked_rows, to_float32, write_safetensors
 from qstrat.kernels import BLOCK_BYTES, QK_K
 
 if TYPE_CHECKING:
@@ -559,7 +559,7 @@ class GGUFModel:
         more than two dimensions (a MoE model's stacked experts) comes as the rows of all its matrices,
         one after another, as GGML stores them (each row is quantized on its own)."""
         shape = self.shape(name)
-        rows, k = int(np.prod(shape[:-1], dtype=np.int64)), shape[-1]
+        rows, k = stacked_rows(shape), shape[-1]
         data = np.asarray(self.tensors[name].data)
         if type_name == "q8_k":
             if k % QK_K:

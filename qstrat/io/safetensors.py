@@ -188,11 +188,17 @@ class SafetensorsFile:
         return TensorInfo(name, dtype, tuple(shape), self.path, self.data_start + begin, end - begin)
 
 
+def stacked_rows(shape: tuple[int, ...]) -> int:
+    """The rows a tensor's blocks run along, over every axis but the last: a stack of matrices (a MoE
+    model's experts, 3-D) is the rows of all its matrices, as GGUF stores and GGML quantizes it."""
+    return int(np.prod(shape[:-1], dtype=np.int64))
+
+
 def _decoded(info: TensorInfo, stored: np.ndarray) -> np.ndarray:
     """The float32 values of a tensor stored in a block type (``info.encoding``)."""
     from qstrat.formats import dequantize  # the registry loads the kernels: only for such tensors
 
-    rows = int(np.prod(info.shape[:-1], dtype=np.int64)) if len(info.shape) > 1 else 1
+    rows = stacked_rows(info.shape)
     return dequantize(stored.reshape(rows, -1), info.encoding).reshape(info.shape)
 
 
@@ -226,7 +232,7 @@ def map_blocks(info: TensorInfo) -> np.ndarray:
     (rows, bytes of a row's blocks), rows over every axis but the last."""
     if not info.encoding:
         raise ValueError(f"tensor {info.name!r} is not stored in a block type")
-    rows = int(np.prod(info.shape[:-1], dtype=np.int64)) if len(info.shape) > 1 else 1
+    rows = stacked_rows(info.shape)
     if info.stored_nbytes == 0:
         return np.zeros((rows, 0), dtype=np.uint8)
     return _mapped_bytes(info, info.stored_nbytes).reshape(rows, -1)
