@@ -19,6 +19,7 @@ from qstrat.presets import (
     gguf_tensor_names,
     tensor_allows_quantization,
 )
+from qstrat.report import stacked_passthrough
 from qstrat.runconfig import DEFAULT_FORMAT, RunConfig
 from qstrat.io.names import assign_file_stems
 from qstrat.io.safetensors import (
@@ -125,6 +126,9 @@ class Plan:
     passthrough: tuple[PassthroughTensor, ...]
     importance: ImportanceUse | None = None
     residual: ResidualPlan | None = None
+    #: sentences a user should read before the run: most of the model passed through, a layer a
+    #: strategy recognised yet leaves unpermuted
+    notes: tuple[str, ...] = ()
 
     def residual_readers(self) -> dict[str, TensorJob]:
         """The quantized tensors whose columns are the residual stream (what its choice measures)."""
@@ -296,7 +300,10 @@ def make_plan(model: SafetensorsModel, config: RunConfig, outputs: tuple[str, ..
     stems = assign_file_stems([n for n in choices if n not in reasons])
     vectors, importance = importance_vectors(model, config, {n: model.tensors[n] for n in stems})
     chain = config.strategy_chain()
-    assignments = chain.assign(candidates, read_model_config(model))
+    model_config = read_model_config(model)
+    assignments = chain.assign(candidates, model_config)
+    stacked = stacked_passthrough(model.tensors, reasons)
+    notes = ([stacked] if stacked else []) + chain.notes(candidates, model_config)
     assignments += [Assignment(IdentityStrategy(), (name,)) for name in sorted(stems) if name not in candidates]
     residual = None
     if chain.model_level is not None:
@@ -325,7 +332,7 @@ def make_plan(model: SafetensorsModel, config: RunConfig, outputs: tuple[str, ..
                          f"file cannot hold for qstrat's readers ({len(empty)} such tensor(s)); write outputs: [q8k] (format q8_k) instead")
     if residual is not None:
         _check_residual_axes(groups, residual)
-    return Plan(groups, passthrough, importance, residual)
+    return Plan(groups, passthrough, importance, residual, tuple(notes))
 
 
 def _check_residual_axes(groups: tuple[GroupJob, ...], residual: ResidualPlan) -> None:

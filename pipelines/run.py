@@ -339,12 +339,13 @@ def quantize_model(
     thresholds=None,
     settings: dict[str, object] | None = None,
     outputs: tuple[str, ...] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> QuantizationResult:
     """Quantize a .safetensors file or model directory into an output directory.
 
     Reruns resume: groups whose files are intact are kept.  Output of a different config
     or input is refused unless ``force`` (default: ``config.force``).  ``outputs`` defaults
-    to the config's.
+    to the config's.  ``warn`` is given the plan's notes (:attr:`Plan.notes`) before any work.
     """
     started = time.perf_counter()
     outputs = config.output_kinds if outputs is None else tuple(outputs)
@@ -354,6 +355,8 @@ def quantize_model(
     # a config's output may be a template, as in a file: {model} is the model's name
     out = Path(output_dir) if output_dir is not None else Path(fill_template(str(config.output_dir), model.name, f"output {config.output!r}"))
     check_output_dir(out, model)
+    for note in plan.notes if warn is not None else ():
+        warn(note)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -383,7 +386,7 @@ def quantize_model(
         container = None
         if "gguf" in outputs:
             container = _write_container(out, model.name, manifest, records, keep_tensor_files="q8k" in outputs, source=model.path)
-        return _publish(out, model.name, manifest, records, failures, settings, started, container, describe_residual(plan))
+        return _publish(out, model.name, manifest, records, failures, settings, started, container, describe_residual(plan), plan.notes)
 
 
 def _settings_changes(before: Mapping[str, object], after: Mapping[str, object], prefix: str = "") -> list[str]:
@@ -575,11 +578,12 @@ def _publish(
     started: float,
     container: dict[str, object] | None = None,
     residual: dict[str, object] | None = None,
+    notes: tuple[str, ...] = (),
 ) -> QuantizationResult:
     """Every file made durable, then the reports, then the manifest: the directory is complete."""
     written = {out / f.path for r in records for f in r.files.values()} | {out / c for c in manifest.containers or {}}
     make_durable(sorted(p for p in written if p.exists()), out)
-    result = QuantizationResult(out, records, time.perf_counter() - started, None, failures, container, residual)
+    result = QuantizationResult(out, records, time.perf_counter() - started, None, failures, container, residual, notes=notes)
     manifest.reports = {f.path: FileEntry(**vars(f)) for f in write_reports(result, name, settings, out)}
     result.manifest_path = write_manifest(out, manifest)
     return result
@@ -592,7 +596,7 @@ def _up_to_date(out: Path, manifest: Manifest, started: float) -> QuantizationRe
     failures = [ThresholdFailure(f.tensor, f.metric, math.nan if f.value is None else f.value, f.limit) for f in manifest.validation.failed]
     summary = json.loads((out / REPORT_JSON).read_text(encoding="utf-8")).get("summary", {}) if REPORT_JSON in (manifest.reports or {}) else {}
     return QuantizationResult(out, records, time.perf_counter() - started, out / MANIFEST_NAME, failures,
-                              summary.get("gguf"), summary.get("residual_stream"), up_to_date=True)
+                              summary.get("gguf"), summary.get("residual_stream"), up_to_date=True, notes=tuple(summary.get("notes", ())))
 
 
 def read_manifest_lenient(directory: Path) -> Manifest | None:

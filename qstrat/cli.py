@@ -38,7 +38,6 @@ from qstrat.report import (
     describe_importance,
     describe_residual_choice,
     larger_than_input,
-    stacked_passthrough,
     summarize,
 )
 from qstrat.results import QuantizationResult, TensorRecord
@@ -235,7 +234,7 @@ def run(
     A rerun resumes: tensors whose files are intact are kept.
     """
     from qstrat.io.gguf_input import open_input
-    from qstrat.pipelines.plan import make_plan, tensor_choices
+    from qstrat.pipelines.plan import make_plan
     from qstrat.pipelines.run import check_output_dir, describe_plan, quantize_model
     from qstrat.runconfig import load_run_config
 
@@ -256,9 +255,9 @@ def run(
                 try:
                     model = open_input(job.input)
                     check_output_dir(job.output, model)  # what the run checks first, before its plan
-                    description = describe_plan(make_plan(model, spec.config_for(job)))
-                    passed = {p["name"]: p["reason"] for p in description["passthrough"]}
-                    warnings = spec.config.unmatched_rules(model.tensors) + [w for w in [stacked_passthrough(model.tensors, passed)] if w]
+                    plan = make_plan(model, spec.config_for(job))
+                    description = describe_plan(plan)
+                    warnings = spec.config.unmatched_rules(model.tensors) + list(plan.notes)
                 except QstratError as err:
                     if not spec.batch:
                         raise
@@ -291,14 +290,15 @@ def run(
             outcome = {"model": job.name, "input": str(job.input), "output": str(job.output)}
             try:
                 model = open_input(job.input)
-                reasons = {name: c for name, c in tensor_choices(model, spec.config_for(job)).items() if isinstance(c, str)}
-                stacked = stacked_passthrough(model.tensors, reasons)
-                if stacked is not None and mode != "quiet":  # before the run: most of a MoE model's bytes
-                    print(f"warning: {job.name}: {stacked}", file=sys.stderr, flush=True)
+
+                def warn(note: str, name: str = job.name) -> None:  # before the run: most of a MoE model's bytes passed through, say
+                    if mode != "quiet":
+                        print(f"warning: {name}: {note}", file=sys.stderr, flush=True)
+
                 with reporter.model(job.name, sum(t.nbytes for t in model)):
                     result = quantize_model(
                         job.input, spec.config_for(job), job.output, reporter, force=force, thresholds=spec.thresholds,
-                        settings={"thresholds": spec.raw["validation"]["thresholds"]}, outputs=spec.outputs,
+                        settings={"thresholds": spec.raw["validation"]["thresholds"]}, outputs=spec.outputs, warn=warn,
                     )
             except QstratError as err:
                 outcome.update(status="failed", error=str(err))
@@ -328,8 +328,8 @@ def run(
                 if "imatrix" in summary and not summary["imatrix"]["used"]:  # another model's, or names that differ
                     warnings.append(f"the importance matrix {job.imatrix} has a vector for none of the "
                                     f"{len(summary['imatrix']['missing'])} quantized tensors: they were quantized without one")
-                if warnings or stacked:
-                    outcome["warnings"] = ([stacked] if stacked else []) + warnings  # stacked: said when the run began
+                if warnings or result.notes:
+                    outcome["warnings"] = list(result.notes) + warnings  # the plan's notes: said when the run began
                     if mode != "quiet":
                         for warning in warnings:
                             print(f"warning: {job.name}: {warning}", file=sys.stderr, flush=True)

@@ -100,6 +100,7 @@ def summarize(result: QuantizationResult) -> dict[str, object]:
         "elapsed_s": round(result.elapsed_s, 3),
         **({"gguf": result.container} if result.container is not None else {}),
         **({"residual_stream": result.residual} if result.residual is not None else {}),
+        **({"notes": list(result.notes)} if result.notes else {}),
     }
 
 
@@ -252,6 +253,7 @@ def render_markdown(report: Mapping[str, object]) -> str:
         f"- quantized tensors: {s['quantized_source_bytes']:,} bytes in, {s['quantized_output_bytes']:,} bytes out",
         f"- {len(s['threshold_failures'])} tensor(s) below a threshold",
         *[f"- GGUF {line}" for line in (describe_container(s["gguf"]) if "gguf" in s else [])],
+        *[f"- warning: {note}" for note in s.get("notes", [])],
         "",
         "| tensor | shape | format | strategy | permutation | SQNR dB | MSE | max abs err | cosine | sum test | gradient test | |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",

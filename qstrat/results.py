@@ -151,6 +151,8 @@ class QuantizationResult:
     residual: dict[str, object] | None = None
     #: the same run had finished in the output directory, its files intact: nothing was redone
     up_to_date: bool = False
+    #: the plan's warnings (most of the model passed through, a layer a strategy leaves unpermuted)
+    notes: tuple[str, ...] = ()
 
     @property
     def quantized(self) -> list[TensorRecord]:

@@ -224,3 +224,38 @@ def test_head_geometry_that_does_not_divide_names_where_it_came_from(tmp_path):
     options = {"name": "head_order", "num_heads": 8, "num_kv_heads": 3}
     with pytest.raises(ConfigError, match="from the strategy's options"):
         StrategyChain([options]).assign({n: Candidate(a.shape, a.ndim == 2) for n, a in llama_tensors(GQA_SHAPE, 0).items()}, {})
+
+
+def test_an_mlp_that_mlp_joint_cannot_permute_is_said_before_the_run_and_in_its_report(tmp_path):
+    # a layer whose down projection reads more columns than gate/up have rows was left unpermuted silently
+    from tests.helpers import run_cli
+
+    rng = np.random.default_rng(5)
+    tensors = {
+        "model.layers.0.mlp.gate_proj.weight": rng.standard_normal((64, 256)),
+        "model.layers.0.mlp.up_proj.weight": rng.standard_normal((64, 256)),
+        "model.layers.0.mlp.down_proj.weight": rng.standard_normal((256, 128)),  # not the 64 gate/up give
+        "model.layers.1.mlp.gate_proj.weight": rng.standard_normal((64, 256)),
+        "model.layers.1.mlp.up_proj.weight": rng.standard_normal((64, 256)),
+        "model.layers.1.mlp.down_proj.weight": rng.standard_normal((256, 64)),
+    }
+    model = tmp_path / "m"
+    model.mkdir()
+    from safetensors.numpy import save_file
+
+    save_file({n: a.astype(np.float32) for n, a in tensors.items()}, str(model / "model.safetensors"))
+    note = ("strategy mlp_joint: 1 MLP(s) left unpermuted: model.layers.0.mlp: model.layers.0.mlp.down_proj.weight reads 128 "
+            "columns, but model.layers.0.mlp.gate_proj.weight has shape [64, 256], not 128 rows")
+    args = ("qstrat", "run", str(REPO / "configs" / "function_preserving.yaml"), "-i", str(model), "-o", str(tmp_path / "o"),
+            "--set", "format=q8_0", "--set", "strategies=[mlp_joint, identity]")
+    dry = run_cli(*args, "--dry-run")
+    assert dry.returncode == 0 and f"warning: m: {note}" in dry.stderr, dry.stderr
+    result = run_cli(*args)
+    assert result.returncode == 0 and f"warning: m: {note}" in result.stderr, result.stderr
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())["tensors"]
+    assert manifest["model.layers.0.mlp.down_proj.weight"]["strategy"] == "identity"
+    assert manifest["model.layers.1.mlp.down_proj.weight"]["strategy"] == "mlp_joint"
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["summary"]["notes"] == [note]
+    assert f"- warning: {note}" in (tmp_path / "o" / "report.md").read_text()
+    again = run_cli(*args, "--json")  # up to date, from cron: the warning is still in its line
+    assert again.returncode == 0 and json.loads(again.stdout)["models"][0]["warnings"] == [note], again.stdout

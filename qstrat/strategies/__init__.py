@@ -129,6 +129,11 @@ class StrategyChain:
         )
         return assignments
 
+    def notes(self, candidates: Mapping[str, Candidate], model_config: Mapping[str, object] | None = None) -> list[str]:
+        """What the chain's strategies recognise in ``candidates`` yet leave unpermuted, and why: one
+        sentence each, named by strategy."""
+        return [f"strategy {s.name}: {sentence}" for s in self.strategies for sentence in s.passed_over(candidates, model_config or {})]
+
     def describe(self) -> list[dict[str, object]]:
         return ([self.model_level.describe()] if self.model_level else []) + [s.describe() for s in self.strategies]
 

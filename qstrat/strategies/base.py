@@ -82,6 +82,11 @@ class QuantizationStrategy(ABC):
         """Groups of tensor names this strategy takes (per-tensor: one group per tensor)."""
         return [(name,) for name in sorted(candidates) if candidates[name].quantizable and self.matches(name)]
 
+    def passed_over(self, candidates: Mapping[str, Candidate], model_config: Mapping[str, object]) -> list[str]:
+        """Sentences for the user: what this strategy recognised yet leaves unpermuted, and why (a
+        group strategy's; a per-tensor one takes every tensor it matches)."""
+        return []
+
     @abstractmethod
     def permutations(self, tensors: Mapping[str, np.ndarray], error: SquaredError) -> dict[str, Permutation | None]:
         """Per member of a claimed group (kernel storage arrays), its permutation or None;

@@ -122,7 +122,9 @@ class MlpJointStrategy(_SearchedWithBudget):
                 return found.group("block"), found.group("role"), found.group("param")
         return None
 
-    def claim(self, candidates: Mapping[str, Candidate], model_config: Mapping[str, object]) -> list[tuple[str, ...]]:
+    def _examine(self, candidates: Mapping[str, Candidate]) -> list[tuple[str, tuple[str, ...], str | None]]:
+        """Each MLP the patterns recognise: its block, its members, and why it cannot be permuted
+        (None: it can; "": nothing to gain, its consumer not being quantized)."""
         blocks: dict[str, list[tuple[str, str, str]]] = {}
         for name in sorted(candidates):
             recognised = self._recognise(name) if self.matches(name) else None
@@ -131,17 +133,34 @@ class MlpJointStrategy(_SearchedWithBudget):
                 if role in _CONSUMERS and param != "weight":
                     continue  # the consumer's bias lives in the outer dimension
                 blocks.setdefault(block, []).append((name, role, param))
-        groups = []
-        for members in blocks.values():
+        examined = []
+        for block, members in sorted(blocks.items()):
             consumers = [n for n, role, p in members if role in _CONSUMERS]
             producers = [n for n, role, p in members if role in _PRODUCERS and p == "weight"]
-            if len(consumers) != 1 or not producers or not candidates[consumers[0]].quantizable:
-                continue  # nothing to gain, or not an MLP we understand
-            width = candidates[consumers[0]].shape[1]
-            if any(len(candidates[n].shape) < 1 or candidates[n].shape[0] != width for n, role, p in members if role in _PRODUCERS):
-                continue
-            groups.append(tuple(sorted(n for n, _, _ in members)))
-        return sorted(groups)
+            why = None
+            if len(consumers) != 1 or not producers:
+                found = ", ".join(n for n, _, _ in members)
+                why = f"it needs one consumer (down) and producers (gate, up) of the same width; found {found}"
+            elif not candidates[consumers[0]].quantizable:
+                why = ""
+            else:
+                width = candidates[consumers[0]].shape[1]
+                other = next((n for n, role, p in members if role in _PRODUCERS and (len(candidates[n].shape) < 1 or candidates[n].shape[0] != width)), None)
+                if other is not None:
+                    why = (f"{consumers[0]} reads {width} columns, but {other} has shape {list(candidates[other].shape)}, "
+                           f"not {width} rows")
+            examined.append((block, tuple(sorted(n for n, _, _ in members)), why))
+        return examined
+
+    def claim(self, candidates: Mapping[str, Candidate], model_config: Mapping[str, object]) -> list[tuple[str, ...]]:
+        return sorted(members for _, members, why in self._examine(candidates) if why is None)
+
+    def passed_over(self, candidates: Mapping[str, Candidate], model_config: Mapping[str, object]) -> list[str]:
+        left = [(block, why) for block, _, why in self._examine(candidates) if why]
+        if not left:
+            return []
+        more = f" (and {len(left) - 1} more)" if len(left) > 1 else ""
+        return [f"{len(left)} MLP(s) left unpermuted: {left[0][0]}{more}: {left[0][1]}"]
 
     def group_id(self, members: Sequence[str]) -> str:
         return self._recognise(members[0])[0]
