@@ -324,7 +324,7 @@ def run(
                 if result.container is not None:
                     outcome["gguf"] = result.container
                 larger = larger_than_input(result, sum(f.size for f in model.files))
-                warnings = spec.config.unmatched_rules(model.tensors) + ([larger] if larger is not None else [])
+                warnings = spec.config.unmatched_rules(model.tensors) + [w for w in (larger, summary.get("zeroed")) if w is not None]
                 if "imatrix" in summary and not summary["imatrix"]["used"]:  # another model's, or names that differ
                     warnings.append(f"the importance matrix {job.imatrix} has a vector for none of the "
                                     f"{len(summary['imatrix']['missing'])} quantized tensors: they were quantized without one")

@@ -101,6 +101,7 @@ def summarize(result: QuantizationResult) -> dict[str, object]:
         **({"gguf": result.container} if result.container is not None else {}),
         **({"residual_stream": result.residual} if result.residual is not None else {}),
         **({"notes": list(result.notes)} if result.notes else {}),
+        **({"zeroed": line} if (line := zeroed(result)) else {}),
     }
 
 
@@ -181,6 +182,21 @@ def larger_than_input(result: QuantizationResult, input_bytes: int) -> str | Non
     return head + f"{len(passed)} of {len(result.tensors)} tensors are stored unquantized" + (f", most of them by bytes because {reason}" if reason else "")
 
 
+def zeroed(result: QuantizationResult) -> str | None:
+    """A sentence when quantized tensors came back all zeros though their values were not: weights
+    below about 5e-8 are too small for a type's float16 scales (or for F16 itself), and GGML writes
+    zeros for them, as qstrat does, so the bytes are right and the tensor is lost.  Known from the
+    measured error (the whole tensor's: a reconstruction of zeros has cosine 0 and relative error 1)."""
+    lost = [r for r in result.quantized if r.metrics is not None and r.metrics.cosine == 0.0 and r.metrics.relative_error == 1.0]
+    if not lost:
+        return None
+    first = lost[0]
+    names = ", ".join(r.name for r in lost[:3]) + (", ..." if len(lost) > 3 else "")
+    return (f"{len(lost)} quantized tensor(s) came out all zeros ({names}): {first.name}'s largest |value| "
+            f"{first.metrics.max_abs_error:.1e} is too small for {first.storage}, whose float16 scales (or values) GGML "
+            "flushes to zero too; a format_rules entry can keep such tensors in f32 or bf16")
+
+
 def build_report(result: QuantizationResult, model: str, settings: Mapping[str, object]) -> dict[str, object]:
     tensors = {}
     failed = {f.name for f in result.failures}
@@ -254,6 +270,7 @@ def render_markdown(report: Mapping[str, object]) -> str:
         f"- {len(s['threshold_failures'])} tensor(s) below a threshold",
         *[f"- GGUF {line}" for line in (describe_container(s["gguf"]) if "gguf" in s else [])],
         *[f"- warning: {note}" for note in s.get("notes", [])],
+        *([f"- warning: {s['zeroed']}"] if "zeroed" in s else []),
         "",
         "| tensor | shape | format | strategy | permutation | SQNR dB | MSE | max abs err | cosine | sum test | gradient test | |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",

@@ -134,6 +134,29 @@ def test_a_convolutions_3d_weight_is_a_stack_of_rows_as_llama_cpp_quantizes_it(t
     assert np.array_equal(qstrat.load_model(tmp_path / "kept")["conv.weight"], tensors["conv.weight"])
 
 
+def test_a_tensor_too_small_for_float16_scales_is_said_to_come_out_as_zeros(tmp_path):
+    # weights around 5e-8 give Q8_0 a scale below float16's least value: GGML writes zeros, so does
+    # qstrat, and the run said nothing but "sqnr=0.0dB" on that tensor's line
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "m").mkdir()
+    save_file({"tiny.weight": (rng.standard_normal((64, 256)) * 5e-8).astype(np.float32),
+               "fc.weight": (rng.standard_normal((64, 256)) * 0.05).astype(np.float32)}, str(tmp_path / "m" / "model.safetensors"))
+    args = ("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-i", str(tmp_path / "m"), "--set", "format=q8_0")
+    result = run_cli(*args, "-o", str(tmp_path / "o"))
+    assert result.returncode == 0, result.stderr
+    warning = "1 quantized tensor(s) came out all zeros (tiny.weight): tiny.weight's largest |value| 2.0e-07 is too small for q8_0"
+    assert f"warning: m: {warning}" in result.stderr
+    assert not qstrat.load_model(tmp_path / "o")["tiny.weight"].any()
+    assert f"- warning: {warning}" in (tmp_path / "o" / "report.md").read_text()
+    again = run_cli(*args, "-o", str(tmp_path / "o"), "--json")  # up to date: still said
+    assert json.loads(again.stdout)["models"][0]["warnings"][0].startswith(warning)
+    kept = run_cli(*args, "-o", str(tmp_path / "kept"), "--set", "format_rules=[{match: tiny, format: bf16}]")
+    assert kept.returncode == 0 and "all zeros" not in kept.stderr, kept.stderr
+    assert qstrat.load_model(tmp_path / "kept")["tiny.weight"].all()
+
+
 def test_format_rules_in_a_q8k_run_leave_the_original_tools_skips_to_the_q8k_tensors(model_dir, tmp_path):
     # a rule for the MLP dropped Q8K's default skip list for every tensor: the embedding went to Q8K
     config = tmp_path / "rules.yaml"
