@@ -379,7 +379,9 @@ def quantize(
         config = QuantizationConfig(
             strategies=strategy, variant=variant, workers=workers, validation=validation, output_dir=output_dir, force=force
         )
-        print_summary(quantize_model(input_path, config, progress=lambda rs, _: [print_record(r) for r in rs]))
+        result = quantize_model(input_path, config, progress=lambda rs, _: [print_record(r) for r in rs],
+                                warn=lambda note: print(f"warning: {note}", file=sys.stderr, flush=True))
+        print_summary(result)
 
 
 NAMED_CHAINS = {

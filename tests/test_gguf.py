@@ -864,6 +864,8 @@ def test_a_moe_models_stacked_experts_are_quantized_expert_by_expert_as_ggml_doe
             "but passed through, "
             "decoded to F32") in q8k.stderr
     assert all(np.array_equal(qstrat.load_model(tmp_path / "q8k")[n], decoded[n]) for n in experts)
+    legacy = run_cli("qstrat", "quantize", str(path), str(tmp_path / "legacy"))  # the original tool's command says it too
+    assert legacy.returncode == 0 and "warning: 3 weight tensors of more than two dimensions" in legacy.stderr, legacy.stderr
     # a joint strategy leaves them alone; residual_stream does not know them, and says so
     joint = run_cli("qstrat", "run", str(REPO / "configs" / "function_preserving.yaml"), "-i", str(path), "-o", str(tmp_path / "joint"),
                     "--set", "format=q8_0")
