@@ -86,11 +86,37 @@ def install() -> None:
         locators.insert(0, _KernelCacheLocator)
 
 
-def kernels_compiled(modules: Iterable[str] = ("q8k",)) -> bool:
+def _weighted_entry_cached(module: str) -> bool:
+    """Whether a module's row quantizer (``quantize_rows_*``) was compiled with an importance vector
+    (its last argument an array, not None): another specialisation of the same kernels, which takes
+    as long to compile as the first.  Read from numba's index of the entry point's cached versions;
+    an index this numba cannot read counts as cached."""
+    import pickle
+
+    from numba.core import types
+
+    indexes = list(kernel_cache_dir().rglob(f"{module}.quantize_rows_*.nbi"))
+    if not indexes:
+        return False
+    for index in indexes:
+        try:
+            with open(index, "rb") as file:
+                pickle.load(file)  # numba's version
+                _, overloads = pickle.loads(file.read())
+            signatures = [key[0] for key in overloads]
+        except Exception:  # another numba's layout: say nothing rather than something wrong
+            return True
+        if any(len(signature) and isinstance(signature[-1], types.Array) for signature in signatures):
+            return True
+    return False
+
+
+def kernels_compiled(modules: Iterable[str] = ("q8k",), weighted: Iterable[str] = ()) -> bool:
     """Whether the kernels of each of ``modules`` (names of this package's kernel files, as
-    ``legacy``) have been compiled and cached here before: a cold cache makes a run compile
-    for several seconds per module."""
+    ``legacy``) have been compiled and cached here before, those of ``weighted`` with an importance
+    vector too: a cold cache makes a run compile for several seconds per module."""
     try:
-        return all(any(kernel_cache_dir().rglob(f"{module}.*.nbi")) for module in modules)
+        return (all(any(kernel_cache_dir().rglob(f"{module}.*.nbi")) for module in modules)
+                and all(_weighted_entry_cached(module) for module in weighted))
     except OSError:
         return False

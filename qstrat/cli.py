@@ -135,19 +135,22 @@ def print_summary(result: QuantizationResult, imatrix: object = None) -> None:
         print(describe_residual_choice(result.residual), flush=True)
 
 
-def announce_first_compile(formats: Iterable[str] = ("q8_k",)) -> None:
+def announce_first_compile(formats: Iterable[str] = ("q8_k",), weighted: bool = False) -> None:
     """Say once, when the kernels of a run's block types (or llama.cpp presets: their main type)
-    are not cached yet, why it starts slowly (on stderr: stdout may be parsed)."""
+    are not cached yet, why it starts slowly (on stderr: stdout may be parsed); ``weighted``: the
+    run has an importance matrix, whose kernels are compiled apart."""
     from qstrat.formats import FORMATS
     from qstrat.kernels._jit_cache import kernel_cache_dir, kernels_compiled
     from qstrat.presets import default_type, is_preset
 
     types = sorted({default_type(f) if is_preset(f) else f.strip().lower() for f in formats} & FORMATS.keys())
     modules = {FORMATS[t].kernels for t in types if FORMATS[t].kernels}
-    if modules and not kernels_compiled(modules):
+    weighted_modules = {FORMATS[t].kernels for t in types if FORMATS[t].kernels and FORMATS[t].uses_imatrix} if weighted else set()
+    if modules and not kernels_compiled(modules, weighted_modules):
+        with_vectors = " with importance vectors" if kernels_compiled(modules) else ""
         print(
-            f"qstrat: compiling the kernels of {', '.join(types)} for this machine (once: about 5 s for q8_k, "
-            f"10-20 s for the other block types); later runs load them from {kernel_cache_dir()}",
+            f"qstrat: compiling the kernels of {', '.join(types)}{with_vectors} for this machine (once: about 5 s for q8_k, "
+            f"10-30 s for the other block types); later runs load them from {kernel_cache_dir()}",
             file=sys.stderr,
             flush=True,
         )
@@ -279,7 +282,7 @@ def run(
             return
         mode = "quiet" if quiet or json_output else ("bar" if sys.stdout.isatty() else "lines")
         if mode != "quiet":
-            announce_first_compile(spec.config.block_types)
+            announce_first_compile(spec.config.block_types, weighted=any(job.imatrix is not None for job in spec.models))
         reporter = Reporter(mode)
         exit_code = EXIT_OK
         unchecked = spec.config.unchecked_thresholds
@@ -434,7 +437,7 @@ def compare(
 
     with user_errors():
         if not json_output:
-            announce_first_compile(f for f in formats.split(",") if f.strip())
+            announce_first_compile((f for f in formats.split(",") if f.strip()), weighted=bool(imatrix))
         _check_counts(ctx=(ctx, 4), chunks=(chunks, 1), workers=(workers, 1))
         if output is not None and output.exists() and not output.is_dir():
             raise OutputError(f"{output}: exists and is not a directory (--output)")

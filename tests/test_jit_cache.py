@@ -66,3 +66,28 @@ def test_a_block_type_whose_kernels_are_not_cached_is_announced_too(tmp_path):
     # Q8K's kernels are cached now, F16's are not: that run compiles, and says so
     assert "compiling the kernels of f16" in run("format=f16")
     assert "compiling" not in run("format=f16")
+
+
+def test_kernels_first_compiled_with_importance_vectors_are_announced(tmp_path):
+    # an importance matrix compiles other specialisations of the same kernels (25 s for Q4_K): a run
+    # whose unweighted kernels were cached sat silent that long
+    from qstrat.imatrix import ImportanceEntry, ImportanceMatrix, write_imatrix
+
+    model = write_model(tmp_path / "model", {"layer.weight": np.linspace(-1, 1, 1024, dtype=np.float32).reshape(4, 256)}, dtype="F32")
+    vector = np.linspace(0.5, 2.0, 256, dtype=np.float32)[None, :]
+    write_imatrix(tmp_path / "imatrix.gguf", ImportanceMatrix({"layer.weight": ImportanceEntry(vector, np.array([1]))}, ["text"], 1, 32))
+    config = tmp_path / "run.yaml"
+    config.write_text(f"input: {model}\noutput: {tmp_path / 'out'}/{{model}}\nformat: q4_0\n")
+    env = {"NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+
+    def run(*sets: str) -> str:
+        result = run_cli("qstrat", "run", str(config), *(a for s in sets for a in ("--set", s)), "--force", env=env)
+        assert result.returncode == 0, result.stderr
+        return result.stderr
+
+    assert "compiling the kernels of q4_0 for this machine" in run()
+    assert "compiling" not in run()
+    weighted = f"imatrix={tmp_path / 'imatrix.gguf'}"
+    assert "compiling the kernels of q4_0 with importance vectors for this machine" in run(weighted)
+    assert "compiling" not in run(weighted)
+    assert "compiling" not in run()
