@@ -259,3 +259,22 @@ def test_an_mlp_that_mlp_joint_cannot_permute_is_said_before_the_run_and_in_its_
     assert f"- warning: {note}" in (tmp_path / "o" / "report.md").read_text()
     again = run_cli(*args, "--json")  # up to date, from cron: the warning is still in its line
     assert again.returncode == 0 and json.loads(again.stdout)["models"][0]["warnings"] == [note], again.stdout
+
+
+@pytest.mark.parametrize("type_name", ["q8_0", "q4_k", "q8_k"])
+def test_the_searchs_errors_are_the_same_measured_a_few_rows_at_a_time(monkeypatch, type_name):
+    # the sampled errors are measured in chunks of rows, to bound their temporaries: each row is
+    # quantized on its own, so the chunk size must change no value the search compares
+    from qstrat.strategies import search
+
+    rng = np.random.default_rng(2)
+    readers = {f"m{i}": search.Reader((rng.standard_normal((rows, 512)) * rng.uniform(0.5, 3, 512)).astype(np.float32), type_name)
+               for i, rows in enumerate((40, 300, 7))}
+    order = rng.permutation(512)
+    whole = search.SampledErrors(readers, 64, np.random.default_rng(0), frozenset({"m1"}))
+    expected = whole.reset(order), [b.block_errors.copy() for b in whole.batches]
+    monkeypatch.setattr(search, "_CHUNK_VALUES", 3 * 512)  # three rows at a time
+    chunked = search.SampledErrors(readers, 64, np.random.default_rng(0), frozenset({"m1"}))
+    assert chunked.reset(order) == expected[0]
+    assert all(np.array_equal(b.block_errors, e) for b, e in zip(chunked.batches, expected[1]))
+    assert chunked.batches[0].rows.shape[0] == 40 + 300 + 7 and whole.batches[0].rows.shape == chunked.batches[0].rows.shape

@@ -35,6 +35,8 @@ REPAIRS = ("neighbour", "mixed")
 #: order measure up to ~1e-7 apart (Q8K's kernel sums float32 squares in vector lanes), and a
 #: permutation for nothing must not be written
 SAME_ERROR = 1e-6
+#: values of the sampled rows measured at a time (64 MB of float32): bounds the temporaries
+_CHUNK_VALUES = 16 << 20
 
 
 def check_integer_option(strategy: str, key: str, value: object, least: int) -> None:
@@ -120,16 +122,25 @@ class _Batch:
     block_errors: np.ndarray | None = None
 
     def errors_of(self, order: np.ndarray, blocks: np.ndarray) -> np.ndarray:
-        """(rows, len(blocks)) squared errors of those blocks of ``order``."""
+        """(rows, len(blocks)) squared errors of those blocks of ``order``, a chunk of rows at a
+        time: a whole order's temporaries (the gathered rows, their quantized and dequantized
+        values, the squares) were four times the rows held, gigabytes once readers are measured
+        on all their rows.  Each row is quantized on its own, so the chunks change no value."""
         size = self.entry.block_size
         columns = order.reshape(-1, size)[blocks].reshape(-1)
-        x = np.take(self.rows, columns, axis=1)  # 7x faster than self.rows[:, columns] here
         weights = None if self.importance is None else np.take(self.importance, columns)
-        stored = self.entry.quantize_rows(x, weights if self.entry.uses_imatrix else None)
-        squares = (self.entry.dequantize_rows(stored, x.shape[1]) - x) ** 2
-        if weights is not None:
-            squares *= weights
-        return squares.reshape(x.shape[0], blocks.size, size).sum(axis=2, dtype=np.float64)
+        errors = np.empty((self.rows.shape[0], blocks.size), dtype=np.float64)
+        step = max(1, _CHUNK_VALUES // max(columns.size, 1))
+        for first in range(0, self.rows.shape[0], step):
+            x = np.take(self.rows[first : first + step], columns, axis=1)  # 7x faster than rows[:, columns] here
+            stored = self.entry.quantize_rows(x, weights if self.entry.uses_imatrix else None)
+            squares = self.entry.dequantize_rows(stored, x.shape[1])
+            squares -= x
+            squares *= squares
+            if weights is not None:
+                squares *= weights
+            errors[first : first + x.shape[0]] = squares.reshape(x.shape[0], blocks.size, size).sum(axis=2, dtype=np.float64)
+        return errors
 
     def totals(self, block_errors: np.ndarray) -> dict[str, float]:
         per_row = block_errors.sum(axis=1)
@@ -153,14 +164,22 @@ class SampledErrors:
             key = (reader.type_name, -1) if reader.importance is None else (reader.type_name, len(grouped))
             grouped.setdefault(key, []).append(name)
         for (type_name, _), names in sorted(grouped.items()):
-            rows, spans = [], []
+            pieces, spans, first = [], [], 0
             for name in names:
-                array = readers[name].array
+                array = readers[name].array  # a GGUF input's decodes afresh: once
                 count = array.shape[0] if name in whole else min(sample_rows, array.shape[0])
                 picked = np.sort(rng.choice(array.shape[0], count, replace=False))
-                spans.append((name, sum(r.shape[0] for r in rows), picked.size))
-                rows.append(storage_to_float32(np.ascontiguousarray(array[picked])))
-            self.batches.append(_Batch(block_type(type_name), readers[names[0]].importance, spans, np.concatenate(rows)))
+                spans.append((name, first, picked.size))
+                first += picked.size
+                pieces.append(storage_to_float32(np.ascontiguousarray(array[picked])))
+                del array
+            # each piece let go once copied (np.concatenate held every row twice at its end): pages
+            # of the joined rows are only taken as they are written
+            rows = np.empty((first, pieces[0].shape[1]), dtype=np.float32)
+            for index, (_, start, count) in enumerate(spans):
+                rows[start : start + count] = pieces[index]
+                pieces[index] = None
+            self.batches.append(_Batch(block_type(type_name), readers[names[0]].importance, spans, rows))
         self._pending: list[np.ndarray] = []
 
     def reset(self, order: np.ndarray) -> dict[str, float]:
