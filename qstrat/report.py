@@ -152,7 +152,8 @@ def stacked_passthrough(tensors: Mapping[str, object], reasons: Mapping[str, str
     decoded = any(tensors[name].encoding for name in stacked)
     names = ", ".join(stacked[:3]) + (", ..." if len(stacked) > 3 else "")
     many = len(stacked) != 1
-    return (f"{len(stacked)} weight tensor{'s' if many else ''} of more than two dimensions, such as a MoE model's experts ({names}), "
+    such = ", such as a MoE model's experts" if any(len(tensors[name].shape) == 3 for name in stacked) else ""
+    return (f"{len(stacked)} weight tensor{'s' if many else ''} of more than two dimensions{such} ({names}), "
             f"{'are' if many else 'is'} not quantized ({stacked[0]}: {reasons[stacked[0]]}) but passed through"
             f"{', decoded to F32' if decoded else ''}: {byte_size(stored)} in the input, {byte_size(written)} in the output")
 
