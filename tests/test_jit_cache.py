@@ -50,10 +50,11 @@ def test_numba_cache_dir_is_honoured(tmp_path):
     assert again.returncode == 0 and "compiling" not in again.stderr, again.stderr  # found where numba put them
 
 
-def test_a_block_type_whose_kernels_are_not_cached_is_announced_too(tmp_path):
-    model = write_model(tmp_path / "model", {"layer.weight": np.ones((4, 256), dtype=np.float32)}, dtype="F32")
+def runs_with_a_cache_of_its_own(tmp_path: Path, model: Path, settings: str = ""):
+    """A function running ``qstrat run`` of ``model`` with these settings and ``--set`` arguments, the
+    kernels cached in a directory of this test's, giving its stderr."""
     config = tmp_path / "run.yaml"
-    config.write_text(f"input: {model}\noutput: {tmp_path / 'out'}/{{model}}\n")
+    config.write_text(f"input: {model}\noutput: {tmp_path / 'out'}/{{model}}\n{settings}")
     env = {"NUMBA_CACHE_DIR": str(tmp_path / "numba")}
 
     def run(*sets: str) -> str:
@@ -61,6 +62,12 @@ def test_a_block_type_whose_kernels_are_not_cached_is_announced_too(tmp_path):
         assert result.returncode == 0, result.stderr
         return result.stderr
 
+    return run
+
+
+def test_a_block_type_whose_kernels_are_not_cached_is_announced_too(tmp_path):
+    model = write_model(tmp_path / "model", {"layer.weight": np.ones((4, 256), dtype=np.float32)}, dtype="F32")
+    run = runs_with_a_cache_of_its_own(tmp_path, model)
     assert "compiling the kernels of q8_k" in run()
     assert "compiling" not in run()
     # Q8K's kernels are cached now, F16's are not: that run compiles, and says so
@@ -76,15 +83,7 @@ def test_kernels_first_compiled_with_importance_vectors_are_announced(tmp_path):
     model = write_model(tmp_path / "model", {"layer.weight": np.linspace(-1, 1, 1024, dtype=np.float32).reshape(4, 256)}, dtype="F32")
     vector = np.linspace(0.5, 2.0, 256, dtype=np.float32)[None, :]
     write_imatrix(tmp_path / "imatrix.gguf", ImportanceMatrix({"layer.weight": ImportanceEntry(vector, np.array([1]))}, ["text"], 1, 32))
-    config = tmp_path / "run.yaml"
-    config.write_text(f"input: {model}\noutput: {tmp_path / 'out'}/{{model}}\nformat: q4_0\n")
-    env = {"NUMBA_CACHE_DIR": str(tmp_path / "numba")}
-
-    def run(*sets: str) -> str:
-        result = run_cli("qstrat", "run", str(config), *(a for s in sets for a in ("--set", s)), "--force", env=env)
-        assert result.returncode == 0, result.stderr
-        return result.stderr
-
+    run = runs_with_a_cache_of_its_own(tmp_path, model, "format: q4_0\n")
     assert "compiling the kernels of q4_0 for this machine" in run()
     assert "compiling" not in run()
     weighted = f"imatrix={tmp_path / 'imatrix.gguf'}"
