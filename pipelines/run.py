@@ -28,12 +28,12 @@ from qstrat.pipelines.worker import GroupResult, error_measure, numbered, quanti
 
 from qstrat.blocks import KERNEL_STORAGE, check_finite
 from qstrat.convert import gguf_metadata
-from qstrat.errors import InputError, OutputError, WorkerLost
+from qstrat.errors import FormatError, InputError, OutputError, WorkerLost
 from qstrat.formats import block_type
 from qstrat.interrupts import deferred_stops, interruptible_wait, raise_if_stop_requested, workers_deaf_to_interrupts
 from qstrat.io.atomic import describe_os_error, file_sha256, make_durable, output_lock, remove_stale_temporaries
 from qstrat.io.gguf import write_gguf
-from qstrat.io.gguf_input import open_input
+from qstrat.io.gguf_input import GGUFInput, open_input
 from qstrat.io.manifest import (
     JOINT_PERMUTATIONS_NAME,
     RESIDUAL_PERMUTATION_KEY,
@@ -299,6 +299,7 @@ def evaluate_model(
     started = time.perf_counter()
     config = config.evaluated()
     model = open_input(input_path)
+    check_input_intact(model)
     plan = choose_residual(make_plan(model, config, outputs=outputs), config.variant, progress)  # nothing is written
     records: list[TensorRecord] = []
 
@@ -329,6 +330,17 @@ def threshold_failures(records: list[TensorRecord], thresholds) -> list[Threshol
     return failures
 
 
+def check_input_intact(model: SafetensorsModel | GGUFInput) -> None:
+    """A GGUF input that qstrat wrote records its checksum: a changed one must not be quantized into an
+    output whose checksums are fresh (another tool's records none and costs nothing)."""
+    if isinstance(model, GGUFInput):
+        from qstrat.io.gguf import checksum_problem
+
+        problem, _ = checksum_problem(model.reader, model.path)
+        if problem is not None:
+            raise FormatError(f"{problem}; qstrat verify {model.path} checks it")
+
+
 def quantize_model(
     input_path: str | os.PathLike,
     config: RunConfig,
@@ -351,6 +363,7 @@ def quantize_model(
     outputs = config.output_kinds if outputs is None else tuple(outputs)
     force = config.force if force is None else force
     model = open_input(input_path)
+    check_input_intact(model)
     plan = make_plan(model, config, outputs)
     # a config's output may be a template, as in a file: {model} is the model's name
     out = Path(output_dir) if output_dir is not None else Path(fill_template(str(config.output_dir), model.name, f"output {config.output!r}"))

@@ -304,6 +304,7 @@ class GGUFTensors:
         self.file = GGUFModel(path)
         self._expected_sha256 = expected_sha256
         self._unchecked = True
+        self._damage: FormatError | None = None  # a failed check, said again without hashing the file again
         self.path = self.file.path
         float_quantized = () if manifest is None else [n for n, e in manifest.tensors.items() if e.storage in ("f32", "f16", "bf16")]
         self.types = self.file.block_types(float_quantized)
@@ -324,8 +325,14 @@ class GGUFTensors:
         return self.file.passthrough_dtype(name)
 
     def _intact(self) -> None:
+        if self._damage is not None:
+            raise self._damage
         if self._unchecked:
-            self.file.check_intact(self._expected_sha256)
+            try:
+                self.file.check_intact(self._expected_sha256)
+            except FormatError as err:
+                self._damage = err
+                raise
             self._unchecked = False
 
     def stored_passthrough(self, name: str) -> tuple[str, np.ndarray]:

@@ -153,7 +153,7 @@ def stacked_passthrough(tensors: Mapping[str, object], reasons: Mapping[str, str
     names = ", ".join(stacked[:3]) + (", ..." if len(stacked) > 3 else "")
     many = len(stacked) != 1
     such = ", such as a MoE model's experts" if any(len(tensors[name].shape) == 3 for name in stacked) else ""
-    return (f"{len(stacked)} weight tensor{'s' if many else ''} of more than two dimensions{such} ({names}), "
+    return (f"{len(stacked)} weight tensor{'s' if many else ''} of more than two dimensions{such} ({names}){',' if such else ''} "
             f"{'are' if many else 'is'} not quantized ({stacked[0]}: {reasons[stacked[0]]}) but passed through"
             f"{', decoded to F32' if decoded else ''}: {byte_size(stored)} in the input, {byte_size(written)} in the output")
 

@@ -293,9 +293,28 @@ def test_gguf_instead_of_q8k_files(tmp_path):
         qstrat.load_model(lone)
     assert_clean_failure(run_cli("qstrat", "convert", str(lone), str(tmp_path / "unpacked")), "lone.gguf: the sha256")
     assert not (tmp_path / "unpacked" / "manifest.json").exists()
+    # nor is a changed one a run's input, quantized into an output of fresh checksums
+    plain = tmp_path / "plain"
+    assert run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-o", str(plain), "-q", "--set", "format=q8_0").returncode == 0
+    changed = bytearray((plain / "tiny-llama.gguf").read_bytes())
+    changed[len(changed) // 2] ^= 1
+    (tmp_path / "input.gguf").write_bytes(bytes(changed))
+    as_input = run_cli("qstrat", "run", str(REPO / "configs" / "identity.yaml"), "-i", str(tmp_path / "input.gguf"),
+                       "-o", str(tmp_path / "from-input"), "--set", "format=q8_0")
+    assert as_input.returncode == 2 and not (tmp_path / "from-input").exists()
+    assert_clean_failure(as_input, "input.gguf: the sha256 of its header and tensor data differs")
     data[len(data) // 2] ^= 1
     lone.write_bytes(bytes(data))
     assert qstrat.load_model(lone).keys() == expected.keys()
+    # a bit flipped in a tensor's name changed the tensor table, which passed for a rewrite by another
+    # tool (llama.cpp's quantizer keeps the names): the checksum was not compared at all
+    named = bytearray(data)  # the intact file
+    at = named.index(b"self_attn.o_proj", int(GGUFReader(lone).tensors[0].field.offset))  # in the tensor infos
+    named[at + len("self_attn.o") - 1] ^= 1
+    (tmp_path / "named.gguf").write_bytes(bytes(named))
+    with pytest.raises(qstrat.QstratError, match="named.gguf: the sha256 of its header and tensor data differs"):
+        qstrat.load_model(tmp_path / "named.gguf")
+    assert run_cli("qstrat", "verify", str(tmp_path / "named.gguf")).returncode == 3
     # a rerun repairs it
     assert run_cli("qstrat", "run", str(REPO / "configs" / "attention_aware.yaml"), "-o", str(out), "-q", "--set", "outputs=[gguf]").returncode == 0
     assert run_cli("qstrat", "verify", str(out)).returncode == 0

@@ -324,4 +324,4 @@ def test_weights_of_more_than_two_dimensions_are_a_warning_only_where_they_weigh
                         "is not quantized (blk.0.ffn_up_exps.weight: 3-D, not Q8K) but passed through: 34 MB in the input, 34 MB in the output")
     large_conv = info("conv.weight", (1024, 64, 4, 4))  # no expert in sight: not called one
     sentence = stacked_passthrough({"w.weight": matrix, "conv.weight": large_conv}, {"conv.weight": "4-D"})
-    assert sentence.startswith("1 weight tensor of more than two dimensions (conv.weight), is not quantized (conv.weight: 4-D)")
+    assert sentence.startswith("1 weight tensor of more than two dimensions (conv.weight) is not quantized (conv.weight: 4-D)")

@@ -65,6 +65,10 @@ DATA_SHA256_KEY = KEY_PREFIX + "data_sha256"
 #: rewrites the file in other types (llama.cpp's quantizer, which copies every key) changes it, damage
 #: to the data does not, so that verify can tell a rewritten file from a corrupted one
 TABLE_SHA256_KEY = KEY_PREFIX + "tensor_table_sha256"
+#: sha256 of the tensors' stored names, sorted: a rewrite in other types keeps them, so a table that no
+#: longer matches under the same names is a rewrite, and one whose names changed is damage (a flipped
+#: bit in a name had passed for a rewrite, which turned the checksum off)
+NAMES_SHA256_KEY = KEY_PREFIX + "tensor_names_sha256"
 
 
 def tensor_table_sha256(rows: Iterable[tuple[str, int, int]]) -> str:
@@ -75,6 +79,40 @@ def tensor_table_sha256(rows: Iterable[tuple[str, int, int]]) -> str:
 def read_tensor_table_sha256(reader: gguf.GGUFReader) -> str:
     """``tensor_table_sha256`` of the tensors a GGUF file holds now."""
     return tensor_table_sha256((t.name, int(t.tensor_type), int(t.n_bytes)) for t in reader.tensors)
+
+
+def tensor_names_sha256(names: Iterable[str]) -> str:
+    """The value of ``qstrat.tensor_names_sha256`` for these stored names."""
+    return hashlib.sha256(json.dumps(sorted(str(n) for n in names)).encode()).hexdigest()
+
+
+def _recorded_string(reader: gguf.GGUFReader, key: str) -> str | None:
+    field = reader.fields.get(key)
+    return None if field is None else str(field.contents())
+
+
+def rewritten(reader: gguf.GGUFReader) -> bool:
+    """Whether another tool rewrote this qstrat file in other types, copying qstrat's keys (llama.cpp's
+    quantizer does): its tensor table is not the one qstrat recorded, under the same names (a file
+    of an earlier qstrat records no names: its table alone tells)."""
+    table, names = _recorded_string(reader, TABLE_SHA256_KEY), _recorded_string(reader, NAMES_SHA256_KEY)
+    return (table is not None and table != read_tensor_table_sha256(reader)
+            and (names is None or names == tensor_names_sha256(t.name for t in reader.tensors)))
+
+
+def checksum_problem(reader: gguf.GGUFReader, path: Path) -> tuple[str | None, bool]:
+    """A sentence if a GGUF file's bytes differ from the checksum qstrat recorded in it (None if they
+    match), and whether they could be checked: another tool's file records none, and one another
+    tool rewrote in other types records that of a file that is gone."""
+    recorded = recorded_sha256(reader)
+    if recorded is None:
+        return None, False
+    if recorded[1] == gguf_sha256(reader, recorded[0]):
+        return None, True
+    if rewritten(reader):
+        return None, False
+    what = "header and tensor data" if recorded[0] == SHA256_KEY else "tensor data"
+    return f"{path}: the sha256 of its {what} differs from the one it records (the file was changed or corrupted)", True
 
 
 #: the float types a run also quantizes "to" (format f32, f16 or bf16, or a fallback type)
@@ -271,6 +309,7 @@ def write_gguf(model, target: str | os.PathLike, metadata: dict[str, object]) ->
         writer.add_string(TABLE_SHA256_KEY, tensor_table_sha256(
             (stored_names[name], int(raw) if raw is not None else int(gguf.GGMLQuantizationType[_TAGS[np.dtype(dtype)]]), nbytes)
             for name, _, dtype, raw, _, nbytes in entries))
+        writer.add_string(NAMES_SHA256_KEY, tensor_names_sha256(stored_names[name] for name, *_ in entries))
         writer.add_string(KEY_PREFIX + "variant", str(metadata.get("variant") or "unknown"))
         writer.add_string(KEY_PREFIX + "config", json.dumps(metadata.get("config") or {}, sort_keys=True))
         if layout is not None:
@@ -630,24 +669,12 @@ class GGUFModel:
         return tag, raw
 
     def rewritten(self) -> bool:
-        """Whether another tool rewrote this qstrat file in other types, copying qstrat's keys (llama.cpp's
-        quantizer does): the tensor table is not the one qstrat recorded, and its checksum is stale."""
-        table = self._string("tensor_table_sha256")
-        return table is not None and table != read_tensor_table_sha256(self.reader)
+        """:func:`rewritten` of this file: its recorded checksum is stale."""
+        return rewritten(self.reader)
 
     def checksum_problem(self) -> tuple[str | None, bool]:
-        """A sentence if the file's bytes differ from the checksum qstrat recorded in it (None if they
-        match), and whether they could be checked: another tool's file records none, and one another
-        tool rewrote in other types records that of a file that is gone."""
-        recorded = recorded_sha256(self.reader)
-        if recorded is None:
-            return None, False
-        if recorded[1] == gguf_sha256(self.reader, recorded[0]):
-            return None, True
-        if self.rewritten():
-            return None, False
-        what = "header and tensor data" if recorded[0] == SHA256_KEY else "tensor data"
-        return f"{self.path}: the sha256 of its {what} differs from the one it records (the file was changed or corrupted)", True
+        """:func:`checksum_problem` of this file."""
+        return checksum_problem(self.reader, self.path)
 
     def check_intact(self, expected_sha256: str | None = None) -> None:
         """Stop with a :class:`FormatError` naming the file if its bytes are not those written: the

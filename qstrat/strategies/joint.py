@@ -124,7 +124,8 @@ class MlpJointStrategy(_SearchedWithBudget):
 
     def _examine(self, candidates: Mapping[str, Candidate]) -> list[tuple[str, tuple[str, ...], str | None]]:
         """Each MLP the patterns recognise: its block, its members, and why it cannot be permuted
-        (None: it can; "": nothing to gain, its consumer not being quantized)."""
+        (None: it can; "": nothing to say, its consumer not being quantized or no producer recognised,
+        as in Phi-3's fused gate_up_proj)."""
         blocks: dict[str, list[tuple[str, str, str]]] = {}
         for name in sorted(candidates):
             recognised = self._recognise(name) if self.matches(name) else None
@@ -138,9 +139,11 @@ class MlpJointStrategy(_SearchedWithBudget):
             consumers = [n for n, role, p in members if role in _CONSUMERS]
             producers = [n for n, role, p in members if role in _PRODUCERS and p == "weight"]
             why = None
-            if len(consumers) != 1 or not producers:
+            if not producers:
+                why = ""
+            elif len(consumers) != 1:
                 found = ", ".join(n for n, _, _ in members)
-                why = f"it needs one consumer (down) and producers (gate, up) of the same width; found {found}"
+                why = f"it needs one down projection (the consumer of gate and up); found {found}"
             elif not candidates[consumers[0]].quantizable:
                 why = ""
             else:
@@ -159,8 +162,8 @@ class MlpJointStrategy(_SearchedWithBudget):
         left = [(block, why) for block, _, why in self._examine(candidates) if why]
         if not left:
             return []
-        more = f" (and {len(left) - 1} more)" if len(left) > 1 else ""
-        return [f"{len(left)} MLP(s) left unpermuted: {left[0][0]}{more}: {left[0][1]}"]
+        named = "; ".join(f"{block}: {why}" for block, why in left[:3]) + ("; ..." if len(left) > 3 else "")
+        return [f"{len(left)} MLP(s) left unpermuted: {named}"]
 
     def group_id(self, members: Sequence[str]) -> str:
         return self._recognise(members[0])[0]
