@@ -28,7 +28,7 @@ from qstrat.pipelines.worker import GroupResult, error_measure, numbered, quanti
 
 from qstrat.blocks import KERNEL_STORAGE, check_finite
 from qstrat.convert import gguf_metadata
-from qstrat.errors import FormatError, InputError, OutputError, WorkerLost
+from qstrat.errors import InputError, OutputError, WorkerLost
 from qstrat.formats import block_type
 from qstrat.interrupts import deferred_stops, interruptible_wait, raise_if_stop_requested, workers_deaf_to_interrupts
 from qstrat.io.atomic import describe_os_error, file_sha256, make_durable, output_lock, remove_stale_temporaries
@@ -334,11 +334,7 @@ def check_input_intact(model: SafetensorsModel | GGUFInput) -> None:
     """A GGUF input that qstrat wrote records its checksum: a changed one must not be quantized into an
     output whose checksums are fresh (another tool's records none and costs nothing)."""
     if isinstance(model, GGUFInput):
-        from qstrat.io.gguf import checksum_problem
-
-        problem, _ = checksum_problem(model.reader, model.path)
-        if problem is not None:
-            raise FormatError(f"{problem}; qstrat verify {model.path} checks it")
+        model.check_intact()
 
 
 def quantize_model(

@@ -203,6 +203,7 @@ def _from_gguf(path: Path, tensors: dict[str, np.ndarray] | None = None) -> Llam
     fields = model.fields()
     params = LlamaParams.from_fields(fields, str(path))
     if tensors is None:
+        model.check_intact()  # a qstrat GGUF changed since it was written is not the model
         tensors = {info.name: _float32(info) for info in model}
     return LlamaForward(params, tensors, str(path))
 

@@ -250,6 +250,15 @@ def test_eval_by_the_numpy_forward_measures_a_q8k_run(model, tmp_path):
                          "holds run-time permutations (.perm gather maps, for Candle), which only those gathers undo")
     permuted = json.loads(run_cli("qstrat", "eval", str(tmp_path / "perm"), "--reference", str(directory), *args).stdout)
     assert 0 < permuted["kl_divergence"] < 0.01  # the directory: its gather undone on reading
+    # a qstrat GGUF changed since it was written is not read as the model by the forward either
+    quantize_model(directory, RunConfig.build({"format": "q8_0", "outputs": ["gguf"]}, "test"), tmp_path / "q8_0")
+    changed = bytearray((tmp_path / "q8_0" / "tiny.gguf").read_bytes())
+    changed[len(changed) // 2] ^= 1
+    (tmp_path / "changed.gguf").write_bytes(bytes(changed))
+    for command in (("eval", "--engine", "numpy", *args), ("imatrix", "--text", str(text), "-o", str(tmp_path / "x.gguf"))):
+        result = run_cli("qstrat", command[0], str(tmp_path / "changed.gguf"), *command[1:])
+        assert result.returncode == 2, result.stderr
+        assert_clean_failure(result, "changed.gguf: the sha256 of its header and tensor data differs")
 
 
 @pytest.mark.slow

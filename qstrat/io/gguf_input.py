@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from qstrat.errors import InputError
+from qstrat.errors import FormatError, InputError
 from qstrat.io.gguf_read import PASSTHROUGH_TYPES, is_gguf_name, open_gguf, unreadable_type
 from qstrat.io.safetensors import TensorInfo
 
@@ -70,6 +70,15 @@ class GGUFInput:
             raise unreadable_type(self.path, tensor.name, int(ggml_type))
         numel = int(np.prod(shape, dtype=np.int64))
         return TensorInfo(tensor.name, "F32", shape, self.path, offset, numel * 4, encoding=name, stored_nbytes=stored)
+
+    def check_intact(self) -> None:
+        """Stop with a :class:`FormatError` if qstrat wrote this file and its bytes are not those it
+        recorded: a changed file must not be read as the model (another tool's records no checksum)."""
+        from qstrat.io.gguf import checksum_problem
+
+        problem, _ = checksum_problem(self.reader, self.path)
+        if problem is not None:
+            raise FormatError(f"{problem}; qstrat verify {self.path} checks it")
 
     def fields(self) -> dict[str, object]:
         """The file's key-value metadata, as Python values (strings, numbers, lists)."""
