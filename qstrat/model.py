@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from qstrat.errors import FormatError, InputError
-from qstrat.io.atomic import file_sha256, flock_path
+from qstrat.io.atomic import flock_path, require_sha256
 from qstrat.io.gguf_read import is_gguf_name
 from qstrat.io.names import JOINT_PERMUTATIONS_NAME, JOURNAL_NAME, MANIFEST_NAME, PASSTHROUGH_NAME, RESIDUAL_PERMUTATION_KEY, decode_name
 from qstrat.io.q8k import check_permutation, read_perm, read_q8k, read_q8k_shape
@@ -135,10 +135,7 @@ class QuantizedModel:
         path = self.directory / relative
         expected = self._unchecked.get(relative)
         if expected is not None:
-            found = file_sha256(path)
-            if found != expected:
-                why = "cannot be read" if found is None else "differs from the manifest's sha256 (changed or corrupted since it was written)"
-                raise FormatError(f"{path}: {why}; qstrat verify {self.directory} checks every file")
+            require_sha256(path, expected, self.directory)
             self._unchecked.pop(relative, None)
         return path
 

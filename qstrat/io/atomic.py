@@ -30,7 +30,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from qstrat.errors import OutputError
+from qstrat.errors import FormatError, OutputError
 from qstrat.io.names import LOCK_NAME
 
 TEMP_MARKER = ".tmp-"
@@ -223,6 +223,15 @@ def file_sha256(path: Path) -> str | None:
     except OSError:
         return None
     return digest.hexdigest()
+
+
+def require_sha256(path: Path, expected: str, directory: Path) -> None:
+    """Stop with a :class:`FormatError` naming ``path`` unless its bytes have the sha256 the manifest
+    of ``directory`` records (``expected``): a file changed since the run is not the model."""
+    found = file_sha256(path)
+    if found != expected:
+        why = "cannot be read" if found is None else "differs from the manifest's sha256 (changed or corrupted since it was written)"
+        raise FormatError(f"{path}: {why}; qstrat verify {directory} checks every file")
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ import numpy as np
 
 from qstrat._version import __version__
 from qstrat.errors import FormatError, InputError, OutputError
-from qstrat.io.atomic import atomic_path, describe_os_error, file_sha256, remove_stale_temporaries
+from qstrat.io.atomic import atomic_path, describe_os_error, remove_stale_temporaries, require_sha256
 from qstrat.io.manifest import (
     JOINT_PERMUTATIONS_NAME,
     PASSTHROUGH_NAME,
@@ -113,6 +113,14 @@ def checksum_problem(reader: gguf.GGUFReader, path: Path) -> tuple[str | None, b
         return None, False
     what = "header and tensor data" if recorded[0] == SHA256_KEY else "tensor data"
     return f"{path}: the sha256 of its {what} differs from the one it records (the file was changed or corrupted)", True
+
+
+def require_recorded_sha256(reader: gguf.GGUFReader, path: Path) -> None:
+    """Stop with a :class:`FormatError` if qstrat wrote this GGUF file and its bytes are not those it
+    recorded (:func:`checksum_problem`); another tool's file records no checksum and passes."""
+    problem, _ = checksum_problem(reader, path)
+    if problem is not None:
+        raise FormatError(f"{problem}; qstrat verify {path} checks it")
 
 
 #: the float types a run also quantizes "to" (format f32, f16 or bf16, or a fallback type)
@@ -681,13 +689,9 @@ class GGUFModel:
         whole file's sha256 against ``expected_sha256`` (an output directory's manifest records its
         container's), else the checksum qstrat recorded in the file, if it still applies."""
         if expected_sha256 is not None:
-            if file_sha256(self.path) != expected_sha256:
-                raise FormatError(f"{self.path}: differs from the manifest's sha256 (changed or corrupted since it was "
-                                  f"written); qstrat verify {self.path.parent} checks every file")
-            return
-        problem, _ = self.checksum_problem()
-        if problem is not None:
-            raise FormatError(f"{problem}; qstrat verify {self.path} checks it")
+            require_sha256(self.path, expected_sha256, self.path.parent)
+        else:
+            require_recorded_sha256(self.reader, self.path)
 
     def describe_layout(self) -> str:
         """One line: whether llama.cpp runs this file (and whether another tool rewrote it)."""

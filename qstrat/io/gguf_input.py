@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from qstrat.errors import FormatError, InputError
+from qstrat.errors import InputError
 from qstrat.io.gguf_read import PASSTHROUGH_TYPES, is_gguf_name, open_gguf, unreadable_type
 from qstrat.io.safetensors import TensorInfo
 
@@ -74,11 +74,9 @@ class GGUFInput:
     def check_intact(self) -> None:
         """Stop with a :class:`FormatError` if qstrat wrote this file and its bytes are not those it
         recorded: a changed file must not be read as the model (another tool's records no checksum)."""
-        from qstrat.io.gguf import checksum_problem
+        from qstrat.io.gguf import require_recorded_sha256
 
-        problem, _ = checksum_problem(self.reader, self.path)
-        if problem is not None:
-            raise FormatError(f"{problem}; qstrat verify {self.path} checks it")
+        require_recorded_sha256(self.reader, self.path)
 
     def fields(self) -> dict[str, object]:
         """The file's key-value metadata, as Python values (strings, numbers, lists)."""
